@@ -1,0 +1,50 @@
+"""stanvid: STAN (CVPR 2023) and its baselines on CLIP, for video retrieval and recognition.
+
+The public names below are imported on first use, so `import stanvid` stays cheap for the CLI and
+for data-loader workers; each name lives in exactly one module, listed here.
+"""
+
+from importlib import import_module
+
+from stanvid.errors import CheckpointError, ConfigError, DatasetError, StanvidError, VideoReadError
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    # tokenizer.py
+    "tokenize": "stanvid.tokenizer",
+    "SimpleTokenizer": "stanvid.tokenizer",
+    # config.py
+    "VisionConfig": "stanvid.config",
+    "TextConfig": "stanvid.config",
+    "CLIPConfig": "stanvid.config",
+    "STANConfig": "stanvid.config",
+    "SeqTransfConfig": "stanvid.config",
+    "ModelConfig": "stanvid.config",
+    # model.py
+    "VideoCLIP": "stanvid.model",
+    # hub.py
+    "load_model": "stanvid.hub",
+    "create_model": "stanvid.hub",
+    # video_io.py
+    "probe": "stanvid.video_io",
+    "read_frames": "stanvid.video_io",
+    "VideoInfo": "stanvid.video_io",
+    # sampling.py
+    "uniform_indices": "stanvid.sampling",
+    "dense_indices": "stanvid.sampling",
+    # metrics.py
+    "retrieval_metrics": "stanvid.metrics",
+    "topk_accuracy": "stanvid.metrics",
+}
+
+__all__ = sorted([*_EXPORTS, "CheckpointError", "ConfigError", "DatasetError", "StanvidError", "VideoReadError"])
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'stanvid' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value

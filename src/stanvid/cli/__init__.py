@@ -1,0 +1,74 @@
+"""The `stanvid` command: a thin shell over the library.
+
+Each subcommand lives in its own module under `stanvid.cli` with two functions, `add_parser(subparsers)`
+and `run(args) -> int`; this file lists them explicitly. An input mistake (any `StanvidError`, a missing
+file) prints one line to stderr and exits 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import import_module
+
+# subcommand name -> module under stanvid.cli (explicit, no discovery)
+COMMANDS = {
+    "demo": "stanvid.cli.demo",
+    "convert": "stanvid.cli.convert",
+    "prepare-videos": "stanvid.cli.prepare",
+    "train": "stanvid.cli.train",
+    "eval": "stanvid.cli.evaluate",
+    "index": "stanvid.cli.index",
+    "search": "stanvid.cli.search",
+    "serve": "stanvid.cli.serve",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stanvid", description="STAN video-text models on CLIP.")
+    parser.add_argument("--version", action="version", version=f"stanvid {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, module in COMMANDS.items():
+        try:
+            mod = import_module(module)
+        except ModuleNotFoundError as exc:  # a subcommand whose optional dependency is absent
+            if exc.name and exc.name.startswith("stanvid"):
+                raise
+            p = sub.add_parser(name, help=f"(unavailable: {exc.name} is not installed)")
+            p.set_defaults(_missing=exc.name)
+            continue
+        mod.add_parser(sub)
+    return parser
+
+
+def _version() -> str:
+    from stanvid import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    from stanvid.errors import StanvidError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "_missing", None):
+        print(f"stanvid {args.command}: needs the package {args._missing!r}; "
+              f"install it with: pip install 'stanvid[search]'", file=sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except StanvidError as exc:
+        print(f"stanvid {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"stanvid {args.command}: error: {exc.filename or exc}: no such file or directory", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"stanvid {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from stanvid.cli import main
+
+sys.exit(main())

@@ -1,0 +1,271 @@
+"""Model configuration as plain dataclasses.
+
+Every value is checked when the config is built (`__post_init__`), so a bad value fails at load time with the
+field's name, never deep inside a forward pass. `to_dict` / `from_dict` give the JSON written next to the
+weights by `save_pretrained`; `from_dict` rejects unknown keys by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from stanvid.errors import ConfigError
+
+ACTIVATIONS = ("quick_gelu", "gelu")
+TEMPORAL_MODULES = ("meanP", "seqTransf", "stan")
+TIME_MODULES = ("selfattn", "conv")
+POOLINGS = ("mean", "normalized_mean")
+
+
+def _positive_int(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{type(obj).__name__}.{name} must be a positive integer, got {value!r}")
+
+
+def _choice(obj: Any, name: str, choices: tuple[str, ...]) -> None:
+    value = getattr(obj, name)
+    if value not in choices:
+        raise ConfigError(f"{type(obj).__name__}.{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _from_dict(cls, data: dict[str, Any], where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(unknown)} in {where}; valid keys: {', '.join(known)}")
+    kwargs = {}
+    for name, value in data.items():
+        sub = _NESTED.get((cls.__name__, name))
+        kwargs[name] = _from_dict(sub, value, f"{where}.{name}") if sub is not None else value
+    if "kernel_size" in kwargs and isinstance(kwargs["kernel_size"], list):
+        kwargs["kernel_size"] = tuple(kwargs["kernel_size"])
+    return cls(**kwargs)
+
+
+@dataclass
+class VisionConfig:
+    """CLIP ViT image tower. Defaults are ViT-B/32."""
+
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    patch_size: int = 32
+    image_size: int = 224
+    mlp_dim: int | None = None  # None: 4 * width, as in every released CLIP
+    act: str = "quick_gelu"
+    ln_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        _positive_int(self, "width", "layers", "heads", "patch_size", "image_size")
+        if self.mlp_dim is None:
+            self.mlp_dim = 4 * self.width
+        _positive_int(self, "mlp_dim")
+        _choice(self, "act", ACTIVATIONS)
+        if self.width % self.heads:
+            raise ConfigError(f"VisionConfig.width ({self.width}) must be divisible by heads ({self.heads})")
+        if self.image_size % self.patch_size:
+            raise ConfigError(
+                f"VisionConfig.image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})"
+            )
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid**2
+
+
+@dataclass
+class TextConfig:
+    """CLIP text transformer (causal). Defaults are the 512-wide text tower of ViT-B/32 and B/16."""
+
+    width: int = 512
+    layers: int = 12
+    heads: int = 8
+    context_length: int = 77
+    vocab_size: int = 49408
+    mlp_dim: int | None = None
+    act: str = "quick_gelu"
+    ln_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        _positive_int(self, "width", "layers", "heads", "context_length", "vocab_size")
+        if self.mlp_dim is None:
+            self.mlp_dim = 4 * self.width
+        _positive_int(self, "mlp_dim")
+        _choice(self, "act", ACTIVATIONS)
+        if self.width % self.heads:
+            raise ConfigError(f"TextConfig.width ({self.width}) must be divisible by heads ({self.heads})")
+
+
+@dataclass
+class CLIPConfig:
+    """The image-text model that the video model is built on."""
+
+    embed_dim: int = 512
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    logit_scale_init: float = 2.6592  # ln(1 / 0.07), CLIP's initial temperature
+
+    def __post_init__(self) -> None:
+        _positive_int(self, "embed_dim")
+
+
+@dataclass
+class STANConfig:
+    """The STAN branch (paper Sec. 3.2). Defaults follow the official retrieval recipes.
+
+    `kernel_size` and `depthwise` configure only the `conv` temporal module, which the official code names
+    but never defines (see `stanvid.stan.ConvTemporal` for the choices made there).
+    """
+
+    depth: int = 4
+    time_module: str = "selfattn"
+    max_frames: int = 64  # size of STAN_time_embed in the official code
+    drop_path: float = 0.1  # rises linearly from 0 to this over the branch layers
+    cls_residue: bool = False
+    kernel_size: tuple[int, int, int] = (3, 1, 1)
+    depthwise: bool = False
+
+    def __post_init__(self) -> None:
+        _positive_int(self, "depth", "max_frames")
+        _choice(self, "time_module", TIME_MODULES)
+        if not 0.0 <= float(self.drop_path) < 1.0:
+            raise ConfigError(f"STANConfig.drop_path must be in [0, 1), got {self.drop_path!r}")
+        ks = tuple(self.kernel_size)
+        if len(ks) != 3 or any(not isinstance(k, int) or k <= 0 or k % 2 == 0 for k in ks):
+            raise ConfigError(f"STANConfig.kernel_size must be three odd positive integers, got {self.kernel_size!r}")
+        self.kernel_size = ks
+
+
+@dataclass
+class SeqTransfConfig:
+    """CLIP4Clip's temporal transformer over frame embeddings (`seqTransf`).
+
+    CLIP4Clip builds it with TF-style layer norms (eps 1e-12), heads = width // 64 and a frame position table of
+    77 rows whatever the frame count; `heads=None` means width // 64 of the embedding width.
+    """
+
+    layers: int = 4
+    heads: int | None = None
+    max_frames: int = 77
+    ln_eps: float = 1e-12
+
+    def __post_init__(self) -> None:
+        _positive_int(self, "layers", "max_frames")
+        if self.heads is not None:
+            _positive_int(self, "heads")
+
+
+@dataclass
+class ModelConfig:
+    """A video-text model: CLIP plus one temporal module.
+
+    `pooling` is part of the model, because the references differ: the official STAN code averages the frame
+    embeddings as they are (`mean`), while CLIP4Clip L2-normalizes each frame before the mean
+    (`normalized_mean`). A model keeps the rule of the checkpoint it came from, so its outputs reproduce that
+    reference exactly, and `save_pretrained` stores it.
+    """
+
+    clip: CLIPConfig = field(default_factory=CLIPConfig)
+    temporal: str = "stan"
+    stan: STANConfig = field(default_factory=STANConfig)
+    seq: SeqTransfConfig = field(default_factory=SeqTransfConfig)
+    num_frames: int = 12
+    pooling: str = "mean"
+    grad_checkpointing: bool = False
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        _choice(self, "temporal", TEMPORAL_MODULES)
+        _choice(self, "pooling", POOLINGS)
+        _positive_int(self, "num_frames")
+        if self.temporal == "stan":
+            if self.stan.depth > self.clip.vision.layers:
+                raise ConfigError(
+                    f"STANConfig.depth ({self.stan.depth}) cannot exceed the CLIP vision layers "
+                    f"({self.clip.vision.layers}): the branch reads one CLIP layer per branch layer"
+                )
+            if self.num_frames > self.stan.max_frames:
+                raise ConfigError(
+                    f"ModelConfig.num_frames ({self.num_frames}) exceeds STANConfig.max_frames ({self.stan.max_frames})"
+                )
+        if self.temporal == "seqTransf" and self.num_frames > self.seq.max_frames:
+            raise ConfigError(
+                f"ModelConfig.num_frames ({self.num_frames}) exceeds SeqTransfConfig.max_frames ({self.seq.max_frames})"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["stan"]["kernel_size"] = list(self.stan.kernel_size)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        return _from_dict(cls, data, "model config")
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> ModelConfig:
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
+        return cls.from_dict(data)
+
+    def replace(self, **overrides: Any) -> ModelConfig:
+        """A copy with `load_model`-style overrides applied (temporal, stan_depth, time_module, num_frames, ...)."""
+        data = self.to_dict()
+        mapping = {"stan_depth": ("stan", "depth"), "time_module": ("stan", "time_module")}
+        for key, value in overrides.items():
+            if value is None:
+                continue
+            if key in mapping:
+                outer, inner = mapping[key]
+                data[outer][inner] = value
+            elif key in {f.name for f in fields(ModelConfig)} and key not in ("clip", "stan", "seq"):
+                data[key] = value
+            else:
+                valid = ["stan_depth", "time_module"] + [
+                    f.name for f in fields(ModelConfig) if f.name not in ("clip", "stan", "seq")
+                ]
+                raise ConfigError(f"unknown model override {key!r}; valid overrides: {', '.join(valid)}")
+        return ModelConfig.from_dict(data)
+
+
+_NESTED = {
+    ("CLIPConfig", "vision"): VisionConfig,
+    ("CLIPConfig", "text"): TextConfig,
+    ("ModelConfig", "clip"): CLIPConfig,
+    ("ModelConfig", "stan"): STANConfig,
+    ("ModelConfig", "seq"): SeqTransfConfig,
+}
+
+
+def clip_preset(name: str) -> CLIPConfig:
+    """The architecture of an OpenAI CLIP release by its name (`ViT-B/32`, `ViT-B/16`, `ViT-L/14`)."""
+    presets = {
+        "ViT-B/32": (VisionConfig(width=768, layers=12, heads=12, patch_size=32), TextConfig(width=512, heads=8), 512),
+        "ViT-B/16": (VisionConfig(width=768, layers=12, heads=12, patch_size=16), TextConfig(width=512, heads=8), 512),
+        "ViT-L/14": (
+            VisionConfig(width=1024, layers=24, heads=16, patch_size=14),
+            TextConfig(width=768, heads=12),
+            768,
+        ),
+    }
+    if name not in presets:
+        raise ConfigError(f"unknown CLIP architecture {name!r}; known: {', '.join(presets)}")
+    vision, text, embed_dim = presets[name]
+    return CLIPConfig(embed_dim=embed_dim, vision=dataclasses.replace(vision), text=dataclasses.replace(text))
