@@ -14,6 +14,7 @@ _EXPORTS = {
     # tokenizer.py
     "tokenize": "stanvid.tokenizer",
     "SimpleTokenizer": "stanvid.tokenizer",
+    "is_empty_caption": "stanvid.tokenizer",
     # config.py
     "VisionConfig": "stanvid.config",
     "TextConfig": "stanvid.config",
@@ -26,6 +27,8 @@ _EXPORTS = {
     # hub.py
     "load_model": "stanvid.hub",
     "create_model": "stanvid.hub",
+    "convert_checkpoint": "stanvid.hub",
+    "detect_format": "stanvid.hub",
     # video_io.py
     "probe": "stanvid.video_io",
     "read_frames": "stanvid.video_io",
@@ -36,6 +39,27 @@ _EXPORTS = {
     # metrics.py
     "retrieval_metrics": "stanvid.metrics",
     "topk_accuracy": "stanvid.metrics",
+    "retrieval_metrics_from_features": "stanvid.metrics",
+    "dual_softmax": "stanvid.metrics",
+    "chunked_similarity": "stanvid.metrics",
+    "average_views": "stanvid.metrics",
+    "format_table": "stanvid.metrics",
+    # losses.py
+    "contrastive_loss": "stanvid.losses",
+    "all_gather_with_grad": "stanvid.losses",
+    "text_classifier_logits": "stanvid.losses",
+    "recognition_loss": "stanvid.losses",
+    # recipe.py
+    "Recipe": "stanvid.recipe",
+    "load_recipe": "stanvid.recipe",
+    # data/
+    "RetrievalDataset": "stanvid.data",
+    "RecognitionDataset": "stanvid.data",
+    "make_loader": "stanvid.data",
+    "load_retrieval": "stanvid.data",
+    # transforms.py
+    "EvalTransform": "stanvid.transforms",
+    "TrainTransform": "stanvid.transforms",
 }
 
 __all__ = sorted([*_EXPORTS, "CheckpointError", "ConfigError", "DatasetError", "StanvidError", "VideoReadError"])

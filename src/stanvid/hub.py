@@ -21,6 +21,7 @@ import os
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -149,7 +150,9 @@ def _load_directory(path: Path, config: Any, overrides: dict[str, Any]) -> Video
 def _load_file(path: Path, config: Any, overrides: dict[str, Any]) -> VideoCLIP:
     if _is_torchscript(path):
         try:
-            raw = torch.jit.load(str(path), map_location="cpu").state_dict()
+            with warnings.catch_warnings():  # torch >= 2.9 marks jit deprecated; OpenAI ships its weights this way
+                warnings.simplefilter("ignore", DeprecationWarning)
+                raw = torch.jit.load(str(path), map_location="cpu").state_dict()
         except RuntimeError as exc:
             raise CheckpointError(f"{path}: cannot read the TorchScript archive ({exc})") from exc
         kind = "openai"
@@ -183,7 +186,7 @@ def _load_file(path: Path, config: Any, overrides: dict[str, Any]) -> VideoCLIP:
     if config is None:
         raise ConfigError(
             f"{source}: an official STAN checkpoint does not record head counts or the activation; pass "
-            f"config= a Hugging Face CLIP config.json (or its directory) of the CLIP it was trained from"
+            f"config= (CLI: --config) a Hugging Face CLIP config.json, or its folder, of the CLIP it was trained from"
         )
     clip_cfg = convert.hf_clip_config(config)
     state = convert.convert_state_dict(raw, convert.STAN_RULES, ignored=convert.STAN_BUFFERS, source=source)
@@ -336,3 +339,29 @@ def _download_hub(repo_id: str) -> Path:
             f"{repo_id}: cannot download from the Hugging Face hub ({type(exc).__name__}: {exc}). Download "
             f"config.json and model.safetensors of https://huggingface.co/{repo_id} into a folder and pass that folder"
         ) from exc
+
+
+def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike, *, config: Any = None,
+                       **overrides: Any) -> dict[str, Any]:
+    """Load `source` (any format above) and write it with `save_pretrained`; returns what was loaded."""
+    path = Path(source)
+    fmt = detect_format(path) if path.exists() else "download"
+    model = load_model(source, config=config, **overrides)
+    model.save_pretrained(destination)
+    cfg = model.config
+    v = cfg.clip.vision
+    temporal = cfg.temporal
+    if temporal == "stan":
+        temporal += f" ({cfg.stan.time_module}, depth {cfg.stan.depth})"
+    elif temporal == "seqTransf":
+        temporal += f" ({cfg.seq.layers} layers)"
+    return {
+        "source": str(source),
+        "format": fmt,
+        "vision": f"ViT {v.width} wide, {v.layers} layers, {v.heads} heads, patch {v.patch_size}, {v.image_size}px",
+        "text": f"{cfg.clip.text.width} wide, {cfg.clip.text.layers} layers, {cfg.clip.text.heads} heads",
+        "temporal": temporal,
+        "pooling": cfg.pooling,
+        "parameters": f"{model.num_parameters():,}",
+        "written": str(destination),
+    }

@@ -1,0 +1,215 @@
+"""Model throughput: videos/s, achieved GFLOP/s and the fraction of this machine's fp32 matmul peak.
+
+    python benchmarks/model_throughput.py                      # STAN and meanP, ViT-B/32, 12 frames, batch 2
+    python benchmarks/model_throughput.py --arch ViT-B/16 --device cuda
+
+FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` on the real forward (and forward + backward for
+the training step), so they are the work done, not an estimate. The peak is a large square fp32 matmul measured
+in the same run, before and after the model timings (the best of the two), because this machine is shared and
+noisy: compare ratios from one run. Training step = vision tower forward, a contrastive loss against fixed
+random text embeddings, backward, AdamW step. Peak memory of a training step is measured in a fresh process per
+setting (RSS growth over the step, sampled every 0.5 ms, on CPU; `max_memory_allocated` on CUDA), with and without gradient checkpointing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import stanvid
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(device: str, n: int, reps: int) -> float:
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    out = torch.empty(n, n, device=device)
+    torch.mm(a, b, out=out)
+    best = float("inf")
+    for _ in range(reps):
+        sync(device)
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def build(args, temporal: str, checkpointing: bool = False):
+    torch.manual_seed(0)
+    model = stanvid.create_model(args.arch, temporal=temporal, stan_depth=args.depth, num_frames=args.frames)
+    model.set_grad_checkpointing(checkpointing)
+    return model.to(args.device)
+
+
+def train_step_fn(model, video, targets, optimizer):
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        emb = F.normalize(model.encode_video(video), dim=-1)  # (B, D)
+        logits = emb @ targets.t() * 100.0
+        labels = torch.arange(len(emb), device=emb.device)
+        loss = F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def time_best(fn, device: str, reps: int) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(reps):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure(args, temporal: str) -> dict:
+    model = build(args, temporal)
+    size = model.config.clip.vision.image_size
+    video = torch.randn(args.batch, args.frames, 3, size, size, device=args.device)
+    params = [p for n, p in model.named_parameters() if n.startswith(("visual.", "temporal."))]
+    for p in model.text.parameters():
+        p.requires_grad_(False)
+    optimizer = torch.optim.AdamW(params, lr=1e-6, fused=True)
+    targets = F.normalize(torch.randn(args.batch, model.config.clip.embed_dim, device=args.device), dim=-1)
+    step = train_step_fn(model, video, targets, optimizer)
+
+    model.eval()
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model.encode_video(video)
+    infer_flops = counter.get_total_flops()
+    with torch.inference_mode():
+        infer_s = time_best(lambda: model.encode_video(video), args.device, args.reps)
+
+    model.train()
+    with FlopCounterMode(display=False) as counter:
+        step()
+    train_flops = counter.get_total_flops()
+    train_s = time_best(step, args.device, args.reps)
+    return {
+        "temporal": temporal,
+        "gflop_per_video_forward": infer_flops / args.batch / 1e9,
+        "infer_videos_s": args.batch / infer_s,
+        "infer_gflops": infer_flops / infer_s / 1e9,
+        "train_videos_s": args.batch / train_s,
+        "train_gflops": train_flops / train_s / 1e9,
+    }
+
+
+def memory_child(args) -> None:
+    """Runs in a fresh process: one training step, prints peak memory growth in MiB."""
+    model = build(args, args.temporal, checkpointing=args.checkpointing)
+    size = model.config.clip.vision.image_size
+    video = torch.randn(args.batch, args.frames, 3, size, size, device=args.device)
+    params = [p for n, p in model.named_parameters() if n.startswith(("visual.", "temporal."))]
+    for p in model.text.parameters():
+        p.requires_grad_(False)
+    optimizer = torch.optim.AdamW(params, lr=1e-6, fused=True)
+    targets = F.normalize(torch.randn(args.batch, model.config.clip.embed_dim, device=args.device), dim=-1)
+    model.train()
+    step = train_step_fn(model, video, targets, optimizer)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        step()  # the first step allocates gradients and AdamW state; the second shows the step's own peak
+        base = rss_now()
+        peak_rss = [base]
+        done = threading.Event()
+
+        def sample():
+            while not done.is_set():
+                peak_rss[0] = max(peak_rss[0], rss_now())
+                time.sleep(0.0005)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        step()
+        done.set()
+        sampler.join()
+        peak = peak_rss[0] - base
+    print(json.dumps({"peak_mib": peak / 2**20}))
+
+
+def rss_now() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def memory(args, temporal: str, checkpointing: bool) -> float:
+    cmd = [sys.executable, __file__, "--memory-child", "--temporal", temporal, "--arch", args.arch,
+           "--frames", str(args.frames), "--depth", str(args.depth), "--batch", str(args.batch),
+           "--device", args.device]
+    if checkpointing:
+        cmd.append("--checkpointing")
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="ViT-B/32")
+    p.add_argument("--frames", type=int, default=12)
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--temporals", default="stan,meanP")
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the results as JSON too")
+    p.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--temporal", default="stan", help=argparse.SUPPRESS)
+    p.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.memory_child:
+        memory_child(args)
+        return
+
+    peak_n = 4096 if args.device == "cuda" else 2048
+    peak_before = matmul_peak(args.device, peak_n, args.reps + 2)
+    rows = [measure(args, t) for t in args.temporals.split(",")]
+    peak = max(peak_before, matmul_peak(args.device, peak_n, args.reps + 2))
+    print(f"device {args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"{args.arch}, {args.frames} frames, batch {args.batch}, STAN depth {args.depth}; "
+          f"fp32 matmul peak {peak:.1f} GFLOP/s ({peak_n}^3)")
+    header = (f"{'model':<8} {'GFLOP/video':>11} {'infer vid/s':>11} {'GFLOP/s':>8} {'of peak':>7} "
+              f"{'train vid/s':>11} {'GFLOP/s':>8} {'of peak':>7}")
+    print(header)
+    for r in rows:
+        r["infer_fraction_of_peak"] = r["infer_gflops"] / peak
+        r["train_fraction_of_peak"] = r["train_gflops"] / peak
+        print(f"{r['temporal']:<8} {r['gflop_per_video_forward']:>11.1f} {r['infer_videos_s']:>11.3f} "
+              f"{r['infer_gflops']:>8.1f} {r['infer_fraction_of_peak']:>7.1%} {r['train_videos_s']:>11.3f} "
+              f"{r['train_gflops']:>8.1f} {r['train_fraction_of_peak']:>7.1%}")
+    if not args.no_memory:
+        print("peak memory of one training step (MiB above model, gradients and AdamW state):")
+        for r in rows:
+            r["train_peak_mib"] = memory(args, r["temporal"], False)
+            r["train_peak_mib_checkpointing"] = memory(args, r["temporal"], True)
+            print(f"  {r['temporal']:<8} plain {r['train_peak_mib']:8.0f}   "
+                  f"gradient checkpointing {r['train_peak_mib_checkpointing']:8.0f}")
+    if args.json:
+        print(json.dumps({"peak_gflops": peak, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""`stanvid convert SRC DST`: any checkpoint `load_model` reads -> a stanvid directory (safetensors + JSON)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stanvid.errors import ConfigError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("convert", help="convert a checkpoint (OpenAI, Hugging Face, STAN, CLIP4Clip) to stanvid format",
+                       description="Load any checkpoint stanvid reads and write it as config.json + model.safetensors.")
+    p.add_argument("src", help="checkpoint file or directory")
+    p.add_argument("dst", help="output directory")
+    p.add_argument("--config", help="Hugging Face CLIP config.json (or its folder), needed for official STAN .pth files")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="model override: temporal=meanP|seqTransf|stan, stan_depth=N, time_module=selfattn|conv, "
+                        "num_frames=N, pooling=mean|normalized_mean (repeatable)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty DST")
+    p.set_defaults(func=run)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`key=value` strings -> typed overrides (ints where the value is an integer)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
+    return out
+
+
+def run(args) -> int:
+    from stanvid.hub import convert_checkpoint
+
+    dst = Path(args.dst)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not args.force:
+        raise ConfigError(f"{dst}: exists and is not empty; pass --force to overwrite")
+    summary = convert_checkpoint(args.src, dst, config=args.config, **parse_overrides(args.overrides))
+    for key, value in summary.items():
+        print(f"{key:>12}: {value}")
+    return 0

@@ -1,0 +1,68 @@
+"""Datasets and loaders: retrieval (MSR-VTT, DiDeMo, MSVD, LSMDC, ActivityNet, your own captions) and
+recognition (Kinetics, Something-Something v2), read from the annotation files each benchmark ships.
+
+    from stanvid.data import load_retrieval, RetrievalDataset, make_loader
+
+    ann = load_retrieval("msrvtt", "test-1k", "data/msrvtt", "data/msrvtt/videos")
+    ds = RetrievalDataset(ann, num_frames=12, unit="video")
+    loader = make_loader(ds, batch_size=16, num_workers=8)
+"""
+
+from stanvid.data.base import (
+    VIDEO_EXTENSIONS,
+    SkippedSample,
+    VideoClipDataset,
+    VideoFinder,
+    collate_skipping,
+    format_skipped,
+)
+from stanvid.data.loader import VideoLoader, make_loader, seed_worker
+from stanvid.data.recognition import (
+    RecognitionAnnotations,
+    RecognitionDataset,
+    load_kinetics,
+    load_ssv2,
+    read_class_names,
+)
+from stanvid.data.retrieval import RetrievalAnnotations, RetrievalDataset
+from stanvid.data.retrieval_formats import (
+    RETRIEVAL_DATASETS,
+    load_activitynet,
+    load_caption_json,
+    load_didemo,
+    load_lsmdc,
+    load_msrvtt,
+    load_msrvtt_test,
+    load_msvd,
+    load_retrieval,
+    load_video_captions,
+)
+
+__all__ = [
+    "VIDEO_EXTENSIONS",
+    "RETRIEVAL_DATASETS",
+    "SkippedSample",
+    "VideoClipDataset",
+    "VideoFinder",
+    "collate_skipping",
+    "format_skipped",
+    "VideoLoader",
+    "make_loader",
+    "seed_worker",
+    "RecognitionAnnotations",
+    "RecognitionDataset",
+    "load_kinetics",
+    "load_ssv2",
+    "read_class_names",
+    "RetrievalAnnotations",
+    "RetrievalDataset",
+    "load_activitynet",
+    "load_caption_json",
+    "load_didemo",
+    "load_lsmdc",
+    "load_msrvtt",
+    "load_msrvtt_test",
+    "load_msvd",
+    "load_retrieval",
+    "load_video_captions",
+]

@@ -1,0 +1,140 @@
+"""DataLoader setup for video datasets: workers, pinned memory, seeding, distributed sampling, skip reports.
+
+Decoding dominates the cost of a video batch, so the loader runs it in worker processes that stay alive
+between epochs (``persistent_workers``), prefetches, and pins host memory for asynchronous copies to the
+GPU. When ``torch.distributed`` is initialized each rank reads its own shard through a
+``DistributedSampler``; call ``loader.set_epoch(epoch)`` so shuffling differs between epochs.
+
+Every random draw is reproducible from ``seed``: the shuffling order comes from a generator seeded with it,
+each worker gets ``torch``'s per-worker seed (derived from that generator), and ``worker_init_fn`` seeds
+numpy's and Python's global generators from it too, for any transform that uses them.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from stanvid.data.base import SkippedSample, collate_skipping, format_skipped
+
+__all__ = ["VideoLoader", "make_loader", "seed_worker"]
+
+
+def seed_worker(worker_id: int) -> None:
+    """Seed numpy's and Python's global generators from the worker's torch seed (unique per worker)."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+class VideoLoader:
+    """A ``DataLoader`` that removes skipped samples from its batches and keeps the list of them.
+
+    Iterating yields the collated batches (dicts) without the ``"skipped"`` key; batches in which every
+    sample was skipped are not yielded. ``skipped`` accumulates one :class:`SkippedSample` per skipped item
+    across epochs; ``skip_summary()`` formats them for the end of a run.
+    """
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+        self.skipped: list[SkippedSample] = []
+
+    @property
+    def dataset(self) -> Dataset:
+        return self.loader.dataset
+
+    @property
+    def sampler(self) -> Sampler | None:
+        return self.loader.sampler
+
+    @property
+    def batch_size(self) -> int | None:
+        return self.loader.batch_size
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle a ``DistributedSampler`` for ``epoch`` (no-op otherwise)."""
+        if isinstance(self.loader.sampler, DistributedSampler):
+            self.loader.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self.loader:
+            if isinstance(batch, dict) and "skipped" in batch:
+                self.skipped.extend(batch.pop("skipped"))
+                if not batch:
+                    continue
+            yield batch
+
+    def skip_summary(self) -> str:
+        return format_skipped(self.skipped)
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool = False,
+    num_workers: int = 4,
+    pin_memory: bool | None = None,
+    seed: int = 0,
+    drop_last: bool = False,
+    persistent_workers: bool | None = None,
+    prefetch_factor: int | None = 2,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+) -> VideoLoader:
+    """A :class:`VideoLoader` over ``dataset``.
+
+    Args:
+        batch_size: items per batch (per rank under ``torch.distributed``).
+        shuffle: reshuffle every epoch (training).
+        num_workers: decoding processes; 0 decodes in the calling process.
+        pin_memory: page-locked batches for fast GPU copies; default: when CUDA is available.
+        seed: seeds the shuffling, the distributed sampler and the workers' random draws.
+        drop_last: drop the last incomplete batch (training).
+        persistent_workers: keep workers between epochs; default: when ``num_workers > 0``.
+        prefetch_factor: batches prefetched per worker (ignored without workers).
+        collate_fn: default :func:`collate_skipping`, which also handles ``on_error="skip"`` records.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
+    if persistent_workers is None:
+        persistent_workers = num_workers > 0
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+
+    sampler = None
+    if dist.is_available() and dist.is_initialized():
+        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        shuffle = False  # the sampler shuffles
+
+    worker_args: dict[str, Any] = {}
+    if num_workers > 0:
+        worker_args = {
+            "persistent_workers": persistent_workers,
+            "prefetch_factor": prefetch_factor,
+            "worker_init_fn": seed_worker,
+        }
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_fn or collate_skipping,
+        pin_memory=pin_memory,
+        drop_last=drop_last,
+        generator=generator,
+        **worker_args,
+    )
+    return VideoLoader(loader)
