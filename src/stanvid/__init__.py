@@ -57,6 +57,13 @@ _EXPORTS = {
     "RecognitionDataset": "stanvid.data",
     "make_loader": "stanvid.data",
     "load_retrieval": "stanvid.data",
+    # index.py / server.py
+    "build_index": "stanvid.index",
+    "open_index": "stanvid.index",
+    "search_index": "stanvid.index",
+    "VideoIndex": "stanvid.index",
+    "SearchResult": "stanvid.index",
+    "create_app": "stanvid.server",
     # transforms.py
     "EvalTransform": "stanvid.transforms",
     "TrainTransform": "stanvid.transforms",

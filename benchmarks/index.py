@@ -1,0 +1,257 @@
+"""Index benchmarks: indexing throughput end to end, and search latency / recall of the vector index.
+
+    python benchmarks/index.py                       # everything (about 10 minutes on 2 CPU cores)
+    python benchmarks/index.py --skip-default-model  # only the small model for indexing
+    python benchmarks/index.py --skip-indexing --sizes 10000   # search part at 10k vectors only
+
+1. Indexing: a generated folder (`--videos` H.264 files of `--seconds` s at 25 fps, 320x240) is indexed with
+   `stanvid.index.build_index` from an empty index: probe + decode + preprocess + encode + SQLite + FAISS, all
+   timed. Once with a small random model (32 px input, 4 vision layers, 8 frames) and once with the default
+   model size (ViT-B/32 + STAN depth 4, 12 frames at 224 px, random weights: speed does not depend on them).
+   Decoding alone (the same frames, `read_frames` only) is timed as the ceiling for small models.
+2. Search: the text encoder's share of a query, then `--sizes` random unit vectors of dimension 512 (10k, 100k:
+   the default switch to the approximate index, 1M), exact (`IndexFlatIP`) and approximate (the IVF that
+   `auto` switches to, default nlist / nprobe), one query at a time as the server issues them. Recall@10 of the
+   approximate index against the exact one, on two data sets: isotropic Gaussian vectors (the worst case: every
+   neighbour is nearly as far as any other) and a clustered mixture (2,000 centres, noise as large as the
+   centre vectors), closer to how real embeddings spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import stanvid  # noqa: E402
+from stanvid.config import CLIPConfig, ModelConfig, STANConfig, TextConfig, VisionConfig  # noqa: E402
+from stanvid.index import _segment_frames, build_index, make_vector_index, segment_bounds  # noqa: E402
+from videogen import iter_frames, write_video  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------- indexing
+def make_videos(root: Path, count: int, seconds: float, fps: int = 25) -> list[Path]:
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = root / f"clip{i:04d}.mp4"
+        write_video(path, iter_frames(int(seconds * fps), 240, 320, seed=i), fps=fps, codec="h264", gop=50)
+        paths.append(path)
+    return paths
+
+
+def small_model() -> stanvid.VideoCLIP:
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        clip=CLIPConfig(
+            embed_dim=32,
+            vision=VisionConfig(width=64, layers=4, heads=2, patch_size=8, image_size=32),
+            text=TextConfig(width=64, layers=2, heads=2, context_length=32),
+        ),
+        temporal="stan",
+        num_frames=8,
+        stan=STANConfig(depth=2),
+    )
+    return stanvid.VideoCLIP(cfg)
+
+
+def decode_only(paths: list[Path], model_cfg: ModelConfig, segment_seconds: float | None) -> float:
+    """Seconds to read the frames the index samples (no model): the decoding ceiling."""
+    stanvid.video_io.clear_cache()
+    start = time.perf_counter()
+    for path in paths:
+        info = stanvid.probe(path)
+        idx = [
+            _segment_frames(a, b, info.fps, info.num_frames, model_cfg.num_frames)
+            for a, b in segment_bounds(info.duration, segment_seconds)
+        ]
+        stanvid.read_frames(
+            path, np.concatenate([i for i in idx if i is not None]), size=model_cfg.clip.vision.image_size
+        )
+    return time.perf_counter() - start
+
+
+def bench_indexing(args) -> None:
+    import stanvid.video_io  # noqa: F401  (clear_cache between runs: a warm probe cache would flatter decoding)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        t0 = time.perf_counter()
+        paths = make_videos(tmp / "videos", args.videos, args.seconds)
+        print(
+            f"generated {len(paths)} videos ({args.seconds:g} s, 320x240, 25 fps, H.264) in "
+            f"{time.perf_counter() - t0:.1f} s\n"
+        )
+        runs = [
+            ("small (32 px, 4+2 layers, 8 frames)", small_model(), None),
+            ("small (32 px, 4+2 layers, 8 frames)", small_model(), 1.0),
+        ]
+        if not args.skip_default_model:
+            torch.manual_seed(0)
+            default = stanvid.create_model("ViT-B/32", temporal="stan", stan_depth=4, num_frames=12)
+            runs.append(("default ViT-B/32 + STAN-4, 12 frames, 224 px", default, None))
+        print(
+            f"{'model':<46} {'segments':>9} {'decode only':>12} {'index':>9} {'videos/s':>9} {'clips/s':>8}"
+        )
+        for k, (name, model, seg) in enumerate(runs):
+            model_dir = tmp / f"model{k}"
+            model.save_pretrained(model_dir)
+            decode = decode_only(paths, model.config, seg)
+            stanvid.video_io.clear_cache()
+            t0 = time.perf_counter()
+            report = build_index(
+                tmp / "videos",
+                tmp / f"idx{k}",
+                model_dir,
+                segment_seconds=seg,
+                batch_size=args.batch_size,
+                num_workers=args.workers,
+                progress=False,
+            )
+            seconds = time.perf_counter() - t0
+            assert report.indexed == len(paths) and not report.failed
+            label = "whole" if seg is None else f"{seg:g} s"
+            print(
+                f"{name:<46} {label:>9} {decode:>10.2f} s {seconds:>7.2f} s {len(paths) / seconds:>9.2f} "
+                f"{report.segments / seconds:>8.1f}",
+                flush=True,
+            )
+        print(
+            f"(decode only: probe + read_frames of the sampled frames, one process; index: build_index with "
+            f"--workers {args.workers}, --batch-size {args.batch_size}, device cpu, loading the model included)\n"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- search
+def unit(x: np.ndarray) -> np.ndarray:
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+def dataset(kind: str, n: int, dim: int, queries: int, rng: np.random.Generator):
+    if kind == "isotropic":
+        return unit(rng.standard_normal((n, dim), dtype=np.float32)), unit(
+            rng.standard_normal((queries, dim), dtype=np.float32)
+        )
+    centres = rng.standard_normal((2000, dim), dtype=np.float32)
+    data = np.empty((n, dim), dtype=np.float32)
+    for s in range(0, n, 100_000):  # chunks: keeps the temporary noise array small
+        m = min(100_000, n - s)
+        data[s : s + m] = centres[rng.integers(0, len(centres), m)] + rng.standard_normal(
+            (m, dim), dtype=np.float32
+        )
+    q = centres[rng.integers(0, len(centres), queries)] + rng.standard_normal(
+        (queries, dim), dtype=np.float32
+    )
+    return unit(data), unit(q)
+
+
+def time_queries(index, queries: np.ndarray, k: int, budget_s: float) -> tuple[np.ndarray, float, float, int]:
+    """One query per call; stops early after `budget_s` (at least 5 queries). Returns ids, median and p95 ms."""
+    found, times = [], []
+    for q in queries:
+        t0 = time.perf_counter()
+        _, ids = index.search(q[None], k)
+        times.append(time.perf_counter() - t0)
+        found.append(ids[0])
+        if sum(times) > budget_s and len(times) >= 5:
+            break
+    ms = np.array(times) * 1e3
+    return np.stack(found), float(np.median(ms)), float(np.percentile(ms, 95)), len(times)
+
+
+def bench_text_encoding(queries: int = 30) -> None:
+    """The other half of a query's latency: tokenizing and encoding the text with the default text tower."""
+    from stanvid.tokenizer import tokenize
+
+    torch.manual_seed(0)
+    model = stanvid.create_model("ViT-B/32", temporal="meanP").eval()
+    times = []
+    with torch.inference_mode():
+        for i in range(queries):
+            t0 = time.perf_counter()
+            model.encode_text(tokenize([f"a person throws a ball to a dog, take {i}"]))
+            times.append(time.perf_counter() - t0)
+    ms = np.array(times[3:]) * 1e3  # the first calls warm up the allocator
+    print(
+        f"query text -> embedding (ViT-B/32 text tower, 77 tokens, cpu): median {np.median(ms):.1f} ms, "
+        f"p95 {np.percentile(ms, 95):.1f} ms\n"
+    )
+
+
+def bench_search(args) -> None:
+    import faiss
+
+    bench_text_encoding()
+    dim, k = 512, 10
+    print(
+        f"search: dim {dim}, k {k}, one query per call, faiss {faiss.__version__}, {faiss.omp_get_max_threads()} "
+        "threads"
+    )
+    print(
+        f"{'vectors':>9} {'data':<10} {'index':<28} {'build':>8} {'median':>9} {'p95':>9} {'recall@10':>10}"
+    )
+    for n in args.sizes:
+        for kind in ("isotropic", "clustered"):
+            rng = np.random.default_rng(0)
+            data, queries = dataset(kind, n, dim, args.queries, rng)
+            ids = np.arange(n, dtype=np.int64)
+            t0 = time.perf_counter()
+            exact = make_vector_index(data, ids, kind="flat")
+            build_exact = time.perf_counter() - t0
+            truth, med, p95, used = time_queries(exact, queries, k, budget_s=args.flat_budget)
+            print(
+                f"{n:>9,} {kind:<10} {'exact (flat IP)':<28} {build_exact:>6.1f} s {med:>6.2f} ms {p95:>6.2f} ms "
+                f"{'1 (ref)':>10}",
+                flush=True,
+            )
+            t0 = time.perf_counter()
+            approx = make_vector_index(data, ids, kind="ivf")
+            build_approx = time.perf_counter() - t0
+            found, med, p95, _ = time_queries(approx, queries[:used], k, budget_s=1e9)
+            recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(truth, found, strict=True)])
+            name = f"IVF nlist={approx.nlist} nprobe={approx.nprobe}"
+            print(
+                f"{n:>9,} {kind:<10} {name:<28} {build_approx:>6.1f} s {med:>6.2f} ms {p95:>6.2f} ms "
+                f"{recall:>10.3f}  ({used} queries)",
+                flush=True,
+            )
+            del data, exact, approx
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--videos", type=int, default=24)
+    p.add_argument("--seconds", type=float, default=4.0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--skip-default-model", action="store_true")
+    p.add_argument("--skip-indexing", action="store_true")
+    p.add_argument("--skip-search", action="store_true")
+    p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    p.add_argument("--queries", type=int, default=200)
+    p.add_argument(
+        "--flat-budget", type=float, default=20.0, help="seconds of exact queries per size at most"
+    )
+    args = p.parse_args()
+    print(
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads)\n"
+    )
+    if not args.skip_indexing:
+        bench_indexing(args)
+    if not args.skip_search:
+        bench_search(args)
+
+
+if __name__ == "__main__":
+    main()

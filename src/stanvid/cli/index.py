@@ -1,0 +1,93 @@
+"""`stanvid index VIDEO_DIR --model SOURCE --out INDEX`: build or update a searchable index of a folder.
+
+Under `torchrun --no-python ... stanvid index ...` (or `torchrun -m stanvid.cli index ...`) each rank encodes
+its share of the files and rank 0 merges them.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib.util import find_spec
+
+if find_spec("faiss") is None:  # the `search` extra; the CLI lists the command as unavailable without it
+    raise ModuleNotFoundError("No module named 'faiss'", name="faiss")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "index",
+        help="index a folder of videos for text search (new/changed files only on re-runs)",
+        description="Embed every video (or every --segment-seconds span) under VIDEO_DIR "
+        "(mp4, mkv, webm, mov, avi; recursive) and store it in a searchable index.",
+    )
+    p.add_argument("video_dir", help="folder of videos (searched recursively)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="any model stanvid.load_model reads: a saved stanvid folder, Hugging Face or OpenAI CLIP",
+    )
+    p.add_argument("--out", required=True, help="index directory (created, or updated in place)")
+    p.add_argument(
+        "--segment-seconds",
+        type=float,
+        default=None,
+        metavar="S",
+        help="one entry per S-second segment (default: one per video)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model override passed to load_model, e.g. num_frames=12, temporal=meanP (repeatable)",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=16, help="clips per forward pass and per commit (default 16)"
+    )
+    p.add_argument(
+        "--workers", type=int, default=2, help="decoding processes (default 2; 0 decodes in-process)"
+    )
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument(
+        "--index",
+        dest="index_kind",
+        choices=("auto", "flat", "ivf"),
+        default="auto",
+        help="vector index: exact (flat), approximate (ivf), or auto: ivf from --approx-threshold vectors",
+    )
+    p.add_argument(
+        "--approx-threshold",
+        type=int,
+        default=None,
+        metavar="N",
+        help="vectors from which `auto` builds an approximate index (default 100000)",
+    )
+    p.add_argument(
+        "--nprobe", type=int, default=None, help="IVF cells searched per query (default nlist / 16)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from stanvid.cli.convert import parse_overrides
+    from stanvid.index import DEFAULT_APPROX_THRESHOLD, build_index
+
+    report = build_index(
+        args.video_dir,
+        args.out,
+        args.model,
+        model_overrides=parse_overrides(args.overrides),
+        segment_seconds=args.segment_seconds,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        device=args.device,
+        index_kind=args.index_kind,
+        approx_threshold=args.approx_threshold or DEFAULT_APPROX_THRESHOLD,
+        nprobe=args.nprobe,
+        progress=not args.no_progress,
+    )
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(report.summary())
+    return 0

@@ -1,0 +1,36 @@
+"""`stanvid serve INDEX [--host 127.0.0.1 --port 8000]`: the search page and JSON API of an index."""
+
+from __future__ import annotations
+
+from importlib.util import find_spec
+
+for _module in ("faiss", "fastapi", "uvicorn"):
+    if find_spec(_module) is None:
+        raise ModuleNotFoundError(f"No module named {_module!r}", name=_module)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a search page and JSON API for an index",
+        description="Web page (search box, thumbnails, playback from the hit) and JSON API "
+        "(/api/search, /api/thumbnail/ID, /api/video/ID) over an index.",
+    )
+    p.add_argument("index", help="index directory written by `stanvid index`")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)"
+    )
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import uvicorn
+
+    from stanvid.server import create_app
+
+    app = create_app(args.index, device=args.device)
+    print(f"stanvid: serving {args.index} at http://{args.host}:{args.port}/")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
