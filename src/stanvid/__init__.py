@@ -33,6 +33,7 @@ _EXPORTS = {
     "probe": "stanvid.video_io",
     "read_frames": "stanvid.video_io",
     "VideoInfo": "stanvid.video_io",
+    "prepare_videos": "stanvid.prepare",
     # sampling.py
     "uniform_indices": "stanvid.sampling",
     "dense_indices": "stanvid.sampling",
