@@ -58,6 +58,12 @@ _EXPORTS = {
     "RecognitionDataset": "stanvid.data",
     "make_loader": "stanvid.data",
     "load_retrieval": "stanvid.data",
+    # train.py / evaluate.py
+    "fit": "stanvid.train",
+    "TrainResult": "stanvid.train",
+    "evaluate_retrieval": "stanvid.evaluate",
+    "evaluate_recognition": "stanvid.evaluate",
+    "zero_shot_model": "stanvid.evaluate",
     # index.py / server.py
     "build_index": "stanvid.index",
     "open_index": "stanvid.index",

@@ -1,0 +1,336 @@
+"""Evaluation: retrieval R@K / MdR / MnR (plain and dual-softmax), recognition top-1/top-5 over test views.
+
+    metrics = evaluate_retrieval(model, RetrievalDataset(ann, unit="video"))   # {"t2v", "v2t", "dsl": {...}}
+    metrics = evaluate_recognition(model, RecognitionDataset(ann, num_crops=3))  # {"top1", "top5"}
+
+Features are computed once per video and per caption; the metrics come from
+`stanvid.metrics.retrieval_metrics_from_features`, which ranks in chunks of ``chunk_size`` rows, so a 100k x
+100k evaluation never holds the whole similarity matrix. The dual-softmax (DSL) numbers are reported beside
+the plain ones, never instead of them (the paper reports them separately). Recognition averages the test
+views' softmax scores (mmaction2's ``average_clips='prob'``) or raw scores.
+
+Under torchrun every rank encodes its share of the videos and texts (``rank::world``, no padding, so no
+duplicates) and the features are gathered before ranking; every rank returns the same metrics.
+
+`zero_shot_model` gives the baseline row: the plain CLIP of a recipe's source, frames mean-pooled.
+`write_results` writes a run's metrics as JSON and a readable table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from stanvid.data.base import collate_skipping, format_skipped
+from stanvid.errors import ConfigError, DatasetError
+from stanvid.losses import text_classifier_logits
+from stanvid.metrics import average_views, format_table, retrieval_metrics_from_features, topk_accuracy
+
+__all__ = [
+    "evaluate_retrieval",
+    "evaluate_recognition",
+    "encode_videos",
+    "encode_texts",
+    "zero_shot_model",
+    "write_results",
+]
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _device(model: nn.Module, device: torch.device | str | None) -> torch.device:
+    return torch.device(device) if device is not None else next(model.parameters()).device
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Mixed precision on CUDA when asked; features are widened to float32 before ranking."""
+    if device.type != "cuda" or precision == "fp32":
+        return contextlib.nullcontext()
+    if precision not in ("bf16", "fp16"):
+        raise ConfigError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def _gather_rows(local: torch.Tensor, indices: list[int], total: int) -> torch.Tensor:
+    """Rows computed on each rank for its ``indices``, assembled in index order on every rank."""
+    rank, world = _world()
+    if world == 1:
+        return local
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, (indices, local.cpu()))
+    filled = [(idx, rows) for idx, rows in parts if idx]
+    if not filled:
+        return local
+    template = filled[0][1]
+    out = template.new_empty((total, *template.shape[1:]))
+    for idx, rows in filled:
+        out[torch.tensor(idx)] = rows
+    return out
+
+
+def _shard(n: int) -> list[int]:
+    rank, world = _world()
+    return list(range(rank, n, world))
+
+
+def _map_dataset(
+    dataset: Dataset,
+    fn: Callable[[dict[str, Any]], torch.Tensor],
+    *,
+    batch_size: int,
+    num_workers: int,
+    progress: bool,
+    desc: str,
+) -> torch.Tensor:
+    """``fn`` over this rank's share of the dataset in batches, gathered: ``(len(dataset), ...)`` in order."""
+    rank, _ = _world()
+    indices = _shard(len(dataset))
+    # an explicit generator: the loader draws its worker seeds from it, not from the global torch RNG
+    loader = DataLoader(
+        Subset(dataset, indices),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate_skipping,
+        generator=torch.Generator().manual_seed(0),
+    )
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(loader), desc=desc, unit="batch", dynamic_ncols=True, leave=False)
+    outputs = []
+    try:
+        for batch in loader:
+            skipped = batch.pop("skipped", [])
+            if skipped:
+                raise DatasetError(
+                    f"evaluation cannot leave videos out (the metrics would change):\n{format_skipped(skipped)}"
+                )
+            outputs.append(fn(batch).float().cpu())
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    local = torch.cat(outputs) if outputs else torch.empty(0)  # a rank may have no items (fewer than ranks)
+    return _gather_rows(local, indices, len(dataset))
+
+
+@torch.inference_mode()
+def encode_videos(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    batch_size: int = 16,
+    num_workers: int = 0,
+    device: torch.device | str | None = None,
+    precision: str = "fp32",
+    progress: bool = False,
+) -> torch.Tensor:
+    """``(len(dataset), D)`` float32 video embeddings (unnormalized), item ``i`` in row ``i``.
+
+    Items with several test views (``video`` ``(V, T, 3, S, S)``) give ``(len(dataset), V, D)``.
+    """
+    device = _device(model, device)
+
+    def encode(batch: dict[str, Any]) -> torch.Tensor:
+        video = batch["video"].to(device, non_blocking=True)
+        with _autocast(device, precision):
+            if video.dim() == 6:  # (B, V, T, 3, S, S): test views
+                b, v = video.shape[:2]
+                return model.encode_video(video.flatten(0, 1)).view(b, v, -1)  # (B, V, D)
+            return model.encode_video(video)  # (B, D)
+
+    return _map_dataset(
+        dataset, encode, batch_size=batch_size, num_workers=num_workers, progress=progress, desc="videos"
+    )
+
+
+@torch.inference_mode()
+def encode_texts(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    *,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+    precision: str = "fp32",
+) -> torch.Tensor:
+    """``(N, D)`` float32 text embeddings of token ids ``(N, L)`` (this rank's share, gathered)."""
+    device = _device(model, device)
+    indices = _shard(len(tokens))
+    mine = tokens[indices] if indices else tokens[:0]
+    parts = []
+    for start in range(0, len(mine), batch_size):
+        with _autocast(device, precision):
+            parts.append(model.encode_text(mine[start : start + batch_size].to(device)).float().cpu())
+    local = torch.cat(parts) if parts else torch.empty(0)
+    return _gather_rows(local, indices, len(tokens))
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode inside (no drop-path), the previous mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def evaluate_retrieval(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    batch_size: int = 16,
+    num_workers: int = 0,
+    dsl: bool = True,
+    dsl_temperature: float = 0.01,
+    chunk_size: int = 1024,
+    device: torch.device | str | None = None,
+    precision: str = "fp32",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Text-to-video and video-to-text retrieval metrics of ``model`` on a test split.
+
+    Args:
+        dataset: one item per video (`stanvid.RetrievalDataset` with ``unit="video"``); the queries are
+            ``dataset.text_tokens()`` and ``dataset.text_to_video`` says which video each caption describes
+            (several captions per video, as MSVD: each caption is a query; a video's v2t rank is the best rank
+            of any of its captions).
+        dsl: add the dual-softmax re-ranked metrics under ``"dsl"`` at ``dsl_temperature`` (cosine units).
+        chunk_size: rows of the similarity ranked at once (bounds memory, not the result).
+        precision: autocast on CUDA (``bf16``/``fp16``); ``fp32`` otherwise.
+
+    Returns:
+        ``{"t2v": {"R1", "R5", "R10", "MdR", "MnR"}, "v2t": {...}, "dsl": {"t2v": ..., "v2t": ...}}``.
+    """
+    if getattr(dataset, "unit", "video") != "video" or not hasattr(dataset, "text_tokens"):
+        raise ConfigError(
+            "evaluate_retrieval needs one item per video with the captions as queries: "
+            "RetrievalDataset(..., unit='video', train=False)"
+        )
+    with _eval_mode(model):
+        videos = encode_videos(
+            model,
+            dataset,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            device=device,
+            precision=precision,
+            progress=progress,
+        )  # (M, D)
+        texts = encode_texts(model, dataset.text_tokens(), device=device, precision=precision)  # (N, D)
+    ids = torch.as_tensor(dataset.text_to_video)
+    metrics: dict[str, Any] = retrieval_metrics_from_features(texts, videos, ids, chunk=chunk_size)
+    if dsl:
+        metrics["dsl"] = retrieval_metrics_from_features(
+            texts, videos, ids, chunk=chunk_size, dsl_temperature=dsl_temperature
+        )
+    return metrics
+
+
+def evaluate_recognition(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    class_names: Sequence[str] | None = None,
+    class_features: torch.Tensor | None = None,
+    head: nn.Module | None = None,
+    logit_scale: float | None = None,
+    text_length: int = 32,
+    view_average: str = "prob",
+    batch_size: int = 16,
+    num_workers: int = 0,
+    device: torch.device | str | None = None,
+    precision: str = "fp32",
+    progress: bool = False,
+) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (percent) of ``model`` on a labelled test split, test views averaged.
+
+    The classifier is ``head`` (a linear head on the video embedding, as `stanvid.train.LinearHead`) when given;
+    otherwise the cosine to the class names' text embeddings (``class_features``, or ``class_names`` encoded
+    with ``text_length`` tokens, default ``dataset.annotations.classes``) times ``logit_scale`` (default the
+    model's ``exp(logit_scale)``). Items may carry several views (``(V, T, 3, S, S)``); their scores are averaged
+    per ``view_average`` (``prob``: softmax probabilities, ``score``: raw scores) before ranking.
+    """
+    from stanvid.train import encode_class_names
+
+    device = _device(model, device)
+    with _eval_mode(model):
+        if head is None and class_features is None:
+            if class_names is None:
+                class_names = getattr(getattr(dataset, "annotations", None), "classes", None)
+            if not class_names:
+                raise ConfigError("evaluate_recognition needs class_names, class_features or a head")
+            class_features = encode_class_names(model, class_names, text_length, device)
+        scale = float(model.logit_scale.detach().exp()) if logit_scale is None else float(logit_scale)
+        feats = encode_videos(
+            model,
+            dataset,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            device=device,
+            precision=precision,
+            progress=progress,
+        )  # (N, D) or (N, V, D)
+    views = feats.shape[1] if feats.dim() == 3 else 1
+    flat = feats.reshape(-1, feats.shape[-1])  # (N * V, D), views of a video contiguous
+    with torch.inference_mode():
+        if head is not None:
+            head_device = next(head.parameters()).device
+            logits = head(flat.to(head_device)).float().cpu()  # (N * V, K)
+        else:
+            logits = text_classifier_logits(flat, class_features.float().cpu(), scale)  # (N * V, K)
+    scores = average_views(logits, views, view_average)  # (N, K)
+    labels = _labels(dataset)
+    ks = (1, 5) if scores.shape[1] >= 5 else (1,)
+    return topk_accuracy(scores, labels, ks=ks)
+
+
+def _labels(dataset: Dataset) -> torch.Tensor:
+    annotations = getattr(dataset, "annotations", None)
+    if annotations is not None and hasattr(annotations, "labels"):
+        return torch.as_tensor(annotations.labels).long()
+    return torch.tensor([int(dataset[i]["label"]) for i in range(len(dataset))])
+
+
+def zero_shot_model(source: str | os.PathLike, num_frames: int, **load_args: Any) -> nn.Module:
+    """The plain CLIP of ``source`` (any `stanvid.load_model` source) with mean-pooled frames: the baseline row.
+
+    A temporal module stored in the checkpoint is dropped; nothing is trained.
+    """
+    from stanvid.hub import load_model
+
+    return load_model(source, temporal="meanP", num_frames=num_frames, **load_args)
+
+
+def write_results(
+    results: Mapping[str, Any], out_dir: str | os.PathLike, name: str = "eval"
+) -> tuple[Path, str]:
+    """Write ``results`` to ``out_dir/{name}.json`` and the table of ``results["metrics"]`` (or of ``results``)
+    to ``out_dir/{name}.txt``; returns the JSON path and the table."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = results.get("metrics", results)
+    table = format_table(metrics)
+    json_path = out / f"{name}.json"
+    tmp = json_path.with_name(f".{json_path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(tmp, json_path)
+    (out / f"{name}.txt").write_text(table + "\n")
+    return json_path, table

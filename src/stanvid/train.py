@@ -1,0 +1,1036 @@
+"""The training loop: `fit(model, train_set, recipe)` on one process or under torchrun, resumable exactly.
+
+What one optimizer step does (the official STAN recipe, ``configs/exp/stan/stan_*_hf.py``):
+
+* **Retrieval**: encode the batch's videos and captions, gather both over all ranks with gradient and take the
+  symmetric InfoNCE over the global batch, the two directions summed (`stanvid.losses.contrastive_loss`). The
+  temperature is fixed (logit scale ``1 / tau``, as the official configs set it) or learned like CLIP's
+  (``train.temperature: learnable``; the log scale is clamped at ``ln 100`` as CLIP does).
+* **Recognition**: the class names are encoded once by the text encoder, which stays frozen, and the video side
+  is trained with cross-entropy against those text embeddings at the same logit scale (the official
+  recognizer's ``task="recognition"``), or through a linear head (``model.classifier: linear``) initialised to
+  that text classifier, so it starts from the zero-shot solution (unverified choice: the paper gives no head).
+* **AdamW** with parameter groups: CLIP's parameters at ``optim.lr``, the new ones
+  (``model.is_new_parameter``: the STAN branch, seqTransf; and a linear head) at ``lr x new_param_lr_mult``;
+  weight decay per ``optim.no_decay`` (see `param_groups`); the learnable temperature is never decayed.
+* **Schedule**, per optimizer step: a linear ramp from ``warmup_start_factor`` to 1 over ``warmup_epochs``,
+  then cosine or constant (`LRSchedule`; the official retrieval recipes ramp over the whole run).
+* Gradient accumulation over ``accumulation_steps`` micro-batches (each micro-batch its own contrastive loss),
+  global-norm clipping at ``optim.grad_clip``, AMP (bf16, or fp16 with a ``GradScaler``) on CUDA and fp32 on the
+  CPU, gradient checkpointing per ``model.grad_checkpointing``.
+
+**Distributed.** Under torchrun (``WORLD_SIZE > 1``) the process group is initialised from the environment
+(NCCL on GPUs, gloo on the CPU; several nodes need only torchrun's rendezvous flags) and the model is wrapped
+in ``DistributedDataParallel``. The gradients are exactly those of one process holding the global batch:
+`stanvid.losses.all_gather_with_grad` sums the slice gradients of the ranks' identical losses and DDP averages,
+so two ranks give the same loss and weights as one (tests/test_train.py). The official code's ``GatherLayer``
+instead hands each rank only its own loss's gradient, so its encoder gradients are ``1 / W`` of these on W
+GPUs: its gradient clipping at 5 on 8 GPUs acts like clipping at ``5 x 8 = 40`` here. We keep the recipes'
+value (5), which clips relative to the true full-batch gradient; set ``optim.grad_clip`` to ``5 * W`` to
+reproduce the official clipping on W GPUs exactly.
+
+**Checkpoints and resume.** Every ``checkpoint_every`` optimizer steps and at each epoch end, rank 0 writes
+``out_dir/checkpoints/step-XXXXXXXX.pt`` (a temporary file, then ``os.replace``) with the model, the optimizer,
+scheduler and scaler states, a linear head, the RNG states of every rank (python, numpy, torch, CUDA), the
+data position (epoch and batches done in it), the recipe, the model config and the code version. Data order
+is a function of ``(seed, epoch)`` (a seeded permutation, sharded per rank as ``DistributedSampler`` does),
+and each item's random draws (frames, crop) come from a generator seeded by ``(seed, epoch, index)`` rather
+than a per-worker stream, so ``resume=True`` skips exactly the batches already done and continues with the
+same draws: an interrupted-then-resumed run reaches the same weights as an uninterrupted one, bit for bit on
+the same machine (tests/test_train.py). Resuming needs the same recipe (apart from bookkeeping such as
+``max_steps``, ``output_dir``, logging and evaluation settings) and the same number of processes.
+
+**Logs.** A tqdm bar (rank 0) with loss, learning rate and videos/s; ``out_dir/log.jsonl``, one JSON object per
+logged step and per evaluation; TensorBoard under ``out_dir/tensorboard`` when ``train.tensorboard`` is set
+and the ``tensorboard`` package is installed; the final weights in ``out_dir/model`` (`stanvid.load_model`
+reads them; a linear head is saved beside them as ``head.safetensors``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
+
+from stanvid.data.base import VideoClipDataset, collate_skipping, format_skipped
+from stanvid.data.loader import seed_worker
+from stanvid.errors import CheckpointError, ConfigError, DatasetError
+from stanvid.losses import contrastive_loss, recognition_loss, text_classifier_logits
+from stanvid.recipe import LEARNABLE, OptimRecipe, Recipe
+
+__all__ = [
+    "fit",
+    "TrainResult",
+    "Trainer",
+    "LinearHead",
+    "LRSchedule",
+    "param_groups",
+    "setup_distributed",
+    "default_device",
+    "effective_precision",
+    "encode_class_names",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "CHECKPOINT_FORMAT",
+    "HEAD_FILE",
+]
+
+CHECKPOINT_FORMAT = "stanvid-train-checkpoint"
+HEAD_FILE = "head.safetensors"
+MAX_LOG_SCALE = math.log(100.0)  # CLIP clamps its learned logit scale at 100
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+# recipe keys that may change between an interrupted run and its resumption: they do not change the weights
+_RESUMABLE_CHANGES = (
+    "name",
+    "train.max_steps",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.eval_every",
+    "train.output_dir",
+    "train.log_every",
+    "train.tensorboard",
+    "data.root",
+    "data.num_workers",
+    "data.test_annotations",
+    "data.test_video_dir",
+    "eval.",
+)
+
+
+# ---- distributed set-up --------------------------------------------------------------------------------------
+
+
+def setup_distributed() -> tuple[int, int]:
+    """``(rank, world_size)``, initialising the default process group from torchrun's environment if needed.
+
+    Under torchrun (``WORLD_SIZE > 1``) and no group yet: NCCL when CUDA is available (each process on GPU
+    ``LOCAL_RANK``), gloo otherwise; ``env://`` rendezvous, so multi-node runs need nothing beyond torchrun's own
+    ``--nnodes/--rdzv-*`` flags. An existing group (initialised by the caller) is used as it is.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        if not dist.is_available():
+            raise ConfigError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("nccl")
+        else:
+            dist.init_process_group("gloo")
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def default_device() -> torch.device:
+    """This process's GPU (``LOCAL_RANK`` under torchrun) when CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+# ---- optimizer and schedule ----------------------------------------------------------------------------------
+
+
+def param_groups(model: nn.Module, optim: OptimRecipe, head: nn.Module | None = None) -> list[dict[str, Any]]:
+    """AdamW parameter groups: (CLIP | new) x (decayed | not), empty groups left out.
+
+    "New" parameters are those `model.is_new_parameter(name)` names (STAN's branch, seqTransf) and a linear
+    head's; they get ``lr * new_param_lr_mult``, as the official ``custom_keys={'STAN': dict(lr_mult=10.)}``.
+    Weight decay follows ``optim.no_decay``:
+
+    * ``clip_norm_bias`` (official, mmengine): CLIP's norm weights and biases and all of CLIP's biases are not
+      decayed; the new parameters all are (a ``custom_keys`` match bypasses mmengine's norm/bias rules);
+    * ``norm_bias``: no norm weight or bias anywhere is decayed;
+    * ``none``: everything is decayed.
+
+    The logit scale is never decayed (decaying a temperature has no meaning). Only parameters that require
+    gradients are included. Each group carries ``names`` and ``kind`` (``"clip"`` or ``"new"``) for logging.
+    """
+    norm_params = {
+        id(p) for m in model.modules() if isinstance(m, _NORMS) for p in m.parameters(recurse=False)
+    }
+    named = [(n, p, model.is_new_parameter(n)) for n, p in model.named_parameters() if p.requires_grad]
+    if head is not None:
+        norm_params |= {
+            id(p) for m in head.modules() if isinstance(m, _NORMS) for p in m.parameters(recurse=False)
+        }
+        named += [(f"head.{n}", p, True) for n, p in head.named_parameters() if p.requires_grad]
+    buckets: dict[tuple[bool, bool], list[tuple[str, nn.Parameter]]] = {}
+    for name, param, new in named:
+        norm_or_bias = id(param) in norm_params or name.rsplit(".", 1)[-1] == "bias"
+        if name == "logit_scale":
+            decay = False
+        elif optim.no_decay == "none":
+            decay = True
+        elif optim.no_decay == "norm_bias":
+            decay = not norm_or_bias
+        else:  # clip_norm_bias
+            decay = new or not norm_or_bias
+        buckets.setdefault((new, decay), []).append((name, param))
+    groups = []
+    for new in (False, True):
+        for decay in (True, False):
+            items = buckets.get((new, decay))
+            if not items:
+                continue
+            groups.append(
+                {
+                    "params": [p for _, p in items],
+                    "names": [n for n, _ in items],
+                    "kind": "new" if new else "clip",
+                    "lr": optim.lr * (optim.new_param_lr_mult if new else 1.0),
+                    "weight_decay": optim.weight_decay if decay else 0.0,
+                }
+            )
+    if not groups:
+        raise ConfigError("the model has no trainable parameters")
+    return groups
+
+
+@dataclass
+class LRSchedule:
+    """The learning-rate factor of an optimizer step (callable, for ``torch.optim.lr_scheduler.LambdaLR``).
+
+    A linear ramp from ``start_factor`` to 1 over ``warmup_steps`` (mmengine ``LinearLR``, iteration based),
+    then ``constant`` 1, or ``cosine``: ``min_ratio + (1 - min_ratio) (1 + cos(pi t / period)) / 2`` with ``t``
+    the steps since the ramp ended, not clamped at ``period``, so a half period shorter than the steps left
+    rises again (mmengine/torch ``CosineAnnealingLR``).
+    """
+
+    warmup_steps: int
+    start_factor: float
+    schedule: str
+    period: int
+    min_ratio: float
+
+    @classmethod
+    def from_recipe(cls, optim: OptimRecipe, epochs: int, steps_per_epoch: int) -> LRSchedule:
+        warmup = round(optim.warmup_epochs * steps_per_epoch)
+        cosine_epochs = (
+            optim.cosine_epochs if optim.cosine_epochs is not None else epochs - optim.warmup_epochs
+        )
+        return cls(
+            warmup_steps=warmup,
+            start_factor=optim.warmup_start_factor,
+            schedule=optim.schedule,
+            period=round(cosine_epochs * steps_per_epoch),
+            min_ratio=optim.min_lr_ratio,
+        )
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.start_factor + (1.0 - self.start_factor) * step / self.warmup_steps
+        if self.schedule == "constant" or self.period <= 0:
+            return 1.0
+        t = step - self.warmup_steps
+        return self.min_ratio + (1.0 - self.min_ratio) * (1.0 + math.cos(math.pi * t / self.period)) / 2
+
+
+# ---- recognition classifiers ---------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def encode_class_names(
+    model: nn.Module,
+    class_names: Sequence[str],
+    context_length: int,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """``(K, D)`` L2-normalized text embeddings of the class names, encoded once in eval mode, no gradient.
+
+    The official recognizer encodes the names with its text encoder and caches them; they stay fixed while the
+    video side trains.
+    """
+    from stanvid.tokenizer import tokenize
+
+    if not class_names:
+        raise ConfigError("recognition needs the class names (none given)")
+    was_training = model.training
+    model.eval()
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    ids = tokenize(list(class_names), context_length=context_length).to(device)  # (K, L)
+    feats = torch.cat([model.encode_text(ids[i : i + 256]) for i in range(0, len(ids), 256)])  # (K, D)
+    model.train(was_training)
+    return F.normalize(feats.float(), dim=-1)
+
+
+class LinearHead(nn.Module):
+    """A linear classifier on the L2-normalized video embedding, ``(B, D) -> (B, K)``.
+
+    `from_class_features` sets its weight to ``scale * class_features`` and its bias to zero, so before training
+    it computes exactly the text classifier (`stanvid.losses.text_classifier_logits`) and fine-tuning starts
+    from the zero-shot solution (unverified: the paper does not describe a head).
+    """
+
+    def __init__(self, dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(dim, num_classes)
+
+    @classmethod
+    def from_class_features(cls, class_features: torch.Tensor, scale: float) -> LinearHead:
+        head = cls(class_features.shape[1], class_features.shape[0])
+        with torch.no_grad():
+            head.fc.weight.copy_(F.normalize(class_features.float(), dim=-1) * scale)
+            head.fc.bias.zero_()
+        return head
+
+    def forward(self, video_features: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.normalize(video_features.float(), dim=-1))  # (B, K)
+
+
+class _Forward(nn.Module):
+    """What DDP wraps: the encoders (and head) of one micro-batch, so DDP sees one ``forward`` per step."""
+
+    def __init__(self, model: nn.Module, head: nn.Module | None, learnable: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.head = head
+        self.learnable = learnable
+
+    def forward(
+        self, video: torch.Tensor, tokens: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        video_emb = self.model.encode_video(video)  # (B, D)
+        scale = self.model.logit_scale.exp() if self.learnable else None
+        if tokens is not None:
+            return video_emb, self.model.encode_text(tokens), scale  # (B, D), (B, D)
+        if self.head is not None:
+            return self.head(video_emb), None, scale  # (B, K)
+        return video_emb, None, scale
+
+
+# ---- one process's training machinery ------------------------------------------------------------------------
+
+
+class Trainer:
+    """Model (DDP-wrapped under torchrun), optimizer, schedule, AMP scaler and classifier of one process.
+
+    `fit` drives it; a benchmark can call `micro_step` / `optimizer_step` on its own batches. Batches are dicts:
+    ``video`` float ``(B, T, 3, H, W)``, and ``tokens`` (or ``text``) LongTensor ``(B, L)`` for retrieval or
+    ``label`` ``(B,)`` for recognition.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        recipe: Recipe,
+        *,
+        steps_per_epoch: int,
+        class_names: Sequence[str] | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.recipe = recipe
+        self.device = torch.device(device) if device is not None else default_device()
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.rank, self.world = _world()
+        self.model = model.to(self.device)
+        model.set_grad_checkpointing(recipe.model.grad_checkpointing)
+        self.task = recipe.task
+        self.learnable = recipe.train.temperature == LEARNABLE
+        self.fixed_scale = None if self.learnable else 1.0 / float(recipe.train.temperature)
+        model.logit_scale.requires_grad_(self.learnable)
+        self.precision = effective_precision(recipe.train.precision, self.device)
+        self.class_names = list(class_names) if class_names is not None else None
+        self.class_features: torch.Tensor | None = None
+        self.head: LinearHead | None = None
+        if self.task == "recognition":
+            if not self.class_names:
+                raise ConfigError("recognition training needs the class names (class_names=...)")
+            # the text tower only encodes the class names, once: frozen, as in the official recognizer
+            for p in model.text.parameters():
+                p.requires_grad_(False)
+            self.class_features = encode_class_names(
+                model, self.class_names, recipe.data.text_length, self.device
+            )
+            if recipe.model.classifier == "linear":
+                scale = self.scale_value()
+                self.head = LinearHead.from_class_features(self.class_features, scale).to(self.device)
+                # the head's weights carry the scale from here on: a temperature would be unused (and DDP
+                # refuses parameters that get no gradient)
+                self.learnable, self.fixed_scale = False, scale
+                model.logit_scale.requires_grad_(False)
+        self.forward_module = _Forward(model, self.head, self.learnable)
+        self.ddp: DistributedDataParallel | None = None
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.forward_module, device_ids=ids)
+        self.optimizer = torch.optim.AdamW(
+            param_groups(model, recipe.optim, self.head),
+            lr=recipe.optim.lr,
+            betas=recipe.optim.betas,
+            eps=recipe.optim.eps,
+            weight_decay=recipe.optim.weight_decay,
+        )
+        self.schedule = LRSchedule.from_recipe(recipe.optim, recipe.train.epochs, steps_per_epoch)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def scale_value(self) -> float:
+        """The logit scale in use (``1 / tau``, or the learned ``exp(logit_scale)``)."""
+        if self.fixed_scale is not None:
+            return self.fixed_scale
+        return float(self.model.logit_scale.detach().exp())
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The loss of one micro-batch (forward only)."""
+        module = self.ddp if self.ddp is not None else self.forward_module
+        video = batch["video"].to(self.device, non_blocking=True)  # (B, T, 3, H, W)
+        with self._autocast():
+            if self.task == "retrieval":
+                tokens = batch.get("tokens", batch.get("text"))
+                if tokens is None:
+                    raise DatasetError("retrieval batches need caption token ids under 'tokens' (or 'text')")
+                video_emb, text_emb, scale = module(video, tokens.to(self.device, non_blocking=True))
+                return contrastive_loss(video_emb, text_emb, scale if scale is not None else self.fixed_scale)
+            if "label" not in batch:
+                raise DatasetError("recognition batches need class indices under 'label'")
+            out, _, scale = module(video, None)
+            if self.head is None:
+                out = text_classifier_logits(
+                    out, self.class_features, scale if scale is not None else self.fixed_scale
+                )
+            labels = torch.as_tensor(batch["label"]).to(self.device, non_blocking=True)
+            return recognition_loss(out, labels)
+
+    def micro_step(self, batch: dict[str, Any], divisor: int = 1, sync: bool = True) -> float:
+        """Forward and backward of one micro-batch, its loss divided by ``divisor`` (the micro-batches of this
+        optimizer step); ``sync=False`` skips DDP's gradient all-reduce (all but the last micro-batch)."""
+        sync_context = self.ddp.no_sync() if (self.ddp is not None and not sync) else contextlib.nullcontext()
+        with sync_context:
+            loss = self.loss(batch)
+            if not torch.isfinite(loss) and not self.scaler.is_enabled():
+                raise FloatingPointError(f"the training loss is {loss.item()} (not finite)")
+            self.scaler.scale(loss / divisor).backward()
+        return float(loss.detach())
+
+    def optimizer_step(self) -> dict[str, float]:
+        """Unscale, clip (global L2 norm), step, update the scaler and the schedule; returns norm and lrs."""
+        lrs = {g["kind"]: g["lr"] for g in self.optimizer.param_groups}  # the rates this step uses
+        self.scaler.unscale_(self.optimizer)
+        clip = self.recipe.optim.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip is not None else float("inf"))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if self.learnable:
+            with torch.no_grad():
+                self.model.logit_scale.clamp_(0.0, MAX_LOG_SCALE)
+        return {"grad_norm": float(norm), "lr": lrs.get("clip", 0.0), "lr_new": lrs.get("new", 0.0)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "head": self.head.state_dict() if self.head is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if (state.get("head") is None) != (self.head is None):
+            raise CheckpointError(
+                "the checkpoint's classifier (linear head or not) differs from the recipe's"
+            )
+        if self.head is not None:
+            self.head.load_state_dict(state["head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+
+def effective_precision(precision: str, device: torch.device) -> str:
+    """Mixed precision on CUDA only; the CPU trains in fp32 (bf16 autocast there is slow and untested)."""
+    if device.type != "cuda":
+        return "fp32"
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("train.precision: bf16 is not supported on this GPU; use fp16 or fp32")
+    return precision
+
+
+# ---- data order that a resumed run can reproduce -------------------------------------------------------------
+
+
+class _EpochSampler(Sampler):
+    """This rank's share of the epoch's seeded permutation, from a start position, as ``(epoch, index)``.
+
+    The permutation is ``DistributedSampler``'s (seed + epoch, sharded ``rank::world``, tail dropped), so it is
+    a function of (seed, epoch, rank, world) alone; `set_position` skips the items already trained on.
+    """
+
+    def __init__(self, dataset: Dataset, world: int, rank: int, seed: int) -> None:
+        self.inner = DistributedSampler(
+            dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
+        self.epoch = 0
+        self.start = 0
+
+    def set_position(self, epoch: int, start: int) -> None:
+        self.epoch, self.start = epoch, start
+        self.inner.set_epoch(epoch)
+
+    @property
+    def items_per_epoch(self) -> int:
+        return len(self.inner)
+
+    def __len__(self) -> int:
+        return max(len(self.inner) - self.start, 0)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for i, index in enumerate(self.inner):
+            if i >= self.start:
+                yield self.epoch, index
+
+
+class _SeededItems(Dataset):
+    """Serves ``(epoch, index)`` keys: item ``index`` of the dataset, its random draws seeded by (seed, epoch,
+    index), so they do not depend on which worker decodes it nor on what that worker decoded before."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
+        if isinstance(self.dataset, VideoClipDataset):
+            # VideoClipDataset draws from `_generator()`, which keeps one generator per (process, worker): set it
+            # to this item's own generator (a public per-item seed hook in stanvid.data would replace this).
+            info = get_worker_info()
+            self.dataset._rng = np.random.default_rng([self.seed, epoch, index])
+            self.dataset._rng_owner = (os.getpid(), None if info is None else info.id)
+        return self.dataset[index]
+
+
+# ---- RNG states ----------------------------------------------------------------------------------------------
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    """The process's RNG states in types ``torch.load(weights_only=True)`` reads back."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+@contextlib.contextmanager
+def _rng_preserved(device: torch.device) -> Iterator[None]:
+    """Whatever runs inside (an evaluation) leaves the training RNG streams as they were."""
+    state = _rng_state(device)
+    try:
+        yield
+    finally:
+        _set_rng_state(state, device)
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _code_version() -> dict[str, str | None]:
+    from stanvid import __version__
+
+    described = None
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--tags"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        if out.returncode == 0:
+            described = out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        described = None
+    return {"stanvid": __version__, "git": described}
+
+
+def _checkpoint_dir(out_dir: Path) -> Path:
+    return out_dir / "checkpoints"
+
+
+def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
+    """The newest ``checkpoints/step-*.pt`` under a run folder (by step), or None."""
+    folder = _checkpoint_dir(Path(out_dir))
+    if not folder.is_dir():
+        return None
+    found = []
+    for path in folder.glob("step-*.pt"):
+        try:
+            found.append((int(path.stem.split("-", 1)[1]), path))
+        except ValueError:
+            continue
+    return max(found)[1] if found else None
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A training checkpoint written by `fit`, read with ``weights_only=True``; checks its format marker."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{path}: checkpoint not found") from exc
+    except Exception as exc:  # a truncated or foreign file: say which, not a pickle traceback
+        raise CheckpointError(
+            f"{path}: not a readable stanvid training checkpoint ({type(exc).__name__}: {exc})"
+        ) from exc
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a stanvid training checkpoint (no {CHECKPOINT_FORMAT!r} marker)")
+    return state
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, flushed to disk, then renamed over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+def _check_resumable(saved: dict[str, Any], recipe: Recipe, world: int, path: Path) -> None:
+    old, new = _flatten(saved["recipe"]), _flatten(recipe.to_dict())
+    changed = [
+        key
+        for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key)
+        and not any(key == k or (k.endswith(".") and key.startswith(k)) for k in _RESUMABLE_CHANGES)
+    ]
+    if changed:
+        shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:5])
+        raise ConfigError(f"cannot resume from {path}: the recipe differs from the checkpoint's ({shown})")
+    if saved["world_size"] != world:
+        raise ConfigError(
+            f"cannot resume from {path} exactly: it was written by {saved['world_size']} process(es), this run "
+            f"has {world} (the data order and the per-rank random states depend on it)"
+        )
+
+
+# ---- logging -------------------------------------------------------------------------------------------------
+
+
+class _RunLog:
+    """Rank 0's JSONL log and optional TensorBoard writer; other ranks get a no-op."""
+
+    def __init__(
+        self, out_dir: Path | None, active: bool, tensorboard: bool, keep_until_step: int | None
+    ) -> None:
+        self.path = out_dir / "log.jsonl" if (out_dir is not None and active) else None
+        self.writer = None
+        if self.path is None:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if keep_until_step is not None and self.path.exists():
+            # a resumed run: drop what was logged after the checkpoint it continues from
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= keep_until_step
+            ]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        elif keep_until_step is None:
+            self.path.write_text("")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                print(
+                    "train.tensorboard: the tensorboard package is not installed; logging to log.jsonl only",
+                    file=sys.stderr,
+                )
+            else:
+                self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.path is None:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            step = record["step"]
+            for key, value in _flatten(record).items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(key.replace(".", "/"), value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+# ---- the loop ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    """What `fit` did: optimizer ``steps`` in total (a resumed run counts from the start), ``epochs`` completed,
+    wall ``seconds`` of this call, the ``last_loss``, the ``history`` of logged steps and evaluations (also of
+    the run before a resume), the last ``checkpoint`` written and the ``model_dir`` of the final weights."""
+
+    steps: int
+    epochs: int
+    seconds: float
+    last_loss: float | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    checkpoint: Path | None = None
+    model_dir: Path | None = None
+
+
+def fit(
+    model: nn.Module,
+    train_set: Dataset,
+    recipe: Recipe,
+    *,
+    out_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+    class_names: Sequence[str] | None = None,
+    eval_fn: Callable[[nn.Module, int, nn.Module | None], dict[str, Any]] | None = None,
+    device: torch.device | str | None = None,
+) -> TrainResult:
+    """Train ``model`` in place on ``train_set`` as ``recipe`` says (see the module docstring).
+
+    Args:
+        model: a `stanvid.VideoCLIP` (any temporal module); left in eval mode on ``device`` at the end.
+        train_set: a map-style dataset of dicts, ``{"video": (T, 3, S, S), "tokens" (or "text"): (L,)}`` for
+            retrieval, ``{"video", "label": int}`` for recognition (`stanvid.data` datasets yield these).
+        recipe: the run; ``recipe.train.batch_size`` is per process.
+        out_dir: checkpoints, ``log.jsonl``, ``recipe.yaml`` and the final ``model/``; None writes nothing.
+        resume: continue from the newest checkpoint in ``out_dir`` (a fresh start when there is none). Without
+            it, an ``out_dir`` that already holds checkpoints is refused rather than overwritten.
+        progress: show the tqdm bar (rank 0).
+        collate_fn: batch collation; default `stanvid.data.collate_skipping` (drops videos that failed to
+            decode with ``on_error="skip"`` and reports them at the end).
+        class_names: recognition class names; default ``train_set.annotations.classes``.
+        eval_fn: ``(model, epoch, head) -> metrics`` (``head``: the linear head or None) run on every rank
+            every ``train.eval_every`` epochs (and after the last); its metrics are logged. The training RNG
+            streams are preserved around it.
+        device: default `default_device()`.
+    """
+    started = time.perf_counter()
+    rank, world = setup_distributed()
+    device = torch.device(device) if device is not None else default_device()
+    tr = recipe.train
+    out = Path(out_dir) if out_dir is not None else None
+    if resume and out is None:
+        raise ConfigError("resume=True needs out_dir (where the checkpoints are)")
+
+    # data: the sampler's order is a function of (seed, epoch); items' draws of (seed, epoch, index)
+    sampler = _EpochSampler(train_set, world, rank, tr.seed)
+    batches_per_epoch = sampler.items_per_epoch // tr.batch_size
+    if batches_per_epoch == 0:
+        raise ConfigError(
+            f"train.batch_size {tr.batch_size} x {world} process(es) exceeds the {len(train_set)} training items"
+        )
+    generator = torch.Generator()
+    workers = recipe.data.num_workers
+    loader = DataLoader(
+        _SeededItems(train_set, tr.seed),
+        batch_size=tr.batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate_fn or collate_skipping,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+        generator=generator,
+        worker_init_fn=seed_worker if workers else None,
+        persistent_workers=workers > 0,
+        prefetch_factor=2 if workers else None,
+    )
+    accum = recipe.optim.accumulation_steps
+    steps_per_epoch = math.ceil(batches_per_epoch / accum)
+    total_steps = steps_per_epoch * tr.epochs
+    stop_at = min(total_steps, tr.max_steps) if tr.max_steps is not None else total_steps
+
+    if class_names is None and recipe.task == "recognition":
+        class_names = getattr(getattr(train_set, "annotations", None), "classes", None)
+    trainer = Trainer(model, recipe, steps_per_epoch=steps_per_epoch, class_names=class_names, device=device)
+
+    epoch, batch_in_epoch, step = 0, 0, 0
+    history: list[dict[str, Any]] = []
+    checkpoint = latest_checkpoint(out) if (out is not None and rank == 0) else None
+    if world > 1:
+        # rank 0 decides; every rank then reads that file (several nodes: out_dir on a shared filesystem)
+        chosen = [checkpoint]
+        dist.broadcast_object_list(chosen, src=0)
+        checkpoint = chosen[0]
+    if checkpoint is not None and not resume:
+        raise ConfigError(
+            f"{out} already holds checkpoints ({checkpoint.name}); resume (--resume) or choose another output folder"
+        )
+    resumed_from = None
+    if resume and checkpoint is not None:
+        saved = load_checkpoint(checkpoint)
+        _check_resumable(saved, recipe, world, checkpoint)
+        model.load_state_dict(saved["model"])
+        trainer.load_state_dict(saved["trainer"])
+        epoch, batch_in_epoch, step = saved["epoch"], saved["batch_in_epoch"], saved["step"]
+        history = list(saved.get("history", []))
+        _set_rng_state(saved["rng"][rank], device)
+        resumed_from = checkpoint
+    else:
+        checkpoint = None
+        _seed_all(tr.seed + rank)
+    if rank == 0 and resume and resumed_from is None and out is not None:
+        print(f"no checkpoint in {out}: starting from scratch", file=sys.stderr)
+    if rank == 0 and out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.yaml").write_text(recipe.to_yaml())
+    if rank == 0 and trainer.precision != recipe.train.precision:
+        print(
+            f"train.precision {recipe.train.precision} needs CUDA: training in fp32 on {device}",
+            file=sys.stderr,
+        )
+    log = _RunLog(out, rank == 0, tr.tensorboard, step if resumed_from is not None else None)
+
+    def save(position_epoch: int, position_batch: int) -> Path | None:
+        if out is None:
+            return None
+        states = [None] * world
+        if world > 1:
+            dist.all_gather_object(states, _rng_state(device))
+        else:
+            states = [_rng_state(device)]
+        if rank != 0:
+            return None
+        path = _checkpoint_dir(out) / f"step-{step:08d}.pt"
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "model": model.state_dict(),
+            "trainer": trainer.state_dict(),
+            "rng": states,
+            "epoch": position_epoch,
+            "batch_in_epoch": position_batch,
+            "step": step,
+            "world_size": world,
+            "history": history,
+            "recipe": recipe.to_dict(),
+            "model_config": model.config.to_dict(),
+            "version": _code_version(),
+        }
+        _atomic_save(state, path)
+        old = sorted(_checkpoint_dir(out).glob("step-*.pt"))
+        for stale in old[: max(len(old) - tr.keep_checkpoints, 0)]:
+            stale.unlink()
+        return path
+
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=stop_at, initial=min(step, stop_at), unit="step", dynamic_ncols=True)
+
+    model.train()
+    last_loss: float | None = None
+    window_losses: list[float] = []
+    window_videos, window_start = 0, time.perf_counter()
+    skipped: list[Any] = []
+    stopped = step >= stop_at
+    try:
+        while epoch < tr.epochs and not stopped:
+            sampler.set_position(epoch, batch_in_epoch * tr.batch_size)
+            generator.manual_seed((tr.seed * 1_000_003 + epoch) * 1_000_003 + batch_in_epoch)
+            if bar is not None:
+                bar.set_description(f"epoch {epoch + 1}/{tr.epochs}")
+            step_losses: list[float] = []
+            for batch in loader:
+                if isinstance(batch, dict) and "skipped" in batch:
+                    skipped.extend(batch.pop("skipped"))
+                    if "video" not in batch:
+                        raise DatasetError(
+                            f"every video of a training batch failed to decode:\n{format_skipped(skipped[-tr.batch_size :])}"
+                        )
+                group_start = (batch_in_epoch // accum) * accum
+                group_size = min(accum, batches_per_epoch - group_start)
+                last_micro = batch_in_epoch == group_start + group_size - 1
+                step_losses.append(trainer.micro_step(batch, divisor=group_size, sync=last_micro))
+                window_videos += len(batch["video"])
+                batch_in_epoch += 1
+                if not last_micro:
+                    continue
+                info = trainer.optimizer_step()
+                step += 1
+                last_loss = sum(step_losses) / len(step_losses)
+                window_losses.append(last_loss)
+                step_losses = []
+                final = step >= stop_at
+                if step % tr.log_every == 0 or final:
+                    record = _log_record(
+                        trainer,
+                        step,
+                        epoch,
+                        batch_in_epoch / batches_per_epoch,
+                        window_losses,
+                        window_videos * world,
+                        time.perf_counter() - window_start,
+                        info,
+                    )
+                    history.append(record)
+                    log.write(record)
+                    if bar is not None:
+                        bar.set_postfix(
+                            loss=f"{record['loss']:.4f}",
+                            lr=f"{record['lr']:.2e}",
+                            vid_s=f"{record['videos_per_s']:.1f}",
+                        )
+                    window_losses, window_videos, window_start = [], 0, time.perf_counter()
+                if bar is not None:
+                    bar.update(1)
+                epoch_done = batch_in_epoch == batches_per_epoch  # the epoch end writes its own checkpoint
+                if not epoch_done and (final or (tr.checkpoint_every and step % tr.checkpoint_every == 0)):
+                    checkpoint = save(epoch, batch_in_epoch) or checkpoint
+                if final:
+                    stopped = not epoch_done
+                    break
+            if stopped:
+                break
+            # epoch end: evaluate (every eval_every epochs, and after the last), checkpoint
+            epoch += 1
+            batch_in_epoch = 0
+            last_epoch = epoch == tr.epochs or step >= stop_at
+            if eval_fn is not None and ((tr.eval_every and epoch % tr.eval_every == 0) or last_epoch):
+                with _rng_preserved(device):
+                    metrics = eval_fn(model, epoch, trainer.head)
+                model.train()
+                if trainer.head is not None:
+                    trainer.head.train()
+                record = {"step": step, "epoch": epoch, "eval": metrics}
+                history.append(record)
+                log.write(record)
+            checkpoint = save(epoch, 0) or checkpoint
+            if step >= stop_at:
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+        log.close()
+
+    model.eval()
+    model_dir = None
+    if rank == 0 and out is not None:
+        model_dir = out / "model"
+        model.save_pretrained(model_dir)
+        if trainer.head is not None:
+            from safetensors.torch import save_file
+
+            tensors = {k: v.detach().cpu().contiguous() for k, v in trainer.head.state_dict().items()}
+            save_file(tensors, str(model_dir / HEAD_FILE))
+    if skipped and rank == 0:
+        print(format_skipped(skipped), file=sys.stderr)
+    if world > 1:
+        dist.barrier()
+    return TrainResult(
+        steps=step,
+        epochs=epoch,
+        seconds=time.perf_counter() - started,
+        last_loss=last_loss,
+        history=history,
+        checkpoint=checkpoint,
+        model_dir=model_dir,
+    )
+
+
+def _log_record(
+    trainer: Trainer,
+    step: int,
+    epoch: int,
+    epoch_fraction: float,
+    losses: list[float],
+    videos: int,
+    seconds: float,
+    info: dict[str, float],
+) -> dict[str, Any]:
+    loss, mean = losses[-1], sum(losses) / len(losses)
+    if trainer.task == "recognition" and trainer.world > 1:
+        # the recognition loss is per rank (the contrastive loss is already global): average it for the log
+        both = torch.tensor([loss, mean], dtype=torch.float64, device=trainer.device)
+        dist.all_reduce(both)
+        loss, mean = (both / trainer.world).tolist()
+    return {
+        "step": step,
+        "epoch": round(epoch + epoch_fraction, 4),
+        "loss": loss,
+        "loss_avg": mean,
+        "lr": info["lr"],
+        "lr_new": info["lr_new"],
+        "grad_norm": info["grad_norm"],
+        "logit_scale": trainer.scale_value(),
+        "videos_per_s": videos / max(seconds, 1e-9),
+    }
