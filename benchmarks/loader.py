@@ -74,6 +74,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--folder", type=Path, default=None, help="reuse/keep the generated videos here")
+    parser.add_argument(
+        "--model",
+        default="ViT-B/32",
+        help="architecture whose inference speed the loader must match "
+        "(randomly initialised STAN, depth 4); 'none' skips it",
+    )
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
     torch.set_num_threads(1)  # one decode/transform thread per process, like a loader worker
@@ -94,6 +101,35 @@ def main() -> None:
             first = len(dataset) / times[0]
             later = len(dataset) / min(times[1:]) if len(times) > 1 else float("nan")
             print(f"{workers:>7}  {first:>8.1f} v/s  {later:>12.1f} v/s")
+        if args.model != "none":
+            print(
+                f"model inference ({args.model} STAN, {args.device}): {model_videos_per_s(args):.2f} v/s "
+                f"(batch {args.batch_size}); the loader keeps up when its v/s is at least this"
+            )
+
+
+def model_videos_per_s(args) -> float:
+    """Inference videos/s of the model the loader feeds, on the same frames/size, best of 3 batches."""
+    import stanvid
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = stanvid.create_model(args.model, temporal="stan", stan_depth=4, num_frames=args.frames).to(
+        args.device
+    )
+    model.eval()
+    size = model.config.clip.vision.image_size
+    video = torch.randn(args.batch_size, args.frames, 3, size, size, device=args.device)
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(4):
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            model.encode_video(video)
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - start)
+    return args.batch_size / best
 
 
 if __name__ == "__main__":

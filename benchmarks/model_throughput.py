@@ -156,9 +156,23 @@ def rss_now() -> int:
 
 
 def memory(args, temporal: str, checkpointing: bool) -> float:
-    cmd = [sys.executable, __file__, "--memory-child", "--temporal", temporal, "--arch", args.arch,
-           "--frames", str(args.frames), "--depth", str(args.depth), "--batch", str(args.batch),
-           "--device", args.device]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--memory-child",
+        "--temporal",
+        temporal,
+        "--arch",
+        args.arch,
+        "--frames",
+        str(args.frames),
+        "--depth",
+        str(args.depth),
+        "--batch",
+        str(args.batch),
+        "--device",
+        args.device,
+    ]
     if checkpointing:
         cmd.append("--checkpointing")
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -189,24 +203,32 @@ def main() -> None:
     rows = [measure(args, t) for t in args.temporals.split(",")]
     peak = max(peak_before, matmul_peak(args.device, peak_n, args.reps + 2))
     print(f"device {args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"{args.arch}, {args.frames} frames, batch {args.batch}, STAN depth {args.depth}; "
-          f"fp32 matmul peak {peak:.1f} GFLOP/s ({peak_n}^3)")
-    header = (f"{'model':<8} {'GFLOP/video':>11} {'infer vid/s':>11} {'GFLOP/s':>8} {'of peak':>7} "
-              f"{'train vid/s':>11} {'GFLOP/s':>8} {'of peak':>7}")
+    print(
+        f"{args.arch}, {args.frames} frames, batch {args.batch}, STAN depth {args.depth}; "
+        f"fp32 matmul peak {peak:.1f} GFLOP/s ({peak_n}^3)"
+    )
+    header = (
+        f"{'model':<8} {'GFLOP/video':>11} {'infer vid/s':>11} {'GFLOP/s':>8} {'of peak':>7} "
+        f"{'train vid/s':>11} {'GFLOP/s':>8} {'of peak':>7}"
+    )
     print(header)
     for r in rows:
         r["infer_fraction_of_peak"] = r["infer_gflops"] / peak
         r["train_fraction_of_peak"] = r["train_gflops"] / peak
-        print(f"{r['temporal']:<8} {r['gflop_per_video_forward']:>11.1f} {r['infer_videos_s']:>11.3f} "
-              f"{r['infer_gflops']:>8.1f} {r['infer_fraction_of_peak']:>7.1%} {r['train_videos_s']:>11.3f} "
-              f"{r['train_gflops']:>8.1f} {r['train_fraction_of_peak']:>7.1%}")
+        print(
+            f"{r['temporal']:<8} {r['gflop_per_video_forward']:>11.1f} {r['infer_videos_s']:>11.3f} "
+            f"{r['infer_gflops']:>8.1f} {r['infer_fraction_of_peak']:>7.1%} {r['train_videos_s']:>11.3f} "
+            f"{r['train_gflops']:>8.1f} {r['train_fraction_of_peak']:>7.1%}"
+        )
     if not args.no_memory:
         print("peak memory of one training step (MiB above model, gradients and AdamW state):")
         for r in rows:
             r["train_peak_mib"] = memory(args, r["temporal"], False)
             r["train_peak_mib_checkpointing"] = memory(args, r["temporal"], True)
-            print(f"  {r['temporal']:<8} plain {r['train_peak_mib']:8.0f}   "
-                  f"gradient checkpointing {r['train_peak_mib_checkpointing']:8.0f}")
+            print(
+                f"  {r['temporal']:<8} plain {r['train_peak_mib']:8.0f}   "
+                f"gradient checkpointing {r['train_peak_mib_checkpointing']:8.0f}"
+            )
     if args.json:
         print(json.dumps({"peak_gflops": peak, "rows": rows}, indent=2))
 

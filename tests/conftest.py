@@ -25,7 +25,9 @@ def parity():
     def get(name: str) -> Path:
         path = parity_root() / name
         if not path.exists():
-            pytest.skip(f"parity reference {path} is missing (set STANVID_PARITY_DIR to the shared parity folder)")
+            pytest.skip(
+                f"parity reference {path} is missing (set STANVID_PARITY_DIR to the shared parity folder)"
+            )
         return path
 
     return get
@@ -33,11 +35,20 @@ def parity():
 
 def tiny_config(temporal: str = "stan", **kw) -> ModelConfig:
     """A few-layer CLIP whose sizes differ from every shared reference (nothing may depend on those)."""
-    vision = VisionConfig(width=48, layers=kw.pop("layers", 3), heads=3, patch_size=8, image_size=kw.pop("image", 24))
+    vision = VisionConfig(
+        width=48, layers=kw.pop("layers", 3), heads=3, patch_size=8, image_size=kw.pop("image", 24)
+    )
     text = TextConfig(width=32, layers=2, heads=2, context_length=16, vocab_size=kw.pop("vocab", 49408))
-    stan = STANConfig(depth=kw.pop("depth", 2), time_module=kw.pop("time_module", "selfattn"), **kw.pop("stan", {}))
-    return ModelConfig(clip=CLIPConfig(embed_dim=24, vision=vision, text=text), temporal=temporal, stan=stan,
-                       num_frames=kw.pop("frames", 5), **kw)
+    stan = STANConfig(
+        depth=kw.pop("depth", 2), time_module=kw.pop("time_module", "selfattn"), **kw.pop("stan", {})
+    )
+    return ModelConfig(
+        clip=CLIPConfig(embed_dim=24, vision=vision, text=text),
+        temporal=temporal,
+        stan=stan,
+        num_frames=kw.pop("frames", 5),
+        **kw,
+    )
 
 
 @pytest.fixture

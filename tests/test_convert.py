@@ -84,13 +84,17 @@ def test_clip4clip_missing_key_is_named(tmp_path, c4c_state):
 
 def test_clip4clip_extra_key_is_named(tmp_path, c4c_state):
     c4c_state["transformerClip.resblocks.0.attn.extra_bias"] = torch.zeros(3)
-    with pytest.raises(CheckpointError, match=r"unmapped key.*transformerClip\.resblocks\.0\.attn\.extra_bias"):
+    with pytest.raises(
+        CheckpointError, match=r"unmapped key.*transformerClip\.resblocks\.0\.attn\.extra_bias"
+    ):
         stanvid.load_model(write_c4c(tmp_path, c4c_state))
 
 
 def test_clip4clip_misshaped_key_is_named(tmp_path, c4c_state):
     c4c_state["transformerClip.resblocks.0.mlp.c_fc.bias"] = torch.zeros(7)
-    with pytest.raises(CheckpointError, match=r"mis-shaped: temporal\.blocks\.0\.mlp\.fc1\.bias \(checkpoint \(7,\)"):
+    with pytest.raises(
+        CheckpointError, match=r"mis-shaped: temporal\.blocks\.0\.mlp\.fc1\.bias \(checkpoint \(7,\)"
+    ):
         stanvid.load_model(write_c4c(tmp_path, c4c_state))
 
 
@@ -107,8 +111,14 @@ def test_all_problems_reported_at_once(tmp_path, parity):
     assert "mis-shaped: temporal.time_embed" in str(err.value)
 
 
-@pytest.mark.parametrize("key,head", [("lstm_visual.weight_ih_l0", "seqLSTM"), ("cross.pooler.dense.weight", "tightTransf"),
-                                      ("similarity_dense.weight", "tightTransf")])
+@pytest.mark.parametrize(
+    "key,head",
+    [
+        ("lstm_visual.weight_ih_l0", "seqLSTM"),
+        ("cross.pooler.dense.weight", "tightTransf"),
+        ("similarity_dense.weight", "tightTransf"),
+    ],
+)
 def test_clip4clip_unsupported_heads(tmp_path, c4c_state, key, head):
     c4c_state[key] = torch.zeros(4, 4)
     with pytest.raises(CheckpointError, match=head):
@@ -205,7 +215,12 @@ def test_cli_convert_refuses_non_empty_destination(parity, tmp_path, capsys):
     assert cli_main(["convert", str(src), str(dst)]) == 2
     assert "--force" in capsys.readouterr().err
     assert (dst / "keep.txt").read_text() == "user data"
-    assert cli_main(["convert", str(src), str(dst), "--force", "--set", "temporal=stan", "--set", "stan_depth=2"]) == 0
+    assert (
+        cli_main(
+            ["convert", str(src), str(dst), "--force", "--set", "temporal=stan", "--set", "stan_depth=2"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "openai-jit" in out and "stan (selfattn, depth 2)" in out
 

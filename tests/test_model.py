@@ -35,8 +35,10 @@ def randomize_temporal(model):
                 p.add_(torch.randn_like(p) * 0.05)
 
 
-@pytest.mark.parametrize("temporal,time_module", [("stan", "selfattn"), ("stan", "conv"), ("seqTransf", "selfattn"),
-                                                  ("meanP", "selfattn")])
+@pytest.mark.parametrize(
+    "temporal,time_module",
+    [("stan", "selfattn"), ("stan", "conv"), ("seqTransf", "selfattn"), ("meanP", "selfattn")],
+)
 def test_fused_attention_matches_math(tiny_model, temporal, time_module):
     model = tiny_model(temporal, time_module=time_module)
     randomize_temporal(model)
@@ -49,7 +51,9 @@ def test_fused_attention_matches_math(tiny_model, temporal, time_module):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("temporal,time_module", [("stan", "selfattn"), ("stan", "conv"), ("seqTransf", "selfattn")])
+@pytest.mark.parametrize(
+    "temporal,time_module", [("stan", "selfattn"), ("stan", "conv"), ("seqTransf", "selfattn")]
+)
 def test_gradient_checkpointing_same_outputs_and_grads(tiny_model, temporal, time_module):
     model = tiny_model(temporal, time_module=time_module).train()
     for m in model.modules():  # drop-path is random; checkpointing must not change anything else
@@ -82,14 +86,19 @@ def test_paper_initialisation(tiny_model):
         clip_block = model.visual.blocks[start + k]
         for name, value in clip_block.state_dict().items():
             torch.testing.assert_close(layer.spatial.state_dict()[name], value, atol=0, rtol=0)
-        assert torch.count_nonzero(layer.temporal.fc.weight) == 0 and torch.count_nonzero(layer.temporal.fc.bias) == 0
+        assert (
+            torch.count_nonzero(layer.temporal.fc.weight) == 0
+            and torch.count_nonzero(layer.temporal.fc.bias) == 0
+        )
 
 
 def test_fresh_conv_and_selfattn_branches_agree(tiny_model):
     """Both temporal modules start as identity (zero output projection), so a fresh branch is the same function."""
     attn = tiny_model("stan", time_module="selfattn", seed=3)
     conv = tiny_model("stan", time_module="conv", seed=3)
-    shared = {k: v for k, v in attn.state_dict().items() if ".temporal.attn." not in k and ".temporal.ln." not in k}
+    shared = {
+        k: v for k, v in attn.state_dict().items() if ".temporal.attn." not in k and ".temporal.ln." not in k
+    }
     conv.load_state_dict(shared, strict=False)
     video = video_batch(attn)
     with torch.no_grad():
@@ -129,11 +138,15 @@ def test_encode_image_is_plain_clip(tiny_model):
     images = video_batch(stan)[:, 0]
     with torch.no_grad():
         torch.testing.assert_close(stan.encode_image(images), meanp.encode_image(images), atol=0, rtol=0)
-        torch.testing.assert_close(meanp.encode_video(images[:, None], pool=False)[:, 0], meanp.encode_image(images))
+        torch.testing.assert_close(
+            meanp.encode_video(images[:, None], pool=False)[:, 0], meanp.encode_image(images)
+        )
 
 
-@pytest.mark.parametrize("temporal,extra", [("stan", {"time_module": "conv"}), ("seqTransf", {}),
-                                            ("meanP", {"pooling": "normalized_mean"})])
+@pytest.mark.parametrize(
+    "temporal,extra",
+    [("stan", {"time_module": "conv"}), ("seqTransf", {}), ("meanP", {"pooling": "normalized_mean"})],
+)
 def test_save_pretrained_round_trip_is_exact(tiny_model, tmp_path, temporal, extra):
     model = tiny_model(temporal, **extra)
     randomize_temporal(model)

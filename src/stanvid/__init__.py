@@ -6,7 +6,11 @@ for data-loader workers; each name lives in exactly one module, listed here.
 
 from importlib import import_module
 
-from stanvid.errors import CheckpointError, ConfigError, DatasetError, StanvidError, VideoReadError
+from stanvid.errors import CheckpointError as CheckpointError
+from stanvid.errors import ConfigError as ConfigError
+from stanvid.errors import DatasetError as DatasetError
+from stanvid.errors import StanvidError as StanvidError
+from stanvid.errors import VideoReadError as VideoReadError
 
 __version__ = "0.1.0"
 
@@ -76,7 +80,9 @@ _EXPORTS = {
     "TrainTransform": "stanvid.transforms",
 }
 
-__all__ = sorted([*_EXPORTS, "CheckpointError", "ConfigError", "DatasetError", "StanvidError", "VideoReadError"])
+__all__ = sorted(
+    [*_EXPORTS, "CheckpointError", "ConfigError", "DatasetError", "StanvidError", "VideoReadError"]
+)
 
 
 def __getattr__(name: str):

@@ -17,7 +17,6 @@ from torch.utils.checkpoint import checkpoint
 
 from stanvid.config import TextConfig, VisionConfig
 
-
 QUICK_GELU_SCALE = 1.702
 
 
@@ -45,7 +44,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         n, seq, width = x.shape
         # (N, L, 3C) -> (3, N, heads, L, C/heads)
-        q, k, v = self.qkv(x).view(n, seq, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = (
+            self.qkv(x).view(n, seq, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        )
         if self.fused:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         else:

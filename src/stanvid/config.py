@@ -144,7 +144,9 @@ class STANConfig:
             raise ConfigError(f"STANConfig.drop_path must be in [0, 1), got {self.drop_path!r}")
         ks = tuple(self.kernel_size)
         if len(ks) != 3 or any(not isinstance(k, int) or k <= 0 or k % 2 == 0 for k in ks):
-            raise ConfigError(f"STANConfig.kernel_size must be three odd positive integers, got {self.kernel_size!r}")
+            raise ConfigError(
+                f"STANConfig.kernel_size must be three odd positive integers, got {self.kernel_size!r}"
+            )
         self.kernel_size = ks
 
 
@@ -257,8 +259,16 @@ _NESTED = {
 def clip_preset(name: str) -> CLIPConfig:
     """The architecture of an OpenAI CLIP release by its name (`ViT-B/32`, `ViT-B/16`, `ViT-L/14`)."""
     presets = {
-        "ViT-B/32": (VisionConfig(width=768, layers=12, heads=12, patch_size=32), TextConfig(width=512, heads=8), 512),
-        "ViT-B/16": (VisionConfig(width=768, layers=12, heads=12, patch_size=16), TextConfig(width=512, heads=8), 512),
+        "ViT-B/32": (
+            VisionConfig(width=768, layers=12, heads=12, patch_size=32),
+            TextConfig(width=512, heads=8),
+            512,
+        ),
+        "ViT-B/16": (
+            VisionConfig(width=768, layers=12, heads=12, patch_size=16),
+            TextConfig(width=512, heads=8),
+            512,
+        ),
         "ViT-L/14": (
             VisionConfig(width=1024, layers=24, heads=16, patch_size=14),
             TextConfig(width=768, heads=12),

@@ -42,7 +42,9 @@ _BLOCK_HF = [
 
 
 def _blocks(foreign_prefix: str, our_prefix: str, block_rules) -> list[tuple[str, str]]:
-    return [(rf"{foreign_prefix}\.(\d+)\.{pat}", rf"{our_prefix}.\1.{_shift(rep)}") for pat, rep in block_rules]
+    return [
+        (rf"{foreign_prefix}\.(\d+)\.{pat}", rf"{our_prefix}.\1.{_shift(rep)}") for pat, rep in block_rules
+    ]
 
 
 def _shift(replacement: str) -> str:
@@ -66,7 +68,11 @@ OPENAI_RULES: list[tuple[str, str]] = [
     (r"logit_scale", "logit_scale"),
 ]
 OPENAI_TRANSPOSED = {"visual.proj", "text_projection"}
-OPENAI_METADATA = {"input_resolution", "context_length", "vocab_size"}  # ints in OpenAI's archives, not weights
+OPENAI_METADATA = {
+    "input_resolution",
+    "context_length",
+    "vocab_size",
+}  # ints in OpenAI's archives, not weights
 
 HF_RULES: list[tuple[str, str]] = [
     (r"vision_model\.embeddings\.class_embedding", "visual.class_embedding"),
@@ -83,7 +89,10 @@ HF_RULES: list[tuple[str, str]] = [
     (r"text_projection\.weight", "text.proj.weight"),
     (r"logit_scale", "logit_scale"),
 ]
-HF_BUFFERS = {"vision_model.embeddings.position_ids", "text_model.embeddings.position_ids"}  # older transformers
+HF_BUFFERS = {
+    "vision_model.embeddings.position_ids",
+    "text_model.embeddings.position_ids",
+}  # older transformers
 
 # Official STAN (mmaction `VITCLIPPretrained_STAN` + `CLIPTextPretrained`): Hugging Face modules re-parented.
 STAN_RULES: list[tuple[str, str]] = [
@@ -95,8 +104,14 @@ STAN_RULES: list[tuple[str, str]] = [
     (r"backbone\.post_layernorm\.(weight|bias)", r"visual.ln_post.\1"),
     (r"backbone\.visual_projection\.weight", "visual.proj.weight"),
     *_blocks(r"backbone\.STAN_S_layers", "temporal.layers", [(p, "spatial." + r) for p, r in _BLOCK_HF]),
-    (r"backbone\.STAN_T_layers\.(\d+)\.self_attn\.(q|k|v)_proj\.(weight|bias)", r"temporal.layers.\1.temporal.attn.\2.\3"),
-    (r"backbone\.STAN_T_layers\.(\d+)\.self_attn\.out_proj\.(weight|bias)", r"temporal.layers.\1.temporal.attn.proj.\2"),
+    (
+        r"backbone\.STAN_T_layers\.(\d+)\.self_attn\.(q|k|v)_proj\.(weight|bias)",
+        r"temporal.layers.\1.temporal.attn.\2.\3",
+    ),
+    (
+        r"backbone\.STAN_T_layers\.(\d+)\.self_attn\.out_proj\.(weight|bias)",
+        r"temporal.layers.\1.temporal.attn.proj.\2",
+    ),
     (r"backbone\.STAN_T_layers\.(\d+)\.layer_norm1\.(weight|bias)", r"temporal.layers.\1.temporal.ln.\2"),
     (r"backbone\.STAN_T_layers\.(\d+)\.temporal_fc\.(weight|bias)", r"temporal.layers.\1.temporal.fc.\2"),
     (r"backbone\.STAN_time_embed\.weight", "temporal.time_embed"),
@@ -118,7 +133,11 @@ CLIP4CLIP_RULES: list[tuple[str, str]] = [
 CLIP4CLIP_TRANSPOSED = {"clip." + k for k in OPENAI_TRANSPOSED}
 CLIP4CLIP_METADATA = {"clip." + k for k in OPENAI_METADATA}
 # Heads of CLIP4Clip that stanvid does not implement, by a key prefix each one has.
-CLIP4CLIP_UNSUPPORTED = {"lstm_visual.": "seqLSTM", "cross.": "tightTransf", "similarity_dense.": "tightTransf"}
+CLIP4CLIP_UNSUPPORTED = {
+    "lstm_visual.": "seqLSTM",
+    "cross.": "tightTransf",
+    "similarity_dense.": "tightTransf",
+}
 
 _COMPILED: dict[int, list[tuple[re.Pattern, str]]] = {}
 
@@ -227,7 +246,9 @@ def _require(sd: dict[str, Any], key: str, source: str) -> torch.Tensor:
     return sd[key]
 
 
-def openai_clip_config(sd: dict[str, torch.Tensor], prefix: str = "", source: str = "checkpoint") -> CLIPConfig:
+def openai_clip_config(
+    sd: dict[str, torch.Tensor], prefix: str = "", source: str = "checkpoint"
+) -> CLIPConfig:
     """Architecture from an OpenAI state dict, as OpenAI's `build_model` infers it (heads = width // 64)."""
     conv = _require(sd, prefix + "visual.conv1.weight", source)
     vision_width, patch = conv.shape[0], conv.shape[-1]
@@ -258,10 +279,26 @@ def openai_clip_config(sd: dict[str, torch.Tensor], prefix: str = "", source: st
 
 _HF_ACTS = {"quick_gelu": "quick_gelu", "gelu": "gelu"}
 # Hugging Face CLIPConfig defaults, used for keys that a config.json leaves out (as transformers does).
-_HF_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                           image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5)
-_HF_TEXT_DEFAULTS = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8,
-                         max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+_HF_VISION_DEFAULTS = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    image_size=224,
+    patch_size=32,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+)
+_HF_TEXT_DEFAULTS = dict(
+    hidden_size=512,
+    intermediate_size=2048,
+    num_hidden_layers=12,
+    num_attention_heads=8,
+    max_position_embeddings=77,
+    vocab_size=49408,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+)
 
 
 def hf_clip_config(config: dict[str, Any] | str | Path) -> CLIPConfig:
@@ -284,19 +321,31 @@ def hf_clip_config(config: dict[str, Any] | str | Path) -> CLIPConfig:
     t = {**_HF_TEXT_DEFAULTS, **(config.get("text_config") or {})}
     for part, d in (("vision_config", v), ("text_config", t)):
         if d["hidden_act"] not in _HF_ACTS:
-            raise ConfigError(f"{where}: {part}.hidden_act {d['hidden_act']!r} is not supported; "
-                              f"supported: {', '.join(_HF_ACTS)}")
+            raise ConfigError(
+                f"{where}: {part}.hidden_act {d['hidden_act']!r} is not supported; "
+                f"supported: {', '.join(_HF_ACTS)}"
+            )
     return CLIPConfig(
         embed_dim=int(config.get("projection_dim", 512)),
         vision=VisionConfig(
-            width=v["hidden_size"], layers=v["num_hidden_layers"], heads=v["num_attention_heads"],
-            patch_size=v["patch_size"], image_size=v["image_size"], mlp_dim=v["intermediate_size"],
-            act=_HF_ACTS[v["hidden_act"]], ln_eps=float(v["layer_norm_eps"]),
+            width=v["hidden_size"],
+            layers=v["num_hidden_layers"],
+            heads=v["num_attention_heads"],
+            patch_size=v["patch_size"],
+            image_size=v["image_size"],
+            mlp_dim=v["intermediate_size"],
+            act=_HF_ACTS[v["hidden_act"]],
+            ln_eps=float(v["layer_norm_eps"]),
         ),
         text=TextConfig(
-            width=t["hidden_size"], layers=t["num_hidden_layers"], heads=t["num_attention_heads"],
-            context_length=t["max_position_embeddings"], vocab_size=t["vocab_size"], mlp_dim=t["intermediate_size"],
-            act=_HF_ACTS[t["hidden_act"]], ln_eps=float(t["layer_norm_eps"]),
+            width=t["hidden_size"],
+            layers=t["num_hidden_layers"],
+            heads=t["num_attention_heads"],
+            context_length=t["max_position_embeddings"],
+            vocab_size=t["vocab_size"],
+            mlp_dim=t["intermediate_size"],
+            act=_HF_ACTS[t["hidden_act"]],
+            ln_eps=float(t["layer_norm_eps"]),
         ),
         logit_scale_init=float(config.get("logit_scale_init_value", 2.6592)),
     )
@@ -312,8 +361,11 @@ def check_clip_shapes(cfg: CLIPConfig, sd: dict[str, torch.Tensor], source: str)
         "visual.proj.weight": (cfg.embed_dim, cfg.vision.width),
         "text.proj.weight": (cfg.embed_dim, cfg.text.width),
     }
-    bad = [f"{k} (checkpoint {tuple(sd[k].shape)}, config {shape})" for k, shape in checks.items()
-           if k in sd and tuple(sd[k].shape) != shape]
+    bad = [
+        f"{k} (checkpoint {tuple(sd[k].shape)}, config {shape})"
+        for k, shape in checks.items()
+        if k in sd and tuple(sd[k].shape) != shape
+    ]
     if bad:
         raise CheckpointError(f"{source}: weights do not fit the config: mis-shaped: {', '.join(bad)}")
 
@@ -326,15 +378,22 @@ def stan_branch_config(sd: dict[str, torch.Tensor]) -> STANConfig | None:
     conv_key = "temporal.layers.0.temporal.conv.weight"
     if conv_key in sd:
         w = sd[conv_key]
-        return STANConfig(depth=depth, time_module="conv", kernel_size=tuple(w.shape[2:]),
-                          depthwise=w.shape[1] == 1 and w.shape[0] > 1, max_frames=sd["temporal.time_embed"].shape[0])
+        return STANConfig(
+            depth=depth,
+            time_module="conv",
+            kernel_size=tuple(w.shape[2:]),
+            depthwise=w.shape[1] == 1 and w.shape[0] > 1,
+            max_frames=sd["temporal.time_embed"].shape[0],
+        )
     return STANConfig(depth=depth, time_module="selfattn", max_frames=sd["temporal.time_embed"].shape[0])
 
 
 def seq_config(sd: dict[str, torch.Tensor]) -> SeqTransfConfig | None:
     if "temporal.frame_pos" not in sd:
         return None
-    return SeqTransfConfig(layers=_count_layers(sd, "temporal.blocks"), max_frames=sd["temporal.frame_pos"].shape[0])
+    return SeqTransfConfig(
+        layers=_count_layers(sd, "temporal.blocks"), max_frames=sd["temporal.frame_pos"].shape[0]
+    )
 
 
 def model_config_for(clip: CLIPConfig, sd: dict[str, torch.Tensor], **overrides: Any) -> ModelConfig:

@@ -95,7 +95,9 @@ def save_pretrained(model: VideoCLIP, directory: str | os.PathLike) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    _atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(model.config.to_dict(), indent=2) + "\n"))
+    _atomic_write(
+        directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+    )
 
 
 def detect_format(source: str | os.PathLike) -> str:
@@ -112,7 +114,9 @@ def detect_format(source: str | os.PathLike) -> str:
 def _directory_kind(path: Path) -> str:
     cfg_path = path / CONFIG_NAME
     if not cfg_path.is_file():
-        raise CheckpointError(f"{path}: directory has no {CONFIG_NAME} (expected a stanvid or Hugging Face CLIP model)")
+        raise CheckpointError(
+            f"{path}: directory has no {CONFIG_NAME} (expected a stanvid or Hugging Face CLIP model)"
+        )
     try:
         cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as exc:
@@ -121,7 +125,9 @@ def _directory_kind(path: Path) -> str:
         return "stanvid"
     if isinstance(cfg, dict) and ("vision_config" in cfg or cfg.get("model_type") == "clip"):
         return "hf"
-    raise CheckpointError(f"{cfg_path}: neither a stanvid config (clip, temporal) nor a Hugging Face CLIP config")
+    raise CheckpointError(
+        f"{cfg_path}: neither a stanvid config (clip, temporal) nor a Hugging Face CLIP config"
+    )
 
 
 def _load_directory(path: Path, config: Any, overrides: dict[str, Any]) -> VideoCLIP:
@@ -129,7 +135,9 @@ def _load_directory(path: Path, config: Any, overrides: dict[str, Any]) -> Video
     if kind == "stanvid":
         cfg = ModelConfig.from_json(path / CONFIG_NAME)
         if config is not None:
-            raise ConfigError(f"{path}: config= is only for formats without their own architecture; this one has it")
+            raise ConfigError(
+                f"{path}: config= is only for formats without their own architecture; this one has it"
+            )
         state = _read_safetensors(path / WEIGHTS_NAME)
         target = cfg.replace(**overrides)
         return _build(target, state, source=str(path), checkpoint_temporal=cfg.temporal)
@@ -140,8 +148,10 @@ def _load_directory(path: Path, config: Any, overrides: dict[str, Any]) -> Video
     elif (path / "pytorch_model.bin").is_file():
         raw = _torch_load(path / "pytorch_model.bin")
     else:
-        raise CheckpointError(f"{path}: no {WEIGHTS_NAME} or pytorch_model.bin in this Hugging Face directory")
-    raw = {k[len("clip_model."):] if k.startswith("clip_model.") else k: v for k, v in raw.items()}
+        raise CheckpointError(
+            f"{path}: no {WEIGHTS_NAME} or pytorch_model.bin in this Hugging Face directory"
+        )
+    raw = {k[len("clip_model.") :] if k.startswith("clip_model.") else k: v for k, v in raw.items()}
     state = convert.convert_state_dict(raw, convert.HF_RULES, ignored=convert.HF_BUFFERS, source=str(path))
     return _from_clip_weights(clip_cfg, state, str(path), overrides)
 
@@ -150,7 +160,9 @@ def _load_directory(path: Path, config: Any, overrides: dict[str, Any]) -> Video
 def _load_file(path: Path, config: Any, overrides: dict[str, Any]) -> VideoCLIP:
     if _is_torchscript(path):
         try:
-            with warnings.catch_warnings():  # torch >= 2.9 marks jit deprecated; OpenAI ships its weights this way
+            with (
+                warnings.catch_warnings()
+            ):  # torch >= 2.9 marks jit deprecated; OpenAI ships its weights this way
                 warnings.simplefilter("ignore", DeprecationWarning)
                 raw = torch.jit.load(str(path), map_location="cpu").state_dict()
         except RuntimeError as exc:
@@ -162,20 +174,34 @@ def _load_file(path: Path, config: Any, overrides: dict[str, Any]) -> VideoCLIP:
     if kind == "openai":
         clip_cfg = convert.openai_clip_config(raw, source=source)
         state = convert.convert_state_dict(
-            raw, convert.OPENAI_RULES, transposed=convert.OPENAI_TRANSPOSED, ignored=convert.OPENAI_METADATA,
+            raw,
+            convert.OPENAI_RULES,
+            transposed=convert.OPENAI_TRANSPOSED,
+            ignored=convert.OPENAI_METADATA,
             source=source,
         )
         return _from_clip_weights(clip_cfg, state, source, overrides)
     if kind == "clip4clip":
-        unsupported = sorted({head for k in raw for prefix, head in convert.CLIP4CLIP_UNSUPPORTED.items()
-                              if k.startswith(prefix)})
+        unsupported = sorted(
+            {
+                head
+                for k in raw
+                for prefix, head in convert.CLIP4CLIP_UNSUPPORTED.items()
+                if k.startswith(prefix)
+            }
+        )
         if unsupported:
-            raise CheckpointError(f"{source}: CLIP4Clip head {', '.join(unsupported)} is not supported "
-                                  f"(stanvid loads CLIP4Clip meanP and seqTransf checkpoints)")
+            raise CheckpointError(
+                f"{source}: CLIP4Clip head {', '.join(unsupported)} is not supported "
+                f"(stanvid loads CLIP4Clip meanP and seqTransf checkpoints)"
+            )
         clip_cfg = convert.openai_clip_config(raw, prefix="clip.", source=source)
         state = convert.convert_state_dict(
-            raw, convert.CLIP4CLIP_RULES, transposed=convert.CLIP4CLIP_TRANSPOSED,
-            ignored=convert.CLIP4CLIP_METADATA, source=source,
+            raw,
+            convert.CLIP4CLIP_RULES,
+            transposed=convert.CLIP4CLIP_TRANSPOSED,
+            ignored=convert.CLIP4CLIP_METADATA,
+            source=source,
         )
         if "temporal" in overrides and overrides["temporal"] != "meanP":
             overrides.setdefault("pooling", "mean" if overrides["temporal"] == "stan" else "normalized_mean")
@@ -200,7 +226,9 @@ def _state_dict_kind(obj: Any, path: Path) -> tuple[str, dict[str, torch.Tensor]
         sd = obj["state_dict"]
         if any(k.startswith("backbone.") for k in sd):
             return "stan", sd
-        raise CheckpointError(f"{path}: a 'state_dict' without backbone.* keys is not an official STAN checkpoint")
+        raise CheckpointError(
+            f"{path}: a 'state_dict' without backbone.* keys is not an official STAN checkpoint"
+        )
     if any(k.startswith("clip.") for k in obj):
         return "clip4clip", obj
     if "visual.conv1.weight" in obj:
@@ -211,22 +239,37 @@ def _state_dict_kind(obj: Any, path: Path) -> tuple[str, dict[str, torch.Tensor]
     raise CheckpointError(f"{path}: unrecognised checkpoint layout (first keys: {sample})")
 
 
-def _from_clip_weights(clip_cfg, state: dict[str, torch.Tensor], source: str, overrides: dict[str, Any]) -> VideoCLIP:
+def _from_clip_weights(
+    clip_cfg, state: dict[str, torch.Tensor], source: str, overrides: dict[str, Any]
+) -> VideoCLIP:
     convert.check_clip_shapes(clip_cfg, state, source)
     checkpoint_cfg = convert.model_config_for(clip_cfg, state)
     has_temporal = any(k.startswith("temporal.") for k in state)
     target = checkpoint_cfg.replace(**overrides)
-    return _build(target, state, source=source, checkpoint_temporal=checkpoint_cfg.temporal if has_temporal else None)
+    return _build(
+        target, state, source=source, checkpoint_temporal=checkpoint_cfg.temporal if has_temporal else None
+    )
 
 
-def _build(target: ModelConfig, state: dict[str, torch.Tensor], *, source: str, checkpoint_temporal: str | None):
+def _build(
+    target: ModelConfig, state: dict[str, torch.Tensor], *, source: str, checkpoint_temporal: str | None
+):
     """Instantiate `target` and load `state`; the temporal weights only when they are the same module."""
     same_temporal = checkpoint_temporal == target.temporal and _same_branch(target, state)
     if checkpoint_temporal is not None and not same_temporal:
         state = {k: v for k, v in state.items() if not k.startswith("temporal.")}
-        fresh = "has no weights" if target.temporal == "meanP" else "starts from the paper's initialisation on this CLIP"
-        log.warning("%s: dropping the checkpoint's %s temporal weights as asked; the %s module %s",
-                    source, checkpoint_temporal, target.temporal, fresh)
+        fresh = (
+            "has no weights"
+            if target.temporal == "meanP"
+            else "starts from the paper's initialisation on this CLIP"
+        )
+        log.warning(
+            "%s: dropping the checkpoint's %s temporal weights as asked; the %s module %s",
+            source,
+            checkpoint_temporal,
+            target.temporal,
+            fresh,
+        )
     model = VideoCLIP(target)
     optional = ("logit_scale",) if same_temporal else ("logit_scale", "temporal.")
     if target.temporal == "meanP":
@@ -241,7 +284,11 @@ def _same_branch(target: ModelConfig, state: dict[str, torch.Tensor]) -> bool:
     """Whether the checkpoint's temporal weights are the module `target` describes (depth and kind)."""
     if target.temporal == "stan":
         found = convert.stan_branch_config(state)
-        return found is not None and found.depth == target.stan.depth and found.time_module == target.stan.time_module
+        return (
+            found is not None
+            and found.depth == target.stan.depth
+            and found.time_module == target.stan.time_module
+        )
     return True
 
 
@@ -261,7 +308,9 @@ def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt or unsafe files
-        raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise CheckpointError(
+            f"{path}: cannot read as a PyTorch checkpoint ({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -333,7 +382,9 @@ def _download_hub(repo_id: str) -> Path:
             f"repository's config.json and model.safetensors into a folder and pass that folder)"
         ) from exc
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=["config.json", "*.safetensors", "pytorch_model.bin"]))
+        return Path(
+            snapshot_download(repo_id, allow_patterns=["config.json", "*.safetensors", "pytorch_model.bin"])
+        )
     except Exception as exc:  # offline, unknown repo, auth: the hub client has many error types
         raise CheckpointError(
             f"{repo_id}: cannot download from the Hugging Face hub ({type(exc).__name__}: {exc}). Download "
@@ -341,8 +392,9 @@ def _download_hub(repo_id: str) -> Path:
         ) from exc
 
 
-def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike, *, config: Any = None,
-                       **overrides: Any) -> dict[str, Any]:
+def convert_checkpoint(
+    source: str | os.PathLike, destination: str | os.PathLike, *, config: Any = None, **overrides: Any
+) -> dict[str, Any]:
     """Load `source` (any format above) and write it with `save_pretrained`; returns what was loaded."""
     path = Path(source)
     fmt = detect_format(path) if path.exists() else "download"

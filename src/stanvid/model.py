@@ -118,7 +118,9 @@ class VideoCLIP(nn.Module):
             else:
                 inp = state + branch.fold(h)
             state = branch.layer(i - start, inp, t)  # (B, 1+P*T, C)
-        cls = x[:, 0].view(b, t, c) + state[:, :1]  # (B, T, C): every frame's class token + branch class token
+        cls = (
+            x[:, 0].view(b, t, c) + state[:, :1]
+        )  # (B, T, C): every frame's class token + branch class token
         return visual.head(cls.reshape(b * t, c)).view(b, t, -1)  # (B, T, D)
 
     def similarity(self, text_emb: torch.Tensor, video_emb: torch.Tensor) -> torch.Tensor:

@@ -76,12 +76,18 @@ class ConvTemporal(nn.Module):
       built branch is the same function whichever temporal module it has.
     """
 
-    def __init__(self, width: int, grid: int, kernel_size: tuple[int, int, int], depthwise: bool, drop_path: float):
+    def __init__(
+        self, width: int, grid: int, kernel_size: tuple[int, int, int], depthwise: bool, drop_path: float
+    ):
         super().__init__()
         self.grid = grid
         self.ln = nn.LayerNorm(width)
         self.conv = nn.Conv3d(
-            width, width, kernel_size, padding=tuple(k // 2 for k in kernel_size), groups=width if depthwise else 1
+            width,
+            width,
+            kernel_size,
+            padding=tuple(k // 2 for k in kernel_size),
+            groups=width if depthwise else 1,
         )
         self.drop_path = DropPath(drop_path)
         self.fc = nn.Linear(width, width)
@@ -127,7 +133,12 @@ class SpatialLayer(nn.Module):
 
     def load_from_clip_block(self, block: Block) -> None:
         """Copy a CLIP block's attention, MLP and norms (the paper's initialisation of the spatial module)."""
-        for mine, theirs in ((self.ln_1, block.ln_1), (self.attn, block.attn), (self.ln_2, block.ln_2), (self.mlp, block.mlp)):
+        for mine, theirs in (
+            (self.ln_1, block.ln_1),
+            (self.attn, block.attn),
+            (self.ln_2, block.ln_2),
+            (self.mlp, block.mlp),
+        ):
             mine.load_state_dict(theirs.state_dict())
 
 
@@ -172,7 +183,9 @@ class STANBranch(nn.Module):
         for k, layer in enumerate(self.layers):
             layer.spatial.load_from_clip_block(clip_blocks[start + k])
 
-    def embed_input(self, h: torch.Tensor, class_embedding: torch.Tensor, pos_embed: torch.Tensor) -> torch.Tensor:
+    def embed_input(
+        self, h: torch.Tensor, class_embedding: torch.Tensor, pos_embed: torch.Tensor
+    ) -> torch.Tensor:
         """First branch input (official `input_ini`) from CLIP layer L-K's tokens h: (B, T, 1+P, C).
 
         Patches get CLIP's spatial position embeddings again plus a learned time embedding; the class token is the

@@ -27,7 +27,9 @@ class SeqTransformer(nn.Module):
         if width % heads:
             raise ValueError(f"seqTransf width {width} is not divisible by its heads {heads}")
         self.frame_pos = nn.Parameter(torch.empty(cfg.max_frames, width))
-        self.blocks = nn.ModuleList([Block(width, heads, 4 * width, "quick_gelu", cfg.ln_eps) for _ in range(cfg.layers)])
+        self.blocks = nn.ModuleList(
+            [Block(width, heads, 4 * width, "quick_gelu", cfg.ln_eps) for _ in range(cfg.layers)]
+        )
         self.grad_checkpointing = False
         nn.init.normal_(self.frame_pos, std=0.01)
 

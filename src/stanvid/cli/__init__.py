@@ -54,8 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "_missing", None):
-        print(f"stanvid {args.command}: needs the package {args._missing!r}; "
-              f"install it with: pip install 'stanvid[search]'", file=sys.stderr)
+        print(
+            f"stanvid {args.command}: needs the package {args._missing!r}; "
+            f"install it with: pip install 'stanvid[search]'",
+            file=sys.stderr,
+        )
         return 2
     try:
         return int(args.func(args) or 0)
@@ -63,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stanvid {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except FileNotFoundError as exc:
-        print(f"stanvid {args.command}: error: {exc.filename or exc}: no such file or directory", file=sys.stderr)
+        print(
+            f"stanvid {args.command}: error: {exc.filename or exc}: no such file or directory",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print(f"stanvid {args.command}: interrupted", file=sys.stderr)

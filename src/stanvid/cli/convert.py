@@ -8,14 +8,25 @@ from stanvid.errors import ConfigError
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("convert", help="convert a checkpoint (OpenAI, Hugging Face, STAN, CLIP4Clip) to stanvid format",
-                       description="Load any checkpoint stanvid reads and write it as config.json + model.safetensors.")
+    p = sub.add_parser(
+        "convert",
+        help="convert a checkpoint (OpenAI, Hugging Face, STAN, CLIP4Clip) to stanvid format",
+        description="Load any checkpoint stanvid reads and write it as config.json + model.safetensors.",
+    )
     p.add_argument("src", help="checkpoint file or directory")
     p.add_argument("dst", help="output directory")
-    p.add_argument("--config", help="Hugging Face CLIP config.json (or its folder), needed for official STAN .pth files")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="model override: temporal=meanP|seqTransf|stan, stan_depth=N, time_module=selfattn|conv, "
-                        "num_frames=N, pooling=mean|normalized_mean (repeatable)")
+    p.add_argument(
+        "--config", help="Hugging Face CLIP config.json (or its folder), needed for official STAN .pth files"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model override: temporal=meanP|seqTransf|stan, stan_depth=N, time_module=selfattn|conv, "
+        "num_frames=N, pooling=mean|normalized_mean (repeatable)",
+    )
     p.add_argument("--force", action="store_true", help="write into a non-empty DST")
     p.set_defaults(func=run)
 
