@@ -75,6 +75,9 @@ _EXPORTS = {
     "VideoIndex": "stanvid.index",
     "SearchResult": "stanvid.index",
     "create_app": "stanvid.server",
+    # demo/
+    "run_demo": "stanvid.demo.run",
+    "DemoConfig": "stanvid.demo.run",
     # transforms.py
     "EvalTransform": "stanvid.transforms",
     "TrainTransform": "stanvid.transforms",

@@ -256,7 +256,8 @@ def _build(
 ):
     """Instantiate `target` and load `state`; the temporal weights only when they are the same module."""
     same_temporal = checkpoint_temporal == target.temporal and _same_branch(target, state)
-    if checkpoint_temporal is not None and not same_temporal:
+    has_temporal_weights = any(k.startswith("temporal.") for k in state)
+    if has_temporal_weights and not same_temporal:
         state = {k: v for k, v in state.items() if not k.startswith("temporal.")}
         fresh = (
             "has no weights"
