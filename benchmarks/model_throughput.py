@@ -80,8 +80,9 @@ def time_best(fn, device: str, reps: int) -> float:
     return best
 
 
-def measure(args, temporal: str) -> dict:
-    model = build(args, temporal)
+def setup(args, temporal: str, checkpointing: bool = False):
+    """Model, a random video batch and the training step (vision tower + branch trained, text frozen)."""
+    model = build(args, temporal, checkpointing)
     size = model.config.clip.vision.image_size
     video = torch.randn(args.batch, args.frames, 3, size, size, device=args.device)
     params = [p for n, p in model.named_parameters() if n.startswith(("visual.", "temporal."))]
@@ -89,7 +90,11 @@ def measure(args, temporal: str) -> dict:
         p.requires_grad_(False)
     optimizer = torch.optim.AdamW(params, lr=1e-6, fused=True)
     targets = F.normalize(torch.randn(args.batch, model.config.clip.embed_dim, device=args.device), dim=-1)
-    step = train_step_fn(model, video, targets, optimizer)
+    return model, video, train_step_fn(model, video, targets, optimizer)
+
+
+def measure(args, temporal: str) -> dict:
+    model, video, step = setup(args, temporal)
 
     model.eval()
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
@@ -115,23 +120,15 @@ def measure(args, temporal: str) -> dict:
 
 def memory_child(args) -> None:
     """Runs in a fresh process: one training step, prints peak memory growth in MiB."""
-    model = build(args, args.temporal, checkpointing=args.checkpointing)
-    size = model.config.clip.vision.image_size
-    video = torch.randn(args.batch, args.frames, 3, size, size, device=args.device)
-    params = [p for n, p in model.named_parameters() if n.startswith(("visual.", "temporal."))]
-    for p in model.text.parameters():
-        p.requires_grad_(False)
-    optimizer = torch.optim.AdamW(params, lr=1e-6, fused=True)
-    targets = F.normalize(torch.randn(args.batch, model.config.clip.embed_dim, device=args.device), dim=-1)
+    model, _, step = setup(args, args.temporal, args.checkpointing)
     model.train()
-    step = train_step_fn(model, video, targets, optimizer)
+    step()  # the first step allocates gradients and AdamW state; the second shows the step's own peak
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         step()
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        step()  # the first step allocates gradients and AdamW state; the second shows the step's own peak
         base = rss_now()
         peak_rss = [base]
         done = threading.Event()
