@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
-import threading
 import time
 
 import torch
 import torch.nn.functional as F
+from peak_memory import peak_bytes_during
 from torch.utils.flop_counter import FlopCounterMode
 
 import stanvid
@@ -123,33 +122,8 @@ def memory_child(args) -> None:
     model, _, step = setup(args, args.temporal, args.checkpointing)
     model.train()
     step()  # the first step allocates gradients and AdamW state; the second shows the step's own peak
-    if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        base = rss_now()
-        peak_rss = [base]
-        done = threading.Event()
-
-        def sample():
-            while not done.is_set():
-                peak_rss[0] = max(peak_rss[0], rss_now())
-                time.sleep(0.0005)
-
-        sampler = threading.Thread(target=sample)
-        sampler.start()
-        step()
-        done.set()
-        sampler.join()
-        peak = peak_rss[0] - base
+    peak = peak_bytes_during(step, args.device)
     print(json.dumps({"peak_mib": peak / 2**20}))
-
-
-def rss_now() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
 
 
 def memory(args, temporal: str, checkpointing: bool) -> float:

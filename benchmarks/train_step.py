@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import torch
+from peak_memory import peak_bytes_during
 
 import stanvid
 from stanvid.recipe import load_recipe
@@ -77,35 +76,10 @@ def speed(args: argparse.Namespace, checkpointing: bool) -> dict:
     return {"step_s": median, "videos_per_s": args.batch / median, "precision": trainer.precision}
 
 
-def rss_now() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
 def memory_child(args: argparse.Namespace) -> None:
     trainer, batch = build(args, args.checkpointing)
-    step(trainer, batch)
-    if trainer.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step(trainer, batch)
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        base = rss_now()
-        high = [base]
-        done = threading.Event()
-
-        def sample() -> None:
-            while not done.is_set():
-                high[0] = max(high[0], rss_now())
-                time.sleep(0.0005)
-
-        sampler = threading.Thread(target=sample)
-        sampler.start()
-        step(trainer, batch)
-        done.set()
-        sampler.join()
-        peak = high[0] - base
+    step(trainer, batch)  # the first step allocates gradients and optimizer state
+    peak = peak_bytes_during(lambda: step(trainer, batch), trainer.device.type)
     print(json.dumps({"peak_mib": peak / 2**20}))
 
 

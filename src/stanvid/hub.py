@@ -273,8 +273,6 @@ def _build(
         )
     model = VideoCLIP(target)
     optional = ("logit_scale",) if same_temporal else ("logit_scale", "temporal.")
-    if target.temporal == "meanP":
-        optional = ("logit_scale",)
     convert.load_converted(model, state, source=source, optional_prefixes=optional)
     if not same_temporal:
         model.init_temporal_from_clip()
