@@ -62,6 +62,7 @@ __all__ = [
     "VideoIndex",
     "build_index",
     "encode_clips",
+    "find_videos",
     "make_vector_index",
     "model_fingerprint",
     "open_index",
@@ -513,6 +514,12 @@ def _walk(root: Path, exclude: Path | None) -> list[_FileEntry]:
             if path.is_file():
                 entries.append(_FileEntry(path.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
     return sorted(entries, key=lambda e: e.relpath)
+
+
+def find_videos(root: str | os.PathLike) -> list[Path]:
+    """The video files an index of `root` would hold (same extensions and walk), sorted by relative path."""
+    root = Path(root)
+    return [root / e.relpath for e in _walk(root, exclude=None)]
 
 
 def _dist_info() -> tuple[int, int]:
@@ -1028,6 +1035,19 @@ class VideoIndex:
         if missing:
             raise VideoIndexError(f"{self.path}: no segment with id {missing[0]}")
         return np.stack([np.frombuffer(rows[int(i)], dtype=np.float32) for i in ids])
+
+    def all_segments(self) -> tuple[list[Segment], np.ndarray]:
+        """Every segment, ordered by file path and start time, with its `(N, D)` stored embedding."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT s.id, f.id, f.path, s.start, s.end, f.fps, f.num_frames, f.width, f.height, f.size, "
+                "f.mtime_ns, s.embedding FROM segments s JOIN files f ON f.id = s.file_id ORDER BY f.path, s.start"
+            ).fetchall()
+        vectors = np.empty((len(rows), self.meta["dim"]), np.float32)  # (N, D)
+        for i, row in enumerate(rows):
+            vectors[i] = np.frombuffer(row[-1], dtype=np.float32)
+        segs = [Segment(sid, fid, str(self.root / rel), rel, *rest[:-1]) for sid, fid, rel, *rest in rows]
+        return segs, vectors
 
     def file_segments(self, file_id: int) -> tuple[list[Segment], np.ndarray]:
         """All segments of one file in time order, with their `(n, D)` stored embeddings."""
