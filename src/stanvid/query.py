@@ -131,7 +131,7 @@ class FileHit:
 
 
 # ---------------------------------------------------------------------------------------------- parsing
-_SPAN = re.compile(r"(?P<path>.+):(?P<start>[0-9:.]*)-(?P<end>[0-9:.]*)", re.ASCII)
+_SPAN = re.compile(r"(?P<start>[0-9:.]*)-(?P<end>[0-9:.]*)", re.ASCII)
 
 
 def _seconds(text: str, spec: str) -> float | None:
@@ -168,11 +168,14 @@ def parse_like(spec: Any, root: str | os.PathLike | None = None) -> ClipSpec:
         return ClipSpec(path=found)
     if m := re.fullmatch(r"(?:segment:)?(\d{1,18})", text.strip(), re.ASCII):
         return ClipSpec(segment_id=int(m.group(1)))
-    if m := _SPAN.fullmatch(text):
-        path = _existing(m.group("path"), root)
-        if path is None:
-            raise QueryError(f"{m.group('path')}: no such video file")
-        return ClipSpec(path, _seconds(m.group("start"), text), _seconds(m.group("end"), text))
+    # PATH:START-END, where the times may hold colons too (m:ss): the first split whose path exists wins
+    spans = [(text[:i], m) for i, c in enumerate(text) if c == ":" and (m := _SPAN.fullmatch(text[i + 1 :]))]
+    for head, m in spans:
+        path = _existing(head, root)
+        if path is not None:
+            return ClipSpec(path, _seconds(m.group("start"), text), _seconds(m.group("end"), text))
+    if spans:
+        raise QueryError(f"{spans[0][0]}: no such video file")
     raise QueryError(f"{text}: no such video file (nor a segment id or PATH:START-END)")
 
 
@@ -220,8 +223,10 @@ def load_image(source: Any) -> torch.Tensor:
             array = np.asarray(img, dtype=np.uint8)
     except QueryError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
-        raise QueryError(f"{name}: not an image this program can read ({exc})") from None
+    except UnidentifiedImageError:
+        raise QueryError(f"{name}: not an image, or an image format Pillow cannot read") from None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise QueryError(f"{name}: refused, too many pixels ({exc})") from None
     except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt data
         raise QueryError(f"{name}: cannot read the image ({exc})") from None
     if min(array.shape[:2]) < MIN_IMAGE_SIDE:
