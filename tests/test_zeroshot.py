@@ -106,7 +106,7 @@ def test_classify_scores_equal_a_direct_computation(tmp_path):
         probs = (model.logit_scale.exp() * v @ w.t()).softmax(-1)[0]
         best = probs.topk(2)
         assert pred.labels == [labels[i] for i in best.indices.tolist()]
-        np.testing.assert_allclose(pred.scores, best.values.numpy(), atol=1e-5)
+        np.testing.assert_allclose(pred.scores, best.values.detach().numpy(), atol=1e-5)
     one = classify(root / "a.mp4", model, labels, top=5, progress=False)
     assert len(one.predictions) == 1 and len(one.predictions[0].labels) == 3  # top is capped at K
 
