@@ -239,9 +239,8 @@ def test_training_pairs_hold_each_clip_with_its_reversal(corpus):
 
 
 @pytest.mark.slow
-def test_demo_quick_end_to_end(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--out", str(out), "--seed", "1", "--no-progress"]) == 0
+def test_demo_quick_end_to_end(demo_run):
+    out, printed = demo_run  # `stanvid demo --quick --seed 1` (tests/conftest.py, shared with other tests)
     results = json.loads((out / "results.json").read_text())
     assert set(results) == {"seconds", "models", "chance"}
     assert isinstance(results["seconds"], float) and results["seconds"] > 0
@@ -264,7 +263,6 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     with torch.no_grad():
         emb = model.encode_video(torch.zeros(1, model.config.num_frames, 3, 32, 32))
     assert emb.shape == (1, model.config.clip.embed_dim) and torch.isfinite(emb).all()
-    printed = capsys.readouterr().out
     assert "stan_selfattn" in printed and "report.md" in printed
 
 

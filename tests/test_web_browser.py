@@ -1,5 +1,5 @@
 """The search page in a real headless Chromium: type a query, see the results, click one and watch it play
-from the hit's moment.
+from the hit's moment; "more like this", a picture dropped on the page, one result per video with its timeline.
 
 Chromium is driven through the DevTools protocol over `--remote-debugging-pipe` (JSON messages separated by NUL
 on file descriptors 3 and 4), so no websocket client or webdriver is needed. Skipped, with the reason, when no
@@ -296,3 +296,84 @@ def test_type_a_query_see_results_and_play_from_the_hit(tmp_path, chromium):
         chromium.click("#search-button")
         chromium.wait_for("document.getElementById('status').classList.contains('error')")
         assert "at most" in chromium.evaluate("document.getElementById('status').textContent")
+
+
+def test_more_like_this_image_drop_and_moments(tmp_path, chromium):
+    """ "More like this" on a hit, a picture dropped on the page, and one result per video with its timeline."""
+    import httpx
+
+    model_dir = save_tiny_model(tmp_path / "model")
+    root = tmp_path / "videos"
+    root.mkdir()
+    for i, name in enumerate(("beach", "kitchen", "street")):
+        write_video(root / f"{name}.mp4", make_frames(30, 72, 128, seed=i), fps=10, codec="h264", gop=10)
+    out = tmp_path / "idx"
+    build_index(root, out, model_dir, segment_seconds=1.0, num_workers=0, progress=False)
+    index = open_index(out)
+    query = "a dog runs on the beach"
+    first = index.search(query, 10)
+
+    with LiveServer(create_app(out)) as url:
+        chromium.open_page(url + "/")
+        chromium.evaluate(f"document.getElementById('query').value = {json.dumps(query)}")
+        chromium.click("#search-button")
+        chromium.wait_for(f"document.querySelectorAll('#results .result').length === {len(first)}")
+        # "more like this" on the third hit: the page shows the library's ranking for that segment
+        target = first[2]
+        expected = index.search_video(target.id, 10)
+        chromium.click("#results .result:nth-child(3) .more-like")
+        chromium.wait_for(
+            "document.getElementById('status').textContent.includes('like ') && "
+            f"document.querySelectorAll('#results .result').length === {len(expected)}"
+        )
+        shown = chromium.evaluate(
+            "[...document.querySelectorAll('#results .result')].map(li => Number(li.dataset.id))"
+        )
+        assert shown == [h.id for h in expected] and shown[0] == target.id
+        assert chromium.evaluate("document.getElementById('player').hidden")  # the button does not play
+
+        # drop a picture (a thumbnail the server made) on the image target: the library's image ranking
+        thumb = httpx.get(f"{url}/api/thumbnail/{first[0].id}").content
+        expected = index.search_image(thumb, 10)
+        chromium.evaluate(
+            "(async () => { const blob = await (await fetch("
+            f"'/api/thumbnail/{first[0].id}')).blob(); const dt = new DataTransfer(); "
+            "dt.items.add(new File([blob], 'frame.jpg', {type: 'image/jpeg'})); "
+            "document.getElementById('image-drop').dispatchEvent("
+            "new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true})); })()"
+        )
+        chromium.wait_for("document.getElementById('status').textContent.includes('like the image')")
+        shown = chromium.evaluate(
+            "[...document.querySelectorAll('#results .result')].map(li => Number(li.dataset.id))"
+        )
+        assert shown == [h.id for h in expected]
+
+        # one result per video, each with a timeline strip; a click on a bar plays from that moment
+        chromium.evaluate("document.getElementById('group').checked = true")
+        chromium.click("#search-button")
+        chromium.wait_for("document.querySelectorAll('#results .result .timeline').length === 3")
+        bars = chromium.evaluate(
+            "document.querySelectorAll('#results .result:nth-child(1) .timeline span').length"
+        )
+        from stanvid.query import search
+
+        best = search(index, query, 3, group_by="file")[0]
+        assert bars == len(best.timeline) == 3
+        seg = best.timeline[-1]
+        chromium.click("#results .result:nth-child(1) .timeline span:last-child")
+        state = chromium.wait_for(
+            "(() => { const v = document.getElementById('video'); "
+            f"return v.readyState >= 2 && v.currentTime >= {seg['start'] - 0.01} "
+            "? {time: v.currentTime, error: v.error && v.error.code} : null; })()"
+        )
+        assert state["error"] is None and seg["start"] - 0.01 <= state["time"] <= seg["end"] + 1.0
+
+        # a file that is not an image is refused on the page with the reason
+        chromium.evaluate(
+            "(() => { const dt = new DataTransfer(); dt.items.add(new File(['hello'], 'notes.txt', "
+            "{type: 'text/plain'})); document.getElementById('image-drop').dispatchEvent("
+            "new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true})); })()"
+        )
+        chromium.wait_for("document.getElementById('status').classList.contains('error')")
+        assert "not an image" in chromium.evaluate("document.getElementById('status').textContent")
+    index.close()

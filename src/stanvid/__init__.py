@@ -75,6 +75,10 @@ _EXPORTS = {
     "VideoIndex": "stanvid.index",
     "SearchResult": "stanvid.index",
     "create_app": "stanvid.server",
+    # query.py / zeroshot.py / embed.py
+    "Query": "stanvid.query",
+    "classify": "stanvid.zeroshot",
+    "embed_videos": "stanvid.embed",
     # demo/
     "run_demo": "stanvid.demo.run",
     "DemoConfig": "stanvid.demo.run",

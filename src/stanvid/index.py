@@ -61,9 +61,12 @@ __all__ = [
     "Segment",
     "VideoIndex",
     "build_index",
+    "encode_clips",
+    "find_videos",
     "make_vector_index",
     "model_fingerprint",
     "open_index",
+    "read_clip",
     "search_index",
     "segment_bounds",
 ]
@@ -205,6 +208,36 @@ def _segment_frames(
     if last < first:
         return None
     return first + uniform_indices(last - first + 1, clip_len)  # (clip_len,)
+
+
+def read_clip(
+    path: str | os.PathLike, start: float, end: float, *, clip_len: int, image_size: int
+) -> torch.Tensor:
+    """The clip the index would embed for the span [start, end) of a video: `clip_len` frames sampled as a
+    segment is, resized and centre-cropped, `(clip_len, 3, S, S)` uint8. Query clips go through this so that
+    an indexed span and the same span given as an example embed identically."""
+    from stanvid.video_io import probe, read_frames
+
+    info = probe(path)
+    idx = _segment_frames(start, end, info.fps, info.num_frames, clip_len)
+    if idx is None:
+        raise VideoReadError(f"{path}: no frame is shown between {start:.3f} s and {end:.3f} s")
+    frames = read_frames(path, idx, size=image_size)  # (T, H, W, 3)
+    return center_crop(resize_short_side(frames, image_size), image_size).contiguous()  # (T, 3, S, S)
+
+
+@torch.inference_mode()
+def encode_clips(
+    model: VideoCLIP, clips: torch.Tensor, device: torch.device, batch_size: int = 16
+) -> np.ndarray:
+    """`(n, T, 3, S, S)` uint8 clips -> `(n, D)` float32 L2-normalized video embeddings, as the index stores."""
+    out = []
+    for k in range(0, len(clips), batch_size):
+        part = clips[k : k + batch_size].to(device)  # (b, T, 3, S, S) uint8
+        b, t = part.shape[:2]
+        video = normalize(part.flatten(0, 1)).view(b, t, *part.shape[2:])  # (b, T, 3, S, S) float
+        out.append(F.normalize(model.encode_video(video).float(), dim=-1).cpu().numpy())  # (b, D)
+    return np.concatenate(out) if out else np.zeros((0, model.config.clip.embed_dim), np.float32)
 
 
 @dataclass
@@ -481,6 +514,12 @@ def _walk(root: Path, exclude: Path | None) -> list[_FileEntry]:
             if path.is_file():
                 entries.append(_FileEntry(path.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
     return sorted(entries, key=lambda e: e.relpath)
+
+
+def find_videos(root: str | os.PathLike) -> list[Path]:
+    """The video files an index of `root` would hold (same extensions and walk), sorted by relative path."""
+    root = Path(root)
+    return [root / e.relpath for e in _walk(root, exclude=None)]
 
 
 def _dist_info() -> tuple[int, int]:
@@ -959,7 +998,69 @@ class VideoIndex:
             )
         return results
 
+    def embed_clips(self, clips: torch.Tensor) -> np.ndarray:
+        """`(n, T, 3, S, S)` uint8 clips (see `read_clip`) -> `(n, D)` L2-normalized, with the index's model."""
+        model = self.model
+        with self._lock:
+            return encode_clips(model, clips, self.device)
+
+    def search_image(self, image: Any, k: int = 10, **query: Any) -> list[SearchResult]:
+        """Segments most similar to an image (path, bytes, PIL image or (H, W, 3) uint8 array); `query` takes
+        the other fields of `stanvid.query.Query` (text, weights). See `stanvid.query`."""
+        from stanvid.query import Query, search
+
+        return search(self, Query(image=image, **query), k)
+
+    def search_video(self, like: Any, k: int = 10, **query: Any) -> list[SearchResult]:
+        """Segments most similar to an example clip: `"file.mp4"`, `"file.mp4:START-END"` (seconds), a segment
+        id (int) or a `stanvid.query.ClipSpec`; `query` as in `search_image`."""
+        from stanvid.query import Query, search
+
+        return search(self, Query(like=like, **query), k)
+
     # -------------------------------------------------------------- lookups
+    def segment_embeddings(self, ids: Sequence[int]) -> np.ndarray:
+        """`(len(ids), D)` stored embeddings, in the order of `ids`; an unknown id raises `VideoIndexError`."""
+        dim = self.meta["dim"]
+        if not ids:
+            return np.zeros((0, dim), np.float32)
+        marks = ",".join("?" * len(ids))
+        with self._lock:
+            rows = dict(
+                self._conn.execute(
+                    f"SELECT id, embedding FROM segments WHERE id IN ({marks})", [int(i) for i in ids]
+                ).fetchall()
+            )
+        missing = [int(i) for i in ids if int(i) not in rows]
+        if missing:
+            raise VideoIndexError(f"{self.path}: no segment with id {missing[0]}")
+        return np.stack([np.frombuffer(rows[int(i)], dtype=np.float32) for i in ids])
+
+    def all_segments(self) -> tuple[list[Segment], np.ndarray]:
+        """Every segment, ordered by file path and start time, with its `(N, D)` stored embedding."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT s.id, f.id, f.path, s.start, s.end, f.fps, f.num_frames, f.width, f.height, f.size, "
+                "f.mtime_ns, s.embedding FROM segments s JOIN files f ON f.id = s.file_id ORDER BY f.path, s.start"
+            ).fetchall()
+        vectors = np.empty((len(rows), self.meta["dim"]), np.float32)  # (N, D)
+        for i, row in enumerate(rows):
+            vectors[i] = np.frombuffer(row[-1], dtype=np.float32)
+        segs = [Segment(sid, fid, str(self.root / rel), rel, *rest[:-1]) for sid, fid, rel, *rest in rows]
+        return segs, vectors
+
+    def file_segments(self, file_id: int) -> tuple[list[Segment], np.ndarray]:
+        """All segments of one file in time order, with their `(n, D)` stored embeddings."""
+        with self._lock:
+            ids = [
+                r[0]
+                for r in self._conn.execute(
+                    "SELECT id FROM segments WHERE file_id = ? ORDER BY start", (int(file_id),)
+                )
+            ]
+        segs = {s.id: s for s in self.segments(ids)}
+        return [segs[i] for i in ids], self.segment_embeddings(ids)
+
     def segments(self, ids: Sequence[int]) -> list[Segment]:
         """Segment rows by id (unknown ids are left out)."""
         if not ids:

@@ -2,7 +2,10 @@
 
     GET /                          the search page (static files in stanvid/web)
     GET /api/info                  what is indexed: counts, model source, segment length
-    GET /api/search?q=TEXT&k=N     ranked segments as JSON
+    GET /api/search?q=TEXT&k=N     ranked segments as JSON (&group=file: one hit per file, with a timeline)
+    POST /api/search/image?k=N     segments like the image in the request body (raw bytes, image/*); &q= adds
+                                   text, &image_weight= / &text_weight= weigh the parts (stanvid.query)
+    GET /api/like/{segment}?k=N    segments like an indexed segment ("more like this"); &q=, &like_weight=
     GET /api/thumbnail/{segment}   JPEG of the frame at the middle of a segment
     GET /api/video/{file}          the video file, with HTTP range requests (206 / 416), for seeking in <video>
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -25,16 +29,20 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from stanvid.errors import StanvidError
-from stanvid.index import VideoIndex, open_index
+from stanvid.index import SearchResult, VideoIndex, open_index
 from stanvid.model import VideoCLIP
+from stanvid.query import FileHit, Query, QueryError
+from stanvid.query import search as search_query
 
 __all__ = ["create_app"]
 
 MAX_QUERY_CHARS = 500  # CLIP reads at most 77 tokens; longer text is a mistake or abuse, not a query
 MAX_K = 200
+MAX_IMAGE_BYTES = 20 << 20  # an upload larger than this is refused (413) before it is decoded
 THUMBNAIL_SIZE = 180  # shortest side, pixels
 _CHUNK = 1 << 18
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)", re.ASCII)
@@ -67,6 +75,7 @@ def create_app(
     max_query_chars: int = MAX_QUERY_CHARS,
     max_k: int = MAX_K,
     thumbnail_size: int = THUMBNAIL_SIZE,
+    max_image_bytes: int = MAX_IMAGE_BYTES,
 ) -> FastAPI:
     """The app for one index. The query model is loaded (and checked against the index) here, so a wrong or
     missing model fails at start-up rather than at the first query."""
@@ -99,38 +108,96 @@ def create_app(
             "segment_seconds": index.meta["segment_seconds"],
             "max_query_chars": max_query_chars,
             "max_k": max_k,
+            "max_image_bytes": max_image_bytes,
         }
 
-    @app.get("/api/search")
-    def search(q: str | None = None, k: str | None = None) -> dict:
+    def parse_text(q: str | None, required: bool) -> str | None:
         text = (q or "").strip()
         if not text:
-            raise _BadRequest(400, "the query is empty: pass the text to search for as ?q=")
+            if required:
+                raise _BadRequest(400, "the query is empty: pass the text to search for as ?q=")
+            return None
         if len(text) > max_query_chars:
             raise _BadRequest(
                 400, f"the query is {len(text)} characters long; at most {max_query_chars} are allowed"
             )
+        return text
+
+    def parse_k(k: str | None) -> int:
         count = _parse_int(k, "k", default=10)
         if not 1 <= count <= max_k:
             raise _BadRequest(400, f"k must be between 1 and {max_k}, got {count}")
-        hits = index.search(text, count)
-        return {
-            "query": text,
-            "k": count,
-            "results": [
-                {
-                    "id": hit.id,
-                    "file_id": hit.file_id,
-                    "path": hit.relpath,  # relative: where the folder lives on the server is not the client's business
-                    "start": hit.start,
-                    "end": hit.end,
-                    "score": hit.score,
-                    "thumbnail_url": f"/api/thumbnail/{hit.id}",
-                    "video_url": f"/api/video/{hit.file_id}",
-                }
-                for hit in hits
-            ],
-        }
+        return count
+
+    def run_query(query: Query, count: int, group: str | None, echo: dict) -> dict:
+        if group not in (None, "", "file"):
+            raise _BadRequest(400, f"group must be 'file' or left out, got {group[:40]!r}")
+        try:
+            hits = search_query(index, query, count, group_by=group or None)
+        except QueryError as exc:
+            raise _BadRequest(400, str(exc)) from exc
+        return {**echo, "k": count, "group": group or None, "results": [_hit_json(h) for h in hits]}
+
+    @app.get("/api/search")
+    def search(q: str | None = None, k: str | None = None, group: str | None = None) -> dict:
+        text = parse_text(q, required=True)
+        return run_query(Query(text=text), parse_k(k), group, {"query": text})
+
+    @app.get("/api/like/{segment_id}")
+    def like(
+        segment_id: str,
+        k: str | None = None,
+        q: str | None = None,
+        like_weight: str | None = None,
+        text_weight: str | None = None,
+        group: str | None = None,
+    ) -> dict:
+        sid = _parse_int(segment_id, "segment id")
+        if index.segment(sid) is None:
+            raise _BadRequest(404, f"no segment with id {sid} in this index")
+        text = parse_text(q, required=False)
+        query = Query(
+            text=text,
+            like=sid,
+            like_weight=_parse_weight(like_weight, "like_weight"),
+            text_weight=_parse_weight(text_weight, "text_weight"),
+        )
+        return run_query(query, parse_k(k), group, {"query": text, "like": sid})
+
+    @app.post("/api/search/image")
+    async def search_image(
+        request: Request,
+        k: str | None = None,
+        q: str | None = None,
+        image_weight: str | None = None,
+        text_weight: str | None = None,
+        group: str | None = None,
+    ) -> dict:
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if not (kind.startswith("image/") or kind == "application/octet-stream"):
+            raise _BadRequest(
+                415,
+                f"send the image itself as the request body (Content-Type image/*), not {kind or 'nothing'}",
+            )
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_image_bytes:
+            raise _BadRequest(413, f"the image is {declared} bytes; at most {max_image_bytes} are allowed")
+        data = bytearray()
+        async for part in request.stream():
+            data += part
+            if len(data) > max_image_bytes:
+                raise _BadRequest(413, f"the image is larger than the {max_image_bytes} bytes allowed")
+        if not data:
+            raise _BadRequest(400, "the request body is empty: send the image as the body")
+        text = parse_text(q, required=False)
+        query = Query(
+            text=text,
+            image=bytes(data),
+            image_weight=_parse_weight(image_weight, "image_weight"),
+            text_weight=_parse_weight(text_weight, "text_weight"),
+        )
+        count = parse_k(k)
+        return await run_in_threadpool(run_query, query, count, group, {"query": text, "image": True})
 
     @functools.lru_cache(maxsize=512)
     def thumbnail_bytes(segment_id: int) -> bytes:
@@ -178,6 +245,38 @@ def create_app(
         )
 
     return app
+
+
+def _hit_json(hit: SearchResult | FileHit) -> dict:
+    """A hit as the page uses it; a grouped hit adds the scores of all segments of its file (`timeline`)."""
+    best = hit.best if isinstance(hit, FileHit) else hit
+    out = {
+        "id": best.id,
+        "file_id": best.file_id,
+        "path": best.relpath,  # relative: where the folder lives on the server is not the client's business
+        "start": best.start,
+        "end": best.end,
+        "score": best.score,
+        "thumbnail_url": f"/api/thumbnail/{best.id}",
+        "video_url": f"/api/video/{best.file_id}",
+        "play_url": f"/api/video/{best.file_id}#t={best.start:.3f}",  # a media fragment: plays from the moment
+        "like_url": f"/api/like/{best.id}",
+    }
+    if isinstance(hit, FileHit):
+        out["timeline"] = hit.timeline
+    return out
+
+
+def _parse_weight(value: str | None, name: str) -> float:
+    if value is None or value == "":
+        return 1.0
+    try:
+        weight = float(value)
+    except ValueError:
+        raise _BadRequest(400, f"{name} must be a number, got {value[:40]!r}") from None
+    if not (math.isfinite(weight) and weight >= 0):
+        raise _BadRequest(400, f"{name} must be a finite non-negative number, got {value[:40]!r}")
+    return weight
 
 
 def _parse_int(value: str | None, name: str, default: int | None = None) -> int:

@@ -21,6 +21,8 @@ COMMANDS = {
     "index": "stanvid.cli.index",
     "search": "stanvid.cli.search",
     "serve": "stanvid.cli.serve",
+    "classify": "stanvid.cli.classify",
+    "embed": "stanvid.cli.embed",
 }
 
 

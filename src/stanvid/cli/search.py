@@ -1,4 +1,4 @@
-"""`stanvid search INDEX "text" -k 10 [--json]`: ranked segments, with the model recorded in the index."""
+"""`stanvid search INDEX ["text"] [--image P] [--like VIDEO[:START-END]] [--group-by file] -k 10 [--json]`."""
 
 from __future__ import annotations
 
@@ -12,12 +12,29 @@ if find_spec("faiss") is None:
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "search",
-        help="search an index by text",
-        description="Rank indexed videos/segments by "
-        "similarity to TEXT, using the model the index was built with.",
+        help="search an index by text, image or example clip",
+        description="Rank indexed videos/segments by similarity to TEXT, an image, an example clip or a "
+        "weighted combination of them (each part L2-normalized, weighted, summed, normalized again), using "
+        "the model the index was built with.",
     )
     p.add_argument("index", help="index directory written by `stanvid index`")
-    p.add_argument("text", help="what happens in the moment you are looking for")
+    p.add_argument("text", nargs="?", default=None, help="what happens in the moment you are looking for")
+    p.add_argument("--image", metavar="IMAGE", help="find segments that look like this picture")
+    p.add_argument(
+        "--like",
+        metavar="VIDEO[:START-END]",
+        help="find segments like this clip: a video file (inside or outside the index; START-END in "
+        "seconds or m:ss) or an indexed segment id",
+    )
+    p.add_argument("--text-weight", type=float, default=1.0, help="weight of TEXT in a combination (1)")
+    p.add_argument("--image-weight", type=float, default=1.0, help="weight of --image in a combination (1)")
+    p.add_argument("--like-weight", type=float, default=1.0, help="weight of --like in a combination (1)")
+    p.add_argument(
+        "--group-by",
+        choices=["file"],
+        default=None,
+        help="one result per file: its best segment, and the score of every segment (a timeline)",
+    )
     p.add_argument("-k", type=int, default=10, help="number of results (default 10)")
     p.add_argument("--json", action="store_true", help="print the results as a JSON list")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
@@ -26,17 +43,40 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from stanvid.index import open_index
+    from stanvid.query import FileHit, Query, QueryError, search, to_dicts
 
+    if args.text is None and args.image is None and args.like is None:
+        raise QueryError("nothing to search for: give TEXT, --image or --like")
+    query = Query(
+        text=args.text,
+        image=args.image,
+        like=args.like,
+        text_weight=args.text_weight,
+        image_weight=args.image_weight,
+        like_weight=args.like_weight,
+    )
+    query.parts()  # bad weights fail before the model is loaded
     with open_index(args.index, device=args.device) as index:
-        hits = index.search(args.text, args.k)
+        hits = search(index, query, args.k, group_by=args.group_by)
     if args.json:
-        print(json.dumps([hit.to_dict() for hit in hits], indent=2))
+        print(json.dumps(to_dicts(hits), indent=2))
         return 0
     if not hits:
         print("no results (the index is empty)")
     for rank, hit in enumerate(hits, 1):
-        print(f"{rank:3d}  {hit.score:6.3f}  {_clock(hit.start)}-{_clock(hit.end)}  {hit.path}")
+        best = hit.best if isinstance(hit, FileHit) else hit
+        print(f"{rank:3d}  {best.score:6.3f}  {_clock(best.start)}-{_clock(best.end)}  {best.path}")
+        if isinstance(hit, FileHit) and len(hit.timeline) > 1:
+            print("     " + _strip([t["score"] for t in hit.timeline]))
     return 0
+
+
+def _strip(scores: list[float]) -> str:
+    """The scores of a file's segments as a one-line bar chart, low to high: ▁▂▃▄▅▆▇█."""
+    bars = "▁▂▃▄▅▆▇█"
+    lo, hi = min(scores), max(scores)
+    span = hi - lo or 1.0
+    return "".join(bars[min(7, int((s - lo) / span * 8))] for s in scores) + f"  ({lo:.3f} .. {hi:.3f})"
 
 
 def _clock(seconds: float) -> str:

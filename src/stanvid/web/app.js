@@ -1,4 +1,5 @@
-// The search page: one form, a grid of hits, a player that starts at the hit's moment.
+// The search page: a text form and an image drop target, a grid of hits (each with "more like this"), optionally
+// one per video with a timeline strip of its moments, and a player that starts at the hit's moment.
 // All text from the server is inserted with textContent, never as HTML.
 "use strict";
 
@@ -10,6 +11,9 @@ const results = document.getElementById("results");
 const player = document.getElementById("player");
 const video = document.getElementById("video");
 const nowPlaying = document.getElementById("now-playing");
+const groupBox = document.getElementById("group");
+const imageDrop = document.getElementById("image-drop");
+const imageInput = document.getElementById("image-input");
 
 function formatTime(seconds) {
   const s = Math.max(0, seconds);
@@ -23,11 +27,11 @@ function setStatus(text, isError = false) {
   statusLine.classList.toggle("error", isError);
 }
 
-function play(hit) {
+function play(hit, start = hit.start, end = hit.end) {
   player.hidden = false;
-  nowPlaying.textContent = `${hit.path}  ${formatTime(hit.start)}–${formatTime(hit.end)}`;
+  nowPlaying.textContent = `${hit.path}  ${formatTime(start)}–${formatTime(end)}`;
   const seek = () => {
-    video.currentTime = hit.start;
+    video.currentTime = start;
     video.play().catch(() => {}); // autoplay may be refused; the controls still work
   };
   if (video.dataset.src !== hit.video_url) {
@@ -64,21 +68,51 @@ function card(hit, rank) {
   const score = document.createElement("div");
   score.className = "score";
   score.textContent = `score ${hit.score.toFixed(3)}`;
-  meta.append(rankSpan, path, times, score);
+  const more = document.createElement("button");
+  more.type = "button";
+  more.className = "more-like";
+  more.textContent = "More like this";
+  more.title = "find the moments most similar to this one";
+  more.addEventListener("click", (e) => {
+    e.stopPropagation();
+    moreLike(hit);
+  });
+  meta.append(rankSpan, path, times, score, more);
   item.append(img, meta);
+  if (hit.timeline && hit.timeline.length > 1) item.append(timelineStrip(hit));
   item.addEventListener("click", () => play(hit));
   item.addEventListener("keydown", (e) => { if (e.key === "Enter") play(hit); });
   return item;
 }
 
-async function search(query, k) {
+// The scores of every segment of a hit's file as bars (taller: more similar); a click plays that segment.
+function timelineStrip(hit) {
+  const strip = document.createElement("div");
+  strip.className = "timeline";
+  const scores = hit.timeline.map((t) => t.score);
+  const lo = Math.min(...scores);
+  const span = Math.max(...scores) - lo || 1;
+  for (const seg of hit.timeline) {
+    const bar = document.createElement("span");
+    bar.className = seg.id === hit.id ? "best" : "";
+    bar.style.height = `${20 + 80 * ((seg.score - lo) / span)}%`;
+    bar.title = `${formatTime(seg.start)}–${formatTime(seg.end)}  score ${seg.score.toFixed(3)}`;
+    bar.addEventListener("click", (e) => {
+      e.stopPropagation();
+      play(hit, seg.start, seg.end);
+    });
+    strip.append(bar);
+  }
+  return strip;
+}
+
+// One request, its results shown or its error reported; `what` describes the query in the status line.
+async function runSearch(url, init, what) {
   setStatus("Searching…");
   results.replaceChildren();
-  const params = new URLSearchParams({ q: query, k: String(k) });
-  history.replaceState(null, "", `?${params}`);
   let response, body;
   try {
-    response = await fetch(`/api/search?${params}`);
+    response = await fetch(url, init);
     body = await response.json();
   } catch (err) {
     setStatus(`Search failed: ${err}`, true);
@@ -89,8 +123,60 @@ async function search(query, k) {
     return;
   }
   results.replaceChildren(...body.results.map((hit, i) => card(hit, i + 1)));
-  setStatus(body.results.length ? `${body.results.length} results for “${body.query}”` : "No results.");
+  const unit = body.group === "file" ? "videos" : "results";
+  setStatus(body.results.length ? `${body.results.length} ${unit} ${what}` : "No results.");
 }
+
+function commonParams(k) {
+  const params = new URLSearchParams({ k: String(k) });
+  if (groupBox.checked) params.set("group", "file");
+  return params;
+}
+
+async function search(query, k) {
+  const params = commonParams(k);
+  params.set("q", query);
+  history.replaceState(null, "", `?${params}`);
+  await runSearch(`/api/search?${params}`, undefined, `for “${query}”`);
+}
+
+async function moreLike(hit) {
+  const params = commonParams(kSelect.value);
+  history.replaceState(null, "", `?like=${hit.id}&${params}`);
+  await runSearch(`/api/like/${hit.id}?${params}`, undefined, `like ${hit.path} at ${formatTime(hit.start)}`);
+}
+
+async function searchImage(file) {
+  if (!file || !file.type.startsWith("image/")) {
+    setStatus("That is not an image: drop or paste a picture (PNG, JPEG, ...).", true);
+    return;
+  }
+  const params = commonParams(kSelect.value);
+  const init = { method: "POST", body: file, headers: { "Content-Type": file.type } };
+  await runSearch(`/api/search/image?${params}`, init, `like the image${file.name ? ` ${file.name}` : ""}`);
+}
+
+imageDrop.addEventListener("click", () => imageInput.click());
+imageDrop.addEventListener("keydown", (e) => { if (e.key === "Enter") imageInput.click(); });
+imageInput.addEventListener("change", () => searchImage(imageInput.files[0]));
+imageDrop.addEventListener("dragover", (e) => {
+  e.preventDefault();
+  imageDrop.classList.add("over");
+});
+imageDrop.addEventListener("dragleave", () => imageDrop.classList.remove("over"));
+imageDrop.addEventListener("drop", (e) => {
+  e.preventDefault();
+  imageDrop.classList.remove("over");
+  searchImage(e.dataTransfer.files[0]);
+});
+// a pasted picture (e.g. a screenshot) searches at once, wherever the focus is
+document.addEventListener("paste", (e) => {
+  const item = [...(e.clipboardData ? e.clipboardData.items : [])].find((i) => i.type.startsWith("image/"));
+  if (item) {
+    e.preventDefault();
+    searchImage(item.getAsFile());
+  }
+});
 
 form.addEventListener("submit", (event) => {
   event.preventDefault();
@@ -100,7 +186,12 @@ form.addEventListener("submit", (event) => {
 
 // A link with ?q= runs its search on load, so searches can be shared and bookmarked.
 const initial = new URLSearchParams(location.search);
-if (initial.get("q")) {
+if (initial.get("group") === "file") groupBox.checked = true;
+if (initial.get("like")) {
+  const id = initial.get("like");
+  runSearch(`/api/like/${encodeURIComponent(id)}?${commonParams(initial.get("k") || kSelect.value)}`,
+    undefined, `like segment ${id}`);
+} else if (initial.get("q")) {
   queryInput.value = initial.get("q");
   if (initial.get("k")) {
     const k = initial.get("k");

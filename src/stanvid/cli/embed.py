@@ -1,0 +1,58 @@
+"""`stanvid embed VIDEO_DIR --model M --out features.npy|features.parquet [--segment-seconds S]`."""
+
+from __future__ import annotations
+
+from importlib.util import find_spec
+
+if find_spec("faiss") is None:  # the embeddings are computed by stanvid.index (the `search` extra)
+    raise ModuleNotFoundError("No module named 'faiss'", name="faiss")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "embed",
+        help="write the embedding of every video (or segment) of a folder to .npy + .json or .parquet",
+        description="Embed every video (or every --segment-seconds span) under VIDEO_DIR with the index's "
+        "machinery (resumable working index in OUT.index/, only new or changed files re-encoded), then write "
+        "one row per video or segment (path, start, end, vector) to OUT.",
+    )
+    p.add_argument("video_dir", help="folder of videos (searched recursively)")
+    p.add_argument("--model", required=True, help="any model stanvid.load_model reads")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="features.npy (vectors; rows described in features.json) or features.parquet (needs pyarrow)",
+    )
+    p.add_argument("--segment-seconds", type=float, default=None, metavar="S", help="one row per S seconds")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model override passed to load_model (repeatable)",
+    )
+    p.add_argument("--batch-size", type=int, default=16, help="clips per forward pass (default 16)")
+    p.add_argument("--workers", type=int, default=2, help="decoding processes (default 2)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from stanvid.cli.convert import parse_overrides
+    from stanvid.embed import embed_videos
+
+    result = embed_videos(
+        args.video_dir,
+        args.out,
+        args.model,
+        model_overrides=parse_overrides(args.overrides),
+        segment_seconds=args.segment_seconds,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    print(result.summary())
+    return 0
