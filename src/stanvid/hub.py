@@ -581,16 +581,13 @@ def _hub_files(download, repo_id: str, names: tuple[str, ...]) -> tuple[list[Pat
     """Download each of `names` that the repository has: (paths, failures other than "not in the repository")."""
     from huggingface_hub import errors
 
-    absent = getattr(errors, "RemoteEntryNotFoundError", errors.EntryNotFoundError)
     found, failures = [], []
     for name in names:
         try:
             found.append(Path(download(repo_id, name)))
-        except (
-            errors.LocalEntryNotFoundError
-        ) as exc:  # offline and not cached (subclass of EntryNotFoundError)
+        except errors.LocalEntryNotFoundError as exc:  # offline, not cached (an EntryNotFoundError too)
             failures.append(f"{name}: {type(exc).__name__}: {exc}")
-        except absent:
+        except errors.EntryNotFoundError:  # the repository has no such file
             continue
         except Exception as exc:  # connection, unknown repository, authentication: the client has many types
             failures.append(f"{name}: {type(exc).__name__}: {exc}")

@@ -532,7 +532,10 @@ class _Writer:
         for k in range(0, len(clips), self.batch_size):
             part = clips[k : k + self.batch_size].to(self.device, non_blocking=True)  # (b, T, 3, S, S) uint8
             b, t = part.shape[:2]
-            video = normalize(part.flatten(0, 1)).view(b, t, *part.shape[2:])  # (b, T, 3, S, S) float
+            pre = self.model.config.clip.preprocess  # the normalization the CLIP was trained with
+            video = normalize(part.flatten(0, 1), pre.mean, pre.std).view(
+                b, t, *part.shape[2:]
+            )  # (b, T, 3, S, S)
             emb = F.normalize(self.model.encode_video(video).float(), dim=-1)  # (b, D)
             out.append(emb.cpu().numpy())
         return np.concatenate(out)
