@@ -612,8 +612,11 @@ def convert_checkpoint(
     return {
         "source": str(source),
         "format": fmt,
-        "vision": f"ViT {v.width} wide, {v.layers} layers, {v.heads} heads, patch {v.patch_size}, {v.image_size}px",
-        "text": f"{cfg.clip.text.width} wide, {cfg.clip.text.layers} layers, {cfg.clip.text.heads} heads",
+        "vision": f"ViT {v.width} wide, {v.layers} layers, {v.heads} heads, patch {v.patch_size}, {v.image_size}px, "
+        f"{v.act}",
+        "text": f"{cfg.clip.text.width} wide, {cfg.clip.text.layers} layers, {cfg.clip.text.heads} heads, "
+        f"{cfg.clip.text.act}",
+        "mean/std": f"mean {list(cfg.clip.preprocess.mean)}, std {list(cfg.clip.preprocess.std)}",
         "temporal": temporal,
         "pooling": cfg.pooling,
         "parameters": f"{model.num_parameters():,}",
