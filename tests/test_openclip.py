@@ -377,6 +377,23 @@ def test_hf_hub_name_loads_the_open_clip_files(parity, fake_hub):
     check_reference(stanvid.load_model("someone/tiny-clip"), root)
 
 
+@pytest.mark.parametrize("other_config", ["hf", "timm"])
+def test_repository_with_two_copies_downloads_one(parity, fake_hub, other_config):
+    """LAION repositories hold a Hugging Face and an open_clip copy; timm's a timm config.json beside the
+    open_clip files. A plain hub id reads the open_clip copy and downloads no other weights."""
+    root = parity(REF)
+    publish_reference(fake_hub.root, "org/two-copies", root)
+    if other_config == "hf":
+        shutil.copy(parity("stan_tiny_a") / "hf_clip" / "config.json", fake_hub.root / "org/two-copies")
+        shutil.copy(parity("stan_tiny_a") / "hf_clip" / "model.safetensors", fake_hub.root / "org/two-copies")
+    else:
+        timm_cfg = {"architecture": "vit_base_patch32_clip_224", "num_classes": 512}
+        (fake_hub.root / "org/two-copies" / "config.json").write_text(json.dumps(timm_cfg))
+    check_reference(stanvid.load_model("org/two-copies"), root)
+    weights = [name for _, name in fake_hub.requested if not name.endswith(".json")]
+    assert weights == ["open_clip_model.safetensors"]
+
+
 def test_pretrained_name_resolves_through_the_table(parity, fake_hub):
     root = parity(REF)
     entry = zoo.lookup("ViT-B-32/laion2b_s34b_b79k")
