@@ -462,7 +462,7 @@ def test_every_table_entry_resolves_and_names_a_repository():
 def test_index_normalizes_frames_with_the_models_values(tmp_path):
     """`stanvid index` embeds frames normalized as the model's config says, not with OpenAI's constants."""
     pytest.importorskip("faiss")
-    from stanvid.index import build_index
+    from stanvid.index import build_index, model_fingerprint
     from stanvid.transforms import EvalTransform
     from test_index import reference_embedding, rows, tiny_model, write_clip
 
@@ -483,3 +483,4 @@ def test_index_normalizes_frames_with_the_models_values(tmp_path):
         expected = torch.nn.functional.normalize(custom.encode_video(clip[None]), dim=-1)[0].numpy()
     assert abs(emb - expected).max() <= 2e-5
     assert abs(emb - reference_embedding(model, tmp_path / "v" / path, start, end)).max() > 1e-3
+    assert model_fingerprint(custom) != model_fingerprint(model)  # an index of one is refused to the other

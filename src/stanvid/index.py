@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from stanvid.config import PreprocessConfig
 from stanvid.errors import StanvidError, VideoReadError
 from stanvid.model import VideoCLIP
 from stanvid.sampling import uniform_indices
@@ -153,12 +154,15 @@ class _FileEntry:
 def model_fingerprint(model: VideoCLIP) -> str:
     """SHA-256 of the model's config and weights: two models with the same fingerprint embed identically.
 
-    `name` and `grad_checkpointing` are left out: neither changes an output.
+    `name` and `grad_checkpointing` are left out: neither changes an output. The frame normalization is left out
+    when it is OpenAI's (the only one before configs recorded it), so indexes built then still match.
     """
     digest = hashlib.sha256()
     cfg = model.config.to_dict()
     cfg.pop("name", None)
     cfg.pop("grad_checkpointing", None)
+    if model.config.clip.preprocess == PreprocessConfig():
+        cfg["clip"].pop("preprocess")
     digest.update(json.dumps(cfg, sort_keys=True).encode())
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().to("cpu").contiguous()
