@@ -484,3 +484,16 @@ def test_index_normalizes_frames_with_the_models_values(tmp_path):
     assert abs(emb - expected).max() <= 2e-5
     assert abs(emb - reference_embedding(model, tmp_path / "v" / path, start, end)).max() > 1e-3
     assert model_fingerprint(custom) != model_fingerprint(model)  # an index of one is refused to the other
+
+
+def test_hf_directory_reads_its_preprocessor_config(parity, tmp_path):
+    folder = tmp_path / "hf"
+    shutil.copytree(parity("stan_tiny_a") / "hf_clip", folder)
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps({"image_mean": [0.5] * 3, "image_std": [0.25] * 3})
+    )
+    pre = stanvid.load_model(folder).config.clip.preprocess
+    assert (pre.mean, pre.std) == ((0.5,) * 3, (0.25,) * 3)
+    (folder / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5, 0.5]}))
+    with pytest.raises(ConfigError, match="preprocessor_config.json.*mean"):
+        stanvid.load_model(folder)

@@ -373,9 +373,15 @@ def hf_preprocess_config(directory: Path) -> PreprocessConfig:
     if not path.is_file():
         return PreprocessConfig()
     data = read_json(path)
-    return PreprocessConfig(
-        mean=data.get("image_mean", PreprocessConfig.mean), std=data.get("image_std", PreprocessConfig.std)
-    )
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    try:
+        return PreprocessConfig(
+            mean=data.get("image_mean", PreprocessConfig.mean),
+            std=data.get("image_std", PreprocessConfig.std),
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
 
 
 def read_json(path: Path) -> Any:
