@@ -6,6 +6,7 @@ import contextlib
 import io
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -76,3 +77,47 @@ def demo_run(tmp_path_factory) -> tuple[Path, str]:
         code = main(["demo", "--quick", "--out", str(out), "--seed", "1", "--no-progress"])
     assert code == 0, printed.getvalue()
     return out, printed.getvalue()
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """A local folder standing in for the Hugging Face hub, no network: `HfApi` uploads write into
+    `hub/<owner>/<name>/`, `hf_hub_download` copies from there into a cache folder (a file the repository does not
+    have raises the client's EntryNotFoundError, as the real one does). Returns `.root` (the hub folder) and
+    `.requested` ((repo, file) of every download, in order)."""
+    huggingface_hub = pytest.importorskip("huggingface_hub", reason="huggingface_hub is an optional extra")
+    from huggingface_hub import errors
+
+    root, cache = tmp_path / "hub", tmp_path / "hub-cache"
+    requested: list[tuple[str, str]] = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            self.token = token
+
+        def create_repo(self, repo_id, *, private=None, exist_ok=False, repo_type=None, **_):
+            (root / repo_id).mkdir(parents=True, exist_ok=exist_ok)
+            return f"https://huggingface.co/{repo_id}"
+
+        def create_commit(self, repo_id, operations, *, commit_message, repo_type=None, **_):
+            for op in operations:
+                data = op.path_or_fileobj
+                dest = root / repo_id / op.path_in_repo
+                dest.write_bytes(data if isinstance(data, bytes) else Path(data).read_bytes())
+
+    def download(repo_id, filename, **_):
+        requested.append((repo_id, filename))
+        if not (root / repo_id).is_dir():
+            raise OSError(f"repository {repo_id} not found")
+        src = root / repo_id / filename
+        if not src.is_file():
+            raise errors.EntryNotFoundError(f"{filename} is not in {repo_id}")
+        dest = cache / repo_id / filename
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(src.read_bytes())
+        return str(dest)
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    root.mkdir()
+    return SimpleNamespace(root=root, requested=requested)

@@ -187,7 +187,7 @@ def test_hub_id_offline_says_what_to_download(monkeypatch):
     def offline(*args, **kwargs):
         raise OSError("offline")
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
     with pytest.raises(CheckpointError, match="openai/clip-vit-base-patch32.*model.safetensors"):
         stanvid.load_model("openai/clip-vit-base-patch32")
 

@@ -26,6 +26,7 @@ _EXPORTS = {
     "STANConfig": "stanvid.config",
     "SeqTransfConfig": "stanvid.config",
     "ModelConfig": "stanvid.config",
+    "PreprocessConfig": "stanvid.config",
     # model.py
     "VideoCLIP": "stanvid.model",
     # hub.py
@@ -33,6 +34,7 @@ _EXPORTS = {
     "create_model": "stanvid.hub",
     "convert_checkpoint": "stanvid.hub",
     "detect_format": "stanvid.hub",
+    "push_to_hub": "stanvid.publish",
     # video_io.py
     "probe": "stanvid.video_io",
     "read_frames": "stanvid.video_io",

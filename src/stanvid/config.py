@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from stanvid.errors import ConfigError
+from stanvid.transforms import CLIP_MEAN, CLIP_STD
 
 ACTIVATIONS = ("quick_gelu", "gelu")
 TEMPORAL_MODULES = ("meanP", "seqTransf", "stan")
@@ -109,6 +110,31 @@ class TextConfig:
 
 
 @dataclass
+class PreprocessConfig:
+    """How frames are normalized, `(x / 255 - mean) / std` per RGB channel: as the CLIP was trained.
+
+    OpenAI's values by default; open_clip and Hugging Face checkpoints record theirs (open_clip's ViT-L-14
+    `laion2b_s32b_b82k`, for one, was trained with mean = std = 0.5), and `stanvid index` normalizes with these.
+    """
+
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+    def __post_init__(self) -> None:
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if (
+                not isinstance(value, (list, tuple))
+                or len(value) != 3
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            ):
+                raise ConfigError(f"PreprocessConfig.{name} must be three numbers (R, G, B), got {value!r}")
+            setattr(self, name, tuple(float(v) for v in value))
+        if not all(s > 0 for s in self.std):
+            raise ConfigError(f"PreprocessConfig.std must be positive, got {self.std!r}")
+
+
+@dataclass
 class CLIPConfig:
     """The image-text model that the video model is built on."""
 
@@ -116,6 +142,7 @@ class CLIPConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     logit_scale_init: float = 2.6592  # ln(1 / 0.07), CLIP's initial temperature
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
     def __post_init__(self) -> None:
         _positive_int(self, "embed_dim")
@@ -210,6 +237,7 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["stan"]["kernel_size"] = list(self.stan.kernel_size)
+        data["clip"]["preprocess"] = {k: list(v) for k, v in data["clip"]["preprocess"].items()}
         return data
 
     @classmethod
@@ -228,28 +256,81 @@ class ModelConfig:
         return cls.from_dict(data)
 
     def replace(self, **overrides: Any) -> ModelConfig:
-        """A copy with `load_model`-style overrides applied (temporal, stan_depth, time_module, num_frames, ...)."""
+        """A copy with `load_model`-style overrides applied (temporal, stan_depth, time_module, num_frames, ...).
+
+        `act` sets both towers' activation; `vision_heads` / `text_heads` the head counts; `image_mean` /
+        `image_std` the normalization: what an OpenAI-layout state dict cannot record (see `MODEL_OVERRIDES`).
+        """
         data = self.to_dict()
-        mapping = {"stan_depth": ("stan", "depth"), "time_module": ("stan", "time_module")}
         for key, value in overrides.items():
             if value is None:
                 continue
-            if key in mapping:
-                outer, inner = mapping[key]
-                data[outer][inner] = value
-            elif key in {f.name for f in fields(ModelConfig)} and key not in ("clip", "stan", "seq"):
-                data[key] = value
-            else:
-                valid = ["stan_depth", "time_module"] + [
-                    f.name for f in fields(ModelConfig) if f.name not in ("clip", "stan", "seq")
-                ]
-                raise ConfigError(f"unknown model override {key!r}; valid overrides: {', '.join(valid)}")
+            if key not in MODEL_OVERRIDES:
+                raise ConfigError(
+                    f"unknown model override {key!r}; valid overrides: {', '.join(MODEL_OVERRIDES)}"
+                )
+            for path in MODEL_OVERRIDES[key][0]:
+                node = data
+                for part in path[:-1]:
+                    node = node[part]
+                node[path[-1]] = value
         return ModelConfig.from_dict(data)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(","))
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(text)
+
+
+# `load_model` override -> (config paths it sets, parser of its command-line text). One table for both the
+# Python keywords and `--set KEY=VALUE`, so a value means the same in either.
+MODEL_OVERRIDES: dict[str, tuple[tuple[tuple[str, ...], ...], Any]] = {
+    "temporal": ((("temporal",),), str),
+    "stan_depth": ((("stan", "depth"),), int),
+    "time_module": ((("stan", "time_module"),), str),
+    "num_frames": ((("num_frames",),), int),
+    "pooling": ((("pooling",),), str),
+    "grad_checkpointing": ((("grad_checkpointing",),), _bool),
+    "name": ((("name",),), str),
+    "act": ((("clip", "vision", "act"), ("clip", "text", "act")), str),
+    "vision_heads": ((("clip", "vision", "heads"),), int),
+    "text_heads": ((("clip", "text", "heads"),), int),
+    "image_mean": ((("clip", "preprocess", "mean"),), _floats),
+    "image_std": ((("clip", "preprocess", "std"),), _floats),
+}
+# Overrides that describe the CLIP's architecture: refused for checkpoints that record it themselves.
+ARCHITECTURE_OVERRIDES = ("act", "vision_heads", "text_heads")
+
+
+def parse_model_override(item: str) -> tuple[str, Any]:
+    """`KEY=VALUE` (command line) -> (key, typed value) by `MODEL_OVERRIDES`; bad input names the key."""
+    key, sep, text = item.partition("=")
+    key, text = key.strip(), text.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+    if key not in MODEL_OVERRIDES:
+        raise ConfigError(f"unknown model override {key!r}; valid overrides: {', '.join(MODEL_OVERRIDES)}")
+    parse = MODEL_OVERRIDES[key][1]
+    try:
+        return key, parse(text)
+    except ValueError:
+        kind = {int: "an integer", _bool: "true or false", _floats: "comma-separated numbers"}.get(
+            parse, "text"
+        )
+        raise ConfigError(f"--set {key}: expected {kind}, got {text!r}") from None
 
 
 _NESTED = {
     ("CLIPConfig", "vision"): VisionConfig,
     ("CLIPConfig", "text"): TextConfig,
+    ("CLIPConfig", "preprocess"): PreprocessConfig,
     ("ModelConfig", "clip"): CLIPConfig,
     ("ModelConfig", "stan"): STANConfig,
     ("ModelConfig", "seq"): SeqTransfConfig,

@@ -1,12 +1,16 @@
-"""Checkpoint key maps: OpenAI CLIP, Hugging Face CLIP, official STAN and CLIP4Clip -> stanvid.
+"""Checkpoint key maps: OpenAI CLIP (and open_clip, which keeps OpenAI's key names), Hugging Face CLIP,
+official STAN and CLIP4Clip -> stanvid.
 
 Each format is a literal list of (foreign-key regex, stanvid key) rules plus a few reshapes (OpenAI stores
 projections as `x @ W`, we use `nn.Linear`; Hugging Face splits q/k/v, we fuse them). `convert_state_dict`
 maps every key or reports it; `load_converted` then checks the result against the model and raises one
-`CheckpointError` listing every unmapped, missing and mis-shaped key. Nothing is silently dropped.
+`CheckpointError` listing every unmapped, missing and mis-shaped key. Nothing is silently dropped: the only keys
+left out are the non-weight buffers and metadata each format is known to carry, listed by name beside its rules.
 
 Config inference reads what the weights can tell (widths, depths, patch size, frame tables) the way OpenAI's
-`build_model` does; head counts and activations come from a Hugging Face `config.json` where one exists.
+`build_model` does; head counts, activations and normalization come from a Hugging Face `config.json` or an
+open_clip `open_clip_config.json` where one exists (`open_clip_config` refuses any open_clip option that stanvid's
+towers do not implement, by name).
 """
 
 from __future__ import annotations
@@ -14,12 +18,21 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from stanvid.config import CLIPConfig, ModelConfig, SeqTransfConfig, STANConfig, TextConfig, VisionConfig
+from stanvid.config import (
+    CLIPConfig,
+    ModelConfig,
+    PreprocessConfig,
+    SeqTransfConfig,
+    STANConfig,
+    TextConfig,
+    VisionConfig,
+)
 from stanvid.errors import CheckpointError, ConfigError
 
 # ---------------------------------------------------------------------------------------------- key maps
@@ -73,6 +86,9 @@ OPENAI_METADATA = {
     "context_length",
     "vocab_size",
 }  # ints in OpenAI's archives, not weights
+# Non-weight buffers of the same layout: open_clip's `CLIP` registers its causal text mask as `attn_mask`
+# (non-persistent, but `torch.jit.script` archives keep every buffer). stanvid builds its own mask.
+OPENAI_BUFFERS = {"attn_mask"}
 
 HF_RULES: list[tuple[str, str]] = [
     (r"vision_model\.embeddings\.class_embedding", "visual.class_embedding"),
@@ -131,7 +147,7 @@ CLIP4CLIP_RULES: list[tuple[str, str]] = [
     *_blocks(r"transformerClip\.resblocks", "temporal.blocks", _BLOCK_OPENAI),
 ]
 CLIP4CLIP_TRANSPOSED = {"clip." + k for k in OPENAI_TRANSPOSED}
-CLIP4CLIP_METADATA = {"clip." + k for k in OPENAI_METADATA}
+CLIP4CLIP_METADATA = {"clip." + k for k in OPENAI_METADATA | OPENAI_BUFFERS}
 # Heads of CLIP4Clip that stanvid does not implement, by a key prefix each one has.
 CLIP4CLIP_UNSUPPORTED = {
     "lstm_visual.": "seqLSTM",
@@ -349,6 +365,237 @@ def hf_clip_config(config: dict[str, Any] | str | Path) -> CLIPConfig:
         ),
         logit_scale_init=float(config.get("logit_scale_init_value", 2.6592)),
     )
+
+
+def hf_preprocess_config(directory: Path) -> PreprocessConfig:
+    """`image_mean` / `image_std` of a Hugging Face `preprocessor_config.json` beside the model (OpenAI's if absent)."""
+    path = Path(directory) / "preprocessor_config.json"
+    if not path.is_file():
+        return PreprocessConfig()
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    try:
+        return PreprocessConfig(
+            mean=data.get("image_mean", PreprocessConfig.mean),
+            std=data.get("image_std", PreprocessConfig.std),
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a text file ({exc})") from exc
+
+
+# open_clip (`open_clip_config.json` = {"model_cfg": ..., "preprocess_cfg": ...}, as `push_to_hf_hub` writes it).
+# Keys stanvid reads, per section; every other key must hold the value under which it changes nothing here,
+# or the config is refused naming it (layer scale, attentional pooling, timm / Hugging Face towers, ...).
+_OC_MODEL_KEYS = {"embed_dim", "quick_gelu", "vision_cfg", "text_cfg", "init_logit_scale"}
+_OC_VISION_KEYS = {"image_size", "layers", "width", "head_width", "mlp_ratio", "patch_size", "norm_kwargs"}
+_OC_TEXT_KEYS = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio", "norm_kwargs"}
+# (key -> values that are harmless): training-only settings, or the defaults of features stanvid lacks.
+_OC_MODEL_NEUTRAL: dict[str, tuple] = {
+    "cast_dtype": (None, "fp16", "bf16", "float16", "bfloat16"),  # training precision only
+    "custom_text": (False,),
+    "init_logit_bias": (None,),
+    "nonscalar_logit_scale": (False,),
+}
+_OC_VISION_NEUTRAL: dict[str, tuple] = {
+    "patch_dropout": "any",  # training only
+    "output_tokens": "any",
+    "ls_init_value": (None,),
+    "attentional_pool": (False,),
+    "no_ln_pre": (False,),
+    "pos_embed_type": ("learnable",),
+    "final_ln_after_pool": (False,),
+    "pool_type": ("tok",),
+    "act_kwargs": (None, {}),
+    "timm_model_name": (None, ""),
+    "image_seq_len": (None,),
+    "block_type": (None, "default"),
+    "qk_norm": (False,),
+    "scaled_cosine_attn": (False,),
+    "scale_heads": (False,),
+    "scale_attn_inner": (False,),
+    "scale_attn": (False,),
+    "scale_fc": (False,),
+}
+_OC_TEXT_NEUTRAL: dict[str, tuple] = {
+    "output_tokens": "any",
+    "pad_id": "any",  # only used with embed_cls
+    "text_arch": ("clip",),
+    "variable_text": (False,),
+    "hf_tokenizer_name": (None, ""),
+    "tokenizer_mode": (None,),
+    "tokenizer_kwargs": (None, {}),
+    "tokenizer_type": ("",),
+    "hf_model_name": (None, ""),
+    "ls_init_value": (None,),
+    "embed_cls": (False,),
+    "no_causal_mask": (False,),
+    "final_ln_after_pool": (False,),
+    "pool_type": ("argmax",),
+    "proj_bias": (False,),
+    "proj_type": ("linear",),
+    "act_kwargs": (None, {}),
+    "block_type": (None, "default"),
+    "qk_norm": (False,),
+    "scaled_cosine_attn": (False,),
+    "scale_heads": (False,),
+    "scale_attn_inner": (False,),
+    "scale_attn": (False,),
+    "scale_fc": (False,),
+}
+_OC_PREPROCESS_KEYS = {"mean", "std", "size", "interpolation", "resize_mode", "fill_color"}
+
+
+def _check_open_clip_section(
+    section: dict[str, Any], read: set[str], neutral: dict[str, tuple], where: str
+) -> None:
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(section).__name__}")
+    for key, value in section.items():
+        if key in read:
+            continue
+        allowed = neutral.get(key)
+        if allowed is None:
+            raise ConfigError(
+                f"{where}.{key} is not supported by stanvid (it reads {', '.join(sorted(read))} "
+                f"and ignores only settings that change nothing at inference)"
+            )
+        if allowed != "any" and value not in allowed:
+            raise ConfigError(
+                f"{where}.{key} = {value!r} is not supported by stanvid (supported: {', '.join(map(repr, allowed))})"
+            )
+
+
+def _norm_eps(section: dict[str, Any], where: str) -> float:
+    kwargs = section.get("norm_kwargs") or {}
+    if set(kwargs) - {"eps"}:
+        raise ConfigError(f"{where}.norm_kwargs: only eps is supported, got {sorted(kwargs)}")
+    return float(kwargs.get("eps", 1e-5))
+
+
+def _positive(section: dict[str, Any], key: str, default: Any, where: str) -> Any:
+    value = section.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ConfigError(f"{where}.{key} must be a positive number, got {value!r}")
+    return value
+
+
+def open_clip_config(config: dict[str, Any], where: str = "open_clip config") -> CLIPConfig:
+    """An open_clip `open_clip_config.json` (or a bare `model_cfg`) -> `CLIPConfig`.
+
+    Follows open_clip's `CLIPVisionCfg` / `CLIPTextCfg` defaults for keys a config leaves out: vision heads =
+    width / head_width (head_width 64), text heads as given (8), MLP width int(width * mlp_ratio) (ratio 4),
+    exact GELU unless `quick_gelu` is true, layer norm eps 1e-5; `preprocess_cfg` mean/std become
+    `CLIPConfig.preprocess` (OpenAI's values where absent, as open_clip's default).
+    """
+    if not isinstance(config, dict):
+        raise ConfigError(f"{where}: expected a JSON object, got {type(config).__name__}")
+    model_cfg = config.get("model_cfg", config)
+    if isinstance(model_cfg, dict) and "multimodal_cfg" in model_cfg:
+        raise ConfigError(f"{where}: model_cfg.multimodal_cfg (CoCa) is not supported")
+    _check_open_clip_section(model_cfg, _OC_MODEL_KEYS, _OC_MODEL_NEUTRAL, f"{where}: model_cfg")
+    for part in ("vision_cfg", "text_cfg"):
+        if part not in model_cfg:
+            raise ConfigError(f"{where}: model_cfg has no {part} (is this an open_clip CLIP config?)")
+    v, t = model_cfg["vision_cfg"], model_cfg["text_cfg"]
+    vw = f"{where}: model_cfg.vision_cfg"
+    tw = f"{where}: model_cfg.text_cfg"
+    _check_open_clip_section(v, _OC_VISION_KEYS, _OC_VISION_NEUTRAL, vw)
+    _check_open_clip_section(t, _OC_TEXT_KEYS, _OC_TEXT_NEUTRAL, tw)
+    if isinstance(v.get("layers", 12), (list, tuple)):
+        raise ConfigError(f"{vw}.layers is a list: ResNet CLIP towers are not supported (ViT only)")
+    image_size = v.get("image_size", 224)
+    if isinstance(image_size, (list, tuple)):
+        if len(image_size) != 2 or image_size[0] != image_size[1]:
+            raise ConfigError(f"{vw}.image_size {image_size!r}: only square images are supported")
+        image_size = image_size[0]
+    width = _positive(v, "width", 768, vw)
+    head_width = _positive(v, "head_width", 64, vw)
+    if width % head_width:
+        raise ConfigError(f"{vw}: width {width} is not a multiple of head_width {head_width}")
+    quick_gelu = model_cfg.get("quick_gelu", False)
+    if not isinstance(quick_gelu, bool):
+        raise ConfigError(f"{where}: model_cfg.quick_gelu must be true or false, got {quick_gelu!r}")
+    act = "quick_gelu" if quick_gelu else "gelu"  # open_clip's default is exact GELU (nn.GELU)
+    text_width = _positive(t, "width", 512, tw)
+    preprocess = config.get("preprocess_cfg") or {}
+    if not isinstance(preprocess, dict):
+        raise ConfigError(f"{where}: preprocess_cfg must be a mapping")
+    unknown = sorted(set(preprocess) - _OC_PREPROCESS_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown preprocess_cfg key(s) {', '.join(unknown)}")
+    try:
+        clip = CLIPConfig(
+            embed_dim=_positive(model_cfg, "embed_dim", 512, f"{where}: model_cfg"),
+            vision=VisionConfig(
+                width=width,
+                layers=v.get("layers", 12),
+                heads=width // head_width,
+                patch_size=v.get("patch_size", 16),
+                image_size=image_size,
+                mlp_dim=int(width * _positive(v, "mlp_ratio", 4.0, vw)),
+                act=act,
+                ln_eps=_norm_eps(v, vw),
+            ),
+            text=TextConfig(
+                width=text_width,
+                layers=t.get("layers", 12),
+                heads=t.get("heads", 8),
+                context_length=t.get("context_length", 77),
+                vocab_size=t.get("vocab_size", 49408),
+                mlp_dim=int(text_width * _positive(t, "mlp_ratio", 4.0, tw)),
+                act=act,
+                ln_eps=_norm_eps(t, tw),
+            ),
+            logit_scale_init=float(model_cfg.get("init_logit_scale", 2.6592)),
+            preprocess=PreprocessConfig(
+                mean=preprocess.get("mean", PreprocessConfig.mean),
+                std=preprocess.get("std", PreprocessConfig.std),
+            ),
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    return clip
+
+
+def open_clip_preprocess_notes(config: dict[str, Any]) -> list[str]:
+    """What of an open_clip `preprocess_cfg` stanvid's frame pipeline (bicubic short side, centre crop) differs from."""
+    pre = config.get("preprocess_cfg") or {}
+    notes = []
+    if pre.get("resize_mode", "shortest") != "shortest":
+        notes.append(f"resize_mode {pre['resize_mode']!r} (stanvid resizes the short side and centre-crops)")
+    if pre.get("interpolation", "bicubic") != "bicubic":
+        notes.append(f"interpolation {pre['interpolation']!r} (stanvid resizes bicubic)")
+    return notes
+
+
+def clip_config_from(config: dict[str, Any] | str | Path) -> CLIPConfig:
+    """`config=` of `load_model`: a Hugging Face CLIP `config.json` or an open_clip `open_clip_config.json`
+    (a dict, the file, or a directory holding either; a directory with both is read as open_clip)."""
+    if isinstance(config, dict):
+        if "model_cfg" in config or "vision_cfg" in config:
+            return open_clip_config(config)
+        return hf_clip_config(config)
+    path = Path(config)
+    if path.is_dir():
+        if (path / "open_clip_config.json").is_file():
+            return clip_config_from(path / "open_clip_config.json")
+        path = path / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{path}: config not found (a config.json, an open_clip_config.json or a folder)")
+    data = read_json(path)
+    if isinstance(data, dict) and ("model_cfg" in data or "vision_cfg" in data):
+        return open_clip_config(data, str(path))
+    return replace(hf_clip_config(path), preprocess=hf_preprocess_config(path.parent))
 
 
 def check_clip_shapes(cfg: CLIPConfig, sd: dict[str, torch.Tensor], source: str) -> None:

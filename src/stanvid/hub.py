@@ -2,14 +2,26 @@
 
 Sources `load_model` accepts, told apart by what they contain (not by file name):
 - a stanvid directory (`config.json` with a `clip` section + `model.safetensors`), exact round trip;
-- a Hugging Face CLIP directory (`config.json` + `model.safetensors` or `pytorch_model.bin`);
-- an OpenAI CLIP file, TorchScript archive or plain state dict (fp16 weights are cast to float32);
-- an official STAN checkpoint (`{'state_dict': {'backbone.*', 'text_backbone.*'}}`), with `config=` a Hugging Face
-  CLIP config for what the weights cannot tell (head counts, activation);
+- a Hugging Face CLIP directory (`config.json` + `model.safetensors` or `pytorch_model.bin`; normalization from
+  `preprocessor_config.json` when present);
+- an open_clip directory (`open_clip_config.json` + `open_clip_model.safetensors` or `open_clip_pytorch_model.bin`,
+  what `hf-hub:laion/...` repositories hold): architecture, activation and normalization from its config;
+- an OpenAI-layout file: OpenAI's TorchScript archive or state dict (fp16 weights are cast to float32), an open_clip
+  state dict (`.bin`, `.pt`, `.safetensors`) or training checkpoint (`{'state_dict': {'module.*'}}`), a
+  `torch.jit.script` archive of an open_clip model. Such a file does not record its activation or head counts:
+  `config=` (an open_clip or Hugging Face config) or the overrides `act` / `vision_heads` / `text_heads` say
+  them; without either, OpenAI's CLIP is assumed (QuickGELU, width // 64 heads) and a warning says so, unless
+  the file is OpenAI's own archive. An open_clip weights file next to its `open_clip_config.json` uses that config;
+- an official STAN checkpoint (`{'state_dict': {'backbone.*', 'text_backbone.*'}}`), with `config=` a CLIP config
+  for what the weights cannot tell (head counts, activation);
 - a CLIP4Clip checkpoint (`pytorch_model.bin.N`: `clip.*` and, for seqTransf, its temporal head);
-- online only: an OpenAI model name (`ViT-B/32`, `ViT-B/16`, `ViT-L/14`) or a Hugging Face hub id, downloaded to
-  a cache. Offline, the error says what to download and where to put it.
+- online only: an OpenAI model name (`ViT-B/32`, `ViT-B/16`, `ViT-L/14`), an open_clip name (`ViT-B-32/laion2b_s34b_b79k`,
+  see `stanvid.zoo`), `hf-hub:org/name` (open_clip's spelling: its open_clip files) or a Hugging Face hub id
+  (a stanvid, Hugging Face CLIP or open_clip repository), downloaded to a cache. Offline, the error says what to
+  download and where to put it.
 Foreign pickles are read with `torch.load(..., weights_only=True)`; TorchScript through `torch.jit.load` on CPU.
+Every argument is applied or refused with a message: `config=` and the architecture overrides are refused for
+sources that record their own architecture (stanvid, Hugging Face and open_clip directories).
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ import urllib.error
 import urllib.request
 import warnings
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +43,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from stanvid import convert
-from stanvid.config import ModelConfig, clip_preset
+from stanvid import convert, zoo
+from stanvid.config import ARCHITECTURE_OVERRIDES, CLIPConfig, ModelConfig, PreprocessConfig, clip_preset
 from stanvid.errors import CheckpointError, ConfigError
 from stanvid.model import VideoCLIP
 
@@ -47,6 +60,11 @@ OPENAI_URLS = {
 }
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+HF_WEIGHTS = (WEIGHTS_NAME, "pytorch_model.bin")
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # preferred first
+HF_PREPROCESSOR = "preprocessor_config.json"
+HF_HUB_PREFIX = "hf-hub:"
 
 
 def cache_dir() -> Path:
@@ -65,26 +83,49 @@ def create_model(name: str = "ViT-B/32", **overrides: Any) -> VideoCLIP:
 def load_model(source: str | os.PathLike, *, config: Any = None, **overrides: Any) -> VideoCLIP:
     """Load any supported checkpoint as a `VideoCLIP` in eval mode (see the module docstring for sources).
 
-    `config`: a Hugging Face CLIP `config.json` (or its directory, or a dict) for formats whose weights do not
-    say everything (official STAN). `overrides`: `temporal` (meanP | seqTransf | stan), `stan_depth`,
-    `time_module`, `num_frames`, `pooling`, `grad_checkpointing`. A plain CLIP becomes `meanP` unless
-    `temporal` says otherwise; a temporal module the checkpoint does not have starts from the paper's
-    initialisation (spatial modules copied from CLIP, temporal projections zero), and one it has but the
-    override replaces is dropped with a log line.
+    `config`: a Hugging Face CLIP `config.json` or an open_clip `open_clip_config.json` (or its directory, or a
+    dict) for formats whose weights do not say everything (official STAN, OpenAI-layout state dicts, CLIP4Clip).
+    `overrides`: `temporal` (meanP | seqTransf | stan), `stan_depth`, `time_module`, `num_frames`, `pooling`,
+    `grad_checkpointing`, `image_mean` / `image_std`; for sources that do not record them, `act` (gelu |
+    quick_gelu), `vision_heads`, `text_heads` (see `stanvid.config.MODEL_OVERRIDES`). A plain CLIP becomes
+    `meanP` unless `temporal` says otherwise; a temporal module the checkpoint does not have starts from the
+    paper's initialisation (spatial modules copied from CLIP, temporal projections zero), and one it has but
+    the override replaces is dropped with a log line.
     """
     path = Path(source)
+    name = str(source)
     if path.is_dir():
         model = _load_directory(path, config, overrides)
     elif path.is_file():
         model = _load_file(path, config, overrides)
-    elif str(source) in OPENAI_URLS:
-        model = _load_file(_download_openai(str(source)), config, overrides)
-    elif _looks_like_hub_id(str(source)):
-        model = _load_directory(_download_hub(str(source)), config, overrides)
+    elif name in OPENAI_URLS:
+        model = _load_file(_download_openai(name), config, overrides)
+    elif name.startswith(HF_HUB_PREFIX):
+        repo = name[len(HF_HUB_PREFIX) :]
+        if not _looks_like_hub_id(repo):
+            raise CheckpointError(f"{name}: expected hf-hub:owner/name")
+        model = _load_directory(_download_hub(repo, open_clip=True), config, overrides)
+    elif (entry := zoo.lookup(name)) is not None:
+        folder = _download_hub(entry.repo, open_clip=True, label=name)
+        model = _load_directory(folder, config, overrides, pretrained=entry)
+    elif _open_clip_model_name(name):
+        model_name = name.replace(":", "/").split("/")[0]
+        known = [n for n in zoo.known_names() if n.split("/")[0] == model_name.removesuffix("-quickgelu")]
+        raise CheckpointError(
+            f"{name}: unknown open_clip pretrained tag for {model_name}; known: {', '.join(known) or 'none'}"
+            + (
+                " (a -quickgelu name only names QuickGELU releases)"
+                if model_name.endswith("-quickgelu")
+                else ""
+            )
+        )
+    elif _looks_like_hub_id(name):
+        model = _load_directory(_download_hub(name), config, overrides)
     else:
         raise CheckpointError(
             f"{source}: no such file or directory, and not a known model name "
-            f"({', '.join(OPENAI_URLS)}) or a Hugging Face hub id (owner/name)"
+            f"({', '.join(OPENAI_URLS)}, an open_clip MODEL/TAG such as ViT-B-32/laion2b_s34b_b79k), "
+            f"hf-hub:owner/name or a Hugging Face hub id (owner/name)"
         )
     return model.eval()
 
@@ -101,59 +142,122 @@ def save_pretrained(model: VideoCLIP, directory: str | os.PathLike) -> None:
 
 
 def detect_format(source: str | os.PathLike) -> str:
-    """Name of the checkpoint format at a local path: stanvid, hf, openai-jit, openai, stan, clip4clip."""
+    """Name of the checkpoint format at a local path: stanvid, hf, open_clip, openai-jit, openai, stan, clip4clip."""
     path = Path(source)
     if path.is_dir():
         return _directory_kind(path)
     if _is_torchscript(path):
         return "openai-jit"
-    return _state_dict_kind(_torch_load(path), path)[0]
+    return _state_dict_kind(_read_state(path), path)[0]
 
 
 # ---------------------------------------------------------------------------------------------- directories
 def _directory_kind(path: Path) -> str:
+    """stanvid > open_clip (config and weights present) > Hugging Face > open_clip (weights missing: named later).
+
+    A LAION repository holds both a Hugging Face and an open_clip copy of the same model; open_clip's is read
+    then, as `hf-hub:` does. A timm repository's `config.json` is timm's, not a CLIP config: its open_clip files
+    are read.
+    """
     cfg_path = path / CONFIG_NAME
-    if not cfg_path.is_file():
-        raise CheckpointError(
-            f"{path}: directory has no {CONFIG_NAME} (expected a stanvid or Hugging Face CLIP model)"
-        )
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{cfg_path}: not valid JSON ({exc})") from exc
+    cfg = convert.read_json(cfg_path) if cfg_path.is_file() else None
     if isinstance(cfg, dict) and "clip" in cfg and "temporal" in cfg:
         return "stanvid"
+    has_open_clip = (path / OPEN_CLIP_CONFIG).is_file()
+    if has_open_clip and any((path / name).is_file() for name in OPEN_CLIP_WEIGHTS):
+        return "open_clip"
     if isinstance(cfg, dict) and ("vision_config" in cfg or cfg.get("model_type") == "clip"):
         return "hf"
+    if has_open_clip:
+        return "open_clip"
+    if cfg is None:
+        raise CheckpointError(
+            f"{path}: directory has no {CONFIG_NAME} or {OPEN_CLIP_CONFIG} "
+            f"(expected a stanvid, Hugging Face CLIP or open_clip model)"
+        )
     raise CheckpointError(
-        f"{cfg_path}: neither a stanvid config (clip, temporal) nor a Hugging Face CLIP config"
+        f"{cfg_path}: neither a stanvid config (clip, temporal) nor a Hugging Face CLIP config, "
+        f"and no {OPEN_CLIP_CONFIG} beside it"
     )
 
 
-def _load_directory(path: Path, config: Any, overrides: dict[str, Any]) -> VideoCLIP:
+def _load_directory(
+    path: Path, config: Any, overrides: dict[str, Any], pretrained: zoo.Pretrained | None = None
+) -> VideoCLIP:
     kind = _directory_kind(path)
+    if config is not None and kind in ("stanvid", "open_clip"):
+        raise ConfigError(
+            f"{path}: config= is only for formats without their own architecture; this {kind} folder has it"
+        )
+    _refuse_architecture_overrides(overrides, path, kind)
     if kind == "stanvid":
         cfg = ModelConfig.from_json(path / CONFIG_NAME)
-        if config is not None:
-            raise ConfigError(
-                f"{path}: config= is only for formats without their own architecture; this one has it"
-            )
         state = _read_safetensors(path / WEIGHTS_NAME)
         target = cfg.replace(**overrides)
         return _build(target, state, source=str(path), checkpoint_temporal=cfg.temporal)
+    if kind == "open_clip":
+        clip_cfg = _open_clip_folder_config(path, pretrained)
+        weights = _first_file(path, OPEN_CLIP_WEIGHTS, "open_clip")
+        return _from_openai_layout(clip_cfg, _read_state(weights), str(path), overrides)
     # Hugging Face CLIP
-    clip_cfg = convert.hf_clip_config(config if config is not None else path)
-    if (path / WEIGHTS_NAME).is_file():
-        raw = _read_safetensors(path / WEIGHTS_NAME)
-    elif (path / "pytorch_model.bin").is_file():
-        raw = _torch_load(path / "pytorch_model.bin")
+    if config is not None:
+        clip_cfg = convert.clip_config_from(config)
     else:
-        raise CheckpointError(
-            f"{path}: no {WEIGHTS_NAME} or pytorch_model.bin in this Hugging Face directory"
-        )
+        clip_cfg = replace(convert.hf_clip_config(path), preprocess=convert.hf_preprocess_config(path))
+    raw = _read_state(_first_file(path, HF_WEIGHTS, "Hugging Face"))
     raw = {k[len("clip_model.") :] if k.startswith("clip_model.") else k: v for k, v in raw.items()}
     state = convert.convert_state_dict(raw, convert.HF_RULES, ignored=convert.HF_BUFFERS, source=str(path))
     return _from_clip_weights(clip_cfg, state, str(path), overrides)
+
+
+def _refuse_architecture_overrides(overrides: dict[str, Any], path: Path, kind: str) -> None:
+    given = [k for k in ARCHITECTURE_OVERRIDES if overrides.get(k) is not None]
+    if given:
+        raise ConfigError(
+            f"{path}: {', '.join(given)}: this {kind} folder records its activation and head counts in its "
+            f"config; these overrides are for state-dict files that do not"
+        )
+
+
+def _first_file(path: Path, names: tuple[str, ...], kind: str) -> Path:
+    for name in names:
+        if (path / name).is_file():
+            return path / name
+    raise CheckpointError(f"{path}: no {' or '.join(names)} in this {kind} directory")
+
+
+def _open_clip_folder_config(path: Path, pretrained: zoo.Pretrained | None) -> CLIPConfig:
+    """`open_clip_config.json` -> `CLIPConfig`; a named release's table entry has the last word on activation
+    and normalization (as open_clip's tag configs do), and preprocessing stanvid does differently is logged."""
+    cfg_path = path / OPEN_CLIP_CONFIG
+    raw = convert.read_json(cfg_path)
+    clip_cfg = convert.open_clip_config(raw, str(cfg_path))
+    notes = convert.open_clip_preprocess_notes(raw)
+    if pretrained is not None:
+        act = "quick_gelu" if pretrained.quick_gelu else "gelu"
+        if act != clip_cfg.vision.act:
+            log.info(
+                "%s: %s says %s; the release was trained with %s",
+                path,
+                OPEN_CLIP_CONFIG,
+                clip_cfg.vision.act,
+                act,
+            )
+        clip_cfg = replace(
+            clip_cfg,
+            vision=replace(clip_cfg.vision, act=act),
+            text=replace(clip_cfg.text, act=act),
+            preprocess=PreprocessConfig(mean=pretrained.mean, std=pretrained.std),
+        )
+        if pretrained.resize_mode != "shortest" and not notes:
+            notes.append(
+                f"resize_mode {pretrained.resize_mode!r} (stanvid resizes the short side and centre-crops)"
+            )
+    for note in notes:
+        log.warning(
+            "%s: trained with preprocess %s; embeddings of stanvid's frames may differ slightly", path, note
+        )
+    return clip_cfg
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -169,18 +273,25 @@ def _load_file(path: Path, config: Any, overrides: dict[str, Any]) -> VideoCLIP:
             raise CheckpointError(f"{path}: cannot read the TorchScript archive ({exc})") from exc
         kind = "openai"
     else:
-        kind, raw = _state_dict_kind(_torch_load(path), path)
+        kind, raw = _state_dict_kind(_read_state(path), path)
     source = str(path)
     if kind == "openai":
-        clip_cfg = convert.openai_clip_config(raw, source=source)
-        state = convert.convert_state_dict(
-            raw,
-            convert.OPENAI_RULES,
-            transposed=convert.OPENAI_TRANSPOSED,
-            ignored=convert.OPENAI_METADATA,
-            source=source,
-        )
-        return _from_clip_weights(clip_cfg, state, source, overrides)
+        if config is not None:
+            clip_cfg = convert.clip_config_from(config)
+        elif path.name in OPEN_CLIP_WEIGHTS and (path.parent / OPEN_CLIP_CONFIG).is_file():
+            log.info("%s: using %s beside it", path, OPEN_CLIP_CONFIG)
+            clip_cfg = _open_clip_folder_config(path.parent, None)
+        else:
+            clip_cfg = convert.openai_clip_config(raw, source=source)
+            if overrides.get("act") is None and not convert.OPENAI_METADATA & set(raw):
+                log.warning(
+                    "%s: an OpenAI-layout state dict does not record its activation or head counts; assuming "
+                    "OpenAI's CLIP (QuickGELU, heads = width // 64). open_clip's LAION / DataComp models use "
+                    "exact GELU: pass act='gelu' (CLI: --set act=gelu), vision_heads / text_heads, or config= "
+                    "their open_clip_config.json",
+                    source,
+                )
+        return _from_openai_layout(clip_cfg, raw, source, overrides)
     if kind == "clip4clip":
         unsupported = sorted(
             {
@@ -195,7 +306,10 @@ def _load_file(path: Path, config: Any, overrides: dict[str, Any]) -> VideoCLIP:
                 f"{source}: CLIP4Clip head {', '.join(unsupported)} is not supported "
                 f"(stanvid loads CLIP4Clip meanP and seqTransf checkpoints)"
             )
-        clip_cfg = convert.openai_clip_config(raw, prefix="clip.", source=source)
+        if config is not None:
+            clip_cfg = convert.clip_config_from(config)
+        else:  # CLIP4Clip fine-tunes OpenAI's CLIP: QuickGELU, heads = width // 64
+            clip_cfg = convert.openai_clip_config(raw, prefix="clip.", source=source)
         state = convert.convert_state_dict(
             raw,
             convert.CLIP4CLIP_RULES,
@@ -214,8 +328,21 @@ def _load_file(path: Path, config: Any, overrides: dict[str, Any]) -> VideoCLIP:
             f"{source}: an official STAN checkpoint does not record head counts or the activation; pass "
             f"config= (CLI: --config) a Hugging Face CLIP config.json, or its folder, of the CLIP it was trained from"
         )
-    clip_cfg = convert.hf_clip_config(config)
+    clip_cfg = convert.clip_config_from(config)
     state = convert.convert_state_dict(raw, convert.STAN_RULES, ignored=convert.STAN_BUFFERS, source=source)
+    return _from_clip_weights(clip_cfg, state, source, overrides)
+
+
+def _from_openai_layout(
+    clip_cfg: CLIPConfig, raw: dict[str, torch.Tensor], source: str, overrides: dict[str, Any]
+) -> VideoCLIP:
+    state = convert.convert_state_dict(
+        raw,
+        convert.OPENAI_RULES,
+        transposed=convert.OPENAI_TRANSPOSED,
+        ignored=convert.OPENAI_METADATA | convert.OPENAI_BUFFERS,
+        source=source,
+    )
     return _from_clip_weights(clip_cfg, state, source, overrides)
 
 
@@ -226,8 +353,14 @@ def _state_dict_kind(obj: Any, path: Path) -> tuple[str, dict[str, torch.Tensor]
         sd = obj["state_dict"]
         if any(k.startswith("backbone.") for k in sd):
             return "stan", sd
+        # open_clip's training checkpoints: {'epoch', 'name', 'state_dict', 'optimizer'}, DDP's `module.` prefix
+        if sd and all(isinstance(k, str) and k.startswith("module.") for k in sd):
+            sd = {k[len("module.") :]: v for k, v in sd.items()}
+        if "visual.conv1.weight" in sd:
+            return "openai", sd
         raise CheckpointError(
-            f"{path}: a 'state_dict' without backbone.* keys is not an official STAN checkpoint"
+            f"{path}: a 'state_dict' with neither backbone.* keys (official STAN) nor OpenAI-layout CLIP keys "
+            f"(open_clip training checkpoint)"
         )
     if any(k.startswith("clip.") for k in obj):
         return "clip4clip", obj
@@ -303,6 +436,21 @@ def _is_torchscript(path: Path) -> bool:
         return False
 
 
+def _is_safetensors(path: Path) -> bool:
+    """safetensors files start with an 8-byte little-endian header length, then the JSON header."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
+
+
+def _read_state(path: Path) -> Any:
+    """A weights file by its content: safetensors, else a PyTorch pickle (`weights_only=True`)."""
+    return _read_safetensors(path) if _is_safetensors(path) else _torch_load(path)
+
+
 def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -372,23 +520,78 @@ def _looks_like_hub_id(source: str) -> bool:
     return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))
 
 
-def _download_hub(repo_id: str) -> Path:
+def _open_clip_model_name(source: str) -> bool:
+    """`MODEL/TAG` or `MODEL:TAG` whose MODEL is an open_clip architecture of `stanvid.zoo` (tag unknown)."""
+    model = source.replace(":", "/").split("/")[0]
+    return ("/" in source or ":" in source) and model.removesuffix("-quickgelu") in zoo.PRETRAINED
+
+
+def _download_hub(repo_id: str, *, open_clip: bool = False, label: str | None = None) -> Path:
+    """Download what `load_model` reads of a hub repository into huggingface_hub's cache; returns the folder.
+
+    The configs come first (small), then only the weights of the format they describe: a LAION repository
+    holds a Hugging Face and an open_clip copy of the same weights, and one is enough. `open_clip`: the open_clip
+    files only (`hf-hub:` names, `stanvid.zoo` releases).
+    """
+    label = label or repo_id
+    url = f"https://huggingface.co/{repo_id}"
+    what = (
+        f"{OPEN_CLIP_CONFIG} and {' or '.join(OPEN_CLIP_WEIGHTS)}"
+        if open_clip
+        else f"{CONFIG_NAME} and {WEIGHTS_NAME} (a stanvid or Hugging Face CLIP repository), or {OPEN_CLIP_CONFIG} "
+        f"and {' or '.join(OPEN_CLIP_WEIGHTS)} (an open_clip one)"
+    )
+    advice = (
+        f"Download {what} of {url} into a folder and pass that folder: stanvid.load_model('/path/to/folder')"
+    )
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import hf_hub_download
     except ImportError as exc:
         raise CheckpointError(
-            f"{repo_id}: loading from the Hugging Face hub needs `pip install huggingface_hub` (or download the "
-            f"repository's config.json and model.safetensors into a folder and pass that folder)"
+            f"{label}: loading from the Hugging Face hub needs `pip install huggingface_hub` "
+            f"(pip install 'stanvid[hub]'). {advice}"
         ) from exc
-    try:
-        return Path(
-            snapshot_download(repo_id, allow_patterns=["config.json", "*.safetensors", "pytorch_model.bin"])
-        )
-    except Exception as exc:  # offline, unknown repo, auth: the hub client has many error types
+    configs = (OPEN_CLIP_CONFIG,) if open_clip else (CONFIG_NAME, OPEN_CLIP_CONFIG, HF_PREPROCESSOR)
+    found, failures = _hub_files(hf_hub_download, repo_id, configs)
+    if not found:
+        reason = "; ".join(failures) or f"none of {', '.join(configs)} in the repository"
+        raise CheckpointError(f"{label}: cannot download from the Hugging Face hub ({reason}). {advice}")
+    folder = found[0].parent
+    if open_clip:
+        kind = "open_clip"
+    else:
+        cfg = convert.read_json(folder / CONFIG_NAME) if (folder / CONFIG_NAME).is_file() else None
+        is_stanvid = isinstance(cfg, dict) and "clip" in cfg and "temporal" in cfg
+        kind = "stanvid" if is_stanvid else "open_clip" if (folder / OPEN_CLIP_CONFIG).is_file() else "hf"
+    candidates = {"stanvid": (WEIGHTS_NAME,), "hf": HF_WEIGHTS, "open_clip": OPEN_CLIP_WEIGHTS}[kind]
+    for name in candidates:  # the first that the repository has
+        weights, failed = _hub_files(hf_hub_download, repo_id, (name,))
+        failures += failed
+        if weights:
+            break
+    else:
+        reason = "; ".join(failures) or f"none of {', '.join(candidates)} in the repository"
         raise CheckpointError(
-            f"{repo_id}: cannot download from the Hugging Face hub ({type(exc).__name__}: {exc}). Download "
-            f"config.json and model.safetensors of https://huggingface.co/{repo_id} into a folder and pass that folder"
-        ) from exc
+            f"{label}: cannot download the weights from the Hugging Face hub ({reason}). {advice}"
+        )
+    return weights[0].parent
+
+
+def _hub_files(download, repo_id: str, names: tuple[str, ...]) -> tuple[list[Path], list[str]]:
+    """Download each of `names` that the repository has: (paths, failures other than "not in the repository")."""
+    from huggingface_hub import errors
+
+    found, failures = [], []
+    for name in names:
+        try:
+            found.append(Path(download(repo_id, name)))
+        except errors.LocalEntryNotFoundError as exc:  # offline, not cached (an EntryNotFoundError too)
+            failures.append(f"{name}: {type(exc).__name__}: {exc}")
+        except errors.EntryNotFoundError:  # the repository has no such file
+            continue
+        except Exception as exc:  # connection, unknown repository, authentication: the client has many types
+            failures.append(f"{name}: {type(exc).__name__}: {exc}")
+    return found, failures
 
 
 def convert_checkpoint(
@@ -409,8 +612,11 @@ def convert_checkpoint(
     return {
         "source": str(source),
         "format": fmt,
-        "vision": f"ViT {v.width} wide, {v.layers} layers, {v.heads} heads, patch {v.patch_size}, {v.image_size}px",
-        "text": f"{cfg.clip.text.width} wide, {cfg.clip.text.layers} layers, {cfg.clip.text.heads} heads",
+        "vision": f"ViT {v.width} wide, {v.layers} layers, {v.heads} heads, patch {v.patch_size}, {v.image_size}px, "
+        f"{v.act}",
+        "text": f"{cfg.clip.text.width} wide, {cfg.clip.text.layers} layers, {cfg.clip.text.heads} heads, "
+        f"{cfg.clip.text.act}",
+        "mean/std": f"mean {list(cfg.clip.preprocess.mean)}, std {list(cfg.clip.preprocess.std)}",
         "temporal": temporal,
         "pooling": cfg.pooling,
         "parameters": f"{model.num_parameters():,}",

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from stanvid.config import PreprocessConfig
 from stanvid.errors import StanvidError, VideoReadError
 from stanvid.model import VideoCLIP
 from stanvid.sampling import uniform_indices
@@ -156,12 +157,15 @@ class _FileEntry:
 def model_fingerprint(model: VideoCLIP) -> str:
     """SHA-256 of the model's config and weights: two models with the same fingerprint embed identically.
 
-    `name` and `grad_checkpointing` are left out: neither changes an output.
+    `name` and `grad_checkpointing` are left out: neither changes an output. The frame normalization is left out
+    when it is OpenAI's (the only one before configs recorded it), so indexes built then still match.
     """
     digest = hashlib.sha256()
     cfg = model.config.to_dict()
     cfg.pop("name", None)
     cfg.pop("grad_checkpointing", None)
+    if model.config.clip.preprocess == PreprocessConfig():
+        cfg["clip"].pop("preprocess")
     digest.update(json.dumps(cfg, sort_keys=True).encode())
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().to("cpu").contiguous()
@@ -571,7 +575,10 @@ class _Writer:
         for k in range(0, len(clips), self.batch_size):
             part = clips[k : k + self.batch_size].to(self.device, non_blocking=True)  # (b, T, 3, S, S) uint8
             b, t = part.shape[:2]
-            video = normalize(part.flatten(0, 1)).view(b, t, *part.shape[2:])  # (b, T, 3, S, S) float
+            pre = self.model.config.clip.preprocess  # the normalization the CLIP was trained with
+            video = normalize(part.flatten(0, 1), pre.mean, pre.std).view(
+                b, t, *part.shape[2:]
+            )  # (b, T, 3, S, S)
             emb = F.normalize(self.model.encode_video(video).float(), dim=-1)  # (b, D)
             out.append(emb.cpu().numpy())
         return np.concatenate(out)

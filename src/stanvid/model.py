@@ -134,5 +134,14 @@ class VideoCLIP(nn.Module):
 
         save_pretrained(self, directory)
 
+    def push_to_hub(self, repo_id: str, **kwargs) -> str:
+        """Upload the `save_pretrained` folder and a model card to a Hugging Face hub repository; returns its URL.
+
+        `stanvid.load_model(repo_id)` loads it back. Keywords: see `stanvid.publish.push_to_hub`.
+        """
+        from stanvid.publish import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

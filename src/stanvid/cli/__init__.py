@@ -15,6 +15,7 @@ from importlib import import_module
 COMMANDS = {
     "demo": "stanvid.cli.demo",
     "convert": "stanvid.cli.convert",
+    "push": "stanvid.cli.push",
     "prepare-videos": "stanvid.cli.prepare",
     "train": "stanvid.cli.train",
     "eval": "stanvid.cli.evaluate",

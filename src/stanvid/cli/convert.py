@@ -16,7 +16,9 @@ def add_parser(sub) -> None:
     p.add_argument("src", help="checkpoint file or directory")
     p.add_argument("dst", help="output directory")
     p.add_argument(
-        "--config", help="Hugging Face CLIP config.json (or its folder), needed for official STAN .pth files"
+        "--config",
+        help="Hugging Face config.json or open_clip open_clip_config.json (or its folder): the architecture of "
+        "a state dict that does not record it (needed for official STAN .pth files)",
     )
     p.add_argument(
         "--set",
@@ -25,21 +27,18 @@ def add_parser(sub) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="model override: temporal=meanP|seqTransf|stan, stan_depth=N, time_module=selfattn|conv, "
-        "num_frames=N, pooling=mean|normalized_mean (repeatable)",
+        "num_frames=N, pooling=mean|normalized_mean; for OpenAI-layout state dicts, which do not record them: "
+        "act=gelu|quick_gelu, vision_heads=N, text_heads=N, image_mean=R,G,B, image_std=R,G,B (repeatable)",
     )
     p.add_argument("--force", action="store_true", help="write into a non-empty DST")
     p.set_defaults(func=run)
 
 
 def parse_overrides(items: list[str]) -> dict:
-    """`key=value` strings -> typed overrides (ints where the value is an integer)."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        out[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
-    return out
+    """`key=value` strings -> overrides typed by `stanvid.config.MODEL_OVERRIDES` (unknown keys refused)."""
+    from stanvid.config import parse_model_override
+
+    return dict(parse_model_override(item) for item in items)
 
 
 def run(args) -> int:
