@@ -1,14 +1,19 @@
 """HTTP front end of an index: a search page and a small JSON API (FastAPI), a thin shell over `stanvid.index`.
 
     GET /                          the search page (static files in stanvid/web)
-    GET /api/info                  what is indexed: counts, model source, segment length
+    GET /api/info                  what is indexed: counts, model name, segment length
     GET /api/search?q=TEXT&k=N     ranked segments as JSON
     GET /api/thumbnail/{segment}   JPEG of the frame at the middle of a segment
-    GET /api/video/{file}          the video file, with HTTP range requests (206 / 416), for seeking in <video>
+    GET|HEAD /api/video/{file}     the video file, with HTTP range requests (206 / 416), for seeking in <video>
 
 Only files recorded in the index can be read, and only by their numeric id: no request carries a path, so
-there is nothing to traverse. Every bad request (empty or over-long query, bad `k`, unknown or malformed id,
-unsatisfiable range) gets a 4xx with a JSON `{"error": message}`, never a 500.
+there is nothing to traverse. A file is served only while it still is the file that was indexed: a regular
+file whose real path (symbolic links resolved at request time) lies inside the indexed folder, with the size,
+mtime, device and inode recorded when it was indexed (`VideoIndex.open_video`); otherwise 404 (gone) or 409
+(changed). Responses name files relative to the indexed folder and the model by its name: no absolute path of
+the server leaves it. Every bad request (empty or over-long query, bad `k`, unknown or malformed id,
+unsatisfiable range) gets a 4xx with a JSON `{"error": message}`, never a 500; the OpenAPI schema
+(`/openapi.json`) declares each route's status codes and content types.
 """
 
 from __future__ import annotations
@@ -20,15 +25,17 @@ import re
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
+from typing import Any, BinaryIO
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Header, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from stanvid.errors import StanvidError
-from stanvid.index import VideoIndex, open_index
+from stanvid.index import IndexedFileError, VideoIndex, open_index
 from stanvid.model import VideoCLIP
 
 __all__ = ["create_app"]
@@ -37,7 +44,7 @@ MAX_QUERY_CHARS = 500  # CLIP reads at most 77 tokens; longer text is a mistake 
 MAX_K = 200
 THUMBNAIL_SIZE = 180  # shortest side, pixels
 _CHUNK = 1 << 18
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)", re.ASCII)
+_RANGE = re.compile(r"bytes=(\d{0,18})-(\d{0,18})", re.ASCII)  # 18 digits: beyond any file, within int64
 _VIDEO_TYPES = {
     ".mp4": "video/mp4",
     ".m4v": "video/mp4",
@@ -45,6 +52,52 @@ _VIDEO_TYPES = {
     ".webm": "video/webm",
     ".mkv": "video/x-matroska",
     ".avi": "video/x-msvideo",
+}
+
+
+class ErrorBody(BaseModel):
+    error: str
+
+
+class InfoBody(BaseModel):
+    files: int
+    segments: int
+    model: str
+    segment_seconds: float | None
+    max_query_chars: int
+    max_k: int
+
+
+class HitBody(BaseModel):
+    id: int
+    file_id: int
+    path: str
+    start: float
+    end: float
+    score: float
+    thumbnail_url: str
+    video_url: str
+
+
+class SearchBody(BaseModel):
+    query: str
+    k: int
+    results: list[HitBody]
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": ErrorBody, "description": "error message"} for code in codes}
+
+
+def _binary(types: Any, description: str) -> dict[str, Any]:
+    schema = {"type": "string", "format": "binary"}
+    return {"description": description, "content": {t: {"schema": schema} for t in types}}
+
+
+_VIDEO_RESPONSES = {
+    200: _binary([*dict.fromkeys(_VIDEO_TYPES.values()), "application/octet-stream"], "the whole file"),
+    206: _binary([*dict.fromkeys(_VIDEO_TYPES.values()), "application/octet-stream"], "the requested range"),
+    **_errors(400, 404, 409, 416),
 }
 
 
@@ -84,24 +137,39 @@ def create_app(
         # unknown routes and methods: the same {"error": ...} shape as the API's own errors
         return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
+    @app.exception_handler(StanvidError)
+    async def server_side(request: Request, exc: StanvidError) -> JSONResponse:
+        # the index became unreadable under a running server (damaged database, ...): say so, without paths
+        return JSONResponse({"error": _public(str(exc))}, status_code=503)
+
+    def _public(message: str) -> str:
+        """A message without the server's absolute paths: files relative to the folder, the index by name."""
+        for prefix, shown in (
+            (f"{index.root}/", ""),
+            (str(index.root), "."),
+            (str(index.path), index.path.name),
+        ):
+            message = message.replace(prefix, shown)
+        return message
+
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
         return FileResponse(web_dir() / "index.html", media_type="text/html")
 
     app.mount("/static", StaticFiles(directory=web_dir()), name="static")
 
-    @app.get("/api/info")
+    @app.get("/api/info", response_model=InfoBody)
     def info() -> dict:
         return {
             "files": index.num_files(),
             "segments": len(index),
-            "model": index.meta["model_source"],
+            "model": index.model_name,
             "segment_seconds": index.meta["segment_seconds"],
             "max_query_chars": max_query_chars,
             "max_k": max_k,
         }
 
-    @app.get("/api/search")
+    @app.get("/api/search", response_model=SearchBody, responses=_errors(400))
     def search(q: str | None = None, k: str | None = None) -> dict:
         text = (q or "").strip()
         if not text:
@@ -139,43 +207,58 @@ def create_app(
         Image.fromarray(frame.numpy()).save(buf, format="JPEG", quality=85)
         return buf.getvalue()
 
-    @app.get("/api/thumbnail/{segment_id}")
+    @app.get(
+        "/api/thumbnail/{segment_id}",
+        response_class=Response,
+        responses={200: _binary(["image/jpeg"], "JPEG of the middle frame"), **_errors(400, 404, 409)},
+    )
     def thumbnail(segment_id: str) -> Response:
         sid = _parse_int(segment_id, "segment id")
         if index.segment(sid) is None:
             raise _BadRequest(404, f"no segment with id {sid} in this index")
         try:
             data = thumbnail_bytes(sid)
-        except StanvidError as exc:  # the file changed or vanished since it was indexed
-            raise _BadRequest(404, f"cannot read the frame of segment {sid}: {exc}") from exc
+        except IndexedFileError as exc:
+            raise _BadRequest(404 if exc.gone else 409, f"segment {sid}: {_public(str(exc))}") from exc
+        except StanvidError as exc:  # the file can no longer be decoded
+            raise _BadRequest(409, f"cannot read the frame of segment {sid}: {_public(str(exc))}") from exc
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
-    @app.get("/api/video/{file_id}")
-    def video(file_id: str, request: Request) -> Response:
+    def video(file_id: str, range_header: str | None, head: bool) -> Response:
         fid = _parse_int(file_id, "file id")
-        path = index.file_path(fid)
-        if path is None:
-            raise _BadRequest(404, f"no file with id {fid} in this index")
         try:
-            size = path.stat().st_size
-        except OSError as exc:
-            raise _BadRequest(
-                404, f"file {fid} is no longer readable on the server ({exc.strerror})"
-            ) from exc
-        media_type = _VIDEO_TYPES.get(path.suffix.lower(), "application/octet-stream")
-        header = request.headers.get("range")
-        if header is None:
-            headers = {"Accept-Ranges": "bytes", "Content-Length": str(size)}
-            return StreamingResponse(_read(path, 0, size), media_type=media_type, headers=headers)
-        start, end = _parse_range(header, size)
-        headers = {
-            "Accept-Ranges": "bytes",
-            "Content-Range": f"bytes {start}-{end}/{size}",
-            "Content-Length": str(end - start + 1),
-        }
-        return StreamingResponse(
-            _read(path, start, end - start + 1), 206, headers=headers, media_type=media_type
-        )
+            opened = index.open_video(fid)
+        except IndexedFileError as exc:
+            raise _BadRequest(404 if exc.gone else 409, _public(str(exc))) from exc
+        if opened is None:
+            raise _BadRequest(404, f"no file with id {fid} in this index")
+        file, st, relpath = opened
+        try:
+            size = st.st_size
+            media_type = _VIDEO_TYPES.get(Path(relpath).suffix.lower(), "application/octet-stream")
+            headers = {"Accept-Ranges": "bytes"}
+            status, start, length = 200, 0, size
+            if range_header is not None:
+                start, end = _parse_range(range_header, size)
+                status, length = 206, end - start + 1
+                headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+            headers["Content-Length"] = str(length)
+        except BaseException:
+            file.close()
+            raise
+        if head:
+            file.close()
+            return Response(status_code=status, headers=headers, media_type=media_type)
+        return StreamingResponse(_read(file, start, length), status, headers=headers, media_type=media_type)
+
+    @app.get("/api/video/{file_id}", response_class=Response, responses=_VIDEO_RESPONSES)
+    def video_get(file_id: str, byte_range: str | None = Header(None, alias="range")) -> Response:
+        return video(file_id, byte_range, head=False)
+
+    @app.head("/api/video/{file_id}", response_class=Response, responses=_VIDEO_RESPONSES)
+    def video_head(file_id: str, byte_range: str | None = Header(None, alias="range")) -> Response:
+        """The headers a GET would answer (type, length, ranges), without the body: players probe with it."""
+        return video(file_id, byte_range, head=True)
 
     return app
 
@@ -212,8 +295,9 @@ def _parse_range(header: str, size: int) -> tuple[int, int]:
     return start, size - 1 if last == "" else min(int(last), size - 1)
 
 
-def _read(path: Path, start: int, length: int) -> Iterator[bytes]:
-    with open(path, "rb") as f:
+def _read(file: BinaryIO, start: int, length: int) -> Iterator[bytes]:
+    """`length` bytes from `start` of an open file (the one `open_video` checked), closed at the end."""
+    with file as f:
         f.seek(start)
         while length > 0:
             data = f.read(min(_CHUNK, length))
