@@ -269,8 +269,9 @@ def segments_with_frames(
     ks = ks[(ks >= 0) & (ks < count)].astype(np.int64)  # (K,) candidates; the exact test below decides
     starts = ks * segment_seconds  # the same float operations as segment_bounds and _segment_frames
     ends = np.minimum((ks + 1) * segment_seconds, duration)
-    first = np.maximum(0, np.ceil(starts * fps - 1e-6))
-    last = np.minimum(num_frames - 1, np.ceil(ends * fps - 1e-6) - 1)
+    tol = 1e-6 * np.minimum(1.0, (ends - starts) * fps)
+    first = np.maximum(0, np.ceil(starts * fps - tol))
+    last = np.minimum(num_frames - 1, np.ceil(ends * fps - tol) - 1)
     keep = last >= first
     if int(keep.sum()) > limit:
         raise VideoReadError(
@@ -286,9 +287,12 @@ def _segment_frames(
     """Indices of `clip_len` frames sampled uniformly (test mode) among the frames shown in [start, end).
 
     Frame i is shown at i / fps. None when no frame falls in the span (a sliver at the end of a video).
+    The rounding tolerance is 1e-6 frame, less for a span shorter than a frame (a file whose timestamps make
+    its average rate a few frames per century must not lose its frames to the tolerance).
     """
-    first = max(0, math.ceil(start * fps - 1e-6))
-    last = min(num_frames - 1, math.ceil(end * fps - 1e-6) - 1)
+    tol = 1e-6 * min(1.0, (end - start) * fps)
+    first = max(0, math.ceil(start * fps - tol))
+    last = min(num_frames - 1, math.ceil(end * fps - tol) - 1)
     if last < first:
         return None
     return first + uniform_indices(last - first + 1, clip_len)  # (clip_len,)

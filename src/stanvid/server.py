@@ -27,7 +27,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from fastapi import FastAPI, Header, Request
+from fastapi import FastAPI, Header, Query, Request
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
@@ -44,6 +46,9 @@ MAX_QUERY_CHARS = 500  # CLIP reads at most 77 tokens; longer text is a mistake 
 MAX_K = 200
 THUMBNAIL_SIZE = 180  # shortest side, pixels
 _CHUNK = 1 << 18
+_MAX_ID = 10**18 - 1  # ids are SQLite rowids; 18 digits keep every one within int64
+_BLANK = " \t\n\r\f\v"  # what a query may not consist of only (the same set in the schema's pattern)
+_NOT_BLANK = "[^ \t\n\r\f\v]"
 _RANGE = re.compile(r"bytes=(\d{0,18})-(\d{0,18})", re.ASCII)  # 18 digits: beyond any file, within int64
 _VIDEO_TYPES = {
     ".mp4": "video/mp4",
@@ -137,6 +142,15 @@ def create_app(
         # unknown routes and methods: the same {"error": ...} shape as the API's own errors
         return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # a parameter outside what the OpenAPI schema declares: 400 with the same {"error": ...} shape
+        parts = []
+        for err in exc.errors()[:3]:
+            where = ".".join(str(x) for x in err.get("loc", ()) if x not in ("query", "path", "header"))
+            parts.append(f"{where}: {err.get('msg', 'invalid')}")
+        return JSONResponse({"error": "; ".join(parts) or "invalid request"}, status_code=400)
+
     @app.exception_handler(StanvidError)
     async def server_side(request: Request, exc: StanvidError) -> JSONResponse:
         # the index became unreadable under a running server (damaged database, ...): say so, without paths
@@ -170,15 +184,23 @@ def create_app(
         }
 
     @app.get("/api/search", response_model=SearchBody, responses=_errors(400))
-    def search(q: str | None = None, k: str | None = None) -> dict:
-        text = (q or "").strip()
+    def search(
+        q: str = Query(
+            description="what to search for",
+            min_length=1,
+            max_length=max_query_chars,
+            pattern=_NOT_BLANK,
+        ),
+        k: int = Query(10, ge=1, le=max_k, description="number of results"),
+    ) -> dict:
+        text = q.strip(_BLANK)
         if not text:
             raise _BadRequest(400, "the query is empty: pass the text to search for as ?q=")
         if len(text) > max_query_chars:
             raise _BadRequest(
                 400, f"the query is {len(text)} characters long; at most {max_query_chars} are allowed"
             )
-        count = _parse_int(k, "k", default=10)
+        count = k
         if not 1 <= count <= max_k:
             raise _BadRequest(400, f"k must be between 1 and {max_k}, got {count}")
         hits = index.search(text, count)
@@ -212,8 +234,8 @@ def create_app(
         response_class=Response,
         responses={200: _binary(["image/jpeg"], "JPEG of the middle frame"), **_errors(400, 404, 409)},
     )
-    def thumbnail(segment_id: str) -> Response:
-        sid = _parse_int(segment_id, "segment id")
+    def thumbnail(segment_id: int = PathParam(ge=0, le=_MAX_ID)) -> Response:
+        sid = segment_id
         if index.segment(sid) is None:
             raise _BadRequest(404, f"no segment with id {sid} in this index")
         try:
@@ -224,8 +246,7 @@ def create_app(
             raise _BadRequest(409, f"cannot read the frame of segment {sid}: {_public(str(exc))}") from exc
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
-    def video(file_id: str, range_header: str | None, head: bool) -> Response:
-        fid = _parse_int(file_id, "file id")
+    def video(fid: int, range_header: str | None, head: bool) -> Response:
         try:
             opened = index.open_video(fid)
         except IndexedFileError as exc:
@@ -252,25 +273,21 @@ def create_app(
         return StreamingResponse(_read(file, start, length), status, headers=headers, media_type=media_type)
 
     @app.get("/api/video/{file_id}", response_class=Response, responses=_VIDEO_RESPONSES)
-    def video_get(file_id: str, byte_range: str | None = Header(None, alias="range")) -> Response:
+    def video_get(
+        file_id: int = PathParam(ge=0, le=_MAX_ID),
+        byte_range: str | None = Header(None, alias="range", include_in_schema=False),
+    ) -> Response:
         return video(file_id, byte_range, head=False)
 
     @app.head("/api/video/{file_id}", response_class=Response, responses=_VIDEO_RESPONSES)
-    def video_head(file_id: str, byte_range: str | None = Header(None, alias="range")) -> Response:
+    def video_head(
+        file_id: int = PathParam(ge=0, le=_MAX_ID),
+        byte_range: str | None = Header(None, alias="range", include_in_schema=False),
+    ) -> Response:
         """The headers a GET would answer (type, length, ranges), without the body: players probe with it."""
         return video(file_id, byte_range, head=True)
 
     return app
-
-
-def _parse_int(value: str | None, name: str, default: int | None = None) -> int:
-    if value is None or value == "":
-        if default is None:
-            raise _BadRequest(400, f"{name} is missing")
-        return default
-    if not re.fullmatch(r"\d{1,18}", value, re.ASCII):
-        raise _BadRequest(400, f"{name} must be a non-negative integer, got {value[:40]!r}")
-    return int(value)
 
 
 def _parse_range(header: str, size: int) -> tuple[int, int]:
