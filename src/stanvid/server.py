@@ -35,6 +35,7 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 
 from stanvid.errors import StanvidError
 from stanvid.index import IndexedFileError, VideoIndex, open_index
@@ -140,7 +141,18 @@ def create_app(
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         # unknown routes and methods: the same {"error": ...} shape as the API's own errors
-        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+        headers = exc.headers
+        if exc.status_code == 405:  # Allow lists every method of the path (GET and HEAD are two routes)
+            allowed = {
+                method
+                for route in app.router.routes
+                if isinstance(route, Route)
+                and route.methods
+                and route.matches(request.scope)[0] != Match.NONE
+                for method in route.methods
+            }
+            headers = {**(headers or {}), "Allow": ", ".join(sorted(allowed))}
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
