@@ -433,3 +433,25 @@ def test_head_answers_the_headers_of_get(good_index):
                 "HEAD",
             }
             assert r.json()["error"]
+
+
+# ---------------------------------------------------------------------------------------------- older indexes
+def test_an_index_from_before_file_identities_is_served_and_upgraded_without_re_encoding(
+    good_index, tmp_path, model_dir
+):
+    root, good = good_index
+    out = copy_index(good_index, tmp_path)
+    with contextlib.closing(sqlite3.connect(out / DB_NAME)) as conn:  # the layout of the first release
+        conn.execute("ALTER TABLE files DROP COLUMN inode")
+        conn.execute("ALTER TABLE files DROP COLUMN device")
+        conn.execute("DELETE FROM meta WHERE key = 'vectors'")
+        conn.commit()
+    fid = file_ids(out)["a.mp4"]
+    with TestClient(create_app(out)) as client:
+        assert client.get(f"/api/video/{fid}").content == (root / "a.mp4").read_bytes()
+    report = build(root, out, model_dir)
+    assert (report.indexed, report.unchanged) == (0, len(VIDEOS))
+    with contextlib.closing(sqlite3.connect(out / DB_NAME)) as conn:
+        recorded = dict(conn.execute("SELECT path, inode FROM files"))
+    assert recorded == {name: (root / name).stat().st_ino for name in VIDEOS}
+    assert [r[:3] for r in rows(out)] == [r[:3] for r in rows(good)]

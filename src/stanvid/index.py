@@ -163,7 +163,8 @@ class IndexReport:
         if self.failed:
             lines.append("unreadable videos (not indexed):")
             lines += [f"  {path}: {error}" for path, error in self.failed]
-        return "\n".join(lines)
+        # a folder whose own name is not UTF-8 must not make printing the report fail
+        return os.fsencode("\n".join(lines)).decode("utf-8", "backslashreplace")
 
 
 @dataclass(frozen=True)

@@ -301,10 +301,10 @@ def load_trained(checkpoint: str | os.PathLike, recipe: Recipe) -> tuple[nn.Modu
     if _is_train_checkpoint(path):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as exc:  # unsafe (a pickle calling code: refused, nothing runs), truncated or foreign
-            raise CheckpointError(
-                f"{path}: not a readable checkpoint ({_first_line(exc)})"
-            ) from exc
+        except (
+            Exception
+        ) as exc:  # unsafe (a pickle calling code: refused, nothing runs), truncated or foreign
+            raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(exc)})") from exc
         if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
             try:
                 config = ModelConfig.from_dict(state["model_config"]).replace(
@@ -314,9 +314,7 @@ def load_trained(checkpoint: str | os.PathLike, recipe: Recipe) -> tuple[nn.Modu
                 model.load_state_dict(state["model"])
                 head_state = state["trainer"].get("head")
             except (KeyError, TypeError, AttributeError, RuntimeError) as exc:
-                raise CheckpointError(
-                    f"{path}: a damaged training checkpoint ({_first_line(exc)})"
-                ) from exc
+                raise CheckpointError(f"{path}: a damaged training checkpoint ({_first_line(exc)})") from exc
             model.eval()
         else:
             model = load_model(path, num_frames=recipe.model.num_frames)

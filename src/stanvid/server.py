@@ -103,7 +103,7 @@ def _binary(types: Any, description: str) -> dict[str, Any]:
 _VIDEO_RESPONSES = {
     200: _binary([*dict.fromkeys(_VIDEO_TYPES.values()), "application/octet-stream"], "the whole file"),
     206: _binary([*dict.fromkeys(_VIDEO_TYPES.values()), "application/octet-stream"], "the requested range"),
-    **_errors(400, 404, 409, 416),
+    **_errors(400, 404, 409, 416, 503),
 }
 
 
@@ -184,7 +184,7 @@ def create_app(
 
     app.mount("/static", StaticFiles(directory=web_dir()), name="static")
 
-    @app.get("/api/info", response_model=InfoBody)
+    @app.get("/api/info", response_model=InfoBody, responses=_errors(503))
     def info() -> dict:
         return {
             "files": index.num_files(),
@@ -195,7 +195,7 @@ def create_app(
             "max_k": max_k,
         }
 
-    @app.get("/api/search", response_model=SearchBody, responses=_errors(400))
+    @app.get("/api/search", response_model=SearchBody, responses=_errors(400, 503))
     def search(
         q: str = Query(
             description="what to search for",
@@ -244,7 +244,7 @@ def create_app(
     @app.get(
         "/api/thumbnail/{segment_id}",
         response_class=Response,
-        responses={200: _binary(["image/jpeg"], "JPEG of the middle frame"), **_errors(400, 404, 409)},
+        responses={200: _binary(["image/jpeg"], "JPEG of the middle frame"), **_errors(400, 404, 409, 503)},
     )
     def thumbnail(segment_id: int = PathParam(ge=0, le=_MAX_ID)) -> Response:
         sid = segment_id
