@@ -261,6 +261,7 @@ def test_a_damaged_database_is_one_line_in_search_serve_and_index(
         {"truncated": data[: len(data) // 3], "garbage": b"not sqlite" * 1000, "empty": b""}[damage]
     )
     one_line_error(capsys, ["search", str(out), "x"], str(db))
+    one_line_error(capsys, ["serve", str(out), "--port", "1"], str(db))  # refused before it listens
     with pytest.raises(VideoIndexError, match=DB_NAME):
         create_app(out)
     argv = ["index", str(root), "--model", str(model_dir), "--out", str(out), "--segment-seconds", "1"]

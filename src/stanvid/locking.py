@@ -64,7 +64,6 @@ def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
     except OSError as exc:
         raise StanvidError(f"{path}: cannot create the lock file for {what} ({exc.strerror})") from exc
     try:
-        previous = _read_holder(fd)
         if fcntl is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -73,6 +72,7 @@ def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
                     f"{what} is in use by {_describe(_read_holder(fd))} (lock file {path}); wait for it to "
                     f"finish or stop it, then re-run"
                 ) from None
+        previous = _read_holder(fd)  # read once ours: what a holder that died without releasing left
         if previous.get("pid") is not None:
             log.warning(
                 "%s: taking over a stale lock left by %s, which is no longer running",
