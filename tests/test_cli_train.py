@@ -309,3 +309,30 @@ def test_bad_input_is_one_line_and_exit_code_2(csv_run, tmp_path, capsys, case, 
     assert "Traceback" not in err
     assert len(err.strip().splitlines()) == 1, err
     assert message in err, err
+
+
+class _RunsCode:
+    """Unpickling this calls `Path.touch` on a marker: a checkpoint that would run code if loaded unsafely."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("kind", ["code", "truncated"])
+def test_eval_of_a_hostile_checkpoint_is_one_line_and_runs_nothing(csv_run, tmp_path, capsys, kind):
+    evil, marker = tmp_path / "evil.pt", tmp_path / "ran"
+    if kind == "code":
+        torch.save({"format": "stanvid-train", "model": _RunsCode(marker)}, evil)
+    else:
+        torch.save({"model": {"w": torch.zeros(1000)}}, evil)
+        evil.write_bytes(evil.read_bytes()[:-200])
+    code = main(
+        ["eval", str(csv_run["config"]), "--checkpoint", str(evil), "--out", str(tmp_path), "--no-progress"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert str(evil) in err
+    assert not marker.exists()

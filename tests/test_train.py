@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from conftest import tiny_config
 from stanvid.data import RetrievalDataset
 from stanvid.data.retrieval_formats import load_video_captions
-from stanvid.errors import ConfigError
+from stanvid.errors import CheckpointError, ConfigError
 from stanvid.evaluate import evaluate_retrieval
 from stanvid.losses import text_classifier_logits
 from stanvid.model import VideoCLIP
@@ -418,3 +418,29 @@ def test_resume_after_a_crash_or_a_stop_equals_the_uninterrupted_run(tmp_path, c
     _assert_same_run(load_checkpoint(resumed.checkpoint), reference)
     logged = [line for line in (tmp_path / "stop" / "log.jsonl").read_text().splitlines() if '"loss"' in line]
     assert len(logged) == 6  # one line per step, none repeated by the resumption
+
+
+def test_resume_skips_a_truncated_newest_checkpoint(tmp_path, caption_data, capsys):
+    """The newest checkpoint cut short (a full disk, a copy interrupted): --resume says which one it skipped and
+    why, continues from the previous one, and still reaches the uninterrupted run's weights bit for bit."""
+    data = _caption_set(caption_data)
+    full = fit(tiny_model(), data, _resume_recipe(0), out_dir=tmp_path / "full", progress=False)
+    stopped = fit(
+        tiny_model(), data, _resume_recipe(0, max_steps=3), out_dir=tmp_path / "run", progress=False
+    )
+    newest = latest_checkpoint(tmp_path / "run")
+    assert stopped.steps == 3 and newest.name == "step-00000003.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    capsys.readouterr()
+    resumed = fit(
+        tiny_model(), data, _resume_recipe(0), out_dir=tmp_path / "run", resume=True, progress=False
+    )
+    err = capsys.readouterr().err
+    assert f"skipping {newest}" in err and "not a readable stanvid training checkpoint" in err
+    assert "continuing from step-00000002.pt" in err
+    _assert_same_run(load_checkpoint(resumed.checkpoint), load_checkpoint(full.checkpoint))
+
+    for path in (tmp_path / "run" / "checkpoints").glob("*.pt"):  # none reads: the error names the newest
+        path.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="step-00000006.pt"):
+        fit(tiny_model(), data, _resume_recipe(0), out_dir=tmp_path / "run", resume=True, progress=False)

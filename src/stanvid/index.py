@@ -20,6 +20,14 @@ it needs no graph to maintain, trains in seconds on a sample and its `nprobe` tr
 
 The model that built the index is recorded (its source and a SHA-256 of its config and weights); a query with
 any other model is refused, because its text embeddings would live in another space and rank at random.
+
+Hostile or damaged input never becomes a traceback or a silent wrong answer: a vector file that does not match
+the SQLite side (its SHA-256, generation and count are recorded when it is written) or cannot be read is rebuilt
+from SQLite; a damaged database names its file and what to do; `build_index` repairs what it can (rows whose
+embeddings are damaged or orphaned are dropped and re-encoded) and holds a lock on the index folder, so two runs
+never do the same work. A symbolic link is indexed only when it resolves inside the folder, and `open_video`
+hands out a file only while it still is the one indexed (a regular file inside the folder, same size, mtime,
+device and inode).
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import logging
 import math
 import os
 import sqlite3
+import stat
 import tempfile
 import threading
 import time
@@ -38,7 +47,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import faiss
 import numpy as np
@@ -48,6 +57,7 @@ from tqdm.auto import tqdm
 
 from stanvid.config import PreprocessConfig
 from stanvid.errors import StanvidError, VideoReadError
+from stanvid.locking import exclusive_lock
 from stanvid.model import VideoCLIP
 from stanvid.sampling import uniform_indices
 from stanvid.transforms import center_crop, normalize, resize_short_side
@@ -58,6 +68,7 @@ __all__ = [
     "VIDEO_EXTENSIONS",
     "VideoIndexError",
     "IndexReport",
+    "IndexedFileError",
     "SearchResult",
     "Segment",
     "VideoIndex",
@@ -70,18 +81,31 @@ __all__ = [
     "read_clip",
     "search_index",
     "segment_bounds",
+    "segments_with_frames",
 ]
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".mov", ".avi")
 DB_NAME = "index.sqlite"
 SHARD_DIR = "shards"
+LOCK_NAME = ".lock"
+MIN_SEGMENT_SECONDS = 0.1  # below a few frames a "segment" repeats one frame num_frames times
+MAX_SEGMENTS_PER_FILE = 100_000  # 28 h at 1 s; a file above it is listed as a failure, not indexed
 FORMAT_VERSION = 1
 DEFAULT_APPROX_THRESHOLD = 100_000
 INDEX_KINDS = ("auto", "flat", "ivf")
 
 
 class VideoIndexError(StanvidError):
-    """The index is missing, was built differently (model, root, segments), or a query does not fit it."""
+    """The index is missing, damaged, was built differently (model, root, segments), or a query does not fit it."""
+
+
+class IndexedFileError(VideoIndexError):
+    """An indexed video is gone (`gone`) or is no longer the file that was indexed (replaced, turned into a
+    directory, a symbolic link now pointing elsewhere). The message names the file relative to the folder."""
+
+    def __init__(self, message: str, gone: bool) -> None:
+        super().__init__(message)
+        self.gone = gone
 
 
 # ---------------------------------------------------------------------------------------------- records
@@ -143,7 +167,8 @@ class IndexReport:
         if self.failed:
             lines.append("unreadable videos (not indexed):")
             lines += [f"  {path}: {error}" for path, error in self.failed]
-        return "\n".join(lines)
+        # a folder whose own name is not UTF-8 must not make printing the report fail
+        return os.fsencode("\n".join(lines)).decode("utf-8", "backslashreplace")
 
 
 @dataclass(frozen=True)
@@ -151,6 +176,8 @@ class _FileEntry:
     relpath: str
     size: int
     mtime_ns: int
+    device: int | None = None  # identity of the file (the link's target for a symbolic link)
+    inode: int | None = None
 
 
 # ---------------------------------------------------------------------------------------------- model identity
@@ -187,17 +214,79 @@ def _load_model(source: str, overrides: dict[str, Any]) -> VideoCLIP:
 
 
 # ---------------------------------------------------------------------------------------------- segments
-def segment_bounds(duration: float, segment_seconds: float | None) -> list[tuple[float, float]]:
+def segment_bounds(
+    duration: float, segment_seconds: float | None, *, limit: int = MAX_SEGMENTS_PER_FILE
+) -> list[tuple[float, float]]:
     """(start, end) seconds of each segment: consecutive spans of `segment_seconds`, the last one shorter.
 
-    Without `segment_seconds` the whole video is one segment.
+    Without `segment_seconds` the whole video is one segment. More than `limit` segments is refused
+    (`VideoIndexError`) rather than built: a bogus duration must not turn into gigabytes of tuples.
     """
-    if duration <= 0:
+    if not duration > 0:  # also NaN
         return []
     if segment_seconds is None:
         return [(0.0, float(duration))]
-    count = max(1, math.ceil(duration / segment_seconds - 1e-9))
+    _check_segment_seconds(segment_seconds, minimum=0.0)
+    count = _segment_count(duration, segment_seconds)
+    if count > limit:
+        raise VideoIndexError(
+            f"{duration:g} s in segments of {segment_seconds:g} s is {count} segments; at most {limit} are allowed"
+        )
     return [(k * segment_seconds, min((k + 1) * segment_seconds, duration)) for k in range(count)]
+
+
+def _segment_count(duration: float, segment_seconds: float) -> int:
+    ratio = duration / segment_seconds - 1e-9
+    return max(1, math.ceil(ratio)) if math.isfinite(ratio) else 1 << 62
+
+
+def _check_segment_seconds(segment_seconds: float, minimum: float) -> None:
+    if isinstance(segment_seconds, bool) or not isinstance(segment_seconds, int | float):
+        raise VideoIndexError(f"segment_seconds must be a number of seconds, got {segment_seconds!r}")
+    if not (math.isfinite(segment_seconds) and segment_seconds > minimum):
+        raise VideoIndexError(
+            f"segment_seconds must be a finite number above {minimum:g}, got {segment_seconds}"
+        )
+
+
+def segments_with_frames(
+    duration: float,
+    fps: float,
+    num_frames: int,
+    segment_seconds: float | None,
+    *,
+    limit: int = MAX_SEGMENTS_PER_FILE,
+) -> list[tuple[float, float]]:
+    """The spans of `segment_bounds(duration, segment_seconds)` that show at least one frame (frame i is shown
+    at i / fps), found from the frames rather than by listing every span.
+
+    The work is bounded by what the file holds: a file whose one frame carries a timestamp of 10^10 frames
+    has a duration of years but a single non-empty segment, found in microseconds. More than `limit`
+    non-empty segments raises `VideoReadError` (the indexer lists the file as a failure with that reason).
+    """
+    if not duration > 0:
+        return []
+    if segment_seconds is None or num_frames <= 0 or not (fps > 0 and math.isfinite(fps)):
+        return segment_bounds(duration, segment_seconds, limit=limit)
+    _check_segment_seconds(segment_seconds, minimum=0.0)
+    count = _segment_count(duration, segment_seconds)
+    near = np.floor(
+        np.arange(num_frames, dtype=np.float64) / (fps * segment_seconds)
+    )  # (F,) segment of frame i
+    ks = np.unique(np.concatenate([near - 1, near, near + 1]))
+    ks = ks[(ks >= 0) & (ks < count)].astype(np.int64)  # (K,) candidates; the exact test below decides
+    starts = ks * segment_seconds  # the same float operations as segment_bounds and _segment_frames
+    ends = np.minimum((ks + 1) * segment_seconds, duration)
+    tol = 1e-6 * np.minimum(1.0, (ends - starts) * fps)
+    first = np.maximum(0, np.ceil(starts * fps - tol))
+    last = np.minimum(num_frames - 1, np.ceil(ends * fps - tol) - 1)
+    keep = last >= first
+    if int(keep.sum()) > limit:
+        raise VideoReadError(
+            f"{int(keep.sum())} segments of {segment_seconds:g} s hold frames; at most {limit} per file are "
+            f"indexed: use a longer --segment-seconds"
+        )
+    return [(float(a), float(b)) for a, b in zip(starts[keep], ends[keep], strict=True)]
 
 
 def _segment_frames(
@@ -206,9 +295,12 @@ def _segment_frames(
     """Indices of `clip_len` frames sampled uniformly (test mode) among the frames shown in [start, end).
 
     Frame i is shown at i / fps. None when no frame falls in the span (a sliver at the end of a video).
+    The rounding tolerance is 1e-6 frame, less for a span shorter than a frame (a file whose timestamps make
+    its average rate a few frames per century must not lose its frames to the tolerance).
     """
-    first = max(0, math.ceil(start * fps - 1e-6))
-    last = min(num_frames - 1, math.ceil(end * fps - 1e-6) - 1)
+    tol = 1e-6 * min(1.0, (end - start) * fps)
+    first = max(0, math.ceil(start * fps - tol))
+    last = min(num_frames - 1, math.ceil(end * fps - tol) - 1)
     if last < first:
         return None
     return first + uniform_indices(last - first + 1, clip_len)  # (clip_len,)
@@ -299,7 +391,9 @@ class _ClipLoader(torch.utils.data.IterableDataset):
                 "height": info.height,
             }
             spans, indices = [], []
-            for start, end in segment_bounds(info.duration, self.segment_seconds):
+            for start, end in segments_with_frames(
+                info.duration, info.fps, info.num_frames, self.segment_seconds
+            ):
                 idx = _segment_frames(start, end, info.fps, info.num_frames, self.clip_len)
                 if idx is not None:
                     spans.append((start, end))
@@ -332,7 +426,9 @@ CREATE TABLE IF NOT EXISTS files (
     fps REAL NOT NULL,
     num_frames INTEGER NOT NULL,
     width INTEGER NOT NULL,
-    height INTEGER NOT NULL
+    height INTEGER NOT NULL,
+    device INTEGER,
+    inode INTEGER
 );
 CREATE TABLE IF NOT EXISTS segments (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -346,11 +442,70 @@ CREATE TABLE IF NOT EXISTS failures (path TEXT PRIMARY KEY, error TEXT NOT NULL)
 """
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(str(path), timeout=60, check_same_thread=False, isolation_level=None)
-    conn.execute("PRAGMA journal_mode=WAL")  # readers (a running server) are not blocked by a build
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.executescript(_SCHEMA)
+# table -> columns every index has; `device`/`inode` came later and are added to older files on opening
+_TABLES = {
+    "meta": {"key", "value"},
+    "files": {"id", "path", "size", "mtime_ns", "duration", "fps", "num_frames", "width", "height"},
+    "segments": {"id", "file_id", "start", "end", "embedding"},
+    "failures": {"path", "error"},
+}
+# meta key -> accepted JSON types; `vectors` (the record of the vector file) is optional
+_META_TYPES: dict[str, tuple[type, ...]] = {
+    "format_version": (int,),
+    "root": (str,),
+    "model_source": (str,),
+    "model_overrides": (dict,),
+    "model_fingerprint": (str,),
+    "model_config": (dict,),
+    "dim": (int,),
+    "segment_seconds": (int, float, type(None)),
+    "generation": (int,),
+}
+_REPAIR = "re-run `stanvid index` (same folder, model and --out) to repair it"
+_REBUILD = "move it away (or delete the index folder) and re-run `stanvid index` to build the index again"
+
+
+@contextlib.contextmanager
+def _db_errors(db: Path) -> Iterator[None]:
+    """SQLite errors as one `VideoIndexError` naming the database file: a damaged or foreign file (truncated,
+    garbage, not a database) or an operational failure (disk full, locked past the timeout)."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        raise VideoIndexError(f"{db}: SQLite error: {exc}") from exc
+    except sqlite3.DatabaseError as exc:
+        raise VideoIndexError(f"{db}: not a readable index database ({exc}); {_REBUILD}") from exc
+
+
+def _connect(path: Path, create: bool = True) -> sqlite3.Connection:
+    """Open an index database. `create` makes the missing tables (building); without it (querying) a missing
+    table is an error naming it, rather than an index that silently reads as empty."""
+    with _db_errors(path):
+        conn = sqlite3.connect(str(path), timeout=60, check_same_thread=False, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")  # readers (a running server) are not blocked by a build
+            conn.execute("PRAGMA synchronous=NORMAL")
+            if create:
+                conn.executescript(_SCHEMA)
+            tables = {
+                name: {row[1] for row in conn.execute(f"PRAGMA table_info({name})")} for name in _TABLES
+            }
+            for name, columns in _TABLES.items():
+                if not tables[name]:
+                    what = (
+                        _REBUILD if name == "meta" else _REPAIR
+                    )  # without the record nothing can be verified
+                    raise VideoIndexError(f"{path}: the table {name!r} is missing; {what}")
+                if missing := sorted(columns - tables[name]):
+                    raise VideoIndexError(
+                        f"{path}: the table {name!r} lacks the column(s) {', '.join(missing)}; {_REBUILD}"
+                    )
+            for column in ("device", "inode"):  # identity of each file, recorded since the server checks it
+                if column not in tables["files"]:
+                    conn.execute(f"ALTER TABLE files ADD COLUMN {column} INTEGER")
+        except BaseException:
+            conn.close()
+            raise
     return conn
 
 
@@ -365,8 +520,28 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     conn.execute("COMMIT")
 
 
-def _get_meta(conn: sqlite3.Connection) -> dict[str, Any]:
-    return {k: json.loads(v) for k, v in conn.execute("SELECT key, value FROM meta")}
+def _get_meta(conn: sqlite3.Connection, where: Path | str = DB_NAME) -> dict[str, Any]:
+    meta = {}
+    for key, value in conn.execute("SELECT key, value FROM meta"):
+        try:
+            meta[key] = json.loads(value)
+        except (TypeError, ValueError) as exc:
+            raise VideoIndexError(f"{where}: meta value of {key!r} is not valid JSON; {_REBUILD}") from exc
+    return meta
+
+
+def _check_meta(meta: dict[str, Any], where: Path | str) -> None:
+    """Every recorded key present with the right type; a damaged record names its key."""
+    for key, types in _META_TYPES.items():
+        if key not in meta:
+            raise VideoIndexError(f"{where}: the index record lacks {key!r}; {_REBUILD}")
+        value = meta[key]
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise VideoIndexError(
+                f"{where}: the index record has a malformed {key!r} ({value!r:.60}); {_REBUILD}"
+            )
+    if meta["dim"] < 1:
+        raise VideoIndexError(f"{where}: the index record has a malformed 'dim' ({meta['dim']}); {_REBUILD}")
 
 
 def _set_meta(conn: sqlite3.Connection, **values: Any) -> None:
@@ -377,8 +552,9 @@ def _set_meta(conn: sqlite3.Connection, **values: Any) -> None:
 
 
 def _bump_generation(conn: sqlite3.Connection) -> None:
-    gen = _get_meta(conn).get("generation", 0)
-    _set_meta(conn, generation=gen + 1)
+    row = conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+    gen = json.loads(row[0]) if row is not None else 0
+    _set_meta(conn, generation=(gen if isinstance(gen, int) else 0) + 1)
 
 
 def _delete_file(conn: sqlite3.Connection, relpath: str) -> bool:
@@ -399,8 +575,8 @@ def _insert_file(
     """Replace any row for this path by the new one and its segments (inside the caller's transaction)."""
     _delete_file(conn, entry.relpath)
     cur = conn.execute(
-        "INSERT INTO files (path, size, mtime_ns, duration, fps, num_frames, width, height) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO files (path, size, mtime_ns, duration, fps, num_frames, width, height, device, inode) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             entry.relpath,
             entry.size,
@@ -410,6 +586,8 @@ def _insert_file(
             meta["num_frames"],
             meta["width"],
             meta["height"],
+            entry.device,
+            entry.inode,
         ),
     )
     conn.executemany(
@@ -470,39 +648,107 @@ def _vector_file(out: Path, generation: int) -> Path:
     return out / f"vectors-{generation}.faiss"
 
 
-def _all_embeddings(conn: sqlite3.Connection, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    rows = conn.execute("SELECT id, embedding FROM segments ORDER BY id").fetchall()
+def _all_embeddings(
+    conn: sqlite3.Connection, dim: int, where: Path | str = DB_NAME
+) -> tuple[np.ndarray, np.ndarray]:
+    rows = conn.execute(
+        "SELECT s.id, s.embedding, f.path FROM segments s LEFT JOIN files f ON f.id = s.file_id ORDER BY s.id"
+    ).fetchall()
     ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
     vectors = np.empty((len(rows), dim), dtype=np.float32)
-    for i, (_, blob) in enumerate(rows):
+    for i, (sid, blob, path) in enumerate(rows):
+        if not isinstance(blob, bytes) or len(blob) != 4 * dim or path is None:
+            what = f"of {path!r} has a damaged embedding" if path is not None else "belongs to no file"
+            raise VideoIndexError(f"{where}: segment {sid} {what}; {_REPAIR} (it re-encodes that file)")
         vectors[i] = np.frombuffer(blob, dtype=np.float32)
     return ids, vectors
 
 
+def _damaged_rows(conn: sqlite3.Connection, dim: int) -> tuple[list[str], int]:
+    """Files whose rows cannot be used (an embedding of the wrong size or type, or no segment at all), and the
+    number of segments that belong to no file (a dropped or damaged `files` table)."""
+    bad = conn.execute(
+        "SELECT path FROM files WHERE id IN (SELECT file_id FROM segments "
+        "WHERE typeof(embedding) != 'blob' OR length(embedding) != ?) "
+        "OR id NOT IN (SELECT file_id FROM segments)",
+        (4 * dim,),
+    ).fetchall()
+    orphans = conn.execute(
+        "SELECT COUNT(*) FROM segments WHERE file_id NOT IN (SELECT id FROM files)"
+    ).fetchone()[0]
+    return [r[0] for r in bad], orphans
+
+
 def _write_vector_index(out: Path, conn: sqlite3.Connection, **kind_args: Any) -> faiss.Index:
-    """Build the FAISS index for the current rows and write it atomically; drop files of older generations."""
+    """Build the FAISS index for the current rows and write it atomically; drop files of older generations.
+
+    Its SHA-256, generation and vector count are recorded in the meta table, so a reader can tell this file
+    from a damaged one or one copied from another index.
+    """
     meta = _get_meta(conn)
     generation = meta.get("generation", 0)
-    ids, vectors = _all_embeddings(conn, meta["dim"])
+    ids, vectors = _all_embeddings(conn, meta["dim"], out / DB_NAME)
     index = make_vector_index(vectors, ids, **kind_args)
+    data = faiss.serialize_index(index)  # (bytes,) uint8
     target = _vector_file(out, generation)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=out)
-    os.close(fd)
     try:
-        faiss.write_index(index, tmp)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.tobytes())
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    record = {
+        "generation": generation,
+        "count": int(index.ntotal),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+    with _transaction(conn):
+        _set_meta(conn, vectors=record)
     for old in out.glob("vectors-*.faiss"):
         if old != target:
             old.unlink(missing_ok=True)
     return index
 
 
+def _read_vector_index(
+    file: Path, record: Any, generation: int, count: int, dim: int
+) -> tuple[faiss.Index | None, str]:
+    """The vector file if it is the one recorded for this generation of rows, else (None, what is wrong).
+
+    The bytes are checked before FAISS parses them, so a foreign or damaged file is never deserialized.
+    """
+    try:
+        data = file.read_bytes()
+    except FileNotFoundError:
+        return None, "is missing (interrupted build)"
+    except OSError as exc:
+        return None, f"cannot be read ({exc.strerror})"
+    if isinstance(record, dict):
+        if record.get("generation") != generation or record.get("sha256") != hashlib.sha256(data).hexdigest():
+            return None, "does not match the index database (damaged, or copied from another index)"
+    try:
+        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    except RuntimeError:
+        return None, "is not a readable FAISS index (damaged)"
+    if index.ntotal != count or index.d != dim:
+        return None, (
+            f"holds {index.ntotal} vectors of dimension {index.d}, the database {count} of dimension {dim} "
+            f"(copied from another index?)"
+        )
+    return index, ""
+
+
 # ---------------------------------------------------------------------------------------------- building
-def _walk(root: Path, exclude: Path | None) -> list[_FileEntry]:
-    """Video files under `root` (recursive, symlinked folders not followed), sorted by relative path."""
+def _walk(root: Path, exclude: Path | None, skipped: list[tuple[str, str]] | None = None) -> list[_FileEntry]:
+    """Video files under `root` (recursive, symlinked folders not followed), sorted by relative path.
+
+    Symbolic link policy: a link to a file is indexed only when it resolves inside `root` (a link out of the
+    folder would let the index, and the server, read files that are not the folder's). A name that is not
+    valid UTF-8 cannot be stored (SQLite text, JSON) and is skipped. Both are appended to `skipped` as
+    (relative path, reason), the name written with backslash escapes for its undecodable bytes.
+    """
     entries = []
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
@@ -511,12 +757,25 @@ def _walk(root: Path, exclude: Path | None) -> list[_FileEntry]:
             if not name.lower().endswith(VIDEO_EXTENSIONS):
                 continue
             path = here / name
+            relpath = path.relative_to(root).as_posix()
+            if not _is_utf8(relpath):
+                if skipped is not None:
+                    skipped.append(
+                        (_printable(relpath), "the file name is not valid UTF-8 (rename it to index it)")
+                    )
+                continue
             try:
                 st = path.stat()
             except OSError:
-                continue  # vanished between listing and stat: not in the folder any more
-            if path.is_file():
-                entries.append(_FileEntry(path.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
+                continue  # vanished between listing and stat (or a dangling link): not in the folder
+            if path.is_symlink() and not _inside(Path(os.path.realpath(path)), root):
+                if skipped is not None:
+                    skipped.append(
+                        (relpath, "a symbolic link to a file outside the indexed folder (not followed)")
+                    )
+                continue
+            if stat.S_ISREG(st.st_mode):
+                entries.append(_FileEntry(relpath, st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino))
     return sorted(entries, key=lambda e: e.relpath)
 
 
@@ -524,6 +783,23 @@ def find_videos(root: str | os.PathLike) -> list[Path]:
     """The video files an index of `root` would hold (same extensions and walk), sorted by relative path."""
     root = Path(root)
     return [root / e.relpath for e in _walk(root, exclude=None)]
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # os.walk decodes undecodable bytes to lone surrogates
+        return False
+    return True
+
+
+def _printable(name: str) -> str:
+    """A file name with undecodable bytes written as \\xNN, for messages and the failure list."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
 
 
 def _dist_info() -> tuple[int, int]:
@@ -640,18 +916,35 @@ def build_index(
 
     Under `torchrun` (RANK / WORLD_SIZE set), each rank encodes its share of the files to process into its own
     shard file; after a barrier (gloo), rank 0 merges the shards and writes the FAISS index.
+
+    Rank 0 holds a lock on `out` for the whole run (`stanvid.locking`): a second run on the same index raises
+    `LockHeldError` naming the process that holds it. Symbolic links resolving outside `video_dir` and names
+    that are not valid UTF-8 are not indexed and are listed in `IndexReport.failed` with the reason.
     """
     t0 = time.perf_counter()
-    if segment_seconds is not None and not segment_seconds > 0:
-        raise VideoIndexError(f"segment_seconds must be positive, got {segment_seconds}")
-    if batch_size < 1:
-        raise VideoIndexError(f"batch_size must be >= 1, got {batch_size}")
+    if segment_seconds is not None:
+        _check_segment_seconds(segment_seconds, minimum=0.0)
+        if segment_seconds < MIN_SEGMENT_SECONDS:
+            raise VideoIndexError(
+                f"segment_seconds must be at least {MIN_SEGMENT_SECONDS} s, got {segment_seconds:g}"
+            )
+    for name, value, low in (
+        ("batch_size", batch_size, 1),
+        ("num_workers (--workers)", num_workers, 0),
+        ("approx_threshold", approx_threshold, 1),
+        ("nlist", 1 if nlist is None else nlist, 1),
+        ("nprobe", 1 if nprobe is None else nprobe, 1),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise VideoIndexError(f"{name} must be an integer >= {low}, got {value!r}")
     if index_kind not in INDEX_KINDS:
         raise VideoIndexError(f"index_kind must be one of {', '.join(INDEX_KINDS)}, got {index_kind!r}")
     root = Path(video_dir).expanduser().resolve()
     if not root.is_dir():
         raise VideoIndexError(f"{video_dir}: not a directory")
     out = Path(out).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise VideoIndexError(f"{out}: exists and is not a directory; --out names the index folder")
     overrides = dict(model_overrides or {})
     if isinstance(model, VideoCLIP):
         source = model_source or ""
@@ -678,22 +971,34 @@ def build_index(
         "dim": model.config.clip.embed_dim,
         "segment_seconds": segment_seconds,
     }
+    db = out / DB_NAME
+    lock = contextlib.ExitStack()
     try:
         failure = None
         if rank == 0:
             try:
-                out.mkdir(parents=True, exist_ok=True)
-                with contextlib.closing(_connect(out / DB_NAME)) as conn:
+                try:
+                    out.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise VideoIndexError(f"{out}: cannot create the index folder ({exc.strerror})") from exc
+                lock.enter_context(exclusive_lock(out / LOCK_NAME, f"the index {out}"))
+                with contextlib.closing(_connect(db)) as conn, _db_errors(db):
                     _prepare(conn, out, identity, report, root)
             except Exception as exc:  # shared with the other ranks below, then raised
                 failure = exc
         _barrier(group, failure)
-        main = _connect(out / DB_NAME)
+        main = _connect(db)
+        skipped: list[tuple[str, str]] = []
         try:
-            _check_identity(_get_meta(main), identity, out)
-            disk = _walk(root, exclude=out)
-            known = {r[0]: (r[1], r[2]) for r in main.execute("SELECT path, size, mtime_ns FROM files")}
-            todo = [e for e in disk if known.get(e.relpath) != (e.size, e.mtime_ns)]
+            with _db_errors(db):
+                meta = _get_meta(main, db)
+                _check_meta(meta, db)
+                _check_identity(meta, identity, out)
+                disk = _walk(root, exclude=out, skipped=skipped)
+                known = {
+                    r[0]: r[1:] for r in main.execute("SELECT path, size, mtime_ns, device, inode FROM files")
+                }
+            todo = [e for e in disk if _changed(e, known.get(e.relpath))]
             report.files_seen = len(disk)
             report.unchanged = len(disk) - len(todo)
             mine = todo[rank::world]
@@ -711,15 +1016,19 @@ def build_index(
                         conn.executemany(
                             "INSERT OR REPLACE INTO failures (path, error) VALUES (?, ?)", report.failed
                         )
+        except sqlite3.DatabaseError as exc:  # a commit in the encode loop (disk full, ...)
+            failure = VideoIndexError(f"{db}: SQLite error: {exc}")
+            failure.__cause__ = exc
         except Exception as exc:
             failure = exc
         finally:
             main.close()
         _barrier(group, failure)
         if rank == 0:
-            with contextlib.closing(_connect(out / DB_NAME)) as conn:
+            with contextlib.closing(_connect(db)) as conn, _db_errors(db):
                 if world > 1:
                     report.indexed, report.failed = _merge_shards(conn, out)
+                report.failed = sorted(report.failed + skipped)
                 with _transaction(conn):
                     conn.execute("DELETE FROM failures")
                     conn.executemany(
@@ -738,6 +1047,7 @@ def build_index(
         report.seconds = time.perf_counter() - t0
         return report
     finally:
+        lock.close()
         if group is not None and group.get("owned"):
             import torch.distributed as dist
 
@@ -747,23 +1057,67 @@ def build_index(
 def _prepare(
     conn: sqlite3.Connection, out: Path, identity: dict[str, Any], report: IndexReport, root: Path
 ) -> None:
-    """Rank 0, before any encoding: record or check the identity, merge shards an interrupted run left, and
-    drop the files that are gone from the folder."""
-    meta = _get_meta(conn)
+    """Rank 0, before any encoding: record or check the identity, merge shards an interrupted run left, repair
+    what a damaged database lets us (rows without a usable embedding are dropped, so their files are encoded
+    again), record the identity of files indexed before it was kept, and drop the files gone from the folder."""
+    db = out / DB_NAME
+    meta = _get_meta(conn, db)
     if not meta:
+        if conn.execute("SELECT EXISTS (SELECT 1 FROM segments) OR EXISTS (SELECT 1 FROM files)").fetchone()[
+            0
+        ]:
+            raise VideoIndexError(
+                f"{db}: the index record (meta table) is gone but embeddings remain, of unknown origin; {_REBUILD}"
+            )
         with _transaction(conn):
             _set_meta(conn, **identity, generation=0)
-        meta = _get_meta(conn)
+        meta = _get_meta(conn, db)
+    _check_meta(meta, db)
     _check_identity(meta, identity, out)
     _merge_shards(conn, out)  # files an interrupted sharded run committed; its failures are retried below
-    on_disk = {e.relpath for e in _walk(root, exclude=out)}
-    gone = [r[0] for r in conn.execute("SELECT path FROM files") if r[0] not in on_disk]
-    if gone:
+    damaged, orphans = _damaged_rows(conn, meta["dim"])
+    if damaged or orphans:
+        log.warning(
+            "%s: %d file(s) with damaged rows and %d segment(s) of no file: dropped, their videos are encoded "
+            "again",
+            db,
+            len(damaged),
+            orphans,
+        )
+        with _transaction(conn):
+            for relpath in damaged:
+                _delete_file(conn, relpath)
+            conn.execute("DELETE FROM segments WHERE file_id NOT IN (SELECT id FROM files)")
+            _bump_generation(conn)
+    disk = {e.relpath: e for e in _walk(root, exclude=out)}
+    rows = conn.execute("SELECT path, size, mtime_ns, inode FROM files").fetchall()
+    gone = [r[0] for r in rows if r[0] not in disk]
+    legacy = [  # indexed before file identities were recorded, unchanged since: record it, no re-encoding
+        disk[p]
+        for p, size, mtime_ns, inode in rows
+        if inode is None and p in disk and (size, mtime_ns) == (disk[p].size, disk[p].mtime_ns)
+    ]
+    if gone or legacy:
         with _transaction(conn):
             for relpath in gone:
                 _delete_file(conn, relpath)
-            _bump_generation(conn)
+            conn.executemany(
+                "UPDATE files SET device = ?, inode = ? WHERE path = ?",
+                [(e.device, e.inode, e.relpath) for e in legacy],
+            )
+            if gone:
+                _bump_generation(conn)
     report.removed = len(gone)
+
+
+def _changed(entry: _FileEntry, row: tuple | None) -> bool:
+    """A file to (re-)encode: new, or its size, mtime or identity differ from the indexed row's."""
+    if row is None:
+        return True
+    size, mtime_ns, device, inode = row
+    if (size, mtime_ns) != (entry.size, entry.mtime_ns):
+        return True
+    return inode is not None and (device, inode) != (entry.device, entry.inode)
 
 
 def _check_identity(meta: dict[str, Any], identity: dict[str, Any], out: Path) -> None:
@@ -836,18 +1190,19 @@ def _merge_shards(conn: sqlite3.Connection, out: Path) -> tuple[int, list[tuple[
             if meta and meta.get("model_fingerprint") != main_meta["model_fingerprint"]:
                 raise VideoIndexError(f"{shard}: shard was written by another model; delete it and re-run")
             files = src.execute(
-                "SELECT id, path, size, mtime_ns, duration, fps, num_frames, width, height FROM files"
+                "SELECT id, path, size, mtime_ns, device, inode, duration, fps, num_frames, width, height "
+                "FROM files"
             ).fetchall()
             failures = src.execute("SELECT path, error FROM failures").fetchall()
             with _transaction(conn):
-                for fid, path, size, mtime_ns, *rest in files:
+                for fid, path, size, mtime_ns, device, inode, *rest in files:
                     segs = src.execute(
                         "SELECT start, end, embedding FROM segments WHERE file_id = ? ORDER BY id", (fid,)
                     ).fetchall()
                     meta_row = dict(
                         zip(("duration", "fps", "num_frames", "width", "height"), rest, strict=True)
                     )
-                    _insert_file(conn, _FileEntry(path, size, mtime_ns), meta_row, segs)
+                    _insert_file(conn, _FileEntry(path, size, mtime_ns, device, inode), meta_row, segs)
                 if files:
                     _bump_generation(conn)
         merged += len(files)
@@ -902,24 +1257,30 @@ class VideoIndex:
         self, path: str | os.PathLike, model: VideoCLIP | None = None, device: str | None = None
     ) -> None:
         self.path = Path(path).expanduser().resolve()
-        db = self.path / DB_NAME
+        self.db = db = self.path / DB_NAME
         if not db.is_file():
             raise VideoIndexError(
                 f"{path}: no index here ({DB_NAME} missing); build one with `stanvid index`"
             )
-        self._conn = _connect(db)
+        self._conn = _connect(db, create=False)
         self._lock = threading.RLock()
-        self.meta = _get_meta(self._conn)
-        if not self.meta:
-            raise VideoIndexError(
-                f"{path}: the index is empty (interrupted before its first commit); re-run the build"
-            )
-        self.root = Path(self.meta["root"])
-        self.device = torch.device(device) if device else _default_device(1)
-        self._model = None
-        if model is not None:
-            self._model = self._verified(model)
-        self.vectors = self._load_vectors()
+        try:
+            with _db_errors(db):
+                self.meta = _get_meta(self._conn, db)
+                if not self.meta:
+                    raise VideoIndexError(
+                        f"{path}: the index is empty (interrupted before its first commit); re-run the build"
+                    )
+                _check_meta(self.meta, db)
+                self.root = Path(self.meta["root"])
+                self.device = torch.device(device) if device else _default_device(1)
+                self._model = None
+                if model is not None:
+                    self._model = self._verified(model)
+                self.vectors = self._load_vectors()
+        except BaseException:
+            self._conn.close()
+            raise
 
     # -------------------------------------------------------------- model
     @property
@@ -946,17 +1307,21 @@ class VideoIndex:
 
     # -------------------------------------------------------------- vectors
     def _load_vectors(self) -> faiss.Index:
-        generation = self.meta.get("generation", 0)
+        """The stored vector file when it is the one recorded for the current rows; otherwise (missing,
+        unreadable, damaged, another index's) the vectors are rebuilt in memory from SQLite, with a warning."""
+        generation, dim = self.meta["generation"], self.meta["dim"]
         file = _vector_file(self.path, generation)
-        if file.is_file():
-            return faiss.read_index(str(file))
+        count = self._conn.execute("SELECT COUNT(*) FROM segments").fetchone()[0]
+        index, problem = _read_vector_index(file, self.meta.get("vectors"), generation, count, dim)
+        if index is not None:
+            return index
         log.warning(
-            "%s: vector file for generation %d is missing (interrupted build); rebuilding it in memory; "
-            "re-run `stanvid index` to store it",
-            self.path,
-            generation,
+            "%s %s; rebuilding it in memory from %s; re-run `stanvid index` to store it",
+            file,
+            problem,
+            DB_NAME,
         )
-        ids, vectors = _all_embeddings(self._conn, self.meta["dim"])
+        ids, vectors = _all_embeddings(self._conn, dim, self.db)
         return make_vector_index(vectors, ids)
 
     def __len__(self) -> int:
@@ -964,8 +1329,15 @@ class VideoIndex:
         return int(self.vectors.ntotal)
 
     def num_files(self) -> int:
-        with self._lock:
+        with self._lock, _db_errors(self.db):
             return self._conn.execute("SELECT COUNT(*) FROM files").fetchone()[0]
+
+    @property
+    def model_name(self) -> str:
+        """The model by its name, not where it lies on this machine: a local checkpoint's folder or file name,
+        a hub id or OpenAI name as given; "" for an in-memory model."""
+        source = self.meta["model_source"]
+        return Path(source).name if source and Path(source).is_absolute() else source
 
     # -------------------------------------------------------------- search
     @torch.inference_mode()
@@ -1073,7 +1445,7 @@ class VideoIndex:
         if not ids:
             return []
         marks = ",".join("?" * len(ids))
-        with self._lock:
+        with self._lock, _db_errors(self.db):
             rows = self._conn.execute(
                 "SELECT s.id, f.id, f.path, s.start, s.end, f.fps, f.num_frames, f.width, f.height, f.size, f.mtime_ns "
                 f"FROM segments s JOIN files f ON f.id = s.file_id WHERE s.id IN ({marks})",
@@ -1087,9 +1459,58 @@ class VideoIndex:
 
     def file_path(self, file_id: int) -> Path | None:
         """Absolute path of an indexed file by id; None for an id the index does not have."""
-        with self._lock:
+        with self._lock, _db_errors(self.db):
             row = self._conn.execute("SELECT path FROM files WHERE id = ?", (int(file_id),)).fetchone()
         return None if row is None else self.root / row[0]
+
+    def file_relpath(self, file_id: int) -> str | None:
+        """Path of an indexed file relative to the indexed folder; None for an unknown id."""
+        path = self.file_path(file_id)
+        return None if path is None else path.relative_to(self.root).as_posix()
+
+    def open_video(self, file_id: int) -> tuple[BinaryIO, os.stat_result, str] | None:
+        """The indexed file `file_id` opened for reading, with its `fstat` and its path relative to the folder,
+        if it still is the file indexed; None for an id the index does not have.
+
+        Raises `IndexedFileError` (message relative to the folder) when it is gone, or when it is no longer
+        what was indexed: its real path (symbolic links resolved at this moment) leaves the folder, it is not
+        a regular file, or its size, mtime, device or inode differ. The checks are made on the opened
+        descriptor, so the bytes read from it are those of the checked file whatever is renamed afterwards.
+        """
+        with self._lock, _db_errors(self.db):
+            row = self._conn.execute(
+                "SELECT path, size, mtime_ns, device, inode FROM files WHERE id = ?", (int(file_id),)
+            ).fetchone()
+        if row is None:
+            return None
+        relpath, size, mtime_ns, device, inode = row
+        name = f"file {file_id} ({relpath})"
+        changed = f"{name} is no longer the file that was indexed"
+        real = Path(os.path.realpath(self.root / relpath))
+        if not _inside(real, self.root):
+            raise IndexedFileError(f"{changed}: it now resolves outside the indexed folder", gone=False)
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)  # no FIFO waits
+        try:
+            fd = os.open(real, flags)
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            raise IndexedFileError(f"{name} is gone from the server", gone=True) from exc
+        except OSError as exc:
+            raise IndexedFileError(f"{changed} ({exc.strerror})", gone=False) from exc
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+                raise IndexedFileError(f"{changed}: it is now {kind}", gone=False)
+            if (st.st_size, st.st_mtime_ns) != (size, mtime_ns) or (
+                inode is not None and (st.st_dev, st.st_ino) != (device, inode)
+            ):
+                raise IndexedFileError(
+                    f"{changed}: it was modified or replaced; re-run `stanvid index`", gone=False
+                )
+            return os.fdopen(fd, "rb"), st, relpath
+        except BaseException:
+            os.close(fd)
+            raise
 
     def middle_frame(self, segment_id: int, size: int | None = None) -> torch.Tensor:
         """The frame shown at the middle of a segment, (H, W, 3) uint8, its shortest side shrunk to `size`
@@ -1101,12 +1522,21 @@ class VideoIndex:
             raise VideoIndexError(f"{self.path}: no segment with id {segment_id}")
         frame = min(seg.num_frames - 1, max(0, int((seg.start + seg.end) / 2 * seg.fps)))
         shrink = size if size is not None and size < min(seg.width, seg.height) else None
-        return read_frames(seg.path, [frame], size=shrink)[0]
+        self._check_file(seg.file_id)  # still the indexed file, before and after decoding (see open_video)
+        image = read_frames(os.path.realpath(seg.path), [frame], size=shrink)[0]
+        self._check_file(seg.file_id)
+        return image
+
+    def _check_file(self, file_id: int) -> None:
+        opened = self.open_video(file_id)
+        if opened is None:
+            raise VideoIndexError(f"{self.path}: no file with id {file_id}")
+        opened[0].close()
 
     @property
     def failures(self) -> list[tuple[str, str]]:
         """(path, error) of the videos the last build could not read."""
-        with self._lock:
+        with self._lock, _db_errors(self.db):
             return [
                 (str(self.root / p), e) for p, e in self._conn.execute("SELECT path, error FROM failures")
             ]

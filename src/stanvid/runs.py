@@ -283,6 +283,11 @@ def _is_train_checkpoint(path: Path) -> bool:
     )
 
 
+def _first_line(exc: BaseException) -> str:
+    """`Type: first line` of an exception (torch's unpickling errors run to a page of advice)."""
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+
+
 def load_trained(checkpoint: str | os.PathLike, recipe: Recipe) -> tuple[nn.Module, nn.Module | None]:
     """A model to evaluate, and its linear head if it has one.
 
@@ -294,12 +299,22 @@ def load_trained(checkpoint: str | os.PathLike, recipe: Recipe) -> tuple[nn.Modu
     path = Path(checkpoint)
     head_state = None
     if _is_train_checkpoint(path):
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except (
+            Exception
+        ) as exc:  # unsafe (a pickle calling code: refused, nothing runs), truncated or foreign
+            raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(exc)})") from exc
         if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
-            config = ModelConfig.from_dict(state["model_config"]).replace(num_frames=recipe.model.num_frames)
-            model = VideoCLIP(config)
-            model.load_state_dict(state["model"])
-            head_state = state["trainer"].get("head")
+            try:
+                config = ModelConfig.from_dict(state["model_config"]).replace(
+                    num_frames=recipe.model.num_frames
+                )
+                model = VideoCLIP(config)
+                model.load_state_dict(state["model"])
+                head_state = state["trainer"].get("head")
+            except (KeyError, TypeError, AttributeError, RuntimeError) as exc:
+                raise CheckpointError(f"{path}: a damaged training checkpoint ({_first_line(exc)})") from exc
             model.eval()
         else:
             model = load_model(path, num_frames=recipe.model.num_frames)

@@ -613,16 +613,38 @@ def _checkpoint_dir(out_dir: Path) -> Path:
 
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     """The newest ``checkpoints/step-*.pt`` under a run folder (by step), or None."""
-    folder = _checkpoint_dir(Path(out_dir))
+    found = _checkpoints_newest_first(Path(out_dir))
+    return found[0] if found else None
+
+
+def _checkpoints_newest_first(out_dir: Path) -> list[Path]:
+    folder = _checkpoint_dir(out_dir)
     if not folder.is_dir():
-        return None
+        return []
     found = []
     for path in folder.glob("step-*.pt"):
         try:
             found.append((int(path.stem.split("-", 1)[1]), path))
         except ValueError:
             continue
-    return max(found)[1] if found else None
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def _newest_readable_checkpoint(out_dir: Path) -> tuple[Path | None, dict[str, Any] | None]:
+    """The newest checkpoint that loads, and its state. A newer one that does not (truncated by a full disk, a
+    copy cut short) is skipped with a line saying which and why; it is left in place, and the resumed run
+    writes that step again. When none loads: (the newest, None), so the caller's load raises its error."""
+    found = _checkpoints_newest_first(out_dir)
+    for path in found:
+        try:
+            state = load_checkpoint(path)
+        except CheckpointError as exc:
+            print(f"resume: skipping {path}: {exc}; trying the previous checkpoint", file=sys.stderr)
+            continue
+        if path != found[0]:
+            print(f"resume: continuing from {path.name}, the newest checkpoint that reads", file=sys.stderr)
+        return path, state
+    return (found[0] if found else None), None
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -825,7 +847,9 @@ def fit(
 
     epoch, batch_in_epoch, step = 0, 0, 0
     history: list[dict[str, Any]] = []
-    checkpoint = latest_checkpoint(out) if (out is not None and rank == 0) else None
+    checkpoint, saved = None, None
+    if out is not None and rank == 0:
+        checkpoint, saved = _newest_readable_checkpoint(out) if resume else (latest_checkpoint(out), None)
     if world > 1:
         # rank 0 decides; every rank then reads that file (several nodes: out_dir on a shared filesystem)
         chosen = [checkpoint]
@@ -837,7 +861,8 @@ def fit(
         )
     resumed_from = None
     if resume and checkpoint is not None:
-        saved = load_checkpoint(checkpoint)
+        if saved is None:  # other ranks (rank 0 read it already), or none reads: raises naming the file
+            saved = load_checkpoint(checkpoint)
         _check_resumable(saved, recipe, world, checkpoint)
         model.load_state_dict(saved["model"])
         trainer.load_state_dict(saved["trainer"])
