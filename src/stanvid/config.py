@@ -19,6 +19,10 @@ ACTIVATIONS = ("quick_gelu", "gelu")
 TEMPORAL_MODULES = ("meanP", "seqTransf", "stan")
 TIME_MODULES = ("selfattn", "conv")
 POOLINGS = ("mean", "normalized_mean")
+# how a text is scored against a video: the cosine of pooled embeddings, or Mug-STAN's token-by-frame head
+SIMILARITIES = ("cosine", "mug")
+# the official `Mug_head` modes stanvid implements (see stanvid.mug; `drl_wti` is left out, see there)
+MUG_MODES = ("mug_frame_token_simple", "mug_frame_token", "mug_frame_text")
 
 
 def _positive_int(obj: Any, *names: str) -> None:
@@ -177,6 +181,10 @@ class ModelConfig:
     embeddings as they are (`mean`), while CLIP4Clip L2-normalizes each frame before the mean
     (`normalized_mean`). A model keeps the rule of the checkpoint it came from, so its outputs reproduce that
     reference exactly, and `save_pretrained` stores it.
+
+    `similarity` says how a caption is scored against a video: `cosine` of the pooled embeddings (STAN), or
+    `mug`, Mug-STAN's alignment head over per-token text and per-frame video features (`stanvid.mug`), with the
+    official head's `mug_mode` and softmax temperature `mug_tau` (100 in every official config).
     """
 
     clip: CLIPConfig = field(default_factory=CLIPConfig)
@@ -187,10 +195,19 @@ class ModelConfig:
     pooling: str = "mean"
     grad_checkpointing: bool = False
     name: str = ""
+    similarity: str = "cosine"
+    mug_mode: str = "mug_frame_token_simple"
+    mug_tau: float = 100.0
 
     def __post_init__(self) -> None:
         _choice(self, "temporal", TEMPORAL_MODULES)
         _choice(self, "pooling", POOLINGS)
+        _choice(self, "similarity", SIMILARITIES)
+        _choice(self, "mug_mode", MUG_MODES)
+        tau = self.mug_tau
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 < tau < float("inf"):
+            raise ConfigError(f"ModelConfig.mug_tau must be a positive number, got {tau!r}")
+        self.mug_tau = float(tau)
         _positive_int(self, "num_frames")
         if self.temporal == "stan":
             if self.stan.depth > self.clip.vision.layers:
