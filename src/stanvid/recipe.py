@@ -25,7 +25,7 @@ from typing import Any, Union
 
 import yaml
 
-from stanvid.config import TEMPORAL_MODULES, TIME_MODULES, STANConfig
+from stanvid.config import MUG_MODES, SIMILARITIES, TEMPORAL_MODULES, TIME_MODULES, STANConfig
 from stanvid.errors import ConfigError
 
 __all__ = [
@@ -85,6 +85,11 @@ class ModelRecipe:
     # recognition only: score videos against the class names' text embeddings (the official model) or a
     # linear head on the video embedding
     classifier: str = _f("text", choices=CLASSIFIERS)
+    # retrieval: `cosine` of pooled embeddings (STAN) or `mug`, Mug-STAN's token-by-frame head (stanvid.mug),
+    # with the official head's mode and softmax temperature; recorded in the saved model's config
+    similarity: str = _f("cosine", choices=SIMILARITIES)
+    mug_mode: str = _f("mug_frame_token_simple", choices=MUG_MODES)
+    mug_tau: float = _f(100.0, gt=0)
 
 
 @dataclass(kw_only=True)
@@ -394,6 +399,8 @@ def _check_recipe(r: Recipe) -> None:
             f"data.dataset {r.data.dataset!r} is a {kind} dataset but task is {r.task!r}; "
             f"datasets for {r.task}: {', '.join(serves)}"
         )
+    if r.task == "recognition" and r.model.similarity != "cosine":
+        raise ConfigError("model.similarity: mug is a retrieval head; recognition recipes keep cosine")
     if r.task == "recognition" and not r.data.class_names:
         raise ConfigError("data.class_names is required for recognition (the class list file)")
     if isinstance(r.train.temperature, str) and r.train.temperature != LEARNABLE:

@@ -251,10 +251,20 @@ def load_run_model(recipe: Recipe) -> nn.Module:
         stan_depth=m.stan_depth,
         time_module=m.time_module,
         num_frames=m.num_frames,
+        **mug_overrides(recipe),
     )
     model.set_grad_checkpointing(m.grad_checkpointing)
     check_model_fits(model, recipe, m.source)
     return model
+
+
+def mug_overrides(recipe: Recipe) -> dict[str, Any]:
+    """The recipe's Mug head as `load_model` overrides; empty for ``similarity: cosine``, so a model keeps the
+    head its checkpoint records (a Mug-STAN model evaluated with a STAN recipe is still scored by its head)."""
+    m = recipe.model
+    if m.similarity == "cosine":
+        return {}
+    return {"similarity": m.similarity, "mug_mode": m.mug_mode, "mug_tau": m.mug_tau}
 
 
 def check_model_fits(model: nn.Module, recipe: Recipe, source: Any) -> None:
@@ -296,15 +306,17 @@ def load_trained(checkpoint: str | os.PathLike, recipe: Recipe) -> tuple[nn.Modu
     if _is_train_checkpoint(path):
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
-            config = ModelConfig.from_dict(state["model_config"]).replace(num_frames=recipe.model.num_frames)
+            config = ModelConfig.from_dict(state["model_config"]).replace(
+                num_frames=recipe.model.num_frames, **mug_overrides(recipe)
+            )
             model = VideoCLIP(config)
             model.load_state_dict(state["model"])
             head_state = state["trainer"].get("head")
             model.eval()
         else:
-            model = load_model(path, num_frames=recipe.model.num_frames)
+            model = load_model(path, num_frames=recipe.model.num_frames, **mug_overrides(recipe))
     else:
-        model = load_model(path, num_frames=recipe.model.num_frames)
+        model = load_model(path, num_frames=recipe.model.num_frames, **mug_overrides(recipe))
         if path.is_dir() and (path / HEAD_FILE).is_file():
             head_state = load_file(str(path / HEAD_FILE))
     head = None
@@ -406,7 +418,8 @@ def _evaluate_run(
             head.to(device)
         scale = _recipe_scale(recipe, model)
         label = Path(source).name if Path(source).exists() else str(source)
-        rows[f"{model.config.temporal} ({label})"] = evaluate_model(
+        head_name = f" + Mug head ({model.config.mug_mode})" if model.config.similarity == "mug" else ""
+        rows[f"{model.config.temporal}{head_name} ({label})"] = evaluate_model(
             model, dataset, recipe, head=head, logit_scale=scale, progress=progress, device=device
         )
         del model
@@ -512,6 +525,7 @@ def check_run(recipe: Recipe, *, resume: bool = False) -> str:
         0,
         f"model   {recipe.model.source}: {cfg.temporal}"
         + (f" (depth {cfg.stan.depth}, {cfg.stan.time_module})" if cfg.temporal == "stan" else "")
+        + (f", Mug head {cfg.mug_mode} (tau {cfg.mug_tau:g})" if cfg.similarity == "mug" else "")
         + f", {cfg.num_frames} frames, image {cfg.clip.vision.image_size}, "
         f"{n_params / 1e6:.1f}M parameters ({n_new / 1e6:.1f}M new, lr x{recipe.optim.new_param_lr_mult:g})",
     )
