@@ -215,7 +215,13 @@ def _write_dataset(recipe, root: Path, clip: Path) -> None:
     for split, ann in (("train", d.train_annotations), ("test", d.test_annotations)):
         folder = d.video_dir if split == "train" or d.test_video_dir is None else d.test_video_dir
         path = root / ann
-        if d.dataset in ("msrvtt", "didemo", "lsmdc"):  # json caption files
+        if d.dataset == "webvid" and split == "train":  # the released WebVid CSV, videos in page_dir folders
+            videos(f"{folder}/000001_000050", [str(1000 + i) for i in range(30)])  # batch 24
+            rows = "".join(
+                f'{1000 + i},"clip {i}, a caption",000001_000050,url,PT00H00M10S\n' for i in range(30)
+            )
+            path.write_text("videoid,name,page_dir,contentUrl,duration\n" + rows)
+        elif d.dataset in ("msrvtt", "didemo", "lsmdc", "webvid"):  # json caption files
             videos(folder, names)
             path.write_text(json.dumps({f"{n}.mp4": [f"a caption of {n}", f"more about {n}"] for n in names}))
         elif d.dataset == "msvd":

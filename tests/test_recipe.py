@@ -116,7 +116,10 @@ def test_unknown_keys_are_named_with_the_valid_ones(tmp_path):
             "model.temporal=lstm",
             r"model.temporal: 'lstm' is not a valid choice; valid choices: meanP, seqTransf, stan",
         ),
-        ("optim.warmup_epochs=11", r"optim.warmup_epochs \(11.0\) must not exceed train.epochs \(10\)"),
+        (
+            "optim.warmup_epochs=11",
+            r"optim.warmup_epochs \(11.0\) \+ optim.hold_epochs \(0.0\) must not exceed train.epochs \(10\)",
+        ),
         ("data.test_resize=200", r"data.test_resize \(200\) must be at least data.input_size \(224\)"),
         ("data.num_frames=65", r"exceeds STAN's time embedding"),
         ("task=recognition", r"'msrvtt' is a retrieval dataset but task is 'recognition'"),

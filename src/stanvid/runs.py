@@ -57,6 +57,7 @@ from stanvid.data.retrieval_formats import (
     load_msrvtt_test,
     load_msvd,
     load_video_captions,
+    load_webvid,
 )
 from stanvid.errors import CheckpointError, ConfigError
 from stanvid.evaluate import evaluate_recognition, evaluate_retrieval, write_results, zero_shot_model
@@ -136,6 +137,8 @@ def load_split(recipe: Recipe, split: str) -> RetrievalAnnotations | Recognition
         return load_caption_json(path, videos) if suffix == ".json" else load_lsmdc(path, videos)
     if kind == "activitynet":
         return load_activitynet(path, videos)
+    if kind == "webvid":  # post-pretraining: WebVid to train on, another dataset's json to validate on
+        return load_webvid(path, videos) if split == "train" else load_caption_json(path, videos)
     if kind == "csv" and recipe.task == "retrieval":
         return load_video_captions(path, videos)
     if kind in ("csv", "kinetics400"):
@@ -206,7 +209,7 @@ def build_dataset(
             transform = _ResizeCropTransform(d.test_resize, d.input_size, None)
         return RetrievalDataset(
             ann,
-            num_frames=d.num_frames,
+            num_frames=d.num_frames if train or d.test_num_frames is None else d.test_num_frames,
             train=train,
             unit="caption" if train else "video",
             transform=transform,

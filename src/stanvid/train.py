@@ -227,6 +227,7 @@ class LRSchedule:
     schedule: str
     period: int
     min_ratio: float
+    hold_steps: int = 0  # at factor 1 between the ramp and the cosine (a gap between mmengine schedulers)
 
     @classmethod
     def from_recipe(cls, optim: OptimRecipe, epochs: int, steps_per_epoch: int) -> LRSchedule:
@@ -240,14 +241,15 @@ class LRSchedule:
             schedule=optim.schedule,
             period=round(cosine_epochs * steps_per_epoch),
             min_ratio=optim.min_lr_ratio,
+            hold_steps=round(optim.hold_epochs * steps_per_epoch),
         )
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
             return self.start_factor + (1.0 - self.start_factor) * step / self.warmup_steps
-        if self.schedule == "constant" or self.period <= 0:
+        if self.schedule == "constant" or self.period <= 0 or step < self.warmup_steps + self.hold_steps:
             return 1.0
-        t = step - self.warmup_steps
+        t = step - self.warmup_steps - self.hold_steps
         return self.min_ratio + (1.0 - self.min_ratio) * (1.0 + math.cos(math.pi * t / self.period)) / 2
 
 
