@@ -139,3 +139,64 @@ def test_config_validates_and_round_trips(tmp_path, tiny_model):
         50.0,
     )
     assert stanvid.load_model(tmp_path / "m", similarity="cosine").config.similarity == "cosine"
+
+
+# ---- released Mug-STAN checkpoints: STAN's layout, the head recorded in the config ---------------------------
+
+MUG_CFG = "model = dict(\n    type='CLIPSimilarity_split',\n    tau = 0.01,\n    adapter=dict(type=\"Mug_head\", input_dim = 512, tau = 100))\n"
+
+
+def _official_checkpoint(root, tmp_path, meta_cfg=None, extra=None):
+    obj = torch.load(root / "stan_official_layout.pth", weights_only=True)
+    if meta_cfg is not None:
+        obj["meta"] = {"cfg": meta_cfg}
+    obj["state_dict"].update(extra or {})
+    path = tmp_path / "mugstan.pth"
+    torch.save(obj, path)
+    return path
+
+
+@torch.no_grad()
+def test_official_mugstan_checkpoint_loads_with_its_head(parity, tmp_path):
+    root = parity("stan_tiny_a")
+    io = load_file(root / "io.safetensors")
+    path = _official_checkpoint(root, tmp_path, MUG_CFG)
+    model = stanvid.load_model(path, config=root / "hf_clip")
+    cfg = model.config
+    assert (cfg.temporal, cfg.similarity, cfg.mug_mode, cfg.mug_tau) == (
+        "stan",
+        "mug",
+        "mug_frame_token_simple",
+        100.0,
+    )
+    frames = model.encode_video(io["video"], pool=False)
+    close(frames, io["frame_emb"], "frame_emb")  # the backbone is STAN's, key for key
+    model.save_pretrained(tmp_path / "saved")
+    back = stanvid.load_model(tmp_path / "saved")
+    assert (back.config.similarity, back.config.mug_mode, back.config.mug_tau) == (
+        "mug",
+        "mug_frame_token_simple",
+        100.0,
+    )
+    # a mode written in the stored config is taken; an explicit override wins over it
+    moded = MUG_CFG.replace("input_dim", "mode='mug_frame_text', input_dim")
+    path = _official_checkpoint(root, tmp_path, moded)
+    assert stanvid.load_model(path, config=root / "hf_clip").config.mug_mode == "mug_frame_text"
+    over = stanvid.load_model(path, config=root / "hf_clip", mug_mode="mug_frame_token")
+    assert over.config.mug_mode == "mug_frame_token"
+
+
+def test_official_checkpoint_without_a_head_record(parity, tmp_path):
+    root = parity("stan_tiny_a")
+    plain = _official_checkpoint(root, tmp_path, "model = dict(adapter=None)\n")
+    assert stanvid.load_model(plain, config=root / "hf_clip").config.similarity == "cosine"
+    assert stanvid.load_model(plain, config=root / "hf_clip", similarity="mug").config.similarity == "mug"
+    drl = _official_checkpoint(root, tmp_path, MUG_CFG.replace("input_dim", "mode='drl_wti', input_dim"))
+    with pytest.raises(ConfigError, match="mug_mode"):
+        stanvid.load_model(drl, config=root / "hf_clip")
+    weights = {
+        "adapter.text_weight_fc.weight": torch.zeros(1, 48),
+        "adapter.text_weight_fc.bias": torch.zeros(1),
+    }
+    with pytest.raises(stanvid.CheckpointError, match="drl_wti"):
+        stanvid.load_model(_official_checkpoint(root, tmp_path, MUG_CFG, weights), config=root / "hf_clip")

@@ -67,7 +67,9 @@ def load_model(source: str | os.PathLike, *, config: Any = None, **overrides: An
 
     `config`: a Hugging Face CLIP `config.json` (or its directory, or a dict) for formats whose weights do not
     say everything (official STAN). `overrides`: `temporal` (meanP | seqTransf | stan), `stan_depth`,
-    `time_module`, `num_frames`, `pooling`, `grad_checkpointing`. A plain CLIP becomes `meanP` unless
+    `time_module`, `num_frames`, `pooling`, `grad_checkpointing`, and Mug-STAN's head: `similarity="mug"`,
+    `mug_mode`, `mug_tau` (an official Mug-STAN checkpoint that stores its config sets them itself; see
+    `stanvid.convert.mug_head_overrides`). A plain CLIP becomes `meanP` unless
     `temporal` says otherwise; a temporal module the checkpoint does not have starts from the paper's
     initialisation (spatial modules copied from CLIP, temporal projections zero), and one it has but the
     override replaces is dropped with a log line.
@@ -167,9 +169,10 @@ def _load_file(path: Path, config: Any, overrides: dict[str, Any]) -> VideoCLIP:
                 raw = torch.jit.load(str(path), map_location="cpu").state_dict()
         except RuntimeError as exc:
             raise CheckpointError(f"{path}: cannot read the TorchScript archive ({exc})") from exc
-        kind = "openai"
+        kind, obj = "openai", None
     else:
-        kind, raw = _state_dict_kind(_torch_load(path), path)
+        obj = _torch_load(path)
+        kind, raw = _state_dict_kind(obj, path)
     source = str(path)
     if kind == "openai":
         clip_cfg = convert.openai_clip_config(raw, source=source)
@@ -215,6 +218,9 @@ def _load_file(path: Path, config: Any, overrides: dict[str, Any]) -> VideoCLIP:
             f"config= (CLI: --config) a Hugging Face CLIP config.json, or its folder, of the CLIP it was trained from"
         )
     clip_cfg = convert.hf_clip_config(config)
+    # Mug-STAN: the same keys, and the head's configuration from the stored config text when there is one
+    for key, value in convert.mug_head_overrides(obj.get("meta"), raw, source).items():
+        overrides.setdefault(key, value)
     state = convert.convert_state_dict(raw, convert.STAN_RULES, ignored=convert.STAN_BUFFERS, source=source)
     return _from_clip_weights(clip_cfg, state, source, overrides)
 
