@@ -315,3 +315,33 @@ def test_bad_input_is_one_line_and_exit_code_2(csv_run, tmp_path, capsys, case, 
     assert "Traceback" not in err
     assert len(err.strip().splitlines()) == 1, err
     assert message in err, err
+
+
+def test_mugstan_train_then_eval_through_the_cli(csv_run, tmp_path, capsys):
+    """`model.similarity: mug`: trained on the head's loss, saved with the head, evaluated on the head's scores
+    (the table row names it), against the library's all-pairs evaluation of the saved model."""
+    recipe = yaml.safe_load(csv_run["config"].read_text())
+    recipe["model"].update(similarity="mug", mug_mode="mug_frame_token_simple", mug_tau=100.0)
+    recipe["data"]["test_num_frames"] = 5
+    recipe["train"].update(epochs=1)
+    config = tmp_path / "mug.yaml"
+    config.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "run"
+    assert main(["train", str(config), "--out", str(out), "--no-progress"]) == 0
+    saved = load_model(out / "model")
+    assert (saved.config.similarity, saved.config.mug_mode) == ("mug", "mug_frame_token_simple")
+    capsys.readouterr()
+    assert (
+        main(["eval", str(config), "--checkpoint", str(out / "model"), "--out", str(out), "--no-progress"])
+        == 0
+    )
+    assert "Mug head" in capsys.readouterr().out
+    got = json.loads((out / "eval.json").read_text())["metrics"]
+    (row,) = got.values()
+    loaded = load_recipe(config)
+    dataset = build_dataset(loaded, "test")
+    assert dataset[0]["video"].shape[0] == 5  # data.test_num_frames
+    expected = evaluate_model(saved, dataset, loaded)
+    for direction in ("t2v", "v2t"):
+        assert row[direction] == pytest.approx(expected[direction])
+        assert row["dsl"][direction] == pytest.approx(expected["dsl"][direction])
