@@ -98,9 +98,44 @@ def rerank_cost(args) -> list[dict]:
     return rows
 
 
+def storage_cost(args, stored: int = 20000) -> list[dict]:
+    """Reading K candidates' per-frame vectors from SQLite as `VideoIndex.segment_frames` does (same table and
+    statement, a temporary database of ``stored`` segments), and decoding them."""
+    import sqlite3
+    import tempfile
+
+    import numpy as np
+
+    from stanvid.mug_search import blob_frames, frames_blob
+
+    rng = np.random.default_rng(0)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        conn = sqlite3.connect(f"{tmp}/index.sqlite")
+        conn.execute("CREATE TABLE segment_frames (segment_id INTEGER PRIMARY KEY, frames BLOB NOT NULL)")
+        blob = frames_blob(rng.standard_normal((args.frames, args.dim), dtype=np.float32))
+        conn.executemany("INSERT INTO segment_frames VALUES (?, ?)", ((i, blob) for i in range(stored)))
+        conn.commit()
+        for k in (100, 1000):
+            times = []
+            for _ in range(5):
+                ids = rng.choice(stored, size=k, replace=False).tolist()
+                start = time.perf_counter()
+                marks = ",".join("?" * k)
+                found = conn.execute(
+                    f"SELECT segment_id, frames FROM segment_frames WHERE segment_id IN ({marks})", ids
+                ).fetchall()
+                np.stack([blob_frames(b, args.dim, where="bench") for _, b in found])
+                times.append(time.perf_counter() - start)
+            rows.append({"candidates": k, "ms": 1000 * sorted(times)[len(times) // 2]})
+        conn.close()
+    return rows
+
+
 def spawn(args, setting: str, mode: str) -> dict:
     cmd = [sys.executable, __file__, "--one", setting, "--mode", mode] + [
-        f"--{k}={getattr(args, k)}" for k in ("texts", "videos", "tokens", "frames", "dim", "device", "threads")
+        f"--{k}={getattr(args, k)}"
+        for k in ("texts", "videos", "tokens", "frames", "dim", "device", "threads")
     ]
     if args.chunk is not None:
         cmd.append(f"--chunk={args.chunk}")
@@ -115,7 +150,9 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--frames", type=int, default=12)
     p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--chunk", type=int, default=None, help="captions x videos per block (default: ~64 MB blocks)")
+    p.add_argument(
+        "--chunk", type=int, default=None, help="captions x videos per block (default: ~64 MB blocks)"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--all-at-once", action="store_true", help="also the unchunked head (large memory)")
@@ -145,6 +182,9 @@ def main() -> None:
         print(f"{label:<46} {r['seconds']:>8.2f} {r['peak_bytes'] / 2**20:>9.0f}", flush=True)
     print("search re-rank, one 32-token query (12 real tokens) against K candidates' frames:")
     for row in rerank_cost(args):
+        print(f"  K = {row['candidates']:>5}: {row['ms']:.2f} ms (median of 5)")
+    print("reading their per-frame vectors from SQLite (20,000 stored segments, random ids):")
+    for row in storage_cost(args):
         print(f"  K = {row['candidates']:>5}: {row['ms']:.2f} ms (median of 5)")
 
 
