@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import sqlite3
 
 import numpy as np
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 pytest.importorskip("faiss")
 
 import stanvid  # noqa: E402
-from stanvid.index import DB_NAME, build_index, open_index, search_index  # noqa: E402
+from stanvid.index import DB_NAME, SHARD_DIR, build_index, open_index, search_index  # noqa: E402
 from stanvid.mug import mug_similarity  # noqa: E402
 from stanvid.sampling import uniform_indices  # noqa: E402
 from stanvid.tokenizer import tokenize  # noqa: E402
@@ -118,3 +119,19 @@ def test_a_cosine_index_stores_no_frames(tmp_path):
     root = make_folder(tmp_path / "videos", {"a.mp4": VIDEOS["a.mp4"]})
     build_index(root, tmp_path / "idx", tmp_path / "m", num_workers=0, progress=False)
     assert all(frames is None for *_, frames in stored(tmp_path / "idx"))
+
+
+def test_merged_shards_keep_their_frame_vectors(tmp_path, mug_built):
+    root, complete, model_dir = mug_built
+    out = tmp_path / "idx"
+    (out / SHARD_DIR).mkdir(parents=True)
+    # a rank's shard has the main index's schema: a finished single-process index stands in for one
+    shutil.copy(complete / DB_NAME, out / SHARD_DIR / "rank-00001.sqlite")
+    build_index(root, out, model_dir, segment_seconds=1.0, num_workers=0, progress=False)
+    assert not (out / SHARD_DIR).exists()
+    merged, reference = stored(out), stored(complete)
+    assert len(merged) == len(reference)
+    for (_, p, a, e, f), (_, rp, ra, re_, rf) in zip(merged, reference, strict=True):
+        assert (p, a) == (rp, ra)
+        np.testing.assert_array_equal(e, re_)
+        np.testing.assert_array_equal(f, rf)
