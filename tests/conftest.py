@@ -65,7 +65,7 @@ def tiny_model():
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory) -> tuple[Path, str]:
-    """`stanvid demo --quick --seed 1`, run once per test session (about 20 s): its folder and what it printed.
+    """`stanvid demo --quick --mug --seed 1`, run once per test session (about 20 s): its folder and what it printed.
 
     Everything that needs a trained STAN model and the demo's corpus (the demo's own end-to-end test, the
     query and zero-shot classification tests) shares this one run."""
@@ -74,7 +74,7 @@ def demo_run(tmp_path_factory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("demo-quick") / "demo"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        code = main(["demo", "--quick", "--out", str(out), "--seed", "1", "--no-progress"])
+        code = main(["demo", "--quick", "--mug", "--out", str(out), "--seed", "1", "--no-progress"])
     assert code == 0, printed.getvalue()
     return out, printed.getvalue()
 

@@ -215,7 +215,13 @@ def _write_dataset(recipe, root: Path, clip: Path) -> None:
     for split, ann in (("train", d.train_annotations), ("test", d.test_annotations)):
         folder = d.video_dir if split == "train" or d.test_video_dir is None else d.test_video_dir
         path = root / ann
-        if d.dataset in ("msrvtt", "didemo", "lsmdc"):  # json caption files
+        if d.dataset == "webvid" and split == "train":  # the released WebVid CSV, videos in page_dir folders
+            videos(f"{folder}/000001_000050", [str(1000 + i) for i in range(30)])  # batch 24
+            rows = "".join(
+                f'{1000 + i},"clip {i}, a caption",000001_000050,url,PT00H00M10S\n' for i in range(30)
+            )
+            path.write_text("videoid,name,page_dir,contentUrl,duration\n" + rows)
+        elif d.dataset in ("msrvtt", "didemo", "lsmdc", "webvid"):  # json caption files
             videos(folder, names)
             path.write_text(json.dumps({f"{n}.mp4": [f"a caption of {n}", f"more about {n}"] for n in names}))
         elif d.dataset == "msvd":
@@ -336,3 +342,33 @@ def test_eval_of_a_hostile_checkpoint_is_one_line_and_runs_nothing(csv_run, tmp_
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert str(evil) in err
     assert not marker.exists()
+
+
+def test_mugstan_train_then_eval_through_the_cli(csv_run, tmp_path, capsys):
+    """`model.similarity: mug`: trained on the head's loss, saved with the head, evaluated on the head's scores
+    (the table row names it), against the library's all-pairs evaluation of the saved model."""
+    recipe = yaml.safe_load(csv_run["config"].read_text())
+    recipe["model"].update(similarity="mug", mug_mode="mug_frame_token_simple", mug_tau=100.0)
+    recipe["data"]["test_num_frames"] = 5
+    recipe["train"].update(epochs=1)
+    config = tmp_path / "mug.yaml"
+    config.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "run"
+    assert main(["train", str(config), "--out", str(out), "--no-progress"]) == 0
+    saved = load_model(out / "model")
+    assert (saved.config.similarity, saved.config.mug_mode) == ("mug", "mug_frame_token_simple")
+    capsys.readouterr()
+    assert (
+        main(["eval", str(config), "--checkpoint", str(out / "model"), "--out", str(out), "--no-progress"])
+        == 0
+    )
+    assert "Mug head" in capsys.readouterr().out
+    got = json.loads((out / "eval.json").read_text())["metrics"]
+    (row,) = got.values()
+    loaded = load_recipe(config)
+    dataset = build_dataset(loaded, "test")
+    assert dataset[0]["video"].shape[0] == 5  # data.test_num_frames
+    expected = evaluate_model(saved, dataset, loaded)
+    for direction in ("t2v", "v2t"):
+        assert row[direction] == pytest.approx(expected[direction])
+        assert row["dsl"][direction] == pytest.approx(expected["dsl"][direction])

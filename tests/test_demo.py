@@ -18,7 +18,7 @@ from stanvid.cli import main
 from stanvid.data import RetrievalDataset, load_video_captions
 from stanvid.demo import evaluate as ev
 from stanvid.demo.pretrain import PretrainConfig, describe, load_frames, pretrain_clip
-from stanvid.demo.run import TEMPORAL_MODELS, DemoConfig, demo_model_config
+from stanvid.demo.run import MUG_MODELS, TEMPORAL_MODELS, DemoConfig, demo_model_config
 from stanvid.demo.synth import NOTHING, CorpusConfig, clip_frames, make_corpus
 from stanvid.demo.transfer import TransferConfig, collate_pairs, training_set
 from stanvid.metrics import retrieval_metrics
@@ -240,11 +240,13 @@ def test_training_pairs_hold_each_clip_with_its_reversal(corpus):
 
 @pytest.mark.slow
 def test_demo_quick_end_to_end(demo_run):
-    out, printed = demo_run  # `stanvid demo --quick --seed 1` (tests/conftest.py, shared with other tests)
+    out, printed = (
+        demo_run  # `stanvid demo --quick --mug --seed 1` (tests/conftest.py, shared with other tests)
+    )
     results = json.loads((out / "results.json").read_text())
     assert set(results) == {"seconds", "models", "chance"}
     assert isinstance(results["seconds"], float) and results["seconds"] > 0
-    assert list(results["models"]) == ["zeroshot", *TEMPORAL_MODELS]
+    assert list(results["models"]) == ["zeroshot", *TEMPORAL_MODELS, *MUG_MODELS]  # --mug adds its row
     for row in results["models"].values():
         assert set(row) == {"appearance", "order"}
         for kind in row.values():

@@ -70,6 +70,41 @@ def test_official_values(name):
     assert r.data.flip is False
 
 
+# Mug-STAN, from configs/exp/stan/mugstan_*.py: (train frames, test frames, text length, batch per GPU, tau, lr,
+# weight decay, STAN lr multiplier, epochs, LinearLR end, cosine T_max, cosine begin, grad checkpointing)
+MUG_OFFICIAL = {
+    "mugstan_msrvtt_b32": (12, 32, 32, 16, 0.01, 2e-6, 0.02, 10.0, 100, 10.0, 4.5, 10.0, False),
+    "mugstan_msrvtt_b16": (12, 32, 32, 8, 0.02, 1e-6, 0.2, 10.0, 100, 10.0, 4.5, 10.0, False),
+    "mugstan_didemo_b32": (64, 64, 77, 8, 0.05, 2e-6, 0.01, 10.0, 20, 4.0, 17.0, 4.0, True),
+    "mugstan_lsmdc_b32": (12, 12, 32, 16, 0.03, 2e-6, 0.1, 5.0, 100, 5.0, 4.5, 10.0, False),
+    "mugstan_webvid10m_b32_pretrain": (8, 12, 64, 24, 0.01, 4e-6, 0.05, 10.0, 4, 0.5, 4.5, 0.5, False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MUG_OFFICIAL))
+def test_mugstan_official_values(name):
+    r = load_recipe(Path(CONFIGS[0]).parent / f"{name}.yaml")
+    o = r.optim
+    got = (
+        r.data.num_frames,
+        r.data.test_num_frames or r.data.num_frames,
+        r.data.text_length,
+        r.train.batch_size,
+        r.train.temperature,
+        o.lr,
+        o.weight_decay,
+        o.new_param_lr_mult,
+        r.train.epochs,
+        o.warmup_epochs,
+        o.cosine_epochs,
+        o.warmup_epochs + o.hold_epochs,
+        r.model.grad_checkpointing,
+    )
+    assert got == MUG_OFFICIAL[name]
+    assert (r.model.similarity, r.model.mug_mode, r.model.mug_tau) == ("mug", "mug_frame_token_simple", 100.0)
+    assert r.model.stan_depth == 4 and r.optim.betas == (0.9, 0.98) and r.optim.grad_clip == 5.0
+
+
 def test_ssv2_configs_use_six_layers_and_no_flip():
     for path in CONFIGS:
         r = load_recipe(path)
@@ -116,7 +151,10 @@ def test_unknown_keys_are_named_with_the_valid_ones(tmp_path):
             "model.temporal=lstm",
             r"model.temporal: 'lstm' is not a valid choice; valid choices: meanP, seqTransf, stan",
         ),
-        ("optim.warmup_epochs=11", r"optim.warmup_epochs \(11.0\) must not exceed train.epochs \(10\)"),
+        (
+            "optim.warmup_epochs=11",
+            r"optim.warmup_epochs \(11.0\) \+ optim.hold_epochs \(0.0\) must not exceed train.epochs \(10\)",
+        ),
         ("data.test_resize=200", r"data.test_resize \(200\) must be at least data.input_size \(224\)"),
         ("data.num_frames=65", r"exceeds STAN's time embedding"),
         ("task=recognition", r"'msrvtt' is a retrieval dataset but task is 'recognition'"),

@@ -56,6 +56,10 @@ _EXPORTS = {
     "all_gather_with_grad": "stanvid.losses",
     "text_classifier_logits": "stanvid.losses",
     "recognition_loss": "stanvid.losses",
+    # mug.py
+    "mug_similarity": "stanvid.mug",
+    "MUG_MODES": "stanvid.mug",
+    "mug_contrastive_loss": "stanvid.losses",
     # recipe.py
     "Recipe": "stanvid.recipe",
     "load_recipe": "stanvid.recipe",

@@ -178,8 +178,13 @@ class TextTransformer(nn.Module):
         nn.init.normal_(self.pos_embed, std=0.01)
         nn.init.normal_(self.proj.weight, std=cfg.width**-0.5)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """(N, L) token ids -> (N, D)."""
+    def forward(self, ids: torch.Tensor, pool: bool = True) -> torch.Tensor:
+        """(N, L) token ids -> (N, D); with `pool=False` every position projected, (N, L, D).
+
+        The per-token form is Mug-STAN's (`CLIPTextPretrained(all_proj=True)` in the official code): the last
+        hidden state after `ln_final`, every position through the projection, padding included (the causal mask
+        is the only mask, so the end-of-text row equals the pooled embedding).
+        """
         if ids.dim() != 2:
             raise ValueError(f"token ids must be (N, L), got shape {tuple(ids.shape)}")
         seq = ids.shape[1]
@@ -189,5 +194,7 @@ class TextTransformer(nn.Module):
         for block in self.blocks:
             x = run_block(block, x, self.grad_checkpointing, True)
         x = self.ln_final(x)
+        if not pool:
+            return self.proj(x)  # (N, L, D)
         eot = ids.argmax(dim=-1)  # (N,)
         return self.proj(x[torch.arange(x.shape[0], device=x.device), eot])

@@ -20,6 +20,10 @@ ACTIVATIONS = ("quick_gelu", "gelu")
 TEMPORAL_MODULES = ("meanP", "seqTransf", "stan")
 TIME_MODULES = ("selfattn", "conv")
 POOLINGS = ("mean", "normalized_mean")
+# how a text is scored against a video: the cosine of pooled embeddings, or Mug-STAN's token-by-frame head
+SIMILARITIES = ("cosine", "mug")
+# the official `Mug_head` modes stanvid implements (see stanvid.mug; `drl_wti` is left out, see there)
+MUG_MODES = ("mug_frame_token_simple", "mug_frame_token", "mug_frame_text")
 
 
 def _positive_int(obj: Any, *names: str) -> None:
@@ -204,6 +208,10 @@ class ModelConfig:
     embeddings as they are (`mean`), while CLIP4Clip L2-normalizes each frame before the mean
     (`normalized_mean`). A model keeps the rule of the checkpoint it came from, so its outputs reproduce that
     reference exactly, and `save_pretrained` stores it.
+
+    `similarity` says how a caption is scored against a video: `cosine` of the pooled embeddings (STAN), or
+    `mug`, Mug-STAN's alignment head over per-token text and per-frame video features (`stanvid.mug`), with the
+    official head's `mug_mode` and softmax temperature `mug_tau` (100 in every official config).
     """
 
     clip: CLIPConfig = field(default_factory=CLIPConfig)
@@ -214,10 +222,19 @@ class ModelConfig:
     pooling: str = "mean"
     grad_checkpointing: bool = False
     name: str = ""
+    similarity: str = "cosine"
+    mug_mode: str = "mug_frame_token_simple"
+    mug_tau: float = 100.0
 
     def __post_init__(self) -> None:
         _choice(self, "temporal", TEMPORAL_MODULES)
         _choice(self, "pooling", POOLINGS)
+        _choice(self, "similarity", SIMILARITIES)
+        _choice(self, "mug_mode", MUG_MODES)
+        tau = self.mug_tau
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 < tau < float("inf"):
+            raise ConfigError(f"ModelConfig.mug_tau must be a positive number, got {tau!r}")
+        self.mug_tau = float(tau)
         _positive_int(self, "num_frames")
         if self.temporal == "stan":
             if self.stan.depth > self.clip.vision.layers:
@@ -304,6 +321,9 @@ MODEL_OVERRIDES: dict[str, tuple[tuple[tuple[str, ...], ...], Any]] = {
     "text_heads": ((("clip", "text", "heads"),), int),
     "image_mean": ((("clip", "preprocess", "mean"),), _floats),
     "image_std": ((("clip", "preprocess", "std"),), _floats),
+    "similarity": ((("similarity",),), str),
+    "mug_mode": ((("mug_mode",),), str),
+    "mug_tau": ((("mug_tau",),), float),
 }
 # Overrides that describe the CLIP's architecture: refused for checkpoints that record it themselves.
 ARCHITECTURE_OVERRIDES = ("act", "vision_heads", "text_heads")
@@ -321,9 +341,12 @@ def parse_model_override(item: str) -> tuple[str, Any]:
     try:
         return key, parse(text)
     except ValueError:
-        kind = {int: "an integer", _bool: "true or false", _floats: "comma-separated numbers"}.get(
-            parse, "text"
-        )
+        kind = {
+            int: "an integer",
+            float: "a number",
+            _bool: "true or false",
+            _floats: "comma-separated numbers",
+        }.get(parse, "text")
         raise ConfigError(f"--set {key}: expected {kind}, got {text!r}") from None
 
 

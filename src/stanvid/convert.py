@@ -654,3 +654,46 @@ def model_config_for(clip: CLIPConfig, sd: dict[str, torch.Tensor], **overrides:
     else:  # a plain CLIP: frame pooling until the user asks for a temporal module
         base = ModelConfig(clip=clip, temporal="meanP")
     return base.replace(**overrides)
+
+
+# ---------------------------------------------------------------------------------------------- Mug-STAN
+_ADAPTER = re.compile(r"adapter\s*=\s*(None|dict\(([^()]*)\))")
+
+
+def mug_head_overrides(meta: Any, sd: dict[str, Any], source: str) -> dict[str, Any]:
+    """The Mug head an official checkpoint was trained with, as `load_model` overrides (empty: none recorded).
+
+    A Mug-STAN checkpoint has STAN's keys (``backbone.*``, ``text_backbone.*``); its head (``Mug_head``) has no
+    weights in the modes the official configs use. What the head was is in the config text mmengine stores under
+    ``meta['cfg']`` (``adapter=dict(type='Mug_head', input_dim=512, tau=100)``, mode by default
+    ``mug_frame_token_simple``), when the checkpoint kept it; otherwise pass ``similarity="mug"`` to
+    `load_model`. Weights under ``adapter.*`` (the ``drl_wti`` mode's two linear layers) are refused by name:
+    stanvid does not implement that mode (see `stanvid.mug`).
+    """
+    head_keys = sorted(k for k in sd if k.startswith("adapter."))
+    if head_keys:
+        raise CheckpointError(
+            f"{source}: the checkpoint carries alignment-head weights ({', '.join(head_keys)}): the Mug head's "
+            f"drl_wti mode, which stanvid does not implement (it supports mug_frame_token_simple, "
+            f"mug_frame_token and mug_frame_text, which have no weights)"
+        )
+    text = meta.get("cfg") if isinstance(meta, dict) else None
+    if not isinstance(text, str):
+        return {}
+    found = _ADAPTER.search(text)
+    if found is None or found.group(1) == "None" or "Mug_head" not in found.group(2):
+        return {}
+    args = found.group(2)
+    overrides: dict[str, Any] = {"similarity": "mug"}
+    mode = re.search(r"mode\s*=\s*['\"]([A-Za-z_]+)['\"]", args)
+    if mode is not None:
+        overrides["mug_mode"] = mode.group(1)  # validated by ModelConfig (drl_wti fails there, by name)
+    tau = re.search(r"\btau\s*=\s*([0-9.eE+-]+)", args)
+    if tau is not None:
+        try:
+            overrides["mug_tau"] = float(tau.group(1))
+        except ValueError as exc:
+            raise CheckpointError(
+                f"{source}: meta['cfg'] has an unreadable Mug_head tau {tau.group(1)!r}"
+            ) from exc
+    return overrides

@@ -33,13 +33,20 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from stanvid.data.base import collate_skipping, format_skipped
 from stanvid.errors import ConfigError, DatasetError
 from stanvid.losses import text_classifier_logits
-from stanvid.metrics import average_views, format_table, retrieval_metrics_from_features, topk_accuracy
+from stanvid.metrics import (
+    average_views,
+    format_table,
+    retrieval_metrics,
+    retrieval_metrics_from_features,
+    topk_accuracy,
+)
 
 __all__ = [
     "evaluate_retrieval",
     "evaluate_recognition",
     "encode_videos",
     "encode_texts",
+    "mug_scores",
     "zero_shot_model",
     "write_results",
 ]
@@ -140,8 +147,10 @@ def encode_videos(
     device: torch.device | str | None = None,
     precision: str = "fp32",
     progress: bool = False,
+    pool: bool = True,
 ) -> torch.Tensor:
-    """``(len(dataset), D)`` float32 video embeddings (unnormalized), item ``i`` in row ``i``.
+    """``(len(dataset), D)`` float32 video embeddings (unnormalized), item ``i`` in row ``i``; per-frame
+    ``(len(dataset), T, D)`` with ``pool=False`` (for the Mug head).
 
     Items with several test views (``video`` ``(V, T, 3, S, S)``) give ``(len(dataset), V, D)``.
     """
@@ -152,8 +161,9 @@ def encode_videos(
         with _autocast(device, precision):
             if video.dim() == 6:  # (B, V, T, 3, S, S): test views
                 b, v = video.shape[:2]
-                return model.encode_video(video.flatten(0, 1)).view(b, v, -1)  # (B, V, D)
-            return model.encode_video(video)  # (B, D)
+                out = model.encode_video(video.flatten(0, 1), pool=pool)  # (B*V, D) or (B*V, T, D)
+                return out.view(b, v, *out.shape[1:])  # (B, V, D) or (B, V, T, D)
+            return model.encode_video(video, pool=pool)  # (B, D) or (B, T, D)
 
     return _map_dataset(
         dataset, encode, batch_size=batch_size, num_workers=num_workers, progress=progress, desc="videos"
@@ -168,15 +178,18 @@ def encode_texts(
     batch_size: int = 256,
     device: torch.device | str | None = None,
     precision: str = "fp32",
+    pool: bool = True,
 ) -> torch.Tensor:
-    """``(N, D)`` float32 text embeddings of token ids ``(N, L)`` (this rank's share, gathered)."""
+    """``(N, D)`` float32 text embeddings of token ids ``(N, L)`` (this rank's share, gathered); per-token
+    ``(N, L, D)`` with ``pool=False`` (for the Mug head)."""
     device = _device(model, device)
     indices = _shard(len(tokens))
     mine = tokens[indices] if indices else tokens[:0]
     parts = []
     for start in range(0, len(mine), batch_size):
         with _autocast(device, precision):
-            parts.append(model.encode_text(mine[start : start + batch_size].to(device)).float().cpu())
+            ids = mine[start : start + batch_size].to(device)
+            parts.append(model.encode_text(ids, pool=pool).float().cpu())
     local = torch.cat(parts) if parts else torch.empty(0)
     return _gather_rows(local, indices, len(tokens))
 
@@ -204,6 +217,7 @@ def evaluate_retrieval(
     device: torch.device | str | None = None,
     precision: str = "fp32",
     progress: bool = False,
+    mug_chunk: int | None = None,
 ) -> dict[str, Any]:
     """Text-to-video and video-to-text retrieval metrics of ``model`` on a test split.
 
@@ -215,6 +229,11 @@ def evaluate_retrieval(
         dsl: add the dual-softmax re-ranked metrics under ``"dsl"`` at ``dsl_temperature`` (cosine units).
         chunk_size: rows of the similarity ranked at once (bounds memory, not the result).
         precision: autocast on CUDA (``bf16``/``fp16``); ``fp32`` otherwise.
+        mug_chunk: for a model with the Mug head (``model.config.similarity == "mug"``), captions x videos
+            scored per block (`stanvid.mug.mug_similarity`); default: blocks of about 64 MB of cosines.
+
+    A Mug-STAN model is scored by its head over all pairs, from per-token text and per-frame video features,
+    block by block on the model's device, so the ``(texts, videos, tokens, frames)`` cosines never exist at once.
 
     Returns:
         ``{"t2v": {"R1", "R5", "R10", "MdR", "MnR"}, "v2t": {...}, "dsl": {"t2v": ..., "v2t": ...}}``.
@@ -224,6 +243,7 @@ def evaluate_retrieval(
             "evaluate_retrieval needs one item per video with the captions as queries: "
             "RetrievalDataset(..., unit='video', train=False)"
         )
+    mug = getattr(getattr(model, "config", None), "similarity", "cosine") == "mug"
     with _eval_mode(model):
         videos = encode_videos(
             model,
@@ -233,15 +253,59 @@ def evaluate_retrieval(
             device=device,
             precision=precision,
             progress=progress,
-        )  # (M, D)
-        texts = encode_texts(model, dataset.text_tokens(), device=device, precision=precision)  # (N, D)
+            pool=not mug,
+        )  # (M, D), or (M, T, D) for the Mug head
+        tokens = dataset.text_tokens()
+        texts = encode_texts(
+            model, tokens, device=device, precision=precision, pool=not mug
+        )  # (N, D) / (N, L, D)
     ids = torch.as_tensor(dataset.text_to_video)
+    if mug:
+        sim = mug_scores(model, texts, tokens != 0, videos, chunk=mug_chunk, device=_device(model, device))
+        metrics = retrieval_metrics(sim, ids, chunk=chunk_size)
+        if dsl:
+            metrics["dsl"] = retrieval_metrics(sim, ids, chunk=chunk_size, dsl_temperature=dsl_temperature)
+        return metrics
     metrics: dict[str, Any] = retrieval_metrics_from_features(texts, videos, ids, chunk=chunk_size)
     if dsl:
         metrics["dsl"] = retrieval_metrics_from_features(
             texts, videos, ids, chunk=chunk_size, dsl_temperature=dsl_temperature
         )
     return metrics
+
+
+@torch.inference_mode()
+def mug_scores(
+    model: nn.Module,
+    token_emb: torch.Tensor,
+    text_mask: torch.Tensor,
+    frame_emb: torch.Tensor,
+    *,
+    chunk: int | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """``(N, M)`` float32 Mug head scores (on the CPU) of per-token texts ``(N, L, D)`` against per-frame videos
+    ``(M, T, D)``, with the model's head mode and temperature, computed block by block on ``device``."""
+    from stanvid.mug import mug_block_size, mug_similarity
+
+    cfg = model.config
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if chunk is None:
+        chunk = mug_block_size(token_emb.shape[1], frame_emb.shape[1])
+    sim = torch.empty(token_emb.shape[0], frame_emb.shape[0])
+    frames = frame_emb.to(device)
+    rows = max(chunk, 1)
+    for start in range(0, token_emb.shape[0], rows):  # one row band at a time on the device
+        band = slice(start, start + rows)
+        sim[band] = mug_similarity(
+            token_emb[band].to(device),
+            text_mask[band].to(device),
+            frames,
+            tau=cfg.mug_tau,
+            mode=cfg.mug_mode,
+            chunk=chunk,
+        ).cpu()
+    return sim
 
 
 def evaluate_recognition(

@@ -87,10 +87,12 @@ def load_model(source: str | os.PathLike, *, config: Any = None, **overrides: An
     dict) for formats whose weights do not say everything (official STAN, OpenAI-layout state dicts, CLIP4Clip).
     `overrides`: `temporal` (meanP | seqTransf | stan), `stan_depth`, `time_module`, `num_frames`, `pooling`,
     `grad_checkpointing`, `image_mean` / `image_std`; for sources that do not record them, `act` (gelu |
-    quick_gelu), `vision_heads`, `text_heads` (see `stanvid.config.MODEL_OVERRIDES`). A plain CLIP becomes
-    `meanP` unless `temporal` says otherwise; a temporal module the checkpoint does not have starts from the
-    paper's initialisation (spatial modules copied from CLIP, temporal projections zero), and one it has but
-    the override replaces is dropped with a log line.
+    quick_gelu), `vision_heads`, `text_heads` (see `stanvid.config.MODEL_OVERRIDES`); Mug-STAN's head:
+    `similarity="mug"`, `mug_mode`, `mug_tau` (an official Mug-STAN checkpoint that stores its config sets them
+    itself; see `stanvid.convert.mug_head_overrides`). A plain CLIP becomes `meanP` unless `temporal` says
+    otherwise; a temporal module the checkpoint does not have starts from the paper's initialisation (spatial
+    modules copied from CLIP, temporal projections zero), and one it has but the override replaces is dropped
+    with a log line.
     """
     path = Path(source)
     name = str(source)
@@ -271,9 +273,10 @@ def _load_file(path: Path, config: Any, overrides: dict[str, Any]) -> VideoCLIP:
                 raw = torch.jit.load(str(path), map_location="cpu").state_dict()
         except RuntimeError as exc:
             raise CheckpointError(f"{path}: cannot read the TorchScript archive ({exc})") from exc
-        kind = "openai"
+        kind, obj = "openai", None
     else:
-        kind, raw = _state_dict_kind(_read_state(path), path)
+        obj = _read_state(path)
+        kind, raw = _state_dict_kind(obj, path)
     source = str(path)
     if kind == "openai":
         if config is not None:
@@ -329,6 +332,10 @@ def _load_file(path: Path, config: Any, overrides: dict[str, Any]) -> VideoCLIP:
             f"config= (CLI: --config) a Hugging Face CLIP config.json, or its folder, of the CLIP it was trained from"
         )
     clip_cfg = convert.clip_config_from(config)
+    # Mug-STAN: the same keys, and the head's configuration from the stored config text when there is one
+    meta = obj.get("meta") if isinstance(obj, dict) else None
+    for key, value in convert.mug_head_overrides(meta, raw, source).items():
+        overrides.setdefault(key, value)
     state = convert.convert_state_dict(raw, convert.STAN_RULES, ignored=convert.STAN_BUFFERS, source=source)
     return _from_clip_weights(clip_cfg, state, source, overrides)
 

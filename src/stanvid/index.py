@@ -59,6 +59,7 @@ from stanvid.config import PreprocessConfig
 from stanvid.errors import StanvidError, VideoReadError
 from stanvid.locking import exclusive_lock
 from stanvid.model import VideoCLIP
+from stanvid.mug_search import blob_frames, frames_blob, keeps_frame_vectors, rerank
 from stanvid.sampling import uniform_indices
 from stanvid.transforms import center_crop, normalize, resize_short_side
 
@@ -331,7 +332,10 @@ def encode_clips(
     for k in range(0, len(clips), batch_size):
         part = clips[k : k + batch_size].to(device)  # (b, T, 3, S, S) uint8
         b, t = part.shape[:2]
-        video = normalize(part.flatten(0, 1)).view(b, t, *part.shape[2:])  # (b, T, 3, S, S) float
+        pre = model.config.clip.preprocess  # the normalization the CLIP was trained with
+        video = normalize(part.flatten(0, 1), pre.mean, pre.std).view(
+            b, t, *part.shape[2:]
+        )  # (b, T, 3, S, S)
         out.append(F.normalize(model.encode_video(video).float(), dim=-1).cpu().numpy())  # (b, D)
     return np.concatenate(out) if out else np.zeros((0, model.config.clip.embed_dim), np.float32)
 
@@ -438,6 +442,7 @@ CREATE TABLE IF NOT EXISTS segments (
     embedding BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS segments_file ON segments (file_id);
+CREATE TABLE IF NOT EXISTS segment_frames (segment_id INTEGER PRIMARY KEY, frames BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS failures (path TEXT PRIMARY KEY, error TEXT NOT NULL);
 """
 
@@ -561,6 +566,10 @@ def _delete_file(conn: sqlite3.Connection, relpath: str) -> bool:
     row = conn.execute("SELECT id FROM files WHERE path = ?", (relpath,)).fetchone()
     if row is None:
         return False
+    conn.execute(
+        "DELETE FROM segment_frames WHERE segment_id IN (SELECT id FROM segments WHERE file_id = ?)",
+        (row[0],),
+    )
     conn.execute("DELETE FROM segments WHERE file_id = ?", (row[0],))
     conn.execute("DELETE FROM files WHERE id = ?", (row[0],))
     return True
@@ -570,9 +579,11 @@ def _insert_file(
     conn: sqlite3.Connection,
     entry: _FileEntry,
     meta: dict[str, Any],
-    segments: Sequence[tuple[float, float, bytes]],
+    segments: Sequence[tuple[float, float, bytes] | tuple[float, float, bytes, bytes | None]],
 ) -> None:
-    """Replace any row for this path by the new one and its segments (inside the caller's transaction)."""
+    """Replace any row for this path by the new one and its segments (inside the caller's transaction).
+
+    A segment may carry a fourth item, its per-frame vectors (Mug-STAN models: `stanvid.mug_search`)."""
     _delete_file(conn, entry.relpath)
     cur = conn.execute(
         "INSERT INTO files (path, size, mtime_ns, duration, fps, num_frames, width, height, device, inode) "
@@ -590,10 +601,16 @@ def _insert_file(
             entry.inode,
         ),
     )
-    conn.executemany(
-        "INSERT INTO segments (file_id, start, end, embedding) VALUES (?, ?, ?, ?)",
-        [(cur.lastrowid, s, e, emb) for s, e, emb in segments],
-    )
+    file_id = cur.lastrowid
+    for start, end, emb, *frames in segments:
+        seg = conn.execute(
+            "INSERT INTO segments (file_id, start, end, embedding) VALUES (?, ?, ?, ?)",
+            (file_id, start, end, emb),
+        )
+        if frames and frames[0] is not None:
+            conn.execute(
+                "INSERT INTO segment_frames (segment_id, frames) VALUES (?, ?)", (seg.lastrowid, frames[0])
+            )
 
 
 # ---------------------------------------------------------------------------------------------- FAISS
@@ -836,7 +853,7 @@ class _Writer:
             self.bar.update(1)
             return
         state = self.pending.setdefault(
-            key, {"entry": chunk.entry, "meta": chunk.meta, "spans": [], "emb": []}
+            key, {"entry": chunk.entry, "meta": chunk.meta, "spans": [], "emb": [], "frames": []}
         )
         state["spans"].extend(chunk.spans)
         state["complete"] = chunk.last
@@ -846,8 +863,10 @@ class _Writer:
             self.flush()
 
     @torch.inference_mode()
-    def _encode(self, clips: torch.Tensor) -> np.ndarray:
-        out = []
+    def _encode(self, clips: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """(n, D) normalized pooled embeddings, and (n, T, D) per-frame vectors for a Mug-STAN model (else None)."""
+        out, frames = [], []
+        keep_frames = keeps_frame_vectors(self.model)
         for k in range(0, len(clips), self.batch_size):
             part = clips[k : k + self.batch_size].to(self.device, non_blocking=True)  # (b, T, 3, S, S) uint8
             b, t = part.shape[:2]
@@ -855,16 +874,22 @@ class _Writer:
             video = normalize(part.flatten(0, 1), pre.mean, pre.std).view(
                 b, t, *part.shape[2:]
             )  # (b, T, 3, S, S)
-            emb = F.normalize(self.model.encode_video(video).float(), dim=-1)  # (b, D)
+            if keep_frames:
+                per_frame = self.model.encode_video(video, pool=False)  # (b, T, D)
+                frames.append(per_frame.float().cpu().numpy())
+                emb = F.normalize(self.model.pool(per_frame).float(), dim=-1)  # (b, D)
+            else:
+                emb = F.normalize(self.model.encode_video(video).float(), dim=-1)  # (b, D)
             out.append(emb.cpu().numpy())
-        return np.concatenate(out)
+        return np.concatenate(out), (np.concatenate(frames) if keep_frames else None)
 
     def flush(self) -> None:
         if self.buffer:
             keys = [k for k, c in self.buffer for _ in range(len(c))]
-            emb = self._encode(torch.cat([c for _, c in self.buffer]))  # (n, D)
-            for key, vec in zip(keys, emb, strict=True):
+            emb, frames = self._encode(torch.cat([c for _, c in self.buffer]))  # (n, D), (n, T, D) | None
+            for i, (key, vec) in enumerate(zip(keys, emb, strict=True)):
                 self.pending[key]["emb"].append(vec)
+                self.pending[key]["frames"].append(None if frames is None else frames_blob(frames[i]))
             self.buffer, self.buffered = [], 0
         done = [k for k, s in self.pending.items() if s.get("complete")]
         if not done:
@@ -873,8 +898,8 @@ class _Writer:
             for key in done:
                 s = self.pending.pop(key)
                 rows = [
-                    (a, b, v.astype(np.float32).tobytes())
-                    for (a, b), v in zip(s["spans"], s["emb"], strict=True)
+                    (a, b, v.astype(np.float32).tobytes(), f)
+                    for (a, b), v, f in zip(s["spans"], s["emb"], s["frames"], strict=True)
                 ]
                 _insert_file(self.conn, s["entry"], s["meta"], rows)
             _bump_generation(self.conn)
@@ -1197,7 +1222,9 @@ def _merge_shards(conn: sqlite3.Connection, out: Path) -> tuple[int, list[tuple[
             with _transaction(conn):
                 for fid, path, size, mtime_ns, device, inode, *rest in files:
                     segs = src.execute(
-                        "SELECT start, end, embedding FROM segments WHERE file_id = ? ORDER BY id", (fid,)
+                        "SELECT s.start, s.end, s.embedding, f.frames FROM segments s "
+                        "LEFT JOIN segment_frames f ON f.segment_id = s.id WHERE s.file_id = ? ORDER BY s.id",
+                        (fid,),
                     ).fetchall()
                     meta_row = dict(
                         zip(("duration", "fps", "num_frames", "width", "height"), rest, strict=True)
@@ -1351,12 +1378,46 @@ class VideoIndex:
             emb = F.normalize(model.encode_text(ids).float(), dim=-1)  # (N, D)
         return emb.cpu().numpy()
 
+    @torch.inference_mode()
+    def embed_text_tokens(self, texts: Sequence[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N,) strings -> per-token features (N, L, D) float32 and their mask (N, L), L = max(length, longest
+        caption), on the CPU, with the index's model (for the Mug head's re-ranking)."""
+        from stanvid.tokenizer import tokenize
+
+        model = self.model
+        with self._lock:
+            ids = tokenize(list(texts), context_length=model.config.clip.text.context_length)
+            used = int((ids != 0).sum(dim=1).max())
+            ids = ids[:, : max(min(length, ids.shape[1]), used)].to(self.device)
+            tokens = model.encode_text(ids, pool=False).float()  # (N, L, D)
+        return tokens.cpu(), (ids != 0).cpu()
+
+    def segment_frames(self, ids: Sequence[int]) -> dict[int, np.ndarray]:
+        """Per-frame vectors (T, D) float32 of segments by id, for indexes built by a Mug-STAN model."""
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT segment_id, frames FROM segment_frames WHERE segment_id IN ({marks})",
+                [int(i) for i in ids],
+            ).fetchall()
+        return {
+            sid: blob_frames(blob, self.meta["dim"], where=f"{self.path}: segment {sid}")
+            for sid, blob in rows
+        }
+
     def search(self, text: str, k: int = 10) -> list[SearchResult]:
-        """The `k` segments most similar to `text`, best first."""
+        """The `k` segments most similar to `text`, best first.
+
+        With a Mug-STAN model (`similarity: mug`), FAISS's nearest candidates by pooled cosine are re-ranked by
+        the Mug head on their per-frame vectors (`stanvid.mug_search.rerank`); scores are then the head's."""
         if not isinstance(text, str) or not text.strip():
             raise VideoIndexError("the query text is empty")
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise VideoIndexError(f"k must be a positive integer, got {k!r}")
+        if keeps_frame_vectors(self.model):
+            return rerank(self, text, k)
         return self.search_embeddings(self.embed_text([text]), k)[0]
 
     def search_embeddings(self, queries: np.ndarray, k: int = 10) -> list[list[SearchResult]]:

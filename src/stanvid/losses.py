@@ -29,6 +29,7 @@ import torch.nn.functional as F
 __all__ = [
     "all_gather_with_grad",
     "contrastive_loss",
+    "mug_contrastive_loss",
     "text_classifier_logits",
     "recognition_loss",
 ]
@@ -141,6 +142,63 @@ def contrastive_loss(
             video = all_gather_with_grad(video, group)  # (B_global, D)
             text = all_gather_with_grad(text, group)  # (B_global, D)
         logits = scale * video @ text.T  # (B_global, B_global): rows are videos
+        target = torch.arange(logits.shape[0], device=logits.device)
+        return F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)
+
+
+def mug_contrastive_loss(
+    frame_features: torch.Tensor,
+    token_features: torch.Tensor,
+    text_mask: torch.Tensor,
+    logit_scale: float | torch.Tensor,
+    *,
+    tau: float = 100.0,
+    mode: str = "mug_frame_token_simple",
+    gather: bool = True,
+    group: Any = None,
+) -> torch.Tensor:
+    """Mug-STAN's loss: the symmetric InfoNCE of `contrastive_loss` on the Mug head's scores (`stanvid.mug`).
+
+    The official model (``CLIPSimilarity_split`` with ``adapter=Mug_head``) gathers the per-token text features,
+    the per-frame video features and the text masks of every GPU inside the head, scores every caption of the
+    global batch against every video, and hands the ``(texts, videos)`` scores to ``NormSoftmaxLoss`` with
+    ``scale = 1 / tau`` of the recipe (0.01 to 0.05): text->video plus video->text cross-entropy. Here the
+    features are gathered with `all_gather_with_grad` (exact single-process gradients under DDP, as for
+    `contrastive_loss`).
+
+    Args:
+        frame_features: ``(B, T, D)`` this rank's per-frame video features.
+        token_features: ``(B, L, D)`` the matching captions' per-token features.
+        text_mask: ``(B, L)``, nonzero at real tokens (``ids != 0``).
+        logit_scale: multiplier of the head's scores (``1 / tau`` of the recipe, or the learned scale).
+        tau, mode: the head's temperature and mode (`ModelConfig.mug_tau`, `ModelConfig.mug_mode`).
+
+    Returns:
+        A scalar, identical on every rank, computed in float32.
+    """
+    from stanvid.mug import mug_similarity
+
+    if (
+        frame_features.ndim != 3
+        or token_features.ndim != 3
+        or frame_features.shape[0] != token_features.shape[0]
+    ):
+        raise ValueError(
+            f"expected frame features (B, T, D) and token features (B, L, D) of the same batch; got "
+            f"{tuple(frame_features.shape)} and {tuple(token_features.shape)}"
+        )
+    scale = _check_scale(logit_scale)
+    with _full_precision(frame_features):
+        frames = frame_features.float()
+        tokens = token_features.float()
+        mask = (text_mask != 0).float()
+        if gather:
+            frames = all_gather_with_grad(frames, group)  # (B_global, T, D)
+            tokens = all_gather_with_grad(tokens, group)  # (B_global, L, D)
+            mask = all_gather_with_grad(mask, group)  # (B_global, L)
+        logits = scale * mug_similarity(
+            tokens, mask, frames, tau=tau, mode=mode
+        )  # (B_global, B_global): texts
         target = torch.arange(logits.shape[0], device=logits.device)
         return F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)
 

@@ -72,9 +72,10 @@ class VideoCLIP(nn.Module):
             raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
         return self.visual(images)
 
-    def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
-        """(N, L) CLIP token ids -> (N, D), pooled at the end-of-text token."""
-        return self.text(ids)
+    def encode_text(self, ids: torch.Tensor, pool: bool = True) -> torch.Tensor:
+        """(N, L) CLIP token ids -> (N, D), pooled at the end-of-text token, or per-token (N, L, D) with
+        `pool=False` (Mug-STAN's text features: every position projected; `stanvid.mug_similarity` uses them)."""
+        return self.text(ids, pool=pool)
 
     def encode_video(self, video: torch.Tensor, pool: bool = True) -> torch.Tensor:
         """(B, T, 3, H, W) normalized frames -> (B, D), or per-frame (B, T, D) with `pool=False`.

@@ -25,7 +25,7 @@ from typing import Any, Union
 
 import yaml
 
-from stanvid.config import TEMPORAL_MODULES, TIME_MODULES, STANConfig
+from stanvid.config import MUG_MODES, SIMILARITIES, TEMPORAL_MODULES, TIME_MODULES, STANConfig
 from stanvid.errors import ConfigError
 
 __all__ = [
@@ -49,6 +49,7 @@ DATASETS: dict[str, str | None] = {
     "msvd": "retrieval",
     "lsmdc": "retrieval",
     "activitynet": "retrieval",
+    "webvid": "retrieval",  # Mug-STAN post-pretraining; its test split is another dataset's json (MSR-VTT)
     "csv": None,
     "kinetics400": "recognition",
     "ssv2": "recognition",
@@ -85,6 +86,11 @@ class ModelRecipe:
     # recognition only: score videos against the class names' text embeddings (the official model) or a
     # linear head on the video embedding
     classifier: str = _f("text", choices=CLASSIFIERS)
+    # retrieval: `cosine` of pooled embeddings (STAN) or `mug`, Mug-STAN's token-by-frame head (stanvid.mug),
+    # with the official head's mode and softmax temperature; recorded in the saved model's config
+    similarity: str = _f("cosine", choices=SIMILARITIES)
+    mug_mode: str = _f("mug_frame_token_simple", choices=MUG_MODES)
+    mug_tau: float = _f(100.0, gt=0)
 
 
 @dataclass(kw_only=True)
@@ -104,6 +110,7 @@ class DataRecipe:
     video_dir: str = "videos"
     test_video_dir: str | None = None  # null: the same as video_dir
     num_frames: int = _f(12, gt=0)
+    test_num_frames: int | None = _f(None, gt=0)  # null: num_frames (Mug-STAN MSR-VTT tests on 32)
     sampler: str = _f("uniform", choices=SAMPLERS)
     frame_interval: int = _f(1, gt=0)  # dense sampler only
     input_size: int = _f(224, gt=0)
@@ -147,6 +154,7 @@ class OptimRecipe:
     warmup_epochs: float = _f(10.0, ge=0)
     warmup_start_factor: float = _f(0.05, gt=0, le=1)
     cosine_epochs: float | None = _f(None, gt=0)
+    hold_epochs: float = _f(0.0, ge=0)  # factor 1 between the ramp and the cosine (Mug-STAN LSMDC: 5)
     min_lr_ratio: float = _f(0.0, ge=0, le=1)
     grad_clip: float | None = _f(5.0, gt=0)  # max global L2 norm; null: no clipping
     accumulation_steps: int = _f(1, gt=0)
@@ -394,6 +402,8 @@ def _check_recipe(r: Recipe) -> None:
             f"data.dataset {r.data.dataset!r} is a {kind} dataset but task is {r.task!r}; "
             f"datasets for {r.task}: {', '.join(serves)}"
         )
+    if r.task == "recognition" and r.model.similarity != "cosine":
+        raise ConfigError("model.similarity: mug is a retrieval head; recognition recipes keep cosine")
     if r.task == "recognition" and not r.data.class_names:
         raise ConfigError("data.class_names is required for recognition (the class list file)")
     if isinstance(r.train.temperature, str) and r.train.temperature != LEARNABLE:
@@ -414,9 +424,10 @@ def _check_recipe(r: Recipe) -> None:
             f"data.test_resize ({r.data.test_resize}) must be at least data.input_size ({r.data.input_size}): "
             "the test crop is cut from the resized frame"
         )
-    if r.optim.warmup_epochs > r.train.epochs:
+    if r.optim.warmup_epochs + r.optim.hold_epochs > r.train.epochs:
         raise ConfigError(
-            f"optim.warmup_epochs ({r.optim.warmup_epochs}) must not exceed train.epochs ({r.train.epochs})"
+            f"optim.warmup_epochs ({r.optim.warmup_epochs}) + optim.hold_epochs ({r.optim.hold_epochs}) "
+            f"must not exceed train.epochs ({r.train.epochs})"
         )
     if r.model.num_frames is None:
         r.model.num_frames = r.data.num_frames
@@ -428,6 +439,10 @@ def _check_recipe(r: Recipe) -> None:
     if r.model.temporal == "stan" and r.data.num_frames > max_frames:
         raise ConfigError(
             f"data.num_frames ({r.data.num_frames}) exceeds STAN's time embedding ({max_frames})"
+        )
+    if r.model.temporal == "stan" and (r.data.test_num_frames or 0) > max_frames:
+        raise ConfigError(
+            f"data.test_num_frames ({r.data.test_num_frames}) exceeds STAN's time embedding ({max_frames})"
         )
 
 

@@ -57,6 +57,7 @@ from stanvid.data.retrieval_formats import (
     load_msrvtt_test,
     load_msvd,
     load_video_captions,
+    load_webvid,
 )
 from stanvid.errors import CheckpointError, ConfigError
 from stanvid.evaluate import evaluate_recognition, evaluate_retrieval, write_results, zero_shot_model
@@ -136,6 +137,8 @@ def load_split(recipe: Recipe, split: str) -> RetrievalAnnotations | Recognition
         return load_caption_json(path, videos) if suffix == ".json" else load_lsmdc(path, videos)
     if kind == "activitynet":
         return load_activitynet(path, videos)
+    if kind == "webvid":  # post-pretraining: WebVid to train on, another dataset's json to validate on
+        return load_webvid(path, videos) if split == "train" else load_caption_json(path, videos)
     if kind == "csv" and recipe.task == "retrieval":
         return load_video_captions(path, videos)
     if kind in ("csv", "kinetics400"):
@@ -206,7 +209,7 @@ def build_dataset(
             transform = _ResizeCropTransform(d.test_resize, d.input_size, None)
         return RetrievalDataset(
             ann,
-            num_frames=d.num_frames,
+            num_frames=d.num_frames if train or d.test_num_frames is None else d.test_num_frames,
             train=train,
             unit="caption" if train else "video",
             transform=transform,
@@ -251,10 +254,20 @@ def load_run_model(recipe: Recipe) -> nn.Module:
         stan_depth=m.stan_depth,
         time_module=m.time_module,
         num_frames=m.num_frames,
+        **mug_overrides(recipe),
     )
     model.set_grad_checkpointing(m.grad_checkpointing)
     check_model_fits(model, recipe, m.source)
     return model
+
+
+def mug_overrides(recipe: Recipe) -> dict[str, Any]:
+    """The recipe's Mug head as `load_model` overrides; empty for ``similarity: cosine``, so a model keeps the
+    head its checkpoint records (a Mug-STAN model evaluated with a STAN recipe is still scored by its head)."""
+    m = recipe.model
+    if m.similarity == "cosine":
+        return {}
+    return {"similarity": m.similarity, "mug_mode": m.mug_mode, "mug_tau": m.mug_tau}
 
 
 def check_model_fits(model: nn.Module, recipe: Recipe, source: Any) -> None:
@@ -308,7 +321,7 @@ def load_trained(checkpoint: str | os.PathLike, recipe: Recipe) -> tuple[nn.Modu
         if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
             try:
                 config = ModelConfig.from_dict(state["model_config"]).replace(
-                    num_frames=recipe.model.num_frames
+                    num_frames=recipe.model.num_frames, **mug_overrides(recipe)
                 )
                 model = VideoCLIP(config)
                 model.load_state_dict(state["model"])
@@ -317,9 +330,9 @@ def load_trained(checkpoint: str | os.PathLike, recipe: Recipe) -> tuple[nn.Modu
                 raise CheckpointError(f"{path}: a damaged training checkpoint ({_first_line(exc)})") from exc
             model.eval()
         else:
-            model = load_model(path, num_frames=recipe.model.num_frames)
+            model = load_model(path, num_frames=recipe.model.num_frames, **mug_overrides(recipe))
     else:
-        model = load_model(path, num_frames=recipe.model.num_frames)
+        model = load_model(path, num_frames=recipe.model.num_frames, **mug_overrides(recipe))
         if path.is_dir() and (path / HEAD_FILE).is_file():
             head_state = load_file(str(path / HEAD_FILE))
     head = None
@@ -421,7 +434,8 @@ def _evaluate_run(
             head.to(device)
         scale = _recipe_scale(recipe, model)
         label = Path(source).name if Path(source).exists() else str(source)
-        rows[f"{model.config.temporal} ({label})"] = evaluate_model(
+        head_name = f" + Mug head ({model.config.mug_mode})" if model.config.similarity == "mug" else ""
+        rows[f"{model.config.temporal}{head_name} ({label})"] = evaluate_model(
             model, dataset, recipe, head=head, logit_scale=scale, progress=progress, device=device
         )
         del model
@@ -527,6 +541,7 @@ def check_run(recipe: Recipe, *, resume: bool = False) -> str:
         0,
         f"model   {recipe.model.source}: {cfg.temporal}"
         + (f" (depth {cfg.stan.depth}, {cfg.stan.time_module})" if cfg.temporal == "stan" else "")
+        + (f", Mug head {cfg.mug_mode} (tau {cfg.mug_tau:g})" if cfg.similarity == "mug" else "")
         + f", {cfg.num_frames} frames, image {cfg.clip.vision.image_size}, "
         f"{n_params / 1e6:.1f}M parameters ({n_new / 1e6:.1f}M new, lr x{recipe.optim.new_param_lr_mult:g})",
     )

@@ -73,7 +73,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, g
 from stanvid.data.base import VideoClipDataset, collate_skipping, format_skipped
 from stanvid.data.loader import seed_worker
 from stanvid.errors import CheckpointError, ConfigError, DatasetError
-from stanvid.losses import contrastive_loss, recognition_loss, text_classifier_logits
+from stanvid.losses import contrastive_loss, mug_contrastive_loss, recognition_loss, text_classifier_logits
 from stanvid.recipe import LEARNABLE, OptimRecipe, Recipe
 
 __all__ = [
@@ -227,6 +227,7 @@ class LRSchedule:
     schedule: str
     period: int
     min_ratio: float
+    hold_steps: int = 0  # at factor 1 between the ramp and the cosine (a gap between mmengine schedulers)
 
     @classmethod
     def from_recipe(cls, optim: OptimRecipe, epochs: int, steps_per_epoch: int) -> LRSchedule:
@@ -240,14 +241,15 @@ class LRSchedule:
             schedule=optim.schedule,
             period=round(cosine_epochs * steps_per_epoch),
             min_ratio=optim.min_lr_ratio,
+            hold_steps=round(optim.hold_epochs * steps_per_epoch),
         )
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
             return self.start_factor + (1.0 - self.start_factor) * step / self.warmup_steps
-        if self.schedule == "constant" or self.period <= 0:
+        if self.schedule == "constant" or self.period <= 0 or step < self.warmup_steps + self.hold_steps:
             return 1.0
-        t = step - self.warmup_steps
+        t = step - self.warmup_steps - self.hold_steps
         return self.min_ratio + (1.0 - self.min_ratio) * (1.0 + math.cos(math.pi * t / self.period)) / 2
 
 
@@ -315,10 +317,12 @@ class _Forward(nn.Module):
     def forward(
         self, video: torch.Tensor, tokens: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        video_emb = self.model.encode_video(video)  # (B, D)
+        # Mug-STAN scores per-token text against per-frame video (stanvid.mug): nothing is pooled then
+        mug = tokens is not None and self.model.config.similarity == "mug"
+        video_emb = self.model.encode_video(video, pool=not mug)  # (B, D), or (B, T, D) for the Mug head
         scale = self.model.logit_scale.exp() if self.learnable else None
         if tokens is not None:
-            return video_emb, self.model.encode_text(tokens), scale  # (B, D), (B, D)
+            return video_emb, self.model.encode_text(tokens, pool=not mug), scale  # (B, D) or (B, L, D)
         if self.head is not None:
             return self.head(video_emb), None, scale  # (B, K)
         return video_emb, None, scale
@@ -413,8 +417,15 @@ class Trainer:
                 tokens = batch.get("tokens", batch.get("text"))
                 if tokens is None:
                     raise DatasetError("retrieval batches need caption token ids under 'tokens' (or 'text')")
-                video_emb, text_emb, scale = module(video, tokens.to(self.device, non_blocking=True))
-                return contrastive_loss(video_emb, text_emb, scale if scale is not None else self.fixed_scale)
+                tokens = tokens.to(self.device, non_blocking=True)
+                video_emb, text_emb, scale = module(video, tokens)
+                scale = scale if scale is not None else self.fixed_scale
+                cfg = self.model.config
+                if cfg.similarity == "mug":
+                    return mug_contrastive_loss(
+                        video_emb, text_emb, tokens != 0, scale, tau=cfg.mug_tau, mode=cfg.mug_mode
+                    )
+                return contrastive_loss(video_emb, text_emb, scale)
             if "label" not in batch:
                 raise DatasetError("recognition batches need class indices under 'label'")
             out, _, scale = module(video, None)

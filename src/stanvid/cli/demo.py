@@ -5,7 +5,8 @@ frame order can answer), pretrains a small image-text CLIP on single frames, tra
 meanP, seqTransf, STAN self-attention and STAN conv under the same budget, and writes results.json,
 report.md, chart.png and contact_sheet.png to DIR (default ./stanvid-demo), with the trained STAN model in
 DIR/model (`stanvid.load_model("DIR/model")`). A few minutes on 2 CPU cores; --quick: the same pipeline,
-smaller, in well under a minute (its numbers only show that everything runs).
+smaller, in well under a minute (its numbers only show that everything runs). --mug adds a row: the STAN
+self-attention model trained and scored with Mug-STAN's token-by-frame head (one more transfer run).
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--seed", type=int, default=0, help="seed of the corpus and of every training run (default 0)"
     )
+    p.add_argument(
+        "--mug",
+        action="store_true",
+        help="add a Mug-STAN row: STAN self-attention trained and scored with Mug-STAN's head",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -36,7 +42,9 @@ def run(args: argparse.Namespace) -> int:
     from stanvid.demo.run import DemoConfig, results_table, run_demo
 
     result = run_demo(
-        DemoConfig.create(args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress)
+        DemoConfig.create(
+            args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress, mug=args.mug
+        )
     )
     print(results_table(result.results))
     print(f"report: {result.out / 'report.md'}  model: {result.out / 'model'}")

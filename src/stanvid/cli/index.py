@@ -40,7 +40,8 @@ def add_parser(sub) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="model override passed to load_model, e.g. num_frames=12, temporal=meanP (repeatable)",
+        help="model override passed to load_model, e.g. num_frames=12, temporal=meanP, similarity=mug "
+        "(Mug-STAN: per-frame vectors kept, search re-ranked by the head) (repeatable)",
     )
     p.add_argument(
         "--batch-size", type=int, default=16, help="clips per forward pass and per commit (default 16)"

@@ -18,6 +18,9 @@ LSMDC          ``LSMDC16_annos_*.csv``, tab-separated ``clip_id, start_aligned, 
                start_extracted, end_extracted, sentence``; the same clip may carry several sentences.
 ActivityNet    ``train.json`` / ``val_1.json`` ``{video_id: {"duration", "timestamps", "sentences"}}`` with
                the optional ``train_ids.json``; paragraph. Files may drop the ``v_`` prefix of the id.
+WebVid         the released ``results_2M_train.csv`` / ``results_10M_train.csv`` (``videoid, name, page_dir``;
+               the video is ``<page_dir>/<videoid>.mp4`` under the video folder, as the usual downloaders and
+               Frozen-in-Time lay it out), or the official Mug-STAN json dict ``{"<dir>/<file>.mp4": caption}``.
 generic        CSV with ``video`` and ``caption`` columns, JSONL / json list of ``{"video", "caption"}``.
 =============  ==========================================================================================
 
@@ -56,6 +59,7 @@ __all__ = [
     "load_lsmdc",
     "load_activitynet",
     "load_video_captions",
+    "load_webvid",
     "load_retrieval",
     "RETRIEVAL_DATASETS",
 ]
@@ -359,6 +363,43 @@ def load_lsmdc(
         caption = check_caption(fields[5], where)
         builder.caption(builder.video(fields[0], where), caption)
     return builder.build(str(annotations_csv))
+
+
+# --- WebVid -------------------------------------------------------------------------------------------
+
+
+def _webvid_part(value: str, field: str, where: str) -> str:
+    """A ``videoid`` / ``page_dir`` value that stays inside the video folder (hostile CSVs exist)."""
+    value = value.strip()
+    parts = Path(value).parts
+    if not value or Path(value).is_absolute() or ".." in parts or (field == "videoid" and len(parts) != 1):
+        raise DatasetError(
+            f"{where}: {field} {value!r} must be a plain relative name inside the video folder"
+        )
+    return value
+
+
+def load_webvid(path: PathLike, video_root: PathLike, on_missing: str = "skip") -> RetrievalAnnotations:
+    """WebVid-2M/10M captions, for Mug-STAN's post-pretraining (``configs/mugstan_webvid10m_b32_pretrain.yaml``).
+
+    ``path`` is the released CSV (header with ``videoid``, ``name`` = the caption, ``page_dir``; other columns
+    such as ``contentUrl`` and ``duration`` are ignored): one caption per video, the file at
+    ``<page_dir>/<videoid>.mp4`` (any known video extension) under ``video_root``. A ``.json`` file is read as
+    the official code's ``WeividDataset_filtered`` dict ``{relative video path: caption}``.
+
+    Web-scale downloads always miss some videos, so ``on_missing="skip"`` is the default here: the rows whose
+    file is absent are left out and listed in ``annotations.missing`` (the official loader would fail on them
+    at read time instead). A bad row (empty caption, a path that leaves the video folder) still raises.
+    """
+    path = existing_file(path)
+    if path.suffix.lower() == ".json":
+        return load_caption_json(path, video_root, on_missing=on_missing)
+    builder = _Builder(f"webvid:{path.name}", video_root, on_missing)
+    for where, row in read_csv_rows(path, ["videoid", "name", "page_dir"]):
+        video = f"{_webvid_part(row['page_dir'], 'page_dir', where)}/{_webvid_part(row['videoid'], 'videoid', where)}"
+        caption = check_caption(row["name"], where)
+        builder.caption(builder.video(video, where), caption)
+    return builder.build(str(path))
 
 
 # --- ActivityNet Captions -----------------------------------------------------------------------------

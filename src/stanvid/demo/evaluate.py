@@ -82,9 +82,18 @@ def load_galleries(corpus: Corpus, context_length: int) -> dict[str, Gallery]:
 def similarity(
     model: VideoCLIP, gallery: Gallery, batch_size: int = 64, num_workers: int = 0
 ) -> torch.Tensor:
-    """Cosine similarity of every caption with every clip, ``(texts, videos)``."""
+    """Cosine similarity of every caption with every clip, ``(texts, videos)``; for a Mug-STAN model
+    (``similarity: mug``), the Mug head's scores."""
     model.eval()
     loader = make_loader(gallery.dataset, batch_size=batch_size, num_workers=num_workers)
+    if model.config.similarity == "mug":
+        from stanvid.mug import mug_similarity
+
+        ids = gallery.dataset.text_tokens()  # (Q, L)
+        frames = torch.cat([model.encode_video(batch["video"], pool=False) for batch in loader])  # (N, T, D)
+        tokens = model.encode_text(ids, pool=False)  # (Q, L, D)
+        cfg = model.config
+        return mug_similarity(tokens.double(), ids != 0, frames.double(), tau=cfg.mug_tau, mode=cfg.mug_mode)
     videos = torch.cat([model.encode_video(batch["video"]) for batch in loader])  # (N, D)
     texts = model.encode_text(gallery.dataset.text_tokens())  # (Q, D)
     return F.normalize(texts.double(), dim=-1) @ F.normalize(videos.double(), dim=-1).T  # (Q, N)

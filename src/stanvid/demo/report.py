@@ -41,6 +41,7 @@ MODEL_ROWS: dict[str, str] = {
     "seqTransf": "video transfer, CLIP4Clip's transformer over the frame embeddings",
     "stan_selfattn": "video transfer, STAN branch with temporal self-attention",
     "stan_conv": "video transfer, STAN branch with a temporal 3D convolution",
+    "mugstan": "video transfer, STAN self-attention trained and scored by Mug-STAN's token-by-frame head (--mug)",
 }
 _KINDS = ("appearance", "order")
 

@@ -43,6 +43,10 @@ TEMPORAL_MODELS: dict[str, dict[str, str]] = {
     "stan_selfattn": {"temporal": "stan", "time_module": "selfattn"},
     "stan_conv": {"temporal": "stan", "time_module": "conv"},
 }
+# `stanvid demo --mug`: the STAN self-attention model trained and scored with Mug-STAN's head (stanvid.mug)
+MUG_MODELS: dict[str, dict[str, str]] = {
+    "mugstan": {"temporal": "stan", "time_module": "selfattn", "similarity": "mug"},
+}
 SHEET_MODELS = ("meanP", "stan_selfattn")
 
 
@@ -53,6 +57,7 @@ class DemoConfig:
     out: Path = Path("stanvid-demo")
     quick: bool = False
     seed: int = 0
+    mug: bool = False  # add the Mug-STAN row (MUG_MODELS)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
@@ -68,7 +73,12 @@ class DemoConfig:
 
     @classmethod
     def create(
-        cls, out: str | Path = "stanvid-demo", quick: bool = False, seed: int = 0, progress: bool = True
+        cls,
+        out: str | Path = "stanvid-demo",
+        quick: bool = False,
+        seed: int = 0,
+        progress: bool = True,
+        mug: bool = False,
     ) -> DemoConfig:
         """The default run (a few minutes on 2 cores) or the quick one (same pipeline, smaller; under a minute)."""
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -93,6 +103,7 @@ class DemoConfig:
             out=Path(out),
             quick=quick,
             seed=seed,
+            mug=bool(mug),
             corpus=corpus,
             pretrain=pretrain,
             transfer=transfer,
@@ -251,11 +262,12 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
         stage["zero-shot"] = time.perf_counter() - t
 
         train_set = training_set(corpus, config.transfer, config.context_length)
-        for i, (name, overrides) in enumerate(TEMPORAL_MODELS.items()):
+        runs = {**TEMPORAL_MODELS, **(MUG_MODELS if config.mug else {})}
+        for i, (name, overrides) in enumerate(runs.items()):
             t = time.perf_counter()
             _say(
                 config,
-                f"[4/5] transfer {i + 1}/{len(TEMPORAL_MODELS)}: {name} ({config.transfer.steps} steps)",
+                f"[4/5] transfer {i + 1}/{len(runs)}: {name} ({config.transfer.steps} steps)",
             )
             torch.manual_seed(config.seed)
             model = load_model(

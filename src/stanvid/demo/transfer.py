@@ -135,6 +135,7 @@ def transfer_recipe(
             stan_depth=stan_depth,
             time_module=temporal.get("time_module", "selfattn"),
             num_frames=corpus.config.num_frames,
+            similarity=temporal.get("similarity", "cosine"),
         ),
         data=DataRecipe(
             dataset="csv",
