@@ -273,7 +273,10 @@ def embed_clip(index: VideoIndex, like: Any) -> np.ndarray:
 def embed_query(index: VideoIndex, query: Query) -> np.ndarray:
     """`(D,)` L2-normalized query vector: the weighted sum of the normalized parts, normalized."""
     total = np.zeros(index.meta["dim"], np.float64)
-    for name, weight in query.parts():
+    parts = query.parts()
+    scale = max(weight for _, weight in parts) or 1.0  # the result is normalized: only weight ratios matter,
+    for name, weight in parts:  # and dividing by the largest keeps a huge weight (1e308) from overflowing
+        weight = weight / scale
         if weight == 0:
             continue
         if name == "text":
