@@ -34,6 +34,7 @@ from stanvid.data.base import collate_skipping, format_skipped
 from stanvid.errors import ConfigError, DatasetError
 from stanvid.losses import text_classifier_logits
 from stanvid.metrics import average_views, format_table, retrieval_metrics_from_features, topk_accuracy
+from stanvid.precision import prepare_for_inference
 
 __all__ = [
     "evaluate_retrieval",
@@ -53,15 +54,6 @@ def _world() -> tuple[int, int]:
 
 def _device(model: nn.Module, device: torch.device | str | None) -> torch.device:
     return torch.device(device) if device is not None else next(model.parameters()).device
-
-
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Mixed precision on CUDA when asked; features are widened to float32 before ranking."""
-    if device.type != "cuda" or precision == "fp32":
-        return contextlib.nullcontext()
-    if precision not in ("bf16", "fp16"):
-        raise ConfigError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
-    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def _gather_rows(local: torch.Tensor, indices: list[int], total: int) -> torch.Tensor:
@@ -144,16 +136,18 @@ def encode_videos(
     """``(len(dataset), D)`` float32 video embeddings (unnormalized), item ``i`` in row ``i``.
 
     Items with several test views (``video`` ``(V, T, 3, S, S)``) give ``(len(dataset), V, D)``.
+    ``precision`` is any of `stanvid.precision.PRECISIONS` (``auto``: bf16 where the hardware has it).
     """
     device = _device(model, device)
+    runner = prepare_for_inference(model, precision, device)
 
     def encode(batch: dict[str, Any]) -> torch.Tensor:
         video = batch["video"].to(device, non_blocking=True)
-        with _autocast(device, precision):
+        with runner.autocast():
             if video.dim() == 6:  # (B, V, T, 3, S, S): test views
                 b, v = video.shape[:2]
-                return model.encode_video(video.flatten(0, 1)).view(b, v, -1)  # (B, V, D)
-            return model.encode_video(video)  # (B, D)
+                return runner.model.encode_video(video.flatten(0, 1)).view(b, v, -1)  # (B, V, D)
+            return runner.model.encode_video(video)  # (B, D)
 
     return _map_dataset(
         dataset, encode, batch_size=batch_size, num_workers=num_workers, progress=progress, desc="videos"
@@ -171,12 +165,13 @@ def encode_texts(
 ) -> torch.Tensor:
     """``(N, D)`` float32 text embeddings of token ids ``(N, L)`` (this rank's share, gathered)."""
     device = _device(model, device)
+    runner = prepare_for_inference(model, precision, device)
     indices = _shard(len(tokens))
     mine = tokens[indices] if indices else tokens[:0]
     parts = []
     for start in range(0, len(mine), batch_size):
-        with _autocast(device, precision):
-            parts.append(model.encode_text(mine[start : start + batch_size].to(device)).float().cpu())
+        with runner.autocast():
+            parts.append(runner.model.encode_text(mine[start : start + batch_size].to(device)).float().cpu())
     local = torch.cat(parts) if parts else torch.empty(0)
     return _gather_rows(local, indices, len(tokens))
 
@@ -214,7 +209,8 @@ def evaluate_retrieval(
             of any of its captions).
         dsl: add the dual-softmax re-ranked metrics under ``"dsl"`` at ``dsl_temperature`` (cosine units).
         chunk_size: rows of the similarity ranked at once (bounds memory, not the result).
-        precision: autocast on CUDA (``bf16``/``fp16``); ``fp32`` otherwise.
+        precision: ``fp32`` (the reference), ``bf16``/``fp16`` (autocast), ``int8`` (CPU), or ``auto``
+            (`stanvid.precision.resolve_precision`); embeddings are ranked in float32 whatever it is.
 
     Returns:
         ``{"t2v": {"R1", "R5", "R10", "MdR", "MnR"}, "v2t": {...}, "dsl": {"t2v": ..., "v2t": ...}}``.

@@ -20,12 +20,16 @@ it needs no graph to maintain, trains in seconds on a sample and its `nprobe` tr
 
 The model that built the index is recorded (its source and a SHA-256 of its config and weights); a query with
 any other model is refused, because its text embeddings would live in another space and rank at random.
+The precision it encoded in (`stanvid.precision`) is recorded too, and only informs: embeddings are stored as
+float32 whatever it was, and a query in another precision with the same model lands in the same space (the
+tests bound the drift).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -48,6 +52,8 @@ from tqdm.auto import tqdm
 
 from stanvid.errors import StanvidError, VideoReadError
 from stanvid.model import VideoCLIP
+from stanvid.pipeline import PREFETCH_PER_WORKER, ThreadBudget, encode_batch_size, thread_budget
+from stanvid.precision import InferencePrecision, prepare_for_inference, resolve_precision
 from stanvid.sampling import uniform_indices
 from stanvid.transforms import center_crop, normalize, resize_short_side
 
@@ -129,12 +135,13 @@ class IndexReport:
     segments: int = 0  # segments in the index at the end
     vector_index: str = ""
     seconds: float = 0.0
+    precision: str = ""  # what this run encoded in (resolved: fp32, bf16, fp16, int8)
 
     def summary(self) -> str:
         lines = [
             f"{self.index}: {self.files} videos, {self.segments} segments ({self.vector_index}); this run: "
             f"{self.indexed} indexed, {self.unchanged} unchanged, {self.removed} removed, {len(self.failed)} "
-            f"unreadable, {self.seconds:.1f} s"
+            f"unreadable, {self.seconds:.1f} s, precision {self.precision}"
         ]
         if self.failed:
             lines.append("unreadable videos (not indexed):")
@@ -494,17 +501,27 @@ def _default_device(world: int) -> torch.device:
 
 
 class _Writer:
-    """Accumulates decoded chunks, encodes them in batches and commits finished files in one transaction."""
+    """Accumulates decoded chunks, encodes them `per_forward` clips at a time and commits the files they finish
+    in one transaction once `commit_every` clips are encoded (and at the end)."""
 
-    def __init__(self, conn, model, device, batch_size, on_commit, progress_bar) -> None:
-        self.conn, self.model, self.device = conn, model, device
-        self.batch_size = batch_size
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        runner: InferencePrecision,
+        per_forward: int,
+        commit_every: int,
+        on_commit: Callable[[int], None] | None,
+        progress_bar: Any,
+    ) -> None:
+        self.conn, self.runner = conn, runner
+        self.per_forward, self.commit_every = per_forward, commit_every
         self.on_commit = on_commit
         self.failures: list[tuple[str, str]] = []  # (relpath, error)
         self.bar = progress_bar
         self.pending: dict[str, dict[str, Any]] = {}  # relpath -> entry, meta, spans, embeddings, complete
-        self.buffer: list[tuple[str, torch.Tensor]] = []  # (relpath, (n, T, 3, S, S) uint8)
+        self.buffer: list[tuple[str, torch.Tensor]] = []  # (relpath, (n, T, 3, S, S) uint8), oldest first
         self.buffered = 0
+        self.uncommitted = 0  # clips encoded since the last commit
         self.committed = 0
 
     def add(self, chunk: _Chunk) -> None:
@@ -523,28 +540,46 @@ class _Writer:
         state["complete"] = chunk.last
         self.buffer.append((key, chunk.clips))
         self.buffered += len(chunk.clips)
-        if self.buffered >= self.batch_size:
-            self.flush()
+        if self.buffered >= self.per_forward:
+            self._encode_buffer(everything=False)
+        if self.uncommitted >= self.commit_every:
+            self._commit()
 
     @torch.inference_mode()
     def _encode(self, clips: torch.Tensor) -> np.ndarray:
-        out = []
-        for k in range(0, len(clips), self.batch_size):
-            part = clips[k : k + self.batch_size].to(self.device, non_blocking=True)  # (b, T, 3, S, S) uint8
-            b, t = part.shape[:2]
-            video = normalize(part.flatten(0, 1)).view(b, t, *part.shape[2:])  # (b, T, 3, S, S) float
-            emb = F.normalize(self.model.encode_video(video).float(), dim=-1)  # (b, D)
-            out.append(emb.cpu().numpy())
-        return np.concatenate(out)
+        """(n, T, 3, S, S) uint8 -> (n, D) float32 unit vectors, whatever the precision of the forward pass."""
+        device = self.runner.device
+        part = clips.to(device, non_blocking=True)
+        b, t = part.shape[:2]
+        video = normalize(part.flatten(0, 1)).view(b, t, *part.shape[2:])  # (n, T, 3, S, S) float
+        with self.runner.autocast():
+            emb = self.runner.model.encode_video(video)  # (n, D)
+        return F.normalize(emb.float(), dim=-1).cpu().numpy()
 
-    def flush(self) -> None:
-        if self.buffer:
-            keys = [k for k, c in self.buffer for _ in range(len(c))]
-            emb = self._encode(torch.cat([c for _, c in self.buffer]))  # (n, D)
-            for key, vec in zip(keys, emb, strict=True):
+    def _encode_buffer(self, everything: bool) -> None:
+        """Encode the buffered clips in `per_forward` batches; a remainder smaller than a batch waits for more
+        clips unless `everything`."""
+        if not self.buffer:
+            return
+        keys = [k for k, c in self.buffer for _ in range(len(c))]
+        clips = torch.cat([c for _, c in self.buffer])  # (n, T, 3, S, S)
+        n = len(clips) if everything else len(clips) // self.per_forward * self.per_forward
+        for k in range(0, n, self.per_forward):
+            emb = self._encode(clips[k : min(n, k + self.per_forward)])
+            for key, vec in zip(keys[k : k + len(emb)], emb, strict=True):
                 self.pending[key]["emb"].append(vec)
-            self.buffer, self.buffered = [], 0
-        done = [k for k, s in self.pending.items() if s.get("complete")]
+        self.buffer = []  # the remainder, regrouped by file (clips of one file are contiguous)
+        start = n
+        for key, group in itertools.groupby(keys[n:]):
+            count = len(list(group))
+            self.buffer.append((key, clips[start : start + count]))
+            start += count
+        self.buffered = len(clips) - n
+        self.uncommitted += n
+
+    def _commit(self) -> None:
+        self.uncommitted = 0
+        done = [k for k, s in self.pending.items() if s.get("complete") and len(s["emb"]) == len(s["spans"])]
         if not done:
             return
         with _transaction(self.conn):
@@ -561,6 +596,10 @@ class _Writer:
         if self.on_commit is not None:
             self.on_commit(self.committed)
 
+    def flush(self) -> None:
+        self._encode_buffer(everything=True)
+        self._commit()
+
 
 def build_index(
     video_dir: str | os.PathLike,
@@ -571,8 +610,9 @@ def build_index(
     model_overrides: dict[str, Any] | None = None,
     segment_seconds: float | None = None,
     batch_size: int = 16,
-    num_workers: int = 2,
+    num_workers: int | None = None,
     device: str | torch.device | None = None,
+    precision: str = "auto",
     index_kind: str = "auto",
     approx_threshold: int = DEFAULT_APPROX_THRESHOLD,
     nlist: int | None = None,
@@ -591,6 +631,11 @@ def build_index(
     encoded, deleted ones are dropped. Finished files are committed every `batch_size` clips; `on_commit(n)` is
     called after each commit with the number of files committed so far. Unreadable videos are reported in
     `IndexReport.failed` and not indexed.
+
+    `precision` (`stanvid.precision`: auto, fp32, bf16, fp16, int8) is the arithmetic of the forward passes;
+    the stored embeddings are float32 unit vectors whatever it is, and the index records it. `num_workers`
+    decoding processes run ahead of the model (None: the `stanvid.pipeline.thread_budget` choice; 0 decodes
+    in this process, between forward passes).
 
     Under `torchrun` (RANK / WORLD_SIZE set), each rank encodes its share of the files to process into its own
     shard file; after a barrier (gloo), rank 0 merges the shards and writes the FAISS index.
@@ -620,8 +665,11 @@ def build_index(
     group = _init_distributed(world, dist_timeout)
     dev = torch.device(device) if device is not None else _default_device(world)
     model.to(dev)
+    runner = prepare_for_inference(model, precision, dev)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    budget: ThreadBudget = thread_budget(dev, num_workers, local_world)
 
-    report = IndexReport(index=str(out))
+    report = IndexReport(index=str(out), precision=runner.precision)
     identity = {
         "format_version": FORMAT_VERSION,
         "root": str(root),
@@ -651,7 +699,7 @@ def build_index(
             report.files_seen = len(disk)
             report.unchanged = len(disk) - len(todo)
             mine = todo[rank::world]
-            args = (root, mine, model, dev, batch_size, num_workers, segment_seconds, progress, on_commit)
+            args = (root, mine, runner, batch_size, budget, segment_seconds, progress, on_commit)
             if world == 1:
                 report.indexed, report.failed = _encode_files(main, *args)
             else:
@@ -682,6 +730,7 @@ def build_index(
                     dropped = [p for p, _ in report.failed if _delete_file(conn, p)]
                     if dropped:  # a changed file that is now unreadable: its old embedding is stale
                         _bump_generation(conn)
+                    _record_precision(conn, runner.precision, encoded=report.indexed > 0)
                 index = _write_vector_index(
                     out, conn, kind=index_kind, approx_threshold=approx_threshold, nlist=nlist, nprobe=nprobe
                 )
@@ -696,6 +745,17 @@ def build_index(
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def _record_precision(conn: sqlite3.Connection, precision: str, encoded: bool) -> None:
+    """Keep the precisions the stored embeddings were computed in (`precisions`, in order of first use) and
+    the latest one (`precision`); a run that encoded nothing changes neither, except on a new index."""
+    meta = _get_meta(conn)
+    used = list(meta.get("precisions", []))
+    if encoded or not used:
+        if precision not in used:
+            used.append(precision)
+        _set_meta(conn, precision=precision, precisions=used)
 
 
 def _prepare(
@@ -745,11 +805,15 @@ def _identity_collate(chunk: _Chunk) -> _Chunk:
 
 
 def _encode_files(
-    conn, root, entries, model, device, batch_size, num_workers, segment_seconds, progress, on_commit
+    conn, root, entries, runner, batch_size, budget, segment_seconds, progress, on_commit
 ) -> tuple[int, list[tuple[str, str]]]:
-    """Encode `entries` into `conn`; returns (files committed, [(relpath, error)] of unreadable ones)."""
+    """Encode `entries` into `conn`; returns (files committed, [(relpath, error)] of unreadable ones).
+
+    Decoding runs ahead in `budget.decode_workers` processes (`stanvid.pipeline`), the model encodes
+    model-sized batches as soon as they are decoded, and finished files are committed every `batch_size` clips.
+    """
     rank, world = _dist_info()
-    cfg = model.config
+    cfg = runner.model.config
     loader_set = _ClipLoader(
         root,
         entries,
@@ -759,17 +823,23 @@ def _encode_files(
         chunk=batch_size,
         decoder_threads=0,
     )
-    workers = min(num_workers, len(entries))
+    workers = min(budget.decode_workers, len(entries))
     loader = torch.utils.data.DataLoader(
         loader_set,
         batch_size=None,
         num_workers=workers,
         collate_fn=_identity_collate,
-        prefetch_factor=2 if workers else None,
+        prefetch_factor=PREFETCH_PER_WORKER if workers else None,
+        worker_init_fn=budget.init_worker if workers else None,
     )
+    rows = cfg.num_frames * (cfg.clip.vision.num_patches + 1)  # token rows one clip puts through a matmul
+    per_forward = encode_batch_size(rows, runner.device, batch_size)
     desc = "indexing" if world == 1 else f"indexing (rank {rank})"
-    with tqdm(total=len(entries), desc=desc, unit="video", disable=not progress, position=rank) as bar:
-        writer = _Writer(conn, model, device, batch_size, on_commit, bar)
+    with (
+        tqdm(total=len(entries), desc=desc, unit="video", disable=not progress, position=rank) as bar,
+        budget.model_threads_set(),
+    ):
+        writer = _Writer(conn, runner, per_forward, batch_size, on_commit, bar)
         for chunk in loader:
             writer.add(chunk)
         writer.flush()
@@ -849,11 +919,16 @@ class VideoIndex:
     """An open index: text search, segment lookup and frames for thumbnails. Thread-safe (one lock).
 
     The query model is loaded on first use (`model`), from the recorded source unless one is passed, and its
-    fingerprint must match the one recorded at build time.
+    fingerprint must match the one recorded at build time. Queries are encoded at `precision`
+    (`stanvid.precision`), which need not be the one the index was built with (`build_precision`).
     """
 
     def __init__(
-        self, path: str | os.PathLike, model: VideoCLIP | None = None, device: str | None = None
+        self,
+        path: str | os.PathLike,
+        model: VideoCLIP | None = None,
+        device: str | None = None,
+        precision: str = "auto",
     ) -> None:
         self.path = Path(path).expanduser().resolve()
         db = self.path / DB_NAME
@@ -870,10 +945,17 @@ class VideoIndex:
             )
         self.root = Path(self.meta["root"])
         self.device = torch.device(device) if device else _default_device(1)
+        self.precision = resolve_precision(precision, self.device)
         self._model = None
+        self._runner: InferencePrecision | None = None
         if model is not None:
             self._model = self._verified(model)
         self.vectors = self._load_vectors()
+
+    @property
+    def build_precision(self) -> str:
+        """The precision(s) the stored embeddings were computed in ("fp32", or "fp32+bf16" after mixed runs)."""
+        return "+".join(self.meta.get("precisions", [])) or "fp32"  # indexes from before precisions were kept
 
     # -------------------------------------------------------------- model
     @property
@@ -929,8 +1011,12 @@ class VideoIndex:
 
         model = self.model
         with self._lock:
+            if self._runner is None:
+                self._runner = prepare_for_inference(model, self.precision, self.device)
             ids = tokenize(list(texts), context_length=model.config.clip.text.context_length).to(self.device)
-            emb = F.normalize(model.encode_text(ids).float(), dim=-1)  # (N, D)
+            with self._runner.autocast():
+                emb = self._runner.model.encode_text(ids)  # (N, D)
+            emb = F.normalize(emb.float(), dim=-1)
         return emb.cpu().numpy()
 
     def search(self, text: str, k: int = 10) -> list[SearchResult]:
@@ -1014,15 +1100,22 @@ class VideoIndex:
 
 
 def open_index(
-    path: str | os.PathLike, model: VideoCLIP | None = None, device: str | None = None
+    path: str | os.PathLike,
+    model: VideoCLIP | None = None,
+    device: str | None = None,
+    precision: str = "auto",
 ) -> VideoIndex:
     """Open an index built by `build_index` for searching (see `VideoIndex`)."""
-    return VideoIndex(path, model=model, device=device)
+    return VideoIndex(path, model=model, device=device, precision=precision)
 
 
 def search_index(
-    path: str | os.PathLike, text: str, k: int = 10, model: VideoCLIP | None = None
+    path: str | os.PathLike,
+    text: str,
+    k: int = 10,
+    model: VideoCLIP | None = None,
+    precision: str = "auto",
 ) -> list[SearchResult]:
     """One query against an index, with the model recorded in it (or `model`, which must be the same)."""
-    with open_index(path, model=model) as index:
+    with open_index(path, model=model, precision=precision) as index:
         return index.search(text, k)
