@@ -188,6 +188,7 @@ def model_only(model_dir: Path, precision: str, clips: int) -> tuple[str, float,
 
 def decode_seconds(paths: list[Path], num_frames: int, size: int) -> float:
     """probe + read_frames + resize/crop of every video, one thread: the indexer's decoding work."""
+    import stanvid.video_io
     from stanvid.transforms import center_crop, resize_short_side
 
     stanvid.video_io.clear_cache()

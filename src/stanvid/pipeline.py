@@ -1,14 +1,17 @@
 """Keeping the model busy: how an encoding job splits the machine between decoding and the forward pass.
 
-Decoding runs in DataLoader worker processes ahead of the model (a bounded queue of decoded clips), so the
-forward pass never waits for a file that could have been decoded while the previous batch ran. Both sides use
-threads, and on a small CPU they fight: every torch op of a worker would start its own OpenMP team, and a
-model thread pre-empted by a decoder stalls the other model threads at the next barrier. So the budget is
-explicit: the model gets the cores (its own process's torch threads), each decoding worker one thread for
-torch and one for the codec, and on the CPU the workers run at a lower scheduling priority, which lets them
-fill the gaps the model leaves (Python overhead, single-threaded ops) rather than pre-empt it.
+Both sides are compute: decoding 12 frames out of a 20 s 640x360 H.264 file costs about as much CPU as encoding
+the clip with ViT-B/32 + STAN in bf16 (benchmarks/index.py --pipeline prints both). So the split is explicit:
 
-On a GPU the forward pass needs one CPU thread to launch kernels; the other cores decode.
+- With a GPU, or enough cores that giving some to decoding costs the model little, decoding runs in DataLoader
+  worker processes ahead of the model (a bounded queue of decoded files), each worker with one thread for torch
+  and one for the codec, and the model keeps the other cores (on a GPU it needs one thread to launch kernels).
+- On a small CPU (fewer than `MIN_CORES_TO_OVERLAP` cores) decoding and the forward pass alternate in the main
+  process, each with every core: the decoder splits a file's keyframe segments over threads, the model its
+  matmuls. Overlapping them there was measured slower (0.79-0.84 against 1.10 videos/s on 2 cores, one
+  decoding worker with and without a lower priority, same run): both sides are compute-bound on the same two
+  cores, so overlap gains nothing while every model thread a decoder pre-empts stalls the others at the next
+  barrier.
 
 Batches are sized for the model: enough rows (clips x frames x tokens) per forward pass that the matmuls run
 at full speed, and no more, so the first batch starts early and the queue stays short.
@@ -25,7 +28,8 @@ import torch
 
 __all__ = ["ThreadBudget", "encode_batch_size", "thread_budget"]
 
-DECODE_NICENESS = 10  # workers yield to the model's threads on a CPU (never applied to the main process)
+MIN_CORES_TO_OVERLAP = 4  # below this, decoding and the model alternate on a CPU (see the module docstring)
+CPU_CORES_PER_DECODER = 8  # above it, one decoding worker per 8 cores
 CPU_ROWS_PER_BATCH = (
     2048  # token rows per forward pass from which a CPU GEMM is at its peak (ViT-B/32 x 12 frames: 4 clips)
 )
@@ -46,15 +50,11 @@ class ThreadBudget:
     """How many threads the model and the decoding workers use (see the module docstring)."""
 
     model_threads: int
-    decode_workers: int
-    niceness: int  # added to each decoding worker's scheduling priority
+    decode_workers: int  # 0: decode in the encoding process, between forward passes, with every core
 
     def init_worker(self, worker_id: int) -> None:
-        """DataLoader `worker_init_fn`: one torch thread (the DataLoader already sets it) and the niceness."""
+        """DataLoader `worker_init_fn`: one torch thread per worker (the codec gets one from `read_frames`)."""
         torch.set_num_threads(1)
-        if self.niceness:
-            with contextlib.suppress(OSError, AttributeError):
-                os.nice(self.niceness)
 
     @contextlib.contextmanager
     def model_threads_set(self) -> Iterator[None]:
@@ -71,17 +71,17 @@ def thread_budget(device: torch.device, workers: int | None, processes_per_node:
     """The split for one encoding process on ``device``; ``workers=None`` chooses the number of decoders.
 
     ``processes_per_node`` (torchrun's LOCAL_WORLD_SIZE) shares the cores between the ranks of one machine.
-    On a CPU, one decoder: decoding a clip costs less than encoding it with a ViT, and a second decoder only
-    takes cores from the model. On a GPU every core but the launcher's decodes.
+    An explicit ``workers`` is obeyed; on a CPU the model then keeps the cores the workers do not take, or all
+    of them on a small CPU (where taking one would halve it).
     """
     cores = max(1, available_cores() // max(1, processes_per_node))
     if device.type == "cuda":
         decoders = max(1, cores - 1) if workers is None else workers
-        return ThreadBudget(model_threads=1, decode_workers=decoders, niceness=0)
-    decoders = 1 if workers is None else workers
-    return ThreadBudget(
-        model_threads=cores, decode_workers=decoders, niceness=DECODE_NICENESS if decoders else 0
-    )
+        return ThreadBudget(model_threads=1, decode_workers=decoders)
+    if workers is None:
+        workers = 0 if cores < MIN_CORES_TO_OVERLAP else max(1, cores // CPU_CORES_PER_DECODER)
+    model_threads = cores if cores < MIN_CORES_TO_OVERLAP else max(1, cores - workers)
+    return ThreadBudget(model_threads=model_threads, decode_workers=workers)
 
 
 def encode_batch_size(rows_per_clip: int, device: torch.device, limit: int) -> int:
