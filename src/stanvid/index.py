@@ -662,8 +662,9 @@ def build_index(
     model = model.eval()
     fingerprint = model_fingerprint(model)
     rank, world = _dist_info()
-    group = _init_distributed(world, dist_timeout)
     dev = torch.device(device) if device is not None else _default_device(world)
+    resolve_precision(precision, dev)  # a bad precision fails before any process group exists
+    group = _init_distributed(world, dist_timeout)
     model.to(dev)
     runner = prepare_for_inference(model, precision, dev)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
