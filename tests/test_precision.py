@@ -81,7 +81,7 @@ def indexes(corpus, tmp_path_factory) -> dict[str, Path]:
         report = build_index(
             root, out[name], model_dir, segment_seconds=1.0, num_workers=0, precision=name, progress=False
         )
-        assert report.precision == name and f"precision {name}" in report.summary()
+        assert report.precision == name and f"built in {name}" in report.summary()
     return out
 
 

@@ -136,10 +136,14 @@ class IndexReport:
     vector_index: str = ""
     seconds: float = 0.0
     precision: str = ""  # what this run encoded in (resolved: fp32, bf16, fp16, int8)
+    built_precision: str = (
+        ""  # what the stored embeddings were computed in ("bf16", or "fp32+bf16" when mixed)
+    )
 
     def summary(self) -> str:
+        built = f", built in {self.built_precision}" if self.built_precision else ""
         lines = [
-            f"{self.index}: {self.files} videos, {self.segments} segments ({self.vector_index}); this run: "
+            f"{self.index}: {self.files} videos, {self.segments} segments ({self.vector_index}{built}); this run: "
             f"{self.indexed} indexed, {self.unchanged} unchanged, {self.removed} removed, {len(self.failed)} "
             f"unreadable, {self.seconds:.1f} s, precision {self.precision}"
         ]
@@ -736,6 +740,7 @@ def build_index(
                     out, conn, kind=index_kind, approx_threshold=approx_threshold, nlist=nlist, nprobe=nprobe
                 )
                 report.vector_index = _describe(index)
+                report.built_precision = "+".join(_get_meta(conn).get("precisions", []))
                 report.files = conn.execute("SELECT COUNT(*) FROM files").fetchone()[0]
                 report.segments = conn.execute("SELECT COUNT(*) FROM segments").fetchone()[0]
         report.failed = [(str(root / p), e) for p, e in report.failed]
