@@ -3,6 +3,7 @@
     python benchmarks/index.py                       # everything (about 10 minutes on 2 CPU cores)
     python benchmarks/index.py --skip-default-model  # only the small model for indexing
     python benchmarks/index.py --skip-indexing --sizes 10000   # search part at 10k vectors only
+    python benchmarks/index.py --pipeline            # indexer vs model-only throughput, per precision
 
 1. Indexing: a generated folder (`--videos` H.264 files of `--seconds` s at 25 fps, 320x240) is indexed with
    `stanvid.index.build_index` from an empty index: probe + decode + preprocess + encode + SQLite + FAISS, all
@@ -15,6 +16,14 @@
    approximate index against the exact one, on two data sets: isotropic Gaussian vectors (the worst case: every
    neighbour is nearly as far as any other) and a clustered mixture (2,000 centres, noise as large as the
    centre vectors), closer to how real embeddings spread.
+3. Pipeline (`--pipeline`): on `--pipeline-videos` H.264 files of 20 s at 640x360 (keyframe every 2 s, or the
+   folder `--video-dir`), the default model (ViT-B/32 + STAN-4, 12 frames), for each of `--precisions`:
+   whole-process `stanvid index` (a subprocess, wall clock, model loading included) against model-only
+   `encode_video` throughput at the same precision in this process (the same number of clips, in the batches the
+   indexer uses, uint8 -> normalize -> encode -> L2-normalize). Also decoding alone (probe + read_frames +
+   resize/crop, one thread), which bounds the ratio on a machine where decoding and the model share the cores:
+   `model_core_seconds / (model_core_seconds + decode_core_seconds)`. Then the default (`auto`) index against
+   `--precision fp32`: speed ratio and how many of `--top1-queries` text queries get the same top-1 segment.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -131,6 +141,156 @@ def bench_indexing(args) -> None:
         )
 
 
+# ---------------------------------------------------------------------------------------------- pipeline
+CAPTIONS = [
+    f"a {c} {t} {m}"
+    for c in ("red", "green", "blue", "yellow", "dark")
+    for t in ("ball", "car", "dog", "person")
+    for m in ("moves left", "jumps", "turns around")
+]
+
+
+def model_only(model_dir: Path, precision: str, clips: int) -> tuple[str, float, int]:
+    """(resolved precision, videos/s, clips per forward) of the indexer's encode step alone (the same steps as
+    `stanvid.index._Writer._encode`), on random frames."""
+    from stanvid.pipeline import encode_batch_size
+    from stanvid.precision import prepare_for_inference
+    from stanvid.transforms import normalize
+
+    model = stanvid.load_model(model_dir).eval()
+    cfg = model.config
+    runner = prepare_for_inference(model, precision, "cpu")
+    per_forward = encode_batch_size(cfg.num_frames * (cfg.clip.vision.num_patches + 1), runner.device, 16)
+    size = cfg.clip.vision.image_size
+    g = torch.Generator().manual_seed(0)
+    batch = torch.randint(
+        0, 256, (per_forward, cfg.num_frames, 3, size, size), dtype=torch.uint8, generator=g
+    )
+
+    def encode(part: torch.Tensor) -> np.ndarray:
+        b, t = part.shape[:2]
+        video = normalize(part.flatten(0, 1)).view(b, t, *part.shape[2:])
+        with runner.autocast():
+            emb = runner.model.encode_video(video)
+        return torch.nn.functional.normalize(emb.float(), dim=-1).numpy()
+
+    with torch.inference_mode():
+        encode(batch[:1])  # warm-up
+        start = time.perf_counter()
+        done = 0
+        while done < clips:
+            n = min(per_forward, clips - done)
+            encode(batch[:n])
+            done += n
+        seconds = time.perf_counter() - start
+    return runner.precision, clips / seconds, per_forward
+
+
+def decode_seconds(paths: list[Path], num_frames: int, size: int) -> float:
+    """probe + read_frames + resize/crop of every video, one thread: the indexer's decoding work."""
+    import stanvid.video_io
+    from stanvid.transforms import center_crop, resize_short_side
+
+    stanvid.video_io.clear_cache()
+    torch.set_num_threads(1)
+    try:
+        start = time.perf_counter()
+        for path in paths:
+            info = stanvid.probe(path)
+            idx = _segment_frames(0.0, info.duration, info.fps, info.num_frames, num_frames)
+            frames = stanvid.read_frames(path, idx, size=size, threads=1)
+            center_crop(resize_short_side(frames, size), size)
+        return time.perf_counter() - start
+    finally:
+        torch.set_num_threads(os.cpu_count() or 1)
+
+
+def index_process(folder: Path, model_dir: Path, out: Path, precision: str, workers: int | None) -> float:
+    cmd = [
+        sys.executable,
+        "-m",
+        "stanvid.cli",
+        "index",
+        str(folder),
+        "--model",
+        str(model_dir),
+        "--out",
+        str(out),
+    ]
+    cmd += ["--precision", precision, "--no-progress", "--device", "cpu"]
+    if workers is not None:
+        cmd += ["--workers", str(workers)]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"stanvid index failed:\n{done.stderr[-3000:]}")
+    return seconds
+
+
+def bench_pipeline(args) -> None:
+    from stanvid.index import open_index
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if args.video_dir:
+            folder = Path(args.video_dir)
+            paths = sorted(p for p in folder.iterdir() if p.suffix == ".mp4")
+        else:
+            folder = tmp / "videos"
+            folder.mkdir()
+            t0 = time.perf_counter()
+            paths = []
+            for i in range(args.pipeline_videos):
+                path = folder / f"clip{i:04d}.mp4"
+                write_video(path, iter_frames(500, 360, 640, seed=i), fps=25, codec="h264", gop=50)
+                paths.append(path)
+            print(
+                f"generated {len(paths)} videos (20 s, 640x360, 25 fps, H.264) in {time.perf_counter() - t0:.0f} s"
+            )
+        torch.manual_seed(0)
+        model = stanvid.create_model("ViT-B/32", temporal="stan", stan_depth=4, num_frames=12)
+        model_dir = tmp / "model"
+        model.save_pretrained(model_dir)
+        cfg = model.config
+        decode = decode_seconds(paths, cfg.num_frames, cfg.clip.vision.image_size) / len(paths)
+        cores = len(os.sched_getaffinity(0))
+        print(
+            f"{len(paths)} videos; decoding alone {decode:.3f} s per video on one thread; {cores} cores\n"
+            f"{'precision':<10} {'index videos/s':>14} {'model videos/s':>14} {'ratio':>6} {'bound':>6} "
+            f"{'batch':>6}"
+        )
+        seconds = {}
+        for requested in args.precisions.split(","):
+            whole = index_process(folder, model_dir, tmp / f"idx-{requested}", requested, args.workers)
+            seconds[requested] = whole
+            resolved, model_speed, per_forward = model_only(model_dir, requested, len(paths))
+            model_core_s = cores / model_speed
+            bound = model_core_s / (model_core_s + decode)
+            index_speed = len(paths) / whole
+            print(
+                f"{requested + ' (' + resolved + ')':<10} {index_speed:>14.3f} {model_speed:>14.3f} "
+                f"{index_speed / model_speed:>6.2f} {bound:>6.2f} {per_forward:>6}",
+                flush=True,
+            )
+        if "auto" in seconds and "fp32" in seconds:
+            same = 0
+            with (
+                open_index(tmp / "idx-auto", precision="auto") as fast,
+                open_index(tmp / "idx-fp32", precision="fp32") as ref,
+            ):
+                for q in CAPTIONS:
+                    same += fast.search(q, k=1)[0].relpath == ref.search(q, k=1)[0].relpath
+            print(
+                f"default (auto) index vs --precision fp32: {seconds['fp32'] / seconds['auto']:.2f}x faster; "
+                f"top-1 identical for {same}/{len(CAPTIONS)} queries ({same / len(CAPTIONS):.0%})"
+            )
+        print(
+            "(index: `stanvid index` in a subprocess, wall clock including start-up and model loading; model: "
+            "encode_video in batches of the indexer's size; bound: share of the CPU work that is the model's)\n"
+        )
+
+
 # ---------------------------------------------------------------------------------------------- search
 def unit(x: np.ndarray) -> np.ndarray:
     x /= np.linalg.norm(x, axis=1, keepdims=True)
@@ -233,7 +393,15 @@ def main() -> None:
     p.add_argument("--videos", type=int, default=24)
     p.add_argument("--seconds", type=float, default=4.0)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument(
+        "--workers", type=int, default=None, help="decoding workers (default: the indexer's choice)"
+    )
+    p.add_argument("--pipeline", action="store_true", help="only the indexer-vs-model pipeline benchmark")
+    p.add_argument("--pipeline-videos", type=int, default=24)
+    p.add_argument(
+        "--video-dir", help="use this folder of .mp4 files for --pipeline instead of generating one"
+    )
+    p.add_argument("--precisions", default="auto,fp32", help="precisions for --pipeline")
     p.add_argument("--skip-default-model", action="store_true")
     p.add_argument("--skip-indexing", action="store_true")
     p.add_argument("--skip-search", action="store_true")
@@ -247,6 +415,9 @@ def main() -> None:
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads)\n"
     )
+    if args.pipeline:
+        bench_pipeline(args)
+        return
     if not args.skip_indexing:
         bench_indexing(args)
     if not args.skip_search:

@@ -128,6 +128,8 @@ def test_train_then_eval_through_the_cli(csv_run, tmp_path, capsys):
                 "--out",
                 str(tmp_path / "ev"),
                 "--no-progress",
+                "--precision",
+                "fp32",  # compared with the float32 library path below
             ]
         )
         == 0
@@ -158,6 +160,8 @@ def test_train_then_eval_through_the_cli(csv_run, tmp_path, capsys):
                 "--out",
                 str(tmp_path / "ev2"),
                 "--no-progress",
+                "--precision",
+                "fp32",
             ]
         )
         == 0
@@ -185,7 +189,19 @@ def test_recognition_with_a_linear_head_through_the_cli(csv_run, tmp_path):
     assert main(["train", str(config), "--out", str(out), "--no-progress"]) == 0
     assert (out / "model" / "head.safetensors").is_file()
     assert (
-        main(["eval", str(config), "--checkpoint", str(out / "model"), "--out", str(out), "--no-progress"])
+        main(
+            [
+                "eval",
+                str(config),
+                "--checkpoint",
+                str(out / "model"),
+                "--out",
+                str(out),
+                "--no-progress",
+                "--precision",
+                "fp32",
+            ]
+        )
         == 0
     )
     got = json.loads((out / "eval.json").read_text())["metrics"]["stan (model)"]
@@ -359,7 +375,10 @@ def test_mugstan_train_then_eval_through_the_cli(csv_run, tmp_path, capsys):
     assert (saved.config.similarity, saved.config.mug_mode) == ("mug", "mug_frame_token_simple")
     capsys.readouterr()
     assert (
-        main(["eval", str(config), "--checkpoint", str(out / "model"), "--out", str(out), "--no-progress"])
+        main(
+            ["eval", str(config), "--checkpoint", str(out / "model"), "--out", str(out)]
+            + ["--no-progress", "--precision", "fp32"]
+        )
         == 0
     )
     assert "Mug head" in capsys.readouterr().out

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import stanvid
@@ -21,6 +22,7 @@ from stanvid.demo.pretrain import PretrainConfig, describe, load_frames, pretrai
 from stanvid.demo.run import MUG_MODELS, TEMPORAL_MODELS, DemoConfig, demo_model_config
 from stanvid.demo.synth import NOTHING, CorpusConfig, clip_frames, make_corpus
 from stanvid.demo.transfer import TransferConfig, collate_pairs, training_set
+from stanvid.evaluate import encode_texts, encode_videos
 from stanvid.metrics import retrieval_metrics
 from stanvid.sampling import uniform_indices
 from stanvid.transforms import EvalTransform
@@ -266,6 +268,42 @@ def test_demo_quick_end_to_end(demo_run):
         emb = model.encode_video(torch.zeros(1, model.config.num_frames, 3, 32, 32))
     assert emb.shape == (1, model.config.clip.embed_dim) and torch.isfinite(emb).all()
     assert "stan_selfattn" in printed and "report.md" in printed
+
+
+@pytest.mark.slow
+def test_demo_model_in_bf16_keeps_its_order_only_recall(demo_run):
+    """The quality gate of reduced precision on a trained model: order-only R@1 of the demo's STAN model
+    evaluated through the library in bf16 is within 2 points of float32 (bf16 runs emulated where the CPU
+    lacks it: slower, same arithmetic)."""
+    out, _ = demo_run
+    model = stanvid.load_model(out / "model").eval()
+    cfg = model.config
+    dataset = RetrievalDataset(
+        load_video_captions(out / "data" / "test_order.csv", out / "data" / "videos"),
+        num_frames=cfg.num_frames,
+        train=False,
+        unit="video",
+        transform=EvalTransform(cfg.clip.vision.image_size),
+        context_length=cfg.clip.text.context_length,
+    )
+    sims = {}
+    for precision in ("fp32", "bf16"):
+        videos = encode_videos(model, dataset, batch_size=16, precision=precision)  # (N, D) float32
+        texts = encode_texts(model, dataset.text_tokens(), precision=precision)  # (Q, D) float32
+        sims[precision] = (
+            F.normalize(texts.double(), dim=-1) @ F.normalize(videos.double(), dim=-1).T
+        )  # (Q, N)
+    # The quick model barely tells a clip from its reversal: many of those pairs score within float32 rounding
+    # (ties, counted one half by the demo's recall) and bf16 rounding decides them at random, a full query
+    # either way. Scores closer than the error bf16 made in this very run are ties for both precisions.
+    error = float((sims["bf16"] - sims["fp32"]).abs().max())
+    assert error < 0.05  # cosine units: the rounding of 8-bit mantissas, not a broken forward pass
+    tolerance = max(ev.TIE_TOLERANCE, 2 * error)
+    recall = {
+        p: ev.expected_recall(sim, dataset.text_to_video, tolerance=tolerance)["R@1"]
+        for p, sim in sims.items()
+    }
+    assert abs(recall["bf16"] - recall["fp32"]) <= 2.0, (recall, tolerance)
 
 
 def test_demo_refuses_a_folder_it_did_not_write(tmp_path, capsys):

@@ -7,6 +7,7 @@ with `EvalTransform` and encoded directly, then ranked by a brute-force dot prod
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -31,17 +32,24 @@ from stanvid.index import (  # noqa: E402
     DB_NAME,
     SHARD_DIR,
     VideoIndexError,
-    build_index,
     make_vector_index,
     model_fingerprint,
-    open_index,
-    search_index,
     segment_bounds,
 )
+from stanvid.index import build_index as _build_index  # noqa: E402
+from stanvid.index import open_index as _open_index  # noqa: E402
+from stanvid.index import search_index as _search_index  # noqa: E402
 from stanvid.sampling import uniform_indices  # noqa: E402
 from stanvid.tokenizer import tokenize  # noqa: E402
 from stanvid.transforms import EvalTransform  # noqa: E402
 from videogen import codec_available, make_frames, write_video  # noqa: E402
+
+# This file checks storage and ranking against float32 references at float32 tolerances, so it pins the
+# precision (the default, auto, is bf16 on a CPU with native bf16); tests/test_precision.py covers the others.
+build_index = functools.partial(_build_index, precision="fp32")
+open_index = functools.partial(_open_index, precision="fp32")
+search_index = functools.partial(_search_index, precision="fp32")
+FP32 = ["--precision", "fp32"]
 
 FPS = 10
 # name -> (frames, seed, codec); durations 2.0 s, 3.5 s, 1.2 s, 2.0 s
@@ -401,18 +409,19 @@ def test_cli_index_and_search(tmp_path, capsys, built, model_dir):
             "--workers",
             "0",
             "--no-progress",
+            *FP32,
         ]
     )
     printed = capsys.readouterr().out
     assert code == 0
     assert "broken.mp4" in printed and f"{len(VIDEOS)} videos" in printed
-    assert cli_main(["search", str(out), "a person running", "-k", "4", "--json"]) == 0
+    assert cli_main(["search", str(out), "a person running", "-k", "4", "--json", *FP32]) == 0
     hits = json.loads(capsys.readouterr().out)
     expected = search_index(reference, "a person running", k=4)
     assert [(h["relpath"], h["start"], h["end"]) for h in hits] == [
         (h.relpath, h.start, h.end) for h in expected
     ]
-    assert cli_main(["search", str(out), "a person running", "-k", "2"]) == 0
+    assert cli_main(["search", str(out), "a person running", "-k", "2", *FP32]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and lines[0].split()[-1] == expected[0].path
 
@@ -440,7 +449,7 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, built, model_dir):
     def torchrun(model: Path) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
                "--master-port", str(_free_port()), "-m", "stanvid.cli", "index", str(root), "--model", str(model),
-               "--out", str(out), "--segment-seconds", "1", "--workers", "0", "--batch-size", "2", "--no-progress"]  # fmt: skip
+               "--out", str(out), "--segment-seconds", "1", "--workers", "0", "--batch-size", "2", "--no-progress", *FP32]  # fmt: skip
         return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
 
     done = torchrun(model_dir)

@@ -7,6 +7,7 @@ brute force over every segment (the test index is smaller than the re-rank's can
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import shutil
@@ -20,7 +21,15 @@ import torch.nn.functional as F
 pytest.importorskip("faiss")
 
 import stanvid  # noqa: E402
-from stanvid.index import DB_NAME, SHARD_DIR, build_index, open_index, search_index  # noqa: E402
+from stanvid.index import DB_NAME, SHARD_DIR  # noqa: E402
+from stanvid.index import build_index as _build_index
+from stanvid.index import open_index as _open_index
+from stanvid.index import search_index as _search_index
+
+# the references below are float32 computations: index and query in float32 (`stanvid.precision`)
+build_index = functools.partial(_build_index, precision="fp32")
+open_index = functools.partial(_open_index, precision="fp32")
+search_index = functools.partial(_search_index, precision="fp32")
 from stanvid.mug import mug_similarity  # noqa: E402
 from stanvid.sampling import uniform_indices  # noqa: E402
 from stanvid.tokenizer import tokenize  # noqa: E402

@@ -472,7 +472,13 @@ def test_index_normalizes_frames_with_the_models_values(tmp_path):
     custom.load_state_dict(model.state_dict())
     write_clip(tmp_path / "v" / "a.mp4", 20, 1)
     build_index(
-        tmp_path / "v", tmp_path / "idx", custom, model_source="custom", num_workers=0, progress=False
+        tmp_path / "v",
+        tmp_path / "idx",
+        custom,
+        model_source="custom",
+        num_workers=0,
+        progress=False,
+        precision="fp32",
     )
     ((path, start, end, emb),) = rows(tmp_path / "idx")
     info = stanvid.probe(tmp_path / "v" / path)

@@ -7,6 +7,7 @@ The helpers print what they measured. The mechanics (spans, weights, grouping, b
 
 from __future__ import annotations
 
+import functools
 import shutil
 from pathlib import Path
 
@@ -18,7 +19,14 @@ import torch.nn.functional as F
 pytest.importorskip("faiss")
 
 from stanvid.cli import main as cli_main  # noqa: E402
-from stanvid.index import build_index, open_index, read_clip  # noqa: E402
+from stanvid.index import build_index as _build_index  # noqa: E402
+from stanvid.index import open_index as _open_index
+from stanvid.index import read_clip
+
+FP32 = ["--precision", "fp32"]
+# the references below are float32 computations: index and query in float32 (`stanvid.precision`)
+build_index = functools.partial(_build_index, precision="fp32")
+open_index = functools.partial(_open_index, precision="fp32")
 from stanvid.query import (  # noqa: E402
     ClipSpec,
     FileHit,
@@ -269,7 +277,10 @@ def test_cli_search_by_image_like_and_grouped(tiny_index, tmp_path, capsys):
 
     frame = read_frames(root / "a.mp4", [5])[0].numpy()
     Image.fromarray(frame).save(tmp_path / "frame.png")
-    assert cli_main(["search", str(out), "--image", str(tmp_path / "frame.png"), "-k", "3", "--json"]) == 0
+    assert (
+        cli_main(["search", str(out), "--image", str(tmp_path / "frame.png"), "-k", "3", "--json", *FP32])
+        == 0
+    )
     import json
 
     rows = json.loads(capsys.readouterr().out)

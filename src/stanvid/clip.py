@@ -68,9 +68,10 @@ def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
 class MLP(nn.Module):
     """fc1 -> activation -> fc2.
 
-    QuickGELU is computed as silu(c h) / c with c = 1.702, since x * sigmoid(c x) = silu(c x) / c; the two
-    scalings ride on the matmuls (`addmm`'s alpha/beta), which leaves one elementwise pass instead of three.
-    The MLP is a third of CLIP's FLOPs and its activation was the largest non-matmul cost on CPU.
+    QuickGELU is computed as silu(c h) / c with c = 1.702, since x * sigmoid(c x) = silu(c x) / c: in inference
+    that is three in-place passes over the hidden activations and no temporaries (the activation was the largest
+    non-matmul cost on CPU). The weights are only ever used through the module calls, so `fc1`/`fc2` may be
+    swapped for quantized or otherwise wrapped linear layers (`stanvid.precision` does for int8).
     """
 
     def __init__(self, width: int, hidden: int, act: str) -> None:
@@ -80,14 +81,14 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)  # (..., hidden)
         if not isinstance(self.act, QuickGELU):
-            return self.fc2(self.act(self.fc1(x)))
-        c = QUICK_GELU_SCALE
-        flat = x.reshape(-1, x.shape[-1])  # (N, C)
-        h = torch.addmm(self.fc1.bias, flat, self.fc1.weight.t(), beta=c, alpha=c)  # c * fc1(x)
-        h = F.silu(h, inplace=not torch.is_grad_enabled())
-        out = torch.addmm(self.fc2.bias, h, self.fc2.weight.t(), alpha=1.0 / c)  # fc2(silu(c h) / c)
-        return out.view(*x.shape[:-1], out.shape[-1])
+            h = self.act(h)
+        elif torch.is_grad_enabled():
+            h = F.silu(h * QUICK_GELU_SCALE) * (1.0 / QUICK_GELU_SCALE)
+        else:  # h is our own temporary: overwrite it
+            h = F.silu(h.mul_(QUICK_GELU_SCALE), inplace=True).mul_(1.0 / QUICK_GELU_SCALE)
+        return self.fc2(h)
 
 
 class Block(nn.Module):

@@ -40,6 +40,7 @@ from stanvid.metrics import (
     retrieval_metrics_from_features,
     topk_accuracy,
 )
+from stanvid.precision import prepare_for_inference
 
 __all__ = [
     "evaluate_retrieval",
@@ -60,15 +61,6 @@ def _world() -> tuple[int, int]:
 
 def _device(model: nn.Module, device: torch.device | str | None) -> torch.device:
     return torch.device(device) if device is not None else next(model.parameters()).device
-
-
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Mixed precision on CUDA when asked; features are widened to float32 before ranking."""
-    if device.type != "cuda" or precision == "fp32":
-        return contextlib.nullcontext()
-    if precision not in ("bf16", "fp16"):
-        raise ConfigError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
-    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def _gather_rows(local: torch.Tensor, indices: list[int], total: int) -> torch.Tensor:
@@ -153,17 +145,19 @@ def encode_videos(
     ``(len(dataset), T, D)`` with ``pool=False`` (for the Mug head).
 
     Items with several test views (``video`` ``(V, T, 3, S, S)``) give ``(len(dataset), V, D)``.
+    ``precision`` is any of `stanvid.precision.PRECISIONS` (``auto``: bf16 where the hardware has it).
     """
     device = _device(model, device)
+    runner = prepare_for_inference(model, precision, device)
 
     def encode(batch: dict[str, Any]) -> torch.Tensor:
         video = batch["video"].to(device, non_blocking=True)
-        with _autocast(device, precision):
+        with runner.autocast():
             if video.dim() == 6:  # (B, V, T, 3, S, S): test views
                 b, v = video.shape[:2]
-                out = model.encode_video(video.flatten(0, 1), pool=pool)  # (B*V, D) or (B*V, T, D)
+                out = runner.model.encode_video(video.flatten(0, 1), pool=pool)  # (B*V, D) or (B*V, T, D)
                 return out.view(b, v, *out.shape[1:])  # (B, V, D) or (B, V, T, D)
-            return model.encode_video(video, pool=pool)  # (B, D) or (B, T, D)
+            return runner.model.encode_video(video, pool=pool)  # (B, D) or (B, T, D)
 
     return _map_dataset(
         dataset, encode, batch_size=batch_size, num_workers=num_workers, progress=progress, desc="videos"
@@ -183,13 +177,14 @@ def encode_texts(
     """``(N, D)`` float32 text embeddings of token ids ``(N, L)`` (this rank's share, gathered); per-token
     ``(N, L, D)`` with ``pool=False`` (for the Mug head)."""
     device = _device(model, device)
+    runner = prepare_for_inference(model, precision, device)
     indices = _shard(len(tokens))
     mine = tokens[indices] if indices else tokens[:0]
     parts = []
     for start in range(0, len(mine), batch_size):
-        with _autocast(device, precision):
+        with runner.autocast():
             ids = mine[start : start + batch_size].to(device)
-            parts.append(model.encode_text(ids, pool=pool).float().cpu())
+            parts.append(runner.model.encode_text(ids, pool=pool).float().cpu())
     local = torch.cat(parts) if parts else torch.empty(0)
     return _gather_rows(local, indices, len(tokens))
 
@@ -228,7 +223,8 @@ def evaluate_retrieval(
             of any of its captions).
         dsl: add the dual-softmax re-ranked metrics under ``"dsl"`` at ``dsl_temperature`` (cosine units).
         chunk_size: rows of the similarity ranked at once (bounds memory, not the result).
-        precision: autocast on CUDA (``bf16``/``fp16``); ``fp32`` otherwise.
+        precision: ``fp32`` (the reference), ``bf16``/``fp16`` (autocast), ``int8`` (CPU), or ``auto``
+            (`stanvid.precision.resolve_precision`); embeddings are ranked in float32 whatever it is.
         mug_chunk: for a model with the Mug head (``model.config.similarity == "mug"``), captions x videos
             scored per block (`stanvid.mug.mug_similarity`); default: blocks of about 64 MB of cosines.
 

@@ -28,12 +28,17 @@ embeddings are damaged or orphaned are dropped and re-encoded) and holds a lock 
 never do the same work. A symbolic link is indexed only when it resolves inside the folder, and `open_video`
 hands out a file only while it still is the one indexed (a regular file inside the folder, same size, mtime,
 device and inode).
+
+The precision it encoded in (`stanvid.precision`) is recorded too, and only informs: embeddings are stored as
+float32 whatever it was, and a query in another precision with the same model lands in the same space (the
+tests bound the drift).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -60,6 +65,8 @@ from stanvid.errors import StanvidError, VideoReadError
 from stanvid.locking import exclusive_lock
 from stanvid.model import VideoCLIP
 from stanvid.mug_search import blob_frames, frames_blob, keeps_frame_vectors, rerank
+from stanvid.pipeline import PREFETCH_PER_WORKER, ThreadBudget, encode_batch_size, thread_budget
+from stanvid.precision import InferencePrecision, prepare_for_inference, resolve_precision
 from stanvid.sampling import uniform_indices
 from stanvid.transforms import center_crop, normalize, resize_short_side
 
@@ -158,12 +165,17 @@ class IndexReport:
     segments: int = 0  # segments in the index at the end
     vector_index: str = ""
     seconds: float = 0.0
+    precision: str = ""  # what this run encoded in (resolved: fp32, bf16, fp16, int8)
+    built_precision: str = (
+        ""  # what the stored embeddings were computed in ("bf16", or "fp32+bf16" when mixed)
+    )
 
     def summary(self) -> str:
+        built = f", built in {self.built_precision}" if self.built_precision else ""
         lines = [
-            f"{self.index}: {self.files} videos, {self.segments} segments ({self.vector_index}); this run: "
+            f"{self.index}: {self.files} videos, {self.segments} segments ({self.vector_index}{built}); this run: "
             f"{self.indexed} indexed, {self.unchanged} unchanged, {self.removed} removed, {len(self.failed)} "
-            f"unreadable, {self.seconds:.1f} s"
+            f"unreadable, {self.seconds:.1f} s, precision {self.precision}"
         ]
         if self.failed:
             lines.append("unreadable videos (not indexed):")
@@ -325,18 +337,29 @@ def read_clip(
 
 @torch.inference_mode()
 def encode_clips(
-    model: VideoCLIP, clips: torch.Tensor, device: torch.device, batch_size: int = 16
+    model: VideoCLIP,
+    clips: torch.Tensor,
+    device: torch.device,
+    batch_size: int = 16,
+    runner: InferencePrecision | None = None,
 ) -> np.ndarray:
-    """`(n, T, 3, S, S)` uint8 clips -> `(n, D)` float32 L2-normalized video embeddings, as the index stores."""
+    """`(n, T, 3, S, S)` uint8 clips -> `(n, D)` float32 L2-normalized video embeddings, as the index stores.
+
+    `runner` (`stanvid.precision.prepare_for_inference(model, ...)`): the precision to encode in; float32 without.
+    """
     out = []
+    encoder = model if runner is None else runner.model
+    precision = contextlib.nullcontext if runner is None else runner.autocast
+    pre = model.config.clip.preprocess  # the normalization the CLIP was trained with
     for k in range(0, len(clips), batch_size):
         part = clips[k : k + batch_size].to(device)  # (b, T, 3, S, S) uint8
         b, t = part.shape[:2]
-        pre = model.config.clip.preprocess  # the normalization the CLIP was trained with
         video = normalize(part.flatten(0, 1), pre.mean, pre.std).view(
             b, t, *part.shape[2:]
         )  # (b, T, 3, S, S)
-        out.append(F.normalize(model.encode_video(video).float(), dim=-1).cpu().numpy())  # (b, D)
+        with precision():
+            emb = encoder.encode_video(video)  # (b, D)
+        out.append(F.normalize(emb.float(), dim=-1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, model.config.clip.embed_dim), np.float32)
 
 
@@ -830,17 +853,27 @@ def _default_device(world: int) -> torch.device:
 
 
 class _Writer:
-    """Accumulates decoded chunks, encodes them in batches and commits finished files in one transaction."""
+    """Accumulates decoded chunks, encodes them `per_forward` clips at a time and commits the files they finish
+    in one transaction once `commit_every` clips are encoded (and at the end)."""
 
-    def __init__(self, conn, model, device, batch_size, on_commit, progress_bar) -> None:
-        self.conn, self.model, self.device = conn, model, device
-        self.batch_size = batch_size
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        runner: InferencePrecision,
+        per_forward: int,
+        commit_every: int,
+        on_commit: Callable[[int], None] | None,
+        progress_bar: Any,
+    ) -> None:
+        self.conn, self.runner = conn, runner
+        self.per_forward, self.commit_every = per_forward, commit_every
         self.on_commit = on_commit
         self.failures: list[tuple[str, str]] = []  # (relpath, error)
         self.bar = progress_bar
         self.pending: dict[str, dict[str, Any]] = {}  # relpath -> entry, meta, spans, embeddings, complete
-        self.buffer: list[tuple[str, torch.Tensor]] = []  # (relpath, (n, T, 3, S, S) uint8)
+        self.buffer: list[tuple[str, torch.Tensor]] = []  # (relpath, (n, T, 3, S, S) uint8), oldest first
         self.buffered = 0
+        self.uncommitted = 0  # clips encoded since the last commit
         self.committed = 0
 
     def add(self, chunk: _Chunk) -> None:
@@ -859,39 +892,56 @@ class _Writer:
         state["complete"] = chunk.last
         self.buffer.append((key, chunk.clips))
         self.buffered += len(chunk.clips)
-        if self.buffered >= self.batch_size:
-            self.flush()
+        if self.buffered >= self.per_forward:
+            self._encode_buffer(everything=False)
+        if self.uncommitted >= self.commit_every:
+            self._commit()
 
     @torch.inference_mode()
     def _encode(self, clips: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
-        """(n, D) normalized pooled embeddings, and (n, T, D) per-frame vectors for a Mug-STAN model (else None)."""
-        out, frames = [], []
-        keep_frames = keeps_frame_vectors(self.model)
-        for k in range(0, len(clips), self.batch_size):
-            part = clips[k : k + self.batch_size].to(self.device, non_blocking=True)  # (b, T, 3, S, S) uint8
-            b, t = part.shape[:2]
-            pre = self.model.config.clip.preprocess  # the normalization the CLIP was trained with
-            video = normalize(part.flatten(0, 1), pre.mean, pre.std).view(
-                b, t, *part.shape[2:]
-            )  # (b, T, 3, S, S)
-            if keep_frames:
-                per_frame = self.model.encode_video(video, pool=False)  # (b, T, D)
-                frames.append(per_frame.float().cpu().numpy())
-                emb = F.normalize(self.model.pool(per_frame).float(), dim=-1)  # (b, D)
+        """(n, T, 3, S, S) uint8 -> (n, D) float32 unit vectors whatever the precision of the forward pass, and
+        (n, T, D) float32 per-frame vectors for a Mug-STAN model (else None)."""
+        model = self.runner.model
+        part = clips.to(self.runner.device, non_blocking=True)
+        b, t = part.shape[:2]
+        pre = model.config.clip.preprocess  # the normalization the CLIP was trained with
+        video = normalize(part.flatten(0, 1), pre.mean, pre.std).view(
+            b, t, *part.shape[2:]
+        )  # (n, T, 3, S, S)
+        with self.runner.autocast():
+            if keeps_frame_vectors(model):
+                per_frame = model.encode_video(video, pool=False)  # (n, T, D)
+                emb = model.pool(per_frame)  # (n, D)
             else:
-                emb = F.normalize(self.model.encode_video(video).float(), dim=-1)  # (b, D)
-            out.append(emb.cpu().numpy())
-        return np.concatenate(out), (np.concatenate(frames) if keep_frames else None)
+                per_frame, emb = None, model.encode_video(video)  # (n, D)
+        frames = None if per_frame is None else per_frame.float().cpu().numpy()
+        return F.normalize(emb.float(), dim=-1).cpu().numpy(), frames
 
-    def flush(self) -> None:
-        if self.buffer:
-            keys = [k for k, c in self.buffer for _ in range(len(c))]
-            emb, frames = self._encode(torch.cat([c for _, c in self.buffer]))  # (n, D), (n, T, D) | None
-            for i, (key, vec) in enumerate(zip(keys, emb, strict=True)):
+    def _encode_buffer(self, everything: bool) -> None:
+        """Encode the buffered clips in `per_forward` batches; a remainder smaller than a batch waits for more
+        clips unless `everything`."""
+        if not self.buffer:
+            return
+        keys = [k for k, c in self.buffer for _ in range(len(c))]
+        clips = torch.cat([c for _, c in self.buffer])  # (n, T, 3, S, S)
+        n = len(clips) if everything else len(clips) // self.per_forward * self.per_forward
+        for k in range(0, n, self.per_forward):
+            emb, frames = self._encode(clips[k : min(n, k + self.per_forward)])
+            for i, (key, vec) in enumerate(zip(keys[k : k + len(emb)], emb, strict=True)):
                 self.pending[key]["emb"].append(vec)
                 self.pending[key]["frames"].append(None if frames is None else frames_blob(frames[i]))
-            self.buffer, self.buffered = [], 0
-        done = [k for k, s in self.pending.items() if s.get("complete")]
+        self.buffer = []  # the remainder, regrouped by file (clips of one file are contiguous)
+        start = n
+        for key, group in itertools.groupby(keys[n:]):
+            count = len(list(group))
+            self.buffer.append((key, clips[start : start + count]))
+            start += count
+        self.buffered = len(clips) - n
+        self.uncommitted += n
+
+    def _commit(self) -> None:
+        self.uncommitted = 0
+        done = [k for k, s in self.pending.items() if s.get("complete") and len(s["emb"]) == len(s["spans"])]
         if not done:
             return
         with _transaction(self.conn):
@@ -908,6 +958,10 @@ class _Writer:
         if self.on_commit is not None:
             self.on_commit(self.committed)
 
+    def flush(self) -> None:
+        self._encode_buffer(everything=True)
+        self._commit()
+
 
 def build_index(
     video_dir: str | os.PathLike,
@@ -918,8 +972,9 @@ def build_index(
     model_overrides: dict[str, Any] | None = None,
     segment_seconds: float | None = None,
     batch_size: int = 16,
-    num_workers: int = 2,
+    num_workers: int | None = None,
     device: str | torch.device | None = None,
+    precision: str = "auto",
     index_kind: str = "auto",
     approx_threshold: int = DEFAULT_APPROX_THRESHOLD,
     nlist: int | None = None,
@@ -939,6 +994,11 @@ def build_index(
     called after each commit with the number of files committed so far. Unreadable videos are reported in
     `IndexReport.failed` and not indexed.
 
+    `precision` (`stanvid.precision`: auto, fp32, bf16, fp16, int8) is the arithmetic of the forward passes;
+    the stored embeddings are float32 unit vectors whatever it is, and the index records it. `num_workers`
+    decoding processes run ahead of the model (None: the `stanvid.pipeline.thread_budget` choice; 0 decodes
+    in this process, between forward passes).
+
     Under `torchrun` (RANK / WORLD_SIZE set), each rank encodes its share of the files to process into its own
     shard file; after a barrier (gloo), rank 0 merges the shards and writes the FAISS index.
 
@@ -955,7 +1015,7 @@ def build_index(
             )
     for name, value, low in (
         ("batch_size", batch_size, 1),
-        ("num_workers (--workers)", num_workers, 0),
+        ("num_workers (--workers)", 0 if num_workers is None else num_workers, 0),
         ("approx_threshold", approx_threshold, 1),
         ("nlist", 1 if nlist is None else nlist, 1),
         ("nprobe", 1 if nprobe is None else nprobe, 1),
@@ -981,11 +1041,15 @@ def build_index(
     model = model.eval()
     fingerprint = model_fingerprint(model)
     rank, world = _dist_info()
-    group = _init_distributed(world, dist_timeout)
     dev = torch.device(device) if device is not None else _default_device(world)
+    resolve_precision(precision, dev)  # a bad precision fails before any process group exists
+    group = _init_distributed(world, dist_timeout)
     model.to(dev)
+    runner = prepare_for_inference(model, precision, dev)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    budget: ThreadBudget = thread_budget(dev, num_workers, local_world)
 
-    report = IndexReport(index=str(out))
+    report = IndexReport(index=str(out), precision=runner.precision)
     identity = {
         "format_version": FORMAT_VERSION,
         "root": str(root),
@@ -1027,7 +1091,7 @@ def build_index(
             report.files_seen = len(disk)
             report.unchanged = len(disk) - len(todo)
             mine = todo[rank::world]
-            args = (root, mine, model, dev, batch_size, num_workers, segment_seconds, progress, on_commit)
+            args = (root, mine, runner, batch_size, budget, segment_seconds, progress, on_commit)
             if world == 1:
                 report.indexed, report.failed = _encode_files(main, *args)
             else:
@@ -1062,10 +1126,12 @@ def build_index(
                     dropped = [p for p, _ in report.failed if _delete_file(conn, p)]
                     if dropped:  # a changed file that is now unreadable: its old embedding is stale
                         _bump_generation(conn)
+                    _record_precision(conn, runner.precision, encoded=report.indexed > 0)
                 index = _write_vector_index(
                     out, conn, kind=index_kind, approx_threshold=approx_threshold, nlist=nlist, nprobe=nprobe
                 )
                 report.vector_index = _describe(index)
+                report.built_precision = "+".join(_get_meta(conn).get("precisions", []))
                 report.files = conn.execute("SELECT COUNT(*) FROM files").fetchone()[0]
                 report.segments = conn.execute("SELECT COUNT(*) FROM segments").fetchone()[0]
         report.failed = [(str(root / p), e) for p, e in report.failed]
@@ -1077,6 +1143,17 @@ def build_index(
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def _record_precision(conn: sqlite3.Connection, precision: str, encoded: bool) -> None:
+    """Keep the precisions the stored embeddings were computed in (`precisions`, in order of first use) and
+    the latest one (`precision`); a run that encoded nothing changes neither, except on a new index."""
+    meta = _get_meta(conn)
+    used = list(meta.get("precisions", []))
+    if encoded or not used:
+        if precision not in used:
+            used.append(precision)
+        _set_meta(conn, precision=precision, precisions=used)
 
 
 def _prepare(
@@ -1170,11 +1247,15 @@ def _identity_collate(chunk: _Chunk) -> _Chunk:
 
 
 def _encode_files(
-    conn, root, entries, model, device, batch_size, num_workers, segment_seconds, progress, on_commit
+    conn, root, entries, runner, batch_size, budget, segment_seconds, progress, on_commit
 ) -> tuple[int, list[tuple[str, str]]]:
-    """Encode `entries` into `conn`; returns (files committed, [(relpath, error)] of unreadable ones)."""
+    """Encode `entries` into `conn`; returns (files committed, [(relpath, error)] of unreadable ones).
+
+    Decoding runs ahead in `budget.decode_workers` processes (`stanvid.pipeline`), the model encodes
+    model-sized batches as soon as they are decoded, and finished files are committed every `batch_size` clips.
+    """
     rank, world = _dist_info()
-    cfg = model.config
+    cfg = runner.model.config
     loader_set = _ClipLoader(
         root,
         entries,
@@ -1184,17 +1265,23 @@ def _encode_files(
         chunk=batch_size,
         decoder_threads=0,
     )
-    workers = min(num_workers, len(entries))
+    workers = min(budget.decode_workers, len(entries))
     loader = torch.utils.data.DataLoader(
         loader_set,
         batch_size=None,
         num_workers=workers,
         collate_fn=_identity_collate,
-        prefetch_factor=2 if workers else None,
+        prefetch_factor=PREFETCH_PER_WORKER if workers else None,
+        worker_init_fn=budget.init_worker if workers else None,
     )
+    rows = cfg.num_frames * (cfg.clip.vision.num_patches + 1)  # token rows one clip puts through a matmul
+    per_forward = encode_batch_size(rows, runner.device, batch_size)
     desc = "indexing" if world == 1 else f"indexing (rank {rank})"
-    with tqdm(total=len(entries), desc=desc, unit="video", disable=not progress, position=rank) as bar:
-        writer = _Writer(conn, model, device, batch_size, on_commit, bar)
+    with (
+        tqdm(total=len(entries), desc=desc, unit="video", disable=not progress, position=rank) as bar,
+        budget.model_threads_set(),
+    ):
+        writer = _Writer(conn, runner, per_forward, batch_size, on_commit, bar)
         for chunk in loader:
             writer.add(chunk)
         writer.flush()
@@ -1277,11 +1364,16 @@ class VideoIndex:
     """An open index: text search, segment lookup and frames for thumbnails. Thread-safe (one lock).
 
     The query model is loaded on first use (`model`), from the recorded source unless one is passed, and its
-    fingerprint must match the one recorded at build time.
+    fingerprint must match the one recorded at build time. Queries are encoded at `precision`
+    (`stanvid.precision`), which need not be the one the index was built with (`build_precision`).
     """
 
     def __init__(
-        self, path: str | os.PathLike, model: VideoCLIP | None = None, device: str | None = None
+        self,
+        path: str | os.PathLike,
+        model: VideoCLIP | None = None,
+        device: str | None = None,
+        precision: str = "auto",
     ) -> None:
         self.path = Path(path).expanduser().resolve()
         self.db = db = self.path / DB_NAME
@@ -1301,13 +1393,20 @@ class VideoIndex:
                 _check_meta(self.meta, db)
                 self.root = Path(self.meta["root"])
                 self.device = torch.device(device) if device else _default_device(1)
+                self.precision = resolve_precision(precision, self.device)
                 self._model = None
+                self._runner: InferencePrecision | None = None
                 if model is not None:
                     self._model = self._verified(model)
                 self.vectors = self._load_vectors()
         except BaseException:
             self._conn.close()
             raise
+
+    @property
+    def build_precision(self) -> str:
+        """The precision(s) the stored embeddings were computed in ("fp32", or "fp32+bf16" after mixed runs)."""
+        return "+".join(self.meta.get("precisions", [])) or "fp32"  # indexes from before precisions were kept
 
     # -------------------------------------------------------------- model
     @property
@@ -1374,9 +1473,18 @@ class VideoIndex:
 
         model = self.model
         with self._lock:
+            runner = self._inference()
             ids = tokenize(list(texts), context_length=model.config.clip.text.context_length).to(self.device)
-            emb = F.normalize(model.encode_text(ids).float(), dim=-1)  # (N, D)
+            with runner.autocast():
+                emb = runner.model.encode_text(ids)  # (N, D)
+            emb = F.normalize(emb.float(), dim=-1)
         return emb.cpu().numpy()
+
+    def _inference(self) -> InferencePrecision:
+        """The query model prepared for the index's query precision (made once; call under `self._lock`)."""
+        if self._runner is None:
+            self._runner = prepare_for_inference(self.model, self.precision, self.device)
+        return self._runner
 
     @torch.inference_mode()
     def embed_text_tokens(self, texts: Sequence[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1442,7 +1550,7 @@ class VideoIndex:
         """`(n, T, 3, S, S)` uint8 clips (see `read_clip`) -> `(n, D)` L2-normalized, with the index's model."""
         model = self.model
         with self._lock:
-            return encode_clips(model, clips, self.device)
+            return encode_clips(model, clips, self.device, runner=self._inference())
 
     def search_image(self, image: Any, k: int = 10, **query: Any) -> list[SearchResult]:
         """Segments most similar to an image (path, bytes, PIL image or (H, W, 3) uint8 array); `query` takes
@@ -1613,15 +1721,22 @@ class VideoIndex:
 
 
 def open_index(
-    path: str | os.PathLike, model: VideoCLIP | None = None, device: str | None = None
+    path: str | os.PathLike,
+    model: VideoCLIP | None = None,
+    device: str | None = None,
+    precision: str = "auto",
 ) -> VideoIndex:
     """Open an index built by `build_index` for searching (see `VideoIndex`)."""
-    return VideoIndex(path, model=model, device=device)
+    return VideoIndex(path, model=model, device=device, precision=precision)
 
 
 def search_index(
-    path: str | os.PathLike, text: str, k: int = 10, model: VideoCLIP | None = None
+    path: str | os.PathLike,
+    text: str,
+    k: int = 10,
+    model: VideoCLIP | None = None,
+    precision: str = "auto",
 ) -> list[SearchResult]:
     """One query against an index, with the model recorded in it (or `model`, which must be the same)."""
-    with open_index(path, model=model) as index:
+    with open_index(path, model=model, precision=precision) as index:
         return index.search(text, k)

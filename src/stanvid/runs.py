@@ -64,6 +64,7 @@ from stanvid.evaluate import evaluate_recognition, evaluate_retrieval, write_res
 from stanvid.hub import load_model
 from stanvid.metrics import format_table
 from stanvid.model import VideoCLIP
+from stanvid.precision import resolve_precision
 from stanvid.recipe import LEARNABLE, Recipe
 from stanvid.train import (
     CHECKPOINT_FORMAT,
@@ -371,14 +372,22 @@ def evaluate_model(
     logit_scale: float | None = None,
     progress: bool = False,
     device: torch.device | str | None = None,
+    precision: str | None = None,
 ) -> dict[str, Any]:
-    """`evaluate_retrieval` / `evaluate_recognition` with the recipe's evaluation settings."""
+    """`evaluate_retrieval` / `evaluate_recognition` with the recipe's evaluation settings.
+
+    ``precision`` (`stanvid.precision.PRECISIONS`) defaults to the training precision, as the evaluation during
+    training runs: ``train.precision`` on CUDA, float32 on the CPU.
+    """
     e = recipe.eval
+    if precision is None:
+        where = torch.device(device) if device is not None else next(model.parameters()).device
+        precision = effective_precision(recipe.train.precision, where)
     common = {
         "batch_size": e.batch_size,
         "num_workers": recipe.data.num_workers,
         "device": device,
-        "precision": recipe.train.precision,
+        "precision": precision,
         "progress": progress,
     }
     if recipe.task == "retrieval":
@@ -410,16 +419,23 @@ def evaluate_run(
     baseline: bool = False,
     out_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    precision: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``checkpoint`` (default ``model.source``) on the recipe's test split, and with ``baseline`` the
     zero-shot plain CLIP of ``model.source`` too; writes ``eval.json`` and ``eval.txt`` to ``out_dir`` (default
-    ``train.output_dir``) on rank 0 and returns the report (``report["table"]`` is the readable table)."""
+    ``train.output_dir``) on rank 0 and returns the report (``report["table"]`` is the readable table).
+    ``precision``: see `evaluate_model` (the report records the one used)."""
     with _process_group():
-        return _evaluate_run(recipe, checkpoint, baseline, out_dir, progress)
+        return _evaluate_run(recipe, checkpoint, baseline, out_dir, progress, precision)
 
 
 def _evaluate_run(
-    recipe: Recipe, checkpoint: str | os.PathLike | None, baseline: bool, out_dir: Any, progress: bool
+    recipe: Recipe,
+    checkpoint: str | os.PathLike | None,
+    baseline: bool,
+    out_dir: Any,
+    progress: bool,
+    precision: str | None = None,
 ) -> dict[str, Any]:
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     device = default_device()
@@ -436,19 +452,29 @@ def _evaluate_run(
         label = Path(source).name if Path(source).exists() else str(source)
         head_name = f" + Mug head ({model.config.mug_mode})" if model.config.similarity == "mug" else ""
         rows[f"{model.config.temporal}{head_name} ({label})"] = evaluate_model(
-            model, dataset, recipe, head=head, logit_scale=scale, progress=progress, device=device
+            model,
+            dataset,
+            recipe,
+            head=head,
+            logit_scale=scale,
+            progress=progress,
+            device=device,
+            precision=precision,
         )
         del model
     if baseline:
         plain = zero_shot_model(recipe.model.source, recipe.model.num_frames).to(device)
         check_model_fits(plain, recipe, recipe.model.source)
         rows["zero-shot CLIP (meanP)"] = evaluate_model(
-            plain, dataset, recipe, progress=progress, device=device
+            plain, dataset, recipe, progress=progress, device=device, precision=precision
         )
     report: dict[str, Any] = {
         "recipe": recipe.name,
         "task": recipe.task,
         "checkpoint": str(source),
+        "precision": resolve_precision(precision, device)
+        if precision is not None
+        else effective_precision(recipe.train.precision, device),
         "test_annotations": str(recipe.data.path(recipe.data.test_annotations)),
         "num_videos": len(annotations.video_ids),
         "metrics": rows,

@@ -145,6 +145,7 @@ def create_app(
     *,
     model: VideoCLIP | None = None,
     device: str | None = None,
+    precision: str = "auto",
     max_query_chars: int = MAX_QUERY_CHARS,
     max_k: int = MAX_K,
     thumbnail_size: int = THUMBNAIL_SIZE,
@@ -152,7 +153,7 @@ def create_app(
 ) -> FastAPI:
     """The app for one index. The query model is loaded (and checked against the index) here, so a wrong or
     missing model fails at start-up rather than at the first query."""
-    index = open_index(index_path, model=model, device=device)
+    index = open_index(index_path, model=model, device=device, precision=precision)
     index.model  # noqa: B018 -- load and verify now
     app = FastAPI(title="stanvid search", docs_url=None, redoc_url=None)
     app.state.index = index

@@ -4,13 +4,16 @@
 source `stanvid.load_model` reads; without it, the recipe's ``model.source`` is evaluated. ``--baseline`` adds
 the zero-shot plain CLIP of ``model.source`` (frames mean-pooled) as a row. Retrieval prints t2v and v2t
 R@1/5/10, MdR, MnR, and the dual-softmax numbers separately; recognition prints top-1/top-5. The results are
-written as ``eval.json`` and ``eval.txt`` in the output folder.
+written as ``eval.json`` and ``eval.txt`` in the output folder. ``--precision`` (default ``auto``: bf16 on a CPU
+or GPU with native bf16) sets the arithmetic of the forward passes; features are ranked in float32.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+from stanvid.cli.precision import add_precision_argument
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,6 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="override a recipe value, e.g. --set data.root=/datasets/msrvtt (repeatable)",
     )
     p.add_argument("--out", type=Path, help="where eval.json / eval.txt go (default: train.output_dir)")
+    add_precision_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -42,7 +46,12 @@ def run(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.config, args.overrides)
     report = evaluate_run(
-        recipe, args.checkpoint, baseline=args.baseline, out_dir=args.out, progress=not args.no_progress
+        recipe,
+        args.checkpoint,
+        baseline=args.baseline,
+        out_dir=args.out,
+        progress=not args.no_progress,
+        precision=args.precision,
     )
     if "table" in report:
         print(report["table"])

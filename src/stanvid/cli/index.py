@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from importlib.util import find_spec
 
+from stanvid.cli.precision import add_precision_argument
+
 if find_spec("faiss") is None:  # the `search` extra; the CLI lists the command as unavailable without it
     raise ModuleNotFoundError("No module named 'faiss'", name="faiss")
 
@@ -47,9 +49,14 @@ def add_parser(sub) -> None:
         "--batch-size", type=int, default=16, help="clips per forward pass and per commit (default 16)"
     )
     p.add_argument(
-        "--workers", type=int, default=2, help="decoding processes (default 2; 0 decodes in-process)"
+        "--workers",
+        type=int,
+        default=None,
+        help="decoding processes running ahead of the model (default: 1 on a CPU, every core but one beside "
+        "a GPU; 0 decodes in-process)",
     )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    add_precision_argument(p)
     p.add_argument(
         "--index",
         dest="index_kind",
@@ -84,6 +91,7 @@ def run(args) -> int:
         batch_size=args.batch_size,
         num_workers=args.workers,
         device=args.device,
+        precision=args.precision,
         index_kind=args.index_kind,
         approx_threshold=args.approx_threshold or DEFAULT_APPROX_THRESHOLD,
         nprobe=args.nprobe,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from importlib.util import find_spec
 
+from stanvid.cli.precision import add_precision_argument
+
 if find_spec("faiss") is None:
     raise ModuleNotFoundError("No module named 'faiss'", name="faiss")
 
@@ -38,6 +40,7 @@ def add_parser(sub) -> None:
     p.add_argument("-k", type=int, default=10, help="number of results (default 10)")
     p.add_argument("--json", action="store_true", help="print the results as a JSON list")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    add_precision_argument(p)
     p.set_defaults(func=run)
 
 
@@ -56,7 +59,7 @@ def run(args) -> int:
         like_weight=args.like_weight,
     )
     query.parts()  # bad weights fail before the model is loaded
-    with open_index(args.index, device=args.device) as index:
+    with open_index(args.index, device=args.device, precision=args.precision) as index:
         hits = search(index, query, args.k, group_by=args.group_by)
     if args.json:
         print(json.dumps(to_dicts(hits), indent=2))

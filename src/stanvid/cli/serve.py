@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from importlib.util import find_spec
 
+from stanvid.cli.precision import add_precision_argument
+
 for _module in ("faiss", "fastapi", "uvicorn"):
     if find_spec(_module) is None:
         raise ModuleNotFoundError(f"No module named {_module!r}", name=_module)
@@ -22,6 +24,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    add_precision_argument(p)
     p.set_defaults(func=run)
 
 
@@ -30,7 +33,7 @@ def run(args) -> int:
 
     from stanvid.server import create_app
 
-    app = create_app(args.index, device=args.device)
+    app = create_app(args.index, device=args.device, precision=args.precision)
     print(f"stanvid: serving {args.index} at http://{args.host}:{args.port}/")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
