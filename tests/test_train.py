@@ -18,14 +18,13 @@ from stanvid.data import RetrievalDataset
 from stanvid.data.retrieval_formats import load_video_captions
 from stanvid.errors import CheckpointError, ConfigError
 from stanvid.evaluate import evaluate_retrieval
+from stanvid.heads import LinearHead, encode_class_names
 from stanvid.losses import text_classifier_logits
 from stanvid.model import VideoCLIP
 from stanvid.recipe import OptimRecipe, Recipe
 from stanvid.train import (
     HEAD_FILE,
-    LinearHead,
     LRSchedule,
-    encode_class_names,
     fit,
     latest_checkpoint,
     load_checkpoint,

@@ -233,7 +233,9 @@ class Recipe:
     def __post_init__(self) -> None:
         for name, section in _SECTIONS.items():
             if not isinstance(getattr(self, name), section):
-                raise ConfigError(f"{name} must be a {section.__name__}, got {type(getattr(self, name)).__name__}")
+                raise ConfigError(
+                    f"{name} must be a {section.__name__}, got {type(getattr(self, name)).__name__}"
+                )
         _coerce_fields(self, "")
         _check_rules(self, "")
         _check_recipe(self)
@@ -297,7 +299,7 @@ _SECTIONS: dict[str, type] = {
 _SECTION_NAMES = {section: name for name, section in _SECTIONS.items()}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 

@@ -61,6 +61,7 @@ from stanvid.data.retrieval_formats import (
 )
 from stanvid.errors import CheckpointError, ConfigError
 from stanvid.evaluate import evaluate_recognition, evaluate_retrieval, write_results, zero_shot_model
+from stanvid.heads import LinearHead
 from stanvid.hub import load_model
 from stanvid.metrics import format_table
 from stanvid.model import VideoCLIP
@@ -68,7 +69,6 @@ from stanvid.recipe import LEARNABLE, Recipe
 from stanvid.train import (
     CHECKPOINT_FORMAT,
     HEAD_FILE,
-    LinearHead,
     TrainResult,
     default_device,
     effective_precision,
