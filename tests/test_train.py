@@ -443,3 +443,24 @@ def test_resume_skips_a_truncated_newest_checkpoint(tmp_path, caption_data, caps
         path.write_bytes(b"")
     with pytest.raises(CheckpointError, match="step-00000006.pt"):
         fit(tiny_model(), data, _resume_recipe(0), out_dir=tmp_path / "run", resume=True, progress=False)
+
+
+def test_the_epoch_seed_hook_makes_an_item_a_function_of_seed_epoch_and_index(caption_data):
+    """`set_epoch_seed(seed, epoch)`: item i draws from ``default_rng([seed, epoch, i])`` whatever was read
+    before it and in whichever dataset copy; another epoch draws differently; None restores the stream."""
+    import numpy as np
+
+    first, second = _caption_set(caption_data), _caption_set(caption_data)
+    first.set_epoch_seed(5, 1)
+    a = first[3]["video"]
+    first[0], first[1]  # noqa: B018 (reads that a shared stream would advance)
+    assert torch.equal(first[3]["video"], a)
+    second.set_epoch_seed(5, 1)
+    assert torch.equal(second[3]["video"], a)
+    assert torch.equal(second._item(3, np.random.default_rng([5, 1, 3]))["video"], a)
+    second.set_epoch_seed(5, 2)
+    assert not torch.equal(second[3]["video"], a)
+    second.set_epoch_seed(None)
+    assert not torch.equal(second[3]["video"], second[3]["video"])  # one stream: each read draws anew
+    with pytest.raises(ConfigError, match="set_epoch_seed"):
+        second.set_epoch_seed(-1, 0)
