@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from conftest import tiny_config
+from stanvid.checkpoint import latest_checkpoint, load_checkpoint
 from stanvid.data import RetrievalDataset
 from stanvid.data.retrieval_formats import load_video_captions
 from stanvid.errors import CheckpointError, ConfigError
@@ -26,8 +27,6 @@ from stanvid.train import (
     HEAD_FILE,
     LRSchedule,
     fit,
-    latest_checkpoint,
-    load_checkpoint,
     param_groups,
 )
 from videogen import make_frames, write_video

@@ -79,6 +79,7 @@ from stanvid.data.base import collate_skipping, format_skipped
 from stanvid.data.loader import seed_worker
 from stanvid.distributed import default_device, rank_world
 from stanvid.errors import CheckpointError, ConfigError, DatasetError
+from stanvid.fileio import atomic_write_bytes, atomic_write_text
 from stanvid.heads import LinearHead, encode_class_names
 from stanvid.losses import contrastive_loss, mug_contrastive_loss, recognition_loss, text_classifier_logits
 from stanvid.recipe import LEARNABLE, OptimRecipe, Recipe
@@ -90,11 +91,7 @@ __all__ = [
     "LRSchedule",
     "param_groups",
     "setup_distributed",
-    "default_device",
     "effective_precision",
-    "latest_checkpoint",
-    "load_checkpoint",
-    "CHECKPOINT_FORMAT",
     "HEAD_FILE",
 ]
 
@@ -584,9 +581,9 @@ class _RunLog:
                 for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= keep_until_step
             ]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         elif keep_until_step is None:
-            self.path.write_text("")
+            atomic_write_text(self.path, "")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -835,7 +832,7 @@ def _announce(run: _Run, resume: bool, resumed: bool) -> None:
         print(f"no checkpoint in {run.out}: starting from scratch", file=sys.stderr)
     if run.out is not None:
         run.out.mkdir(parents=True, exist_ok=True)
-        (run.out / "recipe.yaml").write_text(recipe.to_yaml())
+        atomic_write_text(run.out / "recipe.yaml", recipe.to_yaml())
     if run.trainer.precision != recipe.train.precision:
         print(
             f"train.precision {recipe.train.precision} needs CUDA: training in fp32 on {run.device}",
@@ -986,10 +983,10 @@ def _save_final(run: _Run) -> Path | None:
     run.model.save_pretrained(model_dir)
     head = run.trainer.head
     if head is not None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         tensors = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
-        save_file(tensors, str(model_dir / HEAD_FILE))
+        atomic_write_bytes(model_dir / HEAD_FILE, save(tensors))
     return model_dir
 
 
