@@ -463,3 +463,23 @@ def test_the_epoch_seed_hook_makes_an_item_a_function_of_seed_epoch_and_index(ca
     assert not torch.equal(second[3]["video"], second[3]["video"])  # one stream: each read draws anew
     with pytest.raises(ConfigError, match="set_epoch_seed"):
         second.set_epoch_seed(-1, 0)
+
+
+class _TouchesOnLoad:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_resuming_from_a_hostile_checkpoint_runs_nothing_and_says_so_in_one_line(tmp_path):
+    """`stanvid.checkpoint.load_checkpoint` (resume) and `runs.load_trained` (eval) share one reader."""
+    evil, marker = tmp_path / "checkpoints" / "step-00000001.pt", tmp_path / "ran"
+    evil.parent.mkdir()
+    torch.save({"format": "stanvid-train-checkpoint", "model": _TouchesOnLoad(marker)}, evil)
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(latest_checkpoint(tmp_path))
+    message = str(caught.value)
+    assert message.startswith(f"{evil}: not a readable stanvid training checkpoint") and "\n" not in message
+    assert not marker.exists()
