@@ -12,10 +12,11 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from conftest import tiny_config
+from stanvid.checkpoint import latest_checkpoint, load_checkpoint
 from stanvid.evaluate import evaluate_retrieval, mug_scores
 from stanvid.metrics import retrieval_metrics
 from stanvid.model import VideoCLIP
-from stanvid.train import Trainer, fit, latest_checkpoint, load_checkpoint
+from stanvid.train import Trainer, fit
 from test_mug import _reference_4d
 from test_train import CONTEXT, FRAMES, SIZE, _assert_close_runs, _free_port, recipe
 

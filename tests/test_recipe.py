@@ -233,3 +233,26 @@ def test_data_paths_resolve_against_root(tmp_path):
     r = load_recipe(_write(tmp_path, MINIMAL), [f"data.root={tmp_path}"])
     assert r.data.path("train.json") == tmp_path / "train.json"
     assert r.data.path("/abs/test.json") == Path("/abs/test.json")
+
+
+def test_a_recipe_built_in_code_is_validated_and_typed_like_a_file():
+    from stanvid.recipe import DataRecipe, ModelRecipe, OptimRecipe, TrainRecipe
+
+    with pytest.raises(ConfigError, match=r"model\.temporal: 'lstm' is not a valid choice"):
+        ModelRecipe(temporal="lstm")
+    with pytest.raises(ConfigError, match=r"train\.batch_size must be an integer, got '16'"):
+        TrainRecipe(batch_size="16")
+    with pytest.raises(ConfigError, match=r"optim\.lr must be > 0"):
+        OptimRecipe(lr=0.0)
+    with pytest.raises(ConfigError, match="is a recognition dataset but task is 'retrieval'"):
+        Recipe(task="retrieval", data=DataRecipe(dataset="kinetics400", class_names="c.txt"))
+    with pytest.raises(ConfigError, match="data must be a DataRecipe"):
+        Recipe(task="retrieval", data={"dataset": "csv"})
+    built = Recipe(
+        task="retrieval",
+        data=DataRecipe(dataset="csv", num_frames=8, random_crop_area=[0.5, 1]),
+        optim=OptimRecipe(lr=1, warmup_epochs=2),
+    )
+    assert built.model.num_frames == 8  # the null filled from data.num_frames, as from a file
+    assert isinstance(built.optim.lr, float) and built.data.random_crop_area == (0.5, 1.0)
+    assert built == Recipe.from_dict(built.to_dict())

@@ -14,21 +14,19 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from conftest import tiny_config
+from stanvid.checkpoint import latest_checkpoint, load_checkpoint
 from stanvid.data import RetrievalDataset
 from stanvid.data.retrieval_formats import load_video_captions
 from stanvid.errors import CheckpointError, ConfigError
 from stanvid.evaluate import evaluate_retrieval
+from stanvid.heads import LinearHead, encode_class_names
 from stanvid.losses import text_classifier_logits
 from stanvid.model import VideoCLIP
 from stanvid.recipe import OptimRecipe, Recipe
 from stanvid.train import (
     HEAD_FILE,
-    LinearHead,
     LRSchedule,
-    encode_class_names,
     fit,
-    latest_checkpoint,
-    load_checkpoint,
     param_groups,
 )
 from videogen import make_frames, write_video
@@ -444,3 +442,44 @@ def test_resume_skips_a_truncated_newest_checkpoint(tmp_path, caption_data, caps
         path.write_bytes(b"")
     with pytest.raises(CheckpointError, match="step-00000006.pt"):
         fit(tiny_model(), data, _resume_recipe(0), out_dir=tmp_path / "run", resume=True, progress=False)
+
+
+def test_the_epoch_seed_hook_makes_an_item_a_function_of_seed_epoch_and_index(caption_data):
+    """`set_epoch_seed(seed, epoch)`: item i draws from ``default_rng([seed, epoch, i])`` whatever was read
+    before it and in whichever dataset copy; another epoch draws differently; None restores the stream."""
+    import numpy as np
+
+    first, second = _caption_set(caption_data), _caption_set(caption_data)
+    first.set_epoch_seed(5, 1)
+    a = first[3]["video"]
+    first[0], first[1]  # noqa: B018 (reads that a shared stream would advance)
+    assert torch.equal(first[3]["video"], a)
+    second.set_epoch_seed(5, 1)
+    assert torch.equal(second[3]["video"], a)
+    assert torch.equal(second._item(3, np.random.default_rng([5, 1, 3]))["video"], a)
+    second.set_epoch_seed(5, 2)
+    assert not torch.equal(second[3]["video"], a)
+    second.set_epoch_seed(None)
+    assert not torch.equal(second[3]["video"], second[3]["video"])  # one stream: each read draws anew
+    with pytest.raises(ConfigError, match="set_epoch_seed"):
+        second.set_epoch_seed(-1, 0)
+
+
+class _TouchesOnLoad:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_resuming_from_a_hostile_checkpoint_runs_nothing_and_says_so_in_one_line(tmp_path):
+    """`stanvid.checkpoint.load_checkpoint` (resume) and `runs.load_trained` (eval) share one reader."""
+    evil, marker = tmp_path / "checkpoints" / "step-00000001.pt", tmp_path / "ran"
+    evil.parent.mkdir()
+    torch.save({"format": "stanvid-train-checkpoint", "model": _TouchesOnLoad(marker)}, evil)
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(latest_checkpoint(tmp_path))
+    message = str(caught.value)
+    assert message.startswith(f"{evil}: not a readable stanvid training checkpoint") and "\n" not in message
+    assert not marker.exists()

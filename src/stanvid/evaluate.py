@@ -322,13 +322,13 @@ def evaluate_recognition(
 ) -> dict[str, float]:
     """Top-1 / top-5 accuracy (percent) of ``model`` on a labelled test split, test views averaged.
 
-    The classifier is ``head`` (a linear head on the video embedding, as `stanvid.train.LinearHead`) when given;
+    The classifier is ``head`` (a linear head on the video embedding, as `stanvid.heads.LinearHead`) when given;
     otherwise the cosine to the class names' text embeddings (``class_features``, or ``class_names`` encoded
     with ``text_length`` tokens, default ``dataset.annotations.classes``) times ``logit_scale`` (default the
     model's ``exp(logit_scale)``). Items may carry several views (``(V, T, 3, S, S)``); their scores are averaged
     per ``view_average`` (``prob``: softmax probabilities, ``score``: raw scores) before ranking.
     """
-    from stanvid.train import encode_class_names
+    from stanvid.heads import encode_class_names
 
     device = _device(model, device)
     with _eval_mode(model):

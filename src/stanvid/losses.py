@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from stanvid.distributed import rank_world
+
 __all__ = [
     "all_gather_with_grad",
     "contrastive_loss",
@@ -38,19 +40,12 @@ __all__ = [
 _NORM_EPS = 1e-8
 
 
-def _world(group: Any) -> int:
-    if not (dist.is_available() and dist.is_initialized()):
-        return 1
-    return dist.get_world_size(group)
-
-
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather along dim 0 (local batch sizes may differ); backward sums the gradients of all ranks."""
 
     @staticmethod
     def forward(ctx: Any, tensor: torch.Tensor, group: Any) -> torch.Tensor:
-        world = dist.get_world_size(group)
-        rank = dist.get_rank(group)
+        rank, world = rank_world(group)
         local = torch.tensor([tensor.shape[0]], dtype=torch.long, device=tensor.device)
         sizes = [torch.zeros_like(local) for _ in range(world)]
         dist.all_gather(sizes, local, group=group)
@@ -83,7 +78,7 @@ def all_gather_with_grad(tensor: torch.Tensor, group: Any = None) -> torch.Tenso
     same parameter gradients as one process holding the global batch. Without an initialized process group, or
     with one process, it returns ``tensor`` itself.
     """
-    if _world(group) == 1:
+    if rank_world(group)[1] == 1:
         return tensor
     return _GatherWithGrad.apply(tensor, group)
 

@@ -45,6 +45,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from torch import nn
 
+from stanvid.checkpoint import first_line, is_training_checkpoint, latest_checkpoint, read_checkpoint_file
 from stanvid.config import ModelConfig
 from stanvid.data.recognition import RecognitionAnnotations, RecognitionDataset, load_kinetics, load_ssv2
 from stanvid.data.retrieval import RetrievalAnnotations, RetrievalDataset
@@ -59,24 +60,16 @@ from stanvid.data.retrieval_formats import (
     load_video_captions,
     load_webvid,
 )
+from stanvid.distributed import default_device, rank_world
 from stanvid.errors import CheckpointError, ConfigError
 from stanvid.evaluate import evaluate_recognition, evaluate_retrieval, write_results, zero_shot_model
+from stanvid.heads import LinearHead
 from stanvid.hub import load_model
 from stanvid.metrics import format_table
 from stanvid.model import VideoCLIP
 from stanvid.precision import resolve_precision
 from stanvid.recipe import LEARNABLE, Recipe
-from stanvid.train import (
-    CHECKPOINT_FORMAT,
-    HEAD_FILE,
-    LinearHead,
-    TrainResult,
-    default_device,
-    effective_precision,
-    fit,
-    latest_checkpoint,
-    setup_distributed,
-)
+from stanvid.train import HEAD_FILE, TrainResult, effective_precision, fit, setup_distributed
 from stanvid.transforms import (
     EvalTransform,
     MultiCropTransform,
@@ -287,7 +280,7 @@ def check_model_fits(model: nn.Module, recipe: Recipe, source: Any) -> None:
 
 
 def _is_train_checkpoint(path: Path) -> bool:
-    """A zip written by ``torch.save`` (not TorchScript) that `stanvid.train.load_checkpoint` may accept."""
+    """A zip written by ``torch.save`` (not TorchScript) that `stanvid.checkpoint.read_checkpoint_file` may read."""
     if not path.is_file() or not zipfile.is_zipfile(path):
         return False
     with zipfile.ZipFile(path) as archive:
@@ -295,11 +288,6 @@ def _is_train_checkpoint(path: Path) -> bool:
     return any(n.endswith("/data.pkl") for n in names) and not any(
         n.endswith("/constants.pkl") for n in names
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    """`Type: first line` of an exception (torch's unpickling errors run to a page of advice)."""
-    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
 
 
 def load_trained(checkpoint: str | os.PathLike, recipe: Recipe) -> tuple[nn.Module, nn.Module | None]:
@@ -313,13 +301,9 @@ def load_trained(checkpoint: str | os.PathLike, recipe: Recipe) -> tuple[nn.Modu
     path = Path(checkpoint)
     head_state = None
     if _is_train_checkpoint(path):
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except (
-            Exception
-        ) as exc:  # unsafe (a pickle calling code: refused, nothing runs), truncated or foreign
-            raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(exc)})") from exc
-        if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
+        # unsafe (a pickle calling code: refused, nothing runs), truncated or foreign: a one-line CheckpointError
+        state = read_checkpoint_file(path)
+        if is_training_checkpoint(state):
             try:
                 config = ModelConfig.from_dict(state["model_config"]).replace(
                     num_frames=recipe.model.num_frames, **mug_overrides(recipe)
@@ -328,7 +312,7 @@ def load_trained(checkpoint: str | os.PathLike, recipe: Recipe) -> tuple[nn.Modu
                 model.load_state_dict(state["model"])
                 head_state = state["trainer"].get("head")
             except (KeyError, TypeError, AttributeError, RuntimeError) as exc:
-                raise CheckpointError(f"{path}: a damaged training checkpoint ({_first_line(exc)})") from exc
+                raise CheckpointError(f"{path}: a damaged training checkpoint ({first_line(exc)})") from exc
             model.eval()
         else:
             model = load_model(path, num_frames=recipe.model.num_frames, **mug_overrides(recipe))
@@ -437,7 +421,7 @@ def _evaluate_run(
     progress: bool,
     precision: str | None = None,
 ) -> dict[str, Any]:
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    rank, _ = rank_world()
     device = default_device()
     annotations = load_split(recipe, "test")
     dataset = build_dataset(recipe, "test", annotations)
@@ -506,7 +490,7 @@ def train_run(
 
 
 def _train_run(recipe: Recipe, out_dir: Any, resume: bool, progress: bool) -> TrainResult:
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    rank, _ = rank_world()
     model = load_run_model(recipe)
     train_set = build_dataset(recipe, "train")
     test_set = build_dataset(recipe, "test") if recipe.data.test_annotations else None

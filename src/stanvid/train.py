@@ -49,12 +49,10 @@ reads them; a linear head is saved beside them as ``head.safetensors``).
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
 import os
 import random
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -65,14 +63,24 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from stanvid.data.base import VideoClipDataset, collate_skipping, format_skipped
+from stanvid.checkpoint import (
+    CHECKPOINT_FORMAT,
+    code_version,
+    latest_checkpoint,
+    load_checkpoint,
+    newest_readable_checkpoint,
+    write_checkpoint,
+)
+from stanvid.data.base import collate_skipping, format_skipped
 from stanvid.data.loader import seed_worker
+from stanvid.distributed import default_device, rank_world
 from stanvid.errors import CheckpointError, ConfigError, DatasetError
+from stanvid.fileio import atomic_write_bytes, atomic_write_text
+from stanvid.heads import LinearHead, encode_class_names
 from stanvid.losses import contrastive_loss, mug_contrastive_loss, recognition_loss, text_classifier_logits
 from stanvid.recipe import LEARNABLE, OptimRecipe, Recipe
 
@@ -80,20 +88,13 @@ __all__ = [
     "fit",
     "TrainResult",
     "Trainer",
-    "LinearHead",
     "LRSchedule",
     "param_groups",
     "setup_distributed",
-    "default_device",
     "effective_precision",
-    "encode_class_names",
-    "latest_checkpoint",
-    "load_checkpoint",
-    "CHECKPOINT_FORMAT",
     "HEAD_FILE",
 ]
 
-CHECKPOINT_FORMAT = "stanvid-train-checkpoint"
 HEAD_FILE = "head.safetensors"
 MAX_LOG_SCALE = math.log(100.0)  # CLIP clamps its learned logit scale at 100
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
@@ -136,19 +137,6 @@ def setup_distributed() -> tuple[int, int]:
             dist.init_process_group("nccl")
         else:
             dist.init_process_group("gloo")
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def default_device() -> torch.device:
-    """This process's GPU (``LOCAL_RANK`` under torchrun) when CUDA is available, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
@@ -253,58 +241,6 @@ class LRSchedule:
         return self.min_ratio + (1.0 - self.min_ratio) * (1.0 + math.cos(math.pi * t / self.period)) / 2
 
 
-# ---- recognition classifiers ---------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def encode_class_names(
-    model: nn.Module,
-    class_names: Sequence[str],
-    context_length: int,
-    device: torch.device | str | None = None,
-) -> torch.Tensor:
-    """``(K, D)`` L2-normalized text embeddings of the class names, encoded once in eval mode, no gradient.
-
-    The official recognizer encodes the names with its text encoder and caches them; they stay fixed while the
-    video side trains.
-    """
-    from stanvid.tokenizer import tokenize
-
-    if not class_names:
-        raise ConfigError("recognition needs the class names (none given)")
-    was_training = model.training
-    model.eval()
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    ids = tokenize(list(class_names), context_length=context_length).to(device)  # (K, L)
-    feats = torch.cat([model.encode_text(ids[i : i + 256]) for i in range(0, len(ids), 256)])  # (K, D)
-    model.train(was_training)
-    return F.normalize(feats.float(), dim=-1)
-
-
-class LinearHead(nn.Module):
-    """A linear classifier on the L2-normalized video embedding, ``(B, D) -> (B, K)``.
-
-    `from_class_features` sets its weight to ``scale * class_features`` and its bias to zero, so before training
-    it computes exactly the text classifier (`stanvid.losses.text_classifier_logits`) and fine-tuning starts
-    from the zero-shot solution (unverified: the paper does not describe a head).
-    """
-
-    def __init__(self, dim: int, num_classes: int) -> None:
-        super().__init__()
-        self.fc = nn.Linear(dim, num_classes)
-
-    @classmethod
-    def from_class_features(cls, class_features: torch.Tensor, scale: float) -> LinearHead:
-        head = cls(class_features.shape[1], class_features.shape[0])
-        with torch.no_grad():
-            head.fc.weight.copy_(F.normalize(class_features.float(), dim=-1) * scale)
-            head.fc.bias.zero_()
-        return head
-
-    def forward(self, video_features: torch.Tensor) -> torch.Tensor:
-        return self.fc(F.normalize(video_features.float(), dim=-1))  # (B, K)
-
-
 class _Forward(nn.Module):
     """What DDP wraps: the encoders (and head) of one micro-batch, so DDP sees one ``forward`` per step."""
 
@@ -352,7 +288,7 @@ class Trainer:
         self.device = torch.device(device) if device is not None else default_device()
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.rank, self.world = _world()
+        self.rank, self.world = rank_world()
         self.model = model.to(self.device)
         model.set_grad_checkpointing(recipe.model.grad_checkpointing)
         self.task = recipe.task
@@ -528,7 +464,9 @@ class _EpochSampler(Sampler):
 
 class _SeededItems(Dataset):
     """Serves ``(epoch, index)`` keys: item ``index`` of the dataset, its random draws seeded by (seed, epoch,
-    index), so they do not depend on which worker decodes it nor on what that worker decoded before."""
+    index) through the dataset's ``set_epoch_seed`` hook (`stanvid.data.VideoClipDataset.set_epoch_seed`),
+    so they do not depend on which worker decodes it nor on what that worker decoded before. A dataset
+    without the hook is served as it is."""
 
     def __init__(self, dataset: Dataset, seed: int) -> None:
         self.dataset = dataset
@@ -539,12 +477,9 @@ class _SeededItems(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
         epoch, index = key
-        if isinstance(self.dataset, VideoClipDataset):
-            # VideoClipDataset draws from `_generator()`, which keeps one generator per (process, worker): set it
-            # to this item's own generator (a public per-item seed hook in stanvid.data would replace this).
-            info = get_worker_info()
-            self.dataset._rng = np.random.default_rng([self.seed, epoch, index])
-            self.dataset._rng_owner = (os.getpid(), None if info is None else info.id)
+        set_epoch_seed = getattr(self.dataset, "set_epoch_seed", None)
+        if set_epoch_seed is not None:
+            set_epoch_seed(self.seed, epoch)  # this process's copy: the key's epoch, in a worker or not
         return self.dataset[index]
 
 
@@ -598,97 +533,6 @@ def _rng_preserved(device: torch.device) -> Iterator[None]:
 # ---- checkpoints ---------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=1)
-def _code_version() -> dict[str, str | None]:
-    from stanvid import __version__
-
-    described = None
-    try:
-        out = subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--tags"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        if out.returncode == 0:
-            described = out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        described = None
-    return {"stanvid": __version__, "git": described}
-
-
-def _checkpoint_dir(out_dir: Path) -> Path:
-    return out_dir / "checkpoints"
-
-
-def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
-    """The newest ``checkpoints/step-*.pt`` under a run folder (by step), or None."""
-    found = _checkpoints_newest_first(Path(out_dir))
-    return found[0] if found else None
-
-
-def _checkpoints_newest_first(out_dir: Path) -> list[Path]:
-    folder = _checkpoint_dir(out_dir)
-    if not folder.is_dir():
-        return []
-    found = []
-    for path in folder.glob("step-*.pt"):
-        try:
-            found.append((int(path.stem.split("-", 1)[1]), path))
-        except ValueError:
-            continue
-    return [path for _, path in sorted(found, reverse=True)]
-
-
-def _newest_readable_checkpoint(out_dir: Path) -> tuple[Path | None, dict[str, Any] | None]:
-    """The newest checkpoint that loads, and its state. A newer one that does not (truncated by a full disk, a
-    copy cut short) is skipped with a line saying which and why; it is left in place, and the resumed run
-    writes that step again. When none loads: (the newest, None), so the caller's load raises its error."""
-    found = _checkpoints_newest_first(out_dir)
-    for path in found:
-        try:
-            state = load_checkpoint(path)
-        except CheckpointError as exc:
-            print(f"resume: skipping {path}: {exc}; trying the previous checkpoint", file=sys.stderr)
-            continue
-        if path != found[0]:
-            print(f"resume: continuing from {path.name}, the newest checkpoint that reads", file=sys.stderr)
-        return path, state
-    return (found[0] if found else None), None
-
-
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """A training checkpoint written by `fit`, read with ``weights_only=True``; checks its format marker."""
-    path = Path(path)
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"{path}: checkpoint not found") from exc
-    except Exception as exc:  # a truncated or foreign file: say which, not a pickle traceback
-        raise CheckpointError(
-            f"{path}: not a readable stanvid training checkpoint ({type(exc).__name__}: {exc})"
-        ) from exc
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a stanvid training checkpoint (no {CHECKPOINT_FORMAT!r} marker)")
-    return state
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, flushed to disk, then renamed over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(data, dict):
         out: dict[str, Any] = {}
@@ -737,9 +581,9 @@ class _RunLog:
                 for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= keep_until_step
             ]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         elif keep_until_step is None:
-            self.path.write_text("")
+            atomic_write_text(self.path, "")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -785,6 +629,45 @@ class TrainResult:
     model_dir: Path | None = None
 
 
+@dataclass
+class _Data:
+    """The training data of this rank: order a function of (seed, epoch), items' draws of (seed, epoch, index)."""
+
+    sampler: _EpochSampler
+    generator: (
+        torch.Generator
+    )  # the loader's: re-seeded per (epoch, start) so workers' seeds repeat on resume
+    loader: DataLoader
+    batches_per_epoch: int
+
+
+@dataclass
+class _Run:
+    """The state `fit`'s steps share: what runs (model, trainer, data), where it is, and what it has logged."""
+
+    model: nn.Module
+    recipe: Recipe
+    trainer: Trainer
+    data: _Data
+    rank: int
+    world: int
+    device: torch.device
+    out: Path | None
+    stop_at: int  # the optimizer step to stop after
+    epoch: int = 0  # position: epochs done, batches done in the current one, optimizer steps done
+    batch_in_epoch: int = 0
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    checkpoint: Path | None = None  # the last checkpoint written (or resumed from)
+    last_loss: float | None = None
+    skipped: list[Any] = field(default_factory=list)
+    log: _RunLog | None = None
+    bar: Any = None  # tqdm, rank 0 with progress
+    window_losses: list[float] = field(default_factory=list)  # since the last log record
+    window_videos: int = 0
+    window_start: float = field(default_factory=time.perf_counter)
+
+
 def fit(
     model: nn.Module,
     train_set: Dataset,
@@ -804,6 +687,8 @@ def fit(
         model: a `stanvid.VideoCLIP` (any temporal module); left in eval mode on ``device`` at the end.
         train_set: a map-style dataset of dicts, ``{"video": (T, 3, S, S), "tokens" (or "text"): (L,)}`` for
             retrieval, ``{"video", "label": int}`` for recognition (`stanvid.data` datasets yield these).
+            A dataset with a ``set_epoch_seed(seed, epoch)`` method (`stanvid.data.VideoClipDataset`) draws
+            each item's frames and crop from (seed, epoch, index), which makes resumed runs exact.
         recipe: the run; ``recipe.train.batch_size`` is per process.
         out_dir: checkpoints, ``log.jsonl``, ``recipe.yaml`` and the final ``model/``; None writes nothing.
         resume: continue from the newest checkpoint in ``out_dir`` (a fresh start when there is none). Without
@@ -820,12 +705,60 @@ def fit(
     started = time.perf_counter()
     rank, world = setup_distributed()
     device = torch.device(device) if device is not None else default_device()
-    tr = recipe.train
     out = Path(out_dir) if out_dir is not None else None
     if resume and out is None:
         raise ConfigError("resume=True needs out_dir (where the checkpoints are)")
+    data = _build_data(train_set, recipe, rank, world, device, collate_fn)
+    steps_per_epoch = math.ceil(data.batches_per_epoch / recipe.optim.accumulation_steps)
+    total_steps = steps_per_epoch * recipe.train.epochs
+    max_steps = recipe.train.max_steps
+    if class_names is None and recipe.task == "recognition":
+        class_names = getattr(getattr(train_set, "annotations", None), "classes", None)
+    trainer = Trainer(model, recipe, steps_per_epoch=steps_per_epoch, class_names=class_names, device=device)
+    stop_at = min(total_steps, max_steps) if max_steps is not None else total_steps
+    run = _Run(model, recipe, trainer, data, rank, world, device, out, stop_at)
+    resumed = _resume_or_seed(run, resume)
+    _announce(run, resume, resumed)
+    run.log = _RunLog(out, rank == 0, recipe.train.tensorboard, run.step if resumed else None)
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
 
-    # data: the sampler's order is a function of (seed, epoch); items' draws of (seed, epoch, index)
+        run.bar = tqdm(total=run.stop_at, initial=min(run.step, run.stop_at), unit="step", dynamic_ncols=True)
+    model.train()
+    run.window_start = time.perf_counter()
+    try:
+        _train_epochs(run, eval_fn)
+    finally:
+        if run.bar is not None:
+            run.bar.close()
+        run.log.close()
+    model.eval()
+    model_dir = _save_final(run)
+    if run.skipped and rank == 0:
+        print(format_skipped(run.skipped), file=sys.stderr)
+    if world > 1:
+        dist.barrier()
+    return TrainResult(
+        steps=run.step,
+        epochs=run.epoch,
+        seconds=time.perf_counter() - started,
+        last_loss=run.last_loss,
+        history=run.history,
+        checkpoint=run.checkpoint,
+        model_dir=model_dir,
+    )
+
+
+def _build_data(
+    train_set: Dataset,
+    recipe: Recipe,
+    rank: int,
+    world: int,
+    device: torch.device,
+    collate_fn: Callable[[list[Any]], Any] | None,
+) -> _Data:
+    """This rank's sampler and loader; refuses a batch larger than this rank's share of the data."""
+    tr = recipe.train
     sampler = _EpochSampler(train_set, world, rank, tr.seed)
     batches_per_epoch = sampler.items_per_epoch // tr.batch_size
     if batches_per_epoch == 0:
@@ -847,22 +780,20 @@ def fit(
         persistent_workers=workers > 0,
         prefetch_factor=2 if workers else None,
     )
-    accum = recipe.optim.accumulation_steps
-    steps_per_epoch = math.ceil(batches_per_epoch / accum)
-    total_steps = steps_per_epoch * tr.epochs
-    stop_at = min(total_steps, tr.max_steps) if tr.max_steps is not None else total_steps
+    return _Data(sampler, generator, loader, batches_per_epoch)
 
-    if class_names is None and recipe.task == "recognition":
-        class_names = getattr(getattr(train_set, "annotations", None), "classes", None)
-    trainer = Trainer(model, recipe, steps_per_epoch=steps_per_epoch, class_names=class_names, device=device)
 
-    epoch, batch_in_epoch, step = 0, 0, 0
-    history: list[dict[str, Any]] = []
+def _choose_checkpoint(out: Path | None, resume: bool, rank: int, world: int) -> tuple[Path | None, Any]:
+    """The checkpoint to resume from (and its state, when this rank read it), the same on every rank.
+
+    Rank 0 decides (the newest that reads, when resuming) and broadcasts the path; the other ranks read that
+    file themselves (several nodes: ``out_dir`` on a shared filesystem). Without ``resume``, a folder that
+    already holds checkpoints is refused.
+    """
     checkpoint, saved = None, None
     if out is not None and rank == 0:
-        checkpoint, saved = _newest_readable_checkpoint(out) if resume else (latest_checkpoint(out), None)
+        checkpoint, saved = newest_readable_checkpoint(out) if resume else (latest_checkpoint(out), None)
     if world > 1:
-        # rank 0 decides; every rank then reads that file (several nodes: out_dir on a shared filesystem)
         chosen = [checkpoint]
         dist.broadcast_object_list(chosen, src=0)
         checkpoint = chosen[0]
@@ -870,177 +801,193 @@ def fit(
         raise ConfigError(
             f"{out} already holds checkpoints ({checkpoint.name}); resume (--resume) or choose another output folder"
         )
-    resumed_from = None
-    if resume and checkpoint is not None:
-        if saved is None:  # other ranks (rank 0 read it already), or none reads: raises naming the file
-            saved = load_checkpoint(checkpoint)
-        _check_resumable(saved, recipe, world, checkpoint)
-        model.load_state_dict(saved["model"])
-        trainer.load_state_dict(saved["trainer"])
-        epoch, batch_in_epoch, step = saved["epoch"], saved["batch_in_epoch"], saved["step"]
-        history = list(saved.get("history", []))
-        _set_rng_state(saved["rng"][rank], device)
-        resumed_from = checkpoint
-    else:
-        checkpoint = None
-        _seed_all(tr.seed + rank)
-    if rank == 0 and resume and resumed_from is None and out is not None:
-        print(f"no checkpoint in {out}: starting from scratch", file=sys.stderr)
-    if rank == 0 and out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.yaml").write_text(recipe.to_yaml())
-    if rank == 0 and trainer.precision != recipe.train.precision:
+    if checkpoint is not None and saved is None:  # other ranks, or none reads: raises naming the file
+        saved = load_checkpoint(checkpoint)
+    return checkpoint, saved
+
+
+def _resume_or_seed(run: _Run, resume: bool) -> bool:
+    """Restore the run from its checkpoint (model, trainer, position, history, this rank's RNG streams) when
+    resuming from one, else seed this rank's RNG streams; returns whether it resumed."""
+    checkpoint, saved = _choose_checkpoint(run.out, resume, run.rank, run.world)
+    if checkpoint is None:
+        _seed_all(run.recipe.train.seed + run.rank)
+        return False
+    _check_resumable(saved, run.recipe, run.world, checkpoint)
+    run.model.load_state_dict(saved["model"])
+    run.trainer.load_state_dict(saved["trainer"])
+    run.epoch, run.batch_in_epoch, run.step = saved["epoch"], saved["batch_in_epoch"], saved["step"]
+    run.history = list(saved.get("history", []))
+    _set_rng_state(saved["rng"][run.rank], run.device)
+    run.checkpoint = checkpoint
+    return True
+
+
+def _announce(run: _Run, resume: bool, resumed: bool) -> None:
+    """Rank 0: say what is not as asked (a fresh start on --resume, fp32 on the CPU); write recipe.yaml."""
+    if run.rank != 0:
+        return
+    recipe = run.recipe
+    if resume and not resumed and run.out is not None:
+        print(f"no checkpoint in {run.out}: starting from scratch", file=sys.stderr)
+    if run.out is not None:
+        run.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run.out / "recipe.yaml", recipe.to_yaml())
+    if run.trainer.precision != recipe.train.precision:
         print(
-            f"train.precision {recipe.train.precision} needs CUDA: training in fp32 on {device}",
+            f"train.precision {recipe.train.precision} needs CUDA: training in fp32 on {run.device}",
             file=sys.stderr,
         )
-    log = _RunLog(out, rank == 0, tr.tensorboard, step if resumed_from is not None else None)
 
-    def save(position_epoch: int, position_batch: int) -> Path | None:
-        if out is None:
-            return None
-        states = [None] * world
-        if world > 1:
-            dist.all_gather_object(states, _rng_state(device))
-        else:
-            states = [_rng_state(device)]
-        if rank != 0:
-            return None
-        path = _checkpoint_dir(out) / f"step-{step:08d}.pt"
-        state = {
-            "format": CHECKPOINT_FORMAT,
-            "model": model.state_dict(),
-            "trainer": trainer.state_dict(),
-            "rng": states,
-            "epoch": position_epoch,
-            "batch_in_epoch": position_batch,
-            "step": step,
-            "world_size": world,
-            "history": history,
-            "recipe": recipe.to_dict(),
-            "model_config": model.config.to_dict(),
-            "version": _code_version(),
-        }
-        _atomic_save(state, path)
-        old = sorted(_checkpoint_dir(out).glob("step-*.pt"))
-        for stale in old[: max(len(old) - tr.keep_checkpoints, 0)]:
-            stale.unlink()
-        return path
 
-    bar = None
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
+def _train_epochs(run: _Run, eval_fn: Callable[..., dict[str, Any]] | None) -> None:
+    """Epochs from the run's position until the last epoch or ``stop_at``; each ends with `_end_epoch`."""
+    tr = run.recipe.train
+    stopped = run.step >= run.stop_at
+    while run.epoch < tr.epochs and not stopped:
+        data = run.data
+        data.sampler.set_position(run.epoch, run.batch_in_epoch * tr.batch_size)
+        data.generator.manual_seed((tr.seed * 1_000_003 + run.epoch) * 1_000_003 + run.batch_in_epoch)
+        if run.bar is not None:
+            run.bar.set_description(f"epoch {run.epoch + 1}/{tr.epochs}")
+        if _train_batches(run):
+            break
+        _end_epoch(run, eval_fn)
+        if run.step >= run.stop_at:
+            break
 
-        bar = tqdm(total=stop_at, initial=min(step, stop_at), unit="step", dynamic_ncols=True)
 
-    model.train()
-    last_loss: float | None = None
-    window_losses: list[float] = []
-    window_videos, window_start = 0, time.perf_counter()
-    skipped: list[Any] = []
-    stopped = step >= stop_at
-    try:
-        while epoch < tr.epochs and not stopped:
-            sampler.set_position(epoch, batch_in_epoch * tr.batch_size)
-            generator.manual_seed((tr.seed * 1_000_003 + epoch) * 1_000_003 + batch_in_epoch)
-            if bar is not None:
-                bar.set_description(f"epoch {epoch + 1}/{tr.epochs}")
-            step_losses: list[float] = []
-            for batch in loader:
-                if isinstance(batch, dict) and "skipped" in batch:
-                    skipped.extend(batch.pop("skipped"))
-                    if "video" not in batch:
-                        raise DatasetError(
-                            f"every video of a training batch failed to decode:\n{format_skipped(skipped[-tr.batch_size :])}"
-                        )
-                group_start = (batch_in_epoch // accum) * accum
-                group_size = min(accum, batches_per_epoch - group_start)
-                last_micro = batch_in_epoch == group_start + group_size - 1
-                step_losses.append(trainer.micro_step(batch, divisor=group_size, sync=last_micro))
-                window_videos += len(batch["video"])
-                batch_in_epoch += 1
-                if not last_micro:
-                    continue
-                info = trainer.optimizer_step()
-                step += 1
-                last_loss = sum(step_losses) / len(step_losses)
-                window_losses.append(last_loss)
-                step_losses = []
-                final = step >= stop_at
-                if step % tr.log_every == 0 or final:
-                    record = _log_record(
-                        trainer,
-                        step,
-                        epoch,
-                        batch_in_epoch / batches_per_epoch,
-                        window_losses,
-                        window_videos * world,
-                        time.perf_counter() - window_start,
-                        info,
-                    )
-                    history.append(record)
-                    log.write(record)
-                    if bar is not None:
-                        bar.set_postfix(
-                            loss=f"{record['loss']:.4f}",
-                            lr=f"{record['lr']:.2e}",
-                            vid_s=f"{record['videos_per_s']:.1f}",
-                        )
-                    window_losses, window_videos, window_start = [], 0, time.perf_counter()
-                if bar is not None:
-                    bar.update(1)
-                epoch_done = batch_in_epoch == batches_per_epoch  # the epoch end writes its own checkpoint
-                if not epoch_done and (final or (tr.checkpoint_every and step % tr.checkpoint_every == 0)):
-                    checkpoint = save(epoch, batch_in_epoch) or checkpoint
-                if final:
-                    stopped = not epoch_done
-                    break
-            if stopped:
-                break
-            # epoch end: evaluate (every eval_every epochs, and after the last), checkpoint
-            epoch += 1
-            batch_in_epoch = 0
-            last_epoch = epoch == tr.epochs or step >= stop_at
-            if eval_fn is not None and ((tr.eval_every and epoch % tr.eval_every == 0) or last_epoch):
-                with _rng_preserved(device):
-                    metrics = eval_fn(model, epoch, trainer.head)
-                model.train()
-                if trainer.head is not None:
-                    trainer.head.train()
-                record = {"step": step, "epoch": epoch, "eval": metrics}
-                history.append(record)
-                log.write(record)
-            checkpoint = save(epoch, 0) or checkpoint
-            if step >= stop_at:
-                break
-    finally:
-        if bar is not None:
-            bar.close()
-        log.close()
+def _train_batches(run: _Run) -> bool:
+    """The rest of the current epoch's batches, an optimizer step after every ``accumulation_steps`` of them
+    (fewer at the epoch's end); returns True when ``stop_at`` was reached inside the epoch."""
+    accum, per_epoch = run.recipe.optim.accumulation_steps, run.data.batches_per_epoch
+    step_losses: list[float] = []
+    for batch in run.data.loader:
+        _take_skipped(run, batch)
+        group_start = (run.batch_in_epoch // accum) * accum
+        group_size = min(accum, per_epoch - group_start)
+        last_micro = run.batch_in_epoch == group_start + group_size - 1
+        step_losses.append(run.trainer.micro_step(batch, divisor=group_size, sync=last_micro))
+        run.window_videos += len(batch["video"])
+        run.batch_in_epoch += 1
+        if not last_micro:
+            continue
+        _optimizer_step(run, step_losses)
+        step_losses = []
+        final = run.step >= run.stop_at
+        epoch_done = run.batch_in_epoch == per_epoch  # the epoch end writes its own checkpoint
+        every = run.recipe.train.checkpoint_every
+        if not epoch_done and (final or (every and run.step % every == 0)):
+            run.checkpoint = _save(run, run.epoch, run.batch_in_epoch) or run.checkpoint
+        if final:
+            return not epoch_done
+    return False
 
-    model.eval()
-    model_dir = None
-    if rank == 0 and out is not None:
-        model_dir = out / "model"
-        model.save_pretrained(model_dir)
-        if trainer.head is not None:
-            from safetensors.torch import save_file
 
-            tensors = {k: v.detach().cpu().contiguous() for k, v in trainer.head.state_dict().items()}
-            save_file(tensors, str(model_dir / HEAD_FILE))
-    if skipped and rank == 0:
-        print(format_skipped(skipped), file=sys.stderr)
-    if world > 1:
-        dist.barrier()
-    return TrainResult(
-        steps=step,
-        epochs=epoch,
-        seconds=time.perf_counter() - started,
-        last_loss=last_loss,
-        history=history,
-        checkpoint=checkpoint,
-        model_dir=model_dir,
-    )
+def _take_skipped(run: _Run, batch: Any) -> None:
+    """Move a batch's skipped-video records to the run's list; a batch with no video left is an error."""
+    if isinstance(batch, dict) and "skipped" in batch:
+        run.skipped.extend(batch.pop("skipped"))
+        if "video" not in batch:
+            size = run.recipe.train.batch_size
+            raise DatasetError(
+                f"every video of a training batch failed to decode:\n{format_skipped(run.skipped[-size:])}"
+            )
+
+
+def _optimizer_step(run: _Run, step_losses: list[float]) -> None:
+    """Step the optimizer on the accumulated gradients; log every ``log_every`` steps and at the last."""
+    info = run.trainer.optimizer_step()
+    run.step += 1
+    run.last_loss = sum(step_losses) / len(step_losses)
+    run.window_losses.append(run.last_loss)
+    if run.step % run.recipe.train.log_every == 0 or run.step >= run.stop_at:
+        record = _log_record(
+            run.trainer,
+            run.step,
+            run.epoch,
+            run.batch_in_epoch / run.data.batches_per_epoch,
+            run.window_losses,
+            run.window_videos * run.world,
+            time.perf_counter() - run.window_start,
+            info,
+        )
+        _record(run, record)
+        if run.bar is not None:
+            run.bar.set_postfix(
+                loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", vid_s=f"{record['videos_per_s']:.1f}"
+            )
+        run.window_losses, run.window_videos, run.window_start = [], 0, time.perf_counter()
+    if run.bar is not None:
+        run.bar.update(1)
+
+
+def _record(run: _Run, record: dict[str, Any]) -> None:
+    run.history.append(record)
+    assert run.log is not None
+    run.log.write(record)
+
+
+def _end_epoch(run: _Run, eval_fn: Callable[..., dict[str, Any]] | None) -> None:
+    """Close an epoch: evaluate (every ``eval_every`` epochs, and after the last), then checkpoint."""
+    tr = run.recipe.train
+    run.epoch += 1
+    run.batch_in_epoch = 0
+    last_epoch = run.epoch == tr.epochs or run.step >= run.stop_at
+    if eval_fn is not None and ((tr.eval_every and run.epoch % tr.eval_every == 0) or last_epoch):
+        with _rng_preserved(run.device):
+            metrics = eval_fn(run.model, run.epoch, run.trainer.head)
+        run.model.train()
+        if run.trainer.head is not None:
+            run.trainer.head.train()
+        _record(run, {"step": run.step, "epoch": run.epoch, "eval": metrics})
+    run.checkpoint = _save(run, run.epoch, 0) or run.checkpoint
+
+
+def _save(run: _Run, position_epoch: int, position_batch: int) -> Path | None:
+    """Checkpoint the run at this data position (rank 0 writes; every rank contributes its RNG states).
+
+    Returns the path written on rank 0, None elsewhere or without ``out_dir``."""
+    if run.out is None:
+        return None
+    states = [None] * run.world
+    if run.world > 1:
+        dist.all_gather_object(states, _rng_state(run.device))
+    else:
+        states = [_rng_state(run.device)]
+    if run.rank != 0:
+        return None
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "model": run.model.state_dict(),
+        "trainer": run.trainer.state_dict(),
+        "rng": states,
+        "epoch": position_epoch,
+        "batch_in_epoch": position_batch,
+        "step": run.step,
+        "world_size": run.world,
+        "history": run.history,
+        "recipe": run.recipe.to_dict(),
+        "model_config": run.model.config.to_dict(),
+        "version": code_version(),
+    }
+    return write_checkpoint(state, run.out, run.step, run.recipe.train.keep_checkpoints)
+
+
+def _save_final(run: _Run) -> Path | None:
+    """Rank 0: the final weights in ``out_dir/model`` (`stanvid.load_model` reads them), a linear head beside
+    them as `HEAD_FILE`; returns that folder (None elsewhere or without ``out_dir``)."""
+    if run.rank != 0 or run.out is None:
+        return None
+    model_dir = run.out / "model"
+    run.model.save_pretrained(model_dir)
+    head = run.trainer.head
+    if head is not None:
+        from safetensors.torch import save
+
+        tensors = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+        atomic_write_bytes(model_dir / HEAD_FILE, save(tensors))
+    return model_dir
 
 
 def _log_record(

@@ -138,7 +138,7 @@ def class_weights(
 ) -> torch.Tensor:
     """`(K, D)` L2-normalized class weights: each name in every template, encoded by the recognition recipes'
     `encode_class_names`, averaged over the templates and normalized."""
-    from stanvid.train import encode_class_names
+    from stanvid.heads import encode_class_names
 
     templates = _check_templates(templates)
     prompts = [t.format(name) for name in class_names for t in templates]  # (K * P,)

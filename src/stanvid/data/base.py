@@ -219,6 +219,8 @@ class VideoClipDataset(Dataset):
     Subclasses implement ``_item(index, rng)``; reading goes through :meth:`_read_clip`. Randomness comes
     from one numpy Generator per process: seeded from ``seed`` in the main process, and from the worker's
     seed (which ``make_loader`` derives from its own seed) in a ``DataLoader`` worker, so runs repeat.
+    After :meth:`set_epoch_seed` each item instead draws from its own generator, seeded by
+    ``(seed, epoch, index)``: the same draws whichever worker decodes it and whatever it decoded before.
     """
 
     def __init__(self, on_error: str = "raise", seed: int = 0) -> None:
@@ -229,6 +231,20 @@ class VideoClipDataset(Dataset):
         self.skipped: list[SkippedSample] = []
         self._rng: np.random.Generator | None = None
         self._rng_owner: tuple[int, int | None] | None = None
+        self._epoch_seed: tuple[int, int] | None = None
+
+    def set_epoch_seed(self, seed: int | None, epoch: int = 0) -> None:
+        """Seed each item's random draws (frames, crop, flip) by ``(seed, epoch, index)`` from now on.
+
+        This is what makes `stanvid.train.fit` resumable bit for bit: an item's clip depends on the run's seed,
+        the epoch and the item alone, not on which worker process decodes it nor on what that worker decoded
+        before, so a resumed run that skips the batches already trained on draws what the uninterrupted run
+        drew. Call it in the process that reads the items (inside a ``DataLoader`` worker, on its copy of the
+        dataset). ``seed=None`` goes back to the per-process stream.
+        """
+        if seed is not None and (int(seed) < 0 or int(epoch) < 0):
+            raise ConfigError(f"set_epoch_seed: seed and epoch must be >= 0, got {seed}, {epoch}")
+        self._epoch_seed = None if seed is None else (int(seed), int(epoch))
 
     def _generator(self) -> np.random.Generator:
         info = get_worker_info()
@@ -250,9 +266,14 @@ class VideoClipDataset(Dataset):
     def _item(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
         raise NotImplementedError
 
+    def _item_generator(self, index: int) -> np.random.Generator:
+        if self._epoch_seed is not None:
+            return np.random.default_rng([*self._epoch_seed, int(index)])
+        return self._generator()
+
     def __getitem__(self, index: int) -> dict[str, Any] | SkippedSample:
         try:
-            return self._item(index, self._generator())
+            return self._item(index, self._item_generator(index))
         except VideoReadError as err:
             if self.on_error == "raise":
                 raise

@@ -1,0 +1,76 @@
+"""stanvid.fileio: an atomic write leaves the new content or the old one, and never a temporary file."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from stanvid import fileio
+from stanvid.fileio import atomic_save, atomic_write_bytes, atomic_write_text
+
+
+def _listing(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_writes_replace_the_file_and_leave_nothing_beside_it(tmp_path):
+    target = tmp_path / "sub" / "notes.txt"
+    atomic_write_text(target, "first\n")
+    atomic_write_text(target, "second — ü\n")
+    assert target.read_text(encoding="utf-8") == "second — ü\n"
+    atomic_write_bytes(tmp_path / "blob.bin", b"\x00\x01\xff")
+    assert (tmp_path / "blob.bin").read_bytes() == b"\x00\x01\xff"
+    atomic_save({"w": torch.arange(5)}, tmp_path / "state.pt")
+    assert torch.equal(torch.load(tmp_path / "state.pt", weights_only=True)["w"], torch.arange(5))
+    assert _listing(tmp_path) == ["blob.bin", "state.pt", "sub"]
+    assert _listing(tmp_path / "sub") == ["notes.txt"]
+
+
+def test_a_failing_save_keeps_the_old_content_and_removes_its_temporary_file(tmp_path):
+    target = tmp_path / "state.pt"
+    atomic_save({"w": torch.ones(3)}, target)
+    before = target.read_bytes()
+    with pytest.raises(Exception):  # noqa: B017 (whatever pickle raises for a lambda)
+        atomic_save({"w": torch.zeros(3), "f": lambda: None}, target)
+    assert target.read_bytes() == before
+    assert _listing(tmp_path) == ["state.pt"]
+
+
+def test_an_interrupt_mid_write_or_a_failed_rename_loses_nothing(tmp_path, monkeypatch):
+    target = tmp_path / "index.json"
+    atomic_write_text(target, '{"old": true}')
+
+    def half_then_interrupt(obj, f):
+        f.write(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fileio.torch, "save", half_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save({"new": 1}, target)
+    assert target.read_text() == '{"old": true}' and _listing(tmp_path) == ["index.json"]
+
+    def refuse(src, dst):
+        raise PermissionError(f"cannot replace {dst}")
+
+    monkeypatch.setattr(fileio.os, "replace", refuse)
+    with pytest.raises(PermissionError):
+        atomic_write_bytes(target, b"new")
+    assert target.read_text() == '{"old": true}' and _listing(tmp_path) == ["index.json"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="folders are fsynced where the platform can open them")
+def test_the_file_and_then_its_folder_are_fsynced(tmp_path, monkeypatch):
+    synced = []
+    real = os.fsync
+
+    def record(fd):
+        synced.append(os.path.realpath(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd") else fd)
+        real(fd)
+
+    monkeypatch.setattr(fileio.os, "fsync", record)
+    atomic_write_text(tmp_path / "a.txt", "x")
+    assert len(synced) == 2
+    if isinstance(synced[1], str):
+        assert synced[1] == os.path.realpath(tmp_path)
