@@ -391,3 +391,22 @@ def test_mugstan_train_then_eval_through_the_cli(csv_run, tmp_path, capsys):
     for direction in ("t2v", "v2t"):
         assert row[direction] == pytest.approx(expected[direction])
         assert row["dsl"][direction] == pytest.approx(expected["dsl"][direction])
+
+
+@pytest.mark.parametrize("test_resize", [24, 32])
+def test_datasets_normalize_frames_as_the_model_was_trained(csv_run, test_resize):
+    """A CLIP trained with other normalization values (open_clip's ViT-L-14 laion2b: mean = std = 0.5) gets its
+    frames normalized with them in training and evaluation, not with OpenAI's constants."""
+    from stanvid.config import PreprocessConfig
+    from stanvid.transforms import CLIP_MEAN, CLIP_STD
+
+    recipe = load_recipe(csv_run["config"], [f"data.test_resize={test_resize}"])
+    half = PreprocessConfig(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    for split in ("train", "test"):
+        openai = build_dataset(recipe, split)[0]["video"]  # (T, 3, S, S), OpenAI's values
+        custom = build_dataset(recipe, split, preprocess=half)[0]["video"]
+        # the same pixels x in [0, 1] either way: x = v * std + mean
+        mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+        pixels = openai * std + mean
+        torch.testing.assert_close(custom, (pixels - 0.5) / 0.5, atol=1e-5, rtol=0)
+        assert (custom - openai).abs().max() > 0.1

@@ -46,7 +46,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from stanvid.checkpoint import first_line, is_training_checkpoint, latest_checkpoint, read_checkpoint_file
-from stanvid.config import ModelConfig
+from stanvid.config import ModelConfig, PreprocessConfig
 from stanvid.data.recognition import RecognitionAnnotations, RecognitionDataset, load_kinetics, load_ssv2
 from stanvid.data.retrieval import RetrievalAnnotations, RetrievalDataset
 from stanvid.data.retrieval_formats import (
@@ -71,6 +71,8 @@ from stanvid.precision import resolve_precision
 from stanvid.recipe import LEARNABLE, Recipe
 from stanvid.train import HEAD_FILE, TrainResult, effective_precision, fit, setup_distributed
 from stanvid.transforms import (
+    CLIP_MEAN,
+    CLIP_STD,
     EvalTransform,
     MultiCropTransform,
     TrainTransform,
@@ -150,6 +152,8 @@ class _ResizeCropTransform:
     short_side: int
     size: int
     num_crops: int | None  # None: one centre crop without a views axis (retrieval)
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
 
     @property
     def decode_size(self) -> int:
@@ -158,20 +162,22 @@ class _ResizeCropTransform:
     def __call__(self, frames: torch.Tensor, rng: Any = None) -> torch.Tensor:
         frames = resize_short_side(frames, self.short_side, "bicubic", True)
         if self.num_crops is None:
-            return normalize(center_crop(frames, self.size))  # (T, 3, S, S)
+            return normalize(center_crop(frames, self.size), self.mean, self.std)  # (T, 3, S, S)
         views = (
             center_crop(frames, self.size).unsqueeze(0)
             if self.num_crops == 1
             else three_crop(frames, self.size)
         )
         n, t = views.shape[:2]
-        return normalize(views.flatten(0, 1)).view(n, t, *views.shape[2:])  # (crops, T, 3, S, S)
+        out = normalize(views.flatten(0, 1), self.mean, self.std)  # (crops * T, 3, S, S)
+        return out.view(n, t, *views.shape[2:])  # (crops, T, 3, S, S)
 
 
-def _train_transform(recipe: Recipe, flip: bool) -> TrainTransform:
+def _train_transform(recipe: Recipe, flip: bool, norm: dict[str, Any]) -> TrainTransform:
     """The official STAN training pipeline with the recipe's values (short side, crop area/ratio, flip)."""
     d = recipe.data
     return TrainTransform(
+        **norm,
         size=d.input_size,
         scale=d.random_crop_area,
         ratio=d.random_crop_ratio,
@@ -184,10 +190,20 @@ def _train_transform(recipe: Recipe, flip: bool) -> TrainTransform:
 
 
 def build_dataset(
-    recipe: Recipe, split: str, annotations: RetrievalAnnotations | RecognitionAnnotations | None = None
+    recipe: Recipe,
+    split: str,
+    annotations: RetrievalAnnotations | RecognitionAnnotations | None = None,
+    *,
+    preprocess: PreprocessConfig | None = None,
 ) -> RetrievalDataset | RecognitionDataset:
-    """The dataset of ``split``: training (random frames and crops) or test (fixed frames, centre / test views)."""
+    """The dataset of ``split``: training (random frames and crops) or test (fixed frames, centre / test views).
+
+    ``preprocess``: the normalization of the model the frames are for (``model.config.clip.preprocess``: an
+    open_clip release may have been trained with other values than OpenAI's); OpenAI's CLIP values without it.
+    """
     d, e = recipe.data, recipe.eval
+    pre = preprocess if preprocess is not None else PreprocessConfig()
+    norm = {"mean": tuple(pre.mean), "std": tuple(pre.std)}
     ann = annotations if annotations is not None else load_split(recipe, split)
     train = split == "train"
     if recipe.task == "retrieval":
@@ -196,11 +212,11 @@ def build_dataset(
                 f"data.sampler {d.sampler!r}: retrieval samples frames uniformly (data.sampler: uniform)"
             )
         if train:
-            transform = _train_transform(recipe, d.flip)
+            transform = _train_transform(recipe, d.flip, norm)
         elif d.test_resize == d.input_size:
-            transform = EvalTransform(d.input_size)
+            transform = EvalTransform(d.input_size, **norm)
         else:
-            transform = _ResizeCropTransform(d.test_resize, d.input_size, None)
+            transform = _ResizeCropTransform(d.test_resize, d.input_size, None, **norm)
         return RetrievalDataset(
             ann,
             num_frames=d.num_frames if train or d.test_num_frames is None else d.test_num_frames,
@@ -216,11 +232,11 @@ def build_dataset(
             f"data.flip: {d.dataset} labels change meaning when mirrored (left/right); set data.flip=false"
         )
     if train:
-        transform = _train_transform(recipe, d.flip)
+        transform = _train_transform(recipe, d.flip, norm)
     elif d.test_resize == d.input_size:
-        transform = MultiCropTransform(d.input_size, num_crops=e.num_crops)
+        transform = MultiCropTransform(d.input_size, num_crops=e.num_crops, **norm)
     else:
-        transform = _ResizeCropTransform(d.test_resize, d.input_size, e.num_crops)
+        transform = _ResizeCropTransform(d.test_resize, d.input_size, e.num_crops, **norm)
     return RecognitionDataset(
         ann,
         num_frames=d.num_frames,
@@ -424,7 +440,6 @@ def _evaluate_run(
     rank, _ = rank_world()
     device = default_device()
     annotations = load_split(recipe, "test")
-    dataset = build_dataset(recipe, "test", annotations)
     rows: dict[str, Any] = {}
     source = checkpoint if checkpoint is not None else recipe.model.source
     if checkpoint is not None or not baseline:
@@ -435,6 +450,7 @@ def _evaluate_run(
         scale = _recipe_scale(recipe, model)
         label = Path(source).name if Path(source).exists() else str(source)
         head_name = f" + Mug head ({model.config.mug_mode})" if model.config.similarity == "mug" else ""
+        dataset = build_dataset(recipe, "test", annotations, preprocess=model.config.clip.preprocess)
         rows[f"{model.config.temporal}{head_name} ({label})"] = evaluate_model(
             model,
             dataset,
@@ -449,6 +465,7 @@ def _evaluate_run(
     if baseline:
         plain = zero_shot_model(recipe.model.source, recipe.model.num_frames).to(device)
         check_model_fits(plain, recipe, recipe.model.source)
+        dataset = build_dataset(recipe, "test", annotations, preprocess=plain.config.clip.preprocess)
         rows["zero-shot CLIP (meanP)"] = evaluate_model(
             plain, dataset, recipe, progress=progress, device=device, precision=precision
         )
@@ -492,8 +509,9 @@ def train_run(
 def _train_run(recipe: Recipe, out_dir: Any, resume: bool, progress: bool) -> TrainResult:
     rank, _ = rank_world()
     model = load_run_model(recipe)
-    train_set = build_dataset(recipe, "train")
-    test_set = build_dataset(recipe, "test") if recipe.data.test_annotations else None
+    pre = model.config.clip.preprocess  # frames normalized as this CLIP was trained
+    train_set = build_dataset(recipe, "train", preprocess=pre)
+    test_set = build_dataset(recipe, "test", preprocess=pre) if recipe.data.test_annotations else None
 
     def eval_fn(trained: nn.Module, epoch: int, head: nn.Module | None) -> dict[str, Any]:
         scale = _recipe_scale(recipe, trained)
