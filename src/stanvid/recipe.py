@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import re
 import types
 import typing
@@ -68,8 +69,19 @@ def _f(default: Any = dataclasses.MISSING, **rules: Any) -> Any:
     return field(default=default, metadata=rules)
 
 
+class _Validated:
+    """Recipe sections check themselves when built, from a file or in code alike: every field gets a value of
+    its declared type (an int where a float is declared becomes that float) or a `ConfigError` naming it,
+    then its rules (`_f`) are checked."""
+
+    def __post_init__(self) -> None:
+        where = _SECTION_NAMES.get(type(self), "")
+        _coerce_fields(self, where)
+        _check_rules(self, where)
+
+
 @dataclass
-class ModelRecipe:
+class ModelRecipe(_Validated):
     """Which model to train or evaluate.
 
     ``source`` is anything `stanvid.load_model` reads: an OpenAI CLIP name or ``.pt`` file, a Hugging Face CLIP
@@ -94,7 +106,7 @@ class ModelRecipe:
 
 
 @dataclass(kw_only=True)
-class DataRecipe:
+class DataRecipe(_Validated):
     """Where the data is and how clips are sampled and transformed.
 
     Relative paths (annotations, captions, class names, video folders) are relative to ``root``, and a relative
@@ -129,7 +141,7 @@ class DataRecipe:
 
 
 @dataclass
-class OptimRecipe:
+class OptimRecipe(_Validated):
     """AdamW with two learning rates, warmup, schedule, clipping, accumulation.
 
     ``no_decay`` picks which parameters get no weight decay. ``clip_norm_bias`` is what the official code does:
@@ -161,7 +173,7 @@ class OptimRecipe:
 
 
 @dataclass
-class TrainRecipe:
+class TrainRecipe(_Validated):
     """The training run.
 
     ``temperature`` is the fixed tau of the contrastive loss (logit scale ``1 / tau``), as the official recipes
@@ -183,7 +195,7 @@ class TrainRecipe:
 
 
 @dataclass
-class EvalRecipe:
+class EvalRecipe(_Validated):
     """Evaluation: batch size, dual-softmax re-ranking (reported beside the plain numbers), similarity chunks,
     recognition test views (``num_clips`` temporal x ``num_crops`` spatial, averaged per ``view_average``)."""
 
@@ -198,7 +210,11 @@ class EvalRecipe:
 
 @dataclass(kw_only=True)
 class Recipe:
-    """A complete run: `load_recipe` builds it from YAML; `to_dict` / `to_yaml` print it resolved."""
+    """A complete run: `load_recipe` builds it from YAML; `to_dict` / `to_yaml` print it resolved.
+
+    Built in code or from a file, a recipe is validated on construction (each section by its own
+    ``__post_init__``, then the rules that involve several sections), so an invalid one never exists.
+    """
 
     task: str = _f(choices=TASKS, required=True)
     name: str = ""
@@ -214,12 +230,18 @@ class Recipe:
     def to_yaml(self) -> str:
         return yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
 
+    def __post_init__(self) -> None:
+        for name, section in _SECTIONS.items():
+            if not isinstance(getattr(self, name), section):
+                raise ConfigError(f"{name} must be a {section.__name__}, got {type(getattr(self, name)).__name__}")
+        _coerce_fields(self, "")
+        _check_rules(self, "")
+        _check_recipe(self)
+
     @classmethod
     def from_dict(cls, data: Any, where: str = "") -> Recipe:
         """Build and validate a recipe from a plain mapping (as `to_dict` gives, or a YAML document)."""
-        recipe = _build(cls, data, where)
-        _check_recipe(recipe)
-        return recipe
+        return _build(cls, data, where)
 
 
 def _plain(value: Any) -> Any:
@@ -272,8 +294,10 @@ _SECTIONS: dict[str, type] = {
     "train": TrainRecipe,
     "eval": EvalRecipe,
 }
+_SECTION_NAMES = {section: name for name, section in _SECTIONS.items()}
 
 
+@functools.lru_cache(maxsize=None)
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -343,7 +367,6 @@ def _build(cls: type, data: Any, where: str) -> Any:
     for key in data:
         if key not in own:
             raise _unknown_key(str(key), own, where)
-    hints = _hints(cls)
     kwargs = {}
     for f in fields(cls):
         path = _join(where, f.name)
@@ -354,13 +377,17 @@ def _build(cls: type, data: Any, where: str) -> Any:
                 raise ConfigError(f"missing required key {path}{hint}")
             continue
         section = _SECTIONS.get(f.name) if cls is Recipe else None
-        if section is not None:
-            kwargs[f.name] = _build(section, data[f.name], path)
-        else:
-            kwargs[f.name] = _coerce(data[f.name], hints[f.name], path)
-    obj = cls(**kwargs)
-    _check_rules(obj, where)
-    return obj
+        kwargs[f.name] = _build(section, data[f.name], path) if section is not None else data[f.name]
+    return cls(**kwargs)  # the dataclass validates itself (`_Validated`, `Recipe.__post_init__`)
+
+
+def _coerce_fields(obj: Any, where: str) -> None:
+    """Give every non-section field of ``obj`` a value of its declared type, or raise naming the field."""
+    hints = _hints(type(obj))
+    for f in fields(obj):
+        if type(obj) is Recipe and f.name in _SECTIONS:
+            continue
+        setattr(obj, f.name, _coerce(getattr(obj, f.name), hints[f.name], _join(where, f.name)))
 
 
 def _check_rules(obj: Any, where: str) -> None:

@@ -126,7 +126,7 @@ def transfer_recipe(
     run_epochs = config.steps / steps_per_epoch
     warmup = run_epochs * config.warmup_fraction
     size = corpus.config.image_size
-    recipe = Recipe(
+    return Recipe(  # validated on construction, as a recipe file would be
         task="retrieval",
         name=f"demo-{temporal['temporal']}-{temporal.get('time_module', '')}".rstrip("-"),
         model=ModelRecipe(
@@ -170,7 +170,6 @@ def transfer_recipe(
             log_every=10,
         ),
     )
-    return Recipe.from_dict(recipe.to_dict())  # validated as a recipe file would be
 
 
 def transfer(model: VideoCLIP, train_set: ReversalPairs, recipe: Recipe, progress: bool = True):

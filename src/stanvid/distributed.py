@@ -1,0 +1,32 @@
+"""Which process this is: the one place that asks ``torch.distributed`` for the rank and world size, and picks
+this process's device.
+
+The process group is the only source of truth: a process that has not joined one (a plain ``python`` run,
+or torchrun before `stanvid.train.setup_distributed`) is rank 0 of 1, whatever ``WORLD_SIZE`` says, so every
+module agrees on who writes and who shards.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["rank_world", "default_device"]
+
+
+def rank_world(group: Any = None) -> tuple[int, int]:
+    """``(rank, world_size)`` in ``group`` (default: the default group) when torch.distributed is initialised,
+    else ``(0, 1)``."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(group), dist.get_world_size(group)
+    return 0, 1
+
+
+def default_device() -> torch.device:
+    """This process's GPU (``LOCAL_RANK`` under torchrun) when CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
