@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from stanvid.errors import StanvidError
+from stanvid.errors import EmbedError
 from stanvid.index import IndexReport, build_index, open_index
 
 __all__ = [
@@ -40,10 +40,6 @@ __all__ = [
 ]
 
 EMBED_FORMATS = (".npy", ".parquet")
-
-
-class EmbedError(StanvidError):
-    """A bad output path or format for `embed_videos`."""
 
 
 @dataclass

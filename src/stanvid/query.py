@@ -34,14 +34,19 @@ import re
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from stanvid.index import SearchResult, VideoIndex, VideoIndexError, read_clip
+from stanvid.errors import QueryError
+from stanvid.index.clips import read_clip
+from stanvid.index.records import SearchResult
 from stanvid.transforms import center_crop, resize_short_side
+
+if TYPE_CHECKING:  # the index calls this module (`VideoIndex.search_image`), so the import is one-way
+    from stanvid.index.query import VideoIndex
 
 __all__ = [
     "GROUP_BY",
@@ -60,10 +65,6 @@ __all__ = [
 GROUP_BY = (None, "file")
 MAX_IMAGE_PIXELS = 50_000_000  # a decompression bomb is refused before it is decoded
 MIN_IMAGE_SIDE = 4
-
-
-class QueryError(VideoIndexError):
-    """A query that cannot be answered: an unreadable image, a bad span, a bad weight, an unknown segment."""
 
 
 @dataclass(frozen=True)

@@ -449,8 +449,3 @@ def _read(file: BinaryIO, start: int, length: int) -> Iterator[bytes]:
                 return
             length -= len(data)
             yield data
-
-
-def index_of(app: FastAPI) -> VideoIndex:
-    """The `VideoIndex` an app serves (to close it, or to inspect it in tests)."""
-    return app.state.index

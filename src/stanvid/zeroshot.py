@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from stanvid.errors import StanvidError, VideoReadError
+from stanvid.errors import ClassifyError, VideoReadError
 from stanvid.model import VideoCLIP
 
 __all__ = [
@@ -62,10 +62,6 @@ TEMPLATES: tuple[str, ...] = (
     "a demonstration of {}.",
 )
 OUTPUT_FORMATS = (".csv", ".json")
-
-
-class ClassifyError(StanvidError):
-    """Bad labels, templates, inputs or output path for `classify`."""
 
 
 @dataclass(frozen=True)
