@@ -42,7 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
 from stanvid.errors import StanvidError
-from stanvid.index import IndexedFileError, SearchResult, VideoIndex, open_index
+from stanvid.index import IndexedFileError, SearchResult, open_index
 from stanvid.model import VideoCLIP
 from stanvid.query import FileHit, QueryError
 from stanvid.query import Query as SearchQuery
