@@ -158,8 +158,8 @@ def build_index(
     decoding processes run ahead of the model (None: the `stanvid.pipeline.thread_budget` choice; 0 decodes
     in this process, between forward passes).
 
-    Under `torchrun` (WORLD_SIZE set, or a process group already started), each rank encodes its share of the files to process into its own
-    shard file; after a barrier (gloo), rank 0 merges the shards and writes the FAISS index.
+    Under `torchrun` (WORLD_SIZE set, or a process group already started), each rank encodes its share of the
+    files to process into its own shard file; after a barrier (gloo), rank 0 merges the shards and writes the FAISS index.
 
     Rank 0 holds a lock on `out` for the whole run (`stanvid.locking`): a second run on the same index raises
     `LockHeldError` naming the process that holds it. Symbolic links resolving outside `video_dir` and names
