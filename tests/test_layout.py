@@ -51,8 +51,8 @@ def _type_checking_only(tree: ast.Module) -> set[int]:
 def _imports(name: str, file: Path, modules: dict[str, Path]) -> set[str]:
     """The stanvid modules `name` imports anywhere in its source (module level or inside functions).
 
-    `from a.b import c` is an import of the module `a.b.c` when there is one, else of `a.b`; the parent
-    packages a module's import runs are not counted (as in import linters), only the module named."""
+    `from a.b import c` is an import of the module `a.b.c` when there is one, else of `a.b`; either way the
+    packages `a` and `a.b` are imported too (their `__init__` runs first), except the importer's own."""
     tree = ast.parse(file.read_text(), str(file))
     skipped = _type_checking_only(tree)
     package = name if file.name == "__init__.py" else name.rpartition(".")[0]
@@ -70,7 +70,15 @@ def _imports(name: str, file: Path, modules: dict[str, Path]) -> set[str]:
             for alias in node.names:
                 sub = f"{base}.{alias.name}"
                 found.add(sub if sub in modules else base)
-    return {m for m in found if m in modules and m != name}
+    found |= {parent for module in found for parent in _parents(module)}
+    own = set(_parents(name)) | {name}  # a module's own packages are already being imported when it runs
+    return {m for m in found if m in modules and m not in own}
+
+
+def _parents(module: str) -> list[str]:
+    """The packages that importing `module` runs first: a.b.c -> [a, a.b]."""
+    parts = module.split(".")
+    return [".".join(parts[:k]) for k in range(1, len(parts))]
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -113,6 +121,9 @@ def test_function_local_and_relative_imports_are_edges(tmp_path):
         "def f():\n    from . import y\n"
     )
     assert _imports("stanvid.x", modules["stanvid.x"], modules) == {"stanvid.y"}
+    modules["stanvid.p"], modules["stanvid.p.q"] = tmp_path / "p.py", tmp_path / "q.py"
+    modules["stanvid.y"].write_text("from stanvid.p.q import thing\n")
+    assert _imports("stanvid.y", modules["stanvid.y"], modules) == {"stanvid.p", "stanvid.p.q"}
 
 
 def test_no_import_cycle_between_modules():

@@ -10,7 +10,7 @@ a text query:
   `encode_image` of the picture exactly (tests/test_query.py measures both on the demo's STAN model).
 * **example clip** (`like`) — a video file, a span of it (`"clip.mp4:2.5-7"`, `"clip.mp4:1:05-1:20"`), or an
   indexed segment id (its stored vector, no decoding). A span is sampled and preprocessed exactly as the
-  index samples a segment (`stanvid.index.read_clip`), so an indexed span given back as an example scores 1.
+  index samples a segment (`stanvid.index.read_clip`, through `VideoIndex.read_clip`), so an indexed span given back as an example scores 1.
 
 **Combining** ("like this, but at night"): the parts given are each L2-normalized, summed with their weights
 and normalized again,
@@ -41,12 +41,10 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from stanvid.errors import QueryError
-from stanvid.index.clips import read_clip
-from stanvid.index.records import SearchResult
 from stanvid.transforms import center_crop, resize_short_side
 
 if TYPE_CHECKING:  # the index calls this module (`VideoIndex.search_image`), so the import is one-way
-    from stanvid.index.query import VideoIndex
+    from stanvid.index import SearchResult, VideoIndex
 
 __all__ = [
     "GROUP_BY",
@@ -260,14 +258,7 @@ def embed_clip(index: VideoIndex, like: Any) -> np.ndarray:
     end = info.duration if spec.end is None else spec.end
     if start >= info.duration:
         raise QueryError(f"{spec.path}: starts at {start} s, after the video's end ({info.duration:.3f} s)")
-    cfg = index.model.config
-    clip = read_clip(
-        spec.path,
-        start,
-        min(end, info.duration),
-        clip_len=cfg.num_frames,
-        image_size=cfg.clip.vision.image_size,
-    )  # (T, 3, S, S)
+    clip = index.read_clip(spec.path, start, min(end, info.duration))  # (T, 3, S, S)
     return index.embed_clips(clip[None])[0]
 
 

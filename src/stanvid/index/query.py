@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from stanvid.distributed import default_device
 from stanvid.errors import IndexedFileError, VideoIndexError
-from stanvid.index.clips import encode_clips
+from stanvid.index.clips import encode_clips, read_clip
 from stanvid.index.identity import _load_model, model_fingerprint
 from stanvid.index.records import SearchResult, Segment
 from stanvid.index.store import (
@@ -225,6 +225,12 @@ class VideoIndex:
                 ]
             )
         return results
+
+    def read_clip(self, path: str | os.PathLike, start: float, end: float) -> torch.Tensor:
+        """The clip this index's model embeds for [start, end) seconds of a video, `(T, 3, S, S)` uint8: sampled
+        as an indexed segment is (`stanvid.index.read_clip`), so an indexed span given back embeds identically."""
+        cfg = self.model.config
+        return read_clip(path, start, end, clip_len=cfg.num_frames, image_size=cfg.clip.vision.image_size)
 
     def embed_clips(self, clips: torch.Tensor) -> np.ndarray:
         """`(n, T, 3, S, S)` uint8 clips (see `read_clip`) -> `(n, D)` L2-normalized, with the index's model."""
