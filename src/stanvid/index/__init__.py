@@ -37,7 +37,7 @@ The package, one module per concern: `store` (SQLite schema, meta record, valida
 vector file), `clips` (segments, the frames sampled in them, reading and encoding a clip), `identity` (the
 model that built an index), `walk` (which files of the folder are indexed), `loader` and `writer` (decoding
 ahead of the model; encoding and committing), `shards` (the ranks of a `torchrun` build), `build`
-(`build_index`, in named steps) and `query` (`VideoIndex`). Every public name is importable from here.
+(`build_index`, in named steps) and `video_index` (`VideoIndex`). Every public name is importable from here.
 """
 
 from stanvid.errors import IndexedFileError, VideoIndexError
@@ -52,7 +52,6 @@ from stanvid.index.clips import (
     segments_with_frames,
 )
 from stanvid.index.identity import model_fingerprint
-from stanvid.index.query import VideoIndex, open_index, search_index
 from stanvid.index.records import IndexReport, SearchResult, Segment
 from stanvid.index.store import (
     DB_NAME,
@@ -63,6 +62,7 @@ from stanvid.index.store import (
     SHARD_DIR,
     make_vector_index,
 )
+from stanvid.index.video_index import VideoIndex, open_index, search_index
 from stanvid.index.walk import VIDEO_EXTENSIONS, find_videos
 
 __all__ = [
