@@ -152,7 +152,7 @@ CAPTIONS = [
 
 def model_only(model_dir: Path, precision: str, clips: int) -> tuple[str, float, int]:
     """(resolved precision, videos/s, clips per forward) of the indexer's encode step alone (the same steps as
-    `stanvid.index._Writer._encode`), on random frames."""
+    `stanvid.index.writer._Writer._encode`), on random frames."""
     from stanvid.pipeline import encode_batch_size
     from stanvid.precision import prepare_for_inference
     from stanvid.transforms import normalize

@@ -4,12 +4,20 @@ The public names below are imported on first use, so `import stanvid` stays chea
 for data-loader workers; each name lives in exactly one module, listed here.
 """
 
+# ruff: noqa: F401 -- the TYPE_CHECKING imports are the lazy exports (ruff cannot read the computed __all__)
 from importlib import import_module
+from typing import TYPE_CHECKING
 
 from stanvid.errors import CheckpointError as CheckpointError
+from stanvid.errors import ClassifyError as ClassifyError
 from stanvid.errors import ConfigError as ConfigError
 from stanvid.errors import DatasetError as DatasetError
+from stanvid.errors import EmbedError as EmbedError
+from stanvid.errors import IndexedFileError as IndexedFileError
+from stanvid.errors import LockHeldError as LockHeldError
+from stanvid.errors import QueryError as QueryError
 from stanvid.errors import StanvidError as StanvidError
+from stanvid.errors import VideoIndexError as VideoIndexError
 from stanvid.errors import VideoReadError as VideoReadError
 
 __version__ = "0.1.0"
@@ -35,6 +43,8 @@ _EXPORTS = {
     "convert_checkpoint": "stanvid.hub",
     "detect_format": "stanvid.hub",
     "push_to_hub": "stanvid.publish",
+    # pretrained.py
+    "save_pretrained": "stanvid.pretrained",
     # video_io.py
     "probe": "stanvid.video_io",
     "read_frames": "stanvid.video_io",
@@ -71,18 +81,25 @@ _EXPORTS = {
     # train.py / evaluate.py
     "fit": "stanvid.train",
     "TrainResult": "stanvid.train",
+    # runs.py: a recipe's run, end to end
+    "train_run": "stanvid.runs",
+    "evaluate_run": "stanvid.runs",
+    "build_dataset": "stanvid.runs",
+    "load_trained": "stanvid.runs",
     "evaluate_retrieval": "stanvid.evaluate",
     "evaluate_recognition": "stanvid.evaluate",
     "zero_shot_model": "stanvid.evaluate",
-    # index.py / server.py
+    # index/ / server.py
     "build_index": "stanvid.index",
     "open_index": "stanvid.index",
     "search_index": "stanvid.index",
     "VideoIndex": "stanvid.index",
     "SearchResult": "stanvid.index",
+    "IndexReport": "stanvid.index",
     "create_app": "stanvid.server",
     # query.py / zeroshot.py / embed.py
     "Query": "stanvid.query",
+    "search": "stanvid.query",
     "classify": "stanvid.zeroshot",
     "embed_videos": "stanvid.embed",
     # demo/
@@ -93,9 +110,68 @@ _EXPORTS = {
     "TrainTransform": "stanvid.transforms",
 }
 
-__all__ = sorted(
-    [*_EXPORTS, "CheckpointError", "ConfigError", "DatasetError", "StanvidError", "VideoReadError"]
-)
+_ERRORS = [
+    "CheckpointError",
+    "ClassifyError",
+    "ConfigError",
+    "DatasetError",
+    "EmbedError",
+    "IndexedFileError",
+    "LockHeldError",
+    "QueryError",
+    "StanvidError",
+    "VideoIndexError",
+    "VideoReadError",
+]
+__all__ = sorted([*_EXPORTS, *_ERRORS])
+
+if TYPE_CHECKING:  # what editors and type checkers see; at run time `__getattr__` imports on first use
+    from stanvid.config import (
+        CLIPConfig,
+        ModelConfig,
+        PreprocessConfig,
+        SeqTransfConfig,
+        STANConfig,
+        TextConfig,
+        VisionConfig,
+    )
+    from stanvid.data import RecognitionDataset, RetrievalDataset, load_retrieval, make_loader
+    from stanvid.demo.run import DemoConfig, run_demo
+    from stanvid.embed import embed_videos
+    from stanvid.evaluate import evaluate_recognition, evaluate_retrieval, zero_shot_model
+    from stanvid.hub import convert_checkpoint, create_model, detect_format, load_model
+    from stanvid.index import IndexReport, SearchResult, VideoIndex, build_index, open_index, search_index
+    from stanvid.losses import (
+        all_gather_with_grad,
+        contrastive_loss,
+        mug_contrastive_loss,
+        recognition_loss,
+        text_classifier_logits,
+    )
+    from stanvid.metrics import (
+        average_views,
+        chunked_similarity,
+        dual_softmax,
+        format_table,
+        retrieval_metrics,
+        retrieval_metrics_from_features,
+        topk_accuracy,
+    )
+    from stanvid.model import VideoCLIP
+    from stanvid.mug import MUG_MODES, mug_similarity
+    from stanvid.prepare import prepare_videos
+    from stanvid.pretrained import save_pretrained
+    from stanvid.publish import push_to_hub
+    from stanvid.query import Query, search
+    from stanvid.recipe import Recipe, load_recipe
+    from stanvid.runs import build_dataset, evaluate_run, load_trained, train_run
+    from stanvid.sampling import dense_indices, uniform_indices
+    from stanvid.server import create_app
+    from stanvid.tokenizer import SimpleTokenizer, is_empty_caption, tokenize
+    from stanvid.train import TrainResult, fit
+    from stanvid.transforms import EvalTransform, TrainTransform
+    from stanvid.video_io import VideoInfo, probe, read_frames
+    from stanvid.zeroshot import classify
 
 
 def __getattr__(name: str):

@@ -19,14 +19,14 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from stanvid.errors import StanvidError
+from stanvid.errors import EmbedError
+from stanvid.fileio import atomic_write_bytes as atomic_write  # the name embed exported before fileio
 from stanvid.index import IndexReport, build_index, open_index
 
 __all__ = [
@@ -40,10 +40,6 @@ __all__ = [
 ]
 
 EMBED_FORMATS = (".npy", ".parquet")
-
-
-class EmbedError(StanvidError):
-    """A bad output path or format for `embed_videos`."""
 
 
 @dataclass
@@ -119,18 +115,6 @@ def export_embeddings(index_path: str | os.PathLike, out: str | os.PathLike) -> 
         }
         atomic_write(out.with_suffix(".json"), json.dumps(header, indent=1).encode())
     return len(rows), int(meta["dim"])
-
-
-def atomic_write(target: Path, data: bytes) -> None:
-    """Write `data` to a temporary file beside `target`, then rename it over `target` (all or nothing)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _write_parquet(out: Path, rows: list[dict[str, Any]], vectors: np.ndarray) -> None:

@@ -23,3 +23,32 @@ class VideoReadError(StanvidError):
 
 class DatasetError(StanvidError):
     """An annotation file is malformed: missing field, unknown video id, empty caption (names file and line)."""
+
+
+class LockHeldError(StanvidError):
+    """Another live process holds a folder's lock (`stanvid.locking`); the message names it."""
+
+
+class VideoIndexError(StanvidError):
+    """The index is missing, damaged, was built differently (model, root, segments), or a query does not fit it."""
+
+
+class IndexedFileError(VideoIndexError):
+    """An indexed video is gone (`gone`) or is no longer the file that was indexed (replaced, turned into a
+    directory, a symbolic link now pointing elsewhere). The message names the file relative to the folder."""
+
+    def __init__(self, message: str, gone: bool) -> None:
+        super().__init__(message)
+        self.gone = gone
+
+
+class QueryError(VideoIndexError):
+    """A query that cannot be answered: an unreadable image, a bad span, a bad weight, an unknown segment."""
+
+
+class EmbedError(StanvidError):
+    """A bad output path or format for `embed_videos`."""
+
+
+class ClassifyError(StanvidError):
+    """Bad labels, templates, inputs or output path for `classify`."""

@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from stanvid.errors import StanvidError
+from stanvid.errors import LockHeldError, StanvidError
 
 try:  # POSIX; elsewhere the lock degrades to recording the holder (no exclusion)
     import fcntl
@@ -27,10 +27,6 @@ except ImportError:  # pragma: no cover - Windows
 __all__ = ["LockHeldError", "exclusive_lock"]
 
 log = logging.getLogger("stanvid")
-
-
-class LockHeldError(StanvidError):
-    """Another live process holds the lock; the message names it."""
 
 
 def _describe(holder: dict) -> str:

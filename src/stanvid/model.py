@@ -12,6 +12,8 @@ from torch import nn
 
 from stanvid.clip import Attention, TextTransformer, VisionTransformer
 from stanvid.config import ModelConfig
+from stanvid.hub_upload import push_model
+from stanvid.pretrained import save_pretrained
 from stanvid.stan import STANBranch
 from stanvid.temporal import SeqTransformer
 
@@ -131,8 +133,6 @@ class VideoCLIP(nn.Module):
     # ------------------------------------------------------------------ saving
     def save_pretrained(self, directory) -> None:
         """Write `config.json` + `model.safetensors` (atomically) so `stanvid.load_model(directory)` restores it."""
-        from stanvid.hub import save_pretrained
-
         save_pretrained(self, directory)
 
     def push_to_hub(self, repo_id: str, **kwargs) -> str:
@@ -140,9 +140,7 @@ class VideoCLIP(nn.Module):
 
         `stanvid.load_model(repo_id)` loads it back. Keywords: see `stanvid.publish.push_to_hub`.
         """
-        from stanvid.publish import push_to_hub
-
-        return push_to_hub(self, repo_id, **kwargs)
+        return push_model(self, repo_id, **kwargs)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from stanvid.errors import VideoIndexError
 from stanvid.mug import mug_similarity
 
 __all__ = ["CANDIDATES", "QUERY_TOKENS", "keeps_frame_vectors", "frames_blob", "blob_frames", "rerank"]
@@ -41,8 +42,6 @@ def frames_blob(frames: np.ndarray) -> bytes:
 def blob_frames(blob: bytes, dim: int, where: str) -> np.ndarray:
     """The stored bytes -> (T, D) float32; a blob that is not whole rows of ``dim`` floats is reported."""
     if not isinstance(blob, bytes) or len(blob) == 0 or len(blob) % (4 * dim):
-        from stanvid.index import VideoIndexError
-
         raise VideoIndexError(f"{where}: stored per-frame vectors are corrupt (not rows of {dim} float32)")
     return np.frombuffer(blob, dtype=np.float32).reshape(-1, dim)
 
@@ -53,7 +52,6 @@ def rerank(index: Any, text: str, k: int, candidates: int = CANDIDATES) -> list:
 
     ``index`` is an open `stanvid.index.VideoIndex` whose model uses the head.
     """
-    from stanvid.index import VideoIndexError
 
     found = index.search_embeddings(index.embed_text([text]), max(k, candidates))[0]
     if not found:

@@ -10,7 +10,7 @@ a text query:
   `encode_image` of the picture exactly (tests/test_query.py measures both on the demo's STAN model).
 * **example clip** (`like`) — a video file, a span of it (`"clip.mp4:2.5-7"`, `"clip.mp4:1:05-1:20"`), or an
   indexed segment id (its stored vector, no decoding). A span is sampled and preprocessed exactly as the
-  index samples a segment (`stanvid.index.read_clip`), so an indexed span given back as an example scores 1.
+  index samples a segment (`stanvid.index.read_clip`, through `VideoIndex.read_clip`), so an indexed span given back as an example scores 1.
 
 **Combining** ("like this, but at night"): the parts given are each L2-normalized, summed with their weights
 and normalized again,
@@ -34,14 +34,17 @@ import re
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from stanvid.index import SearchResult, VideoIndex, VideoIndexError, read_clip
+from stanvid.errors import QueryError
 from stanvid.transforms import center_crop, resize_short_side
+
+if TYPE_CHECKING:  # the index calls this module (`VideoIndex.search_image`), so the import is one-way
+    from stanvid.index import SearchResult, VideoIndex
 
 __all__ = [
     "GROUP_BY",
@@ -60,10 +63,6 @@ __all__ = [
 GROUP_BY = (None, "file")
 MAX_IMAGE_PIXELS = 50_000_000  # a decompression bomb is refused before it is decoded
 MIN_IMAGE_SIDE = 4
-
-
-class QueryError(VideoIndexError):
-    """A query that cannot be answered: an unreadable image, a bad span, a bad weight, an unknown segment."""
 
 
 @dataclass(frozen=True)
@@ -259,14 +258,7 @@ def embed_clip(index: VideoIndex, like: Any) -> np.ndarray:
     end = info.duration if spec.end is None else spec.end
     if start >= info.duration:
         raise QueryError(f"{spec.path}: starts at {start} s, after the video's end ({info.duration:.3f} s)")
-    cfg = index.model.config
-    clip = read_clip(
-        spec.path,
-        start,
-        min(end, info.duration),
-        clip_len=cfg.num_frames,
-        image_size=cfg.clip.vision.image_size,
-    )  # (T, 3, S, S)
+    clip = index.read_clip(spec.path, start, min(end, info.duration))  # (T, 3, S, S)
     return index.embed_clips(clip[None])[0]
 
 

@@ -42,7 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
 from stanvid.errors import StanvidError
-from stanvid.index import IndexedFileError, SearchResult, VideoIndex, open_index
+from stanvid.index import IndexedFileError, SearchResult, open_index
 from stanvid.model import VideoCLIP
 from stanvid.query import FileHit, QueryError
 from stanvid.query import Query as SearchQuery
@@ -449,8 +449,3 @@ def _read(file: BinaryIO, start: int, length: int) -> Iterator[bytes]:
                 return
             length -= len(data)
             yield data
-
-
-def index_of(app: FastAPI) -> VideoIndex:
-    """The `VideoIndex` an app serves (to close it, or to inspect it in tests)."""
-    return app.state.index

@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from stanvid.errors import StanvidError, VideoReadError
+from stanvid.distributed import default_device
+from stanvid.errors import ClassifyError, VideoReadError
 from stanvid.model import VideoCLIP
 
 __all__ = [
@@ -62,10 +63,6 @@ TEMPLATES: tuple[str, ...] = (
     "a demonstration of {}.",
 )
 OUTPUT_FORMATS = (".csv", ".json")
-
-
-class ClassifyError(StanvidError):
-    """Bad labels, templates, inputs or output path for `classify`."""
 
 
 @dataclass(frozen=True)
@@ -194,11 +191,7 @@ def classify(
         from stanvid.hub import load_model
 
         model = load_model(model)
-    dev = (
-        torch.device(device)
-        if device is not None
-        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    )
+    dev = torch.device(device) if device is not None else default_device()
     model = model.eval().to(dev)
     weights = class_weights(model, names, templates, dev)  # (K, D)
     scale = model.logit_scale.exp().float()
@@ -259,7 +252,7 @@ def write_predictions(predictions: Sequence[Prediction], out: str | os.PathLike)
         for p in predictions:
             writer.writerow([p.path, *[x for pair in zip(p.labels, p.scores, strict=True) for x in pair]])
         text = buf.getvalue()
-    from stanvid.embed import atomic_write
+    from stanvid.fileio import atomic_write_bytes
 
-    atomic_write(out, text.encode())
+    atomic_write_bytes(out, text.encode())
     return out

@@ -14,7 +14,6 @@ Recalls are text-to-video, in percent. ``chance`` is the order-only R@1 of a mod
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from stanvid.fileio import atomic_write_text
 
 __all__ = [
     "MODEL_ROWS",
@@ -79,18 +80,8 @@ def results_dict(seconds: float, models: dict[str, ModelResult], chance_r1: floa
     }
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_results(path: Path, results: dict[str, Any]) -> None:
-    _atomic_write_text(path, json.dumps(results, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(results, indent=2) + "\n")
 
 
 def _fmt(x: float) -> str:
@@ -185,7 +176,7 @@ def write_report(
             "",
             f"![contact sheet]({sheet})",
         ]
-    _atomic_write_text(path, "\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------ drawing

@@ -262,36 +262,7 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
         stage["zero-shot"] = time.perf_counter() - t
 
         train_set = training_set(corpus, config.transfer, config.context_length)
-        runs = {**TEMPORAL_MODELS, **(MUG_MODELS if config.mug else {})}
-        for i, (name, overrides) in enumerate(runs.items()):
-            t = time.perf_counter()
-            _say(
-                config,
-                f"[4/5] transfer {i + 1}/{len(runs)}: {name} ({config.transfer.steps} steps)",
-            )
-            torch.manual_seed(config.seed)
-            model = load_model(
-                clip_dir, stan_depth=config.stan_depth, num_frames=config.corpus.num_frames, **overrides
-            )
-            recipe = transfer_recipe(
-                corpus,
-                config.transfer,
-                clip_dir,
-                overrides,
-                items=len(train_set),
-                stan_depth=config.stan_depth,
-                context_length=config.context_length,
-            )
-            result = transfer(model, train_set, recipe, progress=config.progress)
-            train_seconds = time.perf_counter() - t
-            metrics, sims = _evaluate(model, galleries)
-            models[name] = rp.ModelResult(
-                **metrics, train_seconds=train_seconds, train_steps=result.steps, final_loss=result.last_loss
-            )
-            order_sims[name] = sims["order"]
-            if name == "stan_selfattn":
-                model.save_pretrained(out / "model")
-            stage[name] = time.perf_counter() - t
+        _transfer_all(config, corpus, clip_dir, train_set, galleries, models, order_sims, stage)
 
         t = time.perf_counter()
         _say(config, "[5/5] report")
@@ -299,43 +270,7 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
         results = rp.results_dict(time.perf_counter() - started, models, chance)
         rp.draw_chart(out / "chart.png", results)
         rp.draw_contact_sheet(out / "contact_sheet.png", _sheet_rows(galleries["order"], order_sims, corpus))
-        n_app = len(galleries["appearance"].clips)
-        cc, tc, pc = config.corpus, config.transfer, config.pretrain
-        facts = {
-            "threads": threads,
-            "workers": tc.num_workers,
-            "quick": config.quick,
-            "seed": config.seed,
-            "appearance_queries": len(galleries["appearance"].text_to_video),
-            "appearance_gallery": n_app,
-            "appearance_chance_r1": 100.0 / n_app,
-            "appearance_chance_r5": min(100.0, 500.0 / n_app),
-            "order_queries": len(galleries["order"].text_to_video),
-            "order_gallery": len(galleries["order"].clips),
-            "corpus": (
-                f"{len(corpus.clips)} clips of {2 * cc.num_frames + 1} frames at {cc.image_size}x{cc.image_size} "
-                f"(H.264, lossless): {len(corpus.select('pretrain'))} for pretraining, "
-                f"{len(corpus.select('train'))} for video training "
-                f"({len(corpus.select('train', 'order')) // 2} clip/reversal pairs), "
-                f"{len(corpus.select('test'))} for testing; the model samples {cc.num_frames} frames per clip"
-            ),
-            "model": (
-                f"ViT {config.vision_layers} layers x {config.vision_width} wide, patch 8, text "
-                f"{config.text_layers} x {config.text_width}, embedding {config.embed_dim}; STAN depth "
-                f"{config.stan_depth}, seqTransf {config.text_layers} layers; "
-                f"{clip.num_parameters() / 1e6:.1f} M parameters in the CLIP"
-            ),
-            "pretrain": (
-                f"{pc.steps} steps of {min(pc.batch_size, len(frames.captions))} frames, AdamW lr {pc.lr:g}, "
-                f"{len(frames.images)} frames; final loss {np.mean(pretrain_losses[-10:]):.3f}"
-            ),
-            "transfer": (
-                f"`stanvid.train.fit`, {tc.steps} steps of {2 * tc.pairs_per_batch} clips (each with its "
-                f"reversal, or two appearance clips), AdamW lr {tc.lr:g} (temporal module x"
-                f"{tc.new_param_lr_mult:g}), tau {tc.temperature:g}, warmup then cosine"
-            ),
-            "model_dir": str(out / "model"),
-        }
+        facts = _facts(config, corpus, galleries, clip, frames, pretrain_losses, threads)
         stage["report"] = time.perf_counter() - t
         results["seconds"] = time.perf_counter() - started
         rp.write_results(out / "results.json", results)
@@ -352,3 +287,100 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
         return DemoResult(out=out, results=results, models=models, stage_seconds=stage)
     finally:
         torch.set_num_threads(previous_threads)
+
+
+def _transfer_all(
+    config: DemoConfig,
+    corpus: Any,
+    clip_dir: Path,
+    train_set: Any,
+    galleries: dict[str, Any],
+    models: dict[str, rp.ModelResult],
+    order_sims: dict[str, torch.Tensor],
+    stage: dict[str, float],
+) -> None:
+    """Stage 4: train each temporal model from the pretrained CLIP and evaluate it; results go into `models`,
+    the order gallery's similarities into `order_sims`, the seconds into `stage`."""
+    from stanvid.hub import load_model
+
+    out = Path(config.out)
+    runs = {**TEMPORAL_MODELS, **(MUG_MODELS if config.mug else {})}
+    for i, (name, overrides) in enumerate(runs.items()):
+        t = time.perf_counter()
+        _say(
+            config,
+            f"[4/5] transfer {i + 1}/{len(runs)}: {name} ({config.transfer.steps} steps)",
+        )
+        torch.manual_seed(config.seed)
+        model = load_model(
+            clip_dir, stan_depth=config.stan_depth, num_frames=config.corpus.num_frames, **overrides
+        )
+        recipe = transfer_recipe(
+            corpus,
+            config.transfer,
+            clip_dir,
+            overrides,
+            items=len(train_set),
+            stan_depth=config.stan_depth,
+            context_length=config.context_length,
+        )
+        result = transfer(model, train_set, recipe, progress=config.progress)
+        train_seconds = time.perf_counter() - t
+        metrics, sims = _evaluate(model, galleries)
+        models[name] = rp.ModelResult(
+            **metrics, train_seconds=train_seconds, train_steps=result.steps, final_loss=result.last_loss
+        )
+        order_sims[name] = sims["order"]
+        if name == "stan_selfattn":
+            model.save_pretrained(out / "model")
+        stage[name] = time.perf_counter() - t
+
+
+def _facts(
+    config: DemoConfig,
+    corpus: Any,
+    galleries: dict[str, Any],
+    clip: Any,
+    frames: Any,
+    pretrain_losses: Any,
+    threads: int,
+) -> dict[str, Any]:
+    """What the report says about the run: sizes, settings, chance levels."""
+    out = Path(config.out)
+    n_app = len(galleries["appearance"].clips)
+    cc, tc, pc = config.corpus, config.transfer, config.pretrain
+    return {
+        "threads": threads,
+        "workers": tc.num_workers,
+        "quick": config.quick,
+        "seed": config.seed,
+        "appearance_queries": len(galleries["appearance"].text_to_video),
+        "appearance_gallery": n_app,
+        "appearance_chance_r1": 100.0 / n_app,
+        "appearance_chance_r5": min(100.0, 500.0 / n_app),
+        "order_queries": len(galleries["order"].text_to_video),
+        "order_gallery": len(galleries["order"].clips),
+        "corpus": (
+            f"{len(corpus.clips)} clips of {2 * cc.num_frames + 1} frames at {cc.image_size}x{cc.image_size} "
+            f"(H.264, lossless): {len(corpus.select('pretrain'))} for pretraining, "
+            f"{len(corpus.select('train'))} for video training "
+            f"({len(corpus.select('train', 'order')) // 2} clip/reversal pairs), "
+            f"{len(corpus.select('test'))} for testing; the model samples {cc.num_frames} frames per clip"
+        ),
+        "model": (
+            f"ViT {config.vision_layers} layers x {config.vision_width} wide, patch 8, text "
+            f"{config.text_layers} x {config.text_width}, embedding {config.embed_dim}; STAN depth "
+            f"{config.stan_depth}, seqTransf {config.text_layers} layers; "
+            f"{clip.num_parameters() / 1e6:.1f} M parameters in the CLIP"
+        ),
+        "pretrain": (
+            f"{pc.steps} steps of {min(pc.batch_size, len(frames.captions))} frames, AdamW lr {pc.lr:g}, "
+            f"{len(frames.images)} frames; final loss {np.mean(pretrain_losses[-10:]):.3f}"
+        ),
+        "transfer": (
+            f"`stanvid.train.fit`, {tc.steps} steps of {2 * tc.pairs_per_batch} clips (each with its "
+            f"reversal, or two appearance clips), AdamW lr {tc.lr:g} (temporal module x"
+            f"{tc.new_param_lr_mult:g}), tau {tc.temperature:g}, warmup then cosine"
+        ),
+        "model_dir": str(out / "model"),
+    }
