@@ -32,7 +32,16 @@ from stanvid.data import (
     make_loader,
     read_class_names,
 )
-from stanvid.errors import DatasetError, VideoReadError
+from stanvid.data.datasets import (
+    DATASET_NAMES,
+    DATASETS,
+    RETRIEVAL_DATASETS,
+    SplitFiles,
+    dataset_task,
+    read_split,
+)
+from stanvid.errors import ConfigError, DatasetError, VideoReadError
+from stanvid.recipe import DATASETS as RECIPE_DATASETS
 from stanvid.sampling import uniform_indices
 from stanvid.transforms import CLIP_MEAN, CLIP_STD, EvalTransform
 from videogen import available_codecs, frame_code, make_frames, write_video
@@ -234,6 +243,36 @@ def test_generic_csv_jsonl_tsv(tmp_path, videos):
         assert ann.video_ids == ["video0.mp4", "video1"]
         assert ann.captions == ["a, quoted caption", "second", "third"]
         assert ann.text_to_video.tolist() == [0, 1, 0]
+
+
+def test_one_dataset_table_for_recipes_and_load_retrieval(tmp_path, videos):
+    """`csv` is an alias of `captions` everywhere; the recipe reader and `load_retrieval` read the same format
+    under one name, and the task each name serves comes from the same table."""
+    rows = [["video0.mp4", "first"], ["video1", "second"]]
+    path = _write_csv(tmp_path / "mine.csv", ["video", "caption"], rows)
+    files = {"split": "test", "task": "retrieval", "annotations": path, "videos": videos}
+    expected = load_video_captions(path, videos).captions
+    for name in ("captions", "csv"):
+        assert read_split(SplitFiles(dataset=name, **files)).captions == expected
+        assert load_retrieval(name, "any", path, videos).captions == expected
+        assert dataset_task(name) is None
+    assert set(RETRIEVAL_DATASETS) == {n for n in DATASETS if DATASETS[n].task in ("retrieval", None)}
+    assert RECIPE_DATASETS == {name: dataset_task(name) for name in DATASET_NAMES}
+    with pytest.raises(ConfigError, match=r"unknown retrieval dataset 'kinetics400'"):
+        load_retrieval("kinetics400", "val", path, videos)
+    with pytest.raises(ConfigError, match=r"unknown dataset 'nope'; choose from msrvtt, "):
+        dataset_task("nope")
+    with pytest.raises(
+        ConfigError, match=r"data\.captions is required for data\.dataset 'msvd' \(mine\.csv\)"
+    ):
+        read_split(SplitFiles(dataset="msvd", **files))
+    labels = tmp_path / "labels.txt"
+    labels.write_text("cat\ndog\n")
+    listing = tmp_path / "list.txt"
+    listing.write_text("video0.mp4 1\nvideo1.mp4 cat\n")
+    recognition = {**files, "task": "recognition", "annotations": listing, "class_names": labels}
+    for name in ("captions", "csv", "kinetics400"):
+        assert read_split(SplitFiles(dataset=name, **recognition)).labels.tolist() == [1, 0]
 
 
 # --- annotation errors name the file and the line or entry -----------------------------------------------

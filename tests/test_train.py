@@ -50,7 +50,7 @@ def tiny_model(seed: int = 0, **kw) -> VideoCLIP:
 
 def recipe(task: str = "retrieval", **sections) -> Recipe:
     data = {
-        "dataset": "csv",
+        "dataset": "captions",
         "num_frames": FRAMES,
         "input_size": SIZE,
         "test_resize": SIZE,

@@ -27,6 +27,7 @@ from typing import Any, Union
 import yaml
 
 from stanvid.config import MUG_MODES, SIMILARITIES, TEMPORAL_MODULES, TIME_MODULES, STANConfig
+from stanvid.data.datasets import DATASET_NAMES, dataset_task
 from stanvid.errors import ConfigError
 
 __all__ = [
@@ -43,18 +44,9 @@ __all__ = [
 ]
 
 TASKS = ("retrieval", "recognition")
-# dataset kind -> the task it serves (None: either; a user's own CSV/JSONL can be captions or labels)
-DATASETS: dict[str, str | None] = {
-    "msrvtt": "retrieval",
-    "didemo": "retrieval",
-    "msvd": "retrieval",
-    "lsmdc": "retrieval",
-    "activitynet": "retrieval",
-    "webvid": "retrieval",  # Mug-STAN post-pretraining; its test split is another dataset's json (MSR-VTT)
-    "csv": None,
-    "kinetics400": "recognition",
-    "ssv2": "recognition",
-}
+# data.dataset name -> the task it serves (None: either): a view of the one dataset table,
+# `stanvid.data.datasets.DATASETS`, which also holds each dataset's reader
+DATASETS: dict[str, str | None] = {name: dataset_task(name) for name in DATASET_NAMES}
 SAMPLERS = ("uniform", "dense")
 CLASSIFIERS = ("text", "linear")
 NO_DECAY = ("clip_norm_bias", "norm_bias", "none")
@@ -113,7 +105,7 @@ class DataRecipe(_Validated):
     ``root`` to the working directory, so ``--set data.root=/datasets/msrvtt`` re-points a whole recipe.
     """
 
-    dataset: str = _f(choices=tuple(DATASETS), required=True)
+    dataset: str = _f(choices=DATASET_NAMES, required=True)
     root: str = _f(".", nonempty=True)
     train_annotations: str | None = None
     test_annotations: str | None = None

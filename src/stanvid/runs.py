@@ -7,21 +7,8 @@ This is what ``stanvid train`` and ``stanvid eval`` call, one function each:
     result = train_run(recipe, resume=True)     # fit() + evaluation every train.eval_every epochs
     report = evaluate_run(recipe, "runs/stan_msrvtt_b32/model", baseline=True)
 
-How the ``data`` section maps to annotation readers (paths relative to ``data.root``):
-
-===============  ===============================================================================================
-``msrvtt``       ``.json`` caption file (the official STAN ``train_9k.json`` / ``test_JSFUSION.json``, or an
-                 mmaction2 list); ``.csv`` with ``data.captions`` = ``MSRVTT_data.json`` (CLIP4Clip train split),
-                 or a ``.csv`` alone = ``MSRVTT_JSFUSION_test.csv``
-``didemo``       DiDeMo json (original list or ``{video: [sentences]}``), sentences joined into one paragraph
-``msvd``         split list (``train_list.txt``) with ``data.captions`` (``raw-captions.pkl``, txt or json)
-``lsmdc``        ``.json`` caption file, or the ``LSMDC16_annos_*.csv`` tab-separated files
-``activitynet``  ActivityNet Captions json (``train.json`` / ``val_1.json``), paragraph
-``csv``          your own data: retrieval, a csv/tsv/jsonl/json of ``video, caption``; recognition, a Kinetics
-                 csv or ``path label`` list with ``data.class_names``
-``kinetics400``  ``path label`` list or the official csv, with ``data.class_names``
-``ssv2``         ``train.json`` / ``validation.json`` with ``data.class_names`` = ``labels.json``
-===============  ===============================================================================================
+How the ``data`` section maps to annotation readers (paths relative to ``data.root``): the table of
+`stanvid.data.datasets` (one entry per ``data.dataset`` name, with the files it reads).
 
 Training items are one per caption (retrieval; the official STAN training set) or per video (recognition);
 test items are one per video, the captions being the queries. Every problem (a missing file, a video id with
@@ -47,19 +34,9 @@ from torch import nn
 
 from stanvid.checkpoint import first_line, is_training_checkpoint, latest_checkpoint, read_checkpoint_file
 from stanvid.config import ModelConfig, PreprocessConfig
-from stanvid.data.recognition import RecognitionAnnotations, RecognitionDataset, load_kinetics, load_ssv2
+from stanvid.data.datasets import SplitFiles, read_split
+from stanvid.data.recognition import RecognitionAnnotations, RecognitionDataset
 from stanvid.data.retrieval import RetrievalAnnotations, RetrievalDataset
-from stanvid.data.retrieval_formats import (
-    load_activitynet,
-    load_caption_json,
-    load_didemo,
-    load_lsmdc,
-    load_msrvtt,
-    load_msrvtt_test,
-    load_msvd,
-    load_video_captions,
-    load_webvid,
-)
 from stanvid.distributed import default_device, rank_world
 from stanvid.errors import CheckpointError, ConfigError
 from stanvid.evaluate import evaluate_recognition, evaluate_retrieval, write_results, zero_shot_model
@@ -107,41 +84,17 @@ def load_split(recipe: Recipe, split: str) -> RetrievalAnnotations | Recognition
     name = d.train_annotations if split == "train" else d.test_annotations
     if not name:
         raise ConfigError(f"data.{split}_annotations is not set (the {split} split's annotation file)")
-    path = d.path(name)
     folder = d.video_dir if split == "train" or d.test_video_dir is None else d.test_video_dir
-    videos = d.path(folder)
-    suffix = path.suffix.lower()
-    kind = d.dataset
-
-    def required(key: str) -> Path:
-        value = getattr(d, key)
-        if not value:
-            raise ConfigError(f"data.{key} is required for data.dataset {kind!r} ({path.name})")
-        return d.path(value)
-
-    if kind == "msrvtt":
-        if suffix == ".json":
-            return load_caption_json(path, videos)
-        if d.captions:
-            return load_msrvtt(path, d.path(d.captions), videos)
-        return load_msrvtt_test(path, videos)
-    if kind == "didemo":
-        return load_didemo(path, videos)
-    if kind == "msvd":
-        return load_msvd(path, required("captions"), videos)
-    if kind == "lsmdc":
-        return load_caption_json(path, videos) if suffix == ".json" else load_lsmdc(path, videos)
-    if kind == "activitynet":
-        return load_activitynet(path, videos)
-    if kind == "webvid":  # post-pretraining: WebVid to train on, another dataset's json to validate on
-        return load_webvid(path, videos) if split == "train" else load_caption_json(path, videos)
-    if kind == "csv" and recipe.task == "retrieval":
-        return load_video_captions(path, videos)
-    if kind in ("csv", "kinetics400"):
-        return load_kinetics(path, videos, required("class_names"))
-    if kind == "ssv2":
-        return load_ssv2(path, required("class_names"), videos)
-    raise ConfigError(f"data.dataset {kind!r} has no annotation reader")
+    files = SplitFiles(
+        dataset=d.dataset,
+        split=split,
+        task=recipe.task,
+        annotations=d.path(name),
+        videos=d.path(folder),
+        captions=d.path(d.captions) if d.captions else None,
+        class_names=d.path(d.class_names) if d.class_names else None,
+    )
+    return read_split(files)
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""Datasets and loaders: retrieval (MSR-VTT, DiDeMo, MSVD, LSMDC, ActivityNet, your own captions) and
-recognition (Kinetics, Something-Something v2), read from the annotation files each benchmark ships.
+"""Datasets and loaders: retrieval (MSR-VTT, DiDeMo, MSVD, LSMDC, ActivityNet, WebVid, your own captions) and
+recognition (Kinetics, Something-Something v2), read from the annotation files each benchmark ships; the names
+of these formats and their readers are one table, `stanvid.data.datasets.DATASETS`.
 
     from stanvid.data import load_retrieval, RetrievalDataset, make_loader
 
@@ -16,6 +17,7 @@ from stanvid.data.base import (
     collate_skipping,
     format_skipped,
 )
+from stanvid.data.datasets import DATASET_NAMES, RETRIEVAL_DATASETS, load_retrieval
 from stanvid.data.loader import VideoLoader, make_loader, seed_worker
 from stanvid.data.recognition import (
     RecognitionAnnotations,
@@ -26,7 +28,6 @@ from stanvid.data.recognition import (
 )
 from stanvid.data.retrieval import RetrievalAnnotations, RetrievalDataset
 from stanvid.data.retrieval_formats import (
-    RETRIEVAL_DATASETS,
     load_activitynet,
     load_caption_json,
     load_didemo,
@@ -34,12 +35,13 @@ from stanvid.data.retrieval_formats import (
     load_msrvtt,
     load_msrvtt_test,
     load_msvd,
-    load_retrieval,
     load_video_captions,
+    load_webvid,
 )
 
 __all__ = [
     "VIDEO_EXTENSIONS",
+    "DATASET_NAMES",
     "RETRIEVAL_DATASETS",
     "SkippedSample",
     "VideoClipDataset",
@@ -65,4 +67,5 @@ __all__ = [
     "load_msvd",
     "load_retrieval",
     "load_video_captions",
+    "load_webvid",
 ]

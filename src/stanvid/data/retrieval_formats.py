@@ -60,8 +60,6 @@ __all__ = [
     "load_activitynet",
     "load_video_captions",
     "load_webvid",
-    "load_retrieval",
-    "RETRIEVAL_DATASETS",
 ]
 
 PathLike = str | os.PathLike
@@ -468,87 +466,3 @@ def load_video_captions(
             f"{path}: unknown caption file type {suffix!r} (expected .csv, .tsv, .jsonl or .json)"
         )
     return _from_entries(entries, f"captions:{path.name}", str(path), video_root, False, on_missing)
-
-
-# --- by name ------------------------------------------------------------------------------------------
-
-RETRIEVAL_DATASETS = ("msrvtt", "didemo", "msvd", "lsmdc", "activitynet", "captions")
-
-_LSMDC_FILES = {
-    "train": "LSMDC16_annos_training.csv",
-    "val": "LSMDC16_annos_val.csv",
-    "test": "LSMDC16_challenge_1000_publictect.csv",
-}
-_ACTIVITYNET_FILES = {"train": ("train.json", "train_ids.json"), "val": ("val_1.json", "val_ids.json")}
-_MSRVTT_SPLITS = {"train-9k": "MSRVTT_train.9k.csv", "train-7k": "MSRVTT_train.7k.csv"}
-
-
-def load_retrieval(
-    dataset: str, split: str, annotations: PathLike, video_root: PathLike, on_missing: str = "raise"
-) -> RetrievalAnnotations:
-    """Annotations of ``dataset``/``split`` from a folder laid out as CLIP4Clip's (or one caption file).
-
-    ==============  =======================================  ==============================================
-    dataset         split                                    files read under ``annotations``
-    ==============  =======================================  ==============================================
-    ``msrvtt``      ``train-9k``, ``train-7k``, ``test-1k``  ``MSRVTT_train.*.csv`` + ``MSRVTT_data.json``;
-                                                             ``MSRVTT_JSFUSION_test.csv``
-    ``didemo``      ``train``, ``val``, ``test``             ``{split}_data.json`` [+ ``{split}_list.txt``]
-    ``msvd``        ``train``, ``val``, ``test``             ``{split}_list.txt`` + ``raw-captions.pkl`` |
-                                                             ``AllVideoDescriptions.txt`` | ``captions.json``
-    ``lsmdc``       ``train``, ``val``, ``test``             ``LSMDC16_annos_*.csv``, challenge test csv
-    ``activitynet`` ``train``, ``val``                       ``train.json`` / ``val_1.json`` [+ ids json]
-    ``captions``    (any)                                    ``annotations`` is the csv/jsonl/json file
-    ==============  =======================================  ==============================================
-
-    For ``msrvtt`` and ``didemo``, ``annotations`` may also be a json caption file (STAN/mmaction2 format).
-    """
-    root = Path(annotations)
-    if dataset not in RETRIEVAL_DATASETS:
-        raise ConfigError(f"unknown retrieval dataset {dataset!r}; choose from {RETRIEVAL_DATASETS}")
-    if dataset == "captions":
-        return load_video_captions(root, video_root, on_missing)
-    if root.is_file() and dataset in ("msrvtt", "didemo"):
-        return load_caption_json(root, video_root, paragraph=dataset == "didemo", on_missing=on_missing)
-    if not root.is_dir():
-        raise DatasetError(f"annotation folder {root} does not exist")
-
-    def bad_split(choices: Sequence[str]) -> ConfigError:
-        return ConfigError(f"unknown {dataset} split {split!r}; choose from {tuple(choices)}")
-
-    if dataset == "msrvtt":
-        if split == "test-1k":
-            return load_msrvtt_test(root / "MSRVTT_JSFUSION_test.csv", video_root, on_missing)
-        if split not in _MSRVTT_SPLITS:
-            raise bad_split([*_MSRVTT_SPLITS, "test-1k"])
-        return load_msrvtt(root / _MSRVTT_SPLITS[split], root / "MSRVTT_data.json", video_root, on_missing)
-    if dataset == "didemo":
-        if split not in ("train", "val", "test"):
-            raise bad_split(("train", "val", "test"))
-        listing = root / f"{split}_list.txt"
-        return load_didemo(
-            root / f"{split}_data.json",
-            video_root,
-            listing if listing.is_file() else None,
-            on_missing=on_missing,
-        )
-    if dataset == "msvd":
-        if split not in ("train", "val", "test"):
-            raise bad_split(("train", "val", "test"))
-        for name in ("raw-captions.pkl", "AllVideoDescriptions.txt", "captions.json"):
-            if (root / name).is_file():
-                return load_msvd(root / f"{split}_list.txt", root / name, video_root, on_missing)
-        raise DatasetError(
-            f"{root}: no MSVD captions (raw-captions.pkl, AllVideoDescriptions.txt or captions.json)"
-        )
-    if dataset == "lsmdc":
-        if split not in _LSMDC_FILES:
-            raise bad_split(_LSMDC_FILES)
-        return load_lsmdc(root / _LSMDC_FILES[split], video_root, on_missing)
-    if split not in _ACTIVITYNET_FILES:
-        raise bad_split(_ACTIVITYNET_FILES)
-    data_name, ids_name = _ACTIVITYNET_FILES[split]
-    ids = root / ids_name
-    return load_activitynet(
-        root / data_name, video_root, ids if ids.is_file() else None, on_missing=on_missing
-    )

@@ -138,7 +138,7 @@ def transfer_recipe(
             similarity=temporal.get("similarity", "cosine"),
         ),
         data=DataRecipe(
-            dataset="csv",
+            dataset="captions",
             root=str(corpus.root),
             train_annotations=corpus.train_csv.name,
             test_annotations=corpus.test_order_csv.name,
