@@ -172,6 +172,12 @@ def test_required_keys_and_cross_checks(tmp_path):
         load_recipe(_write(tmp_path, "data:\n  dataset: msrvtt\n"))
     with pytest.raises(ConfigError, match=r"data.class_names is required for recognition"):
         load_recipe(_write(tmp_path, "task: recognition\ndata:\n  dataset: kinetics400\n"))
+    recognition = "task: recognition\ndata:\n  dataset: kinetics400\n  class_names: c.txt\n"
+    with pytest.raises(
+        ConfigError, match=r"eval.num_crops 3 needs data.test_resize = data.input_size \(224\)"
+    ):
+        load_recipe(_write(tmp_path, recognition), ["eval.num_crops=3", "data.test_resize=256"])
+    assert load_recipe(_write(tmp_path, recognition), ["eval.num_crops=1", "data.test_resize=256"])
 
 
 def test_overrides_use_yaml_scalars(tmp_path):

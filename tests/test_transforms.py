@@ -189,6 +189,22 @@ def test_multi_crop_views_contain_the_centre_view():
         MultiCropTransform(num_crops=5)
 
 
+def test_test_views_from_a_larger_short_side():
+    """``short_side`` above ``size``: mmaction2's ``Resize(-1, 256), CenterCrop(224)`` (data.test_resize)."""
+    frames = _clip(2, 120, 200)
+    resized = resize_short_side(frames, 80, "bicubic", True)  # 80 x 133
+    expected = normalize(center_crop(resized, 64))  # (T, 3, 64, 64)
+    centre = EvalTransform(64, short_side=80)
+    assert centre.decode_size == 80 and torch.equal(centre(frames), expected)
+    one = MultiCropTransform(64, num_crops=1, short_side=80)
+    assert one.decode_size == 80 and torch.equal(one(frames), expected.unsqueeze(0))
+    assert torch.equal(EvalTransform(64, short_side=64)(frames), EvalTransform(64)(frames))
+    with pytest.raises(ConfigError, match=r"three crops need the short side resized to size \(64\)"):
+        MultiCropTransform(64, num_crops=3, short_side=80)
+    with pytest.raises(ConfigError, match=r"EvalTransform.short_side \(32\) must be at least size \(64\)"):
+        EvalTransform(64, short_side=32)
+
+
 def test_center_crop_offsets_round_like_torchvision():
     frames = torch.arange(7 * 9, dtype=torch.uint8).view(1, 1, 7, 9).expand(1, 3, 7, 9)
     out = center_crop(frames, (4, 4))

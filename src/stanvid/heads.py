@@ -3,12 +3,14 @@ initialised from them.
 
 The official recognizer scores a video against its class names encoded by the (frozen) text encoder
 (`encode_class_names`, with `stanvid.losses.text_classifier_logits`); `LinearHead` is the trainable
-alternative (``model.classifier: linear``) that starts from exactly that zero-shot classifier.
+alternative (``model.classifier: linear``) that starts from exactly that zero-shot classifier. `eval_mode` is
+the one way stanvid evaluates a model that may be training: eval mode inside, the caller's mode after.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +18,23 @@ from torch import nn
 
 from stanvid.errors import ConfigError
 
-__all__ = ["LinearHead", "encode_class_names"]
+__all__ = ["LinearHead", "encode_class_names", "eval_mode"]
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: nn.Module | None) -> Iterator[None]:
+    """Eval mode for ``modules`` inside (no drop-path or dropout: evaluation and the class-name embeddings
+    must not depend on the training randomness), each module's previous mode restored after, also on error.
+    ``None`` entries (no linear head) are ignored."""
+    present = [m for m in modules if m is not None]
+    modes = [m.training for m in present]
+    for m in present:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, training in zip(present, modes, strict=True):
+            m.train(training)
 
 
 @torch.no_grad()
@@ -35,12 +53,10 @@ def encode_class_names(
 
     if not class_names:
         raise ConfigError("recognition needs the class names (none given)")
-    was_training = model.training
-    model.eval()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     ids = tokenize(list(class_names), context_length=context_length).to(device)  # (K, L)
-    feats = torch.cat([model.encode_text(ids[i : i + 256]) for i in range(0, len(ids), 256)])  # (K, D)
-    model.train(was_training)
+    with eval_mode(model):
+        feats = torch.cat([model.encode_text(ids[i : i + 256]) for i in range(0, len(ids), 256)])  # (K, D)
     return F.normalize(feats.float(), dim=-1)
 
 

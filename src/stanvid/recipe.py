@@ -445,6 +445,12 @@ def _check_recipe(r: Recipe) -> None:
             f"data.test_resize ({r.data.test_resize}) must be at least data.input_size ({r.data.input_size}): "
             "the test crop is cut from the resized frame"
         )
+    if r.task == "recognition" and r.eval.num_crops == 3 and r.data.test_resize != r.data.input_size:
+        raise ConfigError(
+            f"eval.num_crops 3 needs data.test_resize = data.input_size ({r.data.input_size}), got "
+            f"{r.data.test_resize}: the three crops tile the longer side of a frame resized to the crop size "
+            "(mmaction2's ThreeCrop)"
+        )
     if r.optim.warmup_epochs + r.optim.hold_epochs > r.train.epochs:
         raise ConfigError(
             f"optim.warmup_epochs ({r.optim.warmup_epochs}) + optim.hold_epochs ({r.optim.hold_epochs}) "

@@ -22,7 +22,6 @@ import math
 import os
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,17 +46,7 @@ from stanvid.model import VideoCLIP
 from stanvid.precision import resolve_precision
 from stanvid.recipe import LEARNABLE, Recipe
 from stanvid.train import HEAD_FILE, TrainResult, effective_precision, fit, setup_distributed
-from stanvid.transforms import (
-    CLIP_MEAN,
-    CLIP_STD,
-    EvalTransform,
-    MultiCropTransform,
-    TrainTransform,
-    center_crop,
-    normalize,
-    resize_short_side,
-    three_crop,
-)
+from stanvid.transforms import EvalTransform, MultiCropTransform, TrainTransform
 
 __all__ = [
     "load_split",
@@ -95,35 +84,6 @@ def load_split(recipe: Recipe, split: str) -> RetrievalAnnotations | Recognition
         class_names=d.path(d.class_names) if d.class_names else None,
     )
     return read_split(files)
-
-
-@dataclass
-class _ResizeCropTransform:
-    """Test views when ``test_resize`` exceeds ``input_size``: short side to ``short_side``, then a centre crop
-    or three crops of ``size``, CLIP-normalized; ``(T, 3, S, S)`` or ``(crops, T, 3, S, S)``."""
-
-    short_side: int
-    size: int
-    num_crops: int | None  # None: one centre crop without a views axis (retrieval)
-    mean: tuple[float, float, float] = CLIP_MEAN
-    std: tuple[float, float, float] = CLIP_STD
-
-    @property
-    def decode_size(self) -> int:
-        return self.short_side
-
-    def __call__(self, frames: torch.Tensor, rng: Any = None) -> torch.Tensor:
-        frames = resize_short_side(frames, self.short_side, "bicubic", True)
-        if self.num_crops is None:
-            return normalize(center_crop(frames, self.size), self.mean, self.std)  # (T, 3, S, S)
-        views = (
-            center_crop(frames, self.size).unsqueeze(0)
-            if self.num_crops == 1
-            else three_crop(frames, self.size)
-        )
-        n, t = views.shape[:2]
-        out = normalize(views.flatten(0, 1), self.mean, self.std)  # (crops * T, 3, S, S)
-        return out.view(n, t, *views.shape[2:])  # (crops, T, 3, S, S)
 
 
 def _train_transform(recipe: Recipe, flip: bool, norm: dict[str, Any]) -> TrainTransform:
@@ -166,10 +126,8 @@ def build_dataset(
             )
         if train:
             transform = _train_transform(recipe, d.flip, norm)
-        elif d.test_resize == d.input_size:
-            transform = EvalTransform(d.input_size, **norm)
         else:
-            transform = _ResizeCropTransform(d.test_resize, d.input_size, None, **norm)
+            transform = EvalTransform(d.input_size, short_side=d.test_resize, **norm)
         return RetrievalDataset(
             ann,
             num_frames=d.num_frames if train or d.test_num_frames is None else d.test_num_frames,
@@ -186,10 +144,8 @@ def build_dataset(
         )
     if train:
         transform = _train_transform(recipe, d.flip, norm)
-    elif d.test_resize == d.input_size:
-        transform = MultiCropTransform(d.input_size, num_crops=e.num_crops, **norm)
     else:
-        transform = _ResizeCropTransform(d.test_resize, d.input_size, e.num_crops, **norm)
+        transform = MultiCropTransform(d.input_size, num_crops=e.num_crops, short_side=d.test_resize, **norm)
     return RecognitionDataset(
         ann,
         num_frames=d.num_frames,

@@ -80,8 +80,9 @@ from stanvid.data.loader import seed_worker
 from stanvid.distributed import default_device, rank_world
 from stanvid.errors import CheckpointError, ConfigError, DatasetError
 from stanvid.fileio import atomic_write_bytes, atomic_write_text
-from stanvid.heads import LinearHead, encode_class_names
+from stanvid.heads import LinearHead, encode_class_names, eval_mode
 from stanvid.losses import contrastive_loss, mug_contrastive_loss, recognition_loss, text_classifier_logits
+from stanvid.precision import autocast
 from stanvid.recipe import LEARNABLE, OptimRecipe, Recipe
 
 __all__ = [
@@ -338,17 +339,11 @@ class Trainer:
             return self.fixed_scale
         return float(self.model.logit_scale.detach().exp())
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
-
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """The loss of one micro-batch (forward only)."""
         module = self.ddp if self.ddp is not None else self.forward_module
         video = batch["video"].to(self.device, non_blocking=True)  # (B, T, 3, H, W)
-        with self._autocast():
+        with autocast(self.precision, self.device):
             if self.task == "retrieval":
                 tokens = batch.get("tokens", batch.get("text"))
                 if tokens is None:
@@ -935,11 +930,8 @@ def _end_epoch(run: _Run, eval_fn: Callable[..., dict[str, Any]] | None) -> None
     run.batch_in_epoch = 0
     last_epoch = run.epoch == tr.epochs or run.step >= run.stop_at
     if eval_fn is not None and ((tr.eval_every and run.epoch % tr.eval_every == 0) or last_epoch):
-        with _rng_preserved(run.device):
+        with _rng_preserved(run.device), eval_mode(run.model, run.trainer.head):
             metrics = eval_fn(run.model, run.epoch, run.trainer.head)
-        run.model.train()
-        if run.trainer.head is not None:
-            run.trainer.head.train()
         _record(run, {"step": run.step, "epoch": run.epoch, "eval": metrics})
     run.checkpoint = _save(run, run.epoch, 0) or run.checkpoint
 

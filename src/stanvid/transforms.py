@@ -244,12 +244,21 @@ def three_crop(frames: torch.Tensor, size: int) -> torch.Tensor:
     return torch.stack([crop(frames, top, left, size, size) for top, left in boxes])  # (3, T, 3, S, S)
 
 
+def _check_short_side(owner: str, size: int, short_side: int | None) -> None:
+    if size <= 0:
+        raise ConfigError(f"{owner}.size must be positive, got {size}")
+    if short_side is not None and short_side < size:
+        raise ConfigError(f"{owner}.short_side ({short_side}) must be at least size ({size}) to crop from")
+
+
 @dataclass
 class EvalTransform:
-    """CLIP evaluation preprocessing: shortest side to ``size``, centre crop, CLIP mean/std -> (T, 3, S, S).
+    """CLIP evaluation preprocessing: shortest side to ``short_side`` (default ``size``), centre crop of
+    ``size``, CLIP mean/std -> (T, 3, S, S).
 
-    ``decode_size`` tells a dataset which shortest side to ask the decoder for, so the big resize happens
-    in the decoder's scaler and the Python resize here becomes a no-op.
+    A ``short_side`` above ``size`` is the mmaction2 test pipeline ``Resize(-1, 256), CenterCrop(224)`` (the
+    DiDeMo recipes' ``data.test_resize``). ``decode_size`` tells a dataset which shortest side to ask the
+    decoder for, so the big resize happens in the decoder's scaler and the Python resize here becomes a no-op.
     """
 
     size: int = 224
@@ -257,18 +266,18 @@ class EvalTransform:
     antialias: bool = True
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
+    short_side: int | None = None  # None: size
 
     def __post_init__(self) -> None:
         _check_interpolation(self.interpolation)
-        if self.size <= 0:
-            raise ConfigError(f"EvalTransform.size must be positive, got {self.size}")
+        _check_short_side("EvalTransform", self.size, self.short_side)
 
     @property
     def decode_size(self) -> int:
-        return self.size
+        return self.short_side if self.short_side is not None else self.size
 
     def __call__(self, frames: torch.Tensor, rng: np.random.Generator | int | None = None) -> torch.Tensor:
-        frames = resize_short_side(frames, self.size, self.interpolation, self.antialias)
+        frames = resize_short_side(frames, self.decode_size, self.interpolation, self.antialias)
         return normalize(center_crop(frames, self.size), self.mean, self.std)  # (T, 3, S, S)
 
 
@@ -339,9 +348,12 @@ def stan_train_transform(size: int = 224, short_side: int = 256, flip: bool = Fa
 
 @dataclass
 class MultiCropTransform:
-    """Test views: shortest side to ``size``, then 3 crops along the longer side (or 1 centre crop).
+    """Test views: shortest side to ``short_side`` (default ``size``), then 3 crops of ``size`` along the longer
+    side (or 1 centre crop).
 
-    Returns ``(num_crops, T, 3, S, S)``.
+    Returns ``(num_crops, T, 3, S, S)``. Three crops tile the longer side of a frame whose shorter side is
+    ``size`` (mmaction2's ``ThreeCrop``), so they need ``short_side == size``; one centre crop takes any
+    ``short_side >= size``.
     """
 
     size: int = 224
@@ -350,18 +362,25 @@ class MultiCropTransform:
     antialias: bool = True
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
+    short_side: int | None = None  # None: size
 
     def __post_init__(self) -> None:
         _check_interpolation(self.interpolation)
         if self.num_crops not in (1, 3):
             raise ConfigError(f"MultiCropTransform.num_crops must be 1 or 3, got {self.num_crops}")
+        _check_short_side("MultiCropTransform", self.size, self.short_side)
+        if self.num_crops == 3 and self.decode_size != self.size:
+            raise ConfigError(
+                f"MultiCropTransform: three crops need the short side resized to size ({self.size}), "
+                f"got short_side {self.short_side}; use one crop, or short_side = size"
+            )
 
     @property
     def decode_size(self) -> int:
-        return self.size
+        return self.short_side if self.short_side is not None else self.size
 
     def __call__(self, frames: torch.Tensor, rng: np.random.Generator | int | None = None) -> torch.Tensor:
-        frames = resize_short_side(frames, self.size, self.interpolation, self.antialias)
+        frames = resize_short_side(frames, self.decode_size, self.interpolation, self.antialias)
         if self.num_crops == 1:
             views = center_crop(frames, self.size).unsqueeze(0)  # (1, T, 3, S, S)
         else:
