@@ -13,6 +13,7 @@ import functools
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ __all__ = [
     "load_checkpoint",
     "write_checkpoint",
     "is_training_checkpoint",
+    "is_torch_save_zip",
     "code_version",
     "first_line",
 ]
@@ -113,6 +115,19 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 def is_training_checkpoint(state: Any) -> bool:
     """Whether a loaded object carries the training checkpoint's format marker."""
     return isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT
+
+
+def is_torch_save_zip(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a zip written by ``torch.save`` (not TorchScript, which `read_checkpoint_file` cannot
+    read), so a caller given any model source knows to try it as a checkpoint first."""
+    path = Path(path)
+    if not path.is_file() or not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    return any(n.endswith("/data.pkl") for n in names) and not any(
+        n.endswith("/constants.pkl") for n in names
+    )
 
 
 # ---- writing -------------------------------------------------------------------------------------------------

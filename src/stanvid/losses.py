@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from stanvid.distributed import rank_world
+from stanvid.errors import ConfigError
 
 __all__ = [
     "all_gather_with_grad",
@@ -94,7 +95,7 @@ def _check_scale(logit_scale: float | torch.Tensor) -> float | torch.Tensor:
             raise ValueError(f"logit_scale must be a scalar, got shape {tuple(logit_scale.shape)}")
         return logit_scale.float().reshape(())
     if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)) or not logit_scale > 0:
-        raise ValueError(f"logit_scale must be a positive number or a scalar tensor, got {logit_scale!r}")
+        raise ConfigError(f"logit_scale must be a positive number or a scalar tensor, got {logit_scale!r}")
     return float(logit_scale)
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,13 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from torch import nn
 
-from stanvid.checkpoint import first_line, is_training_checkpoint, latest_checkpoint, read_checkpoint_file
+from stanvid.checkpoint import (
+    first_line,
+    is_torch_save_zip,
+    is_training_checkpoint,
+    latest_checkpoint,
+    read_checkpoint_file,
+)
 from stanvid.config import ModelConfig, PreprocessConfig
 from stanvid.data.datasets import SplitFiles, read_split
 from stanvid.data.recognition import RecognitionAnnotations, RecognitionDataset
@@ -204,17 +209,6 @@ def check_model_fits(model: nn.Module, recipe: Recipe, source: Any) -> None:
         )
 
 
-def _is_train_checkpoint(path: Path) -> bool:
-    """A zip written by ``torch.save`` (not TorchScript) that `stanvid.checkpoint.read_checkpoint_file` may read."""
-    if not path.is_file() or not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        names = archive.namelist()
-    return any(n.endswith("/data.pkl") for n in names) and not any(
-        n.endswith("/constants.pkl") for n in names
-    )
-
-
 def load_trained(checkpoint: str | os.PathLike, recipe: Recipe) -> tuple[nn.Module, nn.Module | None]:
     """A model to evaluate, and its linear head if it has one.
 
@@ -225,7 +219,7 @@ def load_trained(checkpoint: str | os.PathLike, recipe: Recipe) -> tuple[nn.Modu
 
     path = Path(checkpoint)
     head_state = None
-    if _is_train_checkpoint(path):
+    if is_torch_save_zip(path):
         # unsafe (a pickle calling code: refused, nothing runs), truncated or foreign: a one-line CheckpointError
         state = read_checkpoint_file(path)
         if is_training_checkpoint(state):

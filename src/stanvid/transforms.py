@@ -77,7 +77,7 @@ def to_tchw(frames: torch.Tensor, layout: str = "auto") -> torch.Tensor:
         if frames.shape[1] != 3:
             raise ValueError(f"layout 'tchw' needs 3 channels at dim 1, got shape {tuple(frames.shape)}")
         return frames
-    raise ValueError(f"layout must be 'auto', 'thwc' or 'tchw', got {layout!r}")
+    raise ConfigError(f"layout must be 'auto', 'thwc' or 'tchw', got {layout!r}")
 
 
 def _check_interpolation(interpolation: str) -> None:
@@ -102,7 +102,7 @@ def resize(
     frames = to_tchw(frames)
     height, width = int(size[0]), int(size[1])
     if height <= 0 or width <= 0:
-        raise ValueError(f"resize size must be positive, got {size}")
+        raise ConfigError(f"resize size must be positive, got {size}")
     if tuple(frames.shape[-2:]) == (height, width):
         return frames
     kwargs = {} if interpolation == "nearest" else {"align_corners": False, "antialias": antialias}

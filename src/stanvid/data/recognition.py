@@ -64,7 +64,7 @@ class RecognitionAnnotations:
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)
         if not len(self.video_ids) == len(self.video_paths) == len(self.labels):
-            raise ValueError(f"{self.name}: video ids, paths and labels differ in length")
+            raise DatasetError(f"{self.name}: video ids, paths and labels differ in length")
 
     def __len__(self) -> int:
         return len(self.video_ids)
