@@ -74,3 +74,44 @@ def test_the_file_and_then_its_folder_are_fsynced(tmp_path, monkeypatch):
     assert len(synced) == 2
     if isinstance(synced[1], str):
         assert synced[1] == os.path.realpath(tmp_path)
+
+
+def test_a_stream_written_in_pieces_arrives_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "model.bin"
+    fileio.atomic_write_stream(target, lambda f: [f.write(bytes([i]) * 1000) for i in range(3)])
+    assert target.read_bytes() == b"\x00" * 1000 + b"\x01" * 1000 + b"\x02" * 1000
+
+    def cut_off(f):
+        f.write(b"the first megabyte")
+        raise ConnectionResetError("peer went away")
+
+    with pytest.raises(ConnectionResetError):
+        fileio.atomic_write_stream(target, cut_off)
+    assert target.read_bytes()[:1000] == b"\x00" * 1000 and _listing(tmp_path) == ["model.bin"]
+
+
+def test_atomic_path_renames_what_the_block_wrote_and_only_when_it_succeeds(tmp_path):
+    target = tmp_path / "out" / "video.mp4"
+    with fileio.atomic_path(target) as tmp:
+        assert tmp.parent == target.parent and tmp != target
+        assert not target.exists()  # nothing is visible before the block ends
+        tmp.write_bytes(b"new video")
+    assert target.read_bytes() == b"new video" and _listing(target.parent) == ["video.mp4"]
+
+    with pytest.raises(RuntimeError, match="encoder failed"), fileio.atomic_path(target) as tmp:
+        tmp.write_bytes(b"half a video")
+        raise RuntimeError("encoder failed")
+    assert target.read_bytes() == b"new video" and _listing(target.parent) == ["video.mp4"]
+
+
+def test_atomic_path_takes_a_temporary_name_in_the_same_folder_only(tmp_path):
+    target = tmp_path / "a.mp4"
+    with fileio.atomic_path(target, temp_name=".a.123.partial.mp4") as tmp:
+        assert tmp == tmp_path / ".a.123.partial.mp4"
+        tmp.write_bytes(b"x")
+    assert _listing(tmp_path) == ["a.mp4"]
+    with pytest.raises(ValueError, match="file name"), fileio.atomic_path(target, temp_name="sub/.a.tmp"):
+        pass
+    with pytest.raises(FileNotFoundError), fileio.atomic_path(target):
+        pass  # the block wrote nothing: an error, and the old file stays
+    assert target.read_bytes() == b"x" and _listing(tmp_path) == ["a.mp4"]

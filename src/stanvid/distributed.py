@@ -3,7 +3,8 @@ this process's device.
 
 The process group is the only source of truth: a process that has not joined one (a plain ``python`` run,
 or torchrun before `stanvid.train.setup_distributed`) is rank 0 of 1, whatever ``WORLD_SIZE`` says, so every
-module agrees on who writes and who shards.
+module agrees on who writes and who shards. `launch_world_size` is the one other question: how many processes
+the launcher started, which a plan or a set-up made before the group is joined needs.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["rank_world", "default_device"]
+__all__ = ["rank_world", "launch_world_size", "default_device"]
 
 
 def rank_world(group: Any = None) -> tuple[int, int]:
@@ -23,6 +24,14 @@ def rank_world(group: Any = None) -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(group), dist.get_world_size(group)
     return 0, 1
+
+
+def launch_world_size() -> int:
+    """The number of processes of this launch: the process group's size once joined, else torchrun's
+    ``WORLD_SIZE`` (1 for a plain ``python`` run), for planning and for deciding whether to start a group."""
+    if dist.is_available() and dist.is_initialized():
+        return rank_world()[1]
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def default_device() -> torch.device:

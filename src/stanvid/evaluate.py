@@ -28,10 +28,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
-from stanvid.data.base import collate_skipping, format_skipped
+from stanvid.data.base import format_skipped
+from stanvid.data.loader import build_loader
+from stanvid.distributed import rank_world
 from stanvid.errors import ConfigError, DatasetError
+from stanvid.fileio import atomic_write_text
 from stanvid.losses import text_classifier_logits
 from stanvid.metrics import (
     average_views,
@@ -53,19 +56,13 @@ __all__ = [
 ]
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _device(model: nn.Module, device: torch.device | str | None) -> torch.device:
     return torch.device(device) if device is not None else next(model.parameters()).device
 
 
 def _gather_rows(local: torch.Tensor, indices: list[int], total: int) -> torch.Tensor:
     """Rows computed on each rank for its ``indices``, assembled in index order on every rank."""
-    rank, world = _world()
+    rank, world = rank_world()
     if world == 1:
         return local
     parts: list[Any] = [None] * world
@@ -81,7 +78,7 @@ def _gather_rows(local: torch.Tensor, indices: list[int], total: int) -> torch.T
 
 
 def _shard(n: int) -> list[int]:
-    rank, world = _world()
+    rank, world = rank_world()
     return list(range(rank, n, world))
 
 
@@ -95,16 +92,15 @@ def _map_dataset(
     desc: str,
 ) -> torch.Tensor:
     """``fn`` over this rank's share of the dataset in batches, gathered: ``(len(dataset), ...)`` in order."""
-    rank, _ = _world()
+    rank, _ = rank_world()
     indices = _shard(len(dataset))
-    # an explicit generator: the loader draws its worker seeds from it, not from the global torch RNG
-    loader = DataLoader(
+    # in order, one pass (no workers kept), this rank's share already chosen (no DistributedSampler)
+    loader = build_loader(
         Subset(dataset, indices),
-        batch_size=batch_size,
-        shuffle=False,
+        batch_size,
         num_workers=num_workers,
-        collate_fn=collate_skipping,
-        generator=torch.Generator().manual_seed(0),
+        pin_memory=False,
+        persistent_workers=False,
     )
     bar = None
     if progress and rank == 0:
@@ -389,8 +385,6 @@ def write_results(
     metrics = results.get("metrics", results)
     table = format_table(metrics)
     json_path = out / f"{name}.json"
-    tmp = json_path.with_name(f".{json_path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, json_path)
-    (out / f"{name}.txt").write_text(table + "\n")
+    atomic_write_text(json_path, json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out / f"{name}.txt", table + "\n")
     return json_path, table

@@ -4,6 +4,11 @@ Every writer goes the same way: a temporary file in the target's folder (so the 
 filesystem), flushed and fsynced, ``os.replace``d over the target, then the folder fsynced where the platform
 allows it (so the rename itself survives a power cut). On any failure, an interrupt included, the temporary
 file is removed and the old content is left as it was.
+
+`atomic_write_bytes`, `atomic_write_text` and `atomic_save` write what they are given; `atomic_write_stream`
+hands the open temporary file to a callback (a download streamed to disk); `atomic_path` hands out the
+temporary file's path, for a writer that opens the file itself (an encoder, a library that takes a file name).
+All of them go through the same steps below, so every writer in stanvid gets the same guarantee.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import IO, Any
 
 import torch
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_save"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_save", "atomic_write_stream", "atomic_path"]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -35,10 +40,39 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     _atomic_write(Path(path), lambda f: torch.save(obj, f))
 
 
+def atomic_write_stream(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:
+    """Call ``write(f)`` with a binary file open for writing, and make what it wrote ``path`` atomically: for
+    content produced piece by piece (a download of hundreds of MB), never held in memory whole."""
+    _atomic_write(Path(path), write)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, temp_name: str | None = None) -> Iterator[Path]:
+    """A temporary path beside ``path`` for the block to write; made ``path`` atomically when the block ends.
+
+    For writers that open the file by name themselves (PyAV's muxer). When the block raises, the temporary
+    file is removed and ``path`` is left as it was. ``temp_name`` names the temporary file (in ``path``'s
+    folder), for a caller that must recognise its leftovers after a process was killed (no clean-up runs
+    then); by default it is ``.<name>.tmp-<pid>-<thread>``.
+    """
+    path = Path(path)
+    if temp_name is not None and Path(temp_name).name != temp_name:
+        raise ValueError(f"temp_name must be a file name in {path.parent}, got {temp_name!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(temp_name) if temp_name is not None else _temp_path(path)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
 def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    # pid and thread: two writers of one file never share a temporary file
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    tmp = _temp_path(path)
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -46,9 +80,13 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
+
+
+def _temp_path(path: Path) -> Path:
+    # pid and thread: two writers of one file never share a temporary file
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
 
 
 def _fsync_dir(folder: Path) -> None:

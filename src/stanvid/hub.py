@@ -44,7 +44,7 @@ from safetensors.torch import load_file
 from stanvid import convert, zoo
 from stanvid.config import ARCHITECTURE_OVERRIDES, CLIPConfig, ModelConfig, PreprocessConfig, clip_preset
 from stanvid.errors import CheckpointError, ConfigError
-from stanvid.fileio import _atomic_write
+from stanvid.fileio import atomic_write_stream
 from stanvid.model import VideoCLIP
 from stanvid.pretrained import CONFIG_NAME, WEIGHTS_NAME
 
@@ -472,8 +472,8 @@ def _download_openai(name: str) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
-        # streamed (hundreds of MB): fileio's writer with a callback; TODO(lead): a public name for it in fileio
-        _atomic_write(target, lambda f: _fetch(url, f))
+        # streamed to disk (hundreds of MB), renamed into place only when complete
+        atomic_write_stream(target, lambda f: _fetch(url, f))
     except (urllib.error.URLError, OSError) as exc:
         raise CheckpointError(
             f"cannot download {name} from {url} ({exc}). Download it on a machine with internet access and "

@@ -4,7 +4,7 @@ This is what CLIP4Clip users do with ffmpeg scripts before training (3 fps, shor
 becomes 90 small frames that decode in milliseconds, and a keyframe every second makes any sampled frame a
 short decode away. `prepare_videos` does it for a whole tree, in parallel processes, and can be stopped and
 re-run: every output is written to a temporary file in its final folder and renamed into place when complete
-(`os.replace` is atomic), so an output that exists is a finished one and is skipped. A manifest in DST records
+(`stanvid.fileio.atomic_path`), so an output that exists is a finished one and is skipped. A manifest in DST records
 the settings, so a re-run with different settings fails instead of mixing two kinds of outputs. A file that
 cannot be converted is reported with its error, and the rest go on.
 
@@ -34,10 +34,9 @@ import numpy as np
 from tqdm import tqdm
 
 from stanvid.errors import ConfigError, StanvidError, VideoReadError
+from stanvid.fileio import atomic_path, atomic_write_text
+from stanvid.video_io import SKIP_NONREF_CODECS, VIDEO_EXTENSIONS, video_stream
 
-# decoders that honour skip_frame = NONREF per packet (as stanvid.video_io uses them)
-_SKIP_NONREF_CODECS = frozenset({"h264", "hevc", "mpeg4"})
-VIDEO_EXTENSIONS = frozenset({".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v"})
 MANIFEST = ".stanvid-prepare.json"
 _PARTIAL = ".partial.mp4"
 
@@ -248,9 +247,7 @@ def _claim_output_folder(dst: Path, settings: PrepareSettings) -> None:
                 f"{dst} was prepared with other settings: {diff}; use another output folder, or delete it"
             )
         return
-    tmp = manifest.with_name(f"{MANIFEST}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(wanted, indent=2) + "\n")
-    os.replace(tmp, manifest)
+    atomic_write_text(manifest, json.dumps(wanted, indent=2) + "\n")
 
 
 def _convert_reporting(video: Path, out: Path, settings: PrepareSettings, threads: int) -> str | None:
@@ -282,13 +279,10 @@ def convert_video(
     for name in os.listdir(out.parent):  # partial files of this output left by an interrupted run
         if stale.fullmatch(name):
             (out.parent / name).unlink(missing_ok=True)
-    tmp = out.with_name(f".{out.stem}.{os.getpid()}.{time.monotonic_ns()}{_PARTIAL}")
-    try:
-        written = _encode(video, tmp, settings, threads)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return written
+    # named so that the clean-up above recognises it when a killed run leaves it behind
+    partial = f".{out.stem}.{os.getpid()}.{time.monotonic_ns()}{_PARTIAL}"
+    with atomic_path(out, temp_name=partial) as tmp:
+        return _encode(video, tmp, settings, threads)
 
 
 def _encode(video: Path, tmp: Path, settings: PrepareSettings, threads: int) -> int:
@@ -302,11 +296,11 @@ def _encode(video: Path, tmp: Path, settings: PrepareSettings, threads: int) -> 
         av.open(str(video), metadata_errors="ignore") as inp,
         av.open(str(tmp), mode="w", format="mp4") as out,
     ):
-        stream = _video_stream(inp, video)
+        stream = video_stream(inp, video)
         cc = stream.codec_context
         cc.thread_type, cc.thread_count = "AUTO", threads
         # frames no slot shows and no other frame references are not decoded at all (see video_io)
-        skip_nonref = by_pts and cc.name in _SKIP_NONREF_CODECS
+        skip_nonref = by_pts and cc.name in SKIP_NONREF_CODECS
         ostream = None
         for index, frame in enumerate(_decode(inp, stream, needed if skip_nonref else None)):
             slots = needed.get(frame.pts if by_pts else index, 0)
@@ -354,7 +348,7 @@ def _plan_slots(video: Path, fps: float) -> tuple[list[int], list[int], bool]:
     Returns frame keys (pts, or position in decode output when `by_pts` is False), slot counts, and by_pts.
     """
     with av.open(str(video), metadata_errors="ignore") as inp:
-        stream = _video_stream(inp, video)
+        stream = video_stream(inp, video)
         time_base = stream.time_base
         pts, durations = [], []
         for packet in inp.demux(stream):
@@ -370,7 +364,7 @@ def _plan_slots(video: Path, fps: float) -> tuple[list[int], list[int], bool]:
         last = durations[order[-1]] * float(time_base)
     else:
         with av.open(str(video), metadata_errors="ignore") as inp:
-            stream = _video_stream(inp, video)
+            stream = video_stream(inp, video)
             count = sum(1 for _ in inp.decode(stream))
         if not rate:
             raise VideoReadError(f"{video}: frames carry no timestamps and the stream gives no frame rate")
@@ -397,13 +391,6 @@ def _slot_counts(times: np.ndarray, end: float, fps: float) -> np.ndarray:
     num_slots = max(1, math.ceil((end - times[0]) * fps - eps))
     chosen = np.searchsorted(rel, np.arange(num_slots) / fps + eps, side="right") - 1  # (S,) frame per slot
     return np.bincount(chosen, minlength=len(times))
-
-
-def _video_stream(inp, video: Path):
-    for stream in inp.streams.video:
-        if not stream.disposition & av.stream.Disposition.attached_pic:  # skip cover art
-            return stream
-    raise VideoReadError(f"{video}: no video stream (a {inp.format.name} file)")
 
 
 def _output_size(width: int, height: int, short_side: int | None) -> tuple[int, int]:

@@ -41,7 +41,7 @@ from stanvid.config import ModelConfig, PreprocessConfig
 from stanvid.data.datasets import SplitFiles, read_split
 from stanvid.data.recognition import RecognitionAnnotations, RecognitionDataset
 from stanvid.data.retrieval import RetrievalAnnotations, RetrievalDataset
-from stanvid.distributed import default_device, rank_world
+from stanvid.distributed import default_device, launch_world_size, rank_world
 from stanvid.errors import CheckpointError, ConfigError
 from stanvid.evaluate import evaluate_recognition, evaluate_retrieval, write_results, zero_shot_model
 from stanvid.heads import LinearHead
@@ -476,11 +476,7 @@ def check_run(recipe: Recipe, *, resume: bool = False) -> str:
         + f", {cfg.num_frames} frames, image {cfg.clip.vision.image_size}, "
         f"{n_params / 1e6:.1f}M parameters ({n_new / 1e6:.1f}M new, lr x{recipe.optim.new_param_lr_mult:g})",
     )
-    world = (
-        dist.get_world_size()
-        if dist.is_available() and dist.is_initialized()
-        else int(os.environ.get("WORLD_SIZE", "1"))
-    )
+    world = launch_world_size()
     if train_items:
         batches = train_items // (t.batch_size * world)
         if batches == 0:

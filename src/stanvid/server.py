@@ -47,6 +47,7 @@ from stanvid.model import VideoCLIP
 from stanvid.query import FileHit, QueryError
 from stanvid.query import Query as SearchQuery
 from stanvid.query import search as search_query
+from stanvid.video_io import VIDEO_MEDIA_TYPES
 
 __all__ = ["create_app"]
 
@@ -59,14 +60,6 @@ _MAX_ID = 10**18 - 1  # ids are SQLite rowids; 18 digits keep every one within i
 _BLANK = " \t\n\r\f\v"  # what a query may not consist of only (the same set in the schema's pattern)
 _NOT_BLANK = "[^ \t\n\r\f\v]"
 _RANGE = re.compile(r"bytes=(\d{0,18})-(\d{0,18})", re.ASCII)  # 18 digits: beyond any file, within int64
-_VIDEO_TYPES = {
-    ".mp4": "video/mp4",
-    ".m4v": "video/mp4",
-    ".mov": "video/quicktime",
-    ".webm": "video/webm",
-    ".mkv": "video/x-matroska",
-    ".avi": "video/x-msvideo",
-}
 
 
 class ErrorBody(BaseModel):
@@ -123,8 +116,10 @@ def _binary(types: Any, description: str) -> dict[str, Any]:
 
 
 _VIDEO_RESPONSES = {
-    200: _binary([*dict.fromkeys(_VIDEO_TYPES.values()), "application/octet-stream"], "the whole file"),
-    206: _binary([*dict.fromkeys(_VIDEO_TYPES.values()), "application/octet-stream"], "the requested range"),
+    200: _binary([*dict.fromkeys(VIDEO_MEDIA_TYPES.values()), "application/octet-stream"], "the whole file"),
+    206: _binary(
+        [*dict.fromkeys(VIDEO_MEDIA_TYPES.values()), "application/octet-stream"], "the requested range"
+    ),
     **_errors(400, 404, 409, 416, 503),
 }
 
@@ -343,7 +338,7 @@ def create_app(
         file, st, relpath = opened
         try:
             size = st.st_size
-            media_type = _VIDEO_TYPES.get(Path(relpath).suffix.lower(), "application/octet-stream")
+            media_type = VIDEO_MEDIA_TYPES.get(Path(relpath).suffix.lower(), "application/octet-stream")
             headers = {"Accept-Ranges": "bytes"}
             status, start, length = 200, 0, size
             if range_header is not None:

@@ -45,8 +45,28 @@ from torch.utils.data import get_worker_info
 from stanvid.errors import VideoReadError
 
 # Decoders that read `skip_frame` for every frame they decode (so it can change between packets) and whose
-# NONREF rule only drops frames nothing refers to. Frame-exactness with the switch is checked by the tests.
-_SKIP_NONREF_CODECS = frozenset({"h264", "hevc", "mpeg4"})
+# NONREF rule only drops frames nothing refers to. Frame-exactness with the switch is checked by the tests;
+# `stanvid.prepare` skips frames by the same rule.
+SKIP_NONREF_CODECS = frozenset({"h264", "hevc", "mpeg4"})
+
+# The video files stanvid reads, by extension (lower case), with the media type a browser is sent for each.
+# One table for every place that finds videos (datasets, the index, prepare-videos) and for the server, so a
+# file one of them accepts is never one another ignores. The order is the order `VideoFinder` tries
+# extensions in when an annotation names a video without one.
+VIDEO_MEDIA_TYPES: dict[str, str] = {
+    ".mp4": "video/mp4",
+    ".webm": "video/webm",
+    ".avi": "video/x-msvideo",
+    ".mkv": "video/x-matroska",
+    ".mov": "video/quicktime",
+    ".m4v": "video/mp4",  # MPEG-4 with Apple's extension: browsers play it as video/mp4
+    ".flv": "video/x-flv",
+    ".mpg": "video/mpeg",
+    ".mpeg": "video/mpeg",
+    ".3gp": "video/3gpp",
+    ".ogv": "video/ogg",
+}
+VIDEO_EXTENSIONS: tuple[str, ...] = tuple(VIDEO_MEDIA_TYPES)
 
 _INDEX_CACHE_SIZE = 64  # ~60 bytes per packet: 30 MB at most for 5-minute videos
 
@@ -206,7 +226,10 @@ def _open(path: str) -> av.container.InputContainer:
         raise VideoReadError(f"{path}: not a readable video ({_reason(exc)})") from None
 
 
-def _video_stream(container: av.container.InputContainer, path: str) -> av.video.stream.VideoStream:
+def video_stream(
+    container: av.container.InputContainer, path: str | os.PathLike
+) -> av.video.stream.VideoStream:
+    """The container's first video stream that is not cover art; `VideoReadError` naming `path` if none."""
     for stream in container.streams.video:
         if not stream.disposition & av.stream.Disposition.attached_pic:  # skip cover art
             return stream
@@ -215,7 +238,7 @@ def _video_stream(container: av.container.InputContainer, path: str) -> av.video
 
 def _build_index(path: str) -> _Index:
     with _open(path) as container:
-        stream = _video_stream(container, path)
+        stream = video_stream(container, path)
         pts: list[int | None] = []
         dts: list[int | None] = []
         key: list[bool] = []
@@ -344,7 +367,7 @@ def _count_decoded(path: str) -> tuple[int, tuple[int, int], str | None]:
     frames. Damaged frames at the very end (a truncated last packet) are not counted."""
     count, size, problems = 0, (0, 0), []
     with _open(path) as container:
-        stream = _video_stream(container, path)
+        stream = video_stream(container, path)
         _configure(stream.codec_context, 0, frame_threads=False)
         for i, frame in enumerate(_decode_all(container, stream, path, problems)):
             if not frame.is_corrupt:
@@ -355,7 +378,7 @@ def _count_decoded(path: str) -> tuple[int, tuple[int, int], str | None]:
 
 def _first_frame_size(path: str) -> tuple[int, int]:
     with _open(path) as container:
-        stream = _video_stream(container, path)
+        stream = video_stream(container, path)
         for frame in _decode_all(container, stream, path, []):
             return frame.width, frame.height
     raise VideoReadError(f"{path}: no frame could be decoded")
@@ -489,7 +512,7 @@ def _decode_runs(
         stream = container.streams.get(index.stream_index)[0]
         cc = stream.codec_context
         _configure(cc, threads)
-        skip_nonref = cc.name in _SKIP_NONREF_CODECS
+        skip_nonref = cc.name in SKIP_NONREF_CODECS
         fresh = True  # nothing demuxed yet: the demuxer stands at decode position 0
         for run in runs:
             if fresh and run.start == 0:

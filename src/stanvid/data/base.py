@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from stanvid.errors import ConfigError, DatasetError, VideoReadError
+from stanvid.video_io import VIDEO_EXTENSIONS
 
 __all__ = [
     "VIDEO_EXTENSIONS",
@@ -39,8 +40,6 @@ __all__ = [
     "read_lines",
     "require_field",
 ]
-
-VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".3gp", ".ogv")
 
 
 def check_caption(text: Any, where: str) -> str:
@@ -228,7 +227,6 @@ class VideoClipDataset(Dataset):
             raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.on_error = on_error
         self.seed = int(seed)
-        self.skipped: list[SkippedSample] = []
         self._rng: np.random.Generator | None = None
         self._rng_owner: tuple[int, int | None] | None = None
         self._epoch_seed: tuple[int, int] | None = None
@@ -277,9 +275,8 @@ class VideoClipDataset(Dataset):
         except VideoReadError as err:
             if self.on_error == "raise":
                 raise
-            record = SkippedSample(index=int(index), path=self._path(index), reason=str(err))
-            self.skipped.append(record)
-            return record
+            # the loader collects it (`collate_skipping`): a list kept here would live in a worker's copy
+            return SkippedSample(index=int(index), path=self._path(index), reason=str(err))
 
     @staticmethod
     def _read_clip(

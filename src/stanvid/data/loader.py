@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from stanvid.data.base import SkippedSample, collate_skipping, format_skipped
 
-__all__ = ["VideoLoader", "make_loader", "seed_worker"]
+__all__ = ["VideoLoader", "make_loader", "build_loader", "seed_worker"]
 
 
 def seed_worker(worker_id: int) -> None:
@@ -89,7 +89,7 @@ def make_loader(
     prefetch_factor: int | None = 2,
     collate_fn: Callable[[list[Any]], Any] | None = None,
 ) -> VideoLoader:
-    """A :class:`VideoLoader` over ``dataset``.
+    """A :class:`VideoLoader` over ``dataset``; under ``torch.distributed``, over this rank's shard of it.
 
     Args:
         batch_size: items per batch (per rank under ``torch.distributed``).
@@ -102,7 +102,63 @@ def make_loader(
         prefetch_factor: batches prefetched per worker (ignored without workers).
         collate_fn: default :func:`collate_skipping`, which also handles ``on_error="skip"`` records.
     """
-    if batch_size <= 0:
+    sampler = None
+    if dist.is_available() and dist.is_initialized():
+        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        shuffle = False  # the sampler shuffles
+    loader = build_loader(
+        dataset,
+        batch_size,
+        shuffle=shuffle,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        seed=seed,
+        drop_last=drop_last,
+        persistent_workers=persistent_workers,
+        prefetch_factor=prefetch_factor,
+        collate_fn=collate_fn,
+    )
+    return VideoLoader(loader)
+
+
+def build_loader(
+    dataset: Dataset,
+    batch_size: int | None,
+    *,
+    shuffle: bool = False,
+    sampler: Sampler | None = None,
+    num_workers: int = 0,
+    pin_memory: bool | None = None,
+    seed: int | torch.Generator = 0,
+    drop_last: bool = False,
+    persistent_workers: bool | None = None,
+    prefetch_factor: int | None = 2,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+    worker_init_fn: Callable[[int], None] | None = seed_worker,
+) -> DataLoader:
+    """The ``DataLoader`` every stanvid loop reads through (training, evaluation, indexing, `make_loader`).
+
+    One place for the settings that make a run repeatable and fast: a generator for the shuffling order and
+    the workers' seeds (never the global torch RNG, so loading draws nothing from it), workers seeded by
+    ``worker_init_fn``, and the worker-only options set only when there are workers.
+
+    Args:
+        batch_size: items per batch; None for a dataset that yields whole batches itself.
+        shuffle: a new random order every epoch, from ``seed``; False with ``sampler``.
+        sampler: the order (and share of a rank), e.g. a ``DistributedSampler``; none is added here.
+        num_workers: worker processes; 0 loads in the calling process.
+        pin_memory: page-locked batches for fast GPU copies; default: when CUDA is available (pinning needs it).
+        seed: an int seeds a new generator; a ``torch.Generator`` is used as it is (a caller that reseeds it
+            between epochs).
+        drop_last: drop the last incomplete batch (training).
+        persistent_workers: keep workers between epochs (a loader iterated more than once); default: when
+            ``num_workers > 0``.
+        prefetch_factor: batches prefetched per worker.
+        collate_fn: default :func:`collate_skipping`, which also handles ``on_error="skip"`` records.
+        worker_init_fn: run in each worker as it starts; default :func:`seed_worker`.
+    """
+    if batch_size is not None and batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
@@ -110,22 +166,15 @@ def make_loader(
         pin_memory = torch.cuda.is_available()
     if persistent_workers is None:
         persistent_workers = num_workers > 0
-    generator = torch.Generator()
-    generator.manual_seed(seed)
-
-    sampler = None
-    if dist.is_available() and dist.is_initialized():
-        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
-        shuffle = False  # the sampler shuffles
-
+    generator = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
     worker_args: dict[str, Any] = {}
     if num_workers > 0:
         worker_args = {
             "persistent_workers": persistent_workers,
             "prefetch_factor": prefetch_factor,
-            "worker_init_fn": seed_worker,
+            "worker_init_fn": worker_init_fn,
         }
-    loader = DataLoader(
+    return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
@@ -137,4 +186,3 @@ def make_loader(
         generator=generator,
         **worker_args,
     )
-    return VideoLoader(loader)

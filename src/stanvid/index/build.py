@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from stanvid.data.loader import build_loader
 from stanvid.distributed import default_device, rank_world
 from stanvid.errors import VideoIndexError
 from stanvid.index.clips import MIN_SEGMENT_SECONDS, _check_segment_seconds
@@ -454,13 +455,16 @@ def _encode_files(
         decoder_threads=0,
     )
     workers = min(budget.decode_workers, len(entries))
-    loader = torch.utils.data.DataLoader(
+    # chunks come whole from the dataset (batch_size None), one pass, decoder threads set per worker
+    loader = build_loader(
         loader_set,
-        batch_size=None,
+        None,
         num_workers=workers,
+        pin_memory=False,
+        persistent_workers=False,
+        prefetch_factor=PREFETCH_PER_WORKER,
         collate_fn=_identity_collate,
-        prefetch_factor=PREFETCH_PER_WORKER if workers else None,
-        worker_init_fn=budget.init_worker if workers else None,
+        worker_init_fn=budget.init_worker,
     )
     rows = cfg.num_frames * (cfg.clip.vision.num_patches + 1)  # token rows one clip puts through a matmul
     per_forward = encode_batch_size(rows, run.runner.device, options.batch_size)

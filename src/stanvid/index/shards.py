@@ -4,7 +4,6 @@ every rank, and the merge of the per-rank shard files into the main index."""
 from __future__ import annotations
 
 import contextlib
-import os
 import sqlite3
 from datetime import timedelta
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from stanvid.distributed import launch_world_size, rank_world
 from stanvid.errors import VideoIndexError
 from stanvid.index.records import _FileEntry
 from stanvid.index.store import SHARD_DIR, _bump_generation, _connect, _get_meta, _insert_file, _transaction
@@ -24,14 +24,11 @@ def _join_group(timeout: timedelta) -> dict[str, Any] | None:
     here, as gloo, and left again by `_leave_group`; a process group the caller started is used as it is.
     None for a run of one process.
     """
-    owned = False
-    if not dist.is_initialized():
-        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-            return None
-        dist.init_process_group("gloo", timeout=timeout)
-        owned = True
-    elif dist.get_world_size() <= 1:
+    if launch_world_size() <= 1:
         return None
+    owned = not dist.is_initialized()
+    if owned:
+        dist.init_process_group("gloo", timeout=timeout)
     pg = dist.new_group(backend="gloo", timeout=timeout) if dist.get_backend() != "gloo" else None
     return {"owned": owned, "group": pg}
 
@@ -46,7 +43,7 @@ def _barrier(group: dict[str, Any] | None, failure: Exception | None) -> None:
     """Wait for every rank, and share failures: when any rank failed, every rank raises (its own exception,
     or a `VideoIndexError` naming the rank that failed), so no rank waits forever for one that gave up."""
     if group is not None:
-        messages: list[str | None] = [None] * dist.get_world_size()
+        messages: list[str | None] = [None] * rank_world()[1]
         mine = None if failure is None else f"{type(failure).__name__}: {failure}"
         dist.all_gather_object(messages, mine, group=group["group"])
         if failure is None:

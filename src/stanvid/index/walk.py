@@ -8,8 +8,7 @@ import stat
 from pathlib import Path
 
 from stanvid.index.records import _FileEntry
-
-VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".mov", ".avi")
+from stanvid.video_io import VIDEO_EXTENSIONS
 
 
 def _walk(root: Path, exclude: Path | None, skipped: list[tuple[str, str]] | None = None) -> list[_FileEntry]:
