@@ -97,8 +97,8 @@ def _calls(tree: ast.AST) -> list[str]:
     return [ast.unparse(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)]
 
 
-# module -> why it may still hold a copy; train.py's loader and rank lookup are moving (issue 15, part "train")
-NOT_YET = {"train.py": "helper 'train' moves its DataLoader and rank lookup to build_loader/rank_world"}
+# module -> why it may still hold a copy (none left: train.py reads through build_loader and rank_world too)
+NOT_YET: dict[str, str] = {}
 
 
 @pytest.mark.parametrize(

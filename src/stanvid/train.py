@@ -75,9 +75,9 @@ from stanvid.checkpoint import (
     newest_readable_checkpoint,
     write_checkpoint,
 )
-from stanvid.data.base import collate_skipping, format_skipped
-from stanvid.data.loader import seed_worker
-from stanvid.distributed import default_device, rank_world
+from stanvid.data.base import format_skipped
+from stanvid.data.loader import build_loader
+from stanvid.distributed import default_device, launch_world_size, rank_world
 from stanvid.errors import CheckpointError, ConfigError, DatasetError
 from stanvid.fileio import atomic_write_bytes, atomic_write_text
 from stanvid.heads import LinearHead, encode_class_names, eval_mode
@@ -127,19 +127,15 @@ def setup_distributed() -> tuple[int, int]:
     ``LOCAL_RANK``), gloo otherwise; ``env://`` rendezvous, so multi-node runs need nothing beyond torchrun's own
     ``--nnodes/--rdzv-*`` flags. An existing group (initialised by the caller) is used as it is.
     """
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
+    if launch_world_size() > 1 and not (dist.is_available() and dist.is_initialized()):
         if not dist.is_available():
             raise ConfigError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(default_device())
             dist.init_process_group("nccl")
         else:
             dist.init_process_group("gloo")
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return rank_world()
 
 
 # ---- optimizer and schedule ----------------------------------------------------------------------------------
@@ -760,20 +756,16 @@ def _build_data(
         raise ConfigError(
             f"train.batch_size {tr.batch_size} x {world} process(es) exceeds the {len(train_set)} training items"
         )
-    generator = torch.Generator()
-    workers = recipe.data.num_workers
-    loader = DataLoader(
+    generator = torch.Generator()  # reseeded per (epoch, start) by `_train_epochs`
+    loader = build_loader(
         _SeededItems(train_set, tr.seed),
-        batch_size=tr.batch_size,
+        tr.batch_size,
         sampler=sampler,
-        num_workers=workers,
-        collate_fn=collate_fn or collate_skipping,
+        num_workers=recipe.data.num_workers,
         pin_memory=device.type == "cuda",
+        seed=generator,
         drop_last=True,
-        generator=generator,
-        worker_init_fn=seed_worker if workers else None,
-        persistent_workers=workers > 0,
-        prefetch_factor=2 if workers else None,
+        collate_fn=collate_fn,
     )
     return _Data(sampler, generator, loader, batches_per_epoch)
 
