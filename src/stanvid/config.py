@@ -201,7 +201,9 @@ class STANConfig:
         if not 0.0 <= float(self.drop_path) < 1.0:
             raise ConfigError(f"STANConfig.drop_path must be in [0, 1), got {self.drop_path!r}")
         ks = tuple(self.kernel_size) if isinstance(self.kernel_size, (list, tuple)) else ()
-        if len(ks) != 3 or any(not isinstance(k, int) or isinstance(k, bool) or k <= 0 or k % 2 == 0 for k in ks):
+        if len(ks) != 3 or any(
+            not isinstance(k, int) or isinstance(k, bool) or k <= 0 or k % 2 == 0 for k in ks
+        ):
             raise ConfigError(
                 f"STANConfig.kernel_size must be three odd positive integers, got {self.kernel_size!r}"
             )
