@@ -17,7 +17,9 @@ import stanvid
 import stanvid.hub
 import stanvid.runs
 from stanvid.cli import main
-from testkit import tiny_model
+from stanvid.config import ModelConfig
+from stanvid.errors import ConfigError
+from testkit import tiny_config, tiny_model
 from videogen import make_frames, write_video
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -173,6 +175,45 @@ def test_every_model_or_recipe_set_is_one_definition():
         *MODEL_COMMANDS,
         *RECIPE_COMMANDS,
     }
+
+
+# ---------------------------------------------------------------------------------------- the same in Python
+def test_load_model_reads_a_string_override_as_the_command_line_does(parity):
+    source = parity("stan_tiny_a/hf_clip")
+    assert stanvid.load_model(source, grad_checkpointing="false").config.grad_checkpointing is False
+    assert stanvid.load_model(source, grad_checkpointing="true").config.grad_checkpointing is True
+    assert stanvid.load_model(source, num_frames="3").config.num_frames == 3
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("num_frames", [4]), ("num_frames", "abc"), ("grad_checkpointing", "maybe"), ("grad_checkpointing", 1),
+     ("mug_tau", True), ("image_mean", "a,b,c"), ("temporal", 3)],
+)  # fmt: skip
+def test_a_wrong_type_for_an_override_is_a_config_error_naming_the_key(key, value):
+    with pytest.raises(ConfigError, match=f"model override {key}: expected"):
+        tiny_config().replace(**{key: value})
+
+
+@pytest.mark.parametrize(
+    "section, field, value",
+    [(None, "grad_checkpointing", "false"), ("stan", "depthwise", "no"), ("stan", "cls_residue", 0),
+     (None, "name", 7), ("stan", "drop_path", "0.1"), (None, "mug_tau", "100")],
+)  # fmt: skip
+def test_config_fields_must_have_their_type(section, field, value):
+    data = tiny_config().to_dict()
+    (data[section] if section else data)[field] = value
+    with pytest.raises(ConfigError, match=field):
+        ModelConfig.from_dict(data)
+
+
+def test_set_grad_checkpointing_refuses_what_is_not_a_bool():
+    model = tiny_model()
+    with pytest.raises(ConfigError, match="grad_checkpointing"):
+        model.set_grad_checkpointing("false")
+    assert model.config.grad_checkpointing is False
+    model.set_grad_checkpointing(True)
+    assert model.config.grad_checkpointing is True
 
 
 # ---------------------------------------------------------------------------------------- missing extras
