@@ -1,4 +1,5 @@
-"""Shared fixtures: where the parity references live, and tiny models built in seconds."""
+"""Shared fixtures: where the parity references live, tiny models built in seconds, one torch thread, a free
+port. Plain helpers (tiny_config, ...) live in `testkit`."""
 
 from __future__ import annotations
 
@@ -11,8 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from stanvid.config import CLIPConfig, ModelConfig, STANConfig, TextConfig, VisionConfig
-from stanvid.model import VideoCLIP
+import testkit
 
 
 def parity_root() -> Path:
@@ -36,31 +36,26 @@ def parity():
     return get
 
 
-def tiny_config(temporal: str = "stan", **kw) -> ModelConfig:
-    """A few-layer CLIP whose sizes differ from every shared reference (nothing may depend on those)."""
-    vision = VisionConfig(
-        width=48, layers=kw.pop("layers", 3), heads=3, patch_size=8, image_size=kw.pop("image", 24)
-    )
-    text = TextConfig(width=32, layers=2, heads=2, context_length=16, vocab_size=kw.pop("vocab", 49408))
-    stan = STANConfig(
-        depth=kw.pop("depth", 2), time_module=kw.pop("time_module", "selfattn"), **kw.pop("stan", {})
-    )
-    return ModelConfig(
-        clip=CLIPConfig(embed_dim=24, vision=vision, text=text),
-        temporal=temporal,
-        stan=stan,
-        num_frames=kw.pop("frames", 5),
-        **kw,
-    )
+@pytest.fixture
+def tiny_model():
+    """`testkit.tiny_model`: a tiny seeded `VideoCLIP` in eval mode, `tiny_model(temporal, seed, **config)`."""
+    return testkit.tiny_model
 
 
 @pytest.fixture
-def tiny_model():
-    def make(temporal: str = "stan", seed: int = 0, **kw) -> VideoCLIP:
-        torch.manual_seed(seed)
-        return VideoCLIP(tiny_config(temporal, **kw)).eval()
+def one_thread():
+    """Tiny models run fastest on one thread; a loaded 2-core machine oversubscribed with two is 100x slower.
+    Files of tiny-model tests use it for every test: `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
-    return make
+
+@pytest.fixture
+def free_port() -> int:
+    """A free TCP port (`testkit.free_port`), for one process group or server per test."""
+    return testkit.free_port()
 
 
 @pytest.fixture(scope="session")

@@ -23,12 +23,7 @@ from videogen import make_frames, write_video
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (see conftest)
 
 
 def _tiny(image: int, patch: int, layers: int, context: int) -> VideoCLIP:

@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_config
 from stanvid.data import RecognitionDataset, RetrievalDataset
 from stanvid.data.recognition import load_kinetics
 from stanvid.data.retrieval_formats import load_video_captions
@@ -20,18 +19,14 @@ from stanvid.heads import LinearHead, encode_class_names
 from stanvid.losses import text_classifier_logits
 from stanvid.metrics import average_views, retrieval_metrics, topk_accuracy
 from stanvid.model import VideoCLIP
+from testkit import tiny_config
 from videogen import make_frames, write_video
 
 FRAMES, SIZE, CONTEXT = 4, 24, 16
 CLASSES = ["archery", "baking bread", "climbing a rope", "diving", "eating an apple", "folding paper"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (see conftest)
 
 
 @pytest.fixture(scope="module")

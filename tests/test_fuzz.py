@@ -18,7 +18,7 @@ pytest.importorskip("faiss")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from stanvid.cli.convert import parse_overrides  # noqa: E402
+from stanvid.cli.common import parse_overrides  # noqa: E402
 from stanvid.config import MODEL_OVERRIDES  # noqa: E402
 from stanvid.errors import ConfigError, VideoReadError  # noqa: E402
 from stanvid.index import (  # noqa: E402

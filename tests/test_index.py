@@ -12,7 +12,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -61,7 +60,8 @@ VIDEOS = {
 }
 
 
-def tiny_model(seed: int = 0) -> stanvid.VideoCLIP:
+def index_model(seed: int = 0) -> stanvid.VideoCLIP:
+    """The index tests' tiny model (32 px frames, 4 frames, STAN depth 1), seeded; other index-like tests share it."""
     torch.manual_seed(seed)
     cfg = ModelConfig(
         clip=CLIPConfig(
@@ -77,7 +77,7 @@ def tiny_model(seed: int = 0) -> stanvid.VideoCLIP:
 
 
 def save_tiny_model(directory: Path, seed: int = 0) -> Path:
-    tiny_model(seed).save_pretrained(directory)
+    index_model(seed).save_pretrained(directory)
     return directory
 
 
@@ -310,9 +310,9 @@ def test_leftover_shards_of_an_interrupted_sharded_run_are_merged(tmp_path, mode
 # ---------------------------------------------------------------------------------------------- identity
 def test_a_different_model_is_refused(tmp_path, built, model_dir):
     root, out, _ = built
-    other = tiny_model(seed=1)
+    other = index_model(seed=1)
     assert model_fingerprint(other) != model_fingerprint(stanvid.load_model(model_dir))
-    assert model_fingerprint(tiny_model(seed=0)) == model_fingerprint(stanvid.load_model(model_dir))
+    assert model_fingerprint(index_model(seed=0)) == model_fingerprint(stanvid.load_model(model_dir))
     with pytest.raises(VideoIndexError, match="not the model that built the index"):
         open_index(out, model=other)
     with pytest.raises(VideoIndexError, match="built with another model"):
@@ -331,11 +331,11 @@ def test_a_different_model_is_refused(tmp_path, built, model_dir):
 
 def test_an_in_memory_model_must_be_passed_back(tmp_path, built):
     root, _, _ = built
-    model = tiny_model(seed=3)
+    model = index_model(seed=3)
     build_index(root, tmp_path / "idx", model, num_workers=0, progress=False)
     with pytest.raises(VideoIndexError, match="in-memory model"):
         search_index(tmp_path / "idx", "x")
-    assert len(search_index(tmp_path / "idx", "x", model=tiny_model(seed=3))) == len(VIDEOS)
+    assert len(search_index(tmp_path / "idx", "x", model=index_model(seed=3))) == len(VIDEOS)
 
 
 def test_bad_arguments(tmp_path, built, model_dir):
@@ -434,21 +434,15 @@ def test_cli_index_and_search(tmp_path, capsys, built, model_dir):
 
 
 # ---------------------------------------------------------------------------------------------- torchrun
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_torchrun_two_ranks_equal_one_process(tmp_path, built, model_dir):
+def test_torchrun_two_ranks_equal_one_process(tmp_path, built, model_dir, free_port):
     root, reference, _ = built
     out = tmp_path / "idx"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def torchrun(model: Path) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-               "--master-port", str(_free_port()), "-m", "stanvid.cli", "index", str(root), "--model", str(model),
+               "--master-port", str(free_port), "-m", "stanvid.cli", "index", str(root), "--model", str(model),
                "--out", str(out), "--segment-seconds", "1", "--workers", "0", "--batch-size", "2", "--no-progress", *FP32]  # fmt: skip
         return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
 

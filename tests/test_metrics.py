@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from stanvid.errors import ConfigError
 from stanvid.metrics import (
     average_views,
     chunked_similarity,
@@ -178,3 +180,92 @@ def test_format_table_lists_every_value():
     assert lines[2].split() == ["plain/v2t", "45.0", "70.2"]
     assert lines[3].split() == ["dsl/t2v", "49.0", "-"]
     assert format_table({"top1": 84.2, "top5": 96.51}, digits=2).splitlines()[1].split() == ["84.20", "96.51"]
+
+
+# ---------------------------------------------------------------------------------------------- ties
+# Scores with ties of every kind: a tie of two at the top (rows 0-1), a tie below a better wrong video
+# (row 2), a four-way tie (row 3), a match that is strictly best (row 4); the columns tie too.
+TIED = np.array(
+    [
+        [0.9, 0.9, 0.1, 0.2, 0.0],
+        [0.9, 0.9, 0.1, 0.2, 0.0],
+        [0.1, 0.8, 0.5, 0.5, 0.5],
+        [0.3, 0.3, 0.3, 0.3, 0.3],
+        [0.2, 0.1, 0.0, 0.2, 0.7],
+    ]
+)
+
+
+def _tie_break_ranks(scores: np.ndarray, match: int) -> list[int]:
+    """The 1-based rank of `match` in every order of the candidates sorted by score, ties in any order."""
+    ranks = []
+    for order in itertools.permutations(range(len(scores))):
+        if all(scores[a] >= scores[b] for a, b in itertools.pairwise(order)):
+            ranks.append(order.index(match) + 1)
+    return ranks
+
+
+def _by_definition(sim: np.ndarray, ties: str) -> dict:
+    """R@1/2/5, MdR, MnR of every tie-break order enumerated: the worst order of each query (pessimistic),
+    the best (optimistic), or the average over the orders, equally likely (expected)."""
+
+    def summary(per_query: list[list[int]]) -> dict:
+        pick = {"pessimistic": max, "optimistic": min}.get(ties)
+        if pick is not None:
+            ranks = np.array([pick(r) for r in per_query], dtype=float)
+            hits = {k: np.mean(ranks <= k) for k in (1, 2, 5)}
+        else:
+            ranks = np.array([np.mean(r) for r in per_query])
+            hits = {k: np.mean([np.mean(np.array(r) <= k) for r in per_query]) for k in (1, 2, 5)}
+        return {
+            **{f"R{k}": 100 * v for k, v in hits.items()},
+            "MdR": float(np.median(ranks)),
+            "MnR": float(np.mean(ranks)),
+        }
+
+    t2v = [_tie_break_ranks(sim[i], i) for i in range(len(sim))]
+    v2t = [_tie_break_ranks(sim[:, j], j) for j in range(sim.shape[1])]
+    return {"t2v": summary(t2v), "v2t": summary(v2t)}
+
+
+@pytest.mark.parametrize("ties", ["pessimistic", "optimistic", "expected"])
+def test_each_tie_rule_matches_its_definition(ties):
+    expected = _by_definition(TIED, ties)
+    _assert_close(retrieval_metrics(TIED, ties=ties, ks=(1, 2, 5), chunk=2), expected)
+    # scores equal up to float rounding are ties once the tolerance covers the rounding
+    nudged = TIED + np.random.default_rng(0).uniform(-1e-9, 1e-9, TIED.shape)
+    _assert_close(retrieval_metrics(nudged, ties=ties, tie_tolerance=1e-6, ks=(1, 2, 5)), expected)
+
+
+def test_pessimistic_is_the_default_and_the_rules_are_ordered():
+    assert retrieval_metrics(TIED) == retrieval_metrics(TIED, ties="pessimistic")
+    worst, mean, best = (
+        retrieval_metrics(TIED, ties=t)["t2v"] for t in ("pessimistic", "expected", "optimistic")
+    )
+    assert worst["R1"] < mean["R1"] < best["R1"] and worst["MnR"] > mean["MnR"] > best["MnR"]
+    untied = np.random.default_rng(1).normal(size=(6, 6))
+    for ties in ("optimistic", "expected"):  # without ties the rules agree
+        _assert_close(retrieval_metrics(untied, ties=ties), retrieval_metrics(untied))
+
+
+@pytest.mark.parametrize("ties", ["pessimistic", "optimistic", "expected"])
+def test_tie_rules_from_features_equal_the_dense_matrix(ties):
+    # integer features: every dot product is exact, so the duplicated videos tie exactly on both paths
+    rng = np.random.default_rng(2)
+    video = rng.integers(-3, 4, size=(6, 4)).astype(float)
+    video[3] = video[1]
+    text = video + rng.integers(-1, 2, size=video.shape)
+    text[5] = text[0]
+    dense = retrieval_metrics(text @ video.T, ties=ties)
+    assert retrieval_metrics_from_features(text, video, normalize=False, chunk=4, ties=ties) == dense
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [({"ties": "random"}, "ties"), ({"tie_tolerance": -1.0}, "tie_tolerance"), ({"ks": (0,)}, "ks")],
+)
+def test_bad_tie_settings_are_config_errors_naming_the_argument(kwargs, name):
+    with pytest.raises(ConfigError, match=name):
+        retrieval_metrics(TIED, **kwargs)
+    with pytest.raises(ConfigError, match=name):
+        retrieval_metrics_from_features(TIED, TIED, **kwargs)

@@ -34,11 +34,11 @@ from stanvid.mug import mug_similarity  # noqa: E402
 from stanvid.sampling import uniform_indices  # noqa: E402
 from stanvid.tokenizer import tokenize  # noqa: E402
 from stanvid.transforms import EvalTransform  # noqa: E402
-from test_index import VIDEOS, make_folder, tiny_model  # noqa: E402
+from test_index import VIDEOS, index_model, make_folder  # noqa: E402
 
 
 def mug_model_dir(directory):
-    model = tiny_model(seed=5)
+    model = index_model(seed=5)
     model.config.similarity = "mug"
     model.save_pretrained(directory)
     return directory
@@ -124,7 +124,7 @@ def test_deleted_files_take_their_frame_vectors_along(tmp_path):
 
 
 def test_a_cosine_index_stores_no_frames(tmp_path):
-    tiny_model().save_pretrained(tmp_path / "m")
+    index_model().save_pretrained(tmp_path / "m")
     root = make_folder(tmp_path / "videos", {"a.mp4": VIDEOS["a.mp4"]})
     build_index(root, tmp_path / "idx", tmp_path / "m", num_workers=0, progress=False)
     assert all(frames is None for *_, frames in stored(tmp_path / "idx"))

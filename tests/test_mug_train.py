@@ -11,24 +11,19 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from conftest import tiny_config
 from stanvid.checkpoint import latest_checkpoint, load_checkpoint
 from stanvid.evaluate import evaluate_retrieval, mug_scores
 from stanvid.metrics import retrieval_metrics
 from stanvid.model import VideoCLIP
 from stanvid.train import Trainer, fit
 from test_mug import _reference_4d
-from test_train import CONTEXT, FRAMES, SIZE, _assert_close_runs, _free_port, recipe
+from test_train import CONTEXT, FRAMES, SIZE, _assert_close_runs, recipe
+from testkit import tiny_config
 
 MODE = "mug_frame_token_simple"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (see conftest)
 
 
 def mug_model(seed: int = 0, mode: str = MODE) -> VideoCLIP:
@@ -110,8 +105,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_two_gloo_ranks_train_the_mug_head_like_one_process(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+def test_two_gloo_ranks_train_the_mug_head_like_one_process(tmp_path, free_port):
+    mp.spawn(_worker, args=(2, free_port, str(tmp_path)), nprocs=2, join=True)
     single = _runs(4, tmp_path / "one")
     _assert_close_runs(
         load_checkpoint(latest_checkpoint(tmp_path / "ddp")),

@@ -464,9 +464,9 @@ def test_index_normalizes_frames_with_the_models_values(tmp_path):
     pytest.importorskip("faiss")
     from stanvid.index import build_index, model_fingerprint
     from stanvid.transforms import EvalTransform
-    from test_index import reference_embedding, rows, tiny_model, write_clip
+    from test_index import index_model, reference_embedding, rows, write_clip
 
-    model = tiny_model()
+    model = index_model()
     mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
     custom = stanvid.VideoCLIP(model.config.replace(image_mean=mean, image_std=std)).eval()
     custom.load_state_dict(model.state_dict())

@@ -19,7 +19,7 @@ from PIL import Image  # noqa: E402
 import stanvid  # noqa: E402
 from stanvid.index import VideoIndexError, build_index, open_index  # noqa: E402
 from stanvid.server import MAX_K, MAX_QUERY_CHARS, create_app  # noqa: E402
-from test_index import VIDEOS, make_folder, save_tiny_model, tiny_model  # noqa: E402
+from test_index import VIDEOS, index_model, make_folder, save_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -179,4 +179,4 @@ def test_a_file_removed_after_indexing_is_a_404_not_a_500(tmp_path):
 def test_the_app_refuses_a_different_model(served):
     _, _, out = served
     with pytest.raises(VideoIndexError, match="not the model"):
-        create_app(out, model=tiny_model(seed=5))
+        create_app(out, model=index_model(seed=5))

@@ -4,7 +4,6 @@ schedulers, the text classifier vs the linear head it initialises."""
 from __future__ import annotations
 
 import math
-import socket
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from conftest import tiny_config
 from stanvid.checkpoint import latest_checkpoint, load_checkpoint
 from stanvid.data import RetrievalDataset
 from stanvid.data.retrieval_formats import load_video_captions
@@ -29,21 +27,17 @@ from stanvid.train import (
     fit,
     param_groups,
 )
+from testkit import tiny_config
 from videogen import make_frames, write_video
 
 FRAMES, SIZE, CONTEXT = 4, 24, 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; a loaded 2-core machine oversubscribed with two is 100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (see conftest)
 
 
-def tiny_model(seed: int = 0, **kw) -> VideoCLIP:
+def train_model(seed: int = 0, **kw) -> VideoCLIP:
+    """A tiny seeded model in training mode, sized for this file's FRAMES and SIZE."""
     torch.manual_seed(seed)
     return VideoCLIP(tiny_config(frames=FRAMES, image=SIZE, **kw))
 
@@ -107,7 +101,7 @@ class MemoryRecognition(torch.utils.data.Dataset):
 
 
 def test_param_groups_follow_the_no_decay_rules():
-    model = tiny_model()
+    model = train_model()
     model.logit_scale.requires_grad_(True)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
 
@@ -182,7 +176,7 @@ def test_lr_schedule_matches_torch_linear_then_cosine(warmup, cosine, min_ratio,
 
 
 def test_linear_head_starts_as_the_text_classifier():
-    model = tiny_model().eval()
+    model = train_model().eval()
     classes = encode_class_names(model, ["jumping", "running", "cooking soup"], CONTEXT)
     video = model.encode_video(torch.randn(5, FRAMES, 3, SIZE, SIZE))
     head = LinearHead.from_class_features(classes, 50.0)
@@ -194,7 +188,7 @@ def test_linear_head_starts_as_the_text_classifier():
 @pytest.mark.parametrize("classifier", ["text", "linear"])
 def test_recognition_training_keeps_the_text_tower_frozen(tmp_path, classifier):
     names = NAMES
-    model = tiny_model()
+    model = train_model()
     text_before = {k: v.clone() for k, v in model.text.state_dict().items()}
     visual_before = model.visual.proj.weight.clone()
     r = recipe(
@@ -235,7 +229,7 @@ def _ddp_recipe(batch_size: int, task: str = "retrieval") -> Recipe:
 
 
 def _ddp_model() -> VideoCLIP:
-    return tiny_model(seed=3, stan={"drop_path": 0.0})  # no random drop-path: ranks would draw differently
+    return train_model(seed=3, stan={"drop_path": 0.0})  # no random drop-path: ranks would draw differently
 
 
 def _ddp_runs(batch_size: int, out: Path, device: str = "cpu") -> dict:
@@ -271,12 +265,6 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _assert_close_runs(ddp_state: dict, one_state: dict) -> None:
     assert ddp_state["step"] == one_state["step"] == 2
     for key, value in one_state["model"].items():
@@ -293,8 +281,8 @@ def _assert_close_runs(ddp_state: dict, one_state: dict) -> None:
             )
 
 
-def test_two_gloo_ranks_train_and_evaluate_like_one_process(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+def test_two_gloo_ranks_train_and_evaluate_like_one_process(tmp_path, free_port):
+    mp.spawn(_ddp_worker, args=(2, free_port, str(tmp_path)), nprocs=2, join=True)
     single = _ddp_runs(4, tmp_path / "one")
     for task in ("retrieval", "recognition"):
         _assert_close_runs(
@@ -382,7 +370,7 @@ def test_resume_after_a_crash_or_a_stop_equals_the_uninterrupted_run(tmp_path, c
     """Real decoded videos with random frames and crops, drop-path, a learned temperature, accumulation over 2
     micro-batches: 6 optimizer steps over 3 epochs, then the same interrupted and resumed."""
     data = _caption_set(caption_data)
-    full = fit(tiny_model(), data, _resume_recipe(0), out_dir=tmp_path / "full", progress=False)
+    full = fit(train_model(), data, _resume_recipe(0), out_dir=tmp_path / "full", progress=False)
     assert full.steps == 6 and full.epochs == 3
     reference = load_checkpoint(full.checkpoint)
 
@@ -390,16 +378,16 @@ def test_resume_after_a_crash_or_a_stop_equals_the_uninterrupted_run(tmp_path, c
     crashing = _caption_set(caption_data)
     crash_on_read(monkeypatch, crashing, 11)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        fit(tiny_model(), crashing, _resume_recipe(0), out_dir=tmp_path / "crash", progress=False)
+        fit(train_model(), crashing, _resume_recipe(0), out_dir=tmp_path / "crash", progress=False)
     assert load_checkpoint(latest_checkpoint(tmp_path / "crash"))["step"] == 2
     with pytest.raises(ConfigError, match="already holds checkpoints"):
-        fit(tiny_model(), data, _resume_recipe(0), out_dir=tmp_path / "crash", progress=False)
+        fit(train_model(), data, _resume_recipe(0), out_dir=tmp_path / "crash", progress=False)
     with pytest.raises(ConfigError, match="optim.lr"):
         changed = _resume_recipe(0)
         changed.optim.lr = 1e-3
-        fit(tiny_model(), data, changed, out_dir=tmp_path / "crash", resume=True, progress=False)
+        fit(train_model(), data, changed, out_dir=tmp_path / "crash", resume=True, progress=False)
     resumed = fit(
-        tiny_model(seed=7), data, _resume_recipe(0), out_dir=tmp_path / "crash", resume=True, progress=False
+        train_model(seed=7), data, _resume_recipe(0), out_dir=tmp_path / "crash", resume=True, progress=False
     )
     _assert_same_run(load_checkpoint(resumed.checkpoint), reference)
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
@@ -407,11 +395,11 @@ def test_resume_after_a_crash_or_a_stop_equals_the_uninterrupted_run(tmp_path, c
 
     # stop mid-epoch with max_steps, decoding in 2 worker processes; resume to the end
     stopped = fit(
-        tiny_model(), data, _resume_recipe(2, max_steps=3), out_dir=tmp_path / "stop", progress=False
+        train_model(), data, _resume_recipe(2, max_steps=3), out_dir=tmp_path / "stop", progress=False
     )
     assert stopped.steps == 3 and stopped.epochs == 1
     resumed = fit(
-        tiny_model(), data, _resume_recipe(2), out_dir=tmp_path / "stop", resume=True, progress=False
+        train_model(), data, _resume_recipe(2), out_dir=tmp_path / "stop", resume=True, progress=False
     )
     _assert_same_run(load_checkpoint(resumed.checkpoint), reference)
     logged = [line for line in (tmp_path / "stop" / "log.jsonl").read_text().splitlines() if '"loss"' in line]
@@ -422,16 +410,16 @@ def test_resume_skips_a_truncated_newest_checkpoint(tmp_path, caption_data, caps
     """The newest checkpoint cut short (a full disk, a copy interrupted): --resume says which one it skipped and
     why, continues from the previous one, and still reaches the uninterrupted run's weights bit for bit."""
     data = _caption_set(caption_data)
-    full = fit(tiny_model(), data, _resume_recipe(0), out_dir=tmp_path / "full", progress=False)
+    full = fit(train_model(), data, _resume_recipe(0), out_dir=tmp_path / "full", progress=False)
     stopped = fit(
-        tiny_model(), data, _resume_recipe(0, max_steps=3), out_dir=tmp_path / "run", progress=False
+        train_model(), data, _resume_recipe(0, max_steps=3), out_dir=tmp_path / "run", progress=False
     )
     newest = latest_checkpoint(tmp_path / "run")
     assert stopped.steps == 3 and newest.name == "step-00000003.pt"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     capsys.readouterr()
     resumed = fit(
-        tiny_model(), data, _resume_recipe(0), out_dir=tmp_path / "run", resume=True, progress=False
+        train_model(), data, _resume_recipe(0), out_dir=tmp_path / "run", resume=True, progress=False
     )
     err = capsys.readouterr().err
     assert f"skipping {newest}" in err and "not a readable stanvid training checkpoint" in err
@@ -441,7 +429,7 @@ def test_resume_skips_a_truncated_newest_checkpoint(tmp_path, caption_data, caps
     for path in (tmp_path / "run" / "checkpoints").glob("*.pt"):  # none reads: the error names the newest
         path.write_bytes(b"")
     with pytest.raises(CheckpointError, match="step-00000006.pt"):
-        fit(tiny_model(), data, _resume_recipe(0), out_dir=tmp_path / "run", resume=True, progress=False)
+        fit(train_model(), data, _resume_recipe(0), out_dir=tmp_path / "run", resume=True, progress=False)
 
 
 def test_the_epoch_seed_hook_makes_an_item_a_function_of_seed_epoch_and_index(caption_data):

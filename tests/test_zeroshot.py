@@ -33,7 +33,7 @@ from stanvid.zeroshot import (  # noqa: E402
     load_labels,
     write_predictions,
 )
-from test_index import VIDEOS, make_folder, save_tiny_model, tiny_model  # noqa: E402
+from test_index import VIDEOS, index_model, make_folder, save_tiny_model  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- demo proof
@@ -71,7 +71,7 @@ def test_classify_demo_clips_by_their_captions_beats_chance(demo_run, templates)
 
 # ---------------------------------------------------------------------------------------------- classifier
 def test_class_weights_average_the_prompt_embeddings():
-    model = tiny_model(0)
+    model = index_model(0)
     names = ["riding a bike", "cooking"]
     templates = ["a video of {}.", "{}"]
     got = class_weights(model, names, templates)
@@ -94,7 +94,7 @@ def test_shipped_label_sets():
 
 def test_classify_scores_equal_a_direct_computation(tmp_path):
     root = make_folder(tmp_path / "videos")
-    model = tiny_model(0)
+    model = index_model(0)
     labels = ["a red ball", "a green field", "a dark room"]
     report = classify(root, model, labels, top=2, progress=False)
     assert sorted(Path(p).name for p, _ in report.failed) == ["broken.mp4"]
@@ -112,7 +112,7 @@ def test_classify_scores_equal_a_direct_computation(tmp_path):
 
 
 def test_predictions_written_as_csv_and_json(tmp_path):
-    model = tiny_model(0)
+    model = index_model(0)
     root = make_folder(tmp_path / "videos", {"a.mp4": (20, 1, "h264")})
     preds = classify(root, model, ["x", "y", "z"], top=2, progress=False).predictions
     write_predictions(preds, tmp_path / "p.json")

@@ -33,6 +33,28 @@ def _positive_int(obj: Any, *names: str) -> None:
             raise ConfigError(f"{type(obj).__name__}.{name} must be a positive integer, got {value!r}")
 
 
+def _bools(obj: Any, *names: str) -> None:
+    """Switches must be real bools: a YAML/JSON "false" is a str, and `bool("false")` would be True."""
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{type(obj).__name__}.{name} must be true or false, got {value!r}")
+
+
+def _numbers(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{type(obj).__name__}.{name} must be a number, got {value!r}")
+
+
+def _strings(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, str):
+            raise ConfigError(f"{type(obj).__name__}.{name} must be a string, got {value!r}")
+
+
 def _choice(obj: Any, name: str, choices: tuple[str, ...]) -> None:
     value = getattr(obj, name)
     if value not in choices:
@@ -74,6 +96,7 @@ class VisionConfig:
             self.mlp_dim = 4 * self.width
         _positive_int(self, "mlp_dim")
         _choice(self, "act", ACTIVATIONS)
+        _numbers(self, "ln_eps")
         if self.width % self.heads:
             raise ConfigError(f"VisionConfig.width ({self.width}) must be divisible by heads ({self.heads})")
         if self.image_size % self.patch_size:
@@ -109,6 +132,7 @@ class TextConfig:
             self.mlp_dim = 4 * self.width
         _positive_int(self, "mlp_dim")
         _choice(self, "act", ACTIVATIONS)
+        _numbers(self, "ln_eps")
         if self.width % self.heads:
             raise ConfigError(f"TextConfig.width ({self.width}) must be divisible by heads ({self.heads})")
 
@@ -150,6 +174,7 @@ class CLIPConfig:
 
     def __post_init__(self) -> None:
         _positive_int(self, "embed_dim")
+        _numbers(self, "logit_scale_init")
 
 
 @dataclass
@@ -171,10 +196,14 @@ class STANConfig:
     def __post_init__(self) -> None:
         _positive_int(self, "depth", "max_frames")
         _choice(self, "time_module", TIME_MODULES)
+        _bools(self, "cls_residue", "depthwise")
+        _numbers(self, "drop_path")
         if not 0.0 <= float(self.drop_path) < 1.0:
             raise ConfigError(f"STANConfig.drop_path must be in [0, 1), got {self.drop_path!r}")
-        ks = tuple(self.kernel_size)
-        if len(ks) != 3 or any(not isinstance(k, int) or k <= 0 or k % 2 == 0 for k in ks):
+        ks = tuple(self.kernel_size) if isinstance(self.kernel_size, (list, tuple)) else ()
+        if len(ks) != 3 or any(
+            not isinstance(k, int) or isinstance(k, bool) or k <= 0 or k % 2 == 0 for k in ks
+        ):
             raise ConfigError(
                 f"STANConfig.kernel_size must be three odd positive integers, got {self.kernel_size!r}"
             )
@@ -198,6 +227,7 @@ class SeqTransfConfig:
         _positive_int(self, "layers", "max_frames")
         if self.heads is not None:
             _positive_int(self, "heads")
+        _numbers(self, "ln_eps")
 
 
 @dataclass
@@ -231,6 +261,8 @@ class ModelConfig:
         _choice(self, "pooling", POOLINGS)
         _choice(self, "similarity", SIMILARITIES)
         _choice(self, "mug_mode", MUG_MODES)
+        _bools(self, "grad_checkpointing")
+        _strings(self, "name")
         tau = self.mug_tau
         if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 < tau < float("inf"):
             raise ConfigError(f"ModelConfig.mug_tau must be a positive number, got {tau!r}")
@@ -277,15 +309,15 @@ class ModelConfig:
 
         `act` sets both towers' activation; `vision_heads` / `text_heads` the head counts; `image_mean` /
         `image_std` the normalization: what an OpenAI-layout state dict cannot record (see `MODEL_OVERRIDES`).
+        Each value gets its override's type: a str for a non-str override is parsed as on the command line
+        (`grad_checkpointing="false"` is False, as `--set grad_checkpointing=false`), any other wrong type is
+        a ConfigError naming the key.
         """
         data = self.to_dict()
         for key, value in overrides.items():
             if value is None:
                 continue
-            if key not in MODEL_OVERRIDES:
-                raise ConfigError(
-                    f"unknown model override {key!r}; valid overrides: {', '.join(MODEL_OVERRIDES)}"
-                )
+            value = typed_override(key, value)
             for path in MODEL_OVERRIDES[key][0]:
                 node = data
                 for part in path[:-1]:
@@ -335,19 +367,38 @@ def parse_model_override(item: str) -> tuple[str, Any]:
     key, text = key.strip(), text.strip()
     if not sep or not key:
         raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+    return key, typed_override(key, text, where="--set ")
+
+
+def typed_override(key: str, value: Any, where: str = "model override ") -> Any:
+    """`value` as the type of the model override `key`: a str is parsed by the override's parser (the command
+    line's), a value of the right type passes, anything else is a ConfigError naming the key."""
     if key not in MODEL_OVERRIDES:
         raise ConfigError(f"unknown model override {key!r}; valid overrides: {', '.join(MODEL_OVERRIDES)}")
     parse = MODEL_OVERRIDES[key][1]
-    try:
-        return key, parse(text)
-    except ValueError:
-        kind = {
-            int: "an integer",
-            float: "a number",
-            _bool: "true or false",
-            _floats: "comma-separated numbers",
-        }.get(parse, "text")
-        raise ConfigError(f"--set {key}: expected {kind}, got {text!r}") from None
+    kind, accepts = _OVERRIDE_KINDS[parse]
+    if isinstance(value, str) and parse is not str:
+        try:
+            return parse(value.strip())
+        except ValueError:
+            raise ConfigError(f"{where}{key}: expected {kind}, got {value!r}") from None
+    if not accepts(value):
+        raise ConfigError(f"{where}{key}: expected {kind}, got {value!r}")
+    return value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# override parser -> (what it expects, in words; test of a value given already typed, from Python)
+_OVERRIDE_KINDS = {
+    str: ("text", lambda v: isinstance(v, str)),
+    int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    float: ("a number", _is_number),
+    _bool: ("true or false", lambda v: isinstance(v, bool)),
+    _floats: ("comma-separated numbers", lambda v: isinstance(v, (list, tuple)) and all(map(_is_number, v))),
+}
 
 
 _NESTED = {

@@ -7,10 +7,15 @@ for each text; video-to-text (v2t) ranks the texts for each video (the matrix tr
 
 Conventions where the reference is undefined or does not apply:
 
-* **Ties** count against the query: the rank of the match is ``1 + #{wrong candidates scoring >= the match}``.
-  The official ``np.where(sorted == diagonal)`` returns several positions for a tied row and then mixes them
-  into the statistics; counting ties as losses instead is deterministic and gives a degenerate model (constant
-  scores) the worst rank, not the best.
+* **Ties** count against the query by default (``ties="pessimistic"``): the rank of the match is
+  ``1 + #{wrong candidates scoring >= the match}``. The official ``np.where(sorted == diagonal)`` returns
+  several positions for a tied row and then mixes them into the statistics; counting ties as losses instead is
+  deterministic and gives a degenerate model (constant scores) the worst rank, not the best. With ``g`` wrong
+  candidates above the match and ``e`` tied with it, ``ties="optimistic"`` ranks it ``g + 1`` (ties count
+  for it) and ``ties="expected"`` takes the expectation under a uniformly random order of the tied block: the
+  rank is uniform over ``g + 1 .. g + e + 1``, so R@K counts ``clip((K - g) / (e + 1), 0, 1)`` of a hit, and
+  MnR / MdR use the expected rank ``g + 1 + e / 2``. ``tie_tolerance`` counts scores that close as tied (a
+  sum taken in another order differs by float rounding only).
 * **Several captions per video** (MSVD): ``text_to_video[i]`` is the video of text row ``i``. The t2v rank of a
   text is the rank of its video; the v2t rank of a video is the best rank, among all texts, of any of its
   captions (``1 + #{captions of other videos scoring >= its best caption}``). CLIP4Clip instead max-pools each
@@ -31,6 +36,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from stanvid.errors import ConfigError
+
 __all__ = [
     "retrieval_metrics",
     "retrieval_metrics_from_features",
@@ -43,6 +50,7 @@ __all__ = [
 
 RETRIEVAL_KEYS = ("R1", "R5", "R10", "MdR", "MnR")
 DEFAULT_CHUNK = 1024
+TIES = ("pessimistic", "optimistic", "expected")
 
 ArrayLike = torch.Tensor | np.ndarray
 
@@ -100,27 +108,40 @@ def _text_to_video(
     return ids
 
 
+def _above_and_tied(
+    block: torch.Tensor, match: torch.Tensor, wrong: torch.Tensor, tolerance: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: wrong candidates scoring above the match, and within `tolerance` of it (the tied block)."""
+    if tolerance == 0:  # exact comparisons: the default, and no float addition that could round
+        above = (block > match) & wrong
+        tied = (block == match) & wrong
+    else:
+        above = (block > match + tolerance) & wrong
+        tied = ((block - match).abs() <= tolerance) & wrong
+    return above.sum(1).cpu(), tied.sum(1).cpu()
+
+
 def _t2v_ranks(
-    rows: Callable[[int, int], torch.Tensor], n_text: int, ids: torch.Tensor, chunk: int
-) -> torch.Tensor:
-    """1-based rank of each text's video among all videos; `rows(a, b)` gives scores (b - a, n_video)."""
-    ranks = torch.empty(n_text, dtype=torch.long)
+    rows: Callable[[int, int], torch.Tensor], n_text: int, ids: torch.Tensor, chunk: int, tolerance: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(above, tied) of each text's video among all videos; `rows(a, b)` gives scores (b - a, n_video)."""
+    above, tied = torch.empty(n_text, dtype=torch.long), torch.empty(n_text, dtype=torch.long)
     for start in range(0, n_text, chunk):
         stop = min(start + chunk, n_text)
         block = rows(start, stop)  # (R, M)
         _check_finite(block, "the similarity")
         target = ids[start:stop].to(block.device)
         true = block.gather(1, target[:, None])  # (R, 1)
-        # The match itself is counted by `>=`, which makes the rank 1-based; tied wrong videos count too.
-        ranks[start:stop] = (block >= true).sum(1).cpu()
-    return ranks
+        wrong = torch.ones_like(block, dtype=torch.bool).scatter_(1, target[:, None], False)
+        above[start:stop], tied[start:stop] = _above_and_tied(block, true, wrong, tolerance)
+    return above, tied
 
 
 def _v2t_ranks(
-    cols: Callable[[int, int], torch.Tensor], n_video: int, ids: torch.Tensor, chunk: int
-) -> torch.Tensor:
-    """1-based best rank of any caption of each video among all texts; `cols(a, b)` gives (b - a, n_text)."""
-    ranks = torch.empty(n_video, dtype=torch.long)
+    cols: Callable[[int, int], torch.Tensor], n_video: int, ids: torch.Tensor, chunk: int, tolerance: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(above, tied) of each video's best caption among all texts; `cols(a, b)` gives (b - a, n_text)."""
+    above, tied = torch.empty(n_video, dtype=torch.long), torch.empty(n_video, dtype=torch.long)
     for start in range(0, n_video, chunk):
         stop = min(start + chunk, n_video)
         block = cols(start, stop)  # (C, N)
@@ -129,23 +150,42 @@ def _v2t_ranks(
             ids.to(block.device)[None, :] == torch.arange(start, stop, device=block.device)[:, None]
         )  # (C, N)
         best = block.masked_fill(~own, -math.inf).amax(1, keepdim=True)  # (C, 1)
-        ranks[start:stop] = ((block >= best) & ~own).sum(1).cpu() + 1
-    return ranks
+        above[start:stop], tied[start:stop] = _above_and_tied(block, best, ~own, tolerance)
+    return above, tied
 
 
-def _summary(ranks: torch.Tensor) -> dict[str, float]:
-    """R@K in percent, MdR/MnR 1-based, computed the way the official metric does (0-based index, then + 1)."""
-    ind = ranks.numpy() - 1
-    n = len(ind)
+def _summary(ranks: tuple[torch.Tensor, torch.Tensor], ties: str, ks: Sequence[int]) -> dict[str, float]:
+    """R@K in percent, MdR/MnR 1-based, from (above, tied) per query under the `ties` rule (module docstring).
+
+    Pessimistic and optimistic ranks are computed the way the official metric does (0-based index, then + 1).
+    """
+    above, tied = ranks
+    n = len(above)
     if n == 0:
         raise ValueError("no queries to rank")
+    if ties == "expected":
+        a, e = above.double(), tied.double()
+        out = {f"R{k}": float(((k - a) / (e + 1)).clamp(0, 1).mean() * 100) for k in ks}
+        expected = (a + e / 2).numpy()  # 0-based expected rank
+        return {**out, "MdR": float(np.median(expected) + 1), "MnR": float(np.mean(expected) + 1)}
+    ind = (above + tied if ties == "pessimistic" else above).numpy()
     return {
-        "R1": float(np.sum(ind == 0)) * 100 / n,
-        "R5": float(np.sum(ind < 5)) * 100 / n,
-        "R10": float(np.sum(ind < 10)) * 100 / n,
+        **{f"R{k}": float(np.sum(ind < k)) * 100 / n for k in ks},
         "MdR": float(np.median(ind) + 1),
         "MnR": float(np.mean(ind) + 1),
     }
+
+
+def _check_ranking(ties: str, tie_tolerance: float, ks: Sequence[int]) -> tuple[float, tuple[int, ...]]:
+    if ties not in TIES:
+        raise ConfigError(f"ties must be one of {', '.join(TIES)}; got {ties!r}")
+    tol = tie_tolerance
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < math.inf:
+        raise ConfigError(f"tie_tolerance must be a number >= 0, got {tol!r}")
+    ks = tuple(ks)
+    if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k <= 0 for k in ks):
+        raise ConfigError(f"ks must be positive integers, got {ks!r}")
+    return float(tol), ks
 
 
 def _check_chunk(chunk: int) -> None:
@@ -195,6 +235,9 @@ def retrieval_metrics(
     *,
     dsl_temperature: float | None = None,
     chunk: int = DEFAULT_CHUNK,
+    ties: str = "pessimistic",
+    tie_tolerance: float = 0.0,
+    ks: Sequence[int] = (1, 5, 10),
 ) -> dict[str, dict[str, float]]:
     """R@1/5/10, MdR, MnR for both directions from a similarity matrix ``sim[text, video]``.
 
@@ -206,11 +249,17 @@ def retrieval_metrics(
         dsl_temperature: when given, the metrics of the dual-softmax re-ranked scores (`dual_softmax`) instead
             of the plain ones; report the two separately, as the paper does.
         chunk: rows (t2v) / columns (v2t) compared at once; only bounds temporary memory.
+        ties: how a wrong candidate scoring the same as the match counts: ``pessimistic`` (against the
+            query, the default), ``optimistic`` (for it) or ``expected`` (a random order of the tied block);
+            see the module docstring.
+        tie_tolerance: scores within this of the match count as tied (default 0: exactly equal).
+        ks: the K of the R@K reported (keys ``R{K}``).
 
     Returns:
         ``{"t2v": {"R1", "R5", "R10", "MdR", "MnR"}, "v2t": {...}}``, R@K in percent, ranks 1-based.
     """
     _check_chunk(chunk)
+    tolerance, ks = _check_ranking(ties, tie_tolerance, ks)
     s = _as_float(_as_tensor(sim, "sim", 2))
     n_text, n_video = s.shape
     ids = _text_to_video(text_to_video, n_text, n_video)
@@ -218,9 +267,9 @@ def retrieval_metrics(
         t2v_sim = v2t_sim = s
     else:
         t2v_sim, v2t_sim = dual_softmax(s, dsl_temperature)
-    t2v = _t2v_ranks(lambda a, b: t2v_sim[a:b], n_text, ids, chunk)
-    v2t = _v2t_ranks(lambda a, b: v2t_sim[:, a:b].T, n_video, ids, chunk)
-    return {"t2v": _summary(t2v), "v2t": _summary(v2t)}
+    t2v = _t2v_ranks(lambda a, b: t2v_sim[a:b], n_text, ids, chunk, tolerance)
+    v2t = _v2t_ranks(lambda a, b: v2t_sim[:, a:b].T, n_video, ids, chunk, tolerance)
+    return {"t2v": _summary(t2v, ties, ks), "v2t": _summary(v2t, ties, ks)}
 
 
 def _features(x: ArrayLike, name: str, normalize: bool) -> torch.Tensor:
@@ -271,6 +320,9 @@ def retrieval_metrics_from_features(
     chunk: int = DEFAULT_CHUNK,
     normalize: bool = True,
     dsl_temperature: float | None = None,
+    ties: str = "pessimistic",
+    tie_tolerance: float = 0.0,
+    ks: Sequence[int] = (1, 5, 10),
 ) -> dict[str, dict[str, float]]:
     """`retrieval_metrics` of the cosine matrix of the features, without ever holding that matrix.
 
@@ -281,10 +333,11 @@ def retrieval_metrics_from_features(
 
     Args:
         text_feats: ``(texts, D)``; video_feats: ``(videos, D)``; torch tensors (any device) or numpy arrays.
-        text_to_video, dsl_temperature: as in `retrieval_metrics`.
+        text_to_video, dsl_temperature, ties, tie_tolerance, ks: as in `retrieval_metrics`.
         normalize: L2-normalize the features first (cosine similarity, as the official metric does).
     """
     _check_chunk(chunk)
+    tolerance, ks = _check_ranking(ties, tie_tolerance, ks)
     t, v = _feature_pair(text_feats, video_feats, normalize)
     n_text, n_video = t.shape[0], v.shape[0]
     ids = _text_to_video(text_to_video, n_text, n_video)
@@ -313,9 +366,9 @@ def retrieval_metrics_from_features(
         def cols(a: int, b: int) -> torch.Tensor:
             return _dsl_weight(v[a:b] @ t.T, row_lse[None, :], temperature)  # (C, N), prior over videos
 
-    t2v = _t2v_ranks(rows, n_text, ids, chunk)
-    v2t = _v2t_ranks(cols, n_video, ids, chunk)
-    return {"t2v": _summary(t2v), "v2t": _summary(v2t)}
+    t2v = _t2v_ranks(rows, n_text, ids, chunk, tolerance)
+    v2t = _v2t_ranks(cols, n_video, ids, chunk, tolerance)
+    return {"t2v": _summary(t2v, ties, ks), "v2t": _summary(v2t, ties, ks)}
 
 
 def topk_accuracy(

@@ -12,6 +12,7 @@ from torch import nn
 
 from stanvid.clip import Attention, TextTransformer, VisionTransformer
 from stanvid.config import ModelConfig
+from stanvid.errors import ConfigError
 from stanvid.hub_upload import push_model
 from stanvid.pretrained import save_pretrained
 from stanvid.stan import STANBranch
@@ -51,11 +52,16 @@ class VideoCLIP(nn.Module):
             self.temporal.init_from_text(self.text)
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute activations in backward (less memory, same outputs and gradients)."""
-        self.config.grad_checkpointing = bool(enabled)
+        """Recompute activations in backward (less memory, same outputs and gradients).
+
+        Only a bool is taken: `bool("false")` is True, so a string from a config file would switch it on.
+        """
+        if not isinstance(enabled, bool):
+            raise ConfigError(f"grad_checkpointing must be True or False, got {enabled!r}")
+        self.config.grad_checkpointing = enabled
         for module in (self.visual, self.text, self.temporal):
             if module is not None:
-                module.grad_checkpointing = bool(enabled)
+                module.grad_checkpointing = enabled
 
     def set_fused_attention(self, enabled: bool = True) -> None:
         """SDPA kernels (default) or the plain-math attention path, for testing one against the other."""

@@ -3,6 +3,10 @@
 Each subcommand lives in its own module under `stanvid.cli` with two functions, `add_parser(subparsers)`
 and `run(args) -> int`; this file lists them explicitly. An input mistake (any `StanvidError`, a missing
 file) prints one line to stderr and exits 2, never a traceback.
+
+The command modules import their optional dependencies (faiss, fastapi, huggingface_hub, ...) only inside
+`run`, so every command's arguments and `--help` are complete whatever is installed; a run that needs a
+missing one prints which extra to install (`OPTIONAL_PACKAGES`).
 """
 
 from __future__ import annotations
@@ -26,22 +30,24 @@ COMMANDS = {
     "embed": "stanvid.cli.embed",
 }
 
+# optional top-level module -> what to install for it (pyproject's optional-dependencies, or the package itself)
+OPTIONAL_PACKAGES = {
+    "faiss": "stanvid[search]",
+    "fastapi": "stanvid[search]",
+    "starlette": "stanvid[search]",
+    "uvicorn": "stanvid[search]",
+    "huggingface_hub": "stanvid[hub]",
+    "pyarrow": "pyarrow",
+}
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stanvid", description="STAN video-text models on CLIP.")
     parser.add_argument("--version", action="version", version=f"stanvid {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name, module in COMMANDS.items():
-        try:
-            mod = import_module(module)
-        except ModuleNotFoundError as exc:  # a subcommand whose optional dependency is absent
-            if exc.name and exc.name.startswith("stanvid"):
-                raise
-            p = sub.add_parser(name, help=f"(unavailable: {exc.name} is not installed)")
-            p.set_defaults(_missing=exc.name)
-            continue
-        mod.add_parser(sub)
+    for module in COMMANDS.values():
+        import_module(module).add_parser(sub)
     return parser
 
 
@@ -56,15 +62,18 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "_missing", None):
+    try:
+        return int(args.func(args) or 0)
+    except ModuleNotFoundError as exc:
+        package = (exc.name or "").partition(".")[0]
+        if package not in OPTIONAL_PACKAGES:
+            raise
         print(
-            f"stanvid {args.command}: needs the package {args._missing!r}; "
-            f"install it with: pip install 'stanvid[search]'",
+            f"stanvid {args.command}: needs the package {package!r}; "
+            f"install it with: pip install '{OPTIONAL_PACKAGES[package]}'",
             file=sys.stderr,
         )
         return 2
-    try:
-        return int(args.func(args) or 0)
     except StanvidError as exc:
         print(f"stanvid {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import sys
-from importlib.util import find_spec
-
-if find_spec("faiss") is None:  # videos are read and embedded by stanvid.index (the `search` extra)
-    raise ModuleNotFoundError("No module named 'faiss'", name="faiss")
 
 
 def add_parser(sub) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from stanvid.cli.common import add_model_overrides, parse_overrides
 from stanvid.errors import ConfigError
 
 
@@ -20,25 +21,9 @@ def add_parser(sub) -> None:
         help="Hugging Face config.json or open_clip open_clip_config.json (or its folder): the architecture of "
         "a state dict that does not record it (needed for official STAN .pth files)",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="model override: temporal=meanP|seqTransf|stan, stan_depth=N, time_module=selfattn|conv, "
-        "num_frames=N, pooling=mean|normalized_mean; for OpenAI-layout state dicts, which do not record them: "
-        "act=gelu|quick_gelu, vision_heads=N, text_heads=N, image_mean=R,G,B, image_std=R,G,B (repeatable)",
-    )
+    add_model_overrides(p)
     p.add_argument("--force", action="store_true", help="write into a non-empty DST")
     p.set_defaults(func=run)
-
-
-def parse_overrides(items: list[str]) -> dict:
-    """`key=value` strings -> overrides typed by `stanvid.config.MODEL_OVERRIDES` (unknown keys refused)."""
-    from stanvid.config import parse_model_override
-
-    return dict(parse_model_override(item) for item in items)
 
 
 def run(args) -> int:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from importlib.util import find_spec
-
-if find_spec("faiss") is None:  # the embeddings are computed by stanvid.index (the `search` extra)
-    raise ModuleNotFoundError("No module named 'faiss'", name="faiss")
+from stanvid.cli.common import add_model_overrides, parse_overrides
 
 
 def add_parser(sub) -> None:
@@ -24,14 +21,7 @@ def add_parser(sub) -> None:
         help="features.npy (vectors; rows described in features.json) or features.parquet (needs pyarrow)",
     )
     p.add_argument("--segment-seconds", type=float, default=None, metavar="S", help="one row per S seconds")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="model override passed to load_model (repeatable)",
-    )
+    add_model_overrides(p)
     p.add_argument("--batch-size", type=int, default=16, help="clips per forward pass (default 16)")
     p.add_argument("--workers", type=int, default=2, help="decoding processes (default 2)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
@@ -40,7 +30,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from stanvid.cli.convert import parse_overrides
     from stanvid.embed import embed_videos
 
     result = embed_videos(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from stanvid.cli.common import add_recipe_overrides
 from stanvid.cli.precision import add_precision_argument
 
 
@@ -26,14 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", help="recipe YAML file (configs/*.yaml)")
     p.add_argument("--checkpoint", help="training checkpoint, trained model folder or model source")
     p.add_argument("--baseline", action="store_true", help="add the zero-shot plain CLIP row")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe value, e.g. --set data.root=/datasets/msrvtt (repeatable)",
-    )
+    add_recipe_overrides(p)
     p.add_argument("--out", type=Path, help="where eval.json / eval.txt go (default: train.output_dir)")
     add_precision_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -7,12 +7,9 @@ its share of the files and rank 0 merges them.
 from __future__ import annotations
 
 import os
-from importlib.util import find_spec
 
+from stanvid.cli.common import add_model_overrides, parse_overrides
 from stanvid.cli.precision import add_precision_argument
-
-if find_spec("faiss") is None:  # the `search` extra; the CLI lists the command as unavailable without it
-    raise ModuleNotFoundError("No module named 'faiss'", name="faiss")
 
 
 def add_parser(sub) -> None:
@@ -36,15 +33,7 @@ def add_parser(sub) -> None:
         metavar="S",
         help="one entry per S-second segment (default: one per video)",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="model override passed to load_model, e.g. num_frames=12, temporal=meanP, similarity=mug "
-        "(Mug-STAN: per-frame vectors kept, search re-ranked by the head) (repeatable)",
-    )
+    add_model_overrides(p)
     p.add_argument(
         "--batch-size", type=int, default=16, help="clips per forward pass and per commit (default 16)"
     )
@@ -79,7 +68,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from stanvid.cli.convert import parse_overrides
     from stanvid.index import DEFAULT_APPROX_THRESHOLD, build_index
 
     report = build_index(

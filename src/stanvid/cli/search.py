@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import json
-from importlib.util import find_spec
 
 from stanvid.cli.precision import add_precision_argument
-
-if find_spec("faiss") is None:
-    raise ModuleNotFoundError("No module named 'faiss'", name="faiss")
 
 
 def add_parser(sub) -> None:

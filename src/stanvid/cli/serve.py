@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-from importlib.util import find_spec
-
 from stanvid.cli.precision import add_precision_argument
-
-for _module in ("faiss", "fastapi", "uvicorn"):
-    if find_spec(_module) is None:
-        raise ModuleNotFoundError(f"No module named {_module!r}", name=_module)
 
 
 def add_parser(sub) -> None:

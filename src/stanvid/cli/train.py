@@ -11,6 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from stanvid.cli.common import add_recipe_overrides
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -20,14 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("config", help="recipe YAML file (configs/*.yaml)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe value, e.g. --set optim.lr=1e-5 --set data.root=/datasets/msrvtt (repeatable)",
-    )
+    add_recipe_overrides(p)
     p.add_argument(
         "--resume", action="store_true", help="continue from the newest checkpoint in the output folder"
     )

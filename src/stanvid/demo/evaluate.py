@@ -7,8 +7,9 @@ uniform frames, CLIP's centre crop and normalization) and scored with cosine sim
 rounding of the same sum taken in another order. `stanvid.metrics.retrieval_metrics` counts every tie
 against the query (the safe rule for a benchmark), which would put such a model at R@1 = 0 on queries it can
 narrow down to the right pair: below chance, when it is exactly at chance. The demo therefore reports the
-*expected* recall under a random tie-break (`expected_recall`), with scores closer than `TIE_TOLERANCE`
-counted as tied; on a matrix without ties it equals `retrieval_metrics` (tests/test_demo.py checks it).
+*expected* recall under a random tie-break (`expected_recall`: `retrieval_metrics` with
+``ties="expected"``), with scores closer than `TIE_TOLERANCE` counted as tied; on a matrix without ties it
+equals the default (tests/test_demo.py checks it).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from stanvid.data import RetrievalDataset, load_video_captions, make_loader
 from stanvid.demo.synth import ClipRecord, Corpus
 from stanvid.errors import DatasetError
+from stanvid.metrics import retrieval_metrics
 from stanvid.model import VideoCLIP
 from stanvid.transforms import EvalTransform
 
@@ -105,16 +107,13 @@ def expected_recall(
     """Text-to-video R@K in percent, averaged over a uniformly random order among tied scores.
 
     With ``g`` wrong videos scoring above the match and ``e`` tied with it, the match's rank is uniform over
-    ``g + 1 .. g + e + 1``, so it is within the first K with probability ``clip((K - g) / (e + 1), 0, 1)``.
+    ``g + 1 .. g + e + 1``, so it is within the first K with probability ``clip((K - g) / (e + 1), 0, 1)``:
+    `stanvid.metrics.retrieval_metrics` with ``ties="expected"``.
     """
-    sim = sim.double()
-    target = torch.as_tensor(np.asarray(text_to_video), dtype=torch.long)
-    match = sim.gather(1, target[:, None])  # (Q, 1)
-    wrong = torch.ones_like(sim, dtype=torch.bool)
-    wrong[torch.arange(len(target)), target] = False
-    above = ((sim > match + tolerance) & wrong).sum(1).double()  # (Q,)
-    tied = ((sim - match).abs() <= tolerance).logical_and(wrong).sum(1).double()  # (Q,)
-    return {f"R@{k}": float(((k - above) / (tied + 1)).clamp(0, 1).mean() * 100) for k in ks}
+    t2v = retrieval_metrics(
+        sim.double(), np.asarray(text_to_video), ties="expected", tie_tolerance=tolerance, ks=ks
+    )["t2v"]
+    return {f"R@{k}": t2v[f"R{k}"] for k in ks}
 
 
 def order_blind_chance(gallery: Gallery) -> float:
