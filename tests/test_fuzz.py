@@ -190,8 +190,8 @@ def test_recipe_override_values_keep_their_type(value):
 def api_schema(tmp_path_factory):
     schemathesis = pytest.importorskip("schemathesis")
     pytest.importorskip("fastapi")
+    from indexkit import make_folder, save_tiny_model
     from stanvid.server import create_app
-    from test_index import make_folder, save_tiny_model
 
     base = tmp_path_factory.mktemp("fuzz")
     model_dir = save_tiny_model(base / "model")

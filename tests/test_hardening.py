@@ -28,6 +28,7 @@ pytest.importorskip("fastapi")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
+from indexkit import rows, save_tiny_model, write_clip  # noqa: E402
 from stanvid.cli import main as cli_main  # noqa: E402
 from stanvid.index import (  # noqa: E402
     DB_NAME,
@@ -38,7 +39,6 @@ from stanvid.index import (  # noqa: E402
 )
 from stanvid.locking import LockHeldError, exclusive_lock  # noqa: E402
 from stanvid.server import create_app  # noqa: E402
-from test_index import rows, save_tiny_model, write_clip  # noqa: E402
 
 VIDEOS = {"a.mp4": (20, 1), "sub/b.mkv": (15, 2), "c.mp4": (12, 3)}
 

@@ -30,11 +30,11 @@ from stanvid.index import search_index as _search_index
 build_index = functools.partial(_build_index, precision="fp32")
 open_index = functools.partial(_open_index, precision="fp32")
 search_index = functools.partial(_search_index, precision="fp32")
+from indexkit import VIDEOS, index_model, make_folder  # noqa: E402
 from stanvid.mug import mug_similarity  # noqa: E402
 from stanvid.sampling import uniform_indices  # noqa: E402
 from stanvid.tokenizer import tokenize  # noqa: E402
 from stanvid.transforms import EvalTransform  # noqa: E402
-from test_index import VIDEOS, index_model, make_folder  # noqa: E402
 
 
 def mug_model_dir(directory):

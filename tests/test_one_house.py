@@ -20,13 +20,13 @@ pytest.importorskip("httpx")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
+from indexkit import save_tiny_model, write_clip  # noqa: E402
 from stanvid import data, index, prepare, video_io  # noqa: E402
 from stanvid.data import VideoFinder  # noqa: E402
 from stanvid.data.loader import build_loader  # noqa: E402
 from stanvid.index import build_index, open_index  # noqa: E402
 from stanvid.prepare import prepare_videos  # noqa: E402
 from stanvid.server import create_app  # noqa: E402
-from test_index import save_tiny_model, write_clip  # noqa: E402
 
 PACKAGE = Path(video_io.__file__).parent
 

@@ -462,9 +462,9 @@ def test_every_table_entry_resolves_and_names_a_repository():
 def test_index_normalizes_frames_with_the_models_values(tmp_path):
     """`stanvid index` embeds frames normalized as the model's config says, not with OpenAI's constants."""
     pytest.importorskip("faiss")
+    from indexkit import index_model, reference_embedding, rows, write_clip
     from stanvid.index import build_index, model_fingerprint
     from stanvid.transforms import EvalTransform
-    from test_index import index_model, reference_embedding, rows, write_clip
 
     model = index_model()
     mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)

@@ -13,8 +13,8 @@ import stanvid.pipeline as pipeline
 from stanvid.pipeline import encode_batch_size, thread_budget
 
 pytest.importorskip("faiss")
+from indexkit import VIDEOS, make_folder, rows, save_tiny_model  # noqa: E402
 from stanvid.index import DB_NAME, build_index  # noqa: E402
-from test_index import VIDEOS, make_folder, rows, save_tiny_model  # noqa: E402
 
 
 @pytest.mark.parametrize(

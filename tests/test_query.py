@@ -27,6 +27,7 @@ FP32 = ["--precision", "fp32"]
 # the references below are float32 computations: index and query in float32 (`stanvid.precision`)
 build_index = functools.partial(_build_index, precision="fp32")
 open_index = functools.partial(_open_index, precision="fp32")
+from indexkit import make_folder, save_tiny_model  # noqa: E402
 from stanvid.query import (  # noqa: E402
     ClipSpec,
     FileHit,
@@ -39,7 +40,6 @@ from stanvid.query import (  # noqa: E402
 )
 from stanvid.transforms import center_crop, normalize, resize_short_side  # noqa: E402
 from stanvid.video_io import probe, read_frames  # noqa: E402
-from test_index import make_folder, save_tiny_model  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- demo proofs

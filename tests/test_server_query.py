@@ -15,10 +15,10 @@ pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from indexkit import make_folder, save_tiny_model  # noqa: E402
 from stanvid.index import build_index, open_index  # noqa: E402
 from stanvid.query import Query, search  # noqa: E402
 from stanvid.server import create_app  # noqa: E402
-from test_index import make_folder, save_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -27,9 +27,9 @@ pytest.importorskip("faiss")
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 
+from indexkit import save_tiny_model  # noqa: E402
 from stanvid.index import build_index, open_index  # noqa: E402
 from stanvid.server import create_app  # noqa: E402
-from test_index import save_tiny_model  # noqa: E402
 from videogen import codec_available, make_frames, write_video  # noqa: E402
 
 pytestmark = pytest.mark.browser

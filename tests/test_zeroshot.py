@@ -20,6 +20,7 @@ import torch.nn.functional as F
 pytest.importorskip("faiss")
 
 import stanvid  # noqa: E402
+from indexkit import VIDEOS, index_model, make_folder, save_tiny_model  # noqa: E402
 from stanvid.cli import main as cli_main  # noqa: E402
 from stanvid.embed import EmbedError, embed_videos, work_index_path  # noqa: E402
 from stanvid.index import encode_clips, open_index, read_clip  # noqa: E402
@@ -33,7 +34,6 @@ from stanvid.zeroshot import (  # noqa: E402
     load_labels,
     write_predictions,
 )
-from test_index import VIDEOS, index_model, make_folder, save_tiny_model  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- demo proof

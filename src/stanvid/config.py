@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from stanvid.errors import ConfigError
+from stanvid.fileio import atomic_write_text
 from stanvid.transforms import CLIP_MEAN, CLIP_STD
 
 ACTIVATIONS = ("quick_gelu", "gelu")
@@ -294,7 +295,7 @@ class ModelConfig:
         return _from_dict(cls, data, "model config")
 
     def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def from_json(cls, path: str | Path) -> ModelConfig:

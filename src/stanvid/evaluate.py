@@ -18,10 +18,9 @@ duplicates) and the features are gathered before ranking; every rank returns the
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from stanvid.data.loader import build_loader
 from stanvid.distributed import rank_world
 from stanvid.errors import ConfigError, DatasetError
 from stanvid.fileio import atomic_write_text
+from stanvid.heads import eval_mode
 from stanvid.losses import text_classifier_logits
 from stanvid.metrics import (
     average_views,
@@ -185,17 +185,6 @@ def encode_texts(
     return _gather_rows(local, indices, len(tokens))
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode inside (no drop-path), the previous mode restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 def evaluate_retrieval(
     model: nn.Module,
     dataset: Dataset,
@@ -236,7 +225,7 @@ def evaluate_retrieval(
             "RetrievalDataset(..., unit='video', train=False)"
         )
     mug = getattr(getattr(model, "config", None), "similarity", "cosine") == "mug"
-    with _eval_mode(model):
+    with eval_mode(model):
         videos = encode_videos(
             model,
             dataset,
@@ -327,7 +316,7 @@ def evaluate_recognition(
     from stanvid.heads import encode_class_names
 
     device = _device(model, device)
-    with _eval_mode(model):
+    with eval_mode(model):
         if head is None and class_features is None:
             if class_names is None:
                 class_names = getattr(getattr(dataset, "annotations", None), "classes", None)

@@ -190,7 +190,7 @@ def _check_ranking(ties: str, tie_tolerance: float, ks: Sequence[int]) -> tuple[
 
 def _check_chunk(chunk: int) -> None:
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0:
-        raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
+        raise ConfigError(f"chunk must be a positive integer, got {chunk!r}")
 
 
 def _dsl_weight(scores: torch.Tensor, lse: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -201,7 +201,7 @@ def _dsl_weight(scores: torch.Tensor, lse: torch.Tensor, temperature: float) -> 
 
 def _check_temperature(temperature: float) -> float:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"the dual-softmax temperature must be a positive number, got {temperature!r}")
+        raise ConfigError(f"the dual-softmax temperature must be a positive number, got {temperature!r}")
     return float(temperature)
 
 
@@ -396,7 +396,7 @@ def topk_accuracy(
         )
     for k in ks:
         if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
-            raise ValueError(f"ks must be positive integers, got {k!r}")
+            raise ConfigError(f"ks must be positive integers, got {k!r}")
     true = scores.gather(1, target[:, None])  # (N, 1)
     rank = (scores >= true).sum(1)  # 1-based, ties against
     return {f"top{k}": float((rank <= k).sum().item()) * 100 / n for k in ks}
@@ -414,7 +414,7 @@ def average_views(logits: ArrayLike, num_views: int, mode: str = "prob") -> torc
     """
     scores = _as_float(_as_tensor(logits, "logits", 2))
     if isinstance(num_views, bool) or not isinstance(num_views, int) or num_views <= 0:
-        raise ValueError(f"num_views must be a positive integer, got {num_views!r}")
+        raise ConfigError(f"num_views must be a positive integer, got {num_views!r}")
     if scores.shape[0] % num_views:
         raise ValueError(
             f"{scores.shape[0]} rows of logits are not a whole number of {num_views}-view groups"
@@ -422,7 +422,7 @@ def average_views(logits: ArrayLike, num_views: int, mode: str = "prob") -> torc
     if mode == "prob":
         scores = scores.softmax(dim=-1)
     elif mode != "score":
-        raise ValueError(f"mode must be 'prob' or 'score', got {mode!r}")
+        raise ConfigError(f"mode must be 'prob' or 'score', got {mode!r}")
     return scores.view(-1, num_views, scores.shape[1]).mean(dim=1)  # (N, V, C) -> (N, C)
 
 

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from stanvid.config import MUG_MODES
+from stanvid.errors import ConfigError
 
 __all__ = ["MUG_MODES", "mug_similarity", "mug_block_size"]
 
@@ -68,9 +69,9 @@ def _check(
             if mode == "drl_wti"
             else ""
         )
-        raise ValueError(f"unknown Mug head mode {mode!r}{extra}; valid modes: {', '.join(MUG_MODES)}")
+        raise ConfigError(f"unknown Mug head mode {mode!r}{extra}; valid modes: {', '.join(MUG_MODES)}")
     if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 < tau < math.inf:
-        raise ValueError(f"tau must be a positive number, got {tau!r}")
+        raise ConfigError(f"tau must be a positive number, got {tau!r}")
     if token_emb.ndim != 3 or frame_emb.ndim != 3:
         raise ValueError(
             f"expected token_emb (N, L, D) and frame_emb (B, T, D); got {tuple(token_emb.shape)} "
@@ -148,7 +149,7 @@ def mug_similarity(
     if chunk is None:
         return _block(tokens, mask, frames, tau, mode)
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0:
-        raise ValueError(f"chunk must be a positive integer or None, got {chunk!r}")
+        raise ConfigError(f"chunk must be a positive integer or None, got {chunk!r}")
     n, b = tokens.shape[0], frames.shape[0]
     out = tokens.new_empty((n, b))
     for i in range(0, n, chunk):

@@ -37,6 +37,8 @@ import numpy as np
 import regex
 import torch
 
+from stanvid.errors import ConfigError
+
 START_OF_TEXT = "<|startoftext|>"
 END_OF_TEXT = "<|endoftext|>"
 
@@ -324,7 +326,9 @@ def _check_context_length(context_length: int) -> int:
             f"context_length must be an integer >= 2, got {type(context_length).__name__} {context_length!r}"
         ) from None
     if value < 2:
-        raise ValueError(f"context_length must be >= 2 (room for the start and end-of-text ids), got {value}")
+        raise ConfigError(
+            f"context_length must be >= 2 (room for the start and end-of-text ids), got {value}"
+        )
     return value
 
 

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from stanvid.errors import VideoReadError
+from stanvid.errors import ConfigError, VideoReadError
 
 # Decoders that read `skip_frame` for every frame they decode (so it can change between packets) and whose
 # NONREF rule only drops frames nothing refers to. Frame-exactness with the switch is checked by the tests;
@@ -166,10 +166,10 @@ def read_frames(
     index = _get_index(path)
     wanted = _as_index_array(indices, index.info, path)  # (K,)
     if size is not None and (isinstance(size, bool) or operator.index(size) <= 0):
-        raise ValueError(f"size must be a positive int (shortest side in pixels), got {size!r}")
+        raise ConfigError(f"size must be a positive int (shortest side in pixels), got {size!r}")
     size = None if size is None else operator.index(size)
     if operator.index(threads) < 0:
-        raise ValueError(f"threads must be >= 0 (0: automatic), got {threads!r}")
+        raise ConfigError(f"threads must be >= 0 (0: automatic), got {threads!r}")
     if threads == 0 and get_worker_info() is not None:
         threads = 1
     out_w, out_h = _output_size(index.info.width, index.info.height, size)

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from stanvid.data.base import SkippedSample, collate_skipping, format_skipped
+from stanvid.errors import ConfigError
 
 __all__ = ["VideoLoader", "make_loader", "build_loader", "seed_worker"]
 
@@ -159,9 +160,9 @@ def build_loader(
         worker_init_fn: run in each worker as it starts; default :func:`seed_worker`.
     """
     if batch_size is not None and batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+        raise ConfigError(f"batch_size must be positive, got {batch_size}")
     if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        raise ConfigError(f"num_workers must be >= 0, got {num_workers}")
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     if persistent_workers is None:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from stanvid.data.base import VideoClipDataset
-from stanvid.errors import ConfigError
+from stanvid.errors import ConfigError, DatasetError
 from stanvid.sampling import uniform_indices
 from stanvid.transforms import EvalTransform, stan_train_transform
 
@@ -47,15 +47,15 @@ class RetrievalAnnotations:
     def __post_init__(self) -> None:
         self.text_to_video = np.asarray(self.text_to_video, dtype=np.int64)
         if len(self.video_ids) != len(self.video_paths):
-            raise ValueError(
+            raise DatasetError(
                 f"{self.name}: {len(self.video_ids)} video ids but {len(self.video_paths)} paths"
             )
         if self.text_to_video.shape != (len(self.captions),):
-            raise ValueError(f"{self.name}: text_to_video must have one entry per caption")
+            raise DatasetError(f"{self.name}: text_to_video must have one entry per caption")
         if len(self.captions) and not (
             0 <= self.text_to_video.min() and self.text_to_video.max() < len(self.video_ids)
         ):
-            raise ValueError(f"{self.name}: text_to_video points outside the {len(self.video_ids)} videos")
+            raise DatasetError(f"{self.name}: text_to_video points outside the {len(self.video_ids)} videos")
 
     @property
     def num_videos(self) -> int:

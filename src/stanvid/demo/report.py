@@ -13,6 +13,7 @@ Recalls are text-to-video, in percent. ``chance`` is the order-only R@1 of a mod
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from stanvid.fileio import atomic_write_text
+from stanvid.fileio import atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "MODEL_ROWS",
@@ -250,7 +251,7 @@ def draw_chart(path: Path, results: dict[str, Any]) -> None:
         draw.rectangle([x, legend_y + 3, x + 12, legend_y + 13], fill=colour)
         draw.text((x + 18, legend_y), label, fill="black", font=small)
         x += 36 + _text_width(draw, label, small)
-    img.save(path)
+    _save_png(img, path)
 
 
 def draw_contact_sheet(path: Path, rows: Sequence[SheetRow], scale: int = 2) -> None:
@@ -284,4 +285,11 @@ def draw_contact_sheet(path: Path, rows: Sequence[SheetRow], scale: int = 2) -> 
             )
             y += line_h
         y += pad
-    img.save(path)
+    _save_png(img, path)
+
+
+def _save_png(img, path: str | Path) -> None:
+    """PNG bytes, then one atomic write: a killed run never leaves a half image behind."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())

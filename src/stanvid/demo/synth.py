@@ -32,6 +32,7 @@ split, kind, group, reversal partner and attributes).
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -43,6 +44,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from stanvid.errors import ConfigError
+from stanvid.fileio import atomic_path, atomic_write_text
 
 __all__ = [
     "COLOURS",
@@ -319,7 +321,11 @@ def write_video(path: str | Path, frames: np.ndarray, fps: int = 16) -> Path:
     which is what makes a file and its reversal frame-set identical after decoding."""
     path = Path(path)
     height, width = frames.shape[1:3]
-    with av.open(str(path), mode="w") as container:
+    # a named temporary (PyAV picks the container from its suffix), renamed when complete
+    with (
+        atomic_path(path, f".{path.stem}.partial{path.suffix}") as tmp,
+        av.open(str(tmp), mode="w") as container,
+    ):
         stream = container.add_stream(
             "libx264", rate=Fraction(fps), options={"qp": "0", "preset": "ultrafast"}
         )
@@ -403,11 +409,12 @@ def _plan(config: CorpusConfig) -> list[dict]:
 
 
 def _write_captions(path: Path, clips: list[ClipRecord]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["video", "caption"])
-        for clip in clips:
-            writer.writerow([clip.video, clip.caption])
+    buf = io.StringIO(newline="")
+    writer = csv.writer(buf)
+    writer.writerow(["video", "caption"])
+    for clip in clips:
+        writer.writerow([clip.video, clip.caption])
+    atomic_write_text(path, buf.getvalue())
 
 
 def make_corpus(
@@ -492,7 +499,5 @@ def make_corpus(
     _write_captions(corpus.train_csv, corpus.select("train"))
     _write_captions(corpus.test_appearance_csv, corpus.select("test", "appearance"))
     _write_captions(corpus.test_order_csv, corpus.select("test", "order"))
-    with open(corpus.jsonl, "w") as f:
-        for clip in corpus.clips:
-            f.write(json.dumps(asdict(clip)) + "\n")
+    atomic_write_text(corpus.jsonl, "".join(json.dumps(asdict(clip)) + "\n" for clip in corpus.clips))
     return corpus

@@ -1,0 +1,88 @@
+"""Helpers the index-like tests share (index, server, query, pipeline, hardening, zero-shot, Mug search): a
+folder of short generated videos, the tiny model they are indexed with, and readers of an index's rows.
+Imported as `from indexkit import ...` (`tests/` is on the path through pyproject's `pythonpath`)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import stanvid
+from stanvid.config import CLIPConfig, ModelConfig, STANConfig, TextConfig, VisionConfig
+from stanvid.index import DB_NAME
+from stanvid.sampling import uniform_indices
+from stanvid.transforms import EvalTransform
+from videogen import codec_available, make_frames, write_video
+
+FPS = 10
+# name -> (frames, seed, codec); durations 2.0 s, 3.5 s, 1.2 s, 2.0 s
+VIDEOS = {
+    "a.mp4": (20, 1, "h264"),
+    "sub/b.mkv": (35, 2, "h264"),
+    "sub/deeper/c.MP4": (12, 3, "h264"),
+    "d.webm": (20, 4, "vp9"),
+}
+
+
+def index_model(seed: int = 0) -> stanvid.VideoCLIP:
+    """The index tests' tiny model (32 px frames, 4 frames, STAN depth 1), seeded; other index-like tests share it."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(
+        clip=CLIPConfig(
+            embed_dim=16,
+            vision=VisionConfig(width=32, layers=2, heads=2, patch_size=8, image_size=32),
+            text=TextConfig(width=32, layers=2, heads=2, context_length=16),
+        ),
+        temporal="stan",
+        num_frames=4,
+        stan=STANConfig(depth=1),
+    )
+    return stanvid.VideoCLIP(cfg).eval()
+
+
+def save_tiny_model(directory: Path, seed: int = 0) -> Path:
+    index_model(seed).save_pretrained(directory)
+    return directory
+
+
+def write_clip(path: Path, frames: int, seed: int, codec: str = "h264") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if codec == "vp9" and not codec_available("vp9"):
+        codec = "h264"
+    return write_video(path, make_frames(frames, 40, 56, seed=seed), fps=FPS, codec=codec, gop=5)
+
+
+def make_folder(root: Path, videos: dict = VIDEOS) -> Path:
+    """The test folder: a few videos (nested, mixed containers), a corrupt one and a non-video file."""
+    for name, (frames, seed, codec) in videos.items():
+        write_clip(root / name, frames, seed, codec)
+    (root / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 this is not really a video")
+    (root / "notes.txt").write_text("not a video")
+    return root
+
+
+def rows(index_dir: Path) -> list[tuple[str, float, float, np.ndarray]]:
+    """(relpath, start, end, embedding) of every segment, sorted by path and start."""
+    with contextlib.closing(sqlite3.connect(index_dir / DB_NAME)) as conn:
+        found = conn.execute(
+            "SELECT f.path, s.start, s.end, s.embedding FROM segments s JOIN files f ON f.id = s.file_id"
+        ).fetchall()
+    return sorted((p, a, b, np.frombuffer(e, dtype=np.float32)) for p, a, b, e in found)
+
+
+def reference_embedding(model, path: Path, start: float, end: float) -> np.ndarray:
+    """The second path: frames in [start, end) sampled uniformly, EvalTransform, encode_video, L2-normalize."""
+    info = stanvid.probe(path)
+    first = math.ceil(start * info.fps - 1e-6)
+    last = min(info.num_frames, math.ceil(end * info.fps - 1e-6)) - 1
+    idx = first + uniform_indices(last - first + 1, model.config.num_frames)
+    size = model.config.clip.vision.image_size
+    clip = EvalTransform(size)(stanvid.read_frames(path, idx, size=size))  # (T, 3, S, S)
+    with torch.no_grad():
+        return F.normalize(model.encode_video(clip[None]), dim=-1)[0].numpy()
