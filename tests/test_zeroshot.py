@@ -96,7 +96,7 @@ def test_classify_scores_equal_a_direct_computation(tmp_path):
     root = make_folder(tmp_path / "videos")
     model = index_model(0)
     labels = ["a red ball", "a green field", "a dark room"]
-    report = classify(root, model, labels, top=2, progress=False)
+    report = classify(root, model, labels, top=2, precision="fp32", progress=False)  # float32 reference below
     assert sorted(Path(p).name for p, _ in report.failed) == ["broken.mp4"]
     assert len(report.predictions) == len(VIDEOS)
     w = class_weights(model, labels)  # (K, D)
@@ -109,6 +109,19 @@ def test_classify_scores_equal_a_direct_computation(tmp_path):
         np.testing.assert_allclose(pred.scores, best.values.detach().numpy(), atol=1e-5)
     one = classify(root / "a.mp4", model, labels, top=5, progress=False)
     assert len(one.predictions) == 1 and len(one.predictions[0].labels) == 3  # top is capped at K
+    # every precision scores the classes as float32 does, within its rounding: bf16 keeps ~3 significant digits
+    # (measured 0.0011 here); int8 rounds every weight of this 32-wide model to 1/127 of its range (0.027 here;
+    # the quality gate on a realistic width is tests/test_precision.py)
+    full = {
+        p.path: dict(zip(p.labels, p.scores, strict=True))
+        for p in classify(root, model, labels, top=3, precision="fp32", progress=False).predictions
+    }
+    for precision, tolerance in (("bf16", 0.01), ("int8", 0.05)):
+        for pred in classify(root, model, labels, top=3, precision=precision, progress=False).predictions:
+            got = dict(zip(pred.labels, pred.scores, strict=True))
+            np.testing.assert_allclose(
+                [got[n] for n in labels], [full[pred.path][n] for n in labels], atol=tolerance
+            )
 
 
 def test_predictions_written_as_csv_and_json(tmp_path):
@@ -135,7 +148,7 @@ def test_cli_classify(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"{len(VIDEOS)} videos classified, 1 unreadable" in printed and "broken.mp4" in printed
     assert len(list(csv.reader(open(tmp_path / "p.csv")))) == len(VIDEOS) + 1
-    assert cli_main([*args, "--templates", "none", "--no-progress"]) == 0
+    assert cli_main([*args, "--templates", "none", "--precision", "int8", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert out.count("cat") + out.count("dog") + out.count("bird") >= len(VIDEOS)
 
@@ -189,12 +202,15 @@ def test_embed_writes_rows_equal_to_the_index_and_resumes(tmp_path, capsys):
                 "1",
                 "--workers",
                 "0",
+                "--precision",
+                "fp32",
                 "--no-progress",
             ]
         )
         == 0
     )
     printed = capsys.readouterr().out
+    assert "precision fp32" in printed  # --precision reaches the index's writer
     vectors = np.load(out)
     header = json.loads(out.with_suffix(".json").read_text())
     rows = header["rows"]
@@ -202,7 +218,7 @@ def test_embed_writes_rows_equal_to_the_index_and_resumes(tmp_path, capsys):
     assert f"wrote {len(rows)} rows" in printed and "1 unreadable" in printed
     assert header["segment_seconds"] == 1.0 and header["vectors"] == "features.npy"
     assert [(r["path"], r["start"]) for r in rows] == sorted((r["path"], r["start"]) for r in rows)
-    with open_index(work_index_path(out)) as index:
+    with open_index(work_index_path(out), precision="fp32") as index:  # the build's precision
         np.testing.assert_array_equal(vectors, index.segment_embeddings([r["segment_id"] for r in rows]))
         for row, vec in zip(rows, vectors, strict=True):  # each row is the span's own embedding
             if row["path"] == "a.mp4":

@@ -21,6 +21,7 @@ e.g. labels that are already captions):
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -38,6 +39,7 @@ from tqdm.auto import tqdm
 from stanvid.distributed import default_device
 from stanvid.errors import ClassifyError, VideoReadError
 from stanvid.model import VideoCLIP
+from stanvid.precision import InferencePrecision, prepare_for_inference
 
 __all__ = [
     "LABEL_SETS",
@@ -131,16 +133,23 @@ def _check_templates(templates: Sequence[str]) -> list[str]:
 
 
 def class_weights(
-    model: VideoCLIP, class_names: Sequence[str], templates: Sequence[str] = TEMPLATES, device: Any = None
+    model: VideoCLIP,
+    class_names: Sequence[str],
+    templates: Sequence[str] = TEMPLATES,
+    device: Any = None,
+    runner: InferencePrecision | None = None,
 ) -> torch.Tensor:
     """`(K, D)` L2-normalized class weights: each name in every template, encoded by the recognition recipes'
-    `encode_class_names`, averaged over the templates and normalized."""
+    `encode_class_names`, averaged over the templates and normalized. `runner`
+    (`stanvid.precision.prepare_for_inference`): the precision to encode in; float32 without."""
     from stanvid.heads import encode_class_names
 
     templates = _check_templates(templates)
     prompts = [t.format(name) for name in class_names for t in templates]  # (K * P,)
     context = model.config.clip.text.context_length
-    feats = encode_class_names(model, prompts, context, device)  # (K * P, D), normalized
+    encoder = model if runner is None else runner.model
+    with contextlib.nullcontext() if runner is None else runner.autocast():
+        feats = encode_class_names(encoder, prompts, context, device)  # (K * P, D), normalized float32
     feats = feats.view(len(class_names), len(templates), -1).mean(dim=1)  # (K, D)
     return F.normalize(feats, dim=-1)
 
@@ -169,6 +178,7 @@ def classify(
     top: int = 5,
     batch_size: int = 8,
     device: str | torch.device | None = None,
+    precision: str = "auto",
     progress: bool = True,
     on_prediction: Callable[[Prediction], None] | None = None,
 ) -> ClassifyReport:
@@ -176,7 +186,8 @@ def classify(
 
     `model` is any `stanvid.load_model` source or a `VideoCLIP`; `labels` a shipped set (`"kinetics400"`,
     `"ssv2"`), a class-name file or a list. Returns the `top` classes of each readable video, and the
-    unreadable ones with their error (they do not stop the run)."""
+    unreadable ones with their error (they do not stop the run). `precision`: as for `stanvid.index.build_index`
+    (`auto`: bf16 where the CPU or GPU has native bf16; the scores are computed in float32 either way)."""
     from stanvid.index import encode_clips, read_clip
     from stanvid.video_io import probe
 
@@ -193,7 +204,8 @@ def classify(
         model = load_model(model)
     dev = torch.device(device) if device is not None else default_device()
     model = model.eval().to(dev)
-    weights = class_weights(model, names, templates, dev)  # (K, D)
+    runner = prepare_for_inference(model, precision, dev)
+    weights = class_weights(model, names, templates, dev, runner)  # (K, D)
     scale = model.logit_scale.exp().float()
     cfg = model.config
     report = ClassifyReport()
@@ -203,9 +215,9 @@ def classify(
     def flush() -> None:
         if not pending:
             return
-        emb = torch.from_numpy(encode_clips(model, torch.stack([c for _, c in pending]), dev)).to(
-            dev
-        )  # (b, D)
+        emb = torch.from_numpy(
+            encode_clips(model, torch.stack([c for _, c in pending]), dev, runner=runner)
+        ).to(dev)  # (b, D)
         probs = (scale * emb @ weights.t()).softmax(dim=-1)  # (b, K)
         best = probs.topk(k, dim=-1)
         for (path, _), values, indices in zip(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from stanvid.cli.common import add_model_overrides, parse_overrides
+from stanvid.cli.precision import add_precision_argument
 
 
 def add_parser(sub) -> None:
@@ -24,6 +25,7 @@ def add_parser(sub) -> None:
     add_model_overrides(p)
     p.add_argument("--batch-size", type=int, default=16, help="clips per forward pass (default 16)")
     p.add_argument("--workers", type=int, default=2, help="decoding processes (default 2)")
+    add_precision_argument(p)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -41,6 +43,7 @@ def run(args) -> int:
         batch_size=args.batch_size,
         num_workers=args.workers,
         device=args.device,
+        precision=args.precision,
         progress=not args.no_progress,
     )
     print(result.summary())

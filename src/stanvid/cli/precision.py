@@ -1,4 +1,4 @@
-"""The `--precision` option shared by every command that encodes (index, search, serve, eval)."""
+"""The `--precision` option shared by every command that encodes (index, search, serve, eval, classify, embed)."""
 
 from __future__ import annotations
 
