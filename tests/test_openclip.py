@@ -3,6 +3,7 @@ pretrained names and `hf-hub:` ids through the (faked, local) hub, and config op
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -503,3 +504,16 @@ def test_hf_directory_reads_its_preprocessor_config(parity, tmp_path):
     (folder / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5, 0.5]}))
     with pytest.raises(ConfigError, match="preprocessor_config.json.*mean"):
         stanvid.load_model(folder)
+
+
+def test_config_argument_is_a_clip_config_or_refused(parity):
+    """`config=` is applied (a `CLIPConfig` object as well as a file or dict) or refused by name, never half used."""
+    path = parity("openai_tiny_a") / "openai_state_dict.pt"
+    plain = stanvid.load_model(path)
+    wider = dataclasses.replace(plain.config.clip.vision, heads=plain.config.clip.vision.heads * 2)
+    given = dataclasses.replace(plain.config.clip, vision=wider)
+    assert stanvid.load_model(path, config=given).config.clip.vision.heads == wider.heads  # applied
+    with pytest.raises(ConfigError, match="not a ModelConfig"):
+        stanvid.load_model(path, config=plain.config)
+    with pytest.raises(ConfigError, match="config= must be a path, a dict or a CLIPConfig, got int"):
+        stanvid.load_model(path, config=3)

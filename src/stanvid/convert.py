@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -578,13 +579,25 @@ def open_clip_preprocess_notes(config: dict[str, Any]) -> list[str]:
     return notes
 
 
-def clip_config_from(config: dict[str, Any] | str | Path) -> CLIPConfig:
+def clip_config_from(config: CLIPConfig | dict[str, Any] | str | os.PathLike) -> CLIPConfig:
     """`config=` of `load_model`: a Hugging Face CLIP `config.json` or an open_clip `open_clip_config.json`
-    (a dict, the file, or a directory holding either; a directory with both is read as open_clip)."""
+    (a dict, the file, or a directory holding either; a directory with both is read as open_clip), or a
+    `stanvid.CLIPConfig`. A whole `ModelConfig` is refused rather than half used: its temporal part is what
+    `load_model`'s overrides set."""
+    if isinstance(config, CLIPConfig):
+        return config
+    if isinstance(config, ModelConfig):
+        raise ConfigError(
+            "config= takes the CLIP's configuration (config.clip, a config.json, an open_clip_config.json or "
+            "a dict), not a ModelConfig: pass config=cfg.clip and the temporal settings as overrides "
+            "(temporal=, stan_depth=, num_frames=, ...), or build it with stanvid.create_model(cfg)"
+        )
     if isinstance(config, dict):
         if "model_cfg" in config or "vision_cfg" in config:
             return open_clip_config(config)
         return hf_clip_config(config)
+    if not isinstance(config, (str, os.PathLike)):
+        raise ConfigError(f"config= must be a path, a dict or a CLIPConfig, got {type(config).__name__}")
     path = Path(config)
     if path.is_dir():
         if (path / "open_clip_config.json").is_file():
