@@ -9,6 +9,7 @@ mechanisms that now live in one module each.
 from __future__ import annotations
 
 import ast
+import os
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from indexkit import save_tiny_model, write_clip  # noqa: E402
-from stanvid import data, index, prepare, video_io  # noqa: E402
+from stanvid import data, folders, index, prepare, video_io  # noqa: E402
 from stanvid.data import VideoFinder  # noqa: E402
 from stanvid.data.loader import build_loader  # noqa: E402
 from stanvid.index import build_index, open_index  # noqa: E402
@@ -42,12 +43,12 @@ def m4v_folder(tmp_path_factory) -> Path:
 def test_every_place_that_finds_videos_uses_the_one_list(m4v_folder):
     assert data.VIDEO_EXTENSIONS is video_io.VIDEO_EXTENSIONS
     assert index.VIDEO_EXTENSIONS is video_io.VIDEO_EXTENSIONS
-    assert prepare.VIDEO_EXTENSIONS is video_io.VIDEO_EXTENSIONS
     assert set(video_io.VIDEO_EXTENSIONS) == set(video_io.VIDEO_MEDIA_TYPES)
     assert all(ext == ext.lower() and ext.startswith(".") for ext in video_io.VIDEO_EXTENSIONS)
     assert all(t.startswith("video/") for t in video_io.VIDEO_MEDIA_TYPES.values())  # none falls back
-    assert index.find_videos(m4v_folder) == [m4v_folder / "clip.m4v"]
-    assert prepare.find_videos(m4v_folder) == [m4v_folder / "clip.m4v"]
+    assert index.find_videos is folders.find_videos  # index, embed, classify and prepare-videos walk alike
+    assert folders.find_videos(m4v_folder) == [m4v_folder / "clip.m4v"]
+    assert not hasattr(prepare, "find_videos")
     assert VideoFinder(m4v_folder).find("clip") == m4v_folder / "clip.m4v"
 
 
@@ -117,3 +118,28 @@ def test_each_mechanism_is_called_in_its_one_module_only(calls, home):
             continue
         found += [f"{rel}: {c}" for c in _calls(ast.parse(file.read_text())) if c in calls]
     assert not found, f"use {home}'s function instead of: {found}"
+
+
+def test_index_and_prepare_walk_a_folder_alike(tmp_path):
+    """Hidden names, links out of the folder and links inside it: index and prepare-videos take the same files
+    and report the same refusals (one walk, `stanvid.folders.walk_videos`)."""
+    root, outside = tmp_path / "videos", tmp_path / "elsewhere"
+    write_clip(root / "a.mp4", frames=10, seed=1)
+    write_clip(outside / "o.mp4", frames=10, seed=2)
+    (root / "._a.mp4").write_bytes(b"macOS resource fork")  # hidden: not a video
+    write_clip(root / ".cache" / "h.mp4", frames=10, seed=3)  # in a hidden folder
+    os.symlink(outside / "o.mp4", root / "out.mp4")  # out of the folder: refused
+    os.symlink(root / "a.mp4", root / "same.mp4")  # inside: followed
+    skipped: list[tuple[str, str]] = []
+    walked = [rel for rel, _ in folders.walk_videos(root, skipped=skipped)]
+    assert walked == ["a.mp4", "same.mp4"]
+    assert skipped == [("out.mp4", "a symbolic link to a file outside the folder (not followed)")]
+    report = prepare_videos(root, tmp_path / "prepared", fps=2, short_side=None, workers=1, progress=False)
+    assert sorted(report.converted) == walked
+    assert report.failed == skipped
+    model_dir = save_tiny_model(tmp_path / "model")
+    built = build_index(root, tmp_path / "idx", model_dir, num_workers=0, progress=False)
+    assert built.files == len(walked)
+    assert built.failed == [
+        (str(root / "out.mp4"), skipped[0][1].replace("the folder", "the indexed folder"))
+    ]

@@ -35,7 +35,8 @@ from tqdm import tqdm
 
 from stanvid.errors import ConfigError, StanvidError, VideoReadError
 from stanvid.fileio import atomic_path, atomic_write_text
-from stanvid.video_io import SKIP_NONREF_CODECS, VIDEO_EXTENSIONS, video_stream
+from stanvid.folders import walk_videos
+from stanvid.video_io import SKIP_NONREF_CODECS, video_stream
 
 MANIFEST = ".stanvid-prepare.json"
 _PARTIAL = ".partial.mp4"
@@ -131,23 +132,6 @@ class PrepareReport:
         return "\n".join(lines)
 
 
-def find_videos(src: str | os.PathLike, exclude: str | os.PathLike | None = None) -> list[Path]:
-    """Video files under `src` (recursive, by extension, case-insensitive), sorted; hidden files and anything
-    under `exclude` (an output folder inside the source tree) are left out."""
-    src = Path(src)
-    exclude_path = Path(exclude).resolve() if exclude is not None else None
-    found = []
-    for root, dirs, files in os.walk(src):
-        root_path = Path(root)
-        dirs[:] = sorted(
-            d for d in dirs if not d.startswith(".") and (root_path / d).resolve() != exclude_path
-        )
-        for name in files:
-            if not name.startswith(".") and Path(name).suffix.lower() in VIDEO_EXTENSIONS:
-                found.append(root_path / name)
-    return sorted(found)
-
-
 def prepare_videos(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -179,8 +163,9 @@ def prepare_videos(
     report = PrepareReport()
     todo: list[tuple[str, Path, Path]] = []
     by_output: dict[Path, str] = {}
-    for video in find_videos(src_path, exclude=dst_path):
-        rel = video.relative_to(src_path).as_posix()
+    unusable: list[tuple[str, str]] = []  # links out of the folder, undecodable names
+    for rel, _ in walk_videos(src_path, exclude=dst_path, skipped=unusable):
+        video = src_path / rel
         out = dst_path / Path(rel).with_suffix(".mp4")
         if out in by_output:
             report.failed.append(
@@ -193,6 +178,7 @@ def prepare_videos(
         else:
             todo.append((rel, video, out))
 
+    report.failed += unusable
     workers = (os.cpu_count() or 1) if workers is None else max(1, workers)
     threads = 0 if workers == 1 else 1  # one process per core already: no codec threads on top
     with tqdm(total=len(todo), unit="video", desc="prepare-videos", disable=not progress) as bar:
