@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import stanvid
+from mugkit import mug_reference
 from stanvid.config import MUG_MODES, ModelConfig
 from stanvid.errors import ConfigError
 from stanvid.losses import mug_contrastive_loss
@@ -55,40 +56,12 @@ def _random_inputs(n=7, b=5, length=9, frames=4, dim=6, seed=0):
     return tokens, mask, frames_
 
 
-def _reference_4d(tokens, mask, frames, tau, mode):
-    """The official head's computation, written out with the full (N, B, L, T) and (N, B, L, D) tensors."""
-    t = F.normalize(tokens, dim=-1, eps=1e-6)
-    v = F.normalize(frames, dim=-1, eps=1e-6)
-    m = mask.float()
-    r = torch.einsum("atd,bvd->abtv", t, v) * m[:, None, :, None]
-    ninf = float("-inf")
-    if mode == "mug_frame_token_simple":
-        t2v = (r * torch.softmax(r * tau, -1)).sum(-1)
-        v2t = (r * torch.softmax(torch.where(r == 0, ninf, r) * tau, -2)).sum(-2)
-        t2v = (t2v * torch.softmax(torch.where(t2v == 0, ninf, t2v) * tau, -1)).sum(-1)
-        v2t = (v2t * torch.softmax(v2t * tau, -1)).sum(-1)
-        return (t2v + v2t) / 2
-    if mode == "mug_frame_token":
-        text1 = torch.einsum("abtv,bvd->abtd", torch.softmax(r * tau, -1), v)
-        t2v = torch.einsum("abtd,atd->abt", text1, t)
-        video1 = torch.einsum("abtv,atd->abvd", torch.softmax(torch.where(r == 0, ninf, r) * tau, -2), t)
-        v2t = torch.einsum("abvd,bvd->abv", video1, v)
-        video2 = torch.einsum("abt,atd->abd", torch.softmax(torch.where(t2v == 0, ninf, t2v) * tau, -1), t)
-        text2 = torch.einsum("abv,bvd->abd", torch.softmax(v2t * tau, -1), v)
-        return torch.einsum("abd,abd->ab", video2, text2)
-    last = (m.argmin(-1) - 1) % m.shape[1]
-    x, y = r.shape[:2]
-    rows = r[torch.arange(x), :, last]  # (N, B, T)
-    t2v = (rows * torch.softmax(rows * tau, -1)).sum(-1)
-    return (t2v + t2v) / 2
-
-
 @pytest.mark.parametrize("mode", MUG_MODES)
 @pytest.mark.parametrize("tau", [100.0, 7.0])
 def test_head_matches_4d_reference_and_chunks(mode, tau):
     tokens, mask, frames = _random_inputs()
     full = mug_similarity(tokens, mask, frames, tau=tau, mode=mode)
-    close(full, _reference_4d(tokens, mask, frames, tau, mode), "4-D reference")
+    close(full, mug_reference(tokens, mask, frames, tau, mode), "4-D reference")
     for chunk in (1, 3, 100):
         close(mug_similarity(tokens, mask, frames, tau=tau, mode=mode, chunk=chunk), full, f"chunk {chunk}")
 
@@ -113,7 +86,7 @@ def test_loss_matches_hand_written_reference():
     frames.requires_grad_(True)
     loss = mug_contrastive_loss(frames, tokens, mask, 100.0, tau=100.0, mode="mug_frame_token_simple")
     # NormSoftmaxLoss of the official code: logits * scale, -mean(diag log_softmax rows) - same for columns
-    x = _reference_4d(tokens, mask, frames, 100.0, "mug_frame_token_simple") * 100.0
+    x = mug_reference(tokens, mask, frames, 100.0, "mug_frame_token_simple") * 100.0
     expected = -torch.diag(F.log_softmax(x, 1)).mean() - torch.diag(F.log_softmax(x.t(), 1)).mean()
     close(loss, expected, "loss")
     g1 = torch.autograd.grad(loss, (tokens, frames))

@@ -11,14 +11,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from mugkit import mug_reference
 from stanvid.checkpoint import latest_checkpoint, load_checkpoint
 from stanvid.evaluate import evaluate_retrieval, mug_scores
 from stanvid.metrics import retrieval_metrics
 from stanvid.model import VideoCLIP
 from stanvid.train import Trainer, fit
-from test_mug import _reference_4d
-from test_train import CONTEXT, FRAMES, SIZE, _assert_close_runs, recipe
 from testkit import tiny_config
+from trainkit import CONTEXT, FRAMES, SIZE, assert_close_runs, recipe
 
 MODE = "mug_frame_token_simple"
 
@@ -75,7 +75,7 @@ def test_training_step_loss_matches_hand_written_reference(mode):
     # by hand: per-frame video and per-token text features, the official head, NormSoftmaxLoss at 1 / 0.02
     frames = model.encode_video(data.videos, pool=False)  # (B, T, D)
     tokens = model.encode_text(data.tokens, pool=False)  # (B, L, D)
-    x = _reference_4d(tokens, data.tokens != 0, frames, 100.0, mode) / 0.02  # (texts, videos)
+    x = mug_reference(tokens, data.tokens != 0, frames, 100.0, mode) / 0.02  # (texts, videos)
     expected = -torch.diag(F.log_softmax(x, 1)).mean() - torch.diag(F.log_softmax(x.t(), 1)).mean()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -108,7 +108,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 def test_two_gloo_ranks_train_the_mug_head_like_one_process(tmp_path, free_port):
     mp.spawn(_worker, args=(2, free_port, str(tmp_path)), nprocs=2, join=True)
     single = _runs(4, tmp_path / "one")
-    _assert_close_runs(
+    assert_close_runs(
         load_checkpoint(latest_checkpoint(tmp_path / "ddp")),
         load_checkpoint(latest_checkpoint(tmp_path / "one")),
     )
@@ -128,7 +128,7 @@ def test_evaluation_ranks_the_head_scores_chunked_as_all_at_once(mode):
     with torch.no_grad():
         frames = model.encode_video(data.videos, pool=False)
         tokens = model.encode_text(data.tokens, pool=False)
-    full = _reference_4d(tokens, data.tokens != 0, frames, 100.0, mode)  # (7, 7) all at once
+    full = mug_reference(tokens, data.tokens != 0, frames, 100.0, mode)  # (7, 7) all at once
     for chunk in (1, 2, 3, None):
         torch.testing.assert_close(mug_scores(model, tokens, data.tokens != 0, frames, chunk=chunk), full)
     metrics = evaluate_retrieval(model, data, batch_size=3, chunk_size=2, mug_chunk=2, dsl_temperature=0.05)

@@ -27,39 +27,10 @@ from stanvid.train import (
     fit,
     param_groups,
 )
-from testkit import tiny_config
+from trainkit import CONTEXT, FRAMES, SIZE, assert_close_runs, recipe, train_model
 from videogen import make_frames, write_video
 
-FRAMES, SIZE, CONTEXT = 4, 24, 16
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (see conftest)
-
-
-def train_model(seed: int = 0, **kw) -> VideoCLIP:
-    """A tiny seeded model in training mode, sized for this file's FRAMES and SIZE."""
-    torch.manual_seed(seed)
-    return VideoCLIP(tiny_config(frames=FRAMES, image=SIZE, **kw))
-
-
-def recipe(task: str = "retrieval", **sections) -> Recipe:
-    data = {
-        "dataset": "captions",
-        "num_frames": FRAMES,
-        "input_size": SIZE,
-        "test_resize": SIZE,
-        "train_resize": 28,
-        "text_length": CONTEXT,
-        "num_workers": 0,
-    }
-    if task == "recognition":
-        data["class_names"] = "classes.txt"
-    data.update(sections.pop("data", {}))
-    train = {"epochs": 2, "batch_size": 4, "log_every": 1, "precision": "fp32"}
-    train.update(sections.pop("train", {}))
-    optim = {"warmup_epochs": 1.0}
-    optim.update(sections.pop("optim", {}))
-    return Recipe.from_dict({"task": task, "data": data, "train": train, "optim": optim, **sections})
 
 
 class MemoryRetrieval(torch.utils.data.Dataset):
@@ -265,27 +236,11 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _assert_close_runs(ddp_state: dict, one_state: dict) -> None:
-    assert ddp_state["step"] == one_state["step"] == 2
-    for key, value in one_state["model"].items():
-        torch.testing.assert_close(ddp_state["model"][key], value, rtol=1e-5, atol=1e-7, msg=key)
-    for key, value in (one_state["trainer"]["head"] or {}).items():
-        torch.testing.assert_close(ddp_state["trainer"]["head"][key], value, rtol=1e-5, atol=1e-7, msg=key)
-    # AdamW's moments after the steps are the (clipped) gradients: the same on 2 ranks as on 1
-    for index, state in one_state["trainer"]["optimizer"]["state"].items():
-        other = ddp_state["trainer"]["optimizer"]["state"][index]
-        for name in ("exp_avg", "exp_avg_sq"):
-            scale = float(state[name].abs().max())
-            torch.testing.assert_close(
-                other[name], state[name], rtol=1e-4, atol=1e-5 * scale + 1e-20, msg=f"{index} {name}"
-            )
-
-
 def test_two_gloo_ranks_train_and_evaluate_like_one_process(tmp_path, free_port):
     mp.spawn(_ddp_worker, args=(2, free_port, str(tmp_path)), nprocs=2, join=True)
     single = _ddp_runs(4, tmp_path / "one")
     for task in ("retrieval", "recognition"):
-        _assert_close_runs(
+        assert_close_runs(
             load_checkpoint(latest_checkpoint(tmp_path / "ddp" / task)),
             load_checkpoint(latest_checkpoint(tmp_path / "one" / task)),
         )

@@ -1,0 +1,57 @@
+"""Helpers the training tests share (test_train, test_mug_train): the tiny model and recipe they train, and the
+comparison of a 2-rank run with a 1-process run. Imported as `from trainkit import ...`."""
+
+from __future__ import annotations
+
+import torch
+
+from stanvid.model import VideoCLIP
+from stanvid.recipe import Recipe
+from testkit import tiny_config
+
+FRAMES, SIZE, CONTEXT = 4, 24, 16
+
+
+def train_model(seed: int = 0, **kw) -> VideoCLIP:
+    """A tiny seeded model in training mode, sized for FRAMES frames of SIZE pixels."""
+    torch.manual_seed(seed)
+    return VideoCLIP(tiny_config(frames=FRAMES, image=SIZE, **kw))
+
+
+def recipe(task: str = "retrieval", **sections) -> Recipe:
+    """A two-epoch float32 recipe for `train_model` on a captions (or class-list) dataset; `sections` override
+    the recipe's sections key by key."""
+    data = {
+        "dataset": "captions",
+        "num_frames": FRAMES,
+        "input_size": SIZE,
+        "test_resize": SIZE,
+        "train_resize": 28,
+        "text_length": CONTEXT,
+        "num_workers": 0,
+    }
+    if task == "recognition":
+        data["class_names"] = "classes.txt"
+    data.update(sections.pop("data", {}))
+    train = {"epochs": 2, "batch_size": 4, "log_every": 1, "precision": "fp32"}
+    train.update(sections.pop("train", {}))
+    optim = {"warmup_epochs": 1.0}
+    optim.update(sections.pop("optim", {}))
+    return Recipe.from_dict({"task": task, "data": data, "train": train, "optim": optim, **sections})
+
+
+def assert_close_runs(ddp_state: dict, one_state: dict) -> None:
+    """Weights, head and AdamW moments of a 2-rank run equal those of one process on the whole batch."""
+    assert ddp_state["step"] == one_state["step"] == 2
+    for key, value in one_state["model"].items():
+        torch.testing.assert_close(ddp_state["model"][key], value, rtol=1e-5, atol=1e-7, msg=key)
+    for key, value in (one_state["trainer"]["head"] or {}).items():
+        torch.testing.assert_close(ddp_state["trainer"]["head"][key], value, rtol=1e-5, atol=1e-7, msg=key)
+    # AdamW's moments after the steps are the (clipped) gradients: the same on 2 ranks as on 1
+    for index, state in one_state["trainer"]["optimizer"]["state"].items():
+        other = ddp_state["trainer"]["optimizer"]["state"][index]
+        for name in ("exp_avg", "exp_avg_sq"):
+            scale = float(state[name].abs().max())
+            torch.testing.assert_close(
+                other[name], state[name], rtol=1e-4, atol=1e-5 * scale + 1e-20, msg=f"{index} {name}"
+            )
