@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from stanvid.distributed import leave_process_group
 from stanvid.losses import all_gather_with_grad, contrastive_loss, recognition_loss, text_classifier_logits
 
 
@@ -116,6 +117,7 @@ def _step(x_video, x_text, w_video, w_text, log_scale):
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    clean = False
     try:
         x_video, x_text, w_video, w_text, log_scale = _problem()
         start = sum(_SIZES[:rank])
@@ -125,8 +127,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             dist.all_reduce(grad)
             grad /= world
         torch.save({"loss": loss, "grads": grads}, f"{out}/rank{rank}.pt")
+        clean = True
     finally:
-        dist.destroy_process_group()
+        leave_process_group(clean)  # waits for the other rank after a clean run
 
 
 def test_two_gloo_ranks_equal_one_process(tmp_path, free_port):

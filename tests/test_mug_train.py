@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from mugkit import mug_reference
 from stanvid.checkpoint import latest_checkpoint, load_checkpoint
+from stanvid.distributed import leave_process_group
 from stanvid.evaluate import evaluate_retrieval, mug_scores
 from stanvid.metrics import retrieval_metrics
 from stanvid.model import VideoCLIP
@@ -99,10 +100,12 @@ def _runs(batch_size: int, out: Path) -> dict:
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    clean = False
     try:
         torch.save(_runs(2, Path(out) / "ddp"), f"{out}/rank{rank}.pt")
+        clean = True
     finally:
-        dist.destroy_process_group()
+        leave_process_group(clean)  # waits for the other rank after a clean run
 
 
 def test_two_gloo_ranks_train_the_mug_head_like_one_process(tmp_path, free_port):

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from stanvid.checkpoint import latest_checkpoint, load_checkpoint
 from stanvid.data import RetrievalDataset
 from stanvid.data.retrieval_formats import load_video_captions
+from stanvid.distributed import leave_process_group
 from stanvid.errors import CheckpointError, ConfigError
 from stanvid.evaluate import evaluate_retrieval
 from stanvid.heads import LinearHead, encode_class_names
@@ -230,10 +231,12 @@ def _ddp_runs(batch_size: int, out: Path, device: str = "cpu") -> dict:
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    clean = False
     try:
         torch.save(_ddp_runs(2, Path(out) / "ddp"), f"{out}/rank{rank}.pt")
+        clean = True
     finally:
-        dist.destroy_process_group()
+        leave_process_group(clean)  # waits for the other rank after a clean run
 
 
 def test_two_gloo_ranks_train_and_evaluate_like_one_process(tmp_path, free_port):

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["rank_world", "launch_world_size", "default_device"]
+__all__ = ["rank_world", "launch_world_size", "default_device", "leave_process_group"]
 
 
 def rank_world(group: Any = None) -> tuple[int, int]:
@@ -39,3 +39,17 @@ def default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
+
+
+def leave_process_group(clean: bool = True) -> None:
+    """Destroy the default process group; after a ``clean`` run, first wait until every rank is done with it.
+
+    Without the barrier, a rank that finishes first tears down its gloo connections (and, on rank 0, the
+    rendezvous store) while another is still using them, and that rank's gloo thread aborts the process
+    (``terminate called without an active exception``, SIGABRT; seen here about once in ten 2-rank runs).
+    After an error the other ranks may never arrive, so no barrier then."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if clean:
+        dist.barrier()
+    dist.destroy_process_group()

@@ -41,7 +41,7 @@ from stanvid.config import ModelConfig, PreprocessConfig
 from stanvid.data.datasets import SplitFiles, read_split
 from stanvid.data.recognition import RecognitionAnnotations, RecognitionDataset
 from stanvid.data.retrieval import RetrievalAnnotations, RetrievalDataset
-from stanvid.distributed import default_device, launch_world_size, rank_world
+from stanvid.distributed import default_device, launch_world_size, leave_process_group, rank_world
 from stanvid.errors import CheckpointError, ConfigError
 from stanvid.evaluate import evaluate_recognition, evaluate_retrieval, write_results, zero_shot_model
 from stanvid.heads import LinearHead
@@ -259,11 +259,13 @@ def _process_group() -> Iterator[None]:
     """The torchrun process group for a run: initialised here if needed, and destroyed at the end if it was."""
     existed = dist.is_available() and dist.is_initialized()
     setup_distributed()
+    clean = False
     try:
         yield
+        clean = True
     finally:
-        if not existed and dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        if not existed:
+            leave_process_group(clean)
 
 
 def evaluate_model(

@@ -118,9 +118,9 @@ class _Run:
     def db(self) -> Path:
         return self.out / DB_NAME
 
-    def close(self) -> None:
+    def close(self, clean: bool = False) -> None:
         self.lock.close()
-        _leave_group(self.group)
+        _leave_group(self.group, clean)
 
 
 def build_index(
@@ -182,6 +182,7 @@ def build_index(
     root, out = _folders(video_dir, out)
     model, source, overrides = _model(model, model_source, model_overrides)
     run = _start(root, out, model, source, overrides, options, device, precision)
+    clean = False
     try:
         _barrier(run.group, _open_index_folder(run) if run.rank == 0 else None)
         _barrier(run.group, _encode_share(run))
@@ -189,9 +190,10 @@ def build_index(
             _finish(run)
         run.report.failed = [(str(root / p), e) for p, e in run.report.failed]
         run.report.seconds = time.perf_counter() - t0
+        clean = True
         return run.report
     finally:
-        run.close()
+        run.close(clean)
 
 
 def _folders(video_dir: str | os.PathLike, out: str | os.PathLike) -> tuple[Path, Path]:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from stanvid.distributed import launch_world_size, rank_world
+from stanvid.distributed import launch_world_size, leave_process_group, rank_world
 from stanvid.errors import VideoIndexError
 from stanvid.index.records import _FileEntry
 from stanvid.index.store import SHARD_DIR, _bump_generation, _connect, _get_meta, _insert_file, _transaction
@@ -33,10 +33,11 @@ def _join_group(timeout: timedelta) -> dict[str, Any] | None:
     return {"owned": owned, "group": pg}
 
 
-def _leave_group(group: dict[str, Any] | None) -> None:
-    """Destroy the default group if `_join_group` started it."""
+def _leave_group(group: dict[str, Any] | None, clean: bool = False) -> None:
+    """Destroy the default group if `_join_group` started it (after a barrier when the run ended cleanly:
+    `stanvid.distributed.leave_process_group`)."""
     if group is not None and group.get("owned"):
-        dist.destroy_process_group()
+        leave_process_group(clean)
 
 
 def _barrier(group: dict[str, Any] | None, failure: Exception | None) -> None:
