@@ -16,13 +16,9 @@ from stanvid.config import MODEL_OVERRIDES, parse_model_override
 
 def add_model_overrides(parser: argparse.ArgumentParser) -> None:
     """`--set KEY=VALUE` (repeatable) for commands that load a model; read it back with `parse_overrides`."""
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="model override passed to load_model (repeatable), e.g. temporal=meanP|seqTransf|stan, "
+    _add_set(
+        parser,
+        "model override passed to load_model (repeatable), e.g. temporal=meanP|seqTransf|stan, "
         "stan_depth=N, num_frames=N, pooling=mean|normalized_mean, grad_checkpointing=true|false, "
         "similarity=mug (Mug-STAN: per-frame vectors kept, search re-ranked by the head); for OpenAI-layout "
         "state dicts, which do not record them: act=gelu|quick_gelu, vision_heads=N, text_heads=N, "
@@ -37,12 +33,15 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 def add_recipe_overrides(parser: argparse.ArgumentParser) -> None:
     """`--set a.b=VALUE` (repeatable) for commands that run a recipe; `args.overrides` goes to `load_recipe`."""
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe value, e.g. --set optim.lr=1e-5 --set data.root=/datasets/msrvtt "
+    _add_set(
+        parser,
+        "override a recipe value, e.g. --set optim.lr=1e-5 --set data.root=/datasets/msrvtt "
         "--set model.grad_checkpointing=false (repeatable)",
+    )
+
+
+def _add_set(parser: argparse.ArgumentParser, help: str) -> None:
+    """The repeatable `--set KEY=VALUE` option both kinds share; what the values mean is the caller's."""
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help
     )
