@@ -8,7 +8,9 @@ weights by `save_pretrained`; `from_dict` rejects unknown keys by name.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -27,33 +29,29 @@ SIMILARITIES = ("cosine", "mug")
 MUG_MODES = ("mug_frame_token_simple", "mug_frame_token", "mug_frame_text")
 
 
-def _positive_int(obj: Any, *names: str) -> None:
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not to a config
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_fields(obj: Any, *names: str, ok: Callable[[Any], bool], expected: str) -> None:
+    """A `ConfigError` naming the first of ``names`` whose value fails ``ok``. The values must already have
+    their types: a YAML/JSON "false" is a str, and `bool("false")` would be True."""
     for name in names:
         value = getattr(obj, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(f"{type(obj).__name__}.{name} must be a positive integer, got {value!r}")
+        if not ok(value):
+            raise ConfigError(f"{type(obj).__name__}.{name} must be {expected}, got {value!r}")
 
 
-def _bools(obj: Any, *names: str) -> None:
-    """Switches must be real bools: a YAML/JSON "false" is a str, and `bool("false")` would be True."""
-    for name in names:
-        value = getattr(obj, name)
-        if not isinstance(value, bool):
-            raise ConfigError(f"{type(obj).__name__}.{name} must be true or false, got {value!r}")
-
-
-def _numbers(obj: Any, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{type(obj).__name__}.{name} must be a number, got {value!r}")
-
-
-def _strings(obj: Any, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if not isinstance(value, str):
-            raise ConfigError(f"{type(obj).__name__}.{name} must be a string, got {value!r}")
+_positive_int = functools.partial(
+    _check_fields, ok=lambda v: _is_int(v) and v > 0, expected="a positive integer"
+)
+_bools = functools.partial(_check_fields, ok=lambda v: isinstance(v, bool), expected="true or false")
+_numbers = functools.partial(_check_fields, ok=_is_number, expected="a number")
+_strings = functools.partial(_check_fields, ok=lambda v: isinstance(v, str), expected="a string")
 
 
 def _choice(obj: Any, name: str, choices: tuple[str, ...]) -> None:
@@ -265,7 +263,7 @@ class ModelConfig:
         _bools(self, "grad_checkpointing")
         _strings(self, "name")
         tau = self.mug_tau
-        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 < tau < float("inf"):
+        if not _is_number(tau) or not 0 < tau < float("inf"):
             raise ConfigError(f"ModelConfig.mug_tau must be a positive number, got {tau!r}")
         self.mug_tau = float(tau)
         _positive_int(self, "num_frames")
@@ -388,14 +386,10 @@ def typed_override(key: str, value: Any, where: str = "model override ") -> Any:
     return value
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 # override parser -> (what it expects, in words; test of a value given already typed, from Python)
 _OVERRIDE_KINDS = {
     str: ("text", lambda v: isinstance(v, str)),
-    int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    int: ("an integer", _is_int),
     float: ("a number", _is_number),
     _bool: ("true or false", lambda v: isinstance(v, bool)),
     _floats: ("comma-separated numbers", lambda v: isinstance(v, (list, tuple)) and all(map(_is_number, v))),

@@ -46,7 +46,7 @@ def leave_process_group(clean: bool = True) -> None:
 
     Without the barrier, a rank that finishes first tears down its gloo connections (and, on rank 0, the
     rendezvous store) while another is still using them, and that rank's gloo thread aborts the process
-    (``terminate called without an active exception``, SIGABRT; seen here about once in ten 2-rank runs).
+    (``terminate called without an active exception``, SIGABRT; seen here in about one of seven 2-rank test runs).
     After an error the other ranks may never arrive, so no barrier then."""
     if not (dist.is_available() and dist.is_initialized()):
         return

@@ -33,6 +33,7 @@ def walk_videos(
     Files left out for a reason the user may want to know (links out of the folder, undecodable names) are
     appended to `skipped` as (printable relative path, reason); `folder` is what the reasons call `root`."""
     root = Path(root)
+    real_root = root.resolve()  # where a followed link must land
     excluded = Path(exclude).resolve() if exclude is not None else None
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -54,7 +55,7 @@ def walk_videos(
                 st = path.stat()
             except OSError:
                 continue  # vanished between listing and stat (or a dangling link): not in the folder
-            if path.is_symlink() and not _inside(Path(os.path.realpath(path)), root.resolve()):
+            if path.is_symlink() and not _inside(Path(os.path.realpath(path)), real_root):
                 _note(skipped, relpath, f"a symbolic link to a file outside the {folder} (not followed)")
                 continue
             if stat.S_ISREG(st.st_mode):

@@ -182,10 +182,18 @@ def _check_ranking(ties: str, tie_tolerance: float, ks: Sequence[int]) -> tuple[
     tol = tie_tolerance
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < math.inf:
         raise ConfigError(f"tie_tolerance must be a number >= 0, got {tol!r}")
-    ks = tuple(ks)
-    if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k <= 0 for k in ks):
+    ks = _check_ks(ks)
+    if not ks:  # a retrieval summary always reports some R@K
         raise ConfigError(f"ks must be positive integers, got {ks!r}")
     return float(tol), ks
+
+
+def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
+    """The K of R@K / top-K, each a positive integer."""
+    ks = tuple(ks)
+    if any(isinstance(k, bool) or not isinstance(k, int) or k <= 0 for k in ks):
+        raise ConfigError(f"ks must be positive integers, got {ks!r}")
+    return ks
 
 
 def _check_chunk(chunk: int) -> None:
@@ -394,9 +402,7 @@ def topk_accuracy(
         raise ValueError(
             f"labels must be in [0, {num_classes}), got [{int(target.min())}, {int(target.max())}]"
         )
-    for k in ks:
-        if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
-            raise ConfigError(f"ks must be positive integers, got {k!r}")
+    ks = _check_ks(ks)
     true = scores.gather(1, target[:, None])  # (N, 1)
     rank = (scores >= true).sum(1)  # 1-based, ties against
     return {f"top{k}": float((rank <= k).sum().item()) * 100 / n for k in ks}

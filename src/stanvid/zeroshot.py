@@ -21,7 +21,6 @@ e.g. labels that are already captions):
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -147,9 +146,9 @@ def class_weights(
     templates = _check_templates(templates)
     prompts = [t.format(name) for name in class_names for t in templates]  # (K * P,)
     context = model.config.clip.text.context_length
-    encoder = model if runner is None else runner.model
-    with contextlib.nullcontext() if runner is None else runner.autocast():
-        feats = encode_class_names(encoder, prompts, context, device)  # (K * P, D), normalized float32
+    runner = runner if runner is not None else prepare_for_inference(model, "fp32", device)
+    with runner.autocast():
+        feats = encode_class_names(runner.model, prompts, context, device)  # (K * P, D), normalized float32
     feats = feats.view(len(class_names), len(templates), -1).mean(dim=1)  # (K, D)
     return F.normalize(feats, dim=-1)
 

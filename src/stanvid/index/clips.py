@@ -4,7 +4,6 @@ as an example embeds identically."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 
@@ -14,7 +13,7 @@ import torch.nn.functional as F
 
 from stanvid.errors import VideoIndexError, VideoReadError
 from stanvid.model import VideoCLIP
-from stanvid.precision import InferencePrecision
+from stanvid.precision import InferencePrecision, prepare_for_inference
 from stanvid.sampling import uniform_indices
 from stanvid.transforms import center_crop, normalize, resize_short_side
 
@@ -144,8 +143,7 @@ def encode_clips(
     `runner` (`stanvid.precision.prepare_for_inference(model, ...)`): the precision to encode in; float32 without.
     """
     out = []
-    encoder = model if runner is None else runner.model
-    precision = contextlib.nullcontext if runner is None else runner.autocast
+    runner = runner if runner is not None else prepare_for_inference(model, "fp32", device)
     pre = model.config.clip.preprocess  # the normalization the CLIP was trained with
     for k in range(0, len(clips), batch_size):
         part = clips[k : k + batch_size].to(device)  # (b, T, 3, S, S) uint8
@@ -153,7 +151,7 @@ def encode_clips(
         video = normalize(part.flatten(0, 1), pre.mean, pre.std).view(
             b, t, *part.shape[2:]
         )  # (b, T, 3, S, S)
-        with precision():
-            emb = encoder.encode_video(video)  # (b, D)
+        with runner.autocast():
+            emb = runner.model.encode_video(video)  # (b, D)
         out.append(F.normalize(emb.float(), dim=-1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, model.config.clip.embed_dim), np.float32)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from stanvid.distributed import default_device
 from stanvid.errors import IndexedFileError, VideoIndexError
+from stanvid.folders import _inside
 from stanvid.index.clips import encode_clips, read_clip
 from stanvid.index.identity import _load_model, model_fingerprint
 from stanvid.index.records import SearchResult, Segment
@@ -32,7 +33,6 @@ from stanvid.index.store import (
     _vector_file,
     make_vector_index,
 )
-from stanvid.index.walk import _inside
 from stanvid.model import VideoCLIP
 from stanvid.mug_search import blob_frames, keeps_frame_vectors, rerank
 from stanvid.precision import InferencePrecision, prepare_for_inference, resolve_precision

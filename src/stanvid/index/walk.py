@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stanvid.folders import _inside, find_videos, walk_videos
+from stanvid.folders import find_videos, walk_videos
 from stanvid.index.records import _FileEntry
 from stanvid.video_io import VIDEO_EXTENSIONS
 
-__all__ = ["VIDEO_EXTENSIONS", "_inside", "_walk", "find_videos"]
+__all__ = ["VIDEO_EXTENSIONS", "_walk", "find_videos"]
 
 
 def _walk(root: Path, exclude: Path | None, skipped: list[tuple[str, str]] | None = None) -> list[_FileEntry]:
