@@ -6,7 +6,7 @@
     python benchmarks/index.py --pipeline            # indexer vs model-only throughput, per precision
 
 1. Indexing: a generated folder (`--videos` H.264 files of `--seconds` s at 25 fps, 320x240) is indexed with
-   `stanvid.index.build_index` from an empty index: probe + decode + preprocess + encode + SQLite + FAISS, all
+   `stanvid.search.index.build_index` from an empty index: probe + decode + preprocess + encode + SQLite + FAISS, all
    timed. Once with a small random model (32 px input, 4 vision layers, 8 frames) and once with the default
    model size (ViT-B/32 + STAN depth 4, 12 frames at 224 px, random weights: speed does not depend on them).
    Decoding alone (the same frames, `read_frames` only) is timed as the ceiling for small models.
@@ -43,8 +43,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import stanvid  # noqa: E402
-from stanvid.config import CLIPConfig, ModelConfig, STANConfig, TextConfig, VisionConfig  # noqa: E402
-from stanvid.index import _segment_frames, build_index, make_vector_index, segment_bounds  # noqa: E402
+from stanvid.models.config import CLIPConfig, ModelConfig, STANConfig, TextConfig, VisionConfig  # noqa: E402
+from stanvid.search.index import segment_frame_indices, build_index, make_vector_index, segment_bounds  # noqa: E402
 from videogen import iter_frames, write_video  # noqa: E402
 
 
@@ -76,12 +76,12 @@ def small_model() -> stanvid.VideoCLIP:
 
 def decode_only(paths: list[Path], model_cfg: ModelConfig, segment_seconds: float | None) -> float:
     """Seconds to read the frames the index samples (no model): the decoding ceiling."""
-    stanvid.video_io.clear_cache()
+    stanvid.video.decode.clear_frame_index_cache()
     start = time.perf_counter()
     for path in paths:
         info = stanvid.probe(path)
         idx = [
-            _segment_frames(a, b, info.fps, info.num_frames, model_cfg.num_frames)
+            segment_frame_indices(a, b, info.fps, info.num_frames, model_cfg.num_frames)
             for a, b in segment_bounds(info.duration, segment_seconds)
         ]
         stanvid.read_frames(
@@ -91,7 +91,7 @@ def decode_only(paths: list[Path], model_cfg: ModelConfig, segment_seconds: floa
 
 
 def bench_indexing(args) -> None:
-    import stanvid.video_io  # noqa: F401  (clear_cache between runs: a warm probe cache would flatter decoding)
+    import stanvid.video.decode  # noqa: F401  (clear_cache between runs: a warm probe cache would flatter decoding)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -116,7 +116,7 @@ def bench_indexing(args) -> None:
             model_dir = tmp / f"model{k}"
             model.save_pretrained(model_dir)
             decode = decode_only(paths, model.config, seg)
-            stanvid.video_io.clear_cache()
+            stanvid.video.decode.clear_frame_index_cache()
             t0 = time.perf_counter()
             report = build_index(
                 tmp / "videos",
@@ -152,10 +152,10 @@ CAPTIONS = [
 
 def model_only(model_dir: Path, precision: str, clips: int) -> tuple[str, float, int]:
     """(resolved precision, videos/s, clips per forward) of the indexer's encode step alone (the same steps as
-    `stanvid.index.writer._Writer._encode`), on random frames."""
-    from stanvid.pipeline import encode_batch_size
+    `stanvid.search.index.writer._Writer._encode`), on random frames."""
     from stanvid.precision import prepare_for_inference
-    from stanvid.transforms import normalize
+    from stanvid.video.pipeline import encode_batch_size
+    from stanvid.video.transforms import normalize
 
     model = stanvid.load_model(model_dir).eval()
     cfg = model.config
@@ -188,16 +188,16 @@ def model_only(model_dir: Path, precision: str, clips: int) -> tuple[str, float,
 
 def decode_seconds(paths: list[Path], num_frames: int, size: int) -> float:
     """probe + read_frames + resize/crop of every video, one thread: the indexer's decoding work."""
-    import stanvid.video_io
-    from stanvid.transforms import center_crop, resize_short_side
+    import stanvid.video.decode
+    from stanvid.video.transforms import center_crop, resize_short_side
 
-    stanvid.video_io.clear_cache()
+    stanvid.video.decode.clear_frame_index_cache()
     torch.set_num_threads(1)
     try:
         start = time.perf_counter()
         for path in paths:
             info = stanvid.probe(path)
-            idx = _segment_frames(0.0, info.duration, info.fps, info.num_frames, num_frames)
+            idx = segment_frame_indices(0.0, info.duration, info.fps, info.num_frames, num_frames)
             frames = stanvid.read_frames(path, idx, size=size, threads=1)
             center_crop(resize_short_side(frames, size), size)
         return time.perf_counter() - start
@@ -229,7 +229,7 @@ def index_process(folder: Path, model_dir: Path, out: Path, precision: str, work
 
 
 def bench_pipeline(args) -> None:
-    from stanvid.index import open_index
+    from stanvid.search.index import open_index
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -331,7 +331,7 @@ def time_queries(index, queries: np.ndarray, k: int, budget_s: float) -> tuple[n
 
 def bench_text_encoding(queries: int = 30) -> None:
     """The other half of a query's latency: tokenizing and encoding the text with the default text tower."""
-    from stanvid.tokenizer import tokenize
+    from stanvid.models.tokenizer import tokenize
 
     torch.manual_seed(0)
     model = stanvid.create_model("ViT-B/32", temporal="meanP").eval()

@@ -5,7 +5,7 @@
     python benchmarks/mug_head.py --device cuda
 
 What is measured, each setting in a fresh process (so one setting's allocations do not hide another's):
-`stanvid.evaluate.mug_scores` (what evaluation runs: the head block by block, `mug_block_size`'s default blocks
+`stanvid.training.evaluate.mug_scores` (what evaluation runs: the head block by block, `mug_block_size`'s default blocks
 or `--chunk`) for each mode; optionally `mug_similarity` with no chunking (the whole (texts, videos, tokens,
 frames) tensors at once, as the official evaluation computes it); and, for comparison, the cosine of pooled
 embeddings that STAN's evaluation ranks. Then the per-query cost of the search re-rank: one 32-token query
@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from peak_memory import peak_bytes_during
 
-from stanvid.config import MUG_MODES
-from stanvid.evaluate import mug_scores
-from stanvid.mug import mug_block_size, mug_similarity
+from stanvid.models.config import MUG_MODES
+from stanvid.models.mug import mug_block_size, mug_similarity
+from stanvid.training.evaluate import mug_scores
 
 
 def features(args, device: str = "cpu"):
@@ -106,7 +106,7 @@ def storage_cost(args, stored: int = 20000) -> list[dict]:
 
     import numpy as np
 
-    from stanvid.mug_search import blob_frames, frames_blob
+    from stanvid.search.rerank import blob_frames, frames_blob
 
     rng = np.random.default_rng(0)
     rows = []

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from stanvid.index import build_index, open_index
 from stanvid.precision import resolve_precision
+from stanvid.search.index import build_index, open_index
 
 CAPTION_FILES = ("test_appearance.csv", "test_order.csv")
 

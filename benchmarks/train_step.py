@@ -3,7 +3,7 @@
     python benchmarks/train_step.py                         # CPU, 2 videos per step (the recipe's 16 on a GPU)
     python benchmarks/train_step.py --device cuda --batch 16
 
-The step is the real one, `stanvid.train.Trainer` built from ``configs/stan_msrvtt_b32.yaml``: STAN (depth 4)
+The step is the real one, `stanvid.Trainer` built from ``configs/stan_msrvtt_b32.yaml``: STAN (depth 4)
 on a randomly initialised ViT-B/32, 12 frames at 224 px and 32-token captions, the symmetric InfoNCE over the
 batch at tau 0.01, backward through both towers, clipping, AdamW with the CLIP / STAN parameter groups, the
 schedule. Only the batch size (``--batch``; the recipe has 16 per GPU, too slow for a CPU benchmark) and the
@@ -30,8 +30,8 @@ import torch
 from peak_memory import peak_bytes_during
 
 import stanvid
-from stanvid.recipe import load_recipe
-from stanvid.train import Trainer
+from stanvid.training.recipe import load_recipe
+from stanvid.training.trainer import Trainer
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "stan_msrvtt_b32.yaml"
 

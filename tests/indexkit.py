@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 
 import stanvid
-from stanvid.config import CLIPConfig, ModelConfig, STANConfig, TextConfig, VisionConfig
-from stanvid.index import DB_NAME
-from stanvid.sampling import uniform_indices
-from stanvid.transforms import EvalTransform
+from stanvid.models.config import CLIPConfig, ModelConfig, STANConfig, TextConfig, VisionConfig
+from stanvid.search.index import DB_NAME
+from stanvid.video.sampling import uniform_indices
+from stanvid.video.transforms import EvalTransform
 from videogen import codec_available, make_frames, write_video
 
 FPS = 10

@@ -14,11 +14,11 @@ import pytest
 import yaml
 
 import stanvid
-import stanvid.hub
-import stanvid.runs
+import stanvid.checkpoints.load
+import stanvid.training.runs
 from stanvid.cli import main
-from stanvid.config import ModelConfig
 from stanvid.errors import ConfigError
+from stanvid.models.config import ModelConfig
 from testkit import tiny_config, tiny_model
 from videogen import make_frames, write_video
 
@@ -80,14 +80,14 @@ def _model_argv(command: str, data: dict[str, Path], out: Path) -> list[str]:
 
 
 def _recorded_loads(monkeypatch) -> list[stanvid.VideoCLIP]:
-    """Every model `stanvid.hub.load_model` returns from now on (index and embed load through it)."""
-    loaded, real = [], stanvid.hub.load_model
+    """Every model `stanvid.checkpoints.load.load_model` returns from now on (index and embed load through it)."""
+    loaded, real = [], stanvid.checkpoints.load.load_model
 
     def load_model(*args, **kwargs):
         loaded.append(real(*args, **kwargs))
         return loaded[-1]
 
-    monkeypatch.setattr(stanvid.hub, "load_model", load_model)
+    monkeypatch.setattr(stanvid.checkpoints.load, "load_model", load_model)
     return loaded
 
 
@@ -111,13 +111,15 @@ def test_model_set_gives_the_typed_value(command, text, expected, data, tmp_path
 def test_recipe_set_gives_the_typed_value(command, data, tmp_path, monkeypatch, capsys):
     built = []
     if command == "train":  # the dry run loads the model as a run would: record it
-        real = stanvid.runs.load_run_model
+        real = stanvid.training.runs.load_run_model
         monkeypatch.setattr(
-            stanvid.runs, "load_run_model", lambda recipe: built.append(real(recipe)) or built[-1]
+            stanvid.training.runs, "load_run_model", lambda recipe: built.append(real(recipe)) or built[-1]
         )
         argv = ["train", str(data["config"]), "--dry-run", "--out", str(tmp_path / "run")]
     else:  # eval: record the recipe it evaluates with (grad checkpointing does not reach an eval's model)
-        monkeypatch.setattr(stanvid.runs, "evaluate_run", lambda recipe, *a, **k: built.append(recipe) or {})
+        monkeypatch.setattr(
+            stanvid.training.runs, "evaluate_run", lambda recipe, *a, **k: built.append(recipe) or {}
+        )
         argv = ["eval", str(data["config"])]
     assert main([*argv, "--set", "model.grad_checkpointing=false"]) == 0
     value = built[-1].config.grad_checkpointing if command == "train" else built[-1].model.grad_checkpointing

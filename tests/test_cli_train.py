@@ -12,12 +12,12 @@ import pytest
 import torch
 import yaml
 
+from stanvid.checkpoints.load import load_model
 from stanvid.cli import main
-from stanvid.config import CLIPConfig, ModelConfig, STANConfig, TextConfig, VisionConfig
-from stanvid.hub import load_model
-from stanvid.model import VideoCLIP
-from stanvid.recipe import load_recipe
-from stanvid.runs import build_dataset, evaluate_model, load_trained
+from stanvid.models.config import CLIPConfig, ModelConfig, STANConfig, TextConfig, VisionConfig
+from stanvid.models.video_clip import VideoCLIP
+from stanvid.training.recipe import load_recipe
+from stanvid.training.runs import build_dataset, evaluate_model, load_trained
 from videogen import make_frames, write_video
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -392,8 +392,8 @@ def test_mugstan_train_then_eval_through_the_cli(csv_run, tmp_path, capsys):
 def test_datasets_normalize_frames_as_the_model_was_trained(csv_run, test_resize):
     """A CLIP trained with other normalization values (open_clip's ViT-L-14 laion2b: mean = std = 0.5) gets its
     frames normalized with them in training and evaluation, not with OpenAI's constants."""
-    from stanvid.config import PreprocessConfig
-    from stanvid.transforms import CLIP_MEAN, CLIP_STD
+    from stanvid.models.config import PreprocessConfig
+    from stanvid.video.transforms import CLIP_MEAN, CLIP_STD
 
     recipe = load_recipe(csv_run["config"], [f"data.test_resize={test_resize}"])
     half = PreprocessConfig(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))

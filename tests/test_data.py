@@ -41,9 +41,9 @@ from stanvid.data.datasets import (
     read_split,
 )
 from stanvid.errors import ConfigError, DatasetError, VideoReadError
-from stanvid.recipe import DATASETS as RECIPE_DATASETS
-from stanvid.sampling import uniform_indices
-from stanvid.transforms import CLIP_MEAN, CLIP_STD, EvalTransform
+from stanvid.training.recipe import DATASETS as RECIPE_DATASETS
+from stanvid.video.sampling import uniform_indices
+from stanvid.video.transforms import CLIP_MEAN, CLIP_STD, EvalTransform
 from videogen import available_codecs, frame_code, make_frames, write_video
 
 SIZE = 64  # square videos at the model size: no resize, no crop, so frame codes can be read back

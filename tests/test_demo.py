@@ -1,5 +1,5 @@
 """`stanvid demo`: the corpus keeps its promises (order-only pairs are frame-set identical, splits are
-disjoint), the tie-aware recall agrees with `stanvid.metrics`, and `--quick` runs end to end."""
+disjoint), the tie-aware recall agrees with `stanvid.training.metrics`, and `--quick` runs end to end."""
 
 from __future__ import annotations
 
@@ -22,11 +22,11 @@ from stanvid.demo.pretrain import PretrainConfig, describe, load_frames, pretrai
 from stanvid.demo.run import MUG_MODELS, TEMPORAL_MODELS, DemoConfig, demo_model_config
 from stanvid.demo.synth import NOTHING, CorpusConfig, clip_frames, make_corpus
 from stanvid.demo.transfer import TransferConfig, collate_pairs, training_set
-from stanvid.evaluate import encode_texts, encode_videos
-from stanvid.metrics import retrieval_metrics
-from stanvid.sampling import uniform_indices
-from stanvid.transforms import EvalTransform
-from stanvid.video_io import probe, read_frames
+from stanvid.training.evaluate import encode_texts, encode_videos
+from stanvid.training.metrics import retrieval_metrics
+from stanvid.video.decode import probe, read_frames
+from stanvid.video.sampling import uniform_indices
+from stanvid.video.transforms import EvalTransform
 
 SMALL = CorpusConfig(
     pretrain_per_object=2,

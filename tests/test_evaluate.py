@@ -14,11 +14,11 @@ from stanvid.data import RecognitionDataset, RetrievalDataset
 from stanvid.data.recognition import load_kinetics
 from stanvid.data.retrieval_formats import load_video_captions
 from stanvid.errors import ConfigError
-from stanvid.evaluate import evaluate_recognition, evaluate_retrieval, write_results, zero_shot_model
-from stanvid.heads import LinearHead, encode_class_names
-from stanvid.losses import text_classifier_logits
-from stanvid.metrics import average_views, retrieval_metrics, topk_accuracy
-from stanvid.model import VideoCLIP
+from stanvid.models.heads import LinearHead, encode_class_names
+from stanvid.models.video_clip import VideoCLIP
+from stanvid.training.evaluate import evaluate_recognition, evaluate_retrieval, write_results, zero_shot_model
+from stanvid.training.losses import text_classifier_logits
+from stanvid.training.metrics import average_views, retrieval_metrics, topk_accuracy
 from testkit import tiny_config
 from videogen import make_frames, write_video
 

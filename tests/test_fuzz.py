@@ -19,26 +19,26 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from stanvid.cli.common import parse_overrides  # noqa: E402
-from stanvid.config import MODEL_OVERRIDES  # noqa: E402
 from stanvid.errors import ConfigError, VideoReadError  # noqa: E402
-from stanvid.index import (  # noqa: E402
+from stanvid.models.config import MODEL_OVERRIDES  # noqa: E402
+from stanvid.search.index import (  # noqa: E402
     VideoIndexError,
-    _segment_frames,
+    segment_frame_indices,
     build_index,
     segment_bounds,
     segments_with_frames,
 )
-from stanvid.recipe import parse_override  # noqa: E402
+from stanvid.training.recipe import parse_override  # noqa: E402
 
 FEW = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 
 
 # ---------------------------------------------------------------------------------------------- Range header
-def _server():
+def _media():
     pytest.importorskip("fastapi")
-    from stanvid import server
+    from stanvid.search.server import media
 
-    return server
+    return media
 
 
 _digits = st.integers(min_value=0, max_value=10**20).map(str)
@@ -55,10 +55,10 @@ _range_headers = st.one_of(
 @FEW
 @given(header=_range_headers, size=st.integers(min_value=0, max_value=10**12))
 def test_parse_range_answers_a_valid_span_or_416(header, size):
-    server = _server()
+    media = _media()
     try:
-        start, end = server._parse_range(header, size)
-    except server._BadRequest as exc:
+        start, end = media.parse_range(header, size)
+    except media.BadRequest as exc:
         assert exc.status == 416 and exc.headers == {"Content-Range": f"bytes */{size}"}
         return
     assert 0 <= start <= end < size
@@ -113,7 +113,7 @@ def test_segments_with_frames_are_the_non_empty_segment_bounds(num_frames, fps, 
     slow = [
         (a, b)
         for a, b in segment_bounds(duration, seconds, limit=2000)
-        if _segment_frames(a, b, fps, num_frames, 4) is not None
+        if segment_frame_indices(a, b, fps, num_frames, 4) is not None
     ]
     assert fast == slow
     assert len(fast) <= num_frames  # bounded by what the file holds, whatever its duration
@@ -191,7 +191,7 @@ def api_schema(tmp_path_factory):
     schemathesis = pytest.importorskip("schemathesis")
     pytest.importorskip("fastapi")
     from indexkit import make_folder, save_tiny_model
-    from stanvid.server import create_app
+    from stanvid.search.server.app import create_app
 
     base = tmp_path_factory.mktemp("fuzz")
     model_dir = save_tiny_model(base / "model")

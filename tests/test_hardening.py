@@ -30,15 +30,15 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from indexkit import rows, save_tiny_model, write_clip  # noqa: E402
 from stanvid.cli import main as cli_main  # noqa: E402
-from stanvid.index import (  # noqa: E402
+from stanvid.locking import LockHeldError, exclusive_lock  # noqa: E402
+from stanvid.search.index import (  # noqa: E402
     DB_NAME,
     LOCK_NAME,
     VideoIndexError,
     build_index,
     open_index,
 )
-from stanvid.locking import LockHeldError, exclusive_lock  # noqa: E402
-from stanvid.server import create_app  # noqa: E402
+from stanvid.search.server.app import create_app  # noqa: E402
 
 VIDEOS = {"a.mp4": (20, 1), "sub/b.mkv": (15, 2), "c.mp4": (12, 3)}
 
@@ -138,9 +138,9 @@ def test_responses_name_files_relative_and_the_model_by_name(tmp_path, model_dir
         st = target.stat()
         target.write_bytes(b"\x00" * st.st_size)
         os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
-        from stanvid.video_io import clear_cache
+        from stanvid.video.decode import clear_frame_index_cache
 
-        clear_cache()
+        clear_frame_index_cache()
         r = client.get(hit["thumbnail_url"])
         assert r.status_code == 409 and hit["path"] in r.json()["error"]
         for body in (r.text, client.get("/api/info").text, client.get("/api/search?q=x").text):

@@ -34,7 +34,8 @@ from indexkit import (  # noqa: E402
     write_clip,
 )
 from stanvid.cli import main as cli_main  # noqa: E402
-from stanvid.index import (  # noqa: E402
+from stanvid.models.tokenizer import tokenize  # noqa: E402
+from stanvid.search.index import (  # noqa: E402
     DB_NAME,
     SHARD_DIR,
     VideoIndexError,
@@ -42,10 +43,9 @@ from stanvid.index import (  # noqa: E402
     model_fingerprint,
     segment_bounds,
 )
-from stanvid.index import build_index as _build_index  # noqa: E402
-from stanvid.index import open_index as _open_index  # noqa: E402
-from stanvid.index import search_index as _search_index  # noqa: E402
-from stanvid.tokenizer import tokenize  # noqa: E402
+from stanvid.search.index import build_index as _build_index  # noqa: E402
+from stanvid.search.index import open_index as _open_index  # noqa: E402
+from stanvid.search.index import search_index as _search_index  # noqa: E402
 
 # This file checks storage and ranking against float32 references at float32 tolerances, so it pins the
 # precision (the default, auto, is bf16 on a CPU with native bf16); tests/test_precision.py covers the others.

@@ -10,7 +10,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from stanvid.distributed import leave_process_group
-from stanvid.losses import all_gather_with_grad, contrastive_loss, recognition_loss, text_classifier_logits
+from stanvid.training.losses import (
+    all_gather_with_grad,
+    contrastive_loss,
+    recognition_loss,
+    text_classifier_logits,
+)
 
 
 def _reference_infonce(video: torch.Tensor, text: torch.Tensor, scale: float) -> float:

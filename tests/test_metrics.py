@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from stanvid.errors import ConfigError
-from stanvid.metrics import (
+from stanvid.training.metrics import (
     average_views,
     chunked_similarity,
     dual_softmax,

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import stanvid
-from stanvid.config import ModelConfig
 from stanvid.errors import ConfigError
+from stanvid.models.config import ModelConfig
 
 
 def video_batch(model, b=2, t=None, seed=1):

@@ -1,4 +1,4 @@
-"""Mug-STAN's head (stanvid.mug): parity with the official `Mug_head`, chunking, the loss, config and checkpoints."""
+"""Mug-STAN's head (stanvid.models.mug): parity with the official `Mug_head`, chunking, the loss, config and checkpoints."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from safetensors.torch import load_file
 
 import stanvid
 from mugkit import mug_reference
-from stanvid.config import MUG_MODES, ModelConfig
 from stanvid.errors import ConfigError
-from stanvid.losses import mug_contrastive_loss
-from stanvid.mug import mug_similarity
+from stanvid.models.config import MUG_MODES, ModelConfig
+from stanvid.models.mug import mug_similarity
+from stanvid.training.losses import mug_contrastive_loss
 
 TOL = 1e-4
 

@@ -21,20 +21,20 @@ import torch.nn.functional as F
 pytest.importorskip("faiss")
 
 import stanvid  # noqa: E402
-from stanvid.index import DB_NAME, SHARD_DIR  # noqa: E402
-from stanvid.index import build_index as _build_index
-from stanvid.index import open_index as _open_index
-from stanvid.index import search_index as _search_index
+from stanvid.search.index import DB_NAME, SHARD_DIR  # noqa: E402
+from stanvid.search.index import build_index as _build_index
+from stanvid.search.index import open_index as _open_index
+from stanvid.search.index import search_index as _search_index
 
 # the references below are float32 computations: index and query in float32 (`stanvid.precision`)
 build_index = functools.partial(_build_index, precision="fp32")
 open_index = functools.partial(_open_index, precision="fp32")
 search_index = functools.partial(_search_index, precision="fp32")
 from indexkit import VIDEOS, index_model, make_folder  # noqa: E402
-from stanvid.mug import mug_similarity  # noqa: E402
-from stanvid.sampling import uniform_indices  # noqa: E402
-from stanvid.tokenizer import tokenize  # noqa: E402
-from stanvid.transforms import EvalTransform  # noqa: E402
+from stanvid.models.mug import mug_similarity  # noqa: E402
+from stanvid.models.tokenizer import tokenize  # noqa: E402
+from stanvid.video.sampling import uniform_indices  # noqa: E402
+from stanvid.video.transforms import EvalTransform  # noqa: E402
 
 
 def mug_model_dir(directory):

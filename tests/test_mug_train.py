@@ -12,12 +12,13 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from mugkit import mug_reference
-from stanvid.checkpoint import latest_checkpoint, load_checkpoint
 from stanvid.distributed import leave_process_group
-from stanvid.evaluate import evaluate_retrieval, mug_scores
-from stanvid.metrics import retrieval_metrics
-from stanvid.model import VideoCLIP
-from stanvid.train import Trainer, fit
+from stanvid.models.video_clip import VideoCLIP
+from stanvid.training.checkpoint import latest_checkpoint, load_checkpoint
+from stanvid.training.evaluate import evaluate_retrieval, mug_scores
+from stanvid.training.loop import fit
+from stanvid.training.metrics import retrieval_metrics
+from stanvid.training.trainer import Trainer
 from testkit import tiny_config
 from trainkit import CONTEXT, FRAMES, SIZE, assert_close_runs, recipe
 

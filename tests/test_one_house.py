@@ -22,14 +22,17 @@ pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from indexkit import save_tiny_model, write_clip  # noqa: E402
-from stanvid import data, folders, index, prepare, video_io  # noqa: E402
+from stanvid import data  # noqa: E402
 from stanvid.data import VideoFinder  # noqa: E402
 from stanvid.data.loader import build_loader  # noqa: E402
-from stanvid.index import build_index, open_index  # noqa: E402
-from stanvid.prepare import prepare_videos  # noqa: E402
-from stanvid.server import create_app  # noqa: E402
+from stanvid.search import index  # noqa: E402
+from stanvid.search.index import build_index, open_index  # noqa: E402
+from stanvid.search.server.app import create_app  # noqa: E402
+from stanvid.video import decode as video_io  # noqa: E402
+from stanvid.video import folders, prepare  # noqa: E402
+from stanvid.video.prepare import prepare_videos  # noqa: E402
 
-PACKAGE = Path(video_io.__file__).parent
+PACKAGE = Path(data.__file__).parents[1]  # src/stanvid
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +121,7 @@ def test_each_mechanism_is_called_in_its_one_module_only(calls, home):
 
 def test_index_and_prepare_walk_a_folder_alike(tmp_path):
     """Hidden names, links out of the folder and links inside it: index and prepare-videos take the same files
-    and report the same refusals (one walk, `stanvid.folders.walk_videos`)."""
+    and report the same refusals (one walk, `stanvid.video.folders.walk_videos`)."""
     root, outside = tmp_path / "videos", tmp_path / "elsewhere"
     write_clip(root / "a.mp4", frames=10, seed=1)
     write_clip(outside / "o.mp4", frames=10, seed=2)

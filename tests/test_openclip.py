@@ -16,9 +16,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import stanvid
-from stanvid import zoo
+from stanvid.checkpoints import zoo
+from stanvid.checkpoints.convert import open_clip_config
 from stanvid.cli import main as cli_main
-from stanvid.convert import open_clip_config
 from stanvid.errors import CheckpointError, ConfigError
 
 TOL = 1e-4
@@ -464,8 +464,8 @@ def test_index_normalizes_frames_with_the_models_values(tmp_path):
     """`stanvid index` embeds frames normalized as the model's config says, not with OpenAI's constants."""
     pytest.importorskip("faiss")
     from indexkit import index_model, reference_embedding, rows, write_clip
-    from stanvid.index import build_index, model_fingerprint
-    from stanvid.transforms import EvalTransform
+    from stanvid.search.index import build_index, model_fingerprint
+    from stanvid.video.transforms import EvalTransform
 
     model = index_model()
     mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)

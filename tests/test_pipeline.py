@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-import stanvid.pipeline as pipeline
-from stanvid.pipeline import encode_batch_size, thread_budget
+import stanvid.video.pipeline as pipeline
+from stanvid.video.pipeline import encode_batch_size, thread_budget
 
 pytest.importorskip("faiss")
 from indexkit import VIDEOS, make_folder, rows, save_tiny_model  # noqa: E402
-from stanvid.index import DB_NAME, build_index  # noqa: E402
+from stanvid.search.index import DB_NAME, build_index  # noqa: E402
 
 
 @pytest.mark.parametrize(

@@ -18,15 +18,15 @@ import torch.nn.functional as F
 
 import stanvid
 import stanvid.precision as precision_module
-from stanvid.config import CLIPConfig, ModelConfig, STANConfig, TextConfig, VisionConfig
 from stanvid.errors import ConfigError
-from stanvid.evaluate import encode_texts
+from stanvid.models.config import CLIPConfig, ModelConfig, STANConfig, TextConfig, VisionConfig
+from stanvid.models.tokenizer import tokenize
 from stanvid.precision import PRECISIONS, prepare_for_inference, resolve_precision
-from stanvid.tokenizer import tokenize
+from stanvid.training.evaluate import encode_texts
 from videogen import make_frames, write_video
 
 faiss = pytest.importorskip("faiss")
-from stanvid.index import build_index, open_index  # noqa: E402
+from stanvid.search.index import build_index, open_index  # noqa: E402
 
 GATE = {"bf16": 0.999, "fp16": 0.999, "int8": 0.99}  # minimum cosine to the float32 embedding
 QUERIES = [

@@ -17,8 +17,8 @@ import pytest
 import stanvid
 from stanvid import ConfigError
 from stanvid.cli import main as cli_main
-from stanvid.folders import find_videos
-from stanvid.prepare import MANIFEST, prepare_videos
+from stanvid.video.folders import find_videos
+from stanvid.video.prepare import MANIFEST, prepare_videos
 from videogen import available_codecs, frame_code, make_frames, write_video
 
 FPS_IN, FPS_OUT = 25, 5

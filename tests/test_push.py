@@ -11,8 +11,8 @@ import torch
 import stanvid
 from stanvid.cli import main as cli_main
 from stanvid.errors import CheckpointError, ConfigError
-from stanvid.metrics import format_table
-from stanvid.publish import push_to_hub
+from stanvid.training.metrics import format_table
+from stanvid.training.publish import push_to_hub
 
 REPO = "someone/stan-tiny"
 
@@ -78,9 +78,9 @@ def test_cli_push_then_load_by_repo_id(fake_hub, run_folder, capsys):
                                                           "preprocessor_config.json", "model.safetensors"}  # fmt: skip
 
 
-def test_model_method_pushes_without_metrics(fake_hub, tiny_model):
+def test_a_model_in_memory_pushes_without_metrics(fake_hub, tiny_model):
     model = tiny_model("meanP", seed=5)
-    url = model.push_to_hub(REPO)
+    url = push_to_hub(model, REPO)
     assert url == f"https://huggingface.co/{REPO}"
     card = (fake_hub.root / REPO / "README.md").read_text()
     assert "## Evaluation" not in card and "mean of frame embeddings" in card
@@ -127,4 +127,4 @@ def test_push_without_the_client(monkeypatch, tiny_model):
 
     monkeypatch.setattr(builtins, "__import__", no_hub)
     with pytest.raises(CheckpointError, match=r"stanvid\[hub\]"):
-        tiny_model("meanP").push_to_hub(REPO)
+        push_to_hub(tiny_model("meanP"), REPO)

@@ -19,16 +19,16 @@ import torch.nn.functional as F
 pytest.importorskip("faiss")
 
 from stanvid.cli import main as cli_main  # noqa: E402
-from stanvid.index import build_index as _build_index  # noqa: E402
-from stanvid.index import open_index as _open_index
-from stanvid.index import read_clip
+from stanvid.search.index import build_index as _build_index  # noqa: E402
+from stanvid.search.index import open_index as _open_index
+from stanvid.search.index import read_clip
 
 FP32 = ["--precision", "fp32"]
 # the references below are float32 computations: index and query in float32 (`stanvid.precision`)
 build_index = functools.partial(_build_index, precision="fp32")
 open_index = functools.partial(_open_index, precision="fp32")
 from indexkit import make_folder, save_tiny_model  # noqa: E402
-from stanvid.query import (  # noqa: E402
+from stanvid.search.query import (  # noqa: E402
     ClipSpec,
     FileHit,
     Query,
@@ -38,8 +38,8 @@ from stanvid.query import (  # noqa: E402
     parse_like,
     search,
 )
-from stanvid.transforms import center_crop, normalize, resize_short_side  # noqa: E402
-from stanvid.video_io import probe, read_frames  # noqa: E402
+from stanvid.video.decode import probe, read_frames  # noqa: E402
+from stanvid.video.transforms import center_crop, normalize, resize_short_side  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- demo proofs
@@ -254,8 +254,8 @@ def test_load_image_refuses_what_is_not_a_usable_image(tmp_path):
 
 
 def test_image_as_still_clip_equals_the_image_tower_for_mean_pooling(tmp_path):
-    """For a mean-pooled model a still clip's embedding is exactly `encode_image` (docstring of stanvid.query)."""
-    from stanvid.hub import load_model
+    """For a mean-pooled model a still clip's embedding is exactly `encode_image` (docstring of stanvid.search.query)."""
+    from stanvid.checkpoints.load import load_model
 
     model_dir = save_tiny_model(tmp_path / "model")
     meanp = load_model(model_dir, temporal="meanP")

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from stanvid.errors import ConfigError
-from stanvid.recipe import Recipe, load_recipe, parse_override
+from stanvid.training.recipe import Recipe, load_recipe, parse_override
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 MINIMAL = "task: retrieval\ndata:\n  dataset: msrvtt\n"
@@ -242,7 +242,7 @@ def test_data_paths_resolve_against_root(tmp_path):
 
 
 def test_a_recipe_built_in_code_is_validated_and_typed_like_a_file():
-    from stanvid.recipe import DataRecipe, ModelRecipe, OptimRecipe, TrainRecipe
+    from stanvid.training.recipe import DataRecipe, ModelRecipe, OptimRecipe, TrainRecipe
 
     with pytest.raises(ConfigError, match=r"model\.temporal: 'lstm' is not a valid choice"):
         ModelRecipe(temporal="lstm")

@@ -9,7 +9,7 @@ import pytest
 
 import stanvid
 from stanvid.errors import ConfigError
-from stanvid.sampling import dense_indices, uniform_indices
+from stanvid.video.sampling import dense_indices, uniform_indices
 
 
 def test_uniform_test_mode_matches_official_sampler(parity):

@@ -18,8 +18,8 @@ from PIL import Image  # noqa: E402
 
 import stanvid  # noqa: E402
 from indexkit import VIDEOS, index_model, make_folder, save_tiny_model  # noqa: E402
-from stanvid.index import VideoIndexError, build_index, open_index  # noqa: E402
-from stanvid.server import MAX_K, MAX_QUERY_CHARS, create_app  # noqa: E402
+from stanvid.search.index import VideoIndexError, build_index, open_index  # noqa: E402
+from stanvid.search.server.app import MAX_K, MAX_QUERY_CHARS, create_app  # noqa: E402
 
 
 @pytest.fixture(scope="module")

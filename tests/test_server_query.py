@@ -1,5 +1,5 @@
 """The HTTP routes beyond text: image upload, "more like this" by segment id, results grouped per file. Each
-answer equals the library's (`stanvid.query`); every bad request is a 4xx with a JSON message."""
+answer equals the library's (`stanvid.search.query`); every bad request is a 4xx with a JSON message."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from indexkit import make_folder, save_tiny_model  # noqa: E402
-from stanvid.index import build_index, open_index  # noqa: E402
-from stanvid.query import Query, search  # noqa: E402
-from stanvid.server import create_app  # noqa: E402
+from stanvid.search.index import build_index, open_index  # noqa: E402
+from stanvid.search.query import Query, search  # noqa: E402
+from stanvid.search.server.app import create_app  # noqa: E402
 
 
 @pytest.fixture(scope="module")

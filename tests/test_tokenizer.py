@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import stanvid
-from stanvid.tokenizer import (
+from stanvid.models.tokenizer import (
     END_OF_TEXT,
     START_OF_TEXT,
     SimpleTokenizer,

@@ -12,22 +12,18 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from stanvid.checkpoint import latest_checkpoint, load_checkpoint
 from stanvid.data import RetrievalDataset
 from stanvid.data.retrieval_formats import load_video_captions
 from stanvid.distributed import leave_process_group
 from stanvid.errors import CheckpointError, ConfigError
-from stanvid.evaluate import evaluate_retrieval
-from stanvid.heads import LinearHead, encode_class_names
-from stanvid.losses import text_classifier_logits
-from stanvid.model import VideoCLIP
-from stanvid.recipe import OptimRecipe, Recipe
-from stanvid.train import (
-    HEAD_FILE,
-    LRSchedule,
-    fit,
-    param_groups,
-)
+from stanvid.models.heads import LinearHead, encode_class_names
+from stanvid.models.video_clip import VideoCLIP
+from stanvid.training.checkpoint import latest_checkpoint, load_checkpoint
+from stanvid.training.evaluate import evaluate_retrieval
+from stanvid.training.loop import HEAD_FILE, fit
+from stanvid.training.losses import text_classifier_logits
+from stanvid.training.recipe import OptimRecipe, Recipe
+from stanvid.training.trainer import LRSchedule, param_groups
 from trainkit import CONTEXT, FRAMES, SIZE, assert_close_runs, recipe, train_model
 from videogen import make_frames, write_video
 
@@ -276,7 +272,7 @@ def caption_data(tmp_path_factory) -> Path:
 
 def _caption_set(root: Path) -> RetrievalDataset:
     ann = load_video_captions(root / "train.csv", root / "videos")
-    from stanvid.runs import build_dataset
+    from stanvid.training.runs import build_dataset
 
     return build_dataset(_resume_recipe(0), "train", ann)
 
@@ -420,7 +416,7 @@ class _TouchesOnLoad:
 
 
 def test_resuming_from_a_hostile_checkpoint_runs_nothing_and_says_so_in_one_line(tmp_path):
-    """`stanvid.checkpoint.load_checkpoint` (resume) and `runs.load_trained` (eval) share one reader."""
+    """`stanvid.training.checkpoint.load_checkpoint` (resume) and `runs.load_trained` (eval) share one reader."""
     evil, marker = tmp_path / "checkpoints" / "step-00000001.pt", tmp_path / "ran"
     evil.parent.mkdir()
     torch.save({"format": "stanvid-train-checkpoint", "model": _TouchesOnLoad(marker)}, evil)

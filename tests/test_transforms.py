@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from stanvid.errors import ConfigError
-from stanvid.transforms import (
+from stanvid.video.transforms import (
     CLIP_MEAN,
     CLIP_STD,
     EvalTransform,

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 import stanvid
-from stanvid import VideoReadError, video_io
+from stanvid import VideoReadError
+from stanvid.video import decode as video_io
 from videogen import available_codecs, frame_code, make_frames, write_video
 
 CODECS = set(available_codecs())

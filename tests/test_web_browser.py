@@ -28,8 +28,8 @@ pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 
 from indexkit import save_tiny_model  # noqa: E402
-from stanvid.index import build_index, open_index  # noqa: E402
-from stanvid.server import create_app  # noqa: E402
+from stanvid.search.index import build_index, open_index  # noqa: E402
+from stanvid.search.server.app import create_app  # noqa: E402
 from videogen import codec_available, make_frames, write_video  # noqa: E402
 
 pytestmark = pytest.mark.browser
@@ -355,7 +355,7 @@ def test_more_like_this_image_drop_and_moments(tmp_path, chromium):
         bars = chromium.evaluate(
             "document.querySelectorAll('#results .result:nth-child(1) .timeline span').length"
         )
-        from stanvid.query import search
+        from stanvid.search.query import search
 
         best = search(index, query, 3, group_by="file")[0]
         assert bars == len(best.timeline) == 3

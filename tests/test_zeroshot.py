@@ -22,10 +22,8 @@ pytest.importorskip("faiss")
 import stanvid  # noqa: E402
 from indexkit import VIDEOS, index_model, make_folder, save_tiny_model  # noqa: E402
 from stanvid.cli import main as cli_main  # noqa: E402
-from stanvid.embed import EmbedError, embed_videos, work_index_path  # noqa: E402
-from stanvid.index import encode_clips, open_index, read_clip  # noqa: E402
-from stanvid.tokenizer import tokenize  # noqa: E402
-from stanvid.zeroshot import (  # noqa: E402
+from stanvid.models.tokenizer import tokenize  # noqa: E402
+from stanvid.search.classify import (  # noqa: E402
     LABEL_SETS,
     TEMPLATES,
     ClassifyError,
@@ -34,6 +32,8 @@ from stanvid.zeroshot import (  # noqa: E402
     load_labels,
     write_predictions,
 )
+from stanvid.search.embed import EmbedError, embed_videos, work_index_path  # noqa: E402
+from stanvid.search.index import encode_clips, open_index, read_clip  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- demo proof
@@ -268,6 +268,6 @@ def test_embed_bad_output(tmp_path, out, message, capsys):
 
 
 def test_stanvid_classify_is_the_function():
-    import stanvid.zeroshot  # noqa: F401  (importing the module must not shadow the function)
+    import stanvid.search.classify  # noqa: F401  (importing the module must not shadow the function)
 
     assert callable(stanvid.classify) and stanvid.classify is classify

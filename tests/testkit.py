@@ -7,8 +7,8 @@ import socket
 
 import torch
 
-from stanvid.config import CLIPConfig, ModelConfig, STANConfig, TextConfig, VisionConfig
-from stanvid.model import VideoCLIP
+from stanvid.models.config import CLIPConfig, ModelConfig, STANConfig, TextConfig, VisionConfig
+from stanvid.models.video_clip import VideoCLIP
 
 
 def tiny_config(temporal: str = "stan", **kw) -> ModelConfig:

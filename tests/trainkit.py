@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from stanvid.model import VideoCLIP
-from stanvid.recipe import Recipe
+from stanvid.models.video_clip import VideoCLIP
+from stanvid.training.recipe import Recipe
 from testkit import tiny_config
 
 FRAMES, SIZE, CONTEXT = 4, 24, 16

@@ -1,7 +1,22 @@
 """stanvid: STAN (CVPR 2023) and its baselines on CLIP, for video retrieval and recognition.
 
-The public names below are imported on first use, so `import stanvid` stays cheap for the CLI and
-for data-loader workers; each name lives in exactly one module, listed here.
+This namespace is the public API: everything the README, the docs and the benchmarks use is importable from
+here (`stanvid.load_model`, `stanvid.Trainer`, `stanvid.build_index`, ...), while the module paths below it
+may change between 0.x releases. The names are imported on first use, so `import stanvid` stays cheap for the
+CLI and for data-loader workers; each lives in exactly one module, listed here by layer (bottom first):
+
+    errors, fileio, locking, distributed, precision   what every layer uses
+    video/        decoding, samplers, transforms, prepare-videos, folder walk, decode pipeline
+    models/       config dataclasses, CLIP, STAN, baselines, the Mug head, VideoCLIP, tokenizer, heads
+    checkpoints/  format detection, key maps, load_model, open_clip names, hub download and upload
+    data/         datasets and loaders
+    training/     recipes, the loop, trainer, losses, evaluation, metrics, runs, publishing
+    search/       the index, queries, the Mug re-rank, embed, classify, server and web page
+    demo/, cli/   `stanvid demo` and the commands
+
+A part imports only the parts above it in this list (tests/test_layout.py holds the table). `stanvid.search`
+is the search layer's package, so a query goes through `stanvid.search_index` (an index path and a text) or
+an open index's `VideoIndex.search` (text) and `VideoIndex.query` (a `stanvid.Query`, `group_by`).
 """
 
 # ruff: noqa: F401 -- the TYPE_CHECKING imports are the lazy exports (ruff cannot read the computed __all__)
@@ -23,91 +38,107 @@ from stanvid.errors import VideoReadError as VideoReadError
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    # tokenizer.py
-    "tokenize": "stanvid.tokenizer",
-    "SimpleTokenizer": "stanvid.tokenizer",
-    "is_empty_caption": "stanvid.tokenizer",
-    # config.py
-    "VisionConfig": "stanvid.config",
-    "TextConfig": "stanvid.config",
-    "CLIPConfig": "stanvid.config",
-    "STANConfig": "stanvid.config",
-    "SeqTransfConfig": "stanvid.config",
-    "ModelConfig": "stanvid.config",
-    "PreprocessConfig": "stanvid.config",
-    # model.py
-    "VideoCLIP": "stanvid.model",
-    # hub.py
-    "load_model": "stanvid.hub",
-    "create_model": "stanvid.hub",
-    "convert_checkpoint": "stanvid.hub",
-    "detect_format": "stanvid.hub",
-    "push_to_hub": "stanvid.publish",
-    # pretrained.py
-    "save_pretrained": "stanvid.pretrained",
-    # video_io.py
-    "probe": "stanvid.video_io",
-    "read_frames": "stanvid.video_io",
-    "VideoInfo": "stanvid.video_io",
-    "prepare_videos": "stanvid.prepare",
-    # sampling.py
-    "uniform_indices": "stanvid.sampling",
-    "dense_indices": "stanvid.sampling",
-    # metrics.py
-    "retrieval_metrics": "stanvid.metrics",
-    "topk_accuracy": "stanvid.metrics",
-    "retrieval_metrics_from_features": "stanvid.metrics",
-    "dual_softmax": "stanvid.metrics",
-    "chunked_similarity": "stanvid.metrics",
-    "average_views": "stanvid.metrics",
-    "format_table": "stanvid.metrics",
-    # losses.py
-    "contrastive_loss": "stanvid.losses",
-    "all_gather_with_grad": "stanvid.losses",
-    "text_classifier_logits": "stanvid.losses",
-    "recognition_loss": "stanvid.losses",
-    # mug.py
-    "mug_similarity": "stanvid.mug",
-    "MUG_MODES": "stanvid.mug",
-    "mug_contrastive_loss": "stanvid.losses",
-    # recipe.py
-    "Recipe": "stanvid.recipe",
-    "load_recipe": "stanvid.recipe",
-    # data/
+    # shared: precision of inference
+    "resolve_precision": "stanvid.precision",
+    "prepare_for_inference": "stanvid.precision",
+    "quantize_int8": "stanvid.precision",
+    # video: decoding, sampling, transforms, prepare-videos
+    "probe": "stanvid.video.decode",
+    "read_frames": "stanvid.video.decode",
+    "VideoInfo": "stanvid.video.decode",
+    "clear_frame_index_cache": "stanvid.video.decode",
+    "VIDEO_EXTENSIONS": "stanvid.video.decode",
+    "uniform_indices": "stanvid.video.sampling",
+    "dense_indices": "stanvid.video.sampling",
+    "EvalTransform": "stanvid.video.transforms",
+    "TrainTransform": "stanvid.video.transforms",
+    "MultiCropTransform": "stanvid.video.transforms",
+    "normalize": "stanvid.video.transforms",
+    "center_crop": "stanvid.video.transforms",
+    "resize_short_side": "stanvid.video.transforms",
+    "CLIP_MEAN": "stanvid.video.transforms",
+    "CLIP_STD": "stanvid.video.transforms",
+    "prepare_videos": "stanvid.video.prepare",
+    "find_videos": "stanvid.video.folders",
+    "walk_videos": "stanvid.video.folders",
+    "encode_batch_size": "stanvid.video.pipeline",
+    # models: configs, the video model, the tokenizer, the Mug head
+    "VisionConfig": "stanvid.models.config",
+    "TextConfig": "stanvid.models.config",
+    "CLIPConfig": "stanvid.models.config",
+    "STANConfig": "stanvid.models.config",
+    "SeqTransfConfig": "stanvid.models.config",
+    "ModelConfig": "stanvid.models.config",
+    "PreprocessConfig": "stanvid.models.config",
+    "MUG_MODES": "stanvid.models.config",
+    "VideoCLIP": "stanvid.models.video_clip",
+    "tokenize": "stanvid.models.tokenizer",
+    "SimpleTokenizer": "stanvid.models.tokenizer",
+    "is_empty_caption": "stanvid.models.tokenizer",
+    "default_tokenizer": "stanvid.models.tokenizer",
+    "mug_similarity": "stanvid.models.mug",
+    "mug_block_size": "stanvid.models.mug",
+    "LinearHead": "stanvid.models.heads",
+    "encode_class_names": "stanvid.models.heads",
+    "save_pretrained": "stanvid.models.pretrained",
+    # checkpoints: every format in, the hub both ways
+    "load_model": "stanvid.checkpoints.load",
+    "create_model": "stanvid.checkpoints.load",
+    "convert_checkpoint": "stanvid.checkpoints.load",
+    "detect_format": "stanvid.checkpoints.load",
+    # data: datasets and loaders
     "RetrievalDataset": "stanvid.data",
     "RecognitionDataset": "stanvid.data",
     "make_loader": "stanvid.data",
     "load_retrieval": "stanvid.data",
-    # train.py / evaluate.py
-    "fit": "stanvid.train",
-    "TrainResult": "stanvid.train",
-    # runs.py: a recipe's run, end to end
-    "train_run": "stanvid.runs",
-    "evaluate_run": "stanvid.runs",
-    "build_dataset": "stanvid.runs",
-    "load_trained": "stanvid.runs",
-    "evaluate_retrieval": "stanvid.evaluate",
-    "evaluate_recognition": "stanvid.evaluate",
-    "zero_shot_model": "stanvid.evaluate",
-    # index/ / server.py
-    "build_index": "stanvid.index",
-    "open_index": "stanvid.index",
-    "search_index": "stanvid.index",
-    "VideoIndex": "stanvid.index",
-    "SearchResult": "stanvid.index",
-    "IndexReport": "stanvid.index",
-    "create_app": "stanvid.server",
-    # query.py / zeroshot.py / embed.py
-    "Query": "stanvid.query",
-    "search": "stanvid.query",
-    "classify": "stanvid.zeroshot",
-    "embed_videos": "stanvid.embed",
-    # demo/
+    "load_video_captions": "stanvid.data",
+    # training: recipes, the loop, losses, evaluation, metrics
+    "Recipe": "stanvid.training.recipe",
+    "load_recipe": "stanvid.training.recipe",
+    "fit": "stanvid.training.loop",
+    "TrainResult": "stanvid.training.loop",
+    "Trainer": "stanvid.training.trainer",
+    "train_run": "stanvid.training.runs",
+    "evaluate_run": "stanvid.training.runs",
+    "build_dataset": "stanvid.training.runs",
+    "load_trained": "stanvid.training.runs",
+    "evaluate_retrieval": "stanvid.training.evaluate",
+    "evaluate_recognition": "stanvid.training.evaluate",
+    "zero_shot_model": "stanvid.training.evaluate",
+    "mug_scores": "stanvid.training.evaluate",
+    "contrastive_loss": "stanvid.training.losses",
+    "all_gather_with_grad": "stanvid.training.losses",
+    "text_classifier_logits": "stanvid.training.losses",
+    "recognition_loss": "stanvid.training.losses",
+    "mug_contrastive_loss": "stanvid.training.losses",
+    "retrieval_metrics": "stanvid.training.metrics",
+    "topk_accuracy": "stanvid.training.metrics",
+    "retrieval_metrics_from_features": "stanvid.training.metrics",
+    "dual_softmax": "stanvid.training.metrics",
+    "chunked_similarity": "stanvid.training.metrics",
+    "average_views": "stanvid.training.metrics",
+    "format_table": "stanvid.training.metrics",
+    "push_to_hub": "stanvid.training.publish",
+    # search: the index, queries, embed, classify, the server
+    "build_index": "stanvid.search.index",
+    "open_index": "stanvid.search.index",
+    "search_index": "stanvid.search.index",
+    "VideoIndex": "stanvid.search.index",
+    "SearchResult": "stanvid.search.index",
+    "IndexReport": "stanvid.search.index",
+    "make_vector_index": "stanvid.search.index",
+    "segment_bounds": "stanvid.search.index",
+    "segment_frame_indices": "stanvid.search.index",
+    "Query": "stanvid.search.query",
+    "FileHit": "stanvid.search.query",
+    "frames_blob": "stanvid.search.rerank",
+    "blob_frames": "stanvid.search.rerank",
+    "classify": "stanvid.search.classify",
+    "embed_videos": "stanvid.search.embed",
+    "create_app": "stanvid.search.server.app",
+    # demo
     "run_demo": "stanvid.demo.run",
     "DemoConfig": "stanvid.demo.run",
-    # transforms.py
-    "EvalTransform": "stanvid.transforms",
-    "TrainTransform": "stanvid.transforms",
 }
 
 _ERRORS = [
@@ -126,7 +157,17 @@ _ERRORS = [
 __all__ = sorted([*_EXPORTS, *_ERRORS])
 
 if TYPE_CHECKING:  # what editors and type checkers see; at run time `__getattr__` imports on first use
-    from stanvid.config import (
+    from stanvid.checkpoints.load import convert_checkpoint, create_model, detect_format, load_model
+    from stanvid.data import (
+        RecognitionDataset,
+        RetrievalDataset,
+        load_retrieval,
+        load_video_captions,
+        make_loader,
+    )
+    from stanvid.demo.run import DemoConfig, run_demo
+    from stanvid.models.config import (
+        MUG_MODES,
         CLIPConfig,
         ModelConfig,
         PreprocessConfig,
@@ -135,20 +176,43 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time `__getattr_
         TextConfig,
         VisionConfig,
     )
-    from stanvid.data import RecognitionDataset, RetrievalDataset, load_retrieval, make_loader
-    from stanvid.demo.run import DemoConfig, run_demo
-    from stanvid.embed import embed_videos
-    from stanvid.evaluate import evaluate_recognition, evaluate_retrieval, zero_shot_model
-    from stanvid.hub import convert_checkpoint, create_model, detect_format, load_model
-    from stanvid.index import IndexReport, SearchResult, VideoIndex, build_index, open_index, search_index
-    from stanvid.losses import (
+    from stanvid.models.heads import LinearHead, encode_class_names
+    from stanvid.models.mug import mug_block_size, mug_similarity
+    from stanvid.models.pretrained import save_pretrained
+    from stanvid.models.tokenizer import SimpleTokenizer, default_tokenizer, is_empty_caption, tokenize
+    from stanvid.models.video_clip import VideoCLIP
+    from stanvid.precision import prepare_for_inference, quantize_int8, resolve_precision
+    from stanvid.search.classify import classify
+    from stanvid.search.embed import embed_videos
+    from stanvid.search.index import (
+        IndexReport,
+        SearchResult,
+        VideoIndex,
+        build_index,
+        make_vector_index,
+        open_index,
+        search_index,
+        segment_bounds,
+        segment_frame_indices,
+    )
+    from stanvid.search.query import FileHit, Query
+    from stanvid.search.rerank import blob_frames, frames_blob
+    from stanvid.search.server.app import create_app
+    from stanvid.training.evaluate import (
+        evaluate_recognition,
+        evaluate_retrieval,
+        mug_scores,
+        zero_shot_model,
+    )
+    from stanvid.training.loop import TrainResult, fit
+    from stanvid.training.losses import (
         all_gather_with_grad,
         contrastive_loss,
         mug_contrastive_loss,
         recognition_loss,
         text_classifier_logits,
     )
-    from stanvid.metrics import (
+    from stanvid.training.metrics import (
         average_views,
         chunked_similarity,
         dual_softmax,
@@ -157,21 +221,25 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time `__getattr_
         retrieval_metrics_from_features,
         topk_accuracy,
     )
-    from stanvid.model import VideoCLIP
-    from stanvid.mug import MUG_MODES, mug_similarity
-    from stanvid.prepare import prepare_videos
-    from stanvid.pretrained import save_pretrained
-    from stanvid.publish import push_to_hub
-    from stanvid.query import Query, search
-    from stanvid.recipe import Recipe, load_recipe
-    from stanvid.runs import build_dataset, evaluate_run, load_trained, train_run
-    from stanvid.sampling import dense_indices, uniform_indices
-    from stanvid.server import create_app
-    from stanvid.tokenizer import SimpleTokenizer, is_empty_caption, tokenize
-    from stanvid.train import TrainResult, fit
-    from stanvid.transforms import EvalTransform, TrainTransform
-    from stanvid.video_io import VideoInfo, probe, read_frames
-    from stanvid.zeroshot import classify
+    from stanvid.training.publish import push_to_hub
+    from stanvid.training.recipe import Recipe, load_recipe
+    from stanvid.training.runs import build_dataset, evaluate_run, load_trained, train_run
+    from stanvid.training.trainer import Trainer
+    from stanvid.video.decode import VIDEO_EXTENSIONS, VideoInfo, clear_frame_index_cache, probe, read_frames
+    from stanvid.video.folders import find_videos, walk_videos
+    from stanvid.video.pipeline import encode_batch_size
+    from stanvid.video.prepare import prepare_videos
+    from stanvid.video.sampling import dense_indices, uniform_indices
+    from stanvid.video.transforms import (
+        CLIP_MEAN,
+        CLIP_STD,
+        EvalTransform,
+        MultiCropTransform,
+        TrainTransform,
+        center_crop,
+        normalize,
+        resize_short_side,
+    )
 
 
 def __getattr__(name: str):

@@ -2,7 +2,7 @@
 this process's device.
 
 The process group is the only source of truth: a process that has not joined one (a plain ``python`` run,
-or torchrun before `stanvid.train.setup_distributed`) is rank 0 of 1, whatever ``WORLD_SIZE`` says, so every
+or torchrun before `stanvid.training.loop.setup_distributed`) is rank 0 of 1, whatever ``WORLD_SIZE`` says, so every
 module agrees on who writes and who shards. `launch_world_size` is the one other question: how many processes
 the launcher started, which a plan or a set-up made before the group is joined needs.
 """

@@ -7,6 +7,8 @@ file) prints one line to stderr and exits 2, never a traceback.
 The command modules import their optional dependencies (faiss, fastapi, huggingface_hub, ...) only inside
 `run`, so every command's arguments and `--help` are complete whatever is installed; a run that needs a
 missing one prints which extra to install (`OPTIONAL_PACKAGES`).
+
+May import: everything (the top of the layers); nothing imports it.
 """
 
 from __future__ import annotations

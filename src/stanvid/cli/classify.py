@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--templates",
         default="default",
-        help="prompt templates: 'default' (stanvid.zeroshot.TEMPLATES), 'none' (the names as they are), or "
+        help="prompt templates: 'default' (stanvid.search.classify.TEMPLATES), 'none' (the names as they are), or "
         "a text file with one template per line, '{}' standing for the class name",
     )
     p.add_argument("--out", default=None, help="write the predictions to FILE.csv or FILE.json")
@@ -38,7 +38,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from stanvid.zeroshot import TEMPLATES, ClassifyError, classify, write_predictions
+    from stanvid.search.classify import TEMPLATES, ClassifyError, classify, write_predictions
 
     if args.templates == "default":
         templates = TEMPLATES

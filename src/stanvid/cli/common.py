@@ -1,9 +1,9 @@
 """Options that several commands share, each defined once: the model `--set` and the recipe `--set`.
 
 Two kinds of `--set KEY=VALUE` exist. Commands that load a model (convert, index, embed) take `load_model`
-overrides (`grad_checkpointing=false`, `num_frames=8`), typed by `stanvid.config.MODEL_OVERRIDES` exactly as
+overrides (`grad_checkpointing=false`, `num_frames=8`), typed by `stanvid.models.config.MODEL_OVERRIDES` exactly as
 the Python keywords are; commands that run a recipe (train, eval) take dotted recipe keys
-(`model.grad_checkpointing=false`, `optim.lr=1e-5`), typed by `stanvid.recipe.load_recipe`.
+(`model.grad_checkpointing=false`, `optim.lr=1e-5`), typed by `stanvid.training.recipe.load_recipe`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from stanvid.config import MODEL_OVERRIDES, parse_model_override
+from stanvid.models.config import MODEL_OVERRIDES, parse_model_override
 
 
 def add_model_overrides(parser: argparse.ArgumentParser) -> None:
@@ -27,7 +27,7 @@ def add_model_overrides(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """`key=value` strings -> overrides typed by `stanvid.config.MODEL_OVERRIDES` (unknown keys refused)."""
+    """`key=value` strings -> overrides typed by `stanvid.models.config.MODEL_OVERRIDES` (unknown keys refused)."""
     return dict(parse_model_override(item) for item in items)
 
 

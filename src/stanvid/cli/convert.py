@@ -27,7 +27,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from stanvid.hub import convert_checkpoint
+    from stanvid.checkpoints.load import convert_checkpoint
 
     dst = Path(args.dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not args.force:

@@ -32,7 +32,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from stanvid.embed import embed_videos
+    from stanvid.search.embed import embed_videos
 
     result = embed_videos(
         args.video_dir,

@@ -35,8 +35,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from stanvid.recipe import load_recipe
-    from stanvid.runs import evaluate_run
+    from stanvid.training.recipe import load_recipe
+    from stanvid.training.runs import evaluate_run
 
     recipe = load_recipe(args.config, args.overrides)
     report = evaluate_run(

@@ -68,7 +68,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from stanvid.index import DEFAULT_APPROX_THRESHOLD, build_index
+    from stanvid.search.index import DEFAULT_APPROX_THRESHOLD, build_index
 
     report = build_index(
         args.video_dir,

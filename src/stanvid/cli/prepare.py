@@ -1,4 +1,4 @@
-"""`stanvid prepare-videos SRC DST`: re-encode a folder of videos to small constant-rate files (see stanvid.prepare)."""
+"""`stanvid prepare-videos SRC DST`: re-encode a folder of videos to small constant-rate files (see stanvid.video.prepare)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from stanvid.prepare import prepare_videos
+    from stanvid.video.prepare import prepare_videos
 
     report = prepare_videos(
         args.src,

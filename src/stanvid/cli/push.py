@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from stanvid.publish import push_to_hub
+    from stanvid.training.publish import push_to_hub
 
     url = push_to_hub(args.dir, args.repo, run_dir=args.run_dir, private=args.private)
     print(f"pushed {args.dir} to {url}")

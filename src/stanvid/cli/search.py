@@ -41,8 +41,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from stanvid.index import open_index
-    from stanvid.query import FileHit, Query, QueryError, search, to_dicts
+    from stanvid.search.index import open_index
+    from stanvid.search.query import FileHit, Query, QueryError, search, to_dicts
 
     if args.text is None and args.image is None and args.like is None:
         raise QueryError("nothing to search for: give TEXT, --image or --like")

@@ -25,7 +25,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import uvicorn
 
-    from stanvid.server import create_app
+    from stanvid.search.server.app import create_app
 
     app = create_app(args.index, device=args.device, precision=args.precision)
     print(f"stanvid: serving {args.index} at http://{args.host}:{args.port}/")

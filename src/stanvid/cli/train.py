@@ -35,8 +35,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from stanvid.recipe import load_recipe
-    from stanvid.runs import check_run, train_run
+    from stanvid.training.recipe import load_recipe
+    from stanvid.training.runs import check_run, train_run
 
     recipe = load_recipe(args.config, args.overrides)
     if args.out is not None:

@@ -7,6 +7,9 @@ of these formats and their readers are one table, `stanvid.data.datasets.DATASET
     ann = load_retrieval("msrvtt", "test-1k", "data/msrvtt", "data/msrvtt/videos")
     ds = RetrievalDataset(ann, num_frames=12, unit="video")
     loader = make_loader(ds, batch_size=16, num_workers=8)
+
+May import: the shared top modules, `stanvid.video` (decoding, samplers, transforms) and `stanvid.models`
+(the tokenizer that turns captions into ids). Never training, search, the demo or the CLI.
 """
 
 from stanvid.data.base import (

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from stanvid.errors import ConfigError, DatasetError, VideoReadError
-from stanvid.video_io import VIDEO_EXTENSIONS
+from stanvid.video.decode import VIDEO_EXTENSIONS
 
 __all__ = [
     "VIDEO_EXTENSIONS",
@@ -50,7 +50,7 @@ def check_caption(text: Any, where: str) -> str:
     if "&" in text or not any(ch.isalnum() for ch in text):
         # Only text without letters or digits, or with HTML entities ("&nbsp;"), can tokenize to nothing;
         # ask the tokenizer about those (the rest skip its cost: MSR-VTT has 200k captions).
-        from stanvid.tokenizer import is_empty_caption
+        from stanvid.models.tokenizer import is_empty_caption
 
         if not text or is_empty_caption(text):
             raise DatasetError(f"{where}: empty caption {text!r}")
@@ -234,7 +234,7 @@ class VideoClipDataset(Dataset):
     def set_epoch_seed(self, seed: int | None, epoch: int = 0) -> None:
         """Seed each item's random draws (frames, crop, flip) by ``(seed, epoch, index)`` from now on.
 
-        This is what makes `stanvid.train.fit` resumable bit for bit: an item's clip depends on the run's seed,
+        This is what makes `stanvid.training.loop.fit` resumable bit for bit: an item's clip depends on the run's seed,
         the epoch and the item alone, not on which worker process decodes it nor on what that worker decoded
         before, so a resumed run that skips the batches already trained on draws what the uninterrupted run
         drew. Call it in the process that reads the items (inside a ``DataLoader`` worker, on its copy of the
@@ -286,7 +286,7 @@ class VideoClipDataset(Dataset):
         rng: np.random.Generator,
     ) -> torch.Tensor:
         """Probe, sample indices from the frame count, decode them (resized in the decoder), transform."""
-        from stanvid.video_io import probe, read_frames
+        from stanvid.video.decode import probe, read_frames
 
         num_frames = probe(path).num_frames
         if num_frames <= 0:

@@ -35,8 +35,8 @@ from stanvid.data.base import (
     require_field,
 )
 from stanvid.errors import ConfigError, DatasetError
-from stanvid.sampling import dense_indices, uniform_indices
-from stanvid.transforms import MultiCropTransform, TrainTransform
+from stanvid.video.sampling import dense_indices, uniform_indices
+from stanvid.video.transforms import MultiCropTransform, TrainTransform
 
 __all__ = [
     "RecognitionAnnotations",

@@ -27,8 +27,8 @@ import torch
 
 from stanvid.data.base import VideoClipDataset
 from stanvid.errors import ConfigError, DatasetError
-from stanvid.sampling import uniform_indices
-from stanvid.transforms import EvalTransform, stan_train_transform
+from stanvid.video.sampling import uniform_indices
+from stanvid.video.transforms import EvalTransform, stan_train_transform
 
 __all__ = ["RetrievalAnnotations", "RetrievalDataset"]
 
@@ -140,7 +140,7 @@ class RetrievalDataset(VideoClipDataset):
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         if self._tokenizer is None:
-            from stanvid.tokenizer import tokenize
+            from stanvid.models.tokenizer import tokenize
 
             return tokenize(texts, context_length=self.context_length)
         return self._tokenizer(texts, context_length=self.context_length)

@@ -4,6 +4,8 @@
 - `pretrain`: image-text pretraining of a small CLIP on single frames with appearance captions.
 - `run`: data -> pretraining -> transfer with each temporal module -> evaluation -> report (`run_demo`).
 - `report`: results.json, report.md, the bar chart and the contact sheet.
+
+May import: every layer of the library (it is a user of it), never the CLI.
 """
 
 __all__ = ["DemoConfig", "run_demo"]

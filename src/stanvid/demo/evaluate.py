@@ -4,7 +4,7 @@ Each gallery is read by the library's dataset (`stanvid.data.RetrievalDataset`, 
 uniform frames, CLIP's centre crop and normalization) and scored with cosine similarity.
 
 **Ties.** A model blind to frame order gives a clip and its reversal the same embedding, up to float32
-rounding of the same sum taken in another order. `stanvid.metrics.retrieval_metrics` counts every tie
+rounding of the same sum taken in another order. `stanvid.training.metrics.retrieval_metrics` counts every tie
 against the query (the safe rule for a benchmark), which would put such a model at R@1 = 0 on queries it can
 narrow down to the right pair: below chance, when it is exactly at chance. The demo therefore reports the
 *expected* recall under a random tie-break (`expected_recall`: `retrieval_metrics` with
@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from stanvid.data import RetrievalDataset, load_video_captions, make_loader
 from stanvid.demo.synth import ClipRecord, Corpus
 from stanvid.errors import DatasetError
-from stanvid.metrics import retrieval_metrics
-from stanvid.model import VideoCLIP
-from stanvid.transforms import EvalTransform
+from stanvid.models.video_clip import VideoCLIP
+from stanvid.training.metrics import retrieval_metrics
+from stanvid.video.transforms import EvalTransform
 
 __all__ = [
     "TIE_TOLERANCE",
@@ -89,7 +89,7 @@ def similarity(
     model.eval()
     loader = make_loader(gallery.dataset, batch_size=batch_size, num_workers=num_workers)
     if model.config.similarity == "mug":
-        from stanvid.mug import mug_similarity
+        from stanvid.models.mug import mug_similarity
 
         ids = gallery.dataset.text_tokens()  # (Q, L)
         frames = torch.cat([model.encode_video(batch["video"], pool=False) for batch in loader])  # (N, T, D)
@@ -108,7 +108,7 @@ def expected_recall(
 
     With ``g`` wrong videos scoring above the match and ``e`` tied with it, the match's rank is uniform over
     ``g + 1 .. g + e + 1``, so it is within the first K with probability ``clip((K - g) / (e + 1), 0, 1)``:
-    `stanvid.metrics.retrieval_metrics` with ``ties="expected"``.
+    `stanvid.training.metrics.retrieval_metrics` with ``ties="expected"``.
     """
     t2v = retrieval_metrics(
         sim.double(), np.asarray(text_to_video), ties="expected", tie_tolerance=tolerance, ks=ks

@@ -19,8 +19,8 @@ Batches alternate between two kinds, each free of false negatives:
 * contrast: two frames of each of `batch_size // 2` objects that differ in size or in position, captioned
   with the word that tells them apart ("a small red circle" / "a big red circle").
 
-The loop itself is a plain image-text one (`stanvid.train.fit` trains video models): the symmetric InfoNCE
-of `stanvid.losses.contrastive_loss` with CLIP's learned temperature, AdamW, warmup then cosine decay.
+The loop itself is a plain image-text one (`stanvid.training.loop.fit` trains video models): the symmetric InfoNCE
+of `stanvid.training.losses.contrastive_loss` with CLIP's learned temperature, AdamW, warmup then cosine decay.
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ from tqdm.auto import tqdm
 
 from stanvid.demo.synth import NOTHING, Corpus
 from stanvid.errors import DatasetError
-from stanvid.losses import contrastive_loss
-from stanvid.model import VideoCLIP
-from stanvid.tokenizer import tokenize
-from stanvid.transforms import normalize
+from stanvid.models.tokenizer import tokenize
+from stanvid.models.video_clip import VideoCLIP
+from stanvid.training.losses import contrastive_loss
+from stanvid.video.transforms import normalize
 
 __all__ = [
     "PretrainConfig",
@@ -91,7 +91,7 @@ def load_frames(corpus: Corpus, split: str = "pretrain") -> FrameSet:
     Size and position come from the clip's recorded track (pretraining clips); clips without one (the test
     split) get the middle bins, so only their object is described.
     """
-    from stanvid.video_io import probe, read_frames
+    from stanvid.video.decode import probe, read_frames
 
     clips = corpus.select(split, "appearance")
     if not clips:

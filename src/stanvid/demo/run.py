@@ -8,7 +8,7 @@
 3. **zero-shot**: that CLIP, loaded back with `stanvid.load_model`, frames mean-pooled, no video training.
 4. **transfer** (`stanvid.demo.transfer`): for ``meanP``, ``seqTransf``, STAN ``selfattn`` and STAN ``conv``,
    `stanvid.load_model(DIR/clip, temporal=...)` (a temporal module the checkpoint lacks starts from the paper's
-   initialisation) trained by `stanvid.train.fit` with the same budget.
+   initialisation) trained by `stanvid.training.loop.fit` with the same budget.
 5. **evaluation** (`stanvid.demo.evaluate`) and **report** (`stanvid.demo.report`): ``results.json``,
    ``report.md``, ``chart.png``, ``contact_sheet.png``; the STAN (self-attention) model in ``DIR/model``.
 """
@@ -26,13 +26,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from stanvid.config import CLIPConfig, ModelConfig, SeqTransfConfig, STANConfig, TextConfig, VisionConfig
 from stanvid.demo import evaluate as ev
 from stanvid.demo import report as rp
 from stanvid.demo.pretrain import PretrainConfig, load_frames, pretrain_clip
 from stanvid.demo.synth import Corpus, CorpusConfig, make_corpus
 from stanvid.demo.transfer import TransferConfig, training_set, transfer, transfer_recipe
 from stanvid.errors import ConfigError, StanvidError
+from stanvid.models.config import (
+    CLIPConfig,
+    ModelConfig,
+    SeqTransfConfig,
+    STANConfig,
+    TextConfig,
+    VisionConfig,
+)
 
 __all__ = ["TEMPORAL_MODELS", "DemoConfig", "DemoResult", "demo_model_config", "results_table", "run_demo"]
 
@@ -43,7 +50,7 @@ TEMPORAL_MODELS: dict[str, dict[str, str]] = {
     "stan_selfattn": {"temporal": "stan", "time_module": "selfattn"},
     "stan_conv": {"temporal": "stan", "time_module": "conv"},
 }
-# `stanvid demo --mug`: the STAN self-attention model trained and scored with Mug-STAN's head (stanvid.mug)
+# `stanvid demo --mug`: the STAN self-attention model trained and scored with Mug-STAN's head (stanvid.models.mug)
 MUG_MODELS: dict[str, dict[str, str]] = {
     "mugstan": {"temporal": "stan", "time_module": "selfattn", "similarity": "mug"},
 }
@@ -184,8 +191,8 @@ def _sheet_rows(
 ) -> list[rp.SheetRow]:
     """Both captions of the first test pair of each motion (not chosen by outcome), each with the top clip of
     every sheet model: a model blind to order returns the same clip for the two opposite captions."""
-    from stanvid.sampling import uniform_indices
-    from stanvid.video_io import probe, read_frames
+    from stanvid.video.decode import probe, read_frames
+    from stanvid.video.sampling import uniform_indices
 
     first_group: dict[str, int] = {}
     for clip in gallery.clips:
@@ -221,7 +228,7 @@ def results_table(results: dict[str, Any]) -> str:
 
 def run_demo(config: DemoConfig | None = None) -> DemoResult:
     """Run the whole demo (see the module docstring) and write its report under `config.out`."""
-    from stanvid.hub import load_model
+    from stanvid.checkpoints.load import load_model
 
     config = config or DemoConfig.create()
     started = time.perf_counter()
@@ -242,7 +249,7 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
         t = time.perf_counter()
         _say(config, "[2/5] pretrain: image-text CLIP on single frames, captions of what one frame shows")
         torch.manual_seed(config.seed)
-        from stanvid.model import VideoCLIP
+        from stanvid.models.video_clip import VideoCLIP
 
         clip = VideoCLIP(demo_model_config(config))
         frames = load_frames(corpus)
@@ -301,7 +308,7 @@ def _transfer_all(
 ) -> None:
     """Stage 4: train each temporal model from the pretrained CLIP and evaluate it; results go into `models`,
     the order gallery's similarities into `order_sims`, the seconds into `stage`."""
-    from stanvid.hub import load_model
+    from stanvid.checkpoints.load import load_model
 
     out = Path(config.out)
     runs = {**TEMPORAL_MODELS, **(MUG_MODELS if config.mug else {})}
@@ -378,7 +385,7 @@ def _facts(
             f"{len(frames.images)} frames; final loss {np.mean(pretrain_losses[-10:]):.3f}"
         ),
         "transfer": (
-            f"`stanvid.train.fit`, {tc.steps} steps of {2 * tc.pairs_per_batch} clips (each with its "
+            f"`stanvid.training.loop.fit`, {tc.steps} steps of {2 * tc.pairs_per_batch} clips (each with its "
             f"reversal, or two appearance clips), AdamW lr {tc.lr:g} (temporal module x"
             f"{tc.new_param_lr_mult:g}), tau {tc.temperature:g}, warmup then cosine"
         ),

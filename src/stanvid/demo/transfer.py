@@ -1,4 +1,4 @@
-"""Image-to-video transfer of the pretrained CLIP with one temporal module, through `stanvid.train.fit`.
+"""Image-to-video transfer of the pretrained CLIP with one temporal module, through `stanvid.training.loop.fit`.
 
 The training items come from the library's retrieval dataset (`stanvid.data.RetrievalDataset` over the
 corpus's ``train.csv``: real files decoded with `stanvid.read_frames`, uniform frame sampling, a crop shared by
@@ -24,9 +24,9 @@ from torch.utils.data import Dataset
 from stanvid.data import RetrievalDataset, collate_skipping, load_video_captions
 from stanvid.demo.synth import Corpus
 from stanvid.errors import DatasetError
-from stanvid.model import VideoCLIP
-from stanvid.recipe import DataRecipe, ModelRecipe, OptimRecipe, Recipe, TrainRecipe
-from stanvid.transforms import TrainTransform
+from stanvid.models.video_clip import VideoCLIP
+from stanvid.training.recipe import DataRecipe, ModelRecipe, OptimRecipe, Recipe, TrainRecipe
+from stanvid.video.transforms import TrainTransform
 
 __all__ = ["TransferConfig", "ReversalPairs", "collate_pairs", "training_set", "transfer_recipe", "transfer"]
 
@@ -173,7 +173,7 @@ def transfer_recipe(
 
 
 def transfer(model: VideoCLIP, train_set: ReversalPairs, recipe: Recipe, progress: bool = True):
-    """Train `model` in place with the library's training loop; returns its `stanvid.train.TrainResult`."""
-    from stanvid.train import fit
+    """Train `model` in place with the library's training loop; returns its `stanvid.training.loop.TrainResult`."""
+    from stanvid.training.loop import fit
 
     return fit(model, train_set, recipe, out_dir=None, progress=progress, collate_fn=collate_pairs)

@@ -1,0 +1,9 @@
+"""The checkpoint layer: every checkpoint format in, one model out, and models out to the hub.
+
+`load` (`load_model`, `create_model`, `detect_format`, `convert_checkpoint`: format detection by content),
+`convert` (the literal key maps and config readers of OpenAI, Hugging Face, open_clip, official STAN and
+CLIP4Clip checkpoints), `download` (OpenAI's files and Hugging Face hub repositories into a cache), `zoo`
+(open_clip's pretrained names) and `upload` (a saved folder and its model card to a hub repository).
+
+May import: the shared top modules, `stanvid.video` and `stanvid.models`.
+"""

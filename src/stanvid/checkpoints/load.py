@@ -1,0 +1,496 @@
+"""`load_model`, `create_model`, `save_pretrained`: every checkpoint format in, one format out.
+
+Sources `load_model` accepts, told apart by what they contain (not by file name):
+- a stanvid directory (`config.json` with a `clip` section + `model.safetensors`), exact round trip;
+- a Hugging Face CLIP directory (`config.json` + `model.safetensors` or `pytorch_model.bin`; normalization from
+  `preprocessor_config.json` when present);
+- an open_clip directory (`open_clip_config.json` + `open_clip_model.safetensors` or `open_clip_pytorch_model.bin`,
+  what `hf-hub:laion/...` repositories hold): architecture, activation and normalization from its config;
+- an OpenAI-layout file: OpenAI's TorchScript archive or state dict (fp16 weights are cast to float32), an open_clip
+  state dict (`.bin`, `.pt`, `.safetensors`) or training checkpoint (`{'state_dict': {'module.*'}}`), a
+  `torch.jit.script` archive of an open_clip model. Such a file does not record its activation or head counts:
+  `config=` (an open_clip or Hugging Face config) or the overrides `act` / `vision_heads` / `text_heads` say
+  them; without either, OpenAI's CLIP is assumed (QuickGELU, width // 64 heads) and a warning says so, unless
+  the file is OpenAI's own archive. An open_clip weights file next to its `open_clip_config.json` uses that config;
+- an official STAN checkpoint (`{'state_dict': {'backbone.*', 'text_backbone.*'}}`), with `config=` a CLIP config
+  for what the weights cannot tell (head counts, activation);
+- a CLIP4Clip checkpoint (`pytorch_model.bin.N`: `clip.*` and, for seqTransf, its temporal head);
+- online only: an OpenAI model name (`ViT-B/32`, `ViT-B/16`, `ViT-L/14`), an open_clip name (`ViT-B-32/laion2b_s34b_b79k`,
+  see `stanvid.checkpoints.zoo`), `hf-hub:org/name` (open_clip's spelling: its open_clip files) or a Hugging Face hub id
+  (a stanvid, Hugging Face CLIP or open_clip repository), downloaded to a cache. Offline, the error says what to
+  download and where to put it.
+Foreign pickles are read with `torch.load(..., weights_only=True)`; TorchScript through `torch.jit.load` on CPU.
+Every argument is applied or refused with a message: `config=` and the architecture overrides are refused for
+sources that record their own architecture (stanvid, Hugging Face and open_clip directories).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+import zipfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from stanvid.checkpoints import convert, zoo
+from stanvid.checkpoints.download import (
+    HF_HUB_PREFIX,
+    HF_WEIGHTS,
+    OPEN_CLIP_CONFIG,
+    OPEN_CLIP_WEIGHTS,
+    OPENAI_URLS,
+    download_hub,
+    download_openai,
+)
+from stanvid.errors import CheckpointError, ConfigError
+from stanvid.models.config import (
+    ARCHITECTURE_OVERRIDES,
+    CLIPConfig,
+    ModelConfig,
+    PreprocessConfig,
+    clip_preset,
+)
+from stanvid.models.pretrained import CONFIG_NAME, WEIGHTS_NAME
+from stanvid.models.video_clip import VideoCLIP
+
+log = logging.getLogger("stanvid")
+
+
+# ---------------------------------------------------------------------------------------------- public API
+def create_model(name: str = "ViT-B/32", **overrides: Any) -> VideoCLIP:
+    """A randomly initialised model with the architecture of an OpenAI CLIP release, for tests and benchmarks."""
+    overrides.setdefault("temporal", "stan")
+    cfg = ModelConfig(clip=clip_preset(name), name=name).replace(**overrides)
+    return VideoCLIP(cfg)
+
+
+def load_model(source: str | os.PathLike, *, config: Any = None, **overrides: Any) -> VideoCLIP:
+    """Load any supported checkpoint as a `VideoCLIP` in eval mode (see the module docstring for sources).
+
+    `config`: a Hugging Face CLIP `config.json` or an open_clip `open_clip_config.json` (or its directory, or a
+    dict) for formats whose weights do not say everything (official STAN, OpenAI-layout state dicts, CLIP4Clip).
+    `overrides`: `temporal` (meanP | seqTransf | stan), `stan_depth`, `time_module`, `num_frames`, `pooling`,
+    `grad_checkpointing`, `image_mean` / `image_std`; for sources that do not record them, `act` (gelu |
+    quick_gelu), `vision_heads`, `text_heads` (see `stanvid.models.config.MODEL_OVERRIDES`); Mug-STAN's head:
+    `similarity="mug"`, `mug_mode`, `mug_tau` (an official Mug-STAN checkpoint that stores its config sets them
+    itself; see `stanvid.checkpoints.convert.mug_head_overrides`). A plain CLIP becomes `meanP` unless `temporal` says
+    otherwise; a temporal module the checkpoint does not have starts from the paper's initialisation (spatial
+    modules copied from CLIP, temporal projections zero), and one it has but the override replaces is dropped
+    with a log line.
+    """
+    path = Path(source)
+    name = str(source)
+    if path.is_dir():
+        model = _load_directory(path, config, overrides)
+    elif path.is_file():
+        model = _load_file(path, config, overrides)
+    elif name in OPENAI_URLS:
+        model = _load_file(download_openai(name), config, overrides)
+    elif name.startswith(HF_HUB_PREFIX):
+        repo = name[len(HF_HUB_PREFIX) :]
+        if not _looks_like_hub_id(repo):
+            raise CheckpointError(f"{name}: expected hf-hub:owner/name")
+        model = _load_directory(download_hub(repo, open_clip=True), config, overrides)
+    elif (entry := zoo.lookup(name)) is not None:
+        folder = download_hub(entry.repo, open_clip=True, label=name)
+        model = _load_directory(folder, config, overrides, pretrained=entry)
+    elif _open_clip_model_name(name):
+        model_name = name.replace(":", "/").split("/")[0]
+        known = [n for n in zoo.known_names() if n.split("/")[0] == model_name.removesuffix("-quickgelu")]
+        raise CheckpointError(
+            f"{name}: unknown open_clip pretrained tag for {model_name}; known: {', '.join(known) or 'none'}"
+            + (
+                " (a -quickgelu name only names QuickGELU releases)"
+                if model_name.endswith("-quickgelu")
+                else ""
+            )
+        )
+    elif _looks_like_hub_id(name):
+        model = _load_directory(download_hub(name), config, overrides)
+    else:
+        raise CheckpointError(
+            f"{source}: no such file or directory, and not a known model name "
+            f"({', '.join(OPENAI_URLS)}, an open_clip MODEL/TAG such as ViT-B-32/laion2b_s34b_b79k), "
+            f"hf-hub:owner/name or a Hugging Face hub id (owner/name)"
+        )
+    return model.eval()
+
+
+def detect_format(source: str | os.PathLike) -> str:
+    """Name of the checkpoint format at a local path: stanvid, hf, open_clip, openai-jit, openai, stan, clip4clip."""
+    path = Path(source)
+    if path.is_dir():
+        return _directory_kind(path)
+    if _is_torchscript(path):
+        return "openai-jit"
+    return _state_dict_kind(_read_state(path), path)[0]
+
+
+# ---------------------------------------------------------------------------------------------- directories
+def _directory_kind(path: Path) -> str:
+    """stanvid > open_clip (config and weights present) > Hugging Face > open_clip (weights missing: named later).
+
+    A LAION repository holds both a Hugging Face and an open_clip copy of the same model; open_clip's is read
+    then, as `hf-hub:` does. A timm repository's `config.json` is timm's, not a CLIP config: its open_clip files
+    are read.
+    """
+    cfg_path = path / CONFIG_NAME
+    cfg = convert.read_json(cfg_path) if cfg_path.is_file() else None
+    if isinstance(cfg, dict) and "clip" in cfg and "temporal" in cfg:
+        return "stanvid"
+    has_open_clip = (path / OPEN_CLIP_CONFIG).is_file()
+    if has_open_clip and any((path / name).is_file() for name in OPEN_CLIP_WEIGHTS):
+        return "open_clip"
+    if isinstance(cfg, dict) and ("vision_config" in cfg or cfg.get("model_type") == "clip"):
+        return "hf"
+    if has_open_clip:
+        return "open_clip"
+    if cfg is None:
+        raise CheckpointError(
+            f"{path}: directory has no {CONFIG_NAME} or {OPEN_CLIP_CONFIG} "
+            f"(expected a stanvid, Hugging Face CLIP or open_clip model)"
+        )
+    raise CheckpointError(
+        f"{cfg_path}: neither a stanvid config (clip, temporal) nor a Hugging Face CLIP config, "
+        f"and no {OPEN_CLIP_CONFIG} beside it"
+    )
+
+
+def _load_directory(
+    path: Path, config: Any, overrides: dict[str, Any], pretrained: zoo.Pretrained | None = None
+) -> VideoCLIP:
+    kind = _directory_kind(path)
+    if config is not None and kind in ("stanvid", "open_clip"):
+        raise ConfigError(
+            f"{path}: config= is only for formats without their own architecture; this {kind} folder has it"
+        )
+    _refuse_architecture_overrides(overrides, path, kind)
+    if kind == "stanvid":
+        cfg = ModelConfig.from_json(path / CONFIG_NAME)
+        state = _read_safetensors(path / WEIGHTS_NAME)
+        target = cfg.replace(**overrides)
+        return _build(target, state, source=str(path), checkpoint_temporal=cfg.temporal)
+    if kind == "open_clip":
+        clip_cfg = _open_clip_folder_config(path, pretrained)
+        weights = _first_file(path, OPEN_CLIP_WEIGHTS, "open_clip")
+        return _from_openai_layout(clip_cfg, _read_state(weights), str(path), overrides)
+    # Hugging Face CLIP
+    if config is not None:
+        clip_cfg = convert.clip_config_from(config)
+    else:
+        clip_cfg = replace(convert.hf_clip_config(path), preprocess=convert.hf_preprocess_config(path))
+    raw = _read_state(_first_file(path, HF_WEIGHTS, "Hugging Face"))
+    raw = {k[len("clip_model.") :] if k.startswith("clip_model.") else k: v for k, v in raw.items()}
+    state = convert.convert_state_dict(raw, convert.HF_RULES, ignored=convert.HF_BUFFERS, source=str(path))
+    return _from_clip_weights(clip_cfg, state, str(path), overrides)
+
+
+def _refuse_architecture_overrides(overrides: dict[str, Any], path: Path, kind: str) -> None:
+    given = [k for k in ARCHITECTURE_OVERRIDES if overrides.get(k) is not None]
+    if given:
+        raise ConfigError(
+            f"{path}: {', '.join(given)}: this {kind} folder records its activation and head counts in its "
+            f"config; these overrides are for state-dict files that do not"
+        )
+
+
+def _first_file(path: Path, names: tuple[str, ...], kind: str) -> Path:
+    for name in names:
+        if (path / name).is_file():
+            return path / name
+    raise CheckpointError(f"{path}: no {' or '.join(names)} in this {kind} directory")
+
+
+def _open_clip_folder_config(path: Path, pretrained: zoo.Pretrained | None) -> CLIPConfig:
+    """`open_clip_config.json` -> `CLIPConfig`; a named release's table entry has the last word on activation
+    and normalization (as open_clip's tag configs do), and preprocessing stanvid does differently is logged."""
+    cfg_path = path / OPEN_CLIP_CONFIG
+    raw = convert.read_json(cfg_path)
+    clip_cfg = convert.open_clip_config(raw, str(cfg_path))
+    notes = convert.open_clip_preprocess_notes(raw)
+    if pretrained is not None:
+        act = "quick_gelu" if pretrained.quick_gelu else "gelu"
+        if act != clip_cfg.vision.act:
+            log.info(
+                "%s: %s says %s; the release was trained with %s",
+                path,
+                OPEN_CLIP_CONFIG,
+                clip_cfg.vision.act,
+                act,
+            )
+        clip_cfg = replace(
+            clip_cfg,
+            vision=replace(clip_cfg.vision, act=act),
+            text=replace(clip_cfg.text, act=act),
+            preprocess=PreprocessConfig(mean=pretrained.mean, std=pretrained.std),
+        )
+        if pretrained.resize_mode != "shortest" and not notes:
+            notes.append(
+                f"resize_mode {pretrained.resize_mode!r} (stanvid resizes the short side and centre-crops)"
+            )
+    for note in notes:
+        log.warning(
+            "%s: trained with preprocess %s; embeddings of stanvid's frames may differ slightly", path, note
+        )
+    return clip_cfg
+
+
+# ---------------------------------------------------------------------------------------------- files
+def _load_file(path: Path, config: Any, overrides: dict[str, Any]) -> VideoCLIP:
+    if _is_torchscript(path):
+        try:
+            with (
+                warnings.catch_warnings()
+            ):  # torch >= 2.9 marks jit deprecated; OpenAI ships its weights this way
+                warnings.simplefilter("ignore", DeprecationWarning)
+                raw = torch.jit.load(str(path), map_location="cpu").state_dict()
+        except RuntimeError as exc:
+            raise CheckpointError(f"{path}: cannot read the TorchScript archive ({exc})") from exc
+        kind, obj = "openai", None
+    else:
+        obj = _read_state(path)
+        kind, raw = _state_dict_kind(obj, path)
+    source = str(path)
+    if kind == "openai":
+        if config is not None:
+            clip_cfg = convert.clip_config_from(config)
+        elif path.name in OPEN_CLIP_WEIGHTS and (path.parent / OPEN_CLIP_CONFIG).is_file():
+            log.info("%s: using %s beside it", path, OPEN_CLIP_CONFIG)
+            clip_cfg = _open_clip_folder_config(path.parent, None)
+        else:
+            clip_cfg = convert.openai_clip_config(raw, source=source)
+            if overrides.get("act") is None and not convert.OPENAI_METADATA & set(raw):
+                log.warning(
+                    "%s: an OpenAI-layout state dict does not record its activation or head counts; assuming "
+                    "OpenAI's CLIP (QuickGELU, heads = width // 64). open_clip's LAION / DataComp models use "
+                    "exact GELU: pass act='gelu' (CLI: --set act=gelu), vision_heads / text_heads, or config= "
+                    "their open_clip_config.json",
+                    source,
+                )
+        return _from_openai_layout(clip_cfg, raw, source, overrides)
+    if kind == "clip4clip":
+        unsupported = sorted(
+            {
+                head
+                for k in raw
+                for prefix, head in convert.CLIP4CLIP_UNSUPPORTED.items()
+                if k.startswith(prefix)
+            }
+        )
+        if unsupported:
+            raise CheckpointError(
+                f"{source}: CLIP4Clip head {', '.join(unsupported)} is not supported "
+                f"(stanvid loads CLIP4Clip meanP and seqTransf checkpoints)"
+            )
+        if config is not None:
+            clip_cfg = convert.clip_config_from(config)
+        else:  # CLIP4Clip fine-tunes OpenAI's CLIP: QuickGELU, heads = width // 64
+            clip_cfg = convert.openai_clip_config(raw, prefix="clip.", source=source)
+        state = convert.convert_state_dict(
+            raw,
+            convert.CLIP4CLIP_RULES,
+            transposed=convert.CLIP4CLIP_TRANSPOSED,
+            ignored=convert.CLIP4CLIP_METADATA,
+            source=source,
+        )
+        if "temporal" in overrides and overrides["temporal"] != "meanP":
+            overrides.setdefault("pooling", "mean" if overrides["temporal"] == "stan" else "normalized_mean")
+        else:
+            overrides.setdefault("pooling", "normalized_mean")
+        return _from_clip_weights(clip_cfg, state, source, overrides)
+    # official STAN
+    if config is None:
+        raise ConfigError(
+            f"{source}: an official STAN checkpoint does not record head counts or the activation; pass "
+            f"config= (CLI: --config) a Hugging Face CLIP config.json, or its folder, of the CLIP it was trained from"
+        )
+    clip_cfg = convert.clip_config_from(config)
+    # Mug-STAN: the same keys, and the head's configuration from the stored config text when there is one
+    meta = obj.get("meta") if isinstance(obj, dict) else None
+    for key, value in convert.mug_head_overrides(meta, raw, source).items():
+        overrides.setdefault(key, value)
+    state = convert.convert_state_dict(raw, convert.STAN_RULES, ignored=convert.STAN_BUFFERS, source=source)
+    return _from_clip_weights(clip_cfg, state, source, overrides)
+
+
+def _from_openai_layout(
+    clip_cfg: CLIPConfig, raw: dict[str, torch.Tensor], source: str, overrides: dict[str, Any]
+) -> VideoCLIP:
+    state = convert.convert_state_dict(
+        raw,
+        convert.OPENAI_RULES,
+        transposed=convert.OPENAI_TRANSPOSED,
+        ignored=convert.OPENAI_METADATA | convert.OPENAI_BUFFERS,
+        source=source,
+    )
+    return _from_clip_weights(clip_cfg, state, source, overrides)
+
+
+def _state_dict_kind(obj: Any, path: Path) -> tuple[str, dict[str, torch.Tensor]]:
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    if "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        sd = obj["state_dict"]
+        if any(k.startswith("backbone.") for k in sd):
+            return "stan", sd
+        # open_clip's training checkpoints: {'epoch', 'name', 'state_dict', 'optimizer'}, DDP's `module.` prefix
+        if sd and all(isinstance(k, str) and k.startswith("module.") for k in sd):
+            sd = {k[len("module.") :]: v for k, v in sd.items()}
+        if "visual.conv1.weight" in sd:
+            return "openai", sd
+        raise CheckpointError(
+            f"{path}: a 'state_dict' with neither backbone.* keys (official STAN) nor OpenAI-layout CLIP keys "
+            f"(open_clip training checkpoint)"
+        )
+    if any(k.startswith("clip.") for k in obj):
+        return "clip4clip", obj
+    if "visual.conv1.weight" in obj:
+        return "openai", obj
+    if any(k.startswith("visual.conv1") or k.startswith("visual.layer1") for k in obj):
+        raise CheckpointError(f"{path}: ResNet CLIP checkpoints are not supported (ViT only)")
+    sample = ", ".join(sorted(obj)[:5])
+    raise CheckpointError(f"{path}: unrecognised checkpoint layout (first keys: {sample})")
+
+
+def _from_clip_weights(
+    clip_cfg, state: dict[str, torch.Tensor], source: str, overrides: dict[str, Any]
+) -> VideoCLIP:
+    convert.check_clip_shapes(clip_cfg, state, source)
+    checkpoint_cfg = convert.model_config_for(clip_cfg, state)
+    has_temporal = any(k.startswith("temporal.") for k in state)
+    target = checkpoint_cfg.replace(**overrides)
+    return _build(
+        target, state, source=source, checkpoint_temporal=checkpoint_cfg.temporal if has_temporal else None
+    )
+
+
+def _build(
+    target: ModelConfig, state: dict[str, torch.Tensor], *, source: str, checkpoint_temporal: str | None
+):
+    """Instantiate `target` and load `state`; the temporal weights only when they are the same module."""
+    same_temporal = checkpoint_temporal == target.temporal and _same_branch(target, state)
+    has_temporal_weights = any(k.startswith("temporal.") for k in state)
+    if has_temporal_weights and not same_temporal:
+        state = {k: v for k, v in state.items() if not k.startswith("temporal.")}
+        fresh = (
+            "has no weights"
+            if target.temporal == "meanP"
+            else "starts from the paper's initialisation on this CLIP"
+        )
+        log.warning(
+            "%s: dropping the checkpoint's %s temporal weights as asked; the %s module %s",
+            source,
+            checkpoint_temporal,
+            target.temporal,
+            fresh,
+        )
+    model = VideoCLIP(target)
+    optional = ("logit_scale",) if same_temporal else ("logit_scale", "temporal.")
+    convert.load_converted(model, state, source=source, optional_prefixes=optional)
+    if not same_temporal:
+        model.init_temporal_from_clip()
+    return model
+
+
+def _same_branch(target: ModelConfig, state: dict[str, torch.Tensor]) -> bool:
+    """Whether the checkpoint's temporal weights are the module `target` describes (depth and kind)."""
+    if target.temporal == "stan":
+        found = convert.stan_branch_config(state)
+        return (
+            found is not None
+            and found.depth == target.stan.depth
+            and found.time_module == target.stan.time_module
+        )
+    return True
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def _is_torchscript(path: Path) -> bool:
+    """TorchScript archives are zips with a `constants.pkl`/`code/` entry; plain `torch.save` zips have neither."""
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return any(n.endswith("constants.pkl") or "/code/" in n for n in zf.namelist())
+    except zipfile.BadZipFile:
+        return False
+
+
+def _is_safetensors(path: Path) -> bool:
+    """safetensors files start with an 8-byte little-endian header length, then the JSON header."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
+
+
+def _read_state(path: Path) -> Any:
+    """A weights file by its content: safetensors, else a PyTorch pickle (`weights_only=True`)."""
+    return _read_safetensors(path) if _is_safetensors(path) else _torch_load(path)
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt or unsafe files
+        raise CheckpointError(
+            f"{path}: cannot read as a PyTorch checkpoint ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weights file not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot read safetensors ({exc})") from exc
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    parts = source.split("/")
+    return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))
+
+
+def _open_clip_model_name(source: str) -> bool:
+    """`MODEL/TAG` or `MODEL:TAG` whose MODEL is an open_clip architecture of `stanvid.checkpoints.zoo` (tag unknown)."""
+    model = source.replace(":", "/").split("/")[0]
+    return ("/" in source or ":" in source) and model.removesuffix("-quickgelu") in zoo.PRETRAINED
+
+
+def convert_checkpoint(
+    source: str | os.PathLike, destination: str | os.PathLike, *, config: Any = None, **overrides: Any
+) -> dict[str, Any]:
+    """Load `source` (any format above) and write it with `save_pretrained`; returns what was loaded."""
+    path = Path(source)
+    fmt = detect_format(path) if path.exists() else "download"
+    model = load_model(source, config=config, **overrides)
+    model.save_pretrained(destination)
+    cfg = model.config
+    v = cfg.clip.vision
+    temporal = cfg.temporal
+    if temporal == "stan":
+        temporal += f" ({cfg.stan.time_module}, depth {cfg.stan.depth})"
+    elif temporal == "seqTransf":
+        temporal += f" ({cfg.seq.layers} layers)"
+    return {
+        "source": str(source),
+        "format": fmt,
+        "vision": f"ViT {v.width} wide, {v.layers} layers, {v.heads} heads, patch {v.patch_size}, {v.image_size}px, "
+        f"{v.act}",
+        "text": f"{cfg.clip.text.width} wide, {cfg.clip.text.layers} layers, {cfg.clip.text.heads} heads, "
+        f"{cfg.clip.text.act}",
+        "mean/std": f"mean {list(cfg.clip.preprocess.mean)}, std {list(cfg.clip.preprocess.std)}",
+        "temporal": temporal,
+        "pooling": cfg.pooling,
+        "parameters": f"{model.num_parameters():,}",
+        "written": str(destination),
+    }

@@ -1,0 +1,484 @@
+"""Building and updating an index: the run's settings and state, and its steps in order.
+
+`build_index` is: check the settings, load the model, join the ranks' group (`torchrun`), then rank 0 opens
+the index folder (lock, record, repair), every rank encodes its share of the new or changed files (into the
+main database, or its shard under `torchrun`), and rank 0 merges the shards, records the failures and writes
+the vector file. After each step the ranks meet at a barrier that shares any rank's failure with all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from stanvid.data.loader import build_loader
+from stanvid.distributed import default_device, rank_world
+from stanvid.errors import VideoIndexError
+from stanvid.locking import exclusive_lock
+from stanvid.models.video_clip import VideoCLIP
+from stanvid.precision import InferencePrecision, prepare_for_inference, resolve_precision
+from stanvid.search.index.clips import MIN_SEGMENT_SECONDS, _check_segment_seconds
+from stanvid.search.index.identity import _check_identity, _load_model, _source_string, model_fingerprint
+from stanvid.search.index.loader import _ClipLoader, _identity_collate
+from stanvid.search.index.records import IndexReport, _FileEntry
+from stanvid.search.index.shards import _barrier, _join_group, _leave_group, _merge_shards
+from stanvid.search.index.store import (
+    _REBUILD,
+    DB_NAME,
+    DEFAULT_APPROX_THRESHOLD,
+    FORMAT_VERSION,
+    INDEX_KINDS,
+    LOCK_NAME,
+    SHARD_DIR,
+    _bump_generation,
+    _check_meta,
+    _connect,
+    _damaged_rows,
+    _db_errors,
+    _delete_file,
+    _describe,
+    _get_meta,
+    _set_meta,
+    _transaction,
+    _write_vector_index,
+)
+from stanvid.search.index.walk import _walk
+from stanvid.search.index.writer import _Writer
+from stanvid.video.pipeline import PREFETCH_PER_WORKER, ThreadBudget, encode_batch_size, thread_budget
+
+log = logging.getLogger("stanvid")
+
+
+@dataclass(frozen=True)
+class _Options:
+    """The settings of one run (see `build_index`), checked on construction."""
+
+    segment_seconds: float | None
+    batch_size: int
+    num_workers: int | None
+    index_kind: str
+    approx_threshold: int
+    nlist: int | None
+    nprobe: int | None
+    progress: bool
+    on_commit: Callable[[int], None] | None
+    dist_timeout: timedelta
+
+    def __post_init__(self) -> None:
+        if self.segment_seconds is not None:
+            _check_segment_seconds(self.segment_seconds, minimum=0.0)
+            if self.segment_seconds < MIN_SEGMENT_SECONDS:
+                raise VideoIndexError(
+                    f"segment_seconds must be at least {MIN_SEGMENT_SECONDS} s, got {self.segment_seconds:g}"
+                )
+        for name, value, low in (
+            ("batch_size", self.batch_size, 1),
+            ("num_workers (--workers)", 0 if self.num_workers is None else self.num_workers, 0),
+            ("approx_threshold", self.approx_threshold, 1),
+            ("nlist", 1 if self.nlist is None else self.nlist, 1),
+            ("nprobe", 1 if self.nprobe is None else self.nprobe, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise VideoIndexError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.index_kind not in INDEX_KINDS:
+            raise VideoIndexError(
+                f"index_kind must be one of {', '.join(INDEX_KINDS)}, got {self.index_kind!r}"
+            )
+
+
+@dataclass
+class _Run:
+    """One run under way: where, with which model and settings, which rank of how many, and what it found."""
+
+    root: Path  # the video folder
+    out: Path  # the index folder
+    options: _Options
+    identity: dict[str, Any]  # what the index records and checks (format, folder, model, segmentation)
+    runner: InferencePrecision
+    budget: ThreadBudget
+    group: dict[str, Any] | None  # the ranks' barrier group (`shards._join_group`), None alone
+    rank: int
+    world: int
+    report: IndexReport
+    lock: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # rank 0's lock on `out`
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # files the walk refused, with the reason
+
+    @property
+    def db(self) -> Path:
+        return self.out / DB_NAME
+
+    def close(self, clean: bool = False) -> None:
+        self.lock.close()
+        _leave_group(self.group, clean)
+
+
+def build_index(
+    video_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    model: str | os.PathLike | VideoCLIP,
+    *,
+    model_source: str | None = None,
+    model_overrides: dict[str, Any] | None = None,
+    segment_seconds: float | None = None,
+    batch_size: int = 16,
+    num_workers: int | None = None,
+    device: str | torch.device | None = None,
+    precision: str = "auto",
+    index_kind: str = "auto",
+    approx_threshold: int = DEFAULT_APPROX_THRESHOLD,
+    nlist: int | None = None,
+    nprobe: int | None = None,
+    progress: bool = True,
+    on_commit: Callable[[int], None] | None = None,
+    dist_timeout: timedelta = timedelta(hours=24),
+) -> IndexReport:
+    """Index the videos under `video_dir` into the directory `out` (created, or updated in place).
+
+    `model` is any `stanvid.load_model` source (loaded with `model_overrides`) or a `VideoCLIP` already in
+    memory (put in eval mode and moved to `device`; `model_source` names it for the record, and queries must
+    pass the same model to `open_index`).
+    Each video, or each `segment_seconds` span of it, is embedded from `model.config.num_frames` frames
+    sampled uniformly within it. An existing index is updated: only new or changed files (size or mtime) are
+    encoded, deleted ones are dropped. Finished files are committed every `batch_size` clips; `on_commit(n)` is
+    called after each commit with the number of files committed so far. Unreadable videos are reported in
+    `IndexReport.failed` and not indexed.
+
+    `precision` (`stanvid.precision`: auto, fp32, bf16, fp16, int8) is the arithmetic of the forward passes;
+    the stored embeddings are float32 unit vectors whatever it is, and the index records it. `num_workers`
+    decoding processes run ahead of the model (None: the `stanvid.video.pipeline.thread_budget` choice; 0 decodes
+    in this process, between forward passes).
+
+    Under `torchrun` (WORLD_SIZE set, or a process group already started), each rank encodes its share of the
+    files to process into its own shard file; after a barrier (gloo), rank 0 merges the shards and writes the FAISS index.
+
+    Rank 0 holds a lock on `out` for the whole run (`stanvid.locking`): a second run on the same index raises
+    `LockHeldError` naming the process that holds it. Symbolic links resolving outside `video_dir` and names
+    that are not valid UTF-8 are not indexed and are listed in `IndexReport.failed` with the reason.
+    """
+    t0 = time.perf_counter()
+    options = _Options(
+        segment_seconds,
+        batch_size,
+        num_workers,
+        index_kind,
+        approx_threshold,
+        nlist,
+        nprobe,
+        progress,
+        on_commit,
+        dist_timeout,
+    )
+    root, out = _folders(video_dir, out)
+    model, source, overrides = _model(model, model_source, model_overrides)
+    run = _start(root, out, model, source, overrides, options, device, precision)
+    clean = False
+    try:
+        _barrier(run.group, _open_index_folder(run) if run.rank == 0 else None)
+        _barrier(run.group, _encode_share(run))
+        if run.rank == 0:
+            _finish(run)
+        run.report.failed = [(str(root / p), e) for p, e in run.report.failed]
+        run.report.seconds = time.perf_counter() - t0
+        clean = True
+        return run.report
+    finally:
+        run.close(clean)
+
+
+def _folders(video_dir: str | os.PathLike, out: str | os.PathLike) -> tuple[Path, Path]:
+    """The video folder and the index folder, absolute; an unusable one is a `VideoIndexError` naming it."""
+    root = Path(video_dir).expanduser().resolve()
+    if not root.is_dir():
+        raise VideoIndexError(f"{video_dir}: not a directory")
+    out = Path(out).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise VideoIndexError(f"{out}: exists and is not a directory; --out names the index folder")
+    return root, out
+
+
+def _model(
+    model: str | os.PathLike | VideoCLIP, model_source: str | None, model_overrides: dict[str, Any] | None
+) -> tuple[VideoCLIP, str, dict[str, Any]]:
+    """The model in eval mode, the source the index records for it, and the overrides it was loaded with."""
+    overrides = dict(model_overrides or {})
+    if isinstance(model, VideoCLIP):
+        if overrides:
+            raise VideoIndexError("model_overrides apply to a model source, not to a model already built")
+        return model.eval(), model_source or "", overrides
+    return _load_model(str(model), overrides).eval(), _source_string(model), overrides
+
+
+def _start(
+    root: Path,
+    out: Path,
+    model: VideoCLIP,
+    source: str,
+    overrides: dict[str, Any],
+    options: _Options,
+    device: str | torch.device | None,
+    precision: str,
+) -> _Run:
+    """Fingerprint the model, join the ranks' group, and put the model on its device in `precision`."""
+    fingerprint = model_fingerprint(model)
+    dev = torch.device(device) if device is not None else default_device()
+    resolve_precision(precision, dev)  # a bad precision fails before any process group exists
+    group = _join_group(options.dist_timeout)
+    rank, world = rank_world()
+    model.to(dev)
+    runner = prepare_for_inference(model, precision, dev)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    identity = {
+        "format_version": FORMAT_VERSION,
+        "root": str(root),
+        "model_source": source,
+        "model_overrides": overrides,
+        "model_fingerprint": fingerprint,
+        "model_config": model.config.to_dict(),
+        "dim": model.config.clip.embed_dim,
+        "segment_seconds": options.segment_seconds,
+    }
+    return _Run(
+        root,
+        out,
+        options,
+        identity,
+        runner,
+        thread_budget(dev, options.num_workers, local_world),
+        group,
+        rank,
+        world,
+        IndexReport(index=str(out), precision=runner.precision),
+    )
+
+
+def _open_index_folder(run: _Run) -> Exception | None:
+    """Rank 0: create the index folder, take its lock for the run, and record, check and repair the database
+    (`_prepare`). A failure is returned, to be shared with the other ranks at the barrier."""
+    try:
+        try:
+            run.out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise VideoIndexError(f"{run.out}: cannot create the index folder ({exc.strerror})") from exc
+        run.lock.enter_context(exclusive_lock(run.out / LOCK_NAME, f"the index {run.out}"))
+        with contextlib.closing(_connect(run.db)) as conn, _db_errors(run.db):
+            _prepare(conn, run.out, run.identity, run.report, run.root)
+    except Exception as exc:  # shared with the other ranks, then raised
+        return exc
+    return None
+
+
+def _encode_share(run: _Run) -> Exception | None:
+    """Every rank: encode its share of the new or changed files, into the main database (one process) or its
+    shard. A failure is returned, to be shared with the other ranks at the barrier."""
+    main = _connect(run.db)
+    try:
+        mine = _files_to_encode(main, run)[run.rank :: run.world]
+        if run.world == 1:
+            run.report.indexed, run.report.failed = _encode_files(main, run, mine)
+        else:
+            run.report.indexed, run.report.failed = _encode_into_shard(run, mine)
+    except sqlite3.DatabaseError as exc:  # a commit in the encode loop (disk full, ...)
+        failure = VideoIndexError(f"{run.db}: SQLite error: {exc}")
+        failure.__cause__ = exc
+        return failure
+    except Exception as exc:
+        return exc
+    finally:
+        main.close()
+    return None
+
+
+def _files_to_encode(conn: sqlite3.Connection, run: _Run) -> list[_FileEntry]:
+    """The folder's videos that are new or changed since they were indexed (all ranks find the same list)."""
+    with _db_errors(run.db):
+        meta = _get_meta(conn, run.db)
+        _check_meta(meta, run.db)
+        _check_identity(meta, run.identity, run.out)
+        disk = _walk(run.root, exclude=run.out, skipped=run.skipped)
+        known = {r[0]: r[1:] for r in conn.execute("SELECT path, size, mtime_ns, device, inode FROM files")}
+    todo = [e for e in disk if _changed(e, known.get(e.relpath))]
+    run.report.files_seen = len(disk)
+    run.report.unchanged = len(disk) - len(todo)
+    return todo
+
+
+def _encode_into_shard(run: _Run, entries: list[_FileEntry]) -> tuple[int, list[tuple[str, str]]]:
+    """A rank of a sharded run: encode `entries` into its own shard file, its failures recorded there."""
+    shard = run.out / SHARD_DIR / f"rank-{run.rank:05d}.sqlite"
+    shard.parent.mkdir(exist_ok=True)
+    with contextlib.closing(_connect(shard)) as conn:
+        with _transaction(conn):
+            _set_meta(conn, **run.identity)
+        indexed, failed = _encode_files(conn, run, entries)
+        with _transaction(conn):
+            conn.executemany("INSERT OR REPLACE INTO failures (path, error) VALUES (?, ?)", failed)
+    return indexed, failed
+
+
+def _finish(run: _Run) -> None:
+    """Rank 0, after every rank encoded: merge the shards, record the failures (dropping the old rows of files
+    that became unreadable) and the precision, write the vector file, and count what the index holds."""
+    report, options = run.report, run.options
+    with contextlib.closing(_connect(run.db)) as conn, _db_errors(run.db):
+        if run.world > 1:
+            report.indexed, report.failed = _merge_shards(conn, run.out)
+        report.failed = sorted(report.failed + run.skipped)
+        _record_failures(conn, report, run.runner.precision)
+        index = _write_vector_index(
+            run.out,
+            conn,
+            kind=options.index_kind,
+            approx_threshold=options.approx_threshold,
+            nlist=options.nlist,
+            nprobe=options.nprobe,
+        )
+        report.vector_index = _describe(index)
+        report.built_precision = "+".join(_get_meta(conn).get("precisions", []))
+        report.files = conn.execute("SELECT COUNT(*) FROM files").fetchone()[0]
+        report.segments = conn.execute("SELECT COUNT(*) FROM segments").fetchone()[0]
+
+
+def _record_failures(conn: sqlite3.Connection, report: IndexReport, precision: str) -> None:
+    """Replace the failure list by this run's, drop the rows of files that failed (a changed file that is now
+    unreadable: its old embedding is stale) and record the precision, in one transaction."""
+    with _transaction(conn):
+        conn.execute("DELETE FROM failures")
+        conn.executemany("INSERT OR REPLACE INTO failures (path, error) VALUES (?, ?)", report.failed)
+        dropped = [p for p, _ in report.failed if _delete_file(conn, p)]
+        if dropped:
+            _bump_generation(conn)
+        _record_precision(conn, precision, encoded=report.indexed > 0)
+
+
+def _record_precision(conn: sqlite3.Connection, precision: str, encoded: bool) -> None:
+    """Keep the precisions the stored embeddings were computed in (`precisions`, in order of first use) and
+    the latest one (`precision`); a run that encoded nothing changes neither, except on a new index."""
+    meta = _get_meta(conn)
+    used = list(meta.get("precisions", []))
+    if encoded or not used:
+        if precision not in used:
+            used.append(precision)
+        _set_meta(conn, precision=precision, precisions=used)
+
+
+def _prepare(
+    conn: sqlite3.Connection, out: Path, identity: dict[str, Any], report: IndexReport, root: Path
+) -> None:
+    """Rank 0, before any encoding: record or check the identity, merge shards an interrupted run left, repair
+    what a damaged database lets us (rows without a usable embedding are dropped, so their files are encoded
+    again), record the identity of files indexed before it was kept, and drop the files gone from the folder."""
+    db = out / DB_NAME
+    meta = _get_meta(conn, db)
+    if not meta:
+        if conn.execute("SELECT EXISTS (SELECT 1 FROM segments) OR EXISTS (SELECT 1 FROM files)").fetchone()[
+            0
+        ]:
+            raise VideoIndexError(
+                f"{db}: the index record (meta table) is gone but embeddings remain, of unknown origin; {_REBUILD}"
+            )
+        with _transaction(conn):
+            _set_meta(conn, **identity, generation=0)
+        meta = _get_meta(conn, db)
+    _check_meta(meta, db)
+    _check_identity(meta, identity, out)
+    _merge_shards(conn, out)  # files an interrupted sharded run committed; its failures are retried below
+    damaged, orphans = _damaged_rows(conn, meta["dim"])
+    if damaged or orphans:
+        log.warning(
+            "%s: %d file(s) with damaged rows and %d segment(s) of no file: dropped, their videos are encoded "
+            "again",
+            db,
+            len(damaged),
+            orphans,
+        )
+        with _transaction(conn):
+            for relpath in damaged:
+                _delete_file(conn, relpath)
+            conn.execute("DELETE FROM segments WHERE file_id NOT IN (SELECT id FROM files)")
+            _bump_generation(conn)
+    disk = {e.relpath: e for e in _walk(root, exclude=out)}
+    rows = conn.execute("SELECT path, size, mtime_ns, inode FROM files").fetchall()
+    gone = [r[0] for r in rows if r[0] not in disk]
+    legacy = [  # indexed before file identities were recorded, unchanged since: record it, no re-encoding
+        disk[p]
+        for p, size, mtime_ns, inode in rows
+        if inode is None and p in disk and (size, mtime_ns) == (disk[p].size, disk[p].mtime_ns)
+    ]
+    if gone or legacy:
+        with _transaction(conn):
+            for relpath in gone:
+                _delete_file(conn, relpath)
+            conn.executemany(
+                "UPDATE files SET device = ?, inode = ? WHERE path = ?",
+                [(e.device, e.inode, e.relpath) for e in legacy],
+            )
+            if gone:
+                _bump_generation(conn)
+    report.removed = len(gone)
+
+
+def _changed(entry: _FileEntry, row: tuple | None) -> bool:
+    """A file to (re-)encode: new, or its size, mtime or identity differ from the indexed row's."""
+    if row is None:
+        return True
+    size, mtime_ns, device, inode = row
+    if (size, mtime_ns) != (entry.size, entry.mtime_ns):
+        return True
+    return inode is not None and (device, inode) != (entry.device, entry.inode)
+
+
+def _encode_files(
+    conn: sqlite3.Connection, run: _Run, entries: list[_FileEntry]
+) -> tuple[int, list[tuple[str, str]]]:
+    """Encode `entries` into `conn`; returns (files committed, [(relpath, error)] of unreadable ones).
+
+    Decoding runs ahead in `budget.decode_workers` processes (`stanvid.video.pipeline`), the model encodes
+    model-sized batches as soon as they are decoded, and finished files are committed every `batch_size` clips.
+    """
+    cfg, options, budget = run.runner.model.config, run.options, run.budget
+    loader_set = _ClipLoader(
+        run.root,
+        entries,
+        clip_len=cfg.num_frames,
+        image_size=cfg.clip.vision.image_size,
+        segment_seconds=options.segment_seconds,
+        chunk=options.batch_size,
+        decoder_threads=0,
+    )
+    workers = min(budget.decode_workers, len(entries))
+    # chunks come whole from the dataset (batch_size None), one pass, decoder threads set per worker
+    loader = build_loader(
+        loader_set,
+        None,
+        num_workers=workers,
+        pin_memory=False,
+        persistent_workers=False,
+        prefetch_factor=PREFETCH_PER_WORKER,
+        collate_fn=_identity_collate,
+        worker_init_fn=budget.init_worker,
+    )
+    rows = cfg.num_frames * (cfg.clip.vision.num_patches + 1)  # token rows one clip puts through a matmul
+    per_forward = encode_batch_size(rows, run.runner.device, options.batch_size)
+    desc = "indexing" if run.world == 1 else f"indexing (rank {run.rank})"
+    with (
+        tqdm(
+            total=len(entries), desc=desc, unit="video", disable=not options.progress, position=run.rank
+        ) as bar,
+        budget.model_threads_set(),
+    ):
+        writer = _Writer(conn, run.runner, per_forward, options.batch_size, options.on_commit, bar)
+        for chunk in loader:
+            writer.add(chunk)
+        writer.flush()
+    return writer.committed, writer.failures

@@ -1,0 +1,98 @@
+"""Decoding ahead of the model: the files to encode as chunks of uint8 clips, in DataLoader workers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from stanvid.errors import VideoReadError
+from stanvid.search.index.clips import segment_frame_indices, segments_with_frames
+from stanvid.search.index.records import _FileEntry
+from stanvid.video.transforms import center_crop, resize_short_side
+
+
+@dataclass
+class _Chunk:
+    """Up to `batch_size` decoded segments of one file, as produced by the loader (possibly in a worker)."""
+
+    entry: _FileEntry
+    meta: dict[str, Any] | None = None  # duration, fps, num_frames, width, height
+    spans: list[tuple[float, float]] = field(default_factory=list)
+    clips: torch.Tensor | None = None  # (n, T, 3, S, S) uint8
+    last: bool = False
+    error: str | None = None
+
+
+class _ClipLoader(torch.utils.data.IterableDataset):
+    """Decodes the files it is given into chunks of uniformly sampled, resized and centre-cropped clips.
+
+    Normalization to float happens in the consumer, so workers pass uint8 (4x less shared memory).
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        entries: Sequence[_FileEntry],
+        *,
+        clip_len: int,
+        image_size: int,
+        segment_seconds: float | None,
+        chunk: int,
+        decoder_threads: int,
+    ) -> None:
+        self.root, self.entries = root, list(entries)
+        self.clip_len, self.image_size = clip_len, image_size
+        self.segment_seconds, self.chunk = segment_seconds, chunk
+        self.decoder_threads = decoder_threads
+
+    def __iter__(self) -> Iterator[_Chunk]:
+        info = torch.utils.data.get_worker_info()
+        entries = self.entries if info is None else self.entries[info.id :: info.num_workers]
+        threads = self.decoder_threads if info is None else 1
+        for entry in entries:
+            yield from self._file_chunks(entry, threads)
+
+    def _file_chunks(self, entry: _FileEntry, threads: int) -> Iterator[_Chunk]:
+        from stanvid.video.decode import probe, read_frames
+
+        path = self.root / entry.relpath
+        try:
+            info = probe(path)
+            meta = {
+                "duration": info.duration,
+                "fps": info.fps,
+                "num_frames": info.num_frames,
+                "width": info.width,
+                "height": info.height,
+            }
+            spans, indices = [], []
+            for start, end in segments_with_frames(
+                info.duration, info.fps, info.num_frames, self.segment_seconds
+            ):
+                idx = segment_frame_indices(start, end, info.fps, info.num_frames, self.clip_len)
+                if idx is not None:
+                    spans.append((start, end))
+                    indices.append(idx)
+            if not spans:
+                raise VideoReadError(f"{path}: no frames to sample (duration {info.duration:.3f} s)")
+            for k in range(0, len(spans), self.chunk):
+                part = np.concatenate(indices[k : k + self.chunk])  # (n * T,)
+                frames = read_frames(path, part, size=self.image_size, threads=threads)  # (n*T, H, W, 3)
+                frames = center_crop(
+                    resize_short_side(frames, self.image_size), self.image_size
+                )  # (n*T, 3, S, S)
+                clips = frames.reshape(-1, self.clip_len, *frames.shape[1:]).contiguous()  # (n, T, 3, S, S)
+                last = k + self.chunk >= len(spans)
+                yield _Chunk(entry, meta, spans[k : k + self.chunk], clips, last)
+        except VideoReadError as exc:
+            message = str(exc)  # names the file already; the report lists the path once
+            yield _Chunk(entry, error=message.removeprefix(f"{path}: "))
+
+
+def _identity_collate(chunk: _Chunk) -> _Chunk:
+    return chunk

@@ -1,0 +1,435 @@
+"""An open index: text, image and clip search, segment lookups, and the indexed files handed out only while
+they still are the files indexed."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import faiss
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from stanvid.distributed import default_device
+from stanvid.errors import IndexedFileError, VideoIndexError
+from stanvid.models.video_clip import VideoCLIP
+from stanvid.precision import InferencePrecision, prepare_for_inference, resolve_precision
+from stanvid.search.index.clips import encode_clips, read_clip
+from stanvid.search.index.identity import _load_model, model_fingerprint
+from stanvid.search.index.records import SearchResult, Segment
+from stanvid.search.index.store import (
+    DB_NAME,
+    _all_embeddings,
+    _check_meta,
+    _connect,
+    _db_errors,
+    _get_meta,
+    _read_vector_index,
+    _vector_file,
+    make_vector_index,
+)
+from stanvid.search.rerank import blob_frames, keeps_frame_vectors, rerank
+from stanvid.video.folders import _inside
+
+log = logging.getLogger("stanvid")
+
+
+class VideoIndex:
+    """An open index: text search, segment lookup and frames for thumbnails. Thread-safe (one lock).
+
+    The query model is loaded on first use (`model`), from the recorded source unless one is passed, and its
+    fingerprint must match the one recorded at build time. Queries are encoded at `precision`
+    (`stanvid.precision`), which need not be the one the index was built with (`build_precision`).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        model: VideoCLIP | None = None,
+        device: str | None = None,
+        precision: str = "auto",
+    ) -> None:
+        self.path = Path(path).expanduser().resolve()
+        self.db = db = self.path / DB_NAME
+        if not db.is_file():
+            raise VideoIndexError(
+                f"{path}: no index here ({DB_NAME} missing); build one with `stanvid index`"
+            )
+        self._conn = _connect(db, create=False)
+        self._lock = threading.RLock()
+        try:
+            with _db_errors(db):
+                self.meta = _get_meta(self._conn, db)
+                if not self.meta:
+                    raise VideoIndexError(
+                        f"{path}: the index is empty (interrupted before its first commit); re-run the build"
+                    )
+                _check_meta(self.meta, db)
+                self.root = Path(self.meta["root"])
+                self.device = torch.device(device) if device else default_device()
+                self.precision = resolve_precision(precision, self.device)
+                self._model = None
+                self._runner: InferencePrecision | None = None
+                if model is not None:
+                    self._model = self._verified(model)
+                self.vectors = self._load_vectors()
+        except BaseException:
+            self._conn.close()
+            raise
+
+    @property
+    def build_precision(self) -> str:
+        """The precision(s) the stored embeddings were computed in ("fp32", or "fp32+bf16" after mixed runs)."""
+        return "+".join(self.meta.get("precisions", [])) or "fp32"  # indexes from before precisions were kept
+
+    # -------------------------------------------------------------- model
+    @property
+    def model(self) -> VideoCLIP:
+        with self._lock:
+            if self._model is None:
+                source = self.meta["model_source"]
+                if not source:
+                    raise VideoIndexError(
+                        f"{self.path}: the index was built from an in-memory model; pass it: open_index(path, model=...)"
+                    )
+                self._model = self._verified(_load_model(source, self.meta["model_overrides"]))
+            return self._model
+
+    def _verified(self, model: VideoCLIP) -> VideoCLIP:
+        found = model_fingerprint(model)
+        if found != self.meta["model_fingerprint"]:
+            raise VideoIndexError(
+                f"{self.path}: the query model (fingerprint {found[:12]}) is not the model that built the index "
+                f"({self.meta['model_source'] or 'in-memory model'}, fingerprint "
+                f"{self.meta['model_fingerprint'][:12]}); its text embeddings would not match the video embeddings"
+            )
+        return model.eval().to(self.device)
+
+    # -------------------------------------------------------------- vectors
+    def _load_vectors(self) -> faiss.Index:
+        """The stored vector file when it is the one recorded for the current rows; otherwise (missing,
+        unreadable, damaged, another index's) the vectors are rebuilt in memory from SQLite, with a warning."""
+        generation, dim = self.meta["generation"], self.meta["dim"]
+        file = _vector_file(self.path, generation)
+        count = self._conn.execute("SELECT COUNT(*) FROM segments").fetchone()[0]
+        index, problem = _read_vector_index(file, self.meta.get("vectors"), generation, count, dim)
+        if index is not None:
+            return index
+        log.warning(
+            "%s %s; rebuilding it in memory from %s; re-run `stanvid index` to store it",
+            file,
+            problem,
+            DB_NAME,
+        )
+        ids, vectors = _all_embeddings(self._conn, dim, self.db)
+        return make_vector_index(vectors, ids)
+
+    def __len__(self) -> int:
+        """Number of segments searched."""
+        return int(self.vectors.ntotal)
+
+    def num_files(self) -> int:
+        with self._lock, _db_errors(self.db):
+            return self._conn.execute("SELECT COUNT(*) FROM files").fetchone()[0]
+
+    @property
+    def model_name(self) -> str:
+        """The model by its name, not where it lies on this machine: a local checkpoint's folder or file name,
+        a hub id or OpenAI name as given; "" for an in-memory model."""
+        source = self.meta["model_source"]
+        return Path(source).name if source and Path(source).is_absolute() else source
+
+    # -------------------------------------------------------------- search
+    @torch.inference_mode()
+    def embed_text(self, texts: Sequence[str]) -> np.ndarray:
+        """(N,) strings -> (N, D) float32, L2-normalized, with the index's model."""
+        from stanvid.models.tokenizer import tokenize
+
+        model = self.model
+        with self._lock:
+            runner = self._inference()
+            ids = tokenize(list(texts), context_length=model.config.clip.text.context_length).to(self.device)
+            with runner.autocast():
+                emb = runner.model.encode_text(ids)  # (N, D)
+            emb = F.normalize(emb.float(), dim=-1)
+        return emb.cpu().numpy()
+
+    def _inference(self) -> InferencePrecision:
+        """The query model prepared for the index's query precision (made once; call under `self._lock`)."""
+        if self._runner is None:
+            self._runner = prepare_for_inference(self.model, self.precision, self.device)
+        return self._runner
+
+    @torch.inference_mode()
+    def embed_text_tokens(self, texts: Sequence[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N,) strings -> per-token features (N, L, D) float32 and their mask (N, L), L = max(length, longest
+        caption), on the CPU, with the index's model (for the Mug head's re-ranking)."""
+        from stanvid.models.tokenizer import tokenize
+
+        model = self.model
+        with self._lock:
+            ids = tokenize(list(texts), context_length=model.config.clip.text.context_length)
+            used = int((ids != 0).sum(dim=1).max())
+            ids = ids[:, : max(min(length, ids.shape[1]), used)].to(self.device)
+            tokens = model.encode_text(ids, pool=False).float()  # (N, L, D)
+        return tokens.cpu(), (ids != 0).cpu()
+
+    def segment_frames(self, ids: Sequence[int]) -> dict[int, np.ndarray]:
+        """Per-frame vectors (T, D) float32 of segments by id, for indexes built by a Mug-STAN model."""
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT segment_id, frames FROM segment_frames WHERE segment_id IN ({marks})",
+                [int(i) for i in ids],
+            ).fetchall()
+        return {
+            sid: blob_frames(blob, self.meta["dim"], where=f"{self.path}: segment {sid}")
+            for sid, blob in rows
+        }
+
+    def search(self, text: str, k: int = 10) -> list[SearchResult]:
+        """The `k` segments most similar to `text`, best first.
+
+        With a Mug-STAN model (`similarity: mug`), FAISS's nearest candidates by pooled cosine are re-ranked by
+        the Mug head on their per-frame vectors (`stanvid.search.rerank.rerank`); scores are then the head's."""
+        if not isinstance(text, str) or not text.strip():
+            raise VideoIndexError("the query text is empty")
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise VideoIndexError(f"k must be a positive integer, got {k!r}")
+        if keeps_frame_vectors(self.model):
+            return rerank(self, text, k)
+        return self.search_embeddings(self.embed_text([text]), k)[0]
+
+    def search_embeddings(self, queries: np.ndarray, k: int = 10) -> list[list[SearchResult]]:
+        """Nearest segments for each (D,) row of `queries` (L2-normalized), best first."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.meta["dim"])
+        if len(self) == 0:
+            return [[] for _ in range(len(queries))]
+        scores, ids = self.vectors.search(queries, min(k, len(self)))  # (Q, k) each
+        results = []
+        for row_scores, row_ids in zip(scores, ids, strict=True):
+            found = {s.id: s for s in self.segments([int(i) for i in row_ids if i >= 0])}
+            results.append(
+                [
+                    SearchResult(seg.id, seg.file_id, seg.path, seg.relpath, seg.start, seg.end, float(score))
+                    for score, i in zip(row_scores, row_ids, strict=True)
+                    if (seg := found.get(int(i))) is not None
+                ]
+            )
+        return results
+
+    def read_clip(self, path: str | os.PathLike, start: float, end: float) -> torch.Tensor:
+        """The clip this index's model embeds for [start, end) seconds of a video, `(T, 3, S, S)` uint8: sampled
+        as an indexed segment is (`stanvid.search.index.read_clip`), so an indexed span given back embeds identically."""
+        cfg = self.model.config
+        return read_clip(path, start, end, clip_len=cfg.num_frames, image_size=cfg.clip.vision.image_size)
+
+    def embed_clips(self, clips: torch.Tensor) -> np.ndarray:
+        """`(n, T, 3, S, S)` uint8 clips (see `read_clip`) -> `(n, D)` L2-normalized, with the index's model."""
+        model = self.model
+        with self._lock:
+            return encode_clips(model, clips, self.device, runner=self._inference())
+
+    def search_image(self, image: Any, k: int = 10, **query: Any) -> list[SearchResult]:
+        """Segments most similar to an image (path, bytes, PIL image or (H, W, 3) uint8 array); `query` takes
+        the other fields of `stanvid.search.query.Query` (text, weights). See `stanvid.search.query`."""
+        from stanvid.search.query import Query, search
+
+        return search(self, Query(image=image, **query), k)
+
+    def search_video(self, like: Any, k: int = 10, **query: Any) -> list[SearchResult]:
+        """Segments most similar to an example clip: `"file.mp4"`, `"file.mp4:START-END"` (seconds), a segment
+        id (int) or a `stanvid.search.query.ClipSpec`; `query` as in `search_image`."""
+        from stanvid.search.query import Query, search
+
+        return search(self, Query(like=like, **query), k)
+
+    def query(self, query: Any, k: int = 10, *, group_by: str | None = None) -> list:
+        """The `k` best segments for a `stanvid.Query` (text, image, example clip and their weights) or a plain
+        text; with `group_by="file"`, the `k` best files (`stanvid.FileHit`). See `stanvid.search.query.search`."""
+        from stanvid.search.query import search
+
+        return search(self, query, k, group_by=group_by)
+
+    # -------------------------------------------------------------- lookups
+    def segment_embeddings(self, ids: Sequence[int]) -> np.ndarray:
+        """`(len(ids), D)` stored embeddings, in the order of `ids`; an unknown id raises `VideoIndexError`."""
+        dim = self.meta["dim"]
+        if not ids:
+            return np.zeros((0, dim), np.float32)
+        marks = ",".join("?" * len(ids))
+        with self._lock:
+            rows = dict(
+                self._conn.execute(
+                    f"SELECT id, embedding FROM segments WHERE id IN ({marks})", [int(i) for i in ids]
+                ).fetchall()
+            )
+        missing = [int(i) for i in ids if int(i) not in rows]
+        if missing:
+            raise VideoIndexError(f"{self.path}: no segment with id {missing[0]}")
+        return np.stack([np.frombuffer(rows[int(i)], dtype=np.float32) for i in ids])
+
+    def all_segments(self) -> tuple[list[Segment], np.ndarray]:
+        """Every segment, ordered by file path and start time, with its `(N, D)` stored embedding."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT s.id, f.id, f.path, s.start, s.end, f.fps, f.num_frames, f.width, f.height, f.size, "
+                "f.mtime_ns, s.embedding FROM segments s JOIN files f ON f.id = s.file_id ORDER BY f.path, s.start"
+            ).fetchall()
+        vectors = np.empty((len(rows), self.meta["dim"]), np.float32)  # (N, D)
+        for i, row in enumerate(rows):
+            vectors[i] = np.frombuffer(row[-1], dtype=np.float32)
+        segs = [Segment(sid, fid, str(self.root / rel), rel, *rest[:-1]) for sid, fid, rel, *rest in rows]
+        return segs, vectors
+
+    def file_segments(self, file_id: int) -> tuple[list[Segment], np.ndarray]:
+        """All segments of one file in time order, with their `(n, D)` stored embeddings."""
+        with self._lock:
+            ids = [
+                r[0]
+                for r in self._conn.execute(
+                    "SELECT id FROM segments WHERE file_id = ? ORDER BY start", (int(file_id),)
+                )
+            ]
+        segs = {s.id: s for s in self.segments(ids)}
+        return [segs[i] for i in ids], self.segment_embeddings(ids)
+
+    def segments(self, ids: Sequence[int]) -> list[Segment]:
+        """Segment rows by id (unknown ids are left out)."""
+        if not ids:
+            return []
+        marks = ",".join("?" * len(ids))
+        with self._lock, _db_errors(self.db):
+            rows = self._conn.execute(
+                "SELECT s.id, f.id, f.path, s.start, s.end, f.fps, f.num_frames, f.width, f.height, f.size, f.mtime_ns "
+                f"FROM segments s JOIN files f ON f.id = s.file_id WHERE s.id IN ({marks})",
+                [int(i) for i in ids],
+            ).fetchall()
+        return [Segment(sid, fid, str(self.root / rel), rel, *rest) for sid, fid, rel, *rest in rows]
+
+    def segment(self, segment_id: int) -> Segment | None:
+        found = self.segments([segment_id])
+        return found[0] if found else None
+
+    def file_path(self, file_id: int) -> Path | None:
+        """Absolute path of an indexed file by id; None for an id the index does not have."""
+        with self._lock, _db_errors(self.db):
+            row = self._conn.execute("SELECT path FROM files WHERE id = ?", (int(file_id),)).fetchone()
+        return None if row is None else self.root / row[0]
+
+    def file_relpath(self, file_id: int) -> str | None:
+        """Path of an indexed file relative to the indexed folder; None for an unknown id."""
+        path = self.file_path(file_id)
+        return None if path is None else path.relative_to(self.root).as_posix()
+
+    def open_video(self, file_id: int) -> tuple[BinaryIO, os.stat_result, str] | None:
+        """The indexed file `file_id` opened for reading, with its `fstat` and its path relative to the folder,
+        if it still is the file indexed; None for an id the index does not have.
+
+        Raises `IndexedFileError` (message relative to the folder) when it is gone, or when it is no longer
+        what was indexed: its real path (symbolic links resolved at this moment) leaves the folder, it is not
+        a regular file, or its size, mtime, device or inode differ. The checks are made on the opened
+        descriptor, so the bytes read from it are those of the checked file whatever is renamed afterwards.
+        """
+        with self._lock, _db_errors(self.db):
+            row = self._conn.execute(
+                "SELECT path, size, mtime_ns, device, inode FROM files WHERE id = ?", (int(file_id),)
+            ).fetchone()
+        if row is None:
+            return None
+        relpath, size, mtime_ns, device, inode = row
+        name = f"file {file_id} ({relpath})"
+        changed = f"{name} is no longer the file that was indexed"
+        real = Path(os.path.realpath(self.root / relpath))
+        if not _inside(real, self.root):
+            raise IndexedFileError(f"{changed}: it now resolves outside the indexed folder", gone=False)
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)  # no FIFO waits
+        try:
+            fd = os.open(real, flags)
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            raise IndexedFileError(f"{name} is gone from the server", gone=True) from exc
+        except OSError as exc:
+            raise IndexedFileError(f"{changed} ({exc.strerror})", gone=False) from exc
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+                raise IndexedFileError(f"{changed}: it is now {kind}", gone=False)
+            if (st.st_size, st.st_mtime_ns) != (size, mtime_ns) or (
+                inode is not None and (st.st_dev, st.st_ino) != (device, inode)
+            ):
+                raise IndexedFileError(
+                    f"{changed}: it was modified or replaced; re-run `stanvid index`", gone=False
+                )
+            return os.fdopen(fd, "rb"), st, relpath
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def middle_frame(self, segment_id: int, size: int | None = None) -> torch.Tensor:
+        """The frame shown at the middle of a segment, (H, W, 3) uint8, its shortest side shrunk to `size`
+        when it is larger (never enlarged)."""
+        from stanvid.video.decode import read_frames
+
+        seg = self.segment(segment_id)
+        if seg is None:
+            raise VideoIndexError(f"{self.path}: no segment with id {segment_id}")
+        frame = min(seg.num_frames - 1, max(0, int((seg.start + seg.end) / 2 * seg.fps)))
+        shrink = size if size is not None and size < min(seg.width, seg.height) else None
+        self._check_file(seg.file_id)  # still the indexed file, before and after decoding (see open_video)
+        image = read_frames(os.path.realpath(seg.path), [frame], size=shrink)[0]
+        self._check_file(seg.file_id)
+        return image
+
+    def _check_file(self, file_id: int) -> None:
+        opened = self.open_video(file_id)
+        if opened is None:
+            raise VideoIndexError(f"{self.path}: no file with id {file_id}")
+        opened[0].close()
+
+    @property
+    def failures(self) -> list[tuple[str, str]]:
+        """(path, error) of the videos the last build could not read."""
+        with self._lock, _db_errors(self.db):
+            return [
+                (str(self.root / p), e) for p, e in self._conn.execute("SELECT path, error FROM failures")
+            ]
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> VideoIndex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_index(
+    path: str | os.PathLike,
+    model: VideoCLIP | None = None,
+    device: str | None = None,
+    precision: str = "auto",
+) -> VideoIndex:
+    """Open an index built by `build_index` for searching (see `VideoIndex`)."""
+    return VideoIndex(path, model=model, device=device, precision=precision)
+
+
+def search_index(
+    path: str | os.PathLike,
+    text: str,
+    k: int = 10,
+    model: VideoCLIP | None = None,
+    precision: str = "auto",
+) -> list[SearchResult]:
+    """One query against an index, with the model recorded in it (or `model`, which must be the same)."""
+    with open_index(path, model=model, precision=precision) as index:
+        return index.search(text, k)

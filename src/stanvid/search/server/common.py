@@ -1,0 +1,115 @@
+"""What the routers share: the response schemas, the settings of one app, the error type every route raises,
+and the index of the request.
+
+Every bad request (empty or over-long query, bad `k`, unknown or malformed id, unsatisfiable range) raises
+`BadRequest`, which the app answers as a 4xx with a JSON `{"error": message}`, never a 500. Messages pass
+through `public` so that no absolute path of the server leaves it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from pydantic import BaseModel
+
+from stanvid.search.index import VideoIndex
+
+MAX_QUERY_CHARS = 500  # CLIP reads at most 77 tokens; longer text is a mistake or abuse, not a query
+MAX_K = 200
+MAX_IMAGE_BYTES = 20 << 20  # an upload larger than this is refused (413) before it is decoded
+THUMBNAIL_SIZE = 180  # shortest side, pixels
+MAX_ID = 10**18 - 1  # ids are SQLite rowids; 18 digits keep every one within int64
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The limits one app enforces (and `/api/info` reports)."""
+
+    max_query_chars: int = MAX_QUERY_CHARS
+    max_k: int = MAX_K
+    thumbnail_size: int = THUMBNAIL_SIZE
+    max_image_bytes: int = MAX_IMAGE_BYTES
+
+
+class ErrorBody(BaseModel):
+    error: str
+
+
+class InfoBody(BaseModel):
+    files: int
+    segments: int
+    model: str
+    segment_seconds: float | None
+    max_query_chars: int
+    max_k: int
+    max_image_bytes: int
+
+
+class TimelinePoint(BaseModel):
+    id: int
+    start: float
+    end: float
+    score: float
+
+
+class HitBody(BaseModel):
+    id: int
+    file_id: int
+    path: str
+    start: float
+    end: float
+    score: float
+    thumbnail_url: str
+    video_url: str
+    play_url: str  # the video with a `#t=` media fragment: plays from the segment's start
+    like_url: str  # "more like this"
+    timeline: list[TimelinePoint] | None = None  # grouped per file: every segment of the file, in time order
+
+
+class SearchBody(BaseModel):
+    query: str | None
+    k: int
+    group: str | None = None
+    like: int | None = None
+    image: bool | None = None
+    results: list[HitBody]
+
+
+class BadRequest(Exception):
+    """A request the API refuses: answered with `status` and `{"error": message}`."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for error status codes, each with the `{"error": ...}` body."""
+    return {code: {"model": ErrorBody, "description": "error message"} for code in codes}
+
+
+def binary(types: Any, description: str) -> dict[str, Any]:
+    """An OpenAPI response (or request body) of raw bytes in any of `types`."""
+    schema = {"type": "string", "format": "binary"}
+    return {"description": description, "content": {t: {"schema": schema} for t in types}}
+
+
+def request_index(request: Request) -> VideoIndex:
+    """The index the request is answered from (a FastAPI dependency)."""
+    return request.app.state.index
+
+
+def public(index: VideoIndex, message: str) -> str:
+    """A message without the server's absolute paths: files relative to the folder, the index by name."""
+    for prefix, shown in (
+        (f"{index.root}/", ""),
+        (str(index.root), "."),
+        (str(index.path), index.path.name),
+    ):
+        message = message.replace(prefix, shown)
+    return message
+
+
+IndexDep = Annotated[VideoIndex, Depends(request_index)]  # a route parameter: the index of the request

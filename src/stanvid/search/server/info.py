@@ -1,0 +1,27 @@
+"""The info route: what is indexed (`/api/info`: counts, model name, segment length, the limits of this app)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from stanvid.search.server.common import IndexDep, InfoBody, Settings, errors
+
+
+def info_router(settings: Settings) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/api/info", response_model=InfoBody, responses=errors(503))
+    def info(
+        index: IndexDep,
+    ) -> dict:
+        return {
+            "files": index.num_files(),
+            "segments": len(index),
+            "model": index.model_name,
+            "segment_seconds": index.meta["segment_seconds"],
+            "max_query_chars": settings.max_query_chars,
+            "max_k": settings.max_k,
+            "max_image_bytes": settings.max_image_bytes,
+        }
+
+    return router

@@ -1,0 +1,91 @@
+"""The video files of a folder: one walk for every command that takes a folder (index, embed, classify,
+prepare-videos), so a file one of them accepts is never silently left out by another.
+
+What counts: names ending in one of `stanvid.video.decode.VIDEO_EXTENSIONS` (any case), regular files, found
+recursively without following symlinked folders. What does not, and why:
+- hidden names (a leading dot, files and folders): macOS `._clip.mp4` resource forks and tools' caches carry
+  video extensions but are not videos;
+- an `exclude` folder inside the tree (an index or an output folder written into the source folder);
+- a symbolic link to a file outside the folder: following it would let an index (and the server that serves
+  it) read files that are not the folder's; a link that resolves inside is followed;
+- a name that is not valid UTF-8: it cannot be stored (SQLite text, JSON manifests).
+The last two are reported to the caller as (relative path, reason); the name is written with backslash
+escapes for its undecodable bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from stanvid.video.decode import VIDEO_EXTENSIONS
+
+
+def walk_videos(
+    root: str | os.PathLike,
+    exclude: str | os.PathLike | None = None,
+    skipped: list[tuple[str, str]] | None = None,
+    folder: str = "folder",
+) -> list[tuple[str, os.stat_result]]:
+    """(relative POSIX path, stat) of every video file under `root`, sorted by relative path.
+
+    Files left out for a reason the user may want to know (links out of the folder, undecodable names) are
+    appended to `skipped` as (printable relative path, reason); `folder` is what the reasons call `root`."""
+    root = Path(root)
+    real_root = root.resolve()  # where a followed link must land
+    excluded = Path(exclude).resolve() if exclude is not None else None
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        dirnames[:] = sorted(
+            d
+            for d in dirnames
+            if not d.startswith(".") and (excluded is None or (here / d).resolve() != excluded)
+        )
+        for name in filenames:
+            if name.startswith(".") or not name.lower().endswith(VIDEO_EXTENSIONS):
+                continue
+            path = here / name
+            relpath = path.relative_to(root).as_posix()
+            if not _is_utf8(relpath):
+                _note(skipped, printable_name(relpath), "the file name is not valid UTF-8 (rename it)")
+                continue
+            try:
+                st = path.stat()
+            except OSError:
+                continue  # vanished between listing and stat (or a dangling link): not in the folder
+            if path.is_symlink() and not _inside(Path(os.path.realpath(path)), real_root):
+                _note(skipped, relpath, f"a symbolic link to a file outside the {folder} (not followed)")
+                continue
+            if stat.S_ISREG(st.st_mode):
+                found.append((relpath, st))
+    return sorted(found, key=lambda item: item[0])
+
+
+def find_videos(root: str | os.PathLike, exclude: str | os.PathLike | None = None) -> list[Path]:
+    """The video files under `root` (see the module docstring for what counts), sorted by relative path."""
+    root = Path(root)
+    return [root / relpath for relpath, _ in walk_videos(root, exclude)]
+
+
+def printable_name(name: str) -> str:
+    """A file name with undecodable bytes written as \\xNN, for messages and failure lists."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def _note(skipped: list[tuple[str, str]] | None, relpath: str, reason: str) -> None:
+    if skipped is not None:
+        skipped.append((relpath, reason))
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # os.walk decodes undecodable bytes to lone surrogates
+        return False
+    return True
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
