@@ -33,7 +33,6 @@ import av
 import numpy as np
 
 import stanvid
-from stanvid.video import decode as video_io
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import videogen  # noqa: E402  (the test suite's video generator)
@@ -102,7 +101,7 @@ def bench_video(path: Path, indices: np.ndarray, args, decord) -> tuple[dict[str
         raise SystemExit(f"{path}: read_frames differs from sequential decoding")
 
     def cold():
-        video_io.clear_frame_index_cache()
+        stanvid.clear_frame_index_cache()
         stanvid.read_frames(path, indices)
 
     results = {
@@ -148,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for seconds in args.durations:
         path = make_video(args.workdir, seconds)
-        video_io.clear_frame_index_cache()
+        stanvid.clear_frame_index_cache()
         info = stanvid.probe(path)
         indices = np.asarray(stanvid.uniform_indices(info.num_frames, args.frames), dtype=np.int64)
         results, note = bench_video(path, indices, args, decord)

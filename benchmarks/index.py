@@ -43,8 +43,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import stanvid  # noqa: E402
-from stanvid.models.config import CLIPConfig, ModelConfig, STANConfig, TextConfig, VisionConfig  # noqa: E402
-from stanvid.search.index import segment_frame_indices, build_index, make_vector_index, segment_bounds  # noqa: E402
+from stanvid import (  # noqa: E402  # noqa: E402
+    CLIPConfig,
+    ModelConfig,
+    STANConfig,
+    TextConfig,
+    VisionConfig,
+    build_index,
+    make_vector_index,
+    segment_bounds,
+    segment_frame_indices,
+)
 from videogen import iter_frames, write_video  # noqa: E402
 
 
@@ -76,7 +85,7 @@ def small_model() -> stanvid.VideoCLIP:
 
 def decode_only(paths: list[Path], model_cfg: ModelConfig, segment_seconds: float | None) -> float:
     """Seconds to read the frames the index samples (no model): the decoding ceiling."""
-    stanvid.video.decode.clear_frame_index_cache()
+    stanvid.clear_frame_index_cache()
     start = time.perf_counter()
     for path in paths:
         info = stanvid.probe(path)
@@ -91,7 +100,6 @@ def decode_only(paths: list[Path], model_cfg: ModelConfig, segment_seconds: floa
 
 
 def bench_indexing(args) -> None:
-    import stanvid.video.decode  # noqa: F401  (clear_cache between runs: a warm probe cache would flatter decoding)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -116,7 +124,7 @@ def bench_indexing(args) -> None:
             model_dir = tmp / f"model{k}"
             model.save_pretrained(model_dir)
             decode = decode_only(paths, model.config, seg)
-            stanvid.video.decode.clear_frame_index_cache()
+            stanvid.clear_frame_index_cache()
             t0 = time.perf_counter()
             report = build_index(
                 tmp / "videos",
@@ -153,9 +161,7 @@ CAPTIONS = [
 def model_only(model_dir: Path, precision: str, clips: int) -> tuple[str, float, int]:
     """(resolved precision, videos/s, clips per forward) of the indexer's encode step alone (the same steps as
     `stanvid.search.index.writer._Writer._encode`), on random frames."""
-    from stanvid.precision import prepare_for_inference
-    from stanvid.video.pipeline import encode_batch_size
-    from stanvid.video.transforms import normalize
+    from stanvid import encode_batch_size, normalize, prepare_for_inference
 
     model = stanvid.load_model(model_dir).eval()
     cfg = model.config
@@ -188,10 +194,9 @@ def model_only(model_dir: Path, precision: str, clips: int) -> tuple[str, float,
 
 def decode_seconds(paths: list[Path], num_frames: int, size: int) -> float:
     """probe + read_frames + resize/crop of every video, one thread: the indexer's decoding work."""
-    import stanvid.video.decode
-    from stanvid.video.transforms import center_crop, resize_short_side
+    from stanvid import center_crop, resize_short_side
 
-    stanvid.video.decode.clear_frame_index_cache()
+    stanvid.clear_frame_index_cache()
     torch.set_num_threads(1)
     try:
         start = time.perf_counter()
@@ -229,7 +234,7 @@ def index_process(folder: Path, model_dir: Path, out: Path, precision: str, work
 
 
 def bench_pipeline(args) -> None:
-    from stanvid.search.index import open_index
+    from stanvid import open_index
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -331,7 +336,7 @@ def time_queries(index, queries: np.ndarray, k: int, budget_s: float) -> tuple[n
 
 def bench_text_encoding(queries: int = 30) -> None:
     """The other half of a query's latency: tokenizing and encoding the text with the default text tower."""
-    from stanvid.models.tokenizer import tokenize
+    from stanvid import tokenize
 
     torch.manual_seed(0)
     model = stanvid.create_model("ViT-B/32", temporal="meanP").eval()

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from stanvid.data import RetrievalDataset, load_video_captions, make_loader  # noqa: E402
+from stanvid import RetrievalDataset, load_video_captions, make_loader  # noqa: E402
 from videogen import iter_frames, write_video  # noqa: E402
 
 

@@ -71,7 +71,7 @@ def half_matmul_peak(device: str, n: int, reps: int, dtype: torch.dtype) -> floa
 
 def int8_linear_peak(n: int, reps: int) -> float:
     """GFLOP/s of a dynamically quantized n x n linear layer on n rows (what int8 inference runs)."""
-    from stanvid.precision import quantize_int8
+    from stanvid import quantize_int8
 
     layer = quantize_int8(torch.nn.Sequential(torch.nn.Linear(n, n, bias=False)))
     x = torch.randn(n, n)
@@ -95,7 +95,7 @@ def dtype_peaks(device: str, n: int, reps: int, precisions: list[str]) -> dict[s
 
 def measure_precisions(args, precisions: list[str]) -> list[dict]:
     """encode_video of the STAN model at each precision; same inputs, same FLOPs."""
-    from stanvid.precision import prepare_for_inference
+    from stanvid import prepare_for_inference
 
     model = build(args, "stan").eval()
     size = model.config.clip.vision.image_size

@@ -26,9 +26,7 @@ import torch
 import torch.nn.functional as F
 from peak_memory import peak_bytes_during
 
-from stanvid.models.config import MUG_MODES
-from stanvid.models.mug import mug_block_size, mug_similarity
-from stanvid.training.evaluate import mug_scores
+from stanvid import MUG_MODES, mug_block_size, mug_scores, mug_similarity
 
 
 def features(args, device: str = "cpu"):
@@ -106,7 +104,7 @@ def storage_cost(args, stored: int = 20000) -> list[dict]:
 
     import numpy as np
 
-    from stanvid.search.rerank import blob_frames, frames_blob
+    from stanvid import blob_frames, frames_blob
 
     rng = np.random.default_rng(0)
     rows = []

@@ -21,8 +21,7 @@ from pathlib import Path
 
 import torch
 
-from stanvid.precision import resolve_precision
-from stanvid.search.index import build_index, open_index
+from stanvid import build_index, open_index, resolve_precision
 
 CAPTION_FILES = ("test_appearance.csv", "test_order.csv")
 

@@ -24,7 +24,7 @@ import regex
 import torch
 
 import stanvid
-from stanvid.models.tokenizer import SimpleTokenizer, default_tokenizer
+from stanvid import SimpleTokenizer, default_tokenizer
 
 SUBJECTS = [
     "a man",

@@ -30,8 +30,7 @@ import torch
 from peak_memory import peak_bytes_during
 
 import stanvid
-from stanvid.training.recipe import load_recipe
-from stanvid.training.trainer import Trainer
+from stanvid import Trainer, load_recipe
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "stan_msrvtt_b32.yaml"
 
