@@ -55,7 +55,7 @@ def walk_videos(
                 st = path.stat()
             except OSError:
                 continue  # vanished between listing and stat (or a dangling link): not in the folder
-            if path.is_symlink() and not _inside(Path(os.path.realpath(path)), real_root):
+            if path.is_symlink() and not is_inside(Path(os.path.realpath(path)), real_root):
                 _note(skipped, relpath, f"a symbolic link to a file outside the {folder} (not followed)")
                 continue
             if stat.S_ISREG(st.st_mode):
@@ -87,5 +87,5 @@ def _is_utf8(name: str) -> bool:
     return True
 
 
-def _inside(path: Path, root: Path) -> bool:
+def is_inside(path: Path, root: Path) -> bool:
     return path == root or root in path.parents

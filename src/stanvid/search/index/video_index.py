@@ -35,7 +35,7 @@ from stanvid.search.index.store import (
     make_vector_index,
 )
 from stanvid.search.rerank import blob_frames, keeps_frame_vectors, rerank
-from stanvid.video.folders import _inside
+from stanvid.video.folders import is_inside
 
 log = logging.getLogger("stanvid")
 
@@ -349,7 +349,7 @@ class VideoIndex:
         name = f"file {file_id} ({relpath})"
         changed = f"{name} is no longer the file that was indexed"
         real = Path(os.path.realpath(self.root / relpath))
-        if not _inside(real, self.root):
+        if not is_inside(real, self.root):
             raise IndexedFileError(f"{changed}: it now resolves outside the indexed folder", gone=False)
         flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)  # no FIFO waits
         try:
