@@ -131,6 +131,7 @@ _EXPORTS = {
     "segment_frame_indices": "stanvid.search.index",
     "Query": "stanvid.search.query",
     "FileHit": "stanvid.search.query",
+    "ClipSpec": "stanvid.search.query",
     "frames_blob": "stanvid.search.rerank",
     "blob_frames": "stanvid.search.rerank",
     "classify": "stanvid.search.classify",
@@ -195,7 +196,7 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time `__getattr_
         segment_bounds,
         segment_frame_indices,
     )
-    from stanvid.search.query import FileHit, Query
+    from stanvid.search.query import ClipSpec, FileHit, Query
     from stanvid.search.rerank import blob_frames, frames_blob
     from stanvid.search.server.app import create_app
     from stanvid.training.evaluate import (

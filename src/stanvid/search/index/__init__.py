@@ -45,10 +45,10 @@ from stanvid.search.index.build import build_index
 from stanvid.search.index.clips import (
     MAX_SEGMENTS_PER_FILE,
     MIN_SEGMENT_SECONDS,
-    segment_frame_indices,
     encode_clips,
     read_clip,
     segment_bounds,
+    segment_frame_indices,
     segments_with_frames,
 )
 from stanvid.search.index.identity import model_fingerprint

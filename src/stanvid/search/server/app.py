@@ -34,6 +34,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 
 from stanvid.errors import StanvidError
 from stanvid.models.video_clip import VideoCLIP
@@ -100,8 +101,12 @@ def _add_error_handlers(app: FastAPI, settings: Settings) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        # unknown routes and methods (a 405 carries starlette's Allow header): the API's {"error": ...} shape
+        # unknown routes and methods: the same {"error": ...} shape as the API's own errors
         headers = exc.headers
+        if exc.status_code == 405:  # Allow lists every method of the path (GET and HEAD are two routes)
+            allowed = _allowed_methods(request.app, request.url.path)
+            if allowed:
+                headers = {**(headers or {}), "Allow": ", ".join(sorted(allowed))}
         return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
@@ -113,6 +118,15 @@ def _add_error_handlers(app: FastAPI, settings: Settings) -> None:
     async def server_side(request: Request, exc: StanvidError) -> JSONResponse:
         # the index became unreadable under a running server (damaged database, ...): say so, without paths
         return JSONResponse({"error": public(request.app.state.index, str(exc))}, status_code=503)
+
+
+def _allowed_methods(app: FastAPI, path: str) -> set[str]:
+    """The methods the API declares for `path`, read from its OpenAPI schema (which lists every route of the
+    routers, whatever the router classes hold internally)."""
+    for template, operations in app.openapi()["paths"].items():
+        if compile_path(template)[0].match(path):
+            return {method.upper() for method in operations}
+    return set()
 
 
 def _explain(err: dict[str, Any], max_k: int) -> str:

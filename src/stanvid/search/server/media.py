@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Header
 from fastapi import Path as PathParam
 from fastapi.responses import Response, StreamingResponse
 from PIL import Image
@@ -60,18 +60,22 @@ def media_router(settings: Settings) -> APIRouter:
             ) from exc
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
-    @router.api_route(
-        "/api/video/{file_id}", methods=["GET", "HEAD"], response_class=Response, responses=_VIDEO_RESPONSES
-    )
-    def video(
+    @router.get("/api/video/{file_id}", response_class=Response, responses=_VIDEO_RESPONSES)
+    def video_get(
         index: IndexDep,
-        request: Request,
         file_id: int = PathParam(ge=0, le=MAX_ID),
         byte_range: str | None = Header(None, alias="range", include_in_schema=False),
     ) -> Response:
-        """The file (GET), or the headers a GET would answer without the body (HEAD: players probe with it).
-        One route for both methods, so a 405 on this path names both in its Allow header."""
-        return serve_video(index, file_id, byte_range, head=request.method == "HEAD")
+        return serve_video(index, file_id, byte_range, head=False)
+
+    @router.head("/api/video/{file_id}", response_class=Response, responses=_VIDEO_RESPONSES)
+    def video_head(
+        index: IndexDep,
+        file_id: int = PathParam(ge=0, le=MAX_ID),
+        byte_range: str | None = Header(None, alias="range", include_in_schema=False),
+    ) -> Response:
+        """The headers a GET would answer (type, length, ranges), without the body: players probe with it."""
+        return serve_video(index, file_id, byte_range, head=True)
 
     return router
 
