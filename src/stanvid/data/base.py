@@ -25,6 +25,7 @@ from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from stanvid.errors import ConfigError, DatasetError, VideoReadError
 from stanvid.video.decode import VIDEO_EXTENSIONS
+from stanvid.video.frames import IMAGE_EXTENSIONS, is_frame_folder
 
 __all__ = [
     "VIDEO_EXTENSIONS",
@@ -123,6 +124,9 @@ class VideoFinder:
     then any file under ``root`` (recursively: Kinetics and LSMDC keep videos in per-class or per-movie
     folders) whose name is ``<id>`` or whose stem is ``<id>``/``<stem>``. The recursive listing is built
     once, on the first id not found directly.
+
+    A folder of images is a video too (`stanvid.video.frames`: mmaction2's rawframes, one folder per video):
+    ``root/<id>`` as a folder of frames, or any frame folder under ``root`` named ``<id>``.
     """
 
     def __init__(self, root: str | os.PathLike, extensions: Sequence[str] = VIDEO_EXTENSIONS) -> None:
@@ -141,6 +145,8 @@ class VideoFinder:
         by_name: dict[str, list[Path]] = {}
         by_stem: dict[str, list[Path]] = {}
         for folder, _, files in os.walk(self.root):
+            if any(not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS) for f in files):
+                by_name.setdefault(Path(folder).name, []).append(Path(folder))  # a frame folder
             for file in files:
                 path = Path(folder) / file
                 by_name.setdefault(file, []).append(path)
@@ -152,7 +158,7 @@ class VideoFinder:
     def find(self, video_id: str) -> Path | None:
         """The file for ``video_id``, or None. Raises ``DatasetError`` when several files match."""
         direct = self.root / video_id
-        if direct.is_file():
+        if direct.is_file() or is_frame_folder(direct):
             return direct
         stem = self._stem(video_id)
         for base in (video_id, stem):

@@ -4,7 +4,8 @@ Formats read:
 
 * Kinetics: the official csv (``label,youtube_id,time_start,time_end,split``), videos named
   ``{youtube_id}_{time_start:06d}_{time_end:06d}.mp4`` (also found by bare ``youtube_id``, in per-class
-  folders or flat); or mmaction2 lists of ``path label`` lines (label an index or a class name). Class
+  folders or flat); or mmaction2 lists of ``path label`` lines (label an index or a class name), or of
+  ``frame_dir total_frames label`` lines (mmaction2's rawframes lists: the folder of frames is the video). Class
   names come from a file (one per line as mmaction2's ``label_map_k400.txt``, a csv ``id,name`` as
   X-CLIP/ActionCLIP's ``kinetics_400_labels.csv``, or a json) or, for the csv, the sorted label set, which
   is the standard class order when all classes occur.
@@ -180,7 +181,11 @@ def load_kinetics(
 
     index = {name: i for i, name in enumerate(names or [])}
     for where, line in read_lines(annotations):
-        parts = line.rsplit(maxsplit=1)
+        parts = line.rsplit(maxsplit=2)
+        if len(parts) == 3 and parts[1].isdigit():  # rawframes: frame_dir total_frames label
+            parts = [parts[0], parts[2]]
+        else:
+            parts = line.rsplit(maxsplit=1)
         if len(parts) != 2:
             raise DatasetError(f"{where}: expected '<path> <label>', got {line!r}")
         video, label_text = parts
