@@ -19,6 +19,7 @@ Formats read:
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -52,7 +53,9 @@ PathLike = str | os.PathLike
 
 @dataclass
 class RecognitionAnnotations:
-    """Labelled videos of one split. ``flip_safe`` is False where mirroring changes the label (SSv2)."""
+    """Labelled videos of one split. ``flip_safe`` is False where mirroring changes the label (SSv2).
+    ``sources``, when set, gives video ``i`` to decode (a tar shard's member) and ``video_paths`` only name them.
+    """
 
     name: str
     video_ids: list[str]
@@ -61,6 +64,11 @@ class RecognitionAnnotations:
     classes: list[str] | None
     flip_safe: bool = True
     missing: list[str] = field(default_factory=list)
+    sources: Callable[[int], Any] | None = None
+
+    def video_source(self, index: int) -> Any:
+        """What to decode for video ``index``: its file, or what ``sources`` gives."""
+        return self.video_paths[index] if self.sources is None else self.sources(index)
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)
@@ -303,8 +311,8 @@ class RecognitionDataset(VideoClipDataset):
     def _item(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} items")
-        path = self.annotations.video_paths[index]
-        out = self._read_clip(path, partial(self._sample, rng=rng), self.transform, rng)
+        source = self.annotations.video_source(index)
+        out = self._read_clip(source, partial(self._sample, rng=rng), self.transform, rng)
         # (clips * T, 3, S, S) or (crops, clips * T, 3, S, S) -> (V, T, 3, S, S), clip-major
         crops = out.unsqueeze(0) if out.dim() == 4 else out
         n_crops, t = crops.shape[0], self.num_frames
