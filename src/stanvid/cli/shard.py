@@ -21,18 +21,37 @@ def add_parser(sub) -> argparse.ArgumentParser:
             "that runs on them (streamed from pipe:/URLs too) need not count them again."
         ),
     )
-    p.add_argument("inputs", nargs="+", metavar="ARG", help="ANNOTATIONS VIDEO_DIR OUT, or with --index: SHARDS OUT.json")
+    p.add_argument(
+        "inputs", nargs="+", metavar="ARG", help="ANNOTATIONS VIDEO_DIR OUT, or with --index: SHARDS OUT.json"
+    )
     p.add_argument("--index", action="store_true", help="count existing shards into a shard index instead")
-    p.add_argument("--dataset", default="captions", help="how ANNOTATIONS is read (a data.dataset name; default captions)")
-    p.add_argument("--task", choices=["retrieval", "recognition"], default=None, help="default: the dataset's")
-    p.add_argument("--split", choices=["train", "test"], default="train", help="(for datasets that read splits differently)")
-    p.add_argument("--captions", type=Path, default=None, help="caption file (data.captions: MSVD, MSR-VTT train csv)")
+    p.add_argument(
+        "--dataset",
+        default="captions",
+        help="how ANNOTATIONS is read (a data.dataset name; default captions)",
+    )
+    p.add_argument(
+        "--task", choices=["retrieval", "recognition"], default=None, help="default: the dataset's"
+    )
+    p.add_argument(
+        "--split",
+        choices=["train", "test"],
+        default="train",
+        help="(for datasets that read splits differently)",
+    )
+    p.add_argument(
+        "--captions", type=Path, default=None, help="caption file (data.captions: MSVD, MSR-VTT train csv)"
+    )
     p.add_argument("--class-names", type=Path, default=None, help="class list (recognition)")
     p.add_argument("--samples-per-shard", type=int, default=1000, help="(default: 1000, as video2dataset)")
     p.add_argument("--prefix", default="", help="shard file name prefix, e.g. train- (several splits in OUT)")
-    p.add_argument("--reencode", action="store_true", help="re-encode as prepare-videos (--fps, --short-side, ...)")
+    p.add_argument(
+        "--reencode", action="store_true", help="re-encode as prepare-videos (--fps, --short-side, ...)"
+    )
     p.add_argument("--fps", type=float, default=3.0, help="with --reencode (default: 3)")
-    p.add_argument("--short-side", type=int, default=224, help="with --reencode; 0 keeps the size (default: 224)")
+    p.add_argument(
+        "--short-side", type=int, default=224, help="with --reencode; 0 keeps the size (default: 224)"
+    )
     p.add_argument("--codec", default="h264", choices=["h264", "hevc", "vp9", "av1"], help="with --reencode")
     p.add_argument("--gop", type=int, default=None, help="with --reencode: keyframe interval in frames")
     p.add_argument("--crf", type=int, default=23, help="with --reencode (and for frame folders; default: 23)")

@@ -302,8 +302,9 @@ def _pin(batch: dict[str, Any]) -> dict[str, Any]:
 class ShardLoader:
     """Batches of a `ShardDataset` for this rank, from a position: ``set_position(epoch, batches_done)``, then
     iterate. Each iteration starts fresh worker processes (the position travels with the dataset), the items
-    come round-robin from the workers (reader ``i mod k`` gives item ``i``) and are collated here, so a batch
-    mixes every reader's shards."""
+    come round-robin from the workers (reader ``i mod k`` gives item ``i``) and are collated here, reader by
+    reader, so a batch mixes every reader's shards and equals, in order, the global batch of ``k`` ranks of
+    one reader each."""
 
     def __init__(
         self,
@@ -337,14 +338,25 @@ class ShardLoader:
             if self.num_workers
             else {}
         )
+        epoch, done = self.dataset.position
+        # its own generator: creating the iterator draws nothing from the global torch RNG (which a resumed
+        # run restores), and the workers' seeds are a function of the position
+        generator = torch.Generator().manual_seed((self.dataset.seed * 1_000_003 + epoch) * 1_000_003 + done)
         loader = DataLoader(
-            self.dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_identity, **extra
+            self.dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            collate_fn=_identity,
+            generator=generator,
+            **extra,
         )
         items: list[Any] = []
-        for item in loader:
-            items.append(item)
+        k = max(1, self.num_workers)
+        for i, item in enumerate(loader, start=done * self.batch_size):
+            items.append((i % k, i, item))
             if len(items) == self.batch_size:
-                batch = self.collate_fn(items)
+                # reader by reader: one rank's batch with k readers is the global batch of k ranks, in order
+                batch = self.collate_fn([item for _, _, item in sorted(items, key=lambda x: x[:2])])
                 yield _pin(batch) if self.pin_memory and isinstance(batch, dict) else batch
                 items = []
 
