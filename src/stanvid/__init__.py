@@ -96,6 +96,8 @@ _EXPORTS = {
     "load_retrieval": "stanvid.data",
     "load_video_captions": "stanvid.data",
     "ShardDataset": "stanvid.data",
+    "SampleReader": "stanvid.data",
+    "SampleFields": "stanvid.data",
     "ShardLoader": "stanvid.data",
     "ShardList": "stanvid.data",
     "load_shards": "stanvid.data",
@@ -169,6 +171,8 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time `__getattr_
     from stanvid.data import (
         RecognitionDataset,
         RetrievalDataset,
+        SampleFields,
+        SampleReader,
         ShardDataset,
         ShardList,
         ShardLoader,
