@@ -8,8 +8,9 @@ frames as ffmpeg's default, B-frames) with a caption csv, and from it the three 
 quality 95, mmaction2's ``img_00001.jpg`` names). Each is read at the recipes' frame counts (8: the WebVid
 pretraining recipe; 12: MSR-VTT and LSMDC) in evaluation mode (uniform frames, shortest side 224 in the
 decoder, centre crop, normalize, 32 token ids), through ``make_loader`` (files, folders) or ``ShardLoader``
-(shards), with 0 and 2 worker processes. Each cell is the best of ``--passes`` full passes (the first pass
-over files also builds the per-process frame index, a demux pass per file).
+(shards), with 0 and 2 worker processes. Each cell is the best of ``--passes`` full passes, every pass cold
+(fresh workers, the per-process frame index cleared: each file is demuxed again, as in an epoch over more
+videos than the index cache holds).
 
     python benchmarks/loader.py [--videos 40] [--seconds 3] [--frames 8 12] [--workers 0 2] [--passes 2]
 """
@@ -36,6 +37,7 @@ from stanvid import (  # noqa: E402
     SampleReader,
     ShardDataset,
     ShardLoader,
+    clear_frame_index_cache,
     load_shards,
     load_video_captions,
     make_loader,
@@ -116,12 +118,19 @@ def videos_per_s(layout: str, source: tuple[Path, Path], frames: int, workers: i
     else:
         ann = load_video_captions(source[0], source[1])
         dataset = RetrievalDataset(ann, num_frames=frames, transform=transform, context_length=32)
-        loader = make_loader(dataset, batch_size=args.batch_size, num_workers=workers, pin_memory=False)
+        loader = make_loader(
+            dataset,
+            batch_size=args.batch_size,
+            num_workers=workers,
+            pin_memory=False,
+            persistent_workers=False,
+        )
         total = len(dataset)
     best = float("inf")
     for _ in range(args.passes):
         if layout == "shards":
             loader.set_position(0, 0)
+        clear_frame_index_cache()  # every pass cold, as an epoch over more videos than the cache holds
         start = time.perf_counter()
         count = sum(batch["video"].shape[0] for batch in loader)
         best = min(best, time.perf_counter() - start)

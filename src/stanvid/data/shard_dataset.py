@@ -37,7 +37,7 @@ from stanvid.data.base import SkippedSample, VideoClipDataset, check_caption, co
 from stanvid.data.loader import seed_worker
 from stanvid.data.recognition import RecognitionAnnotations
 from stanvid.data.retrieval import RetrievalAnnotations
-from stanvid.data.shard_order import batches_per_epoch, epoch_plan
+from stanvid.data.shard_order import batches_per_epoch, epoch_plan, reader_share
 from stanvid.data.shards import ShardList, _Keys, is_remote, iter_samples, sample_name
 from stanvid.errors import ConfigError, DatasetError, VideoReadError
 from stanvid.video.decode import VIDEO_EXTENSIONS, MemoryVideo
@@ -49,6 +49,7 @@ __all__ = [
     "ShardDataset",
     "ShardLoader",
     "ShardMembers",
+    "join_batches",
     "load_shard_annotations",
 ]
 
@@ -208,6 +209,7 @@ class ShardDataset(IterableDataset):
         self.seed, self.buffer, self.on_error = int(seed), int(buffer), on_error
         self.layout = (1, 0, 1, 1, 1)  # world, rank, readers per rank, batch size, batches per epoch
         self.position = (0, 0)  # epoch, batches done in it
+        self.collate: Callable[[list[Any]], Any] | None = None  # set: yield each batch's part, collated
 
     @property
     def num_samples(self) -> int:
@@ -222,7 +224,21 @@ class ShardDataset(IterableDataset):
     def set_position(self, epoch: int, batches_done: int) -> None:
         self.position = (int(epoch), int(batches_done))
 
-    def __iter__(self) -> Iterator[dict[str, Any] | SkippedSample]:
+    def __iter__(self) -> Iterator[Any]:
+        """This reader's items from the position; with ``collate`` set, its part of each batch, collated (an
+        empty part too, so that the parts of batch j are the j-th of every reader)."""
+        items = self._items()
+        if self.collate is None:
+            yield from items
+            return
+        _, _, k, batch_size, batches = self.layout
+        info = get_worker_info()
+        w = 0 if info is None else info.id
+        for j in range(self.position[1], batches):
+            size = reader_share((j + 1) * batch_size, k, w) - reader_share(j * batch_size, k, w)
+            yield self.collate([next(items) for _ in range(size)])
+
+    def _items(self) -> Iterator[dict[str, Any] | SkippedSample]:
         world, rank, k, batch_size, batches = self.layout
         info = get_worker_info()
         w, readers = (0, 1) if info is None else (info.id, info.num_workers)
@@ -295,16 +311,31 @@ def _identity(item: Any) -> Any:
     return item
 
 
+def join_batches(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Collated parts of one batch as one: tensors joined along dim 0, lists concatenated, in part order; a
+    key some parts lack (a part whose every sample was skipped has only ``skipped``) is taken from the rest."""
+    if len(parts) == 1:
+        return parts[0]
+    out: dict[str, Any] = {}
+    for key in dict.fromkeys(k for part in parts for k in part):
+        values = [part[key] for part in parts if key in part]
+        out[key] = (
+            torch.cat(values) if isinstance(values[0], torch.Tensor) else [v for vs in values for v in vs]
+        )
+    return out
+
+
 def _pin(batch: dict[str, Any]) -> dict[str, Any]:
     return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 class ShardLoader:
     """Batches of a `ShardDataset` for this rank, from a position: ``set_position(epoch, batches_done)``, then
-    iterate. Each iteration starts fresh worker processes (the position travels with the dataset), the items
-    come round-robin from the workers (reader ``i mod k`` gives item ``i``) and are collated here, reader by
-    reader, so a batch mixes every reader's shards and equals, in order, the global batch of ``k`` ranks of
-    one reader each."""
+    iterate. Each iteration starts fresh worker processes (the position travels with the dataset). Item ``i``
+    of the rank's stream comes from reader ``i mod k``; each worker collates its part of a batch and the parts
+    are joined here reader by reader (`join_batches`), so a batch mixes every reader's shards and equals, in
+    order, the global batch of ``k`` ranks of one reader each. ``collate_fn`` must return a dict of tensors
+    (joined along dim 0) and lists (concatenated), as `stanvid.data.collate_skipping` does."""
 
     def __init__(
         self,
@@ -350,15 +381,15 @@ class ShardLoader:
             generator=generator,
             **extra,
         )
-        items: list[Any] = []
+        self.dataset.collate = self.collate_fn
         k = max(1, self.num_workers)
-        for i, item in enumerate(loader, start=done * self.batch_size):
-            items.append((i % k, i, item))
-            if len(items) == self.batch_size:
-                # reader by reader: one rank's batch with k readers is the global batch of k ranks, in order
-                batch = self.collate_fn([item for _, _, item in sorted(items, key=lambda x: x[:2])])
-                yield _pin(batch) if self.pin_memory and isinstance(batch, dict) else batch
-                items = []
+        parts: list[Any] = []
+        for part in loader:  # the DataLoader's round-robin: batch j's part of worker 0, 1, ..., k - 1
+            parts.append(part)
+            if len(parts) == k:
+                batch = join_batches(parts)
+                yield _pin(batch) if self.pin_memory else batch
+                parts = []
 
 
 # ---- map-style access to local shards (evaluation, dry run) ------------------------------------------------
