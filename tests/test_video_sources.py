@@ -189,6 +189,9 @@ def test_datasets_sample_and_transform_a_frame_folder_as_the_same_file(frame_dir
     kinetics = load_kinetics(tmp_path / "k.txt", frame_dirs / "rawframes", ["x", "y"])
     assert kinetics.labels.tolist() == [1, 0] and kinetics.video_paths[1].endswith("vid_b")
     assert VideoFinder(frame_dirs).find("vid_b") == frame_dirs / "rawframes" / "vid_b"
+    (frame_dirs / "rawframes" / "vid_b.mkv").write_bytes((frame_dirs / "lossless.mkv").read_bytes())
+    assert VideoFinder(frame_dirs / "rawframes").find("vid_b").name == "vid_b.mkv"  # a file beats its frames
+    (frame_dirs / "rawframes" / "vid_b.mkv").unlink()
 
 
 def test_frame_folder_problems_name_the_folder_or_the_image(tmp_path):

@@ -126,7 +126,8 @@ class VideoFinder:
     once, on the first id not found directly.
 
     A folder of images is a video too (`stanvid.video.frames`: mmaction2's rawframes, one folder per video):
-    ``root/<id>`` as a folder of frames, or any frame folder under ``root`` named ``<id>``.
+    ``root/<id>`` as a folder of frames, or any frame folder under ``root`` named ``<id>``; a video file that
+    matches is preferred (frames extracted beside their videos do not replace them).
     """
 
     def __init__(self, root: str | os.PathLike, extensions: Sequence[str] = VIDEO_EXTENSIONS) -> None:
@@ -136,6 +137,7 @@ class VideoFinder:
         self.extensions = tuple(extensions)
         self._by_name: dict[str, list[Path]] | None = None
         self._by_stem: dict[str, list[Path]] | None = None
+        self._frame_dirs: dict[str, list[Path]] = {}
 
     def _stem(self, name: str) -> str | None:
         suffix = Path(name).suffix.lower()
@@ -146,7 +148,7 @@ class VideoFinder:
         by_stem: dict[str, list[Path]] = {}
         for folder, _, files in os.walk(self.root):
             if any(not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS) for f in files):
-                by_name.setdefault(Path(folder).name, []).append(Path(folder))  # a frame folder
+                self._frame_dirs.setdefault(Path(folder).name, []).append(Path(folder))
             for file in files:
                 path = Path(folder) / file
                 by_name.setdefault(file, []).append(path)
@@ -158,7 +160,7 @@ class VideoFinder:
     def find(self, video_id: str) -> Path | None:
         """The file for ``video_id``, or None. Raises ``DatasetError`` when several files match."""
         direct = self.root / video_id
-        if direct.is_file() or is_frame_folder(direct):
+        if direct.is_file():
             return direct
         stem = self._stem(video_id)
         for base in (video_id, stem):
@@ -168,6 +170,8 @@ class VideoFinder:
                 path = self.root / f"{base}{ext}"
                 if path.is_file():
                     return path
+        if is_frame_folder(direct):
+            return direct
         if self._by_name is None:
             self._build_listing()
         assert self._by_name is not None and self._by_stem is not None
@@ -176,6 +180,7 @@ class VideoFinder:
             self._by_name.get(name)
             or self._by_stem.get(name)
             or (stem and self._by_stem.get(Path(stem).name))
+            or self._frame_dirs.get(name)
         )
         if not matches:
             return None
