@@ -274,6 +274,13 @@ def test_damaged_samples_are_named_at_the_end_and_a_missing_shard_stops_the_run(
 
     with pytest.raises(DatasetError, match=r"shard .*bad/c\.tar does not exist"):
         load_shards("bad/{a,b,c}.tar", tmp_path)
+    _write_tar(folder / "c.tar", [{"__key__": "first", "mp4": b"\x00" * 64, "txt": b"a broken first sample"}])
+    from stanvid.training.runs import check_run
+
+    with pytest.raises(
+        DatasetError, match=r"1 shard\(s\) whose first sample does not decode:\n  .*c\.tar:first: "
+    ):
+        check_run(_shard_recipe(tmp_path, "bad/{a,b,c}.tar", epochs=1))
     dataset = build_dataset(run, "train")
     (folder / "b.tar").unlink()  # gone after it was counted
     with pytest.raises(DatasetError, match=r"shard .*bad/b\.tar does not exist"):
@@ -373,3 +380,78 @@ def test_stanvid_shard_and_embed_on_shards(data, tmp_path, capsys):
     (features.with_name("f.npy.parts") / "00001.json").unlink()  # as if stopped before shard 1 was written
     assert main(embed) == 0 and "(1 shards encoded now)" in capsys.readouterr().out
     assert np.array_equal(np.load(features), vectors)
+
+
+def test_pipe_shards_stream_like_local_files(data):
+    local = load_shards("even/{00000..00003}.tar", data)
+    piped = load_shards(f"pipe:cat {data}/even/{{00000..00003}}.tar")  # counted by streaming each once
+    assert piped.counts == local.counts
+    _, a = epoch_batches(local, 1, 0, 0, 3, 0)
+    _, b = epoch_batches(piped, 1, 0, 0, 3, 0)
+    assert [[v.rpartition(":")[2] for v in x["video_id"]] for x in a] == [
+        [v.rpartition(":")[2] for v in x["video_id"]] for x in b
+    ]
+    assert all(torch.equal(x["video"], y["video"]) for x, y in zip(a, b, strict=True))
+
+
+def test_recognition_shards_from_a_kinetics_list_reencoded_with_a_frame_folder(data, tmp_path, capsys):
+    from PIL import Image
+
+    videos = tmp_path / "k400"
+    (videos / "frames_clip").mkdir(parents=True)
+    for i, frame in enumerate(make_frames(6, 32, 48, seed=9)):
+        Image.fromarray(frame).save(videos / "frames_clip" / f"img_{i + 1:05d}.png")
+    for i in range(3):
+        (videos / f"c{i}.mp4").write_bytes((data / "videos" / f"v{i:02d}.mp4").read_bytes())
+    (tmp_path / "classes.txt").write_text("abseiling\nair drumming\n")
+    (tmp_path / "list.txt").write_text("c0.mp4 1\nc1.mp4 abseiling\nframes_clip 6 1\nc2.mp4 0\n")
+    out = tmp_path / "shards"
+    argv = [
+        "shard",
+        str(tmp_path / "list.txt"),
+        str(videos),
+        str(out),
+        "--dataset",
+        "kinetics400",
+        "--class-names",
+        str(tmp_path / "classes.txt"),
+        "--samples-per-shard",
+        "2",
+        "--reencode",
+        "--fps",
+        "5",
+        "--short-side",
+        "32",
+        "--frame-rate",
+        "12",
+    ]
+    assert main(argv) == 0, capsys.readouterr().err
+    shards = load_shards("shards.json", out)
+    by_cls = SampleFields("recognition", classes=["abseiling", "air drumming"])
+    by_json = SampleFields("recognition", label_key="label_name", classes=["abseiling", "air drumming"])
+    for fields in (by_cls, by_json):
+        ann = load_shard_annotations(shards, fields)
+        assert ann.labels.tolist() == [1, 0, 1, 0]
+    folder = stanvid.probe(load_shard_annotations(shards, by_cls).video_source(2))
+    assert (folder.num_frames, folder.fps, min(folder.width, folder.height)) == (
+        3,
+        5.0,
+        32,
+    )  # 6 at 12 fps -> 5 fps
+    run = recipe(
+        "recognition",
+        data={
+            "dataset": "webdataset",
+            "root": str(out),
+            "train_annotations": "shards.json",
+            "class_names": str(tmp_path / "classes.txt"),
+            "shuffle_buffer": 2,
+        },
+    )
+    batch = next(iter(ShardLoader(build_dataset(run, "train"), 2, epochs=1)))
+    assert sorted(batch["label"].tolist()) in ([0, 1], [1, 1], [0, 0]) and batch["video"].shape[1:] == (
+        4,
+        3,
+        24,
+        24,
+    )

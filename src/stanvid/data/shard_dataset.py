@@ -31,10 +31,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from stanvid.data.base import SkippedSample, VideoClipDataset, check_caption, collate_skipping
-from stanvid.data.loader import seed_worker
+from stanvid.data.loader import build_loader
 from stanvid.data.recognition import RecognitionAnnotations
 from stanvid.data.retrieval import RetrievalAnnotations
 from stanvid.data.shard_order import batches_per_epoch, epoch_plan, reader_share
@@ -364,22 +364,19 @@ class ShardLoader:
         return max(self.batches_per_epoch - self.dataset.position[1], 0)
 
     def __iter__(self) -> Iterator[Any]:
-        extra = (
-            {"prefetch_factor": self.prefetch_factor, "worker_init_fn": seed_worker}
-            if self.num_workers
-            else {}
-        )
         epoch, done = self.dataset.position
         # its own generator: creating the iterator draws nothing from the global torch RNG (which a resumed
         # run restores), and the workers' seeds are a function of the position
         generator = torch.Generator().manual_seed((self.dataset.seed * 1_000_003 + epoch) * 1_000_003 + done)
-        loader = DataLoader(
+        loader = build_loader(
             self.dataset,
-            batch_size=None,
+            None,  # the dataset yields each worker's collated part of a batch
             num_workers=self.num_workers,
+            pin_memory=False,
+            seed=generator,
+            persistent_workers=False,  # fresh workers: the position travels with the dataset
+            prefetch_factor=self.prefetch_factor,
             collate_fn=_identity,
-            generator=generator,
-            **extra,
         )
         self.dataset.collate = self.collate_fn
         k = max(1, self.num_workers)

@@ -3,7 +3,8 @@ be trained (and embedded) from shards as WebVid is.
 
 One sample per video, keyed by its position in the split (``000000123``): the video as it is (its file's
 bytes, under its extension) or re-encoded as `stanvid prepare-videos` does (``mp4``); a folder of frames is
-always encoded (H.264 at ``frame_rate``, the ``crf`` of the settings). Beside it ``json`` (``video_id``, the
+always encoded (H.264 with every frame at ``frame_rate``, crf 23; with re-encoding, resampled from there).
+Beside it ``json`` (``video_id``, the
 source path relative to the video folder, and ``captions`` or ``label`` / ``label_name``), and ``txt`` (the
 first caption) or ``cls`` (the label index), so the default ``data.caption_key: null`` trains on the first
 caption and ``data.caption_key: captions`` on a random one of them per item. Shard ``i`` holds samples
@@ -111,8 +112,12 @@ def _video_member(sample: dict[str, Any], settings: PrepareSettings | None, fps:
         return path.suffix.lower().lstrip(".") or "mp4", path.read_bytes()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "video.mp4"
-        if path.is_dir():
-            _encode_folder(str(path), out, settings or PrepareSettings(short_side=None), fps)
+        if path.is_dir() and settings is None:  # every frame, at the folder's rate
+            _encode_folder(str(path), out, PrepareSettings(short_side=None), fps)
+        elif path.is_dir():  # every frame near-losslessly, then resampled as any video is
+            frames = Path(tmp) / "frames.mp4"
+            _encode_folder(str(path), frames, PrepareSettings(short_side=None, crf=0), fps)
+            convert_video(frames, out, settings, threads=1)
         else:
             convert_video(path, out, settings, threads=1)
         return "mp4", out.read_bytes()

@@ -23,8 +23,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
+from stanvid.data.loader import build_loader
 from stanvid.data.shards import ShardList, iter_samples, load_shards, sample_name
 from stanvid.distributed import default_device
 from stanvid.errors import DatasetError, VideoReadError
@@ -114,9 +115,9 @@ def embed_shards(
     done = _claim_parts(parts, {"model_fingerprint": fingerprint, "shards": list(shards.urls)})
     todo = [i for i in range(len(shards)) if i not in done]
     clips = _ShardClips(shards.urls, todo, model.config.num_frames, model.config.clip.vision.image_size)
-    extra = {"prefetch_factor": 2} if num_workers else {}
-    loader = DataLoader(
-        clips, batch_size=None, num_workers=min(num_workers, len(todo)), collate_fn=_identity, **extra
+    workers = min(num_workers, len(todo))
+    loader = build_loader(
+        clips, None, num_workers=workers, pin_memory=False, persistent_workers=False, collate_fn=_identity
     )
     pending: dict[int, list] = {i: [] for i in todo}
     failed: list[tuple[str, str]] = []
