@@ -226,7 +226,27 @@ def _write_dataset(recipe, root: Path, clip: Path) -> None:
     for split, ann in (("train", d.train_annotations), ("test", d.test_annotations)):
         folder = d.video_dir if split == "train" or d.test_video_dir is None else d.test_video_dir
         path = root / ann
-        if d.dataset == "webvid" and split == "train":  # the released WebVid CSV, videos in page_dir folders
+        if (
+            d.dataset == "webdataset"
+        ):  # shards of 2 samples (20 for the 16 readers of 16 workers), and their index
+            from stanvid import load_video_captions, write_shards
+
+            source = root / f"{split}-source"
+            stems = [f"video{i}" for i in range(40 if split == "train" else 20)]
+            videos(str(source.relative_to(root)), stems)
+            (source / "c.csv").write_text("video,caption\n" + "".join(f"{n}.mp4,clip {n}\n" for n in stems))
+            assert path.name.endswith("shards.json")
+            prefix = path.name[: -len("shards.json")]
+            write_shards(
+                load_video_captions(source / "c.csv", source),
+                source,
+                path.parent,
+                samples_per_shard=2,
+                prefix=prefix,
+            )
+        elif (
+            d.dataset == "webvid" and split == "train"
+        ):  # the released WebVid CSV, videos in page_dir folders
             videos(f"{folder}/000001_000050", [str(1000 + i) for i in range(30)])  # batch 24
             rows = "".join(
                 f'{1000 + i},"clip {i}, a caption",000001_000050,url,PT00H00M10S\n' for i in range(30)

@@ -309,7 +309,7 @@ def test_missing_empty_and_non_video_files(tmp_path):
     text.write_text("this is not a video\n" * 50)
     with pytest.raises(VideoReadError, match=r"notes\.mp4.*not a readable video"):
         stanvid.probe(text)
-    with pytest.raises(VideoReadError, match="not a regular file"):
+    with pytest.raises(VideoReadError, match="a folder without images"):  # a folder is a video of its images
         stanvid.probe(tmp_path)
     audio = tmp_path / "tone.wav"
     with wave.open(str(audio), "wb") as w:

@@ -216,3 +216,17 @@ def _encoder_options(
     if codec == "av1":
         return {"preset": preset or "12", "crf": str(quality or 20), "g": str(gop), "svtav1-params": "scd=0"}
     return {}
+
+
+def remux_rotated(src: str | Path, dst: str | Path, degrees: int) -> Path:
+    """`src`'s packets, unchanged, in `dst` (MP4/MOV) with a display matrix of `degrees` counter-clockwise: the
+    file a phone writes for a video it stores sideways. Same bitstream, so the stored frames are bit-identical."""
+    with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
+        stream = inp.streams.video[0]
+        target = out.add_stream_from_template(stream)
+        target.set_display_rotation(degrees)
+        for packet in inp.demux(stream):
+            if packet.dts is not None:  # the demuxer's end-of-stream marker has none
+                packet.stream = target
+                out.mux(packet)
+    return Path(dst)

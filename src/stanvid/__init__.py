@@ -47,6 +47,9 @@ _EXPORTS = {
     "read_frames": "stanvid.video.decode",
     "VideoInfo": "stanvid.video.decode",
     "clear_frame_index_cache": "stanvid.video.decode",
+    "MemoryVideo": "stanvid.video.decode",
+    "FRAME_FOLDER_FPS": "stanvid.video.frames",
+    "IMAGE_EXTENSIONS": "stanvid.video.frames",
     "VIDEO_EXTENSIONS": "stanvid.video.decode",
     "uniform_indices": "stanvid.video.sampling",
     "dense_indices": "stanvid.video.sampling",
@@ -92,6 +95,13 @@ _EXPORTS = {
     "make_loader": "stanvid.data",
     "load_retrieval": "stanvid.data",
     "load_video_captions": "stanvid.data",
+    "ShardDataset": "stanvid.data",
+    "SampleReader": "stanvid.data",
+    "SampleFields": "stanvid.data",
+    "ShardLoader": "stanvid.data",
+    "ShardList": "stanvid.data",
+    "load_shards": "stanvid.data",
+    "write_shards": "stanvid.data",
     # training: recipes, the loop, losses, evaluation, metrics
     "Recipe": "stanvid.training.recipe",
     "load_recipe": "stanvid.training.recipe",
@@ -162,9 +172,16 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time `__getattr_
     from stanvid.data import (
         RecognitionDataset,
         RetrievalDataset,
+        SampleFields,
+        SampleReader,
+        ShardDataset,
+        ShardList,
+        ShardLoader,
         load_retrieval,
+        load_shards,
         load_video_captions,
         make_loader,
+        write_shards,
     )
     from stanvid.demo.run import DemoConfig, run_demo
     from stanvid.models.config import (
@@ -226,8 +243,16 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time `__getattr_
     from stanvid.training.recipe import Recipe, load_recipe
     from stanvid.training.runs import build_dataset, evaluate_run, load_trained, train_run
     from stanvid.training.trainer import Trainer
-    from stanvid.video.decode import VIDEO_EXTENSIONS, VideoInfo, clear_frame_index_cache, probe, read_frames
+    from stanvid.video.decode import (
+        VIDEO_EXTENSIONS,
+        MemoryVideo,
+        VideoInfo,
+        clear_frame_index_cache,
+        probe,
+        read_frames,
+    )
     from stanvid.video.folders import find_videos, walk_videos
+    from stanvid.video.frames import FRAME_FOLDER_FPS, IMAGE_EXTENSIONS
     from stanvid.video.pipeline import encode_batch_size
     from stanvid.video.prepare import prepare_videos
     from stanvid.video.sampling import dense_indices, uniform_indices

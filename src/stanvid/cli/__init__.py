@@ -23,6 +23,7 @@ COMMANDS = {
     "convert": "stanvid.cli.convert",
     "push": "stanvid.cli.push",
     "prepare-videos": "stanvid.cli.prepare",
+    "shard": "stanvid.cli.shard",
     "train": "stanvid.cli.train",
     "eval": "stanvid.cli.evaluate",
     "index": "stanvid.cli.index",

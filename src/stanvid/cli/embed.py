@@ -1,4 +1,4 @@
-"""`stanvid embed VIDEO_DIR --model M --out features.npy|features.parquet [--segment-seconds S]`."""
+"""`stanvid embed VIDEO_DIR|SHARDS --model M --out features.npy|features.parquet [--segment-seconds S]`."""
 
 from __future__ import annotations
 
@@ -12,9 +12,13 @@ def add_parser(sub) -> None:
         help="write the embedding of every video (or segment) of a folder to .npy + .json or .parquet",
         description="Embed every video (or every --segment-seconds span) under VIDEO_DIR with the index's "
         "machinery (resumable working index in OUT.index/, only new or changed files re-encoded), then write "
-        "one row per video or segment (path, start, end, vector) to OUT.",
+        "one row per video or segment (path, start, end, vector) to OUT. Given WebDataset shards instead (a "
+        "tar, a brace pattern such as 'shards/{00000..00099}.tar', a shard index .json, pipe:/URL shards), "
+        "one row per sample (shard, key, caption, vector), resumable per shard in OUT.parts/.",
     )
-    p.add_argument("video_dir", help="folder of videos (searched recursively)")
+    p.add_argument(
+        "video_dir", help="folder of videos (searched recursively), or shards (quote brace patterns)"
+    )
     p.add_argument("--model", required=True, help="any model stanvid.load_model reads")
     p.add_argument(
         "--out",
@@ -32,7 +36,28 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from stanvid.data.shards import is_shard_spec
+    from stanvid.errors import EmbedError
     from stanvid.search.embed import embed_videos
+
+    if is_shard_spec(args.video_dir):
+        from stanvid.search.shard_embed import embed_shards
+
+        if args.segment_seconds is not None:
+            raise EmbedError("--segment-seconds: shards are embedded one row per sample")
+        result = embed_shards(
+            args.video_dir,
+            args.out,
+            args.model,
+            model_overrides=parse_overrides(args.overrides),
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+            device=args.device,
+            precision=args.precision,
+            progress=not args.no_progress,
+        )
+        print(result.summary())
+        return 0
 
     result = embed_videos(
         args.video_dir,

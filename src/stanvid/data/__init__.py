@@ -41,6 +41,16 @@ from stanvid.data.retrieval_formats import (
     load_video_captions,
     load_webvid,
 )
+from stanvid.data.shard_dataset import (
+    SampleFields,
+    SampleReader,
+    ShardDataset,
+    ShardLoader,
+    ShardMembers,
+    load_shard_annotations,
+)
+from stanvid.data.shard_writer import ShardReport, write_shards
+from stanvid.data.shards import ShardList, expand_shards, load_shards
 
 __all__ = [
     "VIDEO_EXTENSIONS",
@@ -71,4 +81,15 @@ __all__ = [
     "load_retrieval",
     "load_video_captions",
     "load_webvid",
+    "SampleFields",
+    "SampleReader",
+    "ShardDataset",
+    "ShardLoader",
+    "ShardMembers",
+    "load_shard_annotations",
+    "ShardReport",
+    "write_shards",
+    "ShardList",
+    "expand_shards",
+    "load_shards",
 ]

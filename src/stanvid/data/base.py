@@ -25,6 +25,7 @@ from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from stanvid.errors import ConfigError, DatasetError, VideoReadError
 from stanvid.video.decode import VIDEO_EXTENSIONS
+from stanvid.video.frames import IMAGE_EXTENSIONS, is_frame_folder
 
 __all__ = [
     "VIDEO_EXTENSIONS",
@@ -123,6 +124,10 @@ class VideoFinder:
     then any file under ``root`` (recursively: Kinetics and LSMDC keep videos in per-class or per-movie
     folders) whose name is ``<id>`` or whose stem is ``<id>``/``<stem>``. The recursive listing is built
     once, on the first id not found directly.
+
+    A folder of images is a video too (`stanvid.video.frames`: mmaction2's rawframes, one folder per video):
+    ``root/<id>`` as a folder of frames, or any frame folder under ``root`` named ``<id>``; a video file that
+    matches is preferred (frames extracted beside their videos do not replace them).
     """
 
     def __init__(self, root: str | os.PathLike, extensions: Sequence[str] = VIDEO_EXTENSIONS) -> None:
@@ -132,6 +137,7 @@ class VideoFinder:
         self.extensions = tuple(extensions)
         self._by_name: dict[str, list[Path]] | None = None
         self._by_stem: dict[str, list[Path]] | None = None
+        self._frame_dirs: dict[str, list[Path]] = {}
 
     def _stem(self, name: str) -> str | None:
         suffix = Path(name).suffix.lower()
@@ -141,6 +147,8 @@ class VideoFinder:
         by_name: dict[str, list[Path]] = {}
         by_stem: dict[str, list[Path]] = {}
         for folder, _, files in os.walk(self.root):
+            if any(not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS) for f in files):
+                self._frame_dirs.setdefault(Path(folder).name, []).append(Path(folder))
             for file in files:
                 path = Path(folder) / file
                 by_name.setdefault(file, []).append(path)
@@ -162,6 +170,8 @@ class VideoFinder:
                 path = self.root / f"{base}{ext}"
                 if path.is_file():
                     return path
+        if is_frame_folder(direct):
+            return direct
         if self._by_name is None:
             self._build_listing()
         assert self._by_name is not None and self._by_stem is not None
@@ -170,6 +180,7 @@ class VideoFinder:
             self._by_name.get(name)
             or self._by_stem.get(name)
             or (stem and self._by_stem.get(Path(stem).name))
+            or self._frame_dirs.get(name)
         )
         if not matches:
             return None

@@ -26,6 +26,10 @@ name               task        files (a recipe's split: ``data.train_annotations
                                recognition, a Kinetics csv or ``path label`` list with ``data.class_names``
 ``kinetics400``    recognition ``path label`` list or the official csv, with ``data.class_names``
 ``ssv2``           recognition ``train.json`` / ``validation.json`` with ``data.class_names`` = ``labels.json``
+``webdataset``     either      tar shards: a brace pattern relative to ``data.root`` (``shards/{00000..00999}.tar``),
+                               a list of them, or a shard index ``.json`` (`stanvid.data.shard_dataset`); caption
+                               in ``.txt`` or ``.json[data.caption_key]``, label in ``.cls`` or
+                               ``.json[data.label_key]``, classes from ``data.class_names``
 =================  ==========  ================================================================================
 
 ``csv`` is an alias of ``captions`` (the name recipes used before the two readers shared this table); a recipe
@@ -39,7 +43,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from stanvid.data.recognition import RecognitionAnnotations, load_kinetics, load_ssv2
+from stanvid.data.recognition import RecognitionAnnotations, load_kinetics, load_ssv2, read_class_names
 from stanvid.data.retrieval import RetrievalAnnotations
 from stanvid.data.retrieval_formats import (
     load_activitynet,
@@ -52,6 +56,8 @@ from stanvid.data.retrieval_formats import (
     load_video_captions,
     load_webvid,
 )
+from stanvid.data.shard_dataset import SampleFields, load_shard_annotations
+from stanvid.data.shards import load_shards
 from stanvid.errors import ConfigError, DatasetError
 
 __all__ = [
@@ -86,6 +92,9 @@ class SplitFiles:
     videos: Path
     captions: Path | None = None
     class_names: Path | None = None
+    shards: tuple[str, ...] = ()  # webdataset: the split's patterns (or shard index), relative to `videos`
+    caption_key: str | None = None  # webdataset: where a sample's caption and label are
+    label_key: str | None = None
 
     def require(self, key: str) -> Path:
         """The side file ``key`` (``captions`` / ``class_names``), or a `ConfigError` naming ``data.<key>``."""
@@ -145,6 +154,13 @@ def _read_captions(f: SplitFiles) -> Annotations:
 
 def _read_kinetics(f: SplitFiles) -> RecognitionAnnotations:
     return load_kinetics(f.annotations, f.videos, f.require("class_names"))
+
+
+def _read_webdataset(f: SplitFiles) -> Annotations:
+    # a split of local shards, map-style (evaluation, dry run); training streams them (ShardDataset)
+    classes = read_class_names(f.class_names) if f.class_names is not None else None
+    fields = SampleFields(f.task, f.caption_key, f.label_key, classes)
+    return load_shard_annotations(load_shards(list(f.shards), f.videos), fields)
 
 
 # ---- a retrieval split by name, from a CLIP4Clip folder ----------------------------------------------------
@@ -220,6 +236,11 @@ def _captions_file(split: str, path: Path, videos: PathLike, on_missing: str) ->
     return load_video_captions(path, videos, on_missing)
 
 
+def _shards_folder(split: str, path: Path, videos: PathLike, on_missing: str) -> RetrievalAnnotations:
+    # `annotations` names the shards (a pattern or a shard index), relative to `video_root`
+    return load_shard_annotations(load_shards(str(path), videos), SampleFields("retrieval"))
+
+
 def _webvid_file(split: str, path: Path, videos: PathLike, on_missing: str) -> RetrievalAnnotations:
     return load_webvid(path, videos, on_missing)
 
@@ -242,6 +263,7 @@ DATASETS: dict[str, DatasetFormat] = {
     "ssv2": DatasetFormat(
         "recognition", lambda f: load_ssv2(f.annotations, f.require("class_names"), f.videos)
     ),
+    "webdataset": DatasetFormat(None, _read_webdataset, _shards_folder),
 }
 ALIASES = {"csv": "captions"}  # older name -> table name
 DATASET_NAMES = (*DATASETS, *ALIASES)  # every name a recipe may use
@@ -283,6 +305,8 @@ def load_retrieval(
     ``activitynet`` ``train``, ``val``                       ``train.json`` / ``val_1.json`` [+ ids json]
     ``webvid``      (any)                                    ``annotations`` is the WebVid csv (or json)
     ``captions``    (any)                                    ``annotations`` is the csv/jsonl/json file
+    ``webdataset``  (any)                                    ``annotations`` names local shards (a pattern,
+                                                             or a shard index), relative to ``video_root``
     ==============  =======================================  ==============================================
 
     For ``msrvtt`` and ``didemo``, ``annotations`` may also be a json caption file (STAN/mmaction2 format).

@@ -4,7 +4,8 @@ Formats read:
 
 * Kinetics: the official csv (``label,youtube_id,time_start,time_end,split``), videos named
   ``{youtube_id}_{time_start:06d}_{time_end:06d}.mp4`` (also found by bare ``youtube_id``, in per-class
-  folders or flat); or mmaction2 lists of ``path label`` lines (label an index or a class name). Class
+  folders or flat); or mmaction2 lists of ``path label`` lines (label an index or a class name), or of
+  ``frame_dir total_frames label`` lines (mmaction2's rawframes lists: the folder of frames is the video). Class
   names come from a file (one per line as mmaction2's ``label_map_k400.txt``, a csv ``id,name`` as
   X-CLIP/ActionCLIP's ``kinetics_400_labels.csv``, or a json) or, for the csv, the sorted label set, which
   is the standard class order when all classes occur.
@@ -18,6 +19,7 @@ Formats read:
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -51,7 +53,9 @@ PathLike = str | os.PathLike
 
 @dataclass
 class RecognitionAnnotations:
-    """Labelled videos of one split. ``flip_safe`` is False where mirroring changes the label (SSv2)."""
+    """Labelled videos of one split. ``flip_safe`` is False where mirroring changes the label (SSv2).
+    ``sources``, when set, gives video ``i`` to decode (a tar shard's member) and ``video_paths`` only name them.
+    """
 
     name: str
     video_ids: list[str]
@@ -60,6 +64,11 @@ class RecognitionAnnotations:
     classes: list[str] | None
     flip_safe: bool = True
     missing: list[str] = field(default_factory=list)
+    sources: Callable[[int], Any] | None = None
+
+    def video_source(self, index: int) -> Any:
+        """What to decode for video ``index``: its file, or what ``sources`` gives."""
+        return self.video_paths[index] if self.sources is None else self.sources(index)
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)
@@ -180,7 +189,11 @@ def load_kinetics(
 
     index = {name: i for i, name in enumerate(names or [])}
     for where, line in read_lines(annotations):
-        parts = line.rsplit(maxsplit=1)
+        parts = line.rsplit(maxsplit=2)
+        if len(parts) == 3 and parts[1].isdigit():  # rawframes: frame_dir total_frames label
+            parts = [parts[0], parts[2]]
+        else:
+            parts = line.rsplit(maxsplit=1)
         if len(parts) != 2:
             raise DatasetError(f"{where}: expected '<path> <label>', got {line!r}")
         video, label_text = parts
@@ -298,8 +311,8 @@ class RecognitionDataset(VideoClipDataset):
     def _item(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} items")
-        path = self.annotations.video_paths[index]
-        out = self._read_clip(path, partial(self._sample, rng=rng), self.transform, rng)
+        source = self.annotations.video_source(index)
+        out = self._read_clip(source, partial(self._sample, rng=rng), self.transform, rng)
         # (clips * T, 3, S, S) or (crops, clips * T, 3, S, S) -> (V, T, 3, S, S), clip-major
         crops = out.unsqueeze(0) if out.dim() == 4 else out
         n_crops, t = crops.shape[0], self.num_frames

@@ -35,7 +35,9 @@ __all__ = ["RetrievalAnnotations", "RetrievalDataset"]
 
 @dataclass
 class RetrievalAnnotations:
-    """Videos and captions of one split. ``missing`` lists videos left out with ``on_missing="skip"``."""
+    """Videos and captions of one split. ``missing`` lists videos left out with ``on_missing="skip"``.
+    ``sources``, when set, gives video ``i`` to decode (a tar shard's member) and ``video_paths`` only name them.
+    """
 
     name: str
     video_ids: list[str]
@@ -43,6 +45,11 @@ class RetrievalAnnotations:
     captions: list[str]
     text_to_video: np.ndarray  # (num_captions,) int64 index into video_ids
     missing: list[str] = field(default_factory=list)
+    sources: Callable[[int], Any] | None = None
+
+    def video_source(self, index: int) -> Any:
+        """What to decode for video ``index``: its file, or what ``sources`` gives."""
+        return self.video_paths[index] if self.sources is None else self.sources(index)
 
     def __post_init__(self) -> None:
         self.text_to_video = np.asarray(self.text_to_video, dtype=np.int64)
@@ -172,8 +179,7 @@ class RetrievalDataset(VideoClipDataset):
         video_index, caption_index = self._indices(index, rng)
         mode = "train" if self.train else "test"
         sample = partial(uniform_indices, clip_len=self.num_frames, mode=mode, rng=rng)
-        path = self.annotations.video_paths[video_index]
-        video = self._read_clip(path, sample, self.transform, rng)  # (T, 3, S, S)
+        video = self._read_clip(self.annotations.video_source(video_index), sample, self.transform, rng)
         item: dict[str, Any] = {
             "video": video,
             "video_id": self.annotations.video_ids[video_index],

@@ -3,6 +3,8 @@ sample after the last one trained on.
 
 `EpochSampler` hands this rank its share of the epoch's seeded permutation from a position; `SeededItems`
 serves each item with random draws seeded by (seed, epoch, index); `build_data` builds the loader on them.
+Streamed shards (`stanvid.data.ShardDataset`) have an order of their own with the same property
+(`stanvid.data.shard_order`), which `build_data` sets up through a `stanvid.data.ShardLoader`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from stanvid.data.loader import build_loader
+from stanvid.data.shard_dataset import ShardDataset, ShardLoader
 from stanvid.errors import ConfigError
 from stanvid.training.recipe import Recipe
 
@@ -75,14 +78,12 @@ class SeededItems(Dataset):
 
 @dataclass
 class TrainData:
-    """The training data of this rank: order a function of (seed, epoch), items' draws of (seed, epoch, index)."""
+    """The training data of this rank: order a function of (seed, epoch), items' draws of (seed, epoch, index).
+    ``start(epoch, batches_done)`` positions ``loader`` there; iterating it then gives the rest of the epoch."""
 
-    sampler: EpochSampler
-    generator: (
-        torch.Generator
-    )  # the loader's: re-seeded per (epoch, start) so workers' seeds repeat on resume
-    loader: DataLoader
+    loader: DataLoader | ShardLoader
     batches_per_epoch: int
+    start: Callable[[int, int], None]
 
 
 def build_data(
@@ -95,13 +96,17 @@ def build_data(
 ) -> TrainData:
     """This rank's sampler and loader; refuses a batch larger than this rank's share of the data."""
     tr = recipe.train
+    if isinstance(train_set, ShardDataset):
+        return _shard_data(train_set, recipe, rank, world, device, collate_fn)
     sampler = EpochSampler(train_set, world, rank, tr.seed)
     batches_per_epoch = sampler.items_per_epoch // tr.batch_size
     if batches_per_epoch == 0:
         raise ConfigError(
             f"train.batch_size {tr.batch_size} x {world} process(es) exceeds the {len(train_set)} training items"
         )
-    generator = torch.Generator()  # reseeded per (epoch, start) by `_train_epochs`
+    generator = (
+        torch.Generator()
+    )  # the loader's: reseeded per (epoch, start) so workers' seeds repeat on resume
     loader = build_loader(
         SeededItems(train_set, tr.seed),
         tr.batch_size,
@@ -112,4 +117,38 @@ def build_data(
         drop_last=True,
         collate_fn=collate_fn,
     )
-    return TrainData(sampler, generator, loader, batches_per_epoch)
+
+    def start(epoch: int, batches_done: int) -> None:
+        sampler.set_position(epoch, batches_done * tr.batch_size)
+        generator.manual_seed((tr.seed * 1_000_003 + epoch) * 1_000_003 + batches_done)
+
+    return TrainData(loader, batches_per_epoch, start)
+
+
+def _shard_data(
+    train_set: ShardDataset,
+    recipe: Recipe,
+    rank: int,
+    world: int,
+    device: torch.device,
+    collate_fn: Callable[[list[Any]], Any] | None,
+) -> TrainData:
+    """Streamed shards: ``processes x max(1, data.num_workers)`` readers, the same batches per epoch on every
+    rank (`stanvid.data.shard_order`)."""
+    tr = recipe.train
+    loader = ShardLoader(
+        train_set,
+        tr.batch_size,
+        world=world,
+        rank=rank,
+        num_workers=recipe.data.num_workers,
+        epochs=tr.epochs,
+        pin_memory=device.type == "cuda",
+        collate_fn=collate_fn,
+    )
+    if loader.batches_per_epoch == 0:
+        raise ConfigError(
+            f"train.batch_size {tr.batch_size} x {world} process(es) exceeds what the shards give every rank per "
+            f"epoch ({train_set.num_samples} samples in {len(train_set.shards)} shards)"
+        )
+    return TrainData(loader, loader.batches_per_epoch, loader.set_position)

@@ -148,7 +148,8 @@ def fit(
     Args:
         model: a `stanvid.VideoCLIP` (any temporal module); left in eval mode on ``device`` at the end.
         train_set: a map-style dataset of dicts, ``{"video": (T, 3, S, S), "tokens" (or "text"): (L,)}`` for
-            retrieval, ``{"video", "label": int}`` for recognition (`stanvid.data` datasets yield these).
+            retrieval, ``{"video", "label": int}`` for recognition (`stanvid.data` datasets yield these), or
+            shards streamed by a `stanvid.data.ShardDataset`.
             A dataset with a ``set_epoch_seed(seed, epoch)`` method (`stanvid.data.VideoClipDataset`) draws
             each item's frames and crop from (seed, epoch, index), which makes resumed runs exact.
         recipe: the run; ``recipe.train.batch_size`` is per process.
@@ -273,9 +274,7 @@ def _train_epochs(run: _Run, eval_fn: Callable[..., dict[str, Any]] | None) -> N
     tr = run.recipe.train
     stopped = run.step >= run.stop_at
     while run.epoch < tr.epochs and not stopped:
-        data = run.data
-        data.sampler.set_position(run.epoch, run.batch_in_epoch * tr.batch_size)
-        data.generator.manual_seed((tr.seed * 1_000_003 + run.epoch) * 1_000_003 + run.batch_in_epoch)
+        run.data.start(run.epoch, run.batch_in_epoch)  # the loader continues after the batches done
         if run.bar is not None:
             run.bar.set_description(f"epoch {run.epoch + 1}/{tr.epochs}")
         if _train_batches(run):

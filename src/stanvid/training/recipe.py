@@ -103,12 +103,17 @@ class DataRecipe(_Validated):
 
     Relative paths (annotations, captions, class names, video folders) are relative to ``root``, and a relative
     ``root`` to the working directory, so ``--set data.root=/datasets/msrvtt`` re-points a whole recipe.
+
+    ``dataset: webdataset`` reads tar shards (`stanvid.data.shard_dataset`): the annotations are a brace pattern
+    (``shards/{00000..00999}.tar``), a list of them, or a shard index ``.json``; ``pipe:COMMAND`` and URLs are
+    streamed for training. ``caption_key`` / ``label_key`` name the ``.json`` key of a sample's caption / label
+    (null: its ``.txt`` / ``.cls``), ``shuffle_buffer`` the samples each reader shuffles among.
     """
 
     dataset: str = _f(choices=DATASET_NAMES, required=True)
     root: str = _f(".", nonempty=True)
-    train_annotations: str | None = None
-    test_annotations: str | None = None
+    train_annotations: str | list[str] | None = None
+    test_annotations: str | list[str] | None = None
     captions: str | None = None  # caption file, for layouts that keep captions apart from the splits
     class_names: str | None = None  # recognition: the class list (one name per line, or the dataset's json)
     video_dir: str = "videos"
@@ -125,6 +130,9 @@ class DataRecipe(_Validated):
     text_length: int = _f(32, gt=0)
     flip: bool = False  # random horizontal flip in training
     num_workers: int = _f(8, ge=0)
+    caption_key: str | None = None  # webdataset: .json key of the caption (null: the .txt member)
+    label_key: str | None = None  # webdataset: .json key of the label (null: the .cls member)
+    shuffle_buffer: int = _f(100, gt=0)  # webdataset: samples per reader's shuffle buffer (1: none)
 
     def path(self, value: str) -> Path:
         """``value`` resolved against ``root`` (absolute paths are kept)."""
@@ -238,6 +246,19 @@ class Recipe:
         return _build(cls, data, where)
 
 
+def field_default(key: str) -> Any:
+    """The default of a dotted recipe key (``data.shuffle_buffer``), or None: what a recipe written before the
+    key existed ran with."""
+    section, _, name = key.partition(".")
+    cls = _SECTIONS.get(section)
+    for f in fields(cls) if cls is not None else ():
+        if f.name == name:
+            if f.default_factory is not dataclasses.MISSING:
+                return _plain(f.default_factory())
+            return None if f.default is dataclasses.MISSING else _plain(f.default)
+    return None
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
@@ -304,6 +325,8 @@ def _describe(tp: Any) -> str:
         return text + " or null" if type(None) in typing.get_args(tp) else text
     if origin is tuple:
         return f"a list of {len(typing.get_args(tp))} numbers"
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(tp)[0])}s".replace("a strings", "strings")
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
 
 
@@ -326,6 +349,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{where} must be {_describe(tp)}, got {value!r}")
         return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if origin is list:
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ConfigError(f"{where} must be {_describe(tp)} (not empty), got {value!r}")
+        return [_coerce(v, typing.get_args(tp)[0], f"{where}[{i}]") for i, v in enumerate(value)]
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),

@@ -34,6 +34,7 @@ from stanvid.checkpoints.load import load_model
 from stanvid.data.datasets import SplitFiles, read_split
 from stanvid.data.recognition import RecognitionAnnotations, RecognitionDataset
 from stanvid.data.retrieval import RetrievalAnnotations, RetrievalDataset
+from stanvid.data.shard_dataset import ShardDataset
 from stanvid.distributed import default_device, launch_world_size, leave_process_group, rank_world
 from stanvid.errors import CheckpointError, ConfigError
 from stanvid.models.config import ModelConfig, PreprocessConfig
@@ -51,6 +52,7 @@ from stanvid.training.evaluate import evaluate_recognition, evaluate_retrieval, 
 from stanvid.training.loop import HEAD_FILE, TrainResult, fit
 from stanvid.training.metrics import format_table
 from stanvid.training.recipe import LEARNABLE, Recipe
+from stanvid.training.shard_runs import check_shards, shard_split_files, shard_train_set
 from stanvid.training.trainer import effective_precision, setup_distributed
 from stanvid.video.transforms import EvalTransform, MultiCropTransform, TrainTransform
 
@@ -76,6 +78,8 @@ def load_split(recipe: Recipe, split: str) -> RetrievalAnnotations | Recognition
     if split not in SPLITS:
         raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
     d = recipe.data
+    if d.dataset == "webdataset":  # local shards, map-style (streamed for training: `build_dataset`)
+        return read_split(shard_split_files(recipe, split))
     name = d.train_annotations if split == "train" else d.test_annotations
     if not name:
         raise ConfigError(f"data.{split}_annotations is not set (the {split} split's annotation file)")
@@ -114,8 +118,10 @@ def build_dataset(
     annotations: RetrievalAnnotations | RecognitionAnnotations | None = None,
     *,
     preprocess: PreprocessConfig | None = None,
-) -> RetrievalDataset | RecognitionDataset:
+) -> RetrievalDataset | RecognitionDataset | ShardDataset:
     """The dataset of ``split``: training (random frames and crops) or test (fixed frames, centre / test views).
+    ``webdataset`` training streams its shards (`stanvid.data.ShardDataset`); its test split reads them by
+    member offset.
 
     ``preprocess``: the normalization of the model the frames are for (``model.config.clip.preprocess``: an
     open_clip release may have been trained with other values than OpenAI's); OpenAI's CLIP values without it.
@@ -123,13 +129,15 @@ def build_dataset(
     d, e = recipe.data, recipe.eval
     pre = preprocess if preprocess is not None else PreprocessConfig()
     norm = {"mean": tuple(pre.mean), "std": tuple(pre.std)}
-    ann = annotations if annotations is not None else load_split(recipe, split)
     train = split == "train"
+    if recipe.task == "retrieval" and d.sampler != "uniform":
+        raise ConfigError(
+            f"data.sampler {d.sampler!r}: retrieval samples frames uniformly (data.sampler: uniform)"
+        )
+    if d.dataset == "webdataset" and train and annotations is None:  # streamed from the shards
+        return shard_train_set(recipe, _train_transform(recipe, d.flip, norm))
+    ann = annotations if annotations is not None else load_split(recipe, split)
     if recipe.task == "retrieval":
-        if d.sampler != "uniform":
-            raise ConfigError(
-                f"data.sampler {d.sampler!r}: retrieval samples frames uniformly (data.sampler: uniform)"
-            )
         if train:
             transform = _train_transform(recipe, d.flip, norm)
         else:
@@ -441,6 +449,16 @@ def _train_run(recipe: Recipe, out_dir: Any, resume: bool, progress: bool) -> Tr
 # ---- dry run -------------------------------------------------------------------------------------------------
 
 
+def _check_first_of_each_shard(dataset: Any, ann: RetrievalAnnotations | RecognitionAnnotations) -> None:
+    """Decode the first sample of every shard of a split read from shards (raises naming the sample)."""
+    seen = set()
+    for i, name in enumerate(ann.video_paths):
+        shard = name.rpartition(":")[0]
+        if shard not in seen:
+            seen.add(shard)
+            dataset[i]  # a VideoReadError names the sample
+
+
 def _describe_split(ann: RetrievalAnnotations | RecognitionAnnotations) -> str:
     if isinstance(ann, RetrievalAnnotations):
         return f"{ann.num_captions} captions of {ann.num_videos} videos"
@@ -453,20 +471,28 @@ def check_run(recipe: Recipe, *, resume: bool = False) -> str:
     source, check that model and data settings fit; returns a report (raises on the first problem)."""
     d, t = recipe.data, recipe.train
     lines = []
-    train_items = 0
+    world = launch_world_size()
+    batches, train_items = None, 0
     for split in SPLITS:
         name = d.train_annotations if split == "train" else d.test_annotations
         if not name:
             lines.append(f"{split:<7} (no {split} annotations)")
             continue
+        if d.dataset == "webdataset" and split == "train":
+            lines.append(f"{split:<7} webdataset: streamed from {name}")
+            shard_lines, batches = check_shards(build_dataset(recipe, split), recipe, world)
+            lines += shard_lines
+            continue
         ann = load_split(recipe, split)
         dataset = build_dataset(recipe, split, ann)
         if split == "train":
+            batches = len(dataset) // (t.batch_size * world)
             train_items = len(dataset)
+        if ann.sources is not None:  # shards: the first sample of each decodes
+            _check_first_of_each_shard(dataset, ann)
         folder = d.video_dir if split == "train" or d.test_video_dir is None else d.test_video_dir
-        lines.append(
-            f"{split:<7} {d.dataset}: {_describe_split(ann)} ({d.path(name)}; videos in {d.path(folder)})"
-        )
+        where = f"{d.path(name)}; videos in {d.path(folder)}" if ann.sources is None else str(name)
+        lines.append(f"{split:<7} {d.dataset}: {_describe_split(ann)} ({where})")
     model = load_run_model(recipe)  # after the data: a named OpenAI model may be downloaded here
     n_params = sum(p.numel() for p in model.parameters())
     n_new = sum(p.numel() for name, p in model.named_parameters() if model.is_new_parameter(name))
@@ -479,9 +505,7 @@ def check_run(recipe: Recipe, *, resume: bool = False) -> str:
         + f", {cfg.num_frames} frames, image {cfg.clip.vision.image_size}, "
         f"{n_params / 1e6:.1f}M parameters ({n_new / 1e6:.1f}M new, lr x{recipe.optim.new_param_lr_mult:g})",
     )
-    world = launch_world_size()
-    if train_items:
-        batches = train_items // (t.batch_size * world)
+    if batches is not None:
         if batches == 0:
             raise ConfigError(
                 f"train.batch_size {t.batch_size} x {world} process(es) exceeds the {train_items} training items"

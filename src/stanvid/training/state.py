@@ -17,7 +17,7 @@ import torch
 
 from stanvid.errors import ConfigError
 from stanvid.fileio import atomic_write_text
-from stanvid.training.recipe import Recipe
+from stanvid.training.recipe import Recipe, field_default
 
 # recipe keys that may change between an interrupted run and its resumption: they do not change the weights
 RESUMABLE_CHANGES = (
@@ -97,12 +97,20 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def check_resumable(saved: dict[str, Any], recipe: Recipe, world: int, path: Path) -> None:
+    """Refuse a resumption that would not continue the checkpoint's run exactly, naming what differs. A key the
+    checkpoint's recipe lacks (written before the key existed) counts as its default. Streamed shards
+    (``webdataset``) are read by processes x workers readers, so there ``data.num_workers`` must stay."""
     old, new = flatten(saved["recipe"]), flatten(recipe.to_dict())
+    for key in set(new) - set(old):
+        old[key] = field_default(key)
+    free = RESUMABLE_CHANGES
+    if recipe.data.dataset == "webdataset":
+        free = tuple(k for k in RESUMABLE_CHANGES if k != "data.num_workers")
     changed = [
         key
         for key in sorted(set(old) | set(new))
         if old.get(key) != new.get(key)
-        and not any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_CHANGES)
+        and not any(key == k or (k.endswith(".") and key.startswith(k)) for k in free)
     ]
     if changed:
         shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:5])

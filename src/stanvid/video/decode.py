@@ -24,11 +24,17 @@ Decoded frames are matched to targets by their pts, never by counting after a se
 out of the decoder raises instead of being replaced by a neighbour. Files whose packets lack unique pts (some AVI
 files, raw H.264/HEVC streams) are read by decoding from the start and counting frames, which is the
 definition itself.
+
+Frames come out as a player shows them: a video whose container carries a display rotation of 90, 180 or 270
+degrees (the MP4 display matrix every phone writes for portrait video) is read upright, as ffmpeg does by
+default; `VideoInfo` gives the displayed width and height and the rotation. A source is a file, a video in
+memory (`MemoryVideo` or bytes: a tar shard's member), or a folder of images (`stanvid.video.frames`).
 """
 
 from __future__ import annotations
 
 import functools
+import io
 import operator
 import os
 import warnings
@@ -43,6 +49,7 @@ import torch
 from torch.utils.data import get_worker_info
 
 from stanvid.errors import ConfigError, VideoReadError
+from stanvid.video import frames as frame_folders
 
 # Decoders that read `skip_frame` for every frame they decode (so it can change between packets) and whose
 # NONREF rule only drops frames nothing refers to. Frame-exactness with the switch is checked by the tests;
@@ -79,6 +86,8 @@ class VideoInfo:
     usable timestamps), not the container's header, which may be missing or wrong. `fps` is `num_frames /
     duration`, the average rate for variable-frame-rate files. `seekable` is False when reads must decode from
     the start; `truncated` is True when the file ends inside the stream (frames before that point are readable).
+    `width` and `height` are as displayed: `rotation` (0, 90, 180 or 270, counter-clockwise) is the display
+    rotation `read_frames` applies to the stored frames. A frame folder has the codec ``"images"``.
     """
 
     path: str
@@ -91,6 +100,21 @@ class VideoInfo:
     num_keyframes: int
     seekable: bool
     truncated: bool
+    rotation: int = 0
+
+
+@dataclass(frozen=True, eq=False)
+class MemoryVideo:
+    """A video held in memory (a tar shard's member), with the ``name`` that messages give it."""
+
+    data: bytes
+    name: str = "<video in memory>"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+VideoSource = str | os.PathLike | bytes | MemoryVideo
 
 
 @dataclass(frozen=True)
@@ -118,6 +142,12 @@ class _Index:
     frame_pos: np.ndarray  # (N,) decode position of frame i's packet
     frame_start: np.ndarray  # (N,) decode position to start decoding from to get frame i
     problem: str | None  # why the stream ends early, when it does
+    stored: tuple[int, int] = (0, 0)  # (width, height) of the decoded frames, before the display rotation
+
+    @property
+    def turns(self) -> int:
+        """Counter-clockwise quarter turns from stored to displayed frames."""
+        return self.info.rotation // 90
 
 
 @dataclass
@@ -134,17 +164,21 @@ class _IndexMismatch(Exception):
 _NO_TS = np.iinfo(np.int64).min
 
 
-def probe(path: str | os.PathLike) -> VideoInfo:
-    """Frame count (exact), fps, duration, size and codec of the first video stream of `path`.
+def probe(source: VideoSource, *, frame_rate: float | None = None) -> VideoInfo:
+    """Frame count (exact), fps, duration, displayed size, rotation and codec of the first video stream.
 
-    Costs one demux pass (no decoding) the first time a file is seen in a process; the result is cached,
-    keyed on the file's path, size and modification time.
+    Costs one demux pass (and the decoding of the first frame, which carries the rotation) the first time a
+    file is seen in a process; the result is cached, keyed on the file's path, size and modification time.
+    A folder of images (`stanvid.video.frames`) is a video at ``frame_rate`` fps (default
+    ``FRAME_FOLDER_FPS``, 30); for files the stream's own rate is reported and ``frame_rate`` is not used.
     """
-    return _get_index(path).info
+    if _is_folder(source):
+        return _folder_info(os.fspath(source), frame_rate)
+    return _get_index(source).info
 
 
 def read_frames(
-    path: str | os.PathLike,
+    path: VideoSource,
     indices: Sequence[int] | np.ndarray | torch.Tensor,
     *,
     size: int | None = None,
@@ -157,21 +191,20 @@ def read_frames(
     pixel) with bicubic interpolation inside the RGB conversion. `threads` caps the decoding threads: 0 uses
     every usable CPU (separate keyframe segments decode in parallel), except inside a torch DataLoader worker,
     where the workers already share the cores and 0 means 1.
-    Frames are the stored pixels, as decord and torchvision give them: a non-square sample aspect ratio or a
-    rotation flag in the metadata is not applied.
+    Frames are upright as displayed: a display rotation of 90, 180 or 270 degrees in the container is applied
+    (as ffmpeg does), after resizing; a non-square sample aspect ratio is not. ``path`` may also be a
+    `MemoryVideo` (or bytes) or a folder of images (frame ``i`` is its ``i``-th image in natural order).
     Raises VideoReadError naming the file for a missing, empty, unreadable or truncated file, or an index
     outside [0, num_frames).
     """
-    path = os.fspath(path)
-    index = _get_index(path)
-    wanted = _as_index_array(indices, index.info, path)  # (K,)
-    if size is not None and (isinstance(size, bool) or operator.index(size) <= 0):
-        raise ConfigError(f"size must be a positive int (shortest side in pixels), got {size!r}")
-    size = None if size is None else operator.index(size)
-    if operator.index(threads) < 0:
-        raise ConfigError(f"threads must be >= 0 (0: automatic), got {threads!r}")
+    size = _check_read_args(size, threads)
+    if _is_folder(path):
+        return _read_folder(os.fspath(path), indices, size)
     if threads == 0 and get_worker_info() is not None:
         threads = 1
+    path = _as_memory(path) or os.fspath(path)
+    index = _get_index(path)
+    wanted = _as_index_array(indices, index.info, path)  # (K,)
     out_w, out_h = _output_size(index.info.width, index.info.height, size)
     out = np.empty((len(wanted), out_h, out_w, 3), dtype=np.uint8)  # (K, H, W, 3)
     if len(wanted) == 0:
@@ -186,19 +219,75 @@ def read_frames(
     else:
         frames = _read_sequentially(path, index, targets, size, threads)
     for k, i in enumerate(wanted):
-        out[k] = frames[int(i)]
+        out[k] = np.rot90(frames[int(i)], index.turns)  # stored -> displayed (a view; the copy is here)
     return torch.from_numpy(out)
 
 
 def clear_frame_index_cache() -> None:
     """Forget every cached index (files are re-demuxed on their next read)."""
     _cached_index.cache_clear()
+    frame_folders._cached_files.cache_clear()
+    _memory_index[:] = [None, None]
+
+
+def _check_read_args(size, threads) -> int | None:
+    if size is not None and (isinstance(size, bool) or operator.index(size) <= 0):
+        raise ConfigError(f"size must be a positive int (shortest side in pixels), got {size!r}")
+    if operator.index(threads) < 0:
+        raise ConfigError(f"threads must be >= 0 (0: automatic), got {threads!r}")
+    return None if size is None else operator.index(size)
+
+
+# ----------------------------------------------------------------------------------------------- sources
+
+
+def _is_folder(source) -> bool:
+    return isinstance(source, (str, os.PathLike)) and os.path.isdir(source)
+
+
+def _as_memory(source) -> MemoryVideo | None:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return MemoryVideo(bytes(source))
+    return source if isinstance(source, MemoryVideo) else None
+
+
+def _folder_info(path: str, frame_rate: float | None) -> VideoInfo:
+    fps = frame_folders.FRAME_FOLDER_FPS if frame_rate is None else float(frame_rate)
+    if not fps > 0:
+        raise ConfigError(f"frame_rate must be a positive number of frames per second, got {frame_rate!r}")
+    files = frame_folders.frame_files(path)
+    width, height = frame_folders.image_size(files[0])
+    n = len(files)
+    return VideoInfo(path, n, fps, n / fps, width, height, "images", n, seekable=True, truncated=False)
+
+
+def _read_folder(path: str, indices, size: int | None) -> torch.Tensor:
+    info = _folder_info(path, None)
+    wanted = _as_index_array(indices, info, path)  # (K,)
+    expect = (info.width, info.height)
+    out_w, out_h = _output_size(info.width, info.height, size)
+    out = np.empty((len(wanted), out_h, out_w, 3), dtype=np.uint8)  # (K, H, W, 3)
+    files = frame_folders.frame_files(path)
+    images = frame_folders.read_images(files, np.unique(wanted), expect, (out_w, out_h))
+    for k, i in enumerate(wanted):
+        out[k] = images[int(i)]
+    return torch.from_numpy(out)
 
 
 # ----------------------------------------------------------------------------------------------- index
 
+# the index of the last video read from memory, with the object it belongs to (one sample is probed, then read)
+_memory_index: list = [None, None]
 
-def _get_index(path: str | os.PathLike) -> _Index:
+
+def _get_index(path: VideoSource) -> _Index:
+    memory = _as_memory(path)
+    if memory is not None:
+        if _memory_index[0] is not memory:
+            if not memory.data:
+                raise VideoReadError(f"{memory}: empty video (0 bytes)")
+            _memory_index[:] = [memory, _build_index(memory)]
+        return _memory_index[1]
     path = os.fspath(path)
     try:
         st = os.stat(path)
@@ -219,9 +308,10 @@ def _cached_index(real_path: str, size: int, mtime_ns: int, path: str) -> _Index
     return _build_index(path)
 
 
-def _open(path: str) -> av.container.InputContainer:
+def _open(path: str | MemoryVideo) -> av.container.InputContainer:
+    source = io.BytesIO(path.data) if isinstance(path, MemoryVideo) else path
     try:
-        return av.open(path, mode="r", metadata_errors="ignore")  # odd tag bytes are no reason to fail
+        return av.open(source, mode="r", metadata_errors="ignore")  # odd tag bytes are no reason to fail
     except av.error.FFmpegError as exc:
         raise VideoReadError(f"{path}: not a readable video ({_reason(exc)})") from None
 
@@ -236,7 +326,8 @@ def video_stream(
     raise VideoReadError(f"{path}: no video stream (a {container.format.name} file)")
 
 
-def _build_index(path: str) -> _Index:
+def _build_index(path: str | MemoryVideo) -> _Index:
+    rotation = None
     with _open(path) as container:
         stream = video_stream(container, path)
         pts: list[int | None] = []
@@ -250,6 +341,8 @@ def _build_index(path: str) -> _Index:
             for packet in container.demux(stream):
                 if packet.size == 0:  # end-of-stream markers, AVI's empty "repeat" packets: no frame
                     continue
+                if rotation is None:  # the first frame carries the stream's display matrix
+                    rotation = _rotation(stream.codec_context, packet)
                 pts.append(packet.pts)
                 dts.append(packet.dts)
                 key.append(packet.is_keyframe)
@@ -304,17 +397,19 @@ def _build_index(path: str) -> _Index:
             raise VideoReadError(f"{path}: no frame could be decoded ({problem or 'no error reported'})")
     if width <= 0 or height <= 0:  # the demuxer could not tell: the first decoded frame can
         width, height = _first_frame_size(path)
+    shown_size = (height, width) if rotation in (90, 270) else (width, height)
+    fps = num_frames / duration if duration > 0 else float(rate or 0)
     info = VideoInfo(
-        path=path,
-        num_frames=num_frames,
-        fps=num_frames / duration if duration > 0 else float(rate or 0),
-        duration=duration,
-        width=width,
-        height=height,
-        codec=codec,
-        num_keyframes=int(pkt_key.sum()),
-        seekable=seekable,
-        truncated=problem is not None,
+        str(path),
+        num_frames,
+        fps,
+        duration,
+        *shown_size,
+        codec,
+        int(pkt_key.sum()),
+        seekable,
+        problem is not None,
+        rotation or 0,
     )
     return _Index(
         info=info,
@@ -328,7 +423,29 @@ def _build_index(path: str) -> _Index:
         frame_pos=frame_pos,
         frame_start=frame_start,
         problem=problem,
+        stored=(width, height),
     )
+
+
+def _rotation(cc, packet: av.Packet) -> int:
+    """The display rotation (0, 90, 180, 270; counter-clockwise) on the frame the stream's first packet decodes
+    to: FFmpeg puts the container's display matrix on every frame. Angles that are not a quarter turn (within a
+    degree) are not applied, as ffmpeg's autorotation does not transpose them; 0 when that packet does not
+    decode (the reads report the problem)."""
+    cc.thread_count = 1  # one frame: no thread pool to start
+    try:
+        frames = cc.decode(packet) + cc.decode(None)
+    except av.error.FFmpegError:
+        return 0
+    return quarter_turns(frames[0]) * 90 if frames else 0
+
+
+def quarter_turns(frame: av.VideoFrame) -> int:
+    """Counter-clockwise quarter turns (0-3) that show a decoded frame as its display matrix says; 0 for an
+    angle that is not within a degree of a quarter turn."""
+    degrees = float(frame.rotation) % 360
+    turns = round(degrees / 90)
+    return turns % 4 if abs(degrees - 90 * turns) <= 1 else 0
 
 
 def _start_positions(
@@ -506,7 +623,7 @@ def _decode_runs(
     path: str, index: _Index, runs: list[_Run], size: int | None, threads: int
 ) -> dict[int, np.ndarray]:
     """One container and decoder working through `runs` in order: a seek per run, a drain at its end."""
-    expect = _output_size(index.info.width, index.info.height, size)
+    expect = _output_size(*index.stored, size)
     frames: dict[int, np.ndarray] = {}
     with _open(path) as container:
         stream = container.streams.get(index.stream_index)[0]
@@ -619,7 +736,7 @@ def _read_sequentially(
     path: str, index: _Index, targets: np.ndarray, size: int | None, threads: int
 ) -> dict[int, np.ndarray]:
     """Decode from the start, counting frames: the definition of frame `i`, for files the index cannot seek."""
-    expect = _output_size(index.info.width, index.info.height, size)
+    expect = _output_size(*index.stored, size)
     need = {int(t) for t in targets}
     last = max(need)
     frames: dict[int, np.ndarray] = {}

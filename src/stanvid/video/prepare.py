@@ -11,7 +11,8 @@ cannot be converted is reported with its error, and the rest go on.
 Resampling to a constant rate: output frame k (at k / fps seconds from the first frame) is the input frame shown
 at that moment, i.e. the last one that starts at or before it, so variable-rate inputs come out evenly spaced.
 The shortest side is scaled to `short_side` (bicubic, in FFmpeg's scaler; the other side keeps the aspect ratio,
-rounded to an even number as 4:2:0 video needs). Audio is dropped; rotation metadata is not applied.
+rounded to an even number as 4:2:0 video needs). Audio is dropped. A display rotation (a phone's portrait video)
+is applied: outputs are upright and carry none, so every reader shows them as the source is shown.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from tqdm import tqdm
 
 from stanvid.errors import ConfigError, StanvidError, VideoReadError
 from stanvid.fileio import atomic_path, atomic_write_text
-from stanvid.video.decode import SKIP_NONREF_CODECS, video_stream
+from stanvid.video.decode import SKIP_NONREF_CODECS, quarter_turns, video_stream
 from stanvid.video.folders import walk_videos
 
 MANIFEST = ".stanvid-prepare.json"
@@ -293,12 +294,17 @@ def _encode(video: Path, tmp: Path, settings: PrepareSettings, threads: int) -> 
             if not slots:
                 continue
             if ostream is None:
-                width, height = _output_size(frame.width, frame.height, settings.short_side)
+                turns = quarter_turns(frame)
+                shown = (frame.height, frame.width) if turns % 2 else (frame.width, frame.height)
+                width, height = _output_size(*shown, settings.short_side)
                 opts = options(settings.keyframe_interval, settings.crf, settings.preset)
                 ostream = out.add_stream(encoder, rate=rate, options=opts)
                 ostream.width, ostream.height, ostream.pix_fmt = width, height, "yuv420p"
                 ostream.codec_context.time_base = 1 / rate
                 ostream.codec_context.thread_count = threads
+            if turns:  # upright before scaling, as ffmpeg's autorotation does
+                upright = np.ascontiguousarray(np.rot90(frame.to_ndarray(format="rgb24"), turns))
+                frame = av.VideoFrame.from_ndarray(upright, format="rgb24")
             scaled = frame.reformat(width=width, height=height, format="yuv420p", interpolation="BICUBIC")
             for _ in range(slots):
                 scaled.pts = written

@@ -1,0 +1,233 @@
+"""`stanvid embed SHARDS`: one embedding per sample of WebDataset shards (the clip-retrieval use: embedding a
+pretraining set), read by streaming, so local, ``pipe:`` and URL shards all work.
+
+Each sample's video is embedded as the index embeds a whole file (`stanvid.search.index.clips.read_clip`:
+``model.config.num_frames`` frames sampled uniformly, shortest side resized, centre crop). Work is kept per
+shard: a finished shard's vectors and keys are written to ``OUT.parts/`` (atomically), so a stopped run
+re-started with the same model and shards encodes only the shards not yet done. The output, written in one
+atomic step at the end, is ``OUT`` (``.npy``: the ``(N, D)`` float32 unit vectors) with ``OUT`` as ``.json``
+(``{"model", "model_fingerprint", "dim", "shards", "rows": [{"shard", "key", "caption"}, ...]}``), or a
+``.parquet`` table (``shard``, ``key``, ``caption``, ``vector``). Samples whose video does not decode are
+left out and listed in the summary with the reason.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from stanvid.data.loader import build_loader
+from stanvid.data.shards import ShardList, iter_samples, load_shards, sample_name
+from stanvid.distributed import default_device
+from stanvid.errors import DatasetError, VideoReadError
+from stanvid.fileio import atomic_write_bytes
+from stanvid.precision import prepare_for_inference
+from stanvid.search.index.build import _model
+from stanvid.search.index.clips import encode_clips, read_clip
+from stanvid.search.index.identity import model_fingerprint
+from stanvid.video.decode import VIDEO_EXTENSIONS, MemoryVideo, probe
+
+__all__ = ["ShardEmbedResult", "embed_shards"]
+
+_VIDEO_FIELDS = tuple(ext[1:] for ext in VIDEO_EXTENSIONS)
+
+
+@dataclass
+class ShardEmbedResult:
+    out: Path
+    rows: int
+    dim: int
+    shards_encoded: int  # by this run (the others were done before)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [
+            f"wrote {self.rows} rows of dimension {self.dim} to {self.out} ({self.shards_encoded} shards encoded now)"
+        ]
+        lines += [f"  FAILED {name}: {reason}" for name, reason in self.failed]
+        return "\n".join(lines)
+
+
+class _ShardClips(IterableDataset):
+    """(shard, ordinal, key, caption, clip or error) for the samples of the shards to do, split over workers."""
+
+    def __init__(self, urls: Sequence[str], todo: Sequence[int], clip_len: int, image_size: int) -> None:
+        self.urls, self.todo, self.clip_len, self.image_size = list(urls), list(todo), clip_len, image_size
+
+    def __iter__(self) -> Iterator[tuple]:
+        info = get_worker_info()
+        mine = self.todo if info is None else self.todo[info.id :: info.num_workers]
+        for shard in mine:
+            for ordinal, sample in iter_samples(self.urls[shard]):
+                name = sample_name(self.urls[shard], sample["__key__"])
+                caption = sample.get("txt", b"").decode("utf-8", "replace").strip()
+                ext = next((e for e in _VIDEO_FIELDS if e in sample), None)
+                try:
+                    if ext is None:
+                        raise VideoReadError(f"{name}: no video member")
+                    video = MemoryVideo(sample[ext], name)
+                    clip = read_clip(
+                        video, 0.0, probe(video).duration, clip_len=self.clip_len, image_size=self.image_size
+                    )
+                except VideoReadError as exc:
+                    yield shard, ordinal, sample["__key__"], caption, str(exc).removeprefix(f"{name}: ")
+                    continue
+                yield shard, ordinal, sample["__key__"], caption, clip  # (T, 3, S, S) uint8
+
+
+def _identity(item: Any) -> Any:
+    return item
+
+
+def embed_shards(
+    spec: str | Sequence[str],
+    out: str | os.PathLike,
+    model: Any,
+    *,
+    model_overrides: dict[str, Any] | None = None,
+    batch_size: int = 16,
+    num_workers: int = 2,
+    device: str | torch.device | None = None,
+    precision: str = "auto",
+    progress: bool = True,
+    root: str | os.PathLike = ".",
+) -> ShardEmbedResult:
+    """Embed every sample of the shards ``spec`` (a pattern, a list, or a shard index) into ``out``."""
+    from stanvid.search.embed import _check_out  # the output formats and their checks
+
+    out = Path(out).expanduser().resolve()
+    suffix = _check_out(out)
+    shards = load_shards(spec, root)
+    model, source, _ = _model(model, None, model_overrides)
+    dev = torch.device(device) if device is not None else default_device()
+    runner = prepare_for_inference(model.to(dev), precision, dev)
+    fingerprint = model_fingerprint(model)
+    parts = out.with_name(out.name + ".parts")
+    done = _claim_parts(parts, {"model_fingerprint": fingerprint, "shards": list(shards.urls)})
+    todo = [i for i in range(len(shards)) if i not in done]
+    clips = _ShardClips(shards.urls, todo, model.config.num_frames, model.config.clip.vision.image_size)
+    workers = min(num_workers, len(todo))
+    loader = build_loader(
+        clips, None, num_workers=workers, pin_memory=False, persistent_workers=False, collate_fn=_identity
+    )
+    pending: dict[int, list] = {i: [] for i in todo}
+    failed: list[tuple[str, str]] = []
+    batch: list[tuple] = []
+    bar = _bar(progress, shards.num_samples - sum(shards.counts[i] for i in done))
+
+    def flush() -> None:
+        vectors = encode_clips(model, torch.stack([b[4] for b in batch]), dev, batch_size, runner)  # (b, D)
+        for item, vector in zip(batch, vectors, strict=True):
+            pending[item[0]].append((item[1], item[2], item[3], vector))
+        batch.clear()
+
+    for item in loader:
+        if isinstance(item[4], str):
+            failed.append((sample_name(shards.urls[item[0]], item[2]), item[4]))
+            pending[item[0]].append((item[1], item[2], item[3], None))
+        else:
+            batch.append(item)
+            if len(batch) == batch_size:
+                flush()
+        if bar is not None:
+            bar.update(1)
+        _write_finished(parts, shards, pending, batch)
+    if batch:
+        flush()
+    _write_finished(parts, shards, pending, batch)
+    if bar is not None:
+        bar.close()
+    rows, vectors = _gather(parts, shards)
+    meta = {"model": source, "model_fingerprint": fingerprint, "dim": int(vectors.shape[1]), "shards": spec}
+    if suffix == ".parquet":
+        _write_parquet_rows(out, rows, vectors)
+    else:
+        buf = io.BytesIO()
+        np.save(buf, vectors)
+        atomic_write_bytes(out, buf.getvalue())
+        atomic_write_bytes(
+            out.with_suffix(".json"),
+            json.dumps({"vectors": out.name, **meta, "rows": rows}, indent=1).encode(),
+        )
+    return ShardEmbedResult(out, len(rows), int(vectors.shape[1]), len(todo), failed)
+
+
+def _bar(progress: bool, total: int):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="video", desc="embed shards", dynamic_ncols=True)
+
+
+def _claim_parts(parts: Path, wanted: dict[str, Any]) -> set[int]:
+    """The shard indices already done by an earlier run with the same model and shards (others start over)."""
+    parts.mkdir(parents=True, exist_ok=True)
+    manifest = parts / "manifest.json"
+    if manifest.exists() and json.loads(manifest.read_text()) == wanted:
+        return {
+            int(p.stem)
+            for p in parts.glob("*.json")
+            if p.stem.isdigit() and (parts / f"{p.stem}.npy").exists()
+        }
+    for old in parts.glob("*"):
+        old.unlink()
+    atomic_write_bytes(manifest, json.dumps(wanted).encode())
+    return set()
+
+
+def _write_finished(parts: Path, shards: ShardList, pending: dict[int, list], batch: list) -> None:
+    """Write the part of every shard whose samples are all encoded (none waiting in the batch)."""
+    waiting = {item[0] for item in batch}
+    for shard in [s for s, rows in pending.items() if len(rows) == shards.counts[s] and s not in waiting]:
+        rows = sorted(pending.pop(shard), key=lambda r: r[0])
+        kept = [r for r in rows if r[3] is not None]
+        vectors = np.stack([r[3] for r in kept]) if kept else np.zeros((0, 0), np.float32)
+        buf = io.BytesIO()
+        np.save(buf, vectors.astype(np.float32))
+        atomic_write_bytes(parts / f"{shard:05d}.npy", buf.getvalue())
+        keys = [{"key": r[1], "caption": r[2]} for r in kept]
+        atomic_write_bytes(
+            parts / f"{shard:05d}.json", json.dumps(keys).encode()
+        )  # last: marks the part done
+
+
+def _gather(parts: Path, shards: ShardList) -> tuple[list[dict[str, Any]], np.ndarray]:
+    rows, blocks = [], []
+    for i, url in enumerate(shards.urls):
+        keys = json.loads((parts / f"{i:05d}.json").read_text())
+        vectors = np.load(parts / f"{i:05d}.npy")
+        rows += [{"shard": url, **k} for k in keys]
+        if len(keys):
+            blocks.append(vectors)
+    if not blocks:
+        raise DatasetError(f"no sample of the {len(shards)} shards could be embedded")
+    return rows, np.concatenate(blocks)
+
+
+def _write_parquet_rows(out: Path, rows: list[dict[str, Any]], vectors: np.ndarray) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table(
+        {
+            "shard": [r["shard"] for r in rows],
+            "key": [r["key"] for r in rows],
+            "caption": [r["caption"] for r in rows],
+            "vector": pa.FixedSizeListArray.from_arrays(
+                pa.array(vectors.reshape(-1), pa.float32()), vectors.shape[1]
+            ),
+        }
+    )
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    atomic_write_bytes(out, buf.getvalue().to_pybytes())
