@@ -23,9 +23,9 @@ from stanvid.errors import ConfigError, VideoReadError  # noqa: E402
 from stanvid.models.config import MODEL_OVERRIDES  # noqa: E402
 from stanvid.search.index import (  # noqa: E402
     VideoIndexError,
-    segment_frame_indices,
     build_index,
     segment_bounds,
+    segment_frame_indices,
     segments_with_frames,
 )
 from stanvid.training.recipe import parse_override  # noqa: E402
