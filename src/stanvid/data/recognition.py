@@ -310,4 +310,5 @@ class RecognitionDataset(VideoClipDataset):
             "label": int(self.annotations.labels[index]),
             "video_id": self.annotations.video_ids[index],
             "index": int(index),
+            "path": path,  # the file, named when training stops at a non-finite loss
         }

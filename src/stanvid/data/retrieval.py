@@ -178,6 +178,7 @@ class RetrievalDataset(VideoClipDataset):
             "video": video,
             "video_id": self.annotations.video_ids[video_index],
             "video_index": video_index,
+            "path": path,  # the file, named when training stops at a non-finite loss
         }
         if caption_index is not None:
             caption = self.annotations.captions[caption_index]

@@ -29,6 +29,7 @@ RESUMABLE_CHANGES = (
     "train.output_dir",
     "train.log_every",
     "train.tensorboard",
+    "train.dist_timeout_minutes",
     "data.root",
     "data.num_workers",
     "data.test_annotations",
@@ -98,6 +99,11 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 def check_resumable(saved: dict[str, Any], recipe: Recipe, world: int, path: Path) -> None:
     old, new = flatten(saved["recipe"]), flatten(recipe.to_dict())
+    # checkpoints written before optim.accumulation existed accumulated independent micro-batches; with one
+    # micro-batch per step the two kinds are the same computation
+    old.setdefault("optim.accumulation", "independent")
+    if old.get("optim.accumulation_steps") == new["optim.accumulation_steps"] == 1:
+        old["optim.accumulation"] = new["optim.accumulation"]
     changed = [
         key
         for key in sorted(set(old) | set(new))
