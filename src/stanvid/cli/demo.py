@@ -34,6 +34,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="add a Mug-STAN row: STAN self-attention trained and scored with Mug-STAN's head",
     )
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="precision of the video training runs (default auto: fp32; bf16 needs a CPU with native bf16)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -43,7 +49,12 @@ def run(args: argparse.Namespace) -> int:
 
     result = run_demo(
         DemoConfig.create(
-            args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress, mug=args.mug
+            args.out,
+            quick=args.quick,
+            seed=args.seed,
+            progress=not args.no_progress,
+            mug=args.mug,
+            precision=args.precision,
         )
     )
     print(results_table(result.results))

@@ -86,10 +86,14 @@ class DemoConfig:
         seed: int = 0,
         progress: bool = True,
         mug: bool = False,
+        precision: str = "auto",
     ) -> DemoConfig:
-        """The default run (a few minutes on 2 cores) or the quick one (same pipeline, smaller; under a minute)."""
+        """The default run (a few minutes on 2 cores) or the quick one (same pipeline, smaller; under a minute).
+
+        ``precision`` of the transfer runs: ``fp32``, ``bf16``, or ``auto`` (`demo_precision`)."""
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ConfigError(f"the demo seed must be a non-negative integer, got {seed!r}")
+        precision = demo_precision(precision)
         workers = 1 if (os.cpu_count() or 1) <= 4 else 2
         if quick:
             corpus = CorpusConfig(
@@ -101,11 +105,13 @@ class DemoConfig:
                 seed=seed,
             )
             pretrain = PretrainConfig(steps=60, seed=seed)
-            transfer = TransferConfig(steps=12, pairs_per_batch=8, num_workers=workers, seed=seed)
+            transfer = TransferConfig(
+                steps=12, pairs_per_batch=8, num_workers=workers, seed=seed, precision=precision
+            )
         else:
             corpus = CorpusConfig(seed=seed)
             pretrain = PretrainConfig(seed=seed)
-            transfer = TransferConfig(num_workers=workers, seed=seed)
+            transfer = TransferConfig(num_workers=workers, seed=seed, precision=precision)
         return cls(
             out=Path(out),
             quick=quick,
@@ -126,6 +132,19 @@ class DemoResult:
     results: dict[str, Any]
     models: dict[str, rp.ModelResult]
     stage_seconds: dict[str, float]
+
+
+DEMO_PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def demo_precision(precision: str) -> str:
+    """The transfer runs' ``train.precision``: ``auto`` is fp32 (see the measurement in docs/large-batches.md);
+    ``bf16`` trains under bf16 autocast where the CPU has native bf16 (fp32 elsewhere, with a note)."""
+    if precision not in DEMO_PRECISIONS:
+        raise ConfigError(
+            f"the demo precision must be one of {', '.join(DEMO_PRECISIONS)}, got {precision!r}"
+        )
+    return "fp32" if precision == "auto" else precision
 
 
 def demo_model_config(config: DemoConfig) -> ModelConfig:
@@ -387,7 +406,8 @@ def _facts(
         "transfer": (
             f"`stanvid.training.loop.fit`, {tc.steps} steps of {2 * tc.pairs_per_batch} clips (each with its "
             f"reversal, or two appearance clips), AdamW lr {tc.lr:g} (temporal module x"
-            f"{tc.new_param_lr_mult:g}), tau {tc.temperature:g}, warmup then cosine"
+            f"{tc.new_param_lr_mult:g}), tau {tc.temperature:g}, warmup then cosine, train.precision "
+            f"{tc.precision}"
         ),
         "model_dir": str(out / "model"),
     }

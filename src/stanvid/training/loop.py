@@ -349,7 +349,7 @@ def _diverged(run: _Run, group: list[dict[str, Any]], exc: NonFiniteLossError) -
     videos = f"the batch's videos: {shown}" if files else "the batch's items name no video files ('path')"
     last = latest_checkpoint(run.out) if run.out is not None else None
     if last is not None:
-        kept = f"the last good checkpoint, {last}, is intact (resume from it, e.g. with a lower optim.lr)"
+        kept = f"the last good checkpoint, {last}, is intact (check these videos, then --resume from it)"
     else:
         kept = "no checkpoint was written before it"
     where = f"epoch {run.epoch + 1}, batch {run.batch_in_epoch + 1} of {run.data.batches_per_epoch}"

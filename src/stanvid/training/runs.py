@@ -495,12 +495,14 @@ def check_run(recipe: Recipe, *, resume: bool = False) -> str:
             raise ConfigError(
                 f"train.batch_size {t.batch_size} x {world} process(es) exceeds the {train_items} training items"
             )
-        steps = math.ceil(batches / recipe.optim.accumulation_steps)
+        accum = recipe.optim.accumulation_steps
+        steps = math.ceil(batches / accum)
         limit = f", stopping at train.max_steps {t.max_steps}" if t.max_steps else ""
+        kind = f" {recipe.optim.accumulation}" if accum > 1 and recipe.task == "retrieval" else ""
         lines.append(
             f"steps   {steps} per epoch x {t.epochs} epochs = {steps * t.epochs} optimizer steps "
-            f"({t.batch_size} videos per process x {world} process(es) x {recipe.optim.accumulation_steps} "
-            f"accumulation{limit})"
+            f"({t.batch_size} videos per process x {world} process(es) x {accum}{kind} accumulation = "
+            f"{t.batch_size * world * accum} per step{limit})"
         )
     device = default_device()
     precision = effective_precision(t.precision, device)

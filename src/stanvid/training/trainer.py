@@ -343,7 +343,7 @@ class Trainer:
         """A non-finite loss stops the run, except in fp16, where the loss scaler skips that step."""
         if not self.scaler.is_enabled() and not bool(torch.isfinite(loss)):
             raise NonFiniteLossError(
-                f"the training loss is {float(loss)} (not finite) at train.precision {self.precision}"
+                f"the training loss is {float(loss.detach())} (not finite) at train.precision {self.precision}"
             )
 
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
