@@ -182,7 +182,7 @@ def caption_videos(tmp_path_factory) -> Path:
 
 def _caption_set(root: Path, poison_read: int | None = None) -> tuple[RetrievalDataset, list[str]]:
     """The 8 captions of 4 real videos; the ``poison_read``-th clip read decodes to NaN (a broken sample)."""
-    r = _nan_recipe("fp32")
+    r = _nan_recipe("fp32", 1)
     dataset = RetrievalDataset(
         load_video_captions(root / "train.csv", root / "videos"),
         num_frames=r.data.num_frames,
@@ -206,7 +206,7 @@ def _caption_set(root: Path, poison_read: int | None = None) -> tuple[RetrievalD
     return dataset, poisoned
 
 
-def _nan_recipe(precision: str, max_steps: int | None = None):
+def _nan_recipe(precision: str, accumulation: int, max_steps: int | None = None):
     train = {
         "epochs": 1,
         "batch_size": 2,
@@ -214,27 +214,41 @@ def _nan_recipe(precision: str, max_steps: int | None = None):
         "checkpoint_every": 1,
         "max_steps": max_steps,
     }
-    return recipe(train=train)
+    return recipe(train=train, optim={"accumulation_steps": accumulation})
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "precision, accumulation, step, batches",
+    [("fp32", 1, 3, "batch 3"), ("bf16", 2, 2, "batches 3-4")],  # exact accumulation: both micro-batches
+)
 def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_videos(
-    tmp_path, caption_videos, precision, bf16_cpu
+    tmp_path, caption_videos, precision, accumulation, step, batches, bf16_cpu
 ):
-    """Read 5 (step 3's first video) decodes to NaN: the run stops at step 3 naming the batch's files, with
-    the step-2 checkpoint the newest, readable, and equal to an uninterrupted run's step 2."""
+    """Read 5 (batch 3's first video) decodes to NaN: the run stops at that step naming the step's files,
+    with the previous step's checkpoint the newest, readable, and equal to an uninterrupted run's."""
     data, poisoned = _caption_set(caption_videos, poison_read=5)
     with pytest.raises(NonFiniteLossError) as caught:
-        fit(train_model(), data, _nan_recipe(precision), out_dir=tmp_path / "bad", progress=False)
+        fit(
+            train_model(),
+            data,
+            _nan_recipe(precision, accumulation),
+            out_dir=tmp_path / "bad",
+            progress=False,
+        )
     message = str(caught.value)
     print(message)
     last = latest_checkpoint(tmp_path / "bad")
-    assert message.startswith("step 3 (epoch 1, batch 3 of 4): the training loss is nan")
+    assert message.startswith(f"step {step} (epoch 1, {batches} of 4): the training loss is nan")
     assert f"train.precision {precision}" in message and poisoned[0] in message
+    assert message.count("/videos/v") == 2 * accumulation  # every file of the step
     assert f"the last good checkpoint, {last}, is intact" in message
-    assert last.name == "step-00000002.pt"
+    assert last.name == f"step-{step - 1:08d}.pt"
     clean, _ = _caption_set(caption_videos)
     good = fit(
-        train_model(), clean, _nan_recipe(precision, max_steps=2), out_dir=tmp_path / "good", progress=False
+        train_model(),
+        clean,
+        _nan_recipe(precision, accumulation, max_steps=step - 1),
+        out_dir=tmp_path / "good",
+        progress=False,
     )
     _assert_bit_identical(_state(last), _state(good.checkpoint))

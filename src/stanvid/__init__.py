@@ -30,6 +30,7 @@ from stanvid.errors import DatasetError as DatasetError
 from stanvid.errors import EmbedError as EmbedError
 from stanvid.errors import IndexedFileError as IndexedFileError
 from stanvid.errors import LockHeldError as LockHeldError
+from stanvid.errors import NonFiniteLossError as NonFiniteLossError
 from stanvid.errors import QueryError as QueryError
 from stanvid.errors import StanvidError as StanvidError
 from stanvid.errors import VideoIndexError as VideoIndexError
@@ -149,6 +150,7 @@ _ERRORS = [
     "EmbedError",
     "IndexedFileError",
     "LockHeldError",
+    "NonFiniteLossError",
     "QueryError",
     "StanvidError",
     "VideoIndexError",

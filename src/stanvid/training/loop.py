@@ -352,7 +352,9 @@ def _diverged(run: _Run, group: list[dict[str, Any]], exc: NonFiniteLossError) -
         kept = f"the last good checkpoint, {last}, is intact (check these videos, then --resume from it)"
     else:
         kept = "no checkpoint was written before it"
-    where = f"epoch {run.epoch + 1}, batch {run.batch_in_epoch + 1} of {run.data.batches_per_epoch}"
+    last_batch, first_batch = run.batch_in_epoch + 1, run.batch_in_epoch + 2 - len(group)
+    batches = f"batch {last_batch}" if len(group) == 1 else f"batches {first_batch}-{last_batch}"
+    where = f"epoch {run.epoch + 1}, {batches} of {run.data.batches_per_epoch}"
     return NonFiniteLossError(f"step {run.step + 1} ({where}): {exc}; {videos}. Stopped: {kept}")
 
 
