@@ -5,6 +5,7 @@ checkpointing, and the cost of exact accumulation against plain accumulation and
     python benchmarks/train_step.py --precision bf16         # bf16 autocast beside fp32, in one run
     python benchmarks/train_step.py --accumulation 4 --precision bf16 --checkpointing off
     python benchmarks/train_step.py --device cuda --batch 16 --accumulation 4 --precision fp16
+    python benchmarks/train_step.py --model demo --batch 32 --precision bf16   # the demo's small model
 
 The step is the real one, `stanvid.Trainer` built from ``configs/stan_msrvtt_b32.yaml``: STAN (depth 4) on a
 randomly initialised ViT-B/32, 12 frames at 224 px and 32-token captions, the symmetric InfoNCE at tau 0.01,
@@ -59,6 +60,7 @@ class Setting:
     batch: int
     k: int = 1
     mode: str = "single"
+    model: str = "vit-b32"  # or "demo": the model `stanvid demo` trains, on its clips (8 frames, 32 px)
 
     @property
     def label(self) -> str:
@@ -68,7 +70,8 @@ class Setting:
             "independent": f"{self.k} x {self.batch} independent",
             "exact": f"{self.k} x {self.batch} exact",
         }[self.mode]
-        return f"{what}, {self.precision}" + (", checkpointed" if self.checkpointing else "")
+        model = ", demo model" if self.model == "demo" else ""
+        return f"{what}, {self.precision}{model}" + (", checkpointed" if self.checkpointing else "")
 
 
 def build(setting: Setting, device: str, precision: str | None = None) -> tuple[Trainer, list[dict]]:
@@ -87,16 +90,21 @@ def build(setting: Setting, device: str, precision: str | None = None) -> tuple[
         ],
     )
     torch.manual_seed(0)
-    model = stanvid.create_model(
-        "ViT-B/32",
-        temporal=recipe.model.temporal,
-        stan_depth=recipe.model.stan_depth,
-        num_frames=recipe.model.num_frames,
-    )
+    size, frames, length = recipe.data.input_size, recipe.data.num_frames, recipe.data.text_length
+    if setting.model == "demo":
+        demo = stanvid.DemoConfig.create()
+        model = stanvid.VideoCLIP(stanvid.demo_model_config(demo))
+        size, frames, length = demo.corpus.image_size, demo.corpus.num_frames, demo.context_length
+    else:
+        model = stanvid.create_model(
+            "ViT-B/32",
+            temporal=recipe.model.temporal,
+            stan_depth=recipe.model.stan_depth,
+            num_frames=recipe.model.num_frames,
+        )
     trainer = Trainer(model, recipe, steps_per_epoch=1000, device=device)
     model.train()
     g = torch.Generator().manual_seed(0)
-    size, frames, length = recipe.data.input_size, recipe.data.num_frames, recipe.data.text_length
     batches = []
     for _ in range(micro):
         tokens = torch.randint(1, 49000, (batch, length), generator=g)
@@ -124,7 +132,9 @@ def speeds(settings: list[Setting], args: argparse.Namespace) -> list[dict]:
     mixed = [s.precision for s in settings if s.precision != "fp32"]
     base = max(settings, key=lambda s: s.k if s.mode != "single" else 1)
     trainer, micro = build(
-        Setting(base.precision, False, base.batch, base.k, "exact"), args.device, (mixed or ["fp32"])[0]
+        Setting(base.precision, False, base.batch, base.k, "exact", base.model),
+        args.device,
+        (mixed or ["fp32"])[0],
     )
     whole = [{key: torch.cat([b[key] for b in micro]) for key in micro[0]}]  # the k micro-batches as one
     used = {"fp32": "fp32", **{p: trainer.precision for p in mixed}}  # what this device trains them in
@@ -162,6 +172,7 @@ def memory_child(setting: Setting, device: str) -> None:
 def memory(setting: Setting, device: str) -> float:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
     cmd = [sys.executable, __file__, "--device", device, "--child", json.dumps(asdict(setting))]
+    cmd += ["--threads", str(torch.get_num_threads())]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_mib"]
 
@@ -191,33 +202,44 @@ def main() -> None:
     p.add_argument("--checkpointing", default="both", choices=["both", "off", "on"])
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument(
+        "--model",
+        default="vit-b32",
+        choices=["vit-b32", "demo"],
+        help="the recipe's ViT-B/32 + STAN, or the small model `stanvid demo` trains (8 frames of 32 px)",
+    )
+    p.add_argument(
+        "--threads", type=int, help="torch threads (default: torch's); also in the memory children"
+    )
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         memory_child(Setting(**json.loads(args.child)), args.device)
         return
     checkpointing = {"both": [False, True], "off": [False], "on": [True]}[args.checkpointing]
     precisions = ["fp32"] if args.precision == "fp32" else ["fp32", args.precision]
     print(f"device {args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"{RECIPE.name}: ViT-B/32 + STAN depth 4, 12 frames, 224 px, 32 tokens")
-    rows = measure([Setting(pr, ck, args.batch) for ck in checkpointing for pr in precisions], args)
+    if args.model == "demo":
+        print("the demo's model (stanvid.demo_model_config): 8 frames, 32 px, 16 tokens")
+    else:
+        print(f"{RECIPE.name}: ViT-B/32 + STAN depth 4, 12 frames, 224 px, 32 tokens")
+    rows = measure(
+        [Setting(pr, ck, args.batch, model=args.model) for ck in checkpointing for pr in precisions], args
+    )
     for ck in checkpointing:
         by = {r["precision"]: r for r in rows if r["checkpointing"] == ck}
         if len(by) == 2:
             ratio = by["fp32"]["step_s"] / by[args.precision]["step_s"]
-            print(f"  {args.precision} vs fp32{', checkpointed' if ck else ''}: {ratio:.2f}x faster")
+            print(f"  {args.precision}{', checkpointed' if ck else ''}: {ratio:.2f}x the speed of fp32")
     if args.accumulation > 1:
         k = args.accumulation
         for ck in checkpointing:
             modes = ("big", "independent", "exact")
-            acc = dict(
-                zip(
-                    modes,
-                    measure([Setting(args.precision, ck, args.batch, k, m) for m in modes], args),
-                    strict=True,
-                )
-            )
+            settings = [Setting(args.precision, ck, args.batch, k, m, args.model) for m in modes]
+            acc = dict(zip(modes, measure(settings, args), strict=True))
             rows += acc.values()
             exact = acc["exact"]
             line = (

@@ -140,6 +140,7 @@ _EXPORTS = {
     # demo
     "run_demo": "stanvid.demo.run",
     "DemoConfig": "stanvid.demo.run",
+    "demo_model_config": "stanvid.demo.run",
 }
 
 _ERRORS = [
@@ -167,7 +168,7 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time `__getattr_
         load_video_captions,
         make_loader,
     )
-    from stanvid.demo.run import DemoConfig, run_demo
+    from stanvid.demo.run import DemoConfig, demo_model_config, run_demo
     from stanvid.models.config import (
         MUG_MODES,
         CLIPConfig,

@@ -219,9 +219,11 @@ class _Forward(nn.Module):
 class Trainer:
     """Model (DDP-wrapped under torchrun), optimizer, schedule, AMP scaler and classifier of one process.
 
-    `fit` drives it; a benchmark can call `micro_step` / `optimizer_step` on its own batches. Batches are dicts:
-    ``video`` float ``(B, T, 3, H, W)``, and ``tokens`` (or ``text``) LongTensor ``(B, L)`` for retrieval or
-    ``label`` ``(B,)`` for recognition.
+    `fit` drives it; a benchmark can call `micro_step` (or `accumulate_exact` with a step's micro-batches)
+    and `optimizer_step` on its own batches. ``precision`` is what this device trains ``train.precision`` in
+    (`effective_precision`); ``exact``, whether accumulated micro-batches form one contrastive batch. Batches
+    are dicts: ``video`` float ``(B, T, 3, H, W)``, and ``tokens`` (or ``text``) LongTensor ``(B, L)`` for
+    retrieval or ``label`` ``(B,)`` for recognition.
     """
 
     def __init__(
