@@ -445,7 +445,7 @@ def test_retrieval_video_unit_eval_and_text_tokens(msrvtt_train):
     ds = RetrievalDataset(msrvtt_train, num_frames=6, unit="video", image_size=SIZE, context_length=16)
     assert len(ds) == 3
     item = ds[1]
-    assert set(item) == {"video", "video_id", "video_index"} and item["video_id"] == "video0"
+    assert set(item) == {"video", "video_id", "video_index", "path"} and item["video_id"] == "video0"
     tokens = ds.text_tokens()
     assert torch.equal(tokens, stanvid.tokenize(msrvtt_train.captions, context_length=16))
     assert ds.text_to_video.tolist() == msrvtt_train.text_to_video.tolist()

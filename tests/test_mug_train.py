@@ -20,7 +20,7 @@ from stanvid.training.loop import fit
 from stanvid.training.metrics import retrieval_metrics
 from stanvid.training.trainer import Trainer
 from testkit import tiny_config
-from trainkit import CONTEXT, FRAMES, SIZE, assert_close_runs, recipe
+from trainkit import FRAMES, SIZE, PaddedRetrieval, assert_close_runs, recipe
 
 MODE = "mug_frame_token_simple"
 
@@ -32,31 +32,6 @@ def mug_model(seed: int = 0, mode: str = MODE) -> VideoCLIP:
     torch.manual_seed(seed)
     cfg = tiny_config(frames=FRAMES, image=SIZE, stan={"drop_path": 0.0}, similarity="mug", mug_mode=mode)
     return VideoCLIP(cfg)
-
-
-class PaddedRetrieval(torch.utils.data.Dataset):
-    """Random clips and captions of random lengths (start, words, end-of-text, zero padding)."""
-
-    unit = "video"
-
-    def __init__(self, n: int, seed: int = 1) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.videos = torch.randn(n, FRAMES, 3, SIZE, SIZE, generator=g)
-        self.tokens = torch.zeros(n, CONTEXT, dtype=torch.long)
-        for i, length in enumerate(torch.randint(1, CONTEXT - 1, (n,), generator=g).tolist()):
-            self.tokens[i, 0] = 49406
-            self.tokens[i, 1 : 1 + length] = torch.randint(1, 4000, (length,), generator=g)
-            self.tokens[i, 1 + length] = 49407
-        self.text_to_video = torch.arange(n)
-
-    def __len__(self) -> int:
-        return len(self.videos)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"video": self.videos[i], "tokens": self.tokens[i]}
-
-    def text_tokens(self) -> torch.Tensor:
-        return self.tokens
 
 
 def _mug_recipe(batch_size: int, **train):

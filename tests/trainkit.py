@@ -12,6 +12,31 @@ from testkit import tiny_config
 FRAMES, SIZE, CONTEXT = 4, 24, 16
 
 
+class PaddedRetrieval(torch.utils.data.Dataset):
+    """Random clips and captions of random lengths (start, words, end-of-text, zero padding)."""
+
+    unit = "video"
+
+    def __init__(self, n: int, seed: int = 1) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.videos = torch.randn(n, FRAMES, 3, SIZE, SIZE, generator=g)
+        self.tokens = torch.zeros(n, CONTEXT, dtype=torch.long)
+        for i, length in enumerate(torch.randint(1, CONTEXT - 1, (n,), generator=g).tolist()):
+            self.tokens[i, 0] = 49406
+            self.tokens[i, 1 : 1 + length] = torch.randint(1, 4000, (length,), generator=g)
+            self.tokens[i, 1 + length] = 49407
+        self.text_to_video = torch.arange(n)
+
+    def __len__(self) -> int:
+        return len(self.videos)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"video": self.videos[i], "tokens": self.tokens[i]}
+
+    def text_tokens(self) -> torch.Tensor:
+        return self.tokens
+
+
 def train_model(seed: int = 0, **kw) -> VideoCLIP:
     """A tiny seeded model in training mode, sized for FRAMES frames of SIZE pixels."""
     torch.manual_seed(seed)

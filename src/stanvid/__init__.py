@@ -30,6 +30,7 @@ from stanvid.errors import DatasetError as DatasetError
 from stanvid.errors import EmbedError as EmbedError
 from stanvid.errors import IndexedFileError as IndexedFileError
 from stanvid.errors import LockHeldError as LockHeldError
+from stanvid.errors import NonFiniteLossError as NonFiniteLossError
 from stanvid.errors import QueryError as QueryError
 from stanvid.errors import StanvidError as StanvidError
 from stanvid.errors import VideoIndexError as VideoIndexError
@@ -150,6 +151,7 @@ _EXPORTS = {
     # demo
     "run_demo": "stanvid.demo.run",
     "DemoConfig": "stanvid.demo.run",
+    "demo_model_config": "stanvid.demo.run",
 }
 
 _ERRORS = [
@@ -160,6 +162,7 @@ _ERRORS = [
     "EmbedError",
     "IndexedFileError",
     "LockHeldError",
+    "NonFiniteLossError",
     "QueryError",
     "StanvidError",
     "VideoIndexError",
@@ -183,7 +186,7 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time `__getattr_
         make_loader,
         write_shards,
     )
-    from stanvid.demo.run import DemoConfig, run_demo
+    from stanvid.demo.run import DemoConfig, demo_model_config, run_demo
     from stanvid.models.config import (
         MUG_MODES,
         CLIPConfig,

@@ -52,3 +52,8 @@ class EmbedError(StanvidError):
 
 class ClassifyError(StanvidError):
     """Bad labels, templates, inputs or output path for `classify`."""
+
+
+class NonFiniteLossError(StanvidError, FloatingPointError):
+    """A training loss came out NaN or infinite (fp32 or bf16, where no loss scaler can skip the step); the
+    training loop names the step and the batch's video files, and leaves the last checkpoint as it was."""

@@ -42,6 +42,7 @@ __all__ = [
     "InferencePrecision",
     "autocast",
     "cpu_has_native_bf16",
+    "cpu_has_native_fp16",
     "prepare_for_inference",
     "quantize_int8",
     "resolve_precision",
@@ -61,6 +62,14 @@ def cpu_has_native_bf16() -> bool:
     if caps is not None:
         return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+@functools.cache
+def cpu_has_native_fp16() -> bool:
+    """True when this CPU computes fp16 natively (AVX512_FP16 or AMX-FP16), as torch detects it; without it
+    fp16 autocast on the CPU is emulated (correct, and slower than float32)."""
+    caps = _cpu_capabilities()
+    return bool(caps is not None and (caps.get("avx512_fp16") or caps.get("amx_fp16")))
 
 
 def _cpu_capabilities() -> dict | None:

@@ -323,4 +323,5 @@ class RecognitionDataset(VideoClipDataset):
             "label": int(self.annotations.labels[index]),
             "video_id": self.annotations.video_ids[index],
             "index": int(index),
+            "path": self.annotations.video_paths[index],  # named when training stops at a non-finite loss
         }

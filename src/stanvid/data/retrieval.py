@@ -184,6 +184,9 @@ class RetrievalDataset(VideoClipDataset):
             "video": video,
             "video_id": self.annotations.video_ids[video_index],
             "video_index": video_index,
+            "path": self.annotations.video_paths[
+                video_index
+            ],  # named when training stops at a non-finite loss
         }
         if caption_index is not None:
             caption = self.annotations.captions[caption_index]

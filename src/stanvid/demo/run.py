@@ -86,10 +86,14 @@ class DemoConfig:
         seed: int = 0,
         progress: bool = True,
         mug: bool = False,
+        precision: str = "fp32",
     ) -> DemoConfig:
-        """The default run (a few minutes on 2 cores) or the quick one (same pipeline, smaller; under a minute)."""
+        """The default run (a few minutes on 2 cores) or the quick one (same pipeline, smaller; under a minute).
+
+        ``precision``: the transfer runs' ``train.precision`` (`DEMO_PRECISIONS`)."""
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ConfigError(f"the demo seed must be a non-negative integer, got {seed!r}")
+        precision = demo_precision(precision)
         workers = 1 if (os.cpu_count() or 1) <= 4 else 2
         if quick:
             corpus = CorpusConfig(
@@ -101,11 +105,13 @@ class DemoConfig:
                 seed=seed,
             )
             pretrain = PretrainConfig(steps=60, seed=seed)
-            transfer = TransferConfig(steps=12, pairs_per_batch=8, num_workers=workers, seed=seed)
+            transfer = TransferConfig(
+                steps=12, pairs_per_batch=8, num_workers=workers, seed=seed, precision=precision
+            )
         else:
             corpus = CorpusConfig(seed=seed)
             pretrain = PretrainConfig(seed=seed)
-            transfer = TransferConfig(num_workers=workers, seed=seed)
+            transfer = TransferConfig(num_workers=workers, seed=seed, precision=precision)
         return cls(
             out=Path(out),
             quick=quick,
@@ -126,6 +132,22 @@ class DemoResult:
     results: dict[str, Any]
     models: dict[str, rp.ModelResult]
     stage_seconds: dict[str, float]
+
+
+# The transfer runs' train.precision. fp32 by default: the demo's model is so small (64 wide, 32 px frames) that
+# bf16 autocast costs more in casts than it saves, 0.75x the fp32 speed of a step on this project's AVX512_BF16
+# CPU, though its results keep their order and stay within a few points (docs/large-batches.md)
+DEMO_PRECISIONS = ("fp32", "bf16")
+
+
+def demo_precision(precision: str) -> str:
+    """Check the transfer runs' ``train.precision``: ``fp32`` or ``bf16`` (bf16 autocast where the CPU has
+    native bf16, fp32 elsewhere, with a note)."""
+    if precision not in DEMO_PRECISIONS:
+        raise ConfigError(
+            f"the demo precision must be one of {', '.join(DEMO_PRECISIONS)}, got {precision!r}"
+        )
+    return precision
 
 
 def demo_model_config(config: DemoConfig) -> ModelConfig:
@@ -387,7 +409,8 @@ def _facts(
         "transfer": (
             f"`stanvid.training.loop.fit`, {tc.steps} steps of {2 * tc.pairs_per_batch} clips (each with its "
             f"reversal, or two appearance clips), AdamW lr {tc.lr:g} (temporal module x"
-            f"{tc.new_param_lr_mult:g}), tau {tc.temperature:g}, warmup then cosine"
+            f"{tc.new_param_lr_mult:g}), tau {tc.temperature:g}, warmup then cosine, train.precision "
+            f"{tc.precision}"
         ),
         "model_dir": str(out / "model"),
     }

@@ -45,6 +45,7 @@ class TransferConfig:
     crop_area: tuple[float, float] = (0.8, 1.0)  # random resized crop, one box per clip, no flip
     num_workers: int = 1
     seed: int = 0
+    precision: str = "fp32"  # train.precision of every transfer run (`DemoConfig.create` picks it)
 
 
 class ReversalPairs(Dataset):
@@ -168,6 +169,7 @@ def transfer_recipe(
             max_steps=config.steps,
             seed=config.seed,
             log_every=10,
+            precision=config.precision,
         ),
     )
 

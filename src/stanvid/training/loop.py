@@ -15,9 +15,14 @@ What one optimizer step does (the official STAN recipe, ``configs/exp/stan/stan_
   weight decay per ``optim.no_decay`` (see `param_groups`); the learnable temperature is never decayed.
 * **Schedule**, per optimizer step: a linear ramp from ``warmup_start_factor`` to 1 over ``warmup_epochs``,
   then cosine or constant (`LRSchedule`; the official retrieval recipes ramp over the whole run).
-* Gradient accumulation over ``accumulation_steps`` micro-batches (each micro-batch its own contrastive loss),
-  global-norm clipping at ``optim.grad_clip``, AMP (bf16, or fp16 with a ``GradScaler``) on CUDA and fp32 on the
-  CPU, gradient checkpointing per ``model.grad_checkpointing``.
+* Gradient accumulation over ``accumulation_steps`` micro-batches: for retrieval exact by default
+  (``optim.accumulation: exact``: one contrastive loss over all micro-batches of all ranks, through cached
+  embeddings, `Trainer.accumulate_exact`), or ``independent`` (each micro-batch its own contrastive loss);
+  global-norm clipping at ``optim.grad_clip``; mixed precision per `effective_precision` (bf16 autocast on CUDA
+  and on a CPU with native bf16; fp16 autocast with a ``GradScaler`` on CUDA and the CPU, skipped steps counted
+  in the log; fp32 weights always); gradient checkpointing per ``model.grad_checkpointing``.
+* A NaN or infinite loss in fp32 or bf16 stops the run with the step and the batch's video files named; no
+  checkpoint is written after it, so the last one is the last good state.
 
 **Distributed.** Under torchrun (``WORLD_SIZE > 1``) the process group is initialised from the environment
 (NCCL on GPUs, gloo on the CPU; several nodes need only torchrun's rendezvous flags) and the model is wrapped
@@ -64,7 +69,7 @@ from torch.utils.data import Dataset
 
 from stanvid.data.base import format_skipped
 from stanvid.distributed import default_device
-from stanvid.errors import ConfigError, DatasetError
+from stanvid.errors import ConfigError, DatasetError, NonFiniteLossError
 from stanvid.fileio import atomic_write_bytes, atomic_write_text
 from stanvid.models.heads import eval_mode
 from stanvid.training.checkpoint import (
@@ -78,7 +83,7 @@ from stanvid.training.checkpoint import (
 from stanvid.training.data_order import TrainData, build_data
 from stanvid.training.recipe import Recipe
 from stanvid.training.state import RunLog, check_resumable, rng_preserved, rng_state, seed_all, set_rng_state
-from stanvid.training.trainer import Trainer, setup_distributed
+from stanvid.training.trainer import Trainer, precision_note, setup_distributed
 
 __all__ = ["fit", "TrainResult", "HEAD_FILE"]
 
@@ -166,7 +171,7 @@ def fit(
         device: default `default_device()`.
     """
     started = time.perf_counter()
-    rank, world = setup_distributed()
+    rank, world = setup_distributed(recipe.train.dist_timeout_minutes)
     device = torch.device(device) if device is not None else default_device()
     out = Path(out_dir) if out_dir is not None else None
     if resume and out is None:
@@ -262,11 +267,9 @@ def _announce(run: _Run, resume: bool, resumed: bool) -> None:
     if run.out is not None:
         run.out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run.out / "recipe.yaml", recipe.to_yaml())
-    if run.trainer.precision != recipe.train.precision:
-        print(
-            f"train.precision {recipe.train.precision} needs CUDA: training in fp32 on {run.device}",
-            file=sys.stderr,
-        )
+    note = precision_note(recipe.train.precision, run.device)
+    if note is not None:
+        print(note, file=sys.stderr)
 
 
 def _train_epochs(run: _Run, eval_fn: Callable[..., dict[str, Any]] | None) -> None:
@@ -286,21 +289,33 @@ def _train_epochs(run: _Run, eval_fn: Callable[..., dict[str, Any]] | None) -> N
 
 def _train_batches(run: _Run) -> bool:
     """The rest of the current epoch's batches, an optimizer step after every ``accumulation_steps`` of them
-    (fewer at the epoch's end); returns True when ``stop_at`` was reached inside the epoch."""
+    (fewer at the epoch's end); returns True when ``stop_at`` was reached inside the epoch.
+
+    Exact accumulation holds the step's micro-batches (on the host) until the last one has arrived, then
+    trains on them as one batch; independent micro-batches are trained on as they come."""
     accum, per_epoch = run.recipe.optim.accumulation_steps, run.data.batches_per_epoch
     step_losses: list[float] = []
+    group: list[dict[str, Any]] = []
     for batch in run.data.loader:
         _take_skipped(run, batch)
         group_start = (run.batch_in_epoch // accum) * accum
         group_size = min(accum, per_epoch - group_start)
         last_micro = run.batch_in_epoch == group_start + group_size - 1
-        step_losses.append(run.trainer.micro_step(batch, divisor=group_size, sync=last_micro))
+        exact = run.trainer.exact and group_size > 1
+        group = [*group, batch] if exact else [batch]
+        try:
+            if not exact:
+                step_losses.append(run.trainer.micro_step(batch, divisor=group_size, sync=last_micro))
+            elif last_micro:
+                step_losses.append(run.trainer.accumulate_exact(group))
+        except NonFiniteLossError as exc:
+            raise _diverged(run, group, exc) from None
         run.window_videos += len(batch["video"])
         run.batch_in_epoch += 1
         if not last_micro:
             continue
         _optimizer_step(run, step_losses)
-        step_losses = []
+        step_losses, group = [], []
         final = run.step >= run.stop_at
         epoch_done = run.batch_in_epoch == per_epoch  # the epoch end writes its own checkpoint
         every = run.recipe.train.checkpoint_every
@@ -320,6 +335,26 @@ def _take_skipped(run: _Run, batch: Any) -> None:
             raise DatasetError(
                 f"every video of a training batch failed to decode:\n{format_skipped(run.skipped[-size:])}"
             )
+
+
+def _diverged(run: _Run, group: list[dict[str, Any]], exc: NonFiniteLossError) -> NonFiniteLossError:
+    """The error that stops a run at a non-finite loss: the step, the batch's video files, the last good
+    checkpoint (none is written after the failure: the exception leaves `fit` before any `_save`)."""
+    files: list[str] = []
+    for batch in group:
+        names = batch.get("path", batch.get("video_id"))
+        files += [str(n) for n in names] if isinstance(names, (list, tuple)) else []
+    shown = ", ".join(files[:16]) + (f" and {len(files) - 16} more" if len(files) > 16 else "")
+    videos = f"the batch's videos: {shown}" if files else "the batch's items name no video files ('path')"
+    last = latest_checkpoint(run.out) if run.out is not None else None
+    if last is not None:
+        kept = f"the last good checkpoint, {last}, is intact (check these videos, then --resume from it)"
+    else:
+        kept = "no checkpoint was written before it"
+    last_batch, first_batch = run.batch_in_epoch + 1, run.batch_in_epoch + 2 - len(group)
+    batches = f"batch {last_batch}" if len(group) == 1 else f"batches {first_batch}-{last_batch}"
+    where = f"epoch {run.epoch + 1}, {batches} of {run.data.batches_per_epoch}"
+    return NonFiniteLossError(f"step {run.step + 1} ({where}): {exc}; {videos}. Stopped: {kept}")
 
 
 def _optimizer_step(run: _Run, step_losses: list[float]) -> None:
@@ -342,7 +377,9 @@ def _optimizer_step(run: _Run, step_losses: list[float]) -> None:
         _record(run, record)
         if run.bar is not None:
             run.bar.set_postfix(
-                loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", vid_s=f"{record['videos_per_s']:.1f}"
+                loss="nan" if record["loss"] is None else f"{record['loss']:.4f}",
+                lr=f"{record['lr']:.2e}",
+                vid_s=f"{record['videos_per_s']:.1f}",
             )
         run.window_losses, run.window_videos, run.window_start = [], 0, time.perf_counter()
     if run.bar is not None:
@@ -430,14 +467,22 @@ def _log_record(
         both = torch.tensor([loss, mean], dtype=torch.float64, device=trainer.device)
         dist.all_reduce(both)
         loss, mean = (both / trainer.world).tolist()
-    return {
+    record = {
         "step": step,
         "epoch": round(epoch + epoch_fraction, 4),
-        "loss": loss,
-        "loss_avg": mean,
+        "loss": _finite_or_none(loss),  # an fp16 step the scaler skipped may have an infinite loss
+        "loss_avg": _finite_or_none(mean),
         "lr": info["lr"],
         "lr_new": info["lr_new"],
-        "grad_norm": info["grad_norm"],
+        "grad_norm": _finite_or_none(info["grad_norm"]),
         "logit_scale": trainer.scale_value(),
         "videos_per_s": videos / max(seconds, 1e-9),
     }
+    if "loss_scale" in info:  # fp16: the scaler's scale after this step, and the steps it skipped so far
+        record.update(loss_scale=info["loss_scale"], skipped_steps=trainer.skipped_steps)
+    return record
+
+
+def _finite_or_none(value: float) -> float | None:
+    """JSON has no NaN or infinity: the log writes null for them."""
+    return value if math.isfinite(value) else None

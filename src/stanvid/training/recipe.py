@@ -52,6 +52,7 @@ CLASSIFIERS = ("text", "linear")
 NO_DECAY = ("clip_norm_bias", "norm_bias", "none")
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
+ACCUMULATIONS = ("exact", "independent")
 VIEW_AVERAGES = ("prob", "score")
 LEARNABLE = "learnable"
 
@@ -154,6 +155,14 @@ class OptimRecipe(_Validated):
     ``cosine_epochs`` (null: the epochs left after warmup). As in mmengine's ``CosineAnnealingLR``, a half period
     shorter than the epochs left makes the factor rise again afterwards. The official retrieval recipes use
     ``warmup_epochs = epochs`` (a 0.05x -> 1x ramp over the whole run; their cosine stage never starts).
+
+    ``accumulation_steps`` micro-batches make one optimizer step. For the contrastive losses of retrieval,
+    ``accumulation: exact`` (the default) makes that step the one of a single batch holding all of them (and
+    of all ranks): every caption is scored against every video of the global batch, at the memory of one
+    micro-batch plus the cached embeddings (`stanvid.training.trainer.Trainer.accumulate_exact`, GradCache;
+    about one more forward pass per micro-batch). ``independent`` is the old behaviour: each micro-batch is its
+    own contrastive problem (negatives from that micro-batch only) and the gradients are averaged; it is kept
+    to reproduce runs made with it. Recognition's cross-entropy is per video, so both mean the same there.
     """
 
     lr: float = _f(2e-6, gt=0)
@@ -170,6 +179,7 @@ class OptimRecipe(_Validated):
     min_lr_ratio: float = _f(0.0, ge=0, le=1)
     grad_clip: float | None = _f(5.0, gt=0)  # max global L2 norm; null: no clipping
     accumulation_steps: int = _f(1, gt=0)
+    accumulation: str = _f("exact", choices=ACCUMULATIONS)
 
 
 @dataclass
@@ -178,6 +188,14 @@ class TrainRecipe(_Validated):
 
     ``temperature`` is the fixed tau of the contrastive loss (logit scale ``1 / tau``), as the official recipes
     set it, or ``learnable`` to train CLIP's ``logit_scale``. ``batch_size`` is per process (GPU).
+
+    ``precision``: ``fp32``; ``bf16`` autocast (on CUDA where the GPU has it, on a CPU with native bf16,
+    AVX512_BF16 or AMX; elsewhere the run trains in fp32 and says so); ``fp16`` autocast with a loss scaler
+    (`torch.amp.GradScaler`, on CUDA and on the CPU alike: steps whose gradients overflow are skipped and
+    counted in the log). The weights stay float32 in every case.
+
+    ``dist_timeout_minutes``: how long a collective (NCCL or gloo) may wait for the other ranks before the run
+    fails, instead of hanging; passed to ``init_process_group`` when `fit` starts the process group itself.
     """
 
     epochs: int = _f(10, gt=0)
@@ -192,6 +210,7 @@ class TrainRecipe(_Validated):
     seed: int = _f(0, ge=0)
     log_every: int = _f(10, gt=0)
     tensorboard: bool = False
+    dist_timeout_minutes: float = _f(30.0, gt=0)
 
 
 @dataclass

@@ -53,7 +53,7 @@ from stanvid.training.loop import HEAD_FILE, TrainResult, fit
 from stanvid.training.metrics import format_table
 from stanvid.training.recipe import LEARNABLE, Recipe
 from stanvid.training.shard_runs import check_shards, shard_split_files, shard_train_set
-from stanvid.training.trainer import effective_precision, setup_distributed
+from stanvid.training.trainer import effective_precision, precision_note, setup_distributed
 from stanvid.video.transforms import EvalTransform, MultiCropTransform, TrainTransform
 
 __all__ = [
@@ -264,10 +264,11 @@ def load_trained(checkpoint: str | os.PathLike, recipe: Recipe) -> tuple[nn.Modu
 
 
 @contextlib.contextmanager
-def _process_group() -> Iterator[None]:
-    """The torchrun process group for a run: initialised here if needed, and destroyed at the end if it was."""
+def _process_group(recipe: Recipe) -> Iterator[None]:
+    """The torchrun process group for a run: initialised here if needed (with the recipe's
+    ``train.dist_timeout_minutes``), and destroyed at the end if it was."""
     existed = dist.is_available() and dist.is_initialized()
-    setup_distributed()
+    setup_distributed(recipe.train.dist_timeout_minutes)
     clean = False
     try:
         yield
@@ -275,6 +276,14 @@ def _process_group() -> Iterator[None]:
     finally:
         if not existed:
             leave_process_group(clean)
+
+
+def evaluation_precision(train_precision: str, device: torch.device) -> str:
+    """The precision evaluation runs in by default: the training precision on ``device``
+    (`effective_precision`), except fp16 on the CPU, which is float32 there: the loss scaler is a training
+    matter, and CPU fp16 without native support is only slower."""
+    precision = effective_precision(train_precision, torch.device(device))
+    return "fp32" if torch.device(device).type == "cpu" and precision == "fp16" else precision
 
 
 def evaluate_model(
@@ -291,12 +300,12 @@ def evaluate_model(
     """`evaluate_retrieval` / `evaluate_recognition` with the recipe's evaluation settings.
 
     ``precision`` (`stanvid.precision.PRECISIONS`) defaults to the training precision, as the evaluation during
-    training runs: ``train.precision`` on CUDA, float32 on the CPU.
+    training runs (`evaluation_precision`: ``train.precision`` where it trains, fp16 evaluated in fp32 on a CPU).
     """
     e = recipe.eval
     if precision is None:
         where = torch.device(device) if device is not None else next(model.parameters()).device
-        precision = effective_precision(recipe.train.precision, where)
+        precision = evaluation_precision(recipe.train.precision, where)
     common = {
         "batch_size": e.batch_size,
         "num_workers": recipe.data.num_workers,
@@ -339,7 +348,7 @@ def evaluate_run(
     zero-shot plain CLIP of ``model.source`` too; writes ``eval.json`` and ``eval.txt`` to ``out_dir`` (default
     ``train.output_dir``) on rank 0 and returns the report (``report["table"]`` is the readable table).
     ``precision``: see `evaluate_model` (the report records the one used)."""
-    with _process_group():
+    with _process_group(recipe):
         return _evaluate_run(recipe, checkpoint, baseline, out_dir, progress, precision)
 
 
@@ -389,7 +398,7 @@ def _evaluate_run(
         "checkpoint": str(source),
         "precision": resolve_precision(precision, device)
         if precision is not None
-        else effective_precision(recipe.train.precision, device),
+        else evaluation_precision(recipe.train.precision, device),
         "test_annotations": str(recipe.data.path(recipe.data.test_annotations)),
         "num_videos": len(annotations.video_ids),
         "metrics": rows,
@@ -416,7 +425,7 @@ def train_run(
 ) -> TrainResult:
     """Load the model and data of ``recipe``, `stanvid.training.loop.fit` it into ``out_dir`` (default
     ``train.output_dir``), evaluating on the test split every ``train.eval_every`` epochs and after the last."""
-    with _process_group():
+    with _process_group(recipe):
         return _train_run(recipe, out_dir, resume, progress)
 
 
@@ -510,17 +519,19 @@ def check_run(recipe: Recipe, *, resume: bool = False) -> str:
             raise ConfigError(
                 f"train.batch_size {t.batch_size} x {world} process(es) exceeds the {train_items} training items"
             )
-        steps = math.ceil(batches / recipe.optim.accumulation_steps)
+        accum = recipe.optim.accumulation_steps
+        steps = math.ceil(batches / accum)
         limit = f", stopping at train.max_steps {t.max_steps}" if t.max_steps else ""
+        kind = f" {recipe.optim.accumulation}" if accum > 1 and recipe.task == "retrieval" else ""
         lines.append(
             f"steps   {steps} per epoch x {t.epochs} epochs = {steps * t.epochs} optimizer steps "
-            f"({t.batch_size} videos per process x {world} process(es) x {recipe.optim.accumulation_steps} "
-            f"accumulation{limit})"
+            f"({t.batch_size} videos per process x {world} process(es) x {accum}{kind} accumulation = "
+            f"{t.batch_size * world * accum} per step{limit})"
         )
     device = default_device()
     precision = effective_precision(t.precision, device)
-    note = "" if precision == t.precision else f" (train.precision {t.precision} needs CUDA)"
-    lines.append(f"device  {device}, precision {precision}{note}")
+    note = precision_note(t.precision, device)
+    lines.append(f"device  {device}, precision {precision}" + (f" ({note})" if note else ""))
     out = Path(t.output_dir)
     found = latest_checkpoint(out)
     if found is not None and not resume:

@@ -29,6 +29,7 @@ RESUMABLE_CHANGES = (
     "train.output_dir",
     "train.log_every",
     "train.tensorboard",
+    "train.dist_timeout_minutes",
     "data.root",
     "data.num_workers",
     "data.test_annotations",
@@ -101,6 +102,11 @@ def check_resumable(saved: dict[str, Any], recipe: Recipe, world: int, path: Pat
     checkpoint's recipe lacks (written before the key existed) counts as its default. Streamed shards
     (``webdataset``) are read by processes x workers readers, so there ``data.num_workers`` must stay."""
     old, new = flatten(saved["recipe"]), flatten(recipe.to_dict())
+    # checkpoints written before optim.accumulation existed accumulated independent micro-batches; with one
+    # micro-batch per step the two kinds are the same computation
+    old.setdefault("optim.accumulation", "independent")
+    if old.get("optim.accumulation_steps") == new["optim.accumulation_steps"] == 1:
+        old["optim.accumulation"] = new["optim.accumulation"]
     for key in set(new) - set(old):
         old[key] = field_default(key)
     free = RESUMABLE_CHANGES
