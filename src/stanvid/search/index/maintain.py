@@ -260,7 +260,9 @@ def _next_build(folder: Path, old: dict) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- reading
-def load_searcher(folder: Path, conn: sqlite3.Connection, meta: dict[str, Any], store: VectorStore, where: Path | str = ""):
+def load_searcher(
+    folder: Path, conn: sqlite3.Connection, meta: dict[str, Any], store: VectorStore, where: Path | str = ""
+):
     """The searcher for the committed rows: the recorded main index (memory-mapped) with its delta and
     deletions, or exact search when it is flat, missing or damaged (with a warning for the latter)."""
     rec = meta.get("ann") or {}
@@ -292,7 +294,9 @@ def load_searcher(folder: Path, conn: sqlite3.Connection, meta: dict[str, Any], 
 def check_rows(conn: sqlite3.Connection, store: VectorStore, where: Path | str = "index.sqlite") -> int:
     """The number of live segments, after checking that every segment points inside the store and every
     store row is either some segment's or dead (both through indexes: milliseconds at 1M rows)."""
-    outside = conn.execute("SELECT COUNT(*) FROM segments WHERE slot < 0 OR slot >= ?", (store.rows,)).fetchone()[0]
+    outside = conn.execute(
+        "SELECT COUNT(*) FROM segments WHERE slot < 0 OR slot >= ?", (store.rows,)
+    ).fetchone()[0]
     segments = conn.execute("SELECT COUNT(*) FROM segments").fetchone()[0]
     live = store.rows - conn.execute("SELECT COUNT(*) FROM dead WHERE slot < ?", (store.rows,)).fetchone()[0]
     if outside or segments != live:
@@ -310,7 +314,9 @@ def reconcile_dead(conn: sqlite3.Connection, store: VectorStore) -> None:
     dead = ~used
     dead[_dead_slots(conn)[_dead_slots(conn) < store.rows]] = False
     with _transaction(conn):
-        conn.executemany("INSERT OR IGNORE INTO dead (slot) VALUES (?)", [(int(i),) for i in np.flatnonzero(dead)])
+        conn.executemany(
+            "INSERT OR IGNORE INTO dead (slot) VALUES (?)", [(int(i),) for i in np.flatnonzero(dead)]
+        )
 
 
 def _approx_problem(folder: Path, rec: dict, store: VectorStore) -> str:

@@ -8,7 +8,7 @@ rows, fsyncs them, and only then commits the SQLite transaction that inserts the
 raises the recorded row count (`meta.store.rows`), with the SHA-256 of the appended bytes (`store_chunks`).
 So a run killed at any point leaves rows that all point at committed, durable vectors; whatever it wrote past
 the recorded count is ignored by readers and overwritten (then truncated) by the next writer. Readers map the
-committed rows (`numpy.memmap`, read-only): a search reads the few rows it re-ranks, never the whole file.
+committed rows (`pread`, no memory map kept): a search reads the few rows it re-ranks, never the whole file.
 
 A deleted segment's slot becomes dead (`dead` table); when the dead rows pass half of the file the next run
 writes the live rows into `embeddings-<epoch+1>.f32` and commits the new slots in one transaction (a reader
@@ -65,7 +65,7 @@ class VectorStore:
         self.dim = int(record["dim"])
         self.rows = int(record["rows"])  # committed rows; slots >= rows are not part of the index
         self.row_bytes = 4 * self.dim
-        self._view: np.ndarray | None = None
+        self._file: int | None = None  # read descriptor, opened on first use
 
     # ---------------------------------------------------------------- checks
     def problem(self) -> str:
@@ -93,37 +93,59 @@ class VectorStore:
         return ""
 
     # ---------------------------------------------------------------- reading
-    def view(self) -> np.ndarray:
-        """(rows, D) float32, memory-mapped read-only (the committed rows only)."""
-        if self._view is None:
-            size = self.path.stat().st_size if self.path.exists() else 0
-            rows = min(
-                self.rows, max(0, size - HEADER_BYTES) // self.row_bytes
-            )  # a truncated file: what is left
-            if rows == 0:
-                self._view = np.zeros((0, self.dim), np.float32)
-            else:
-                self._view = np.memmap(
-                    self.path, np.float32, "r", offset=HEADER_BYTES, shape=(rows, self.dim)
-                )
-        return self._view
+    def readable_rows(self) -> int:
+        """Committed rows the file holds (fewer than `rows` only when it was truncated)."""
+        size = self.path.stat().st_size if self.path.exists() else 0
+        return min(self.rows, max(0, size - HEADER_BYTES) // self.row_bytes)
+
+    def _fd(self) -> int:
+        if self._file is None:
+            self._file = os.open(self.path, os.O_RDONLY)
+        return self._file
 
     def read(self, slots: np.ndarray) -> np.ndarray:
-        """(len(slots), D) float32 copies of the rows `slots`, in that order (read in file order)."""
+        """(len(slots), D) float32 copies of the rows `slots`, in that order.
+
+        Read with `pread`, runs of consecutive slots at once, rather than through a memory map: a search reads
+        a few hundred rows and the process keeps none of the file's pages, so its RSS stays what it holds."""
         slots = np.asarray(slots, dtype=np.int64)
-        view = self.view()
-        if len(slots) and (slots.min() < 0 or slots.max() >= len(view)):
-            raise IndexError(f"{self.path}: slot out of range (the store holds {len(view)} rows)")
-        order = np.argsort(slots, kind="stable")
         out = np.empty((len(slots), self.dim), np.float32)
-        out[order] = view[slots[order]]
+        if not len(slots):
+            return out
+        if slots.min() < 0 or slots.max() >= self.rows:
+            raise IndexError(f"{self.path}: slot out of range (the store holds {self.rows} rows)")
+        order = np.argsort(slots, kind="stable")
+        ordered = slots[order]
+        breaks = np.flatnonzero(np.diff(ordered) != 1) + 1
+        fd, at = self._fd(), 0
+        sorted_out = np.empty_like(out)
+        for run in np.split(ordered, breaks):
+            want = len(run) * self.row_bytes
+            data = os.pread(fd, want, HEADER_BYTES + int(run[0]) * self.row_bytes)
+            if len(data) != want:
+                raise IndexError(f"{self.path}: rows {run[0]}.. are past the end of the file (truncated)")
+            sorted_out[at : at + len(run)] = np.frombuffer(data, np.float32).reshape(len(run), self.dim)
+            at += len(run)
+        out[order] = sorted_out
         return out
 
     def chunks(self, rows: int = READ_ROWS, start: int = 0) -> Iterator[tuple[int, np.ndarray]]:
-        """(first slot, (n, D) float32 copy) over the committed rows from `start`, `rows` at a time."""
-        view = self.view()
-        for first in range(start, len(view), rows):
-            yield first, np.array(view[first : first + rows])
+        """(first slot, (n, D) float32) over the readable committed rows from `start`, `rows` at a time, read
+        sequentially (the page cache holds them, not this process)."""
+        end = self.readable_rows()
+        with open(self.path, "rb") as f:
+            for first in range(start, end, rows):
+                n = min(rows, end - first)
+                block = np.empty((n, self.dim), np.float32)
+                f.seek(HEADER_BYTES + first * self.row_bytes)
+                if f.readinto(memoryview(block).cast("B")) != n * self.row_bytes:
+                    raise IndexError(f"{self.path}: rows {first}.. are past the end of the file (truncated)")
+                yield first, block
+
+    def close(self) -> None:
+        if self._file is not None:
+            os.close(self._file)
+            self._file = None
 
     def bad_chunks(self, recorded: list[tuple[int, int, str]]) -> list[tuple[int, int]]:
         """(first, rows) of the recorded chunks whose bytes no longer hash as committed (reads them all)."""
@@ -163,7 +185,6 @@ class VectorStore:
     def advance(self, rows: int) -> None:
         """The transaction recording `rows` committed rows succeeded."""
         self.rows = self.record["rows"] = rows
-        self._view = None
 
     def drop_tail(self) -> None:
         """Truncate what a killed run wrote past the committed rows (disk only: readers never map it)."""

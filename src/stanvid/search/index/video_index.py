@@ -416,8 +416,15 @@ class VideoIndex:
         seg = self.segment(segment_id)
         if seg is None:
             raise VideoIndexError(f"{self.path}: no segment with id {segment_id}")
-        frame = min(seg.num_frames - 1, max(0, int((seg.start + seg.end) / 2 * seg.fps)))
-        shrink = size if size is not None and size < min(seg.width, seg.height) else None
+        fps, frames, short = seg.fps, seg.num_frames, min(seg.width, seg.height)
+        if frames <= 0 or fps <= 0:  # imported from embeddings: the file was never probed here
+            from stanvid.video.decode import probe
+
+            self._check_file(seg.file_id)
+            info = probe(os.path.realpath(seg.path))
+            fps, frames, short = info.fps, info.num_frames, min(info.width, info.height)
+        frame = min(frames - 1, max(0, int((seg.start + seg.end) / 2 * fps)))
+        shrink = size if size is not None and size < short else None
         self._check_file(seg.file_id)  # still the indexed file, before and after decoding (see open_video)
         image = read_frames(os.path.realpath(seg.path), [frame], size=shrink)[0]
         self._check_file(seg.file_id)
@@ -439,6 +446,7 @@ class VideoIndex:
 
     def close(self) -> None:
         self._conn.close()
+        self.store.close()
 
     def __enter__(self) -> VideoIndex:
         return self
