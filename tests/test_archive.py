@@ -344,3 +344,13 @@ def test_a_run_killed_at_any_point_opens_answers_and_is_finished_by_the_next(tmp
     recorded = ann(out)
     assert sorted(p.name for p in out.glob("*.faiss")) == sorted([recorded["file"], recorded["trained"]])
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+
+
+def test_a_large_index_finds_its_cells_in_two_levels(tmp_path, model_dir):
+    """From 1024 cells the centroids are trained and found in two levels (an inverted file over them)."""
+    root, shards, out = tmp_path / "videos", tmp_path / "emb", tmp_path / "idx"
+    add_files(root, shards, 0, 1000)  # 20,000 vectors
+    build_index(root, out, model_dir, approx_threshold=100, nlist=1024, from_embeddings=str(shards))
+    recorded = ann(out)
+    assert recorded["two_level"] and recorded["nlist"] == 1024 and recorded["recall_at_10"] >= 0.95
+    check_search(out)

@@ -9,9 +9,10 @@ Kinds, keyed by store slot (`stanvid.search.index.vectors`):
   `nlist` = 4 sqrt(N): the low end of FAISS's 4-16 sqrt(N) guidance, chosen for training time on a small CPU)
   holding product-quantized codes of the vectors (`m` = D/8 bytes each: 64 B at 512-d, 8 bytes of id beside),
   so 1M vectors take 72 MB instead of 2 GB. The best `rerank` candidates are scored again exactly with their
-  float32 rows read from the memory-mapped store, so scores are exact cosines and the codes only choose whom
-  to score. From 1024 cells the cells are found through an HNSW graph over the centroids (assigning 10M
-  vectors to 12,649 centroids by brute force takes ~30 min on 2 cores, through the graph minutes).
+  float32 rows read from the store, so scores are exact cosines and the codes only choose whom to score. From
+  1024 cells the centroids are trained in two levels (sqrt(nlist) coarse clusters, each split) and found the
+  same way: an inverted file over the centroids, `QUANTIZER_PROBE` coarse clusters probed (~600 dot products
+  per vector at 10M instead of 12,649: brute-force assignment of 10M vectors takes ~30 min on 2 cores).
 * `ivf` — the same inverted file holding the float32 vectors themselves (`IndexIVFFlat`): 4 D bytes each.
 
 `nprobe` (cells searched per query) is not a formula: after every build, `tune` measures recall@10 against
@@ -42,7 +43,9 @@ DEFAULT_RERANK = 100  # candidates scored exactly from the store per query (at l
 
 RECALL_QUERIES = 200
 
-HNSW_FROM_NLIST = 1024  # cells found through an HNSW graph over the centroids from this many
+TWO_LEVEL_FROM_NLIST = 1024  # centroids trained and found in two levels from this many cells
+
+QUANTIZER_PROBE = 4  # coarse clusters probed to assign a vector to its cell (queries probe more: `_params`)
 
 _NPROBE_LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 
@@ -60,7 +63,7 @@ def choose_params(kind: str, n: int, dim: int, nlist: int | None = None) -> dict
     """The shape of an approximate index over `n` vectors of `dim`: cells, code size, quantizer."""
     cells = nlist or max(1, min(round(4 * math.sqrt(n)), n // 39))
     cells = max(1, min(cells, n))
-    params: dict[str, Any] = {"kind": kind, "nlist": int(cells), "hnsw": cells >= HNSW_FROM_NLIST}
+    params: dict[str, Any] = {"kind": kind, "nlist": int(cells), "two_level": cells >= TWO_LEVEL_FROM_NLIST}
     if kind == "ivfpq":
         m = max([d for d in range(1, dim + 1) if dim % d == 0 and dim // d >= 8] or [1])
         params["m"] = m
@@ -96,11 +99,12 @@ def _kmeans(x: np.ndarray, k: int, seed: int, niter: int) -> np.ndarray:
     return km.centroids
 
 
-def _centroids(x: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """k unit centroids of a training sample; from HNSW_FROM_NLIST cells in two levels (sqrt(k) coarse
-    clusters, then each split in proportion to its points), ~sqrt(k) times cheaper than one k-means."""
-    if k < HNSW_FROM_NLIST:
-        return _kmeans(x, k, seed, niter=20)
+def _centroids(x: np.ndarray, k: int, seed: int, two_level: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """k unit centroids of a training sample, and with `two_level` the sqrt(k) coarse ones they were split
+    from (each coarse cluster into centroids in proportion to its points): ~sqrt(k) times cheaper than one
+    k-means, and the coarse level finds a vector's cell later."""
+    if not two_level:
+        return _kmeans(x, k, seed, niter=20), None
     k1 = int(math.sqrt(k))
     top = _kmeans(x, k1, seed, niter=20)
     flat = faiss.IndexFlatIP(x.shape[1])
@@ -122,7 +126,7 @@ def _centroids(x: np.ndarray, k: int, seed: int) -> np.ndarray:
         for c in range(k1)
         if share[c] > 0
     ]
-    return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
+    return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32), top
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -134,21 +138,27 @@ def train_empty(sample: np.ndarray, params: dict[str, Any], seed: int = 0) -> fa
     """An empty, trained IVF / IVF-PQ index for `params` (`choose_params`), from (n, D) unit vectors."""
     sample = np.ascontiguousarray(sample, dtype=np.float32)
     dim = sample.shape[1]
-    centroids = _centroids(sample, params["nlist"], seed)
-    if params["hnsw"]:
-        quantizer = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
-        quantizer.hnsw.efConstruction = 80
-        quantizer.hnsw.efSearch = 64  # for assigning added vectors; queries set their own
+    centroids, coarse = _centroids(sample, params["nlist"], seed, params.get("two_level", False))
+    if coarse is not None:  # an inverted file over the centroids themselves
+        top = faiss.IndexFlatIP(dim)
+        top.add(coarse)
+        quantizer = faiss.IndexIVFFlat(top, dim, len(coarse), faiss.METRIC_INNER_PRODUCT)
+        quantizer.own_fields = True
+        top.this.disown()
+        quantizer.nprobe = QUANTIZER_PROBE
     else:
         quantizer = faiss.IndexFlatIP(dim)
     quantizer.add(centroids)
+    if coarse is not None:
+        quantizer.make_direct_map()  # residuals need each centroid back by its id
     nlist = quantizer.ntotal
     if params["kind"] == "ivfpq":
         index = faiss.IndexIVFPQ(
             quantizer, dim, nlist, params["m"], params["nbits"], faiss.METRIC_INNER_PRODUCT
         )
         index.pq.cp.min_points_per_centroid = 1  # small indexes train fewer codes (nbits) rather than warn
-        index.train(sample[: max(65_536, 64 << params["nbits"])])  # the coarse cells are trained already
+        index.pq.cp.niter = 10  # 64 points per code word, 10 iterations: seconds, not minutes, at 512-d
+        index.train(sample[: 64 << params["nbits"]])  # the coarse cells are trained already
     else:
         index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
         index.train(sample[:1])
@@ -245,7 +255,7 @@ class ApproxSearcher:
         self.main, self.delta, self.store = main, delta, store
         self.kind = record["kind"]
         self.nprobe, self.rerank = int(record.get("nprobe") or 1), int(record.get("rerank") or DEFAULT_RERANK)
-        self.hnsw = bool(record.get("hnsw"))
+        self.two_level = bool(record.get("two_level"))
         self.nlist = faiss.extract_index_ivf(main).nlist
         self.count = count
         self._keep: list[Any] = []
@@ -260,9 +270,9 @@ class ApproxSearcher:
         params.nprobe = nprobe
         if filtered and self.selector is not None:
             params.sel = self.selector
-        if self.hnsw:
-            quantizer = faiss.SearchParametersHNSW()
-            quantizer.efSearch = max(64, 2 * nprobe)
+        if self.two_level:
+            quantizer = faiss.SearchParametersIVF()
+            quantizer.nprobe = max(2 * QUANTIZER_PROBE, nprobe // 2)
             params.quantizer_params = quantizer
             params._quantizer_ref = quantizer  # kept alive with the parameters
         return params

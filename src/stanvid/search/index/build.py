@@ -229,6 +229,8 @@ def build_index(
     clean = False
     try:
         _barrier(run.group, _open_index_folder(run) if run.rank == 0 else None)
+        run.report.timings["prepare"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
         if options.from_embeddings is not None:
             if run.world > 1:
                 raise VideoIndexError("from_embeddings imports in one process; run it without torchrun")
@@ -237,6 +239,7 @@ def build_index(
             import_embeddings(run, options.from_embeddings)
         else:
             _barrier(run.group, _encode_share(run))
+        run.report.timings["import" if options.from_embeddings else "encode"] = time.perf_counter() - t1
         if run.rank == 0:
             _finish(run)
         run.report.failed = [(str(root / p), e) for p, e in run.report.failed]

@@ -74,6 +74,8 @@ class IndexReport:
         if self.imported:
             lines.append(f"imported {self.imported} segments from embeddings")
         lines += self.notes
+        if self.timings:
+            lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in self.timings.items()))
         if self.failed:
             lines.append("unreadable videos (not indexed):")
             lines += [f"  {path}: {error}" for path, error in self.failed]

@@ -238,6 +238,12 @@ def _insert_file(
         ),
     )
     file_id = cur.lastrowid
+    if not any(len(s) > 3 and s[3] is not None for s in segments):  # no frame vectors: one statement
+        conn.executemany(
+            "INSERT INTO segments (file_id, start, end, slot) VALUES (?, ?, ?, ?)",
+            [(file_id, a, b, int(slot)) for a, b, slot, *_ in segments],
+        )
+        return
     for start, end, slot, *frames in segments:
         seg = conn.execute(
             "INSERT INTO segments (file_id, start, end, slot) VALUES (?, ?, ?, ?)",

@@ -135,6 +135,13 @@ class VideoIndex:
         """The generation of the rows this index answers from (bumped by every commit that changes them)."""
         return int(self.meta["generation"])
 
+    def committed_generation(self) -> int:
+        """The generation committed on disk now: one SQLite read, so a long-lived index can poll it and
+        reopen when it differs from `generation` (a run committed since this one was loaded)."""
+        with self._lock, _db_errors(self.db):
+            row = self._conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        return int(row[0]) if row is not None else -1
+
     def describe(self) -> str:
         """The vector index in one line: kind, parameters and the recall measured when it was built."""
         return describe(self.meta.get("ann")) if self.vectors.kind != "scan" else "exact scan of the store"
