@@ -141,11 +141,11 @@ def exact_ranked(shards: list[Path], listing: list, queries: np.ndarray, k: int)
 
 # ---------------------------------------------------------------------------------------------- processes
 def run_child(argv: list[str]) -> dict:
-    """Run a process: its wall time, peak RSS (the kernel's ru_maxrss from wait4: Popen.wait would reap it
-    first) and output."""
+    """Run a process: its wall time and output. Peak RSS is read inside each child (VmHWM of its own memory
+    map): wait4's ru_maxrss counts the RSS this parent had when it forked the child."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out_f, err_f = proc.stdout, proc.stderr
+    out_f, err_f = proc.stdout, proc.stderr  # (its ru_maxrss would include this process's RSS at the fork)
     chunks: dict[str, list[str]] = {"out": [], "err": []}
     readers = [
         threading.Thread(target=lambda f=f, k=k: chunks[k].append(f.read()))
@@ -153,19 +153,54 @@ def run_child(argv: list[str]) -> dict:
     ]
     for r in readers:
         r.start()
-    _, status, usage = os.wait4(proc.pid, 0)
+    _, status, _ = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     for r in readers:
         r.join()
     out, err = "".join(chunks["out"]), "".join(chunks["err"])
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv[:6])} failed ({proc.returncode}):\n{err[-3000:]}")
-    return {"seconds": time.perf_counter() - t0, "rss_gib": usage.ru_maxrss / 2**20, "out": out, "err": err}
+    return {"seconds": time.perf_counter() - t0, "out": out, "err": err}
+
+
+INDEX = textwrap.dedent(
+    """
+    import json, sys, time
+    from pathlib import Path
+
+    def peak():  # VmHWM: the peak RSS since the process started or since the last reset
+        status = Path("/proc/self/status").read_text()
+        return int(next(l for l in status.splitlines() if l.startswith("VmHWM")).split()[1]) / 2**20
+
+    from stanvid import build_index, load_model
+    t0 = time.perf_counter()
+    model = load_model(sys.argv[3])
+    loaded = time.perf_counter() - t0
+    model_peak = peak()
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak: what follows is the run itself
+    report = build_index(sys.argv[1], sys.argv[2], model, model_source=sys.argv[3], segment_seconds=1.0,
+                         num_workers=0, progress=False, from_embeddings=sys.argv[4] if len(sys.argv) > 4 else None)
+    print(json.dumps({"summary": report.summary(), "timings": report.timings, "load_s": loaded,
+                      "model_peak_gib": model_peak, "run_peak_gib": peak()}))
+    """
+)
+
+
+def index_run(video_dir: Path, out: Path, model_dir: Path, *extra: str) -> dict:
+    """One `stanvid index` run (as `build_index`, the model loaded first): wall time, whole-process peak RSS,
+    the model load's peak and the peak of the run after it (VmHWM reset in between)."""
+    done = run_child([sys.executable, "-c", INDEX, str(video_dir), str(out), str(model_dir), *extra])
+    result = json.loads(done["out"].strip().splitlines()[-1])
+    return {
+        "seconds": done["seconds"],
+        "rss_gib": max(result["model_peak_gib"], result["run_peak_gib"]),
+        **result,
+    }
 
 
 SEARCH = textwrap.dedent(
     """
-    import json, resource, sys, time
+    import json, sys, time
     import numpy as np
     t0 = time.perf_counter()
     from stanvid import open_index
@@ -184,8 +219,10 @@ SEARCH = textwrap.dedent(
         res = index.search_embeddings(q[None], 10)[0]
         times.append(time.perf_counter() - t)
         found.append([[h.relpath, h.start] for h in res])
+    status = open("/proc/self/status").read().splitlines()
+    peak = int(next(l for l in status if l.startswith("VmHWM")).split()[1]) / 2**20
     print(json.dumps({"open": t_open, "first_search": t_first, "first_text_search": t_text, "times": times, "found": found, "segments": len(index),
-                      "describe": index.describe(), "rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+                      "describe": index.describe(), "rss_gib": peak}))
     """
 )
 
@@ -206,8 +243,14 @@ def searches(out: Path, queries_file: Path, truth: list[set]) -> dict:
         "recall_at_10": float(recall),
         "segments": result["segments"],
         "index": result["describe"],
-        "rss_gib": done["rss_gib"],
+        "rss_gib": result["rss_gib"],
     }
+
+
+def report(step: dict, name: str) -> None:
+    print(f"{name}: {step['seconds']:.1f} s wall ({step['load_s']:.1f} s loading the model), peak RSS "
+          f"{step['rss_gib']:.2f} GiB (model load {step['model_peak_gib']:.2f}, the run after it "
+          f"{step['run_peak_gib']:.2f})\n{step['summary']}", flush=True)  # fmt: skip
 
 
 def disk_gib(folder: Path) -> float:
@@ -251,19 +294,10 @@ def main() -> None:
     )
 
     out = work / "idx"
-    base = ["-m", "stanvid.cli", "index", str(work / "videos"), "--model", str(model_dir), "--out", str(out),
-            "--segment-seconds", "1", "--no-progress"]  # fmt: skip
-    done = run_child([sys.executable, *base, "--from-embeddings", str(work / "embeddings")])
-    figures["import"] = {
-        "seconds": done["seconds"],
-        "rss_gib": done["rss_gib"],
-        "report": done["out"].strip(),
-    }
+    figures["import"] = index_run(work / "videos", out, model_dir, str(work / "embeddings"))
     figures["disk_gib"] = disk_gib(out)
-    print(
-        f"import: {done['seconds']:.0f} s, peak RSS {done['rss_gib']:.2f} GiB, disk {figures['disk_gib']:.2f} GiB"
-    )
-    print(done["out"].strip(), flush=True)
+    report(figures["import"], "import")
+    print(f"disk {figures['disk_gib']:.2f} GiB", flush=True)
 
     held_out = Vectors(args.data).files(10**9, max(1, args.queries // PER_FILE + 1), 7)
     queries = held_out[np.random.default_rng(3).choice(len(held_out), args.queries, replace=False)]
@@ -281,29 +315,13 @@ def main() -> None:
         codec="h264",
         gop=25,
     )
-    done = run_child([sys.executable, *base, "--workers", "0"])
-    figures["add_one_video"] = {
-        "seconds": done["seconds"],
-        "rss_gib": done["rss_gib"],
-        "report": done["out"].strip(),
-    }
-    print(
-        f"add one video: {done['seconds']:.1f} s, peak RSS {done['rss_gib']:.2f} GiB\n{done['out'].strip()}",
-        flush=True,
-    )
+    figures["add_one_video"] = index_run(work / "videos", out, model_dir)
+    report(figures["add_one_video"], "add one video")
 
     gone = work / "videos" / listing[len(listing) // 2][0]
     gone.unlink()
-    done = run_child([sys.executable, *base, "--workers", "0"])
-    figures["delete_one_video"] = {
-        "seconds": done["seconds"],
-        "rss_gib": done["rss_gib"],
-        "report": done["out"].strip(),
-    }
-    print(
-        f"delete one video: {done['seconds']:.1f} s, peak RSS {done['rss_gib']:.2f} GiB\n{done['out'].strip()}",
-        flush=True,
-    )
+    figures["delete_one_video"] = index_run(work / "videos", out, model_dir)
+    report(figures["delete_one_video"], "delete one video")
 
     gone_rel = gone.relative_to(work / "videos").as_posix()
     truth = [set([p for p in row if p[0] != gone_rel][:10]) for row in ranked]  # the added video's are far

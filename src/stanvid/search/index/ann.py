@@ -16,8 +16,9 @@ Kinds, keyed by store slot (`stanvid.search.index.vectors`):
 * `ivf` — the same inverted file holding the float32 vectors themselves (`IndexIVFFlat`): 4 D bytes each.
 
 `nprobe` (cells searched per query) is not a formula: after every build, `tune` measures recall@10 against
-exact search on a sample of the index's own vectors (200 of them, the whole store scanned for the truth) for
-growing `nprobe` and keeps the smallest that reaches the target (0.95); the figure is recorded and shown.
+exact search on a sample of the index's own vectors (200 of them, the whole store scanned for the truth, each
+query's own file left out of truth and answer) for growing `nprobe` and keeps the smallest that reaches the
+target (0.95); the figure is recorded and shown.
 """
 
 from __future__ import annotations
@@ -46,6 +47,16 @@ RECALL_QUERIES = 200
 TWO_LEVEL_FROM_NLIST = 1024  # centroids trained and found in two levels from this many cells
 
 QUANTIZER_PROBE = 4  # coarse clusters probed to assign a vector to its cell (queries probe more: `_params`)
+
+_THREADS = faiss.omp_get_max_threads()
+
+
+def _threads_for(queries: np.ndarray) -> None:
+    """One OpenMP thread for a few queries (the calling thread's setting only): a single query gains nothing
+    from a second thread and, on a busy machine, loses ~10x to the threads waiting on each other (3 ms
+    against 25-33 ms for 20k exact vectors measured on 2 shared cores)."""
+    faiss.omp_set_num_threads(1 if len(queries) < 8 else _THREADS)
+
 
 _NPROBE_LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 
@@ -228,6 +239,7 @@ class ExactSearcher:
         self.count = int(self.index.ntotal)
 
     def search(self, queries: np.ndarray, k: int, **_: Any) -> tuple[np.ndarray, np.ndarray]:
+        _threads_for(queries)
         return self.index.search(queries, max(1, min(k, self.count)))
 
 
@@ -259,16 +271,23 @@ class ApproxSearcher:
         self.nlist = faiss.extract_index_ivf(main).nlist
         self.count = count
         self._keep: list[Any] = []
+        self.tombstones = np.asarray(tombstones, dtype=np.int64)
         self.selector = None
         if len(tombstones):
             batch = faiss.IDSelectorBatch(np.ascontiguousarray(tombstones, dtype=np.int64))
             self.selector = faiss.IDSelectorNot(batch)
             self._keep.append(batch)
 
-    def _params(self, nprobe: int, filtered: bool) -> faiss.SearchParametersIVF:
+    def _params(
+        self, nprobe: int, filtered: bool, exclude: np.ndarray | None = None
+    ) -> faiss.SearchParametersIVF:
         params = faiss.SearchParametersIVF()
         params.nprobe = nprobe
-        if filtered and self.selector is not None:
+        if exclude is not None and len(exclude):  # a query's own file left out (recall measurement)
+            batch = faiss.IDSelectorBatch(np.union1d(exclude, self.tombstones).astype(np.int64))
+            params.sel = faiss.IDSelectorNot(batch)
+            params._refs = (batch, params.sel)
+        elif filtered and self.selector is not None:
             params.sel = self.selector
         if self.two_level:
             quantizer = faiss.SearchParametersIVF()
@@ -277,9 +296,11 @@ class ApproxSearcher:
             params._quantizer_ref = quantizer  # kept alive with the parameters
         return params
 
-    def candidates(self, queries: np.ndarray, r: int, nprobe: int) -> np.ndarray:
+    def candidates(
+        self, queries: np.ndarray, r: int, nprobe: int, exclude: np.ndarray | None = None
+    ) -> np.ndarray:
         """(Q, <= 2 r) candidate slots (-1 padded) from the main index and the delta."""
-        found = [self.main.search(queries, r, params=self._params(nprobe, True))[1]]
+        found = [self.main.search(queries, r, params=self._params(nprobe, True, exclude))[1]]
         if self.delta is not None and self.delta.ntotal:
             found.append(
                 self.delta.search(queries, min(r, self.delta.ntotal), params=self._params(nprobe, False))[1]
@@ -287,15 +308,19 @@ class ApproxSearcher:
         return np.concatenate(found, axis=1)
 
     def search(self, queries: np.ndarray, k: int, nprobe: int | None = None, rerank: int | None = None,
-               widen: bool = True) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+               widen: bool = True, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
         """(Q, k') exact scores and slots, k' = min(k, live vectors), -1 where fewer were found. With `widen`,
-        a query that found fewer than k' probes twice the cells until it has them (small or skewed cells)."""
+        a query that found fewer than k' probes twice the cells until it has them (small or skewed cells).
+        `exclude`: slots left out of the main index's answer (the recall measurement's own file)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
+        _threads_for(queries)
         want = max(1, min(k, self.count))
         nprobe = min(self.nlist, nprobe or self.nprobe)
         r = max(want, rerank or self.rerank)
         while True:
-            scores, slots = rerank_exact(self.store, queries, self.candidates(queries, r, nprobe), want)
+            scores, slots = rerank_exact(
+                self.store, queries, self.candidates(queries, r, nprobe, exclude), want
+            )
             if not widen or nprobe >= self.nlist or (slots >= 0).sum(axis=1).min() >= want:
                 return scores, slots
             nprobe = min(self.nlist, 2 * nprobe)
@@ -321,15 +346,19 @@ def rerank_exact(
 
 
 def exact_top(
-    store: VectorStore, mask: np.ndarray, queries: np.ndarray, k: int
+    store: VectorStore, mask: np.ndarray, queries: np.ndarray, k: int, exclude: list[np.ndarray] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(Q, k) exact best scores and slots over the live rows of the store, streamed a chunk at a time."""
+    """(Q, k) exact best scores and slots over the live rows of the store, streamed a chunk at a time;
+    `exclude[i]` (sorted slots) are left out for query i."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     best_s = np.full((len(queries), k), -np.inf, dtype=np.float32)
     best_i = np.full((len(queries), k), -1, dtype=np.int64)
     for first, block in store.chunks():
         s = queries @ block.T  # (Q, n)
         s[:, ~mask[first : first + len(block)]] = -np.inf
+        for i, slots in enumerate(exclude or []):
+            lo, hi = np.searchsorted(slots, [first, first + len(block)])
+            s[i, slots[lo:hi] - first] = -np.inf
         kk = min(k, s.shape[1])
         part = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
         all_s = np.concatenate([best_s, np.take_along_axis(s, part, axis=1)], axis=1)
@@ -356,19 +385,25 @@ def tune(
     rerank: int | None = None,
     queries: int = RECALL_QUERIES,
     seed: int = 0,
+    same_file: Any = None,
 ) -> dict[str, Any]:
     """The smallest `nprobe` (and `rerank`) reaching recall@10 >= `target` against exact search, with the
     recall measured: queries are `queries` of the index's own vectors, the truth an exact scan of the store.
-    A fixed `nprobe` (the user's) is measured, not searched. Returns {nprobe, rerank, recall_at_10, ...}."""
+    `same_file(slots)` gives each query's file's slots: they are left out of both the truth and the answer,
+    so what is measured is finding other videos (a file's own segments sit in its cell and would make any
+    nprobe look good; a text query is not a stored vector either). A fixed `nprobe` (the user's) is
+    measured, not searched. Returns {nprobe, rerank, recall_at_10, ...}."""
     live = np.flatnonzero(mask)
     count = min(queries, len(live))
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(live, size=count, replace=False))
     q = store.read(chosen)
-    truth = exact_top(store, mask, q, 10)[1]
+    exclude = same_file(chosen) if same_file is not None else [np.zeros(0, np.int64)] * count
+    truth = exact_top(store, mask, q, 10, exclude)[1]
 
     def recall(p: int, r: int) -> float:
-        got = searcher.search(q, 10, nprobe=p, rerank=r, widen=False)[1]
+        got = [searcher.search(q[i : i + 1], 10, nprobe=p, rerank=r, widen=False, exclude=exclude[i])[1][0]
+               for i in range(count)]  # fmt: skip
         hits = sum(len(set(g[g >= 0]) & set(t[t >= 0])) for g, t in zip(got, truth, strict=True))
         return hits / max(1, int((truth >= 0).sum()))
 

@@ -226,10 +226,12 @@ def build_index(
     root, out = _folders(video_dir, out)
     model, source, overrides = _model(model, model_source, model_overrides)
     run = _start(root, out, model, source, overrides, options, device, precision)
+    run.report.timings["model"] = time.perf_counter() - t0  # loading (unless passed) and fingerprinting it
     clean = False
     try:
+        t1 = time.perf_counter()
         _barrier(run.group, _open_index_folder(run) if run.rank == 0 else None)
-        run.report.timings["prepare"] = time.perf_counter() - t0
+        run.report.timings["prepare"] = time.perf_counter() - t1
         t1 = time.perf_counter()
         if options.from_embeddings is not None:
             if run.world > 1:

@@ -28,6 +28,7 @@ memory up to 262,144 vectors, else by scanning the store) and says so; the next 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import re
@@ -211,7 +212,8 @@ def _build(folder: Path, conn: sqlite3.Connection, store: VectorStore, mask: np.
     elif action == "retune":  # the same vectors, the user's nprobe measured: no file written
         index = _read(folder / old["file"])
         probe = ApproxSearcher(index, None, np.zeros(0, np.int64), store, old, int(mask.sum()))
-        record.update(tune(probe, store, mask, target=settings.target_recall, nprobe=settings.nprobe))
+        record.update(tune(probe, store, mask, target=settings.target_recall, nprobe=settings.nprobe,
+                           same_file=functools.partial(same_file, conn)))  # fmt: skip
         record["nprobe_set"] = True
         with _transaction(conn):
             _set_meta(conn, ann=record)
@@ -228,7 +230,8 @@ def _build(folder: Path, conn: sqlite3.Connection, store: VectorStore, mask: np.
             f"{folder}: the vector index holds {index.ntotal} vectors, the store {n}; {_REPAIR}"
         )
     probe = ApproxSearcher(index, None, np.zeros(0, np.int64), store, {**record, "kind": kind}, n)
-    record.update(tune(probe, store, mask, target=settings.target_recall, nprobe=settings.nprobe))
+    record.update(tune(probe, store, mask, target=settings.target_recall, nprobe=settings.nprobe,
+                       same_file=functools.partial(same_file, conn)))  # fmt: skip
     record["nprobe_set"] = settings.nprobe is not None
     name = f"vectors-{build}.faiss"
     written = _write(index, folder / name)
@@ -252,6 +255,18 @@ def _train(folder: Path, store: VectorStore, mask: np.ndarray, kind: str, settin
     record.update(params, trained=name, trained_sha256=written["sha256"], trained_bytes=written["bytes"],
                   trained_n=len(live), train_fit=fit(index, sample[:8192]))  # fmt: skip
     return index
+
+
+def same_file(conn: sqlite3.Connection, slots: np.ndarray) -> list[np.ndarray]:
+    """For each slot, the sorted slots of every segment of its file."""
+    out = []
+    for slot in slots:
+        found = conn.execute(
+            "SELECT s2.slot FROM segments s1 JOIN segments s2 ON s2.file_id = s1.file_id WHERE s1.slot = ?",
+            (int(slot),),
+        ).fetchall()
+        out.append(np.sort(np.array([r[0] for r in found], dtype=np.int64)))
+    return out
 
 
 def _next_build(folder: Path, old: dict) -> int:
