@@ -285,8 +285,9 @@ class ApproxSearcher:
         params.nprobe = nprobe
         if exclude is not None and len(exclude):  # a query's own file left out (recall measurement)
             batch = faiss.IDSelectorBatch(np.union1d(exclude, self.tombstones).astype(np.int64))
-            params.sel = faiss.IDSelectorNot(batch)
-            params._refs = (batch, params.sel)
+            selector = faiss.IDSelectorNot(batch)
+            params.sel = selector
+            params._refs = (batch, selector)  # the parameters hold raw pointers: keep the objects alive
         elif filtered and self.selector is not None:
             params.sel = self.selector
         if self.two_level:
@@ -411,12 +412,16 @@ def tune(
     ladder = sorted({p for p in _NPROBE_LADDER if p < searcher.nlist} | {searcher.nlist})
     best = (0.0, searcher.nlist, base)
     for r in (base,) if nprobe or rerank or searcher.kind == "ivf" else (base, 4 * base):
+        flat = 0
         for p in (nprobe,) if nprobe else ladder:
             measured = recall(p, r)
+            flat = flat + 1 if measured <= best[0] + 0.002 else 0
             if measured > best[0]:
                 best = (measured, p, r)
             if measured >= target:
                 return {"nprobe": p, "rerank": r, "recall_at_10": measured, "recall_queries": count,
                         "target_recall": target}  # fmt: skip
+            if flat >= 3 and p >= 32:  # more cells stopped helping: the codes limit recall, not the probes
+                break
     return {"nprobe": best[1], "rerank": best[2], "recall_at_10": best[0], "recall_queries": count,
             "target_recall": target}  # fmt: skip

@@ -12,7 +12,6 @@ failure with all.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import sqlite3
@@ -64,7 +63,7 @@ from stanvid.search.index.store import (
     _transaction,
 )
 from stanvid.search.index.vectors import VectorStore, create_store
-from stanvid.search.index.walk import _walk
+from stanvid.search.index.walk import _share, _walk
 from stanvid.search.index.writer import _Writer
 from stanvid.video.pipeline import PREFETCH_PER_WORKER, ThreadBudget, encode_batch_size, thread_budget
 
@@ -491,7 +490,7 @@ def _drop_damaged_rows(conn: sqlite3.Connection, db: Path, store: VectorStore) -
         r[0]
         for r in conn.execute(
             "SELECT path FROM files WHERE id IN (SELECT file_id FROM segments WHERE slot < 0 OR slot >= ?) "
-            "OR id NOT IN (SELECT file_id FROM segments)",
+            "OR NOT EXISTS (SELECT 1 FROM segments WHERE file_id = files.id)",  # per file, through the index
             (store.rows,),
         )
     ]
@@ -513,20 +512,6 @@ def _drop_damaged_rows(conn: sqlite3.Connection, db: Path, store: VectorStore) -
     live = store.rows - conn.execute("SELECT COUNT(*) FROM dead WHERE slot < ?", (store.rows,)).fetchone()[0]
     if conn.execute("SELECT COUNT(*) FROM segments").fetchone()[0] != live:
         reconcile_dead(conn, store)  # store rows no segment points at any more (a dropped table, a bad slot)
-
-
-def _share(entries: list[_FileEntry], shard: tuple[int, int] | None) -> list[_FileEntry]:
-    """The files of share i of n: a stable hash of the relative path, so a file stays in its share whatever
-    else is added to or removed from the folder."""
-    if shard is None:
-        return entries
-    i, n = shard
-    return [
-        e
-        for e in entries
-        if int.from_bytes(hashlib.sha1(e.relpath.encode("utf-8", "surrogateescape")).digest()[:8], "big") % n
-        == i
-    ]
 
 
 def _changed(entry: _FileEntry, row: tuple | None) -> bool:

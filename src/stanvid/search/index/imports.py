@@ -293,8 +293,7 @@ def _row(row: Any, where: Path, i: int) -> tuple[str, float, float, int, int]:
 # ---------------------------------------------------------------------------------------------- import
 def import_embeddings(run: Any, spec: str) -> None:
     """Import the rows of the embedding files `spec` names into the index of `run` (`build._Run`)."""
-    from stanvid.search.index.build import _share
-    from stanvid.search.index.walk import _walk
+    from stanvid.search.index.walk import _share, _walk
     from stanvid.search.rerank import keeps_frame_vectors
 
     if keeps_frame_vectors(run.runner.model):
