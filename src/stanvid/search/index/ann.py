@@ -7,8 +7,10 @@ Kinds, keyed by store slot (`stanvid.search.index.vectors`):
   `approx_threshold` (100,000) vectors: 205 MB at 512-d, a query in a few milliseconds.
 * `ivfpq` — what `auto` picks from `approx_threshold` on: an inverted file of `nlist` cells (k-means, spherical,
   `nlist` = 4 sqrt(N): the low end of FAISS's 4-16 sqrt(N) guidance, chosen for training time on a small CPU)
-  holding product-quantized codes of the vectors (`m` = D/8 bytes each: 64 B at 512-d, 8 bytes of id beside),
-  so 1M vectors take 72 MB instead of 2 GB. The best `rerank` candidates are scored again exactly with their
+  holding product-quantized codes of the vectors (`m` = D/4 bytes each: 128 B at 512-d, 8 bytes of id beside),
+  so 1M vectors take 136 MB instead of 2 GB (D/8-byte codes halve that but, on clustered data at 10M, rank
+  the true neighbours too loosely for 400 re-ranked candidates to hold them: recall@10 0.76 against 0.998
+  for D/4 at 300k vectors of the same density, measured). The best `rerank` candidates are scored again exactly with their
   float32 rows read from the store, so scores are exact cosines and the codes only choose whom to score. From
   1024 cells the centroids are trained in two levels (sqrt(nlist) coarse clusters, each split) and found the
   same way: an inverted file over the centroids, `QUANTIZER_PROBE` coarse clusters probed (~600 dot products
@@ -76,7 +78,7 @@ def choose_params(kind: str, n: int, dim: int, nlist: int | None = None) -> dict
     cells = max(1, min(cells, n))
     params: dict[str, Any] = {"kind": kind, "nlist": int(cells), "two_level": cells >= TWO_LEVEL_FROM_NLIST}
     if kind == "ivfpq":
-        m = max([d for d in range(1, dim + 1) if dim % d == 0 and dim // d >= 8] or [1])
+        m = max([d for d in range(1, dim + 1) if dim % d == 0 and dim // d >= 4] or [1])
         params["m"] = m
         params["nbits"] = int(min(8, max(1, math.floor(math.log2(max(2, n / 4))))))
     return params
