@@ -60,6 +60,8 @@ def _threads_for(queries: np.ndarray) -> None:
     faiss.omp_set_num_threads(1 if len(queries) < 8 else _THREADS)
 
 
+MAX_PROBE_FRACTION = 8  # `nprobe` is chosen up to nlist / 8 (or 64 cells); a user's --nprobe may go past
+
 _NPROBE_LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 
 
@@ -97,6 +99,8 @@ def describe(record: dict[str, Any] | None) -> str:
         if measured is None
         else f", recall@10 {measured:.3f} vs exact on {record['recall_queries']} of its vectors"
     )
+    if measured is not None and measured < record.get("target_recall", 0):
+        recall += f" (target {record['target_recall']:.2f} not reached)"
     name = "IVF-PQ" if record["kind"] == "ivfpq" else "IVF"
     return f"approximate {name}, {shape}, nprobe={record['nprobe']}{recall}"
 
@@ -411,19 +415,26 @@ def tune(
         return hits / max(1, int((truth >= 0).sum()))
 
     base = rerank or DEFAULT_RERANK
-    ladder = sorted({p for p in _NPROBE_LADDER if p < searcher.nlist} | {searcher.nlist})
-    best = (0.0, searcher.nlist, base)
+    cap = max(min(searcher.nlist, 64), searcher.nlist // MAX_PROBE_FRACTION)  # milliseconds: at most 1/8
+    ladder = sorted({p for p in _NPROBE_LADDER if p < cap} | {cap})
+    tried: list[tuple[float, int, int]] = []
     for r in (base,) if nprobe or rerank or searcher.kind == "ivf" else (base, 4 * base):
-        flat = 0
+        best, flat = 0.0, 0
         for p in (nprobe,) if nprobe else ladder:
             measured = recall(p, r)
-            flat = flat + 1 if measured <= best[0] + 0.002 else 0
-            if measured > best[0]:
-                best = (measured, p, r)
+            tried.append((measured, p, r))
             if measured >= target:
                 return {"nprobe": p, "rerank": r, "recall_at_10": measured, "recall_queries": count,
                         "target_recall": target}  # fmt: skip
+            flat = flat + 1 if measured <= best + 0.002 else 0
+            best = max(best, measured)
             if flat >= 3 and p >= 32:  # more cells stopped helping: the codes limit recall, not the probes
                 break
-    return {"nprobe": best[1], "rerank": best[2], "recall_at_10": best[0], "recall_queries": count,
-            "target_recall": target}  # fmt: skip
+    measured, p, r = max(tried, key=lambda t: (t[0], -t[1], -t[2]))
+    return {
+        "nprobe": p,
+        "rerank": r,
+        "recall_at_10": measured,
+        "recall_queries": count,
+        "target_recall": target,
+    }
