@@ -5,6 +5,7 @@ Imported as `from indexkit import ...` (`tests/` is on the path through pyprojec
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import sqlite3
 from pathlib import Path
@@ -68,12 +69,16 @@ def make_folder(root: Path, videos: dict = VIDEOS) -> Path:
 
 
 def rows(index_dir: Path) -> list[tuple[str, float, float, np.ndarray]]:
-    """(relpath, start, end, embedding) of every segment, sorted by path and start."""
+    """(relpath, start, end, embedding) of every segment, sorted by path and start: read from SQLite and the
+    store file directly (row `slot` at byte 4096 + 4 * dim * slot), not through the index code."""
     with contextlib.closing(sqlite3.connect(index_dir / DB_NAME)) as conn:
         found = conn.execute(
-            "SELECT f.path, s.start, s.end, s.embedding FROM segments s JOIN files f ON f.id = s.file_id"
+            "SELECT f.path, s.start, s.end, s.slot FROM segments s JOIN files f ON f.id = s.file_id"
         ).fetchall()
-    return sorted((p, a, b, np.frombuffer(e, dtype=np.float32)) for p, a, b, e in found)
+        meta = {k: json.loads(v) for k, v in conn.execute("SELECT key, value FROM meta")}
+    raw = np.fromfile(index_dir / meta["store"]["file"], dtype=np.float32, offset=4096)
+    matrix = raw[: meta["store"]["rows"] * meta["dim"]].reshape(-1, meta["dim"])
+    return sorted((p, a, b, matrix[slot].copy()) for p, a, b, slot in found)
 
 
 def reference_embedding(model, path: Path, start: float, end: float) -> np.ndarray:

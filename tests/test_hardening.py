@@ -186,7 +186,7 @@ def test_a_name_that_is_not_utf8_is_listed_and_stops_nothing(tmp_path, model_dir
     assert "Traceback" not in captured.err
     assert "zz\\xff.mp4: the file name is not valid UTF-8" in captured.out
     assert sorted(file_ids(out)) == sorted(VIDEOS)  # the rest is indexed, committed, searchable
-    assert len(list(out.glob("vectors-*.faiss"))) == 1
+    assert len(list(out.glob("embeddings-*.f32"))) == 1
     assert len(open_index(out).search("x", 10)) == len(VIDEOS)
     assert cli_main(argv) == 0  # and every rerun goes through too
     assert "3 unchanged" in capsys.readouterr().out
@@ -211,42 +211,94 @@ def vector_file(out: Path) -> Path:
     return next(out.glob("vectors-*.faiss"))
 
 
-@pytest.mark.parametrize("damage", ["empty", "truncated", "random", "foreign"])
-def test_a_damaged_vector_file_is_rebuilt_from_sqlite(
-    good_index, tmp_path, model_dir, capsys, caplog, damage
-):
-    root, good = good_index
-    out = copy_index(good_index, tmp_path)
-    vectors = vector_file(out)
-    data = vectors.read_bytes()
+def store_file(out: Path) -> Path:
+    return next(out.glob("embeddings-*.f32"))
+
+
+@pytest.fixture(scope="module")
+def good_ivf(tmp_path_factory, model_dir, good_index):
+    """The same folder indexed approximately (IVF-PQ from the first vector on), so it has a vector index file."""
+    root, _ = good_index
+    out = tmp_path_factory.mktemp("good_ivf") / "idx"
+    report = build(root, out, model_dir, approx_threshold=1)
+    assert report.vector_index.startswith("approximate IVF-PQ")
+    return root, out
+
+
+def damage_file(path: Path, damage: str, foreign: Path | None = None) -> None:
+    data = path.read_bytes()
     if damage == "empty":
-        vectors.write_bytes(b"")
+        path.write_bytes(b"")
     elif damage == "truncated":
-        vectors.write_bytes(data[: len(data) // 2])
+        path.write_bytes(data[: len(data) // 2])
     elif damage == "random":
-        vectors.write_bytes(np.random.default_rng(0).bytes(len(data)))
-    else:  # a valid vector file of another index of the same model: 1 file instead of 3
+        path.write_bytes(np.random.default_rng(0).bytes(len(data)))
+    else:  # a valid file of the same kind from another index of the same model
+        shutil.copy(foreign, path)
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "random", "foreign"])
+def test_a_damaged_vector_index_file_is_searched_exactly_then_rewritten(
+    good_ivf, good_index, tmp_path, model_dir, capsys, caplog, damage
+):
+    root, good = good_ivf
+    out = copy_index(good_ivf, tmp_path)
+    vectors = vector_file(out)
+    other = None
+    if damage == "foreign":
         other = tmp_path / "other"
-        build(make_videos(tmp_path / "v2", {"a.mp4": (20, 1)}), other, model_dir)
-        shutil.copy(vector_file(other), vectors)
-    expected = [(h.id, h.score) for h in open_index(good).search("a red ball", 50)]
+        build(make_videos(tmp_path / "v2", {"a.mp4": (20, 1)}), other, model_dir, approx_threshold=1)
+        other = vector_file(other)
+    damage_file(vectors, damage, other)
+    expected = [(h.id, h.score) for h in open_index(good_index[1]).search("a red ball", 50)]  # exact
     with caplog.at_level(logging.WARNING, logger="stanvid"):
         with open_index(out) as index:
             got = [(h.id, h.score) for h in index.search("a red ball", 50)]
     assert [i for i, _ in got] == [i for i, _ in expected]
     np.testing.assert_allclose([s for _, s in got], [s for _, s in expected], atol=1e-6)
-    assert any(vectors.name in r.getMessage() and "rebuilding" in r.getMessage() for r in caplog.records)
+    assert any(vectors.name in r.getMessage() and "exactly" in r.getMessage() for r in caplog.records)
     with TestClient(create_app(out)) as client:
-        assert len(client.get("/api/search", params={"q": "a red ball", "k": 50}).json()["results"]) == len(
-            got
-        )
+        found = client.get("/api/search", params={"q": "a red ball", "k": 50}).json()["results"]
+        assert len(found) == len(got)
     assert cli_main(["search", str(out), "a red ball", "-k", "50"]) == 0
     assert "Traceback" not in capsys.readouterr().err
-    build(root, out, model_dir)  # `stanvid index` stores a good one again
+    build(root, out, model_dir, approx_threshold=1)  # `stanvid index` stores a good one again
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="stanvid"):
-        assert len(open_index(out)) == len(got)
+        with open_index(out) as index:
+            assert len(index) == len(got) and index.vectors.kind == "ivfpq"
     assert not caplog.records
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "random", "foreign", "flipped"])
+def test_a_damaged_store_is_one_line_and_index_encodes_what_it_lost_again(
+    good_index, tmp_path, model_dir, capsys, caplog, damage
+):
+    root, good = good_index
+    out = copy_index(good_index, tmp_path)
+    store = store_file(out)
+    if damage == "flipped":  # one row's bytes changed in place: only the chunk hashes can tell
+        with open(store, "r+b") as f:
+            f.seek(4096 + 20)
+            f.write(b"\x7f" * 8)
+    else:
+        other = None
+        if damage == "foreign":
+            other = tmp_path / "other"
+            build(make_videos(tmp_path / "v2", {"a.mp4": (20, 1)}), other, model_dir)
+            other = store_file(other)
+        damage_file(store, damage, other)
+    one_line_error(capsys, ["search", str(out), "x"], store.name)
+    with pytest.raises(VideoIndexError, match=store.name):
+        create_app(out)
+    with caplog.at_level(logging.WARNING, logger="stanvid"):
+        report = build(root, out, model_dir)
+    assert report.indexed >= 1 and any("encoded again" in r.getMessage() for r in caplog.records)
+    fixed, reference = rows(out), rows(good)  # every file back, the same embeddings
+    assert [r[:3] for r in fixed] == [r[:3] for r in reference]
+    for r, ref in zip(fixed, reference, strict=True):
+        np.testing.assert_allclose(r[3], ref[3], atol=1e-6)
+    assert len(open_index(out).search("x", 100)) == len(reference)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
@@ -281,11 +333,7 @@ def test_a_damaged_database_is_one_line_in_search_serve_and_index(
         ("UPDATE meta SET value = '{bad' WHERE key = 'dim'", "'dim'", False),
         ("DELETE FROM meta WHERE key = 'model_fingerprint'", "'model_fingerprint'", False),
         ("UPDATE meta SET value = '\"seven\"' WHERE key = 'generation'", "'generation'", False),
-        (
-            "UPDATE segments SET embedding = x'00000000' WHERE id = (SELECT MIN(id) FROM segments)",
-            "damaged",
-            True,
-        ),
+        ("UPDATE segments SET slot = 999999 WHERE id = (SELECT MIN(id) FROM segments)", "damaged", True),
         ("DROP TABLE files", "'files'", True),
         ("DROP TABLE segments", "'segments'", True),
     ],

@@ -178,7 +178,8 @@ def test_rerun_encodes_only_new_and_changed_files_and_drops_deleted(tmp_path, mo
         ids_after = dict(conn.execute("SELECT path, id FROM files"))
     for unchanged in ("sub/deeper/c.MP4", "d.webm"):  # not re-encoded: same rows
         assert ids_after[unchanged] == ids_before[unchanged]
-    assert len(list(out.glob("vectors-*.faiss"))) == 1
+    assert len(list(out.glob("embeddings-*.f32"))) == 1  # one store, appended to
+    assert not list(out.glob("vectors-*.faiss"))  # an exact index needs no vector index file
 
     report = build_index(root, out, model_dir, segment_seconds=1.0, num_workers=0, progress=False)
     assert (report.indexed, report.removed, report.unchanged) == (0, 0, 4)
@@ -236,6 +237,8 @@ def test_leftover_shards_of_an_interrupted_sharded_run_are_merged(tmp_path, mode
     (out / SHARD_DIR).mkdir(parents=True)
     # a rank's shard has the main index's schema: a finished single-process index stands in for one
     shutil.copy(complete / DB_NAME, out / SHARD_DIR / "rank-00001.sqlite")
+    for store in complete.glob("embeddings-*.f32"):  # and its store, under the name its record gives
+        shutil.copy(store, out / SHARD_DIR / store.name)
     report = build_index(root, out, model_dir, segment_seconds=1.0, num_workers=0, progress=False)
     assert (report.indexed, report.unchanged, report.files) == (0, len(VIDEOS), len(VIDEOS))
     assert not (out / SHARD_DIR).exists()

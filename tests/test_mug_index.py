@@ -31,6 +31,7 @@ build_index = functools.partial(_build_index, precision="fp32")
 open_index = functools.partial(_open_index, precision="fp32")
 search_index = functools.partial(_search_index, precision="fp32")
 from indexkit import VIDEOS, index_model, make_folder  # noqa: E402
+from indexkit import rows as store_rows  # noqa: E402
 from stanvid.models.mug import mug_similarity  # noqa: E402
 from stanvid.models.tokenizer import tokenize  # noqa: E402
 from stanvid.video.sampling import uniform_indices  # noqa: E402
@@ -48,12 +49,12 @@ def stored(index_dir):
     """(segment id, relpath, start, pooled embedding, per-frame vectors or None) of every segment, by path."""
     with contextlib.closing(sqlite3.connect(index_dir / DB_NAME)) as conn:
         found = conn.execute(
-            "SELECT s.id, f.path, s.start, s.embedding, sf.frames FROM segments s JOIN files f ON f.id = s.file_id "
+            "SELECT s.id, f.path, s.start, sf.frames FROM segments s JOIN files f ON f.id = s.file_id "
             "LEFT JOIN segment_frames sf ON sf.segment_id = s.id"
         ).fetchall()
+    pooled = {(p, a): e for p, a, _, e in store_rows(index_dir)}  # the store, read directly
     return sorted(
-        (sid, p, a, np.frombuffer(e, np.float32), None if fr is None else np.frombuffer(fr, np.float32))
-        for sid, p, a, e, fr in found
+        (sid, p, a, pooled[p, a], None if fr is None else np.frombuffer(fr, np.float32)) for sid, p, a, fr in found
     )
 
 
@@ -136,6 +137,8 @@ def test_merged_shards_keep_their_frame_vectors(tmp_path, mug_built):
     (out / SHARD_DIR).mkdir(parents=True)
     # a rank's shard has the main index's schema: a finished single-process index stands in for one
     shutil.copy(complete / DB_NAME, out / SHARD_DIR / "rank-00001.sqlite")
+    for store in complete.glob("embeddings-*.f32"):  # and its store, under the name its record gives
+        shutil.copy(store, out / SHARD_DIR / store.name)
     build_index(root, out, model_dir, segment_seconds=1.0, num_workers=0, progress=False)
     assert not (out / SHARD_DIR).exists()
     merged, reference = stored(out), stored(complete)

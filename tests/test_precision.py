@@ -88,8 +88,7 @@ def indexes(corpus, tmp_path_factory) -> dict[str, Path]:
 def _stored(index_dir: Path) -> dict[tuple[str, float], np.ndarray]:
     with open_index(index_dir, precision="fp32") as index:
         segments = index.segments(list(range(1, len(index) + 1)))
-        ids = np.array([s.id for s in segments])
-        vectors = np.stack([index.vectors.reconstruct(int(i)) for i in ids])
+        vectors = index.segment_embeddings([s.id for s in segments])
     return {(s.relpath, s.start): v for s, v in zip(segments, vectors, strict=True)}
 
 

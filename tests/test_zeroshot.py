@@ -218,6 +218,9 @@ def test_embed_writes_rows_equal_to_the_index_and_resumes(tmp_path, capsys):
     assert f"wrote {len(rows)} rows" in printed and "1 unreadable" in printed
     assert header["segment_seconds"] == 1.0 and header["vectors"] == "features.npy"
     assert [(r["path"], r["start"]) for r in rows] == sorted((r["path"], r["start"]) for r in rows)
+    for r in rows:  # the file's identity when it was embedded
+        st = (root / r["path"]).stat()
+        assert (r["size"], r["mtime_ns"]) == (st.st_size, st.st_mtime_ns)
     with open_index(work_index_path(out), precision="fp32") as index:  # the build's precision
         np.testing.assert_array_equal(vectors, index.segment_embeddings([r["segment_id"] for r in rows]))
         for row, vec in zip(rows, vectors, strict=True):  # each row is the span's own embedding
@@ -250,7 +253,9 @@ def test_embed_parquet_or_a_clear_error(tmp_path, capsys):
         return
     assert code == 0
     table = pq.read_table(out)
-    assert table.column_names == ["path", "start", "end", "segment_id", "vector"] and table.num_rows == 1
+    assert table.column_names == ["path", "start", "end", "size", "mtime_ns", "segment_id", "vector"]
+    assert table.num_rows == 1 and table.column("size")[0].as_py() == (root / "a.mp4").stat().st_size
+    assert json.loads(table.schema.metadata[b"stanvid"])["dim"] == 16
 
 
 @pytest.mark.parametrize(

@@ -40,7 +40,7 @@ OPTIONAL_PACKAGES = {
     "starlette": "stanvid[search]",
     "uvicorn": "stanvid[search]",
     "huggingface_hub": "stanvid[hub]",
-    "pyarrow": "pyarrow",
+    "pyarrow": "stanvid[parquet]",
 }
 
 

@@ -26,6 +26,13 @@ def add_parser(sub) -> None:
         help="features.npy (vectors; rows described in features.json) or features.parquet (needs pyarrow)",
     )
     p.add_argument("--segment-seconds", type=float, default=None, metavar="S", help="one row per S seconds")
+    p.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="embed only share I of N of the files (a stable hash of their path) into OUT-0000I-of-0000N; "
+        "under torchrun each rank takes its own share",
+    )
     add_model_overrides(p)
     p.add_argument("--batch-size", type=int, default=16, help="clips per forward pass (default 16)")
     p.add_argument("--workers", type=int, default=2, help="decoding processes (default 2)")
@@ -63,6 +70,7 @@ def run(args) -> int:
         args.video_dir,
         args.out,
         args.model,
+        shard=_shard(args.shard),
         model_overrides=parse_overrides(args.overrides),
         segment_seconds=args.segment_seconds,
         batch_size=args.batch_size,
@@ -73,3 +81,14 @@ def run(args) -> int:
     )
     print(result.summary())
     return 0
+
+
+def _shard(text: str | None) -> tuple[int, int] | None:
+    from stanvid.errors import EmbedError
+
+    if text is None:
+        return None
+    i, sep, n = text.partition("/")
+    if not (sep and i.strip().isdigit() and n.strip().isdigit() and int(i) < int(n)):
+        raise EmbedError(f"--shard must be I/N with 0 <= I < N, got {text!r}")
+    return int(i), int(n)

@@ -49,9 +49,10 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--index",
         dest="index_kind",
-        choices=("auto", "flat", "ivf"),
+        choices=("auto", "flat", "ivf", "ivfpq"),
         default="auto",
-        help="vector index: exact (flat), approximate (ivf), or auto: ivf from --approx-threshold vectors",
+        help="vector index: exact (flat), inverted file of float32 vectors (ivf) or of PQ codes re-ranked exactly "
+        "(ivfpq), or auto: flat below --approx-threshold vectors, ivfpq from there",
     )
     p.add_argument(
         "--approx-threshold",
@@ -61,14 +62,38 @@ def add_parser(sub) -> None:
         help="vectors from which `auto` builds an approximate index (default 100000)",
     )
     p.add_argument(
-        "--nprobe", type=int, default=None, help="IVF cells searched per query (default nlist / 16)"
+        "--nprobe",
+        type=int,
+        default=None,
+        help="IVF cells searched per query (default: the fewest measured to reach --target-recall)",
+    )
+    p.add_argument("--nlist", type=int, default=None, help="IVF cells (default 4 sqrt(N), at most N / 39)")
+    p.add_argument(
+        "--target-recall",
+        type=float,
+        default=None,
+        metavar="R",
+        help="recall@10 against exact search that nprobe is measured to reach (default 0.95)",
+    )
+    p.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="train the vector index again from every stored vector (runs retrain on their own past 4x growth "
+        "or drift)",
+    )
+    p.add_argument(
+        "--from-embeddings",
+        default=None,
+        metavar="PATH",
+        help="import `stanvid embed` outputs (a .npy + .json, a .parquet, a folder or a glob of them) instead "
+        "of encoding",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from stanvid.search.index import DEFAULT_APPROX_THRESHOLD, build_index
+    from stanvid.search.index import DEFAULT_APPROX_THRESHOLD, TARGET_RECALL, build_index
 
     report = build_index(
         args.video_dir,
@@ -83,6 +108,10 @@ def run(args) -> int:
         index_kind=args.index_kind,
         approx_threshold=args.approx_threshold or DEFAULT_APPROX_THRESHOLD,
         nprobe=args.nprobe,
+        nlist=args.nlist,
+        target_recall=TARGET_RECALL if args.target_recall is None else args.target_recall,
+        rebuild=args.rebuild,
+        from_embeddings=args.from_embeddings,
         progress=not args.no_progress,
     )
     if int(os.environ.get("RANK", 0)) == 0:

@@ -41,6 +41,13 @@ ahead of the model; encoding and committing), `shards` (the ranks of a `torchrun
 """
 
 from stanvid.errors import IndexedFileError, VideoIndexError
+from stanvid.search.index.ann import (
+    DEFAULT_APPROX_THRESHOLD,
+    DEFAULT_RERANK,
+    INDEX_KINDS,
+    TARGET_RECALL,
+    make_vector_index,
+)
 from stanvid.search.index.build import build_index
 from stanvid.search.index.clips import (
     MAX_SEGMENTS_PER_FILE,
@@ -53,27 +60,21 @@ from stanvid.search.index.clips import (
 )
 from stanvid.search.index.identity import model_fingerprint
 from stanvid.search.index.records import IndexReport, SearchResult, Segment
-from stanvid.search.index.store import (
-    DB_NAME,
-    DEFAULT_APPROX_THRESHOLD,
-    FORMAT_VERSION,
-    INDEX_KINDS,
-    LOCK_NAME,
-    SHARD_DIR,
-    make_vector_index,
-)
+from stanvid.search.index.store import DB_NAME, FORMAT_VERSION, LOCK_NAME, SHARD_DIR
 from stanvid.search.index.video_index import VideoIndex, open_index, search_index
 from stanvid.search.index.walk import VIDEO_EXTENSIONS, find_videos
 
 __all__ = [
     "DB_NAME",
     "DEFAULT_APPROX_THRESHOLD",
+    "DEFAULT_RERANK",
     "FORMAT_VERSION",
     "INDEX_KINDS",
     "LOCK_NAME",
     "MAX_SEGMENTS_PER_FILE",
     "MIN_SEGMENT_SECONDS",
     "SHARD_DIR",
+    "TARGET_RECALL",
     "VIDEO_EXTENSIONS",
     "IndexReport",
     "IndexedFileError",

@@ -2,8 +2,11 @@
 
 `build_index` is: check the settings, load the model, join the ranks' group (`torchrun`), then rank 0 opens
 the index folder (lock, record, repair), every rank encodes its share of the new or changed files (into the
-main database, or its shard under `torchrun`), and rank 0 merges the shards, records the failures and writes
-the vector file. After each step the ranks meet at a barrier that shares any rank's failure with all.
+main database, or its shard under `torchrun`) or the run imports embeddings computed elsewhere
+(`from_embeddings`, `stanvid.search.index.imports`), and rank 0 merges the shards, records the failures,
+compacts the store when half of it is dead and brings the vector index files up to date
+(`stanvid.search.index.maintain`). After each step the ranks meet at a barrier that shares any rank's
+failure with all.
 """
 
 from __future__ import annotations
@@ -28,32 +31,39 @@ from stanvid.errors import VideoIndexError
 from stanvid.locking import exclusive_lock
 from stanvid.models.video_clip import VideoCLIP
 from stanvid.precision import InferencePrecision, prepare_for_inference, resolve_precision
+from stanvid.search.index.ann import DEFAULT_APPROX_THRESHOLD, INDEX_KINDS, TARGET_RECALL, describe
 from stanvid.search.index.clips import MIN_SEGMENT_SECONDS, _check_segment_seconds
 from stanvid.search.index.identity import _check_identity, _load_model, _source_string, model_fingerprint
 from stanvid.search.index.loader import _ClipLoader, _identity_collate
+from stanvid.search.index.maintain import (
+    COMPACT_FRACTION,
+    VectorSettings,
+    compact_store,
+    reconcile_dead,
+    remove_unrecorded,
+    repair_store,
+    update_vectors,
+)
 from stanvid.search.index.records import IndexReport, _FileEntry
 from stanvid.search.index.shards import _barrier, _join_group, _leave_group, _merge_shards
 from stanvid.search.index.store import (
     _REBUILD,
     DB_NAME,
-    DEFAULT_APPROX_THRESHOLD,
     FORMAT_VERSION,
-    INDEX_KINDS,
     LOCK_NAME,
     SHARD_DIR,
     _bump_generation,
     _check_meta,
     _connect,
-    _damaged_rows,
     _db_errors,
     _delete_file,
-    _describe,
+    _delete_orphans,
     _get_meta,
     _set_meta,
     _transaction,
-    _write_vector_index,
 )
-from stanvid.search.index.walk import _walk
+from stanvid.search.index.vectors import VectorStore, create_store
+from stanvid.search.index.walk import _share, _walk
 from stanvid.search.index.writer import _Writer
 from stanvid.video.pipeline import PREFETCH_PER_WORKER, ThreadBudget, encode_batch_size, thread_budget
 
@@ -74,6 +84,10 @@ class _Options:
     progress: bool
     on_commit: Callable[[int], None] | None
     dist_timeout: timedelta
+    rebuild: bool = False
+    target_recall: float = TARGET_RECALL
+    from_embeddings: str | None = None
+    shard: tuple[int, int] | None = None  # (i, n): this run indexes the files of share i of n, alone
 
     def __post_init__(self) -> None:
         if self.segment_seconds is not None:
@@ -95,6 +109,18 @@ class _Options:
             raise VideoIndexError(
                 f"index_kind must be one of {', '.join(INDEX_KINDS)}, got {self.index_kind!r}"
             )
+        if isinstance(self.target_recall, bool) or not (0 < self.target_recall <= 1):
+            raise VideoIndexError(f"target_recall must be in (0, 1], got {self.target_recall!r}")
+        if self.shard is not None:
+            i, n = self.shard
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in (i, n)) or not 0 <= i < n:
+                raise VideoIndexError(f"shard must be I/N with 0 <= I < N, got {i!r}/{n!r}")
+
+    @property
+    def vectors(self) -> VectorSettings:
+        return VectorSettings(
+            self.index_kind, self.approx_threshold, self.nlist, self.nprobe, self.rebuild, self.target_recall
+        )
 
 
 @dataclass
@@ -142,6 +168,10 @@ def build_index(
     progress: bool = True,
     on_commit: Callable[[int], None] | None = None,
     dist_timeout: timedelta = timedelta(hours=24),
+    rebuild: bool = False,
+    target_recall: float = TARGET_RECALL,
+    from_embeddings: str | os.PathLike | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> IndexReport:
     """Index the videos under `video_dir` into the directory `out` (created, or updated in place).
 
@@ -165,6 +195,15 @@ def build_index(
     Rank 0 holds a lock on `out` for the whole run (`stanvid.locking`): a second run on the same index raises
     `LockHeldError` naming the process that holds it. Symbolic links resolving outside `video_dir` and names
     that are not valid UTF-8 are not indexed and are listed in `IndexReport.failed` with the reason.
+
+    The vector index (`stanvid.search.index.ann`): `index_kind` auto is exact below `approx_threshold` vectors
+    and IVF-PQ with an exact re-rank above; `nlist` cells (default 4 sqrt(N)); `nprobe` is measured for
+    recall@10 >= `target_recall` unless given. A run updates it at the cost of what changed and retrains only
+    past the growth or drift of `stanvid.search.index.maintain`, or with `rebuild`.
+
+    `from_embeddings` (a `stanvid embed` output: .npy + .json or .parquet; a folder or a glob of them) imports
+    those rows instead of encoding (`stanvid.search.index.imports`). `shard=(i, n)` indexes only the files
+    of share i of n (a stable hash of their path), in this process alone: `stanvid embed --shard`.
     """
     t0 = time.perf_counter()
     options = _Options(
@@ -178,14 +217,30 @@ def build_index(
         progress,
         on_commit,
         dist_timeout,
+        rebuild,
+        target_recall,
+        None if from_embeddings is None else str(from_embeddings),
+        None if shard is None else tuple(shard),
     )
     root, out = _folders(video_dir, out)
     model, source, overrides = _model(model, model_source, model_overrides)
     run = _start(root, out, model, source, overrides, options, device, precision)
+    run.report.timings["model"] = time.perf_counter() - t0  # loading (unless passed) and fingerprinting it
     clean = False
     try:
+        t1 = time.perf_counter()
         _barrier(run.group, _open_index_folder(run) if run.rank == 0 else None)
-        _barrier(run.group, _encode_share(run))
+        run.report.timings["prepare"] = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        if options.from_embeddings is not None:
+            if run.world > 1:
+                raise VideoIndexError("from_embeddings imports in one process; run it without torchrun")
+            from stanvid.search.index.imports import import_embeddings
+
+            import_embeddings(run, options.from_embeddings)
+        else:
+            _barrier(run.group, _encode_share(run))
+        run.report.timings["import" if options.from_embeddings else "encode"] = time.perf_counter() - t1
         if run.rank == 0:
             _finish(run)
         run.report.failed = [(str(root / p), e) for p, e in run.report.failed]
@@ -233,8 +288,9 @@ def _start(
     fingerprint = model_fingerprint(model)
     dev = torch.device(device) if device is not None else default_device()
     resolve_precision(precision, dev)  # a bad precision fails before any process group exists
-    group = _join_group(options.dist_timeout)
-    rank, world = rank_world()
+    alone = options.shard is not None or options.from_embeddings is not None  # no process group for these
+    group = None if alone else _join_group(options.dist_timeout)
+    rank, world = (0, 1) if alone else rank_world()
     model.to(dev)
     runner = prepare_for_inference(model, precision, dev)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
@@ -272,7 +328,7 @@ def _open_index_folder(run: _Run) -> Exception | None:
             raise VideoIndexError(f"{run.out}: cannot create the index folder ({exc.strerror})") from exc
         run.lock.enter_context(exclusive_lock(run.out / LOCK_NAME, f"the index {run.out}"))
         with contextlib.closing(_connect(run.db)) as conn, _db_errors(run.db):
-            _prepare(conn, run.out, run.identity, run.report, run.root)
+            _prepare(conn, run)
     except Exception as exc:  # shared with the other ranks, then raised
         return exc
     return None
@@ -285,7 +341,8 @@ def _encode_share(run: _Run) -> Exception | None:
     try:
         mine = _files_to_encode(main, run)[run.rank :: run.world]
         if run.world == 1:
-            run.report.indexed, run.report.failed = _encode_files(main, run, mine)
+            store = VectorStore(run.out, _get_meta(main, run.db)["store"])
+            run.report.indexed, run.report.failed = _encode_files(main, store, run, mine)
         else:
             run.report.indexed, run.report.failed = _encode_into_shard(run, mine)
     except sqlite3.DatabaseError as exc:  # a commit in the encode loop (disk full, ...)
@@ -305,7 +362,7 @@ def _files_to_encode(conn: sqlite3.Connection, run: _Run) -> list[_FileEntry]:
         meta = _get_meta(conn, run.db)
         _check_meta(meta, run.db)
         _check_identity(meta, run.identity, run.out)
-        disk = _walk(run.root, exclude=run.out, skipped=run.skipped)
+        disk = _share(_walk(run.root, exclude=run.out, skipped=run.skipped), run.options.shard)
         known = {r[0]: r[1:] for r in conn.execute("SELECT path, size, mtime_ns, device, inode FROM files")}
     todo = [e for e in disk if _changed(e, known.get(e.relpath))]
     run.report.files_seen = len(disk)
@@ -318,9 +375,14 @@ def _encode_into_shard(run: _Run, entries: list[_FileEntry]) -> tuple[int, list[
     shard = run.out / SHARD_DIR / f"rank-{run.rank:05d}.sqlite"
     shard.parent.mkdir(exist_ok=True)
     with contextlib.closing(_connect(shard)) as conn:
+        record = _get_meta(conn).get("store")
+        if record is None or VectorStore(shard.parent, record).problem():
+            record = create_store(shard.parent, f"rank-{run.rank:05d}.", run.identity["dim"])
         with _transaction(conn):
-            _set_meta(conn, **run.identity)
-        indexed, failed = _encode_files(conn, run, entries)
+            _set_meta(conn, **run.identity, store=record)
+        store = VectorStore(shard.parent, record)
+        store.drop_tail()
+        indexed, failed = _encode_files(conn, store, run, entries)
         with _transaction(conn):
             conn.executemany("INSERT OR REPLACE INTO failures (path, error) VALUES (?, ?)", failed)
     return indexed, failed
@@ -328,25 +390,25 @@ def _encode_into_shard(run: _Run, entries: list[_FileEntry]) -> tuple[int, list[
 
 def _finish(run: _Run) -> None:
     """Rank 0, after every rank encoded: merge the shards, record the failures (dropping the old rows of files
-    that became unreadable) and the precision, write the vector file, and count what the index holds."""
-    report, options = run.report, run.options
+    that became unreadable) and the precision, compact the store when half of it is dead, bring the vector
+    index files up to date, and count what the index holds."""
+    report = run.report
+    t0 = time.perf_counter()
     with contextlib.closing(_connect(run.db)) as conn, _db_errors(run.db):
+        store = VectorStore(run.out, _get_meta(conn)["store"])
         if run.world > 1:
-            report.indexed, report.failed = _merge_shards(conn, run.out)
+            report.indexed, report.failed = _merge_shards(conn, run.out, store)
         report.failed = sorted(report.failed + run.skipped)
         _record_failures(conn, report, run.runner.precision)
-        index = _write_vector_index(
-            run.out,
-            conn,
-            kind=options.index_kind,
-            approx_threshold=options.approx_threshold,
-            nlist=options.nlist,
-            nprobe=options.nprobe,
-        )
-        report.vector_index = _describe(index)
+        dead = conn.execute("SELECT COUNT(*) FROM dead").fetchone()[0]
+        if dead and dead > COMPACT_FRACTION * store.rows:
+            store = compact_store(run.out, conn, store)
+        record = update_vectors(run.out, conn, store, run.options.vectors)
+        report.vector_index = describe(record)
         report.built_precision = "+".join(_get_meta(conn).get("precisions", []))
         report.files = conn.execute("SELECT COUNT(*) FROM files").fetchone()[0]
-        report.segments = conn.execute("SELECT COUNT(*) FROM segments").fetchone()[0]
+        report.segments = store.rows - conn.execute("SELECT COUNT(*) FROM dead").fetchone()[0]
+    report.timings["vectors"] = time.perf_counter() - t0
 
 
 def _record_failures(conn: sqlite3.Connection, report: IndexReport, precision: str) -> None:
@@ -372,13 +434,12 @@ def _record_precision(conn: sqlite3.Connection, precision: str, encoded: bool) -
         _set_meta(conn, precision=precision, precisions=used)
 
 
-def _prepare(
-    conn: sqlite3.Connection, out: Path, identity: dict[str, Any], report: IndexReport, root: Path
-) -> None:
-    """Rank 0, before any encoding: record or check the identity, merge shards an interrupted run left, repair
-    what a damaged database lets us (rows without a usable embedding are dropped, so their files are encoded
-    again), record the identity of files indexed before it was kept, and drop the files gone from the folder."""
-    db = out / DB_NAME
+def _prepare(conn: sqlite3.Connection, run: _Run) -> None:
+    """Rank 0, before any encoding: record or check the identity, check (and repair) the embedding store,
+    merge shards an interrupted run left, repair what a damaged database lets us (rows without a usable
+    embedding are dropped, so their files are encoded again), record the identity of files indexed before it
+    was kept, and drop the files gone from the folder."""
+    out, identity, db = run.out, run.identity, run.db
     meta = _get_meta(conn, db)
     if not meta:
         if conn.execute("SELECT EXISTS (SELECT 1 FROM segments) OR EXISTS (SELECT 1 FROM files)").fetchone()[
@@ -388,26 +449,20 @@ def _prepare(
                 f"{db}: the index record (meta table) is gone but embeddings remain, of unknown origin; {_REBUILD}"
             )
         with _transaction(conn):
-            _set_meta(conn, **identity, generation=0)
+            _set_meta(conn, **identity, generation=0, store=create_store(out, "", identity["dim"]))
         meta = _get_meta(conn, db)
     _check_meta(meta, db)
     _check_identity(meta, identity, out)
-    _merge_shards(conn, out)  # files an interrupted sharded run committed; its failures are retried below
-    damaged, orphans = _damaged_rows(conn, meta["dim"])
-    if damaged or orphans:
-        log.warning(
-            "%s: %d file(s) with damaged rows and %d segment(s) of no file: dropped, their videos are encoded "
-            "again",
-            db,
-            len(damaged),
-            orphans,
-        )
-        with _transaction(conn):
-            for relpath in damaged:
-                _delete_file(conn, relpath)
-            conn.execute("DELETE FROM segments WHERE file_id NOT IN (SELECT id FROM files)")
-            _bump_generation(conn)
-    disk = {e.relpath: e for e in _walk(root, exclude=out)}
+    remove_unrecorded(out, meta.get("ann"))  # what a killed run left: unrecorded files, temporary files
+    for stale in out.glob("embeddings-*.f32"):
+        if stale.name != meta["store"]["file"]:
+            stale.unlink(missing_ok=True)
+    store = repair_store(out, conn, VectorStore(out, meta["store"]))
+    _merge_shards(
+        conn, out, store
+    )  # files an interrupted sharded run committed; its failures are retried below
+    _drop_damaged_rows(conn, db, store)
+    disk = {e.relpath: e for e in _share(_walk(run.root, exclude=out), run.options.shard)}
     rows = conn.execute("SELECT path, size, mtime_ns, inode FROM files").fetchall()
     gone = [r[0] for r in rows if r[0] not in disk]
     legacy = [  # indexed before file identities were recorded, unchanged since: record it, no re-encoding
@@ -425,7 +480,38 @@ def _prepare(
             )
             if gone:
                 _bump_generation(conn)
-    report.removed = len(gone)
+    run.report.removed = len(gone)
+
+
+def _drop_damaged_rows(conn: sqlite3.Connection, db: Path, store: VectorStore) -> None:
+    """Files whose rows cannot be used (a segment pointing outside the store, or no segment at all) and
+    segments of no file (a dropped or damaged `files` table) are dropped: their videos are encoded again."""
+    damaged = [
+        r[0]
+        for r in conn.execute(
+            "SELECT path FROM files WHERE id IN (SELECT file_id FROM segments WHERE slot < 0 OR slot >= ?) "
+            "OR NOT EXISTS (SELECT 1 FROM segments WHERE file_id = files.id)",  # per file, through the index
+            (store.rows,),
+        )
+    ]
+    orphans = conn.execute(
+        "SELECT COUNT(*) FROM segments WHERE file_id NOT IN (SELECT id FROM files)"
+    ).fetchone()[0]
+    if damaged or orphans:
+        log.warning(
+            "%s: %d file(s) with damaged rows and %d segment(s) of no file: dropped, their videos are encoded again",
+            db,
+            len(damaged),
+            orphans,
+        )
+        with _transaction(conn):
+            for relpath in damaged:
+                _delete_file(conn, relpath)
+            _delete_orphans(conn)
+            _bump_generation(conn)
+    live = store.rows - conn.execute("SELECT COUNT(*) FROM dead WHERE slot < ?", (store.rows,)).fetchone()[0]
+    if conn.execute("SELECT COUNT(*) FROM segments").fetchone()[0] != live:
+        reconcile_dead(conn, store)  # store rows no segment points at any more (a dropped table, a bad slot)
 
 
 def _changed(entry: _FileEntry, row: tuple | None) -> bool:
@@ -439,7 +525,7 @@ def _changed(entry: _FileEntry, row: tuple | None) -> bool:
 
 
 def _encode_files(
-    conn: sqlite3.Connection, run: _Run, entries: list[_FileEntry]
+    conn: sqlite3.Connection, store: VectorStore, run: _Run, entries: list[_FileEntry]
 ) -> tuple[int, list[tuple[str, str]]]:
     """Encode `entries` into `conn`; returns (files committed, [(relpath, error)] of unreadable ones).
 
@@ -477,7 +563,7 @@ def _encode_files(
         ) as bar,
         budget.model_threads_set(),
     ):
-        writer = _Writer(conn, run.runner, per_forward, options.batch_size, options.on_commit, bar)
+        writer = _Writer(conn, store, run.runner, per_forward, options.batch_size, options.on_commit, bar)
         for chunk in loader:
             writer.add(chunk)
         writer.flush()

@@ -60,6 +60,9 @@ class IndexReport:
     built_precision: str = (
         ""  # what the stored embeddings were computed in ("bf16", or "fp32+bf16" when mixed)
     )
+    imported: int = 0  # segments imported from embeddings (`from_embeddings`)
+    notes: list[str] = field(default_factory=list)  # what an import dropped or left to a normal run
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per step (vectors: the vector index)
 
     def summary(self) -> str:
         built = f", built in {self.built_precision}" if self.built_precision else ""
@@ -68,6 +71,11 @@ class IndexReport:
             f"{self.indexed} indexed, {self.unchanged} unchanged, {self.removed} removed, {len(self.failed)} "
             f"unreadable, {self.seconds:.1f} s, precision {self.precision}"
         ]
+        if self.imported:
+            lines.append(f"imported {self.imported} segments from embeddings")
+        lines += self.notes
+        if self.timings:
+            lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in self.timings.items()))
         if self.failed:
             lines.append("unreadable videos (not indexed):")
             lines += [f"  {path}: {error}" for path, error in self.failed]

@@ -4,24 +4,22 @@ every rank, and the merge of the per-rank shard files into the main index."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import sqlite3
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch.distributed as dist
 
 from stanvid.distributed import launch_world_size, leave_process_group, rank_world
 from stanvid.errors import VideoIndexError
 from stanvid.search.index.records import _FileEntry
-from stanvid.search.index.store import (
-    SHARD_DIR,
-    _bump_generation,
-    _connect,
-    _get_meta,
-    _insert_file,
-    _transaction,
-)
+from stanvid.search.index.store import SHARD_DIR, _commit_files, _connect, _get_meta
+from stanvid.search.index.vectors import VectorStore
+
+log = logging.getLogger("stanvid")
 
 
 def _join_group(timeout: timedelta) -> dict[str, Any] | None:
@@ -62,9 +60,12 @@ def _barrier(group: dict[str, Any] | None, failure: Exception | None) -> None:
         raise failure
 
 
-def _merge_shards(conn: sqlite3.Connection, out: Path) -> tuple[int, list[tuple[str, str]]]:
-    """Copy every shard's files and segments into the main index (by path, so merging twice is harmless),
-    then delete the shard. Each shard is one transaction. Returns (files merged, failures the shards list)."""
+def _merge_shards(
+    conn: sqlite3.Connection, out: Path, store: VectorStore
+) -> tuple[int, list[tuple[str, str]]]:
+    """Copy every shard's files, segments and vectors into the main index (by path, so merging twice is
+    harmless), a few thousand segments per commit, then delete the shard. A shard whose store is damaged is
+    dropped (its files are encoded again). Returns (files merged, failures the shards list)."""
     merged, failed = 0, []
     shard_dir = out / SHARD_DIR
     if not shard_dir.is_dir():
@@ -75,28 +76,49 @@ def _merge_shards(conn: sqlite3.Connection, out: Path) -> tuple[int, list[tuple[
             meta = _get_meta(src)
             if meta and meta.get("model_fingerprint") != main_meta["model_fingerprint"]:
                 raise VideoIndexError(f"{shard}: shard was written by another model; delete it and re-run")
-            files = src.execute(
-                "SELECT id, path, size, mtime_ns, device, inode, duration, fps, num_frames, width, height "
-                "FROM files"
-            ).fetchall()
-            failures = src.execute("SELECT path, error FROM failures").fetchall()
-            with _transaction(conn):
-                for fid, path, size, mtime_ns, device, inode, *rest in files:
-                    segs = src.execute(
-                        "SELECT s.start, s.end, s.embedding, f.frames FROM segments s "
-                        "LEFT JOIN segment_frames f ON f.segment_id = s.id WHERE s.file_id = ? ORDER BY s.id",
-                        (fid,),
-                    ).fetchall()
-                    meta_row = dict(
-                        zip(("duration", "fps", "num_frames", "width", "height"), rest, strict=True)
-                    )
-                    _insert_file(conn, _FileEntry(path, size, mtime_ns, device, inode), meta_row, segs)
-                if files:
-                    _bump_generation(conn)
-        merged += len(files)
-        failed += failures
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{shard}{suffix}").unlink(missing_ok=True)
+            source = VectorStore(shard_dir, meta["store"]) if "store" in meta else None
+            problem = "has no embedding store" if source is None else source.problem()
+            if problem:
+                log.warning(
+                    "%s %s; the files of %s are encoded again",
+                    source.path if source else shard,
+                    problem,
+                    shard,
+                )
+            else:
+                merged += _copy_shard(conn, src, source, store)
+            failed += src.execute("SELECT path, error FROM failures").fetchall()
+        stores = [source.path] if source is not None and source.path.parent == shard_dir else []
+        for path in [shard, *stores, *shard_dir.glob(f"{shard.stem}.embeddings-*.f32")]:
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{path}{suffix}").unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         shard_dir.rmdir()
     return merged, sorted(failed)
+
+
+def _copy_shard(
+    conn: sqlite3.Connection, src: sqlite3.Connection, source: VectorStore, store: VectorStore
+) -> int:
+    files = src.execute(
+        "SELECT id, path, size, mtime_ns, device, inode, duration, fps, num_frames, width, height FROM files"
+    ).fetchall()
+    batch: list[tuple] = []
+    slots: list[int] = []
+    for fid, path, size, mtime_ns, device, inode, *rest in files:
+        segs = src.execute(
+            "SELECT s.start, s.end, s.slot, f.frames FROM segments s "
+            "LEFT JOIN segment_frames f ON f.segment_id = s.id WHERE s.file_id = ? ORDER BY s.id",
+            (fid,),
+        ).fetchall()
+        meta_row = dict(zip(("duration", "fps", "num_frames", "width", "height"), rest, strict=True))
+        batch.append(
+            (_FileEntry(path, size, mtime_ns, device, inode), meta_row, [(a, b, f) for a, b, _, f in segs])
+        )
+        slots += [slot for _, _, slot, _ in segs]
+        if len(slots) >= 4096:
+            _commit_files(conn, store, batch, source.read(np.array(slots, np.int64)))
+            batch, slots = [], []
+    if batch:
+        _commit_files(conn, store, batch, source.read(np.array(slots, np.int64)))
+    return len(files)

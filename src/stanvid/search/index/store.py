@@ -1,26 +1,25 @@
-"""The index on disk: the SQLite database (schema, meta record, its validation and repair) and the FAISS
-vector file beside it (written atomically, checked against the record before it is parsed).
+"""The index on disk: the SQLite database (schema, meta record, its validation and repair) beside the
+embedding store its rows point into (`stanvid.search.index.vectors`) and the vector index files
+(`stanvid.search.index.ann`).
 
-SQLite is the source of truth; every commit that changes the segments bumps the `generation`, and the vector
-file carries the generation in its name, so it is either the one for the current rows or absent."""
+SQLite is the record of truth: files, segments (each with the `slot` of its vector in the store), the dead
+slots of deleted segments, the hashes of the store's appended chunks and the meta record. Every commit that
+changes the segments bumps the `generation`; the vectors a commit points at are durable before it commits."""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import math
 import sqlite3
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 
 from stanvid.errors import VideoIndexError
-from stanvid.fileio import atomic_write_bytes
 from stanvid.search.index.records import _FileEntry
+from stanvid.search.index.vectors import VectorStore
 
 DB_NAME = "index.sqlite"
 
@@ -28,11 +27,7 @@ SHARD_DIR = "shards"
 
 LOCK_NAME = ".lock"
 
-FORMAT_VERSION = 1
-
-DEFAULT_APPROX_THRESHOLD = 100_000
-
-INDEX_KINDS = ("auto", "flat", "ivf")
+FORMAT_VERSION = 2  # 2: embeddings in the store file (1 kept them as SQLite blobs)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -54,11 +49,14 @@ CREATE TABLE IF NOT EXISTS segments (
     file_id INTEGER NOT NULL,
     start REAL NOT NULL,
     end REAL NOT NULL,
-    embedding BLOB NOT NULL
+    slot INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS segments_file ON segments (file_id);
+CREATE INDEX IF NOT EXISTS segments_slot ON segments (slot);
 CREATE TABLE IF NOT EXISTS segment_frames (segment_id INTEGER PRIMARY KEY, frames BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS failures (path TEXT PRIMARY KEY, error TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS dead (seq INTEGER PRIMARY KEY AUTOINCREMENT, slot INTEGER NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS store_chunks (first INTEGER PRIMARY KEY, rows INTEGER NOT NULL, sha256 TEXT NOT NULL);
 """
 
 
@@ -67,11 +65,13 @@ CREATE TABLE IF NOT EXISTS failures (path TEXT PRIMARY KEY, error TEXT NOT NULL)
 _TABLES = {
     "meta": {"key", "value"},
     "files": {"id", "path", "size", "mtime_ns", "duration", "fps", "num_frames", "width", "height"},
-    "segments": {"id", "file_id", "start", "end", "embedding"},
+    "segments": {"id", "file_id", "start", "end", "slot"},
     "failures": {"path", "error"},
+    "dead": {"seq", "slot"},
+    "store_chunks": {"first", "rows", "sha256"},
 }
 
-# meta key -> accepted JSON types; `vectors` (the record of the vector file) is optional
+# meta key -> accepted JSON types; `ann` (the record of the vector index files) is optional
 
 _META_TYPES: dict[str, tuple[type, ...]] = {
     "format_version": (int,),
@@ -83,6 +83,7 @@ _META_TYPES: dict[str, tuple[type, ...]] = {
     "dim": (int,),
     "segment_seconds": (int, float, type(None)),
     "generation": (int,),
+    "store": (dict,),
 }
 
 _REPAIR = "re-run `stanvid index` (same folder, model and --out) to repair it"
@@ -122,6 +123,11 @@ def _connect(path: Path, create: bool = True) -> sqlite3.Connection:
                     )  # without the record nothing can be verified
                     raise VideoIndexError(f"{path}: the table {name!r} is missing; {what}")
                 if missing := sorted(columns - tables[name]):
+                    if name == "segments" and "embedding" in tables[name]:
+                        raise VideoIndexError(
+                            f"{path}: an index of format 1 (embeddings inside SQLite), which this version does "
+                            f"not read; {_REBUILD}"
+                        )
                     raise VideoIndexError(
                         f"{path}: the table {name!r} lacks the column(s) {', '.join(missing)}; {_REBUILD}"
                     )
@@ -183,6 +189,7 @@ def _bump_generation(conn: sqlite3.Connection) -> None:
 
 
 def _delete_file(conn: sqlite3.Connection, relpath: str) -> bool:
+    """Drop a file's row, its segments and their frame vectors; their store slots become dead."""
     row = conn.execute("SELECT id FROM files WHERE path = ?", (relpath,)).fetchone()
     if row is None:
         return False
@@ -190,20 +197,29 @@ def _delete_file(conn: sqlite3.Connection, relpath: str) -> bool:
         "DELETE FROM segment_frames WHERE segment_id IN (SELECT id FROM segments WHERE file_id = ?)",
         (row[0],),
     )
+    conn.execute("INSERT OR IGNORE INTO dead (slot) SELECT slot FROM segments WHERE file_id = ?", (row[0],))
     conn.execute("DELETE FROM segments WHERE file_id = ?", (row[0],))
     conn.execute("DELETE FROM files WHERE id = ?", (row[0],))
     return True
+
+
+def _delete_orphans(conn: sqlite3.Connection) -> int:
+    """Drop segments that belong to no file (a damaged `files` table); their slots become dead."""
+    where = "file_id NOT IN (SELECT id FROM files)"
+    conn.execute(f"INSERT OR IGNORE INTO dead (slot) SELECT slot FROM segments WHERE {where}")
+    return conn.execute(f"DELETE FROM segments WHERE {where}").rowcount
 
 
 def _insert_file(
     conn: sqlite3.Connection,
     entry: _FileEntry,
     meta: dict[str, Any],
-    segments: Sequence[tuple[float, float, bytes] | tuple[float, float, bytes, bytes | None]],
+    segments: Sequence[tuple[float, float, int] | tuple[float, float, int, bytes | None]],
 ) -> None:
     """Replace any row for this path by the new one and its segments (inside the caller's transaction).
 
-    A segment may carry a fourth item, its per-frame vectors (Mug-STAN models: `stanvid.search.rerank`)."""
+    A segment is (start, end, store slot), with a fourth item for Mug-STAN models: its per-frame vectors
+    (`stanvid.search.rerank`)."""
     _delete_file(conn, entry.relpath)
     cur = conn.execute(
         "INSERT INTO files (path, size, mtime_ns, duration, fps, num_frames, width, height, device, inode) "
@@ -222,10 +238,16 @@ def _insert_file(
         ),
     )
     file_id = cur.lastrowid
-    for start, end, emb, *frames in segments:
+    if not any(len(s) > 3 and s[3] is not None for s in segments):  # no frame vectors: one statement
+        conn.executemany(
+            "INSERT INTO segments (file_id, start, end, slot) VALUES (?, ?, ?, ?)",
+            [(file_id, a, b, int(slot)) for a, b, slot, *_ in segments],
+        )
+        return
+    for start, end, slot, *frames in segments:
         seg = conn.execute(
-            "INSERT INTO segments (file_id, start, end, embedding) VALUES (?, ?, ?, ?)",
-            (file_id, start, end, emb),
+            "INSERT INTO segments (file_id, start, end, slot) VALUES (?, ?, ?, ?)",
+            (file_id, start, end, int(slot)),
         )
         if frames and frames[0] is not None:
             conn.execute(
@@ -233,137 +255,55 @@ def _insert_file(
             )
 
 
-def make_vector_index(
+def _commit_files(
+    conn: sqlite3.Connection,
+    store: VectorStore,
+    files: Sequence[tuple[_FileEntry, dict[str, Any], Sequence[tuple]]],
     vectors: np.ndarray,
-    ids: np.ndarray,
-    *,
-    kind: str = "auto",
-    approx_threshold: int = DEFAULT_APPROX_THRESHOLD,
-    nlist: int | None = None,
-    nprobe: int | None = None,
-) -> faiss.Index:
-    """A FAISS inner-product index over `vectors` (N, D) float32 with int64 `ids` (N,).
-
-    `kind`: "flat" (exact), "ivf" (inverted file: `nlist` k-means cells, `nprobe` of them searched), or "auto"
-    (flat below `approx_threshold` vectors). Defaults: nlist = sqrt(N) (at most N / 39, FAISS's minimum of
-    training points per cell), trained on a fixed random sample of at most 64 points per cell; nprobe = nlist / 16.
-    At 1M vectors that trains in seconds where FAISS's usual 4 sqrt(N) cells take minutes on a small CPU, and
-    probing 1/16 of the cells keeps recall@10 near 1 on clustered data (benchmarks/index.py).
-    """
-    if kind not in INDEX_KINDS:
-        raise VideoIndexError(f"vector index kind must be one of {', '.join(INDEX_KINDS)}, got {kind!r}")
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    ids = np.ascontiguousarray(ids, dtype=np.int64)
-    if vectors.ndim != 2 or len(ids) != len(vectors):
-        raise ValueError(f"vectors must be (N, D) with N ids, got {vectors.shape} and {ids.shape} ids")
-    n, dim = vectors.shape
-    if kind == "auto":
-        kind = "ivf" if n >= approx_threshold else "flat"
-    if kind == "flat" or n == 0:
-        index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-    else:
-        cells = nlist or max(1, min(int(math.sqrt(n)), n // 39))
-        quantizer = faiss.IndexFlatIP(dim)
-        index = faiss.IndexIVFFlat(quantizer, dim, cells, faiss.METRIC_INNER_PRODUCT)
-        sample = np.random.default_rng(0).choice(n, size=min(n, 64 * cells), replace=False)
-        index.train(vectors[np.sort(sample)])
-        index.nprobe = min(cells, nprobe or max(1, cells // 16))
-    if n:
-        index.add_with_ids(vectors, ids)
-    return index
-
-
-def _describe(index: faiss.Index) -> str:
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None:
-        return f"approximate IVF, nlist={ivf.nlist}, nprobe={ivf.nprobe}"
-    return "exact inner product"
-
-
-def _vector_file(out: Path, generation: int) -> Path:
-    return out / f"vectors-{generation}.faiss"
-
-
-def _all_embeddings(
-    conn: sqlite3.Connection, dim: int, where: Path | str = DB_NAME
-) -> tuple[np.ndarray, np.ndarray]:
-    rows = conn.execute(
-        "SELECT s.id, s.embedding, f.path FROM segments s LEFT JOIN files f ON f.id = s.file_id ORDER BY s.id"
-    ).fetchall()
-    ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-    vectors = np.empty((len(rows), dim), dtype=np.float32)
-    for i, (sid, blob, path) in enumerate(rows):
-        if not isinstance(blob, bytes) or len(blob) != 4 * dim or path is None:
-            what = f"of {path!r} has a damaged embedding" if path is not None else "belongs to no file"
-            raise VideoIndexError(f"{where}: segment {sid} {what}; {_REPAIR} (it re-encodes that file)")
-        vectors[i] = np.frombuffer(blob, dtype=np.float32)
-    return ids, vectors
-
-
-def _damaged_rows(conn: sqlite3.Connection, dim: int) -> tuple[list[str], int]:
-    """Files whose rows cannot be used (an embedding of the wrong size or type, or no segment at all), and the
-    number of segments that belong to no file (a dropped or damaged `files` table)."""
-    bad = conn.execute(
-        "SELECT path FROM files WHERE id IN (SELECT file_id FROM segments "
-        "WHERE typeof(embedding) != 'blob' OR length(embedding) != ?) "
-        "OR id NOT IN (SELECT file_id FROM segments)",
-        (4 * dim,),
-    ).fetchall()
-    orphans = conn.execute(
-        "SELECT COUNT(*) FROM segments WHERE file_id NOT IN (SELECT id FROM files)"
-    ).fetchone()[0]
-    return [r[0] for r in bad], orphans
-
-
-def _write_vector_index(out: Path, conn: sqlite3.Connection, **kind_args: Any) -> faiss.Index:
-    """Build the FAISS index for the current rows and write it atomically; drop files of older generations.
-
-    Its SHA-256, generation and vector count are recorded in the meta table, so a reader can tell this file
-    from a damaged one or one copied from another index.
-    """
-    meta = _get_meta(conn)
-    generation = meta.get("generation", 0)
-    ids, vectors = _all_embeddings(conn, meta["dim"], out / DB_NAME)
-    index = make_vector_index(vectors, ids, **kind_args)
-    data = faiss.serialize_index(index)  # (bytes,) uint8
-    target = _vector_file(out, generation)
-    atomic_write_bytes(target, data.tobytes())
-    record = {
-        "generation": generation,
-        "count": int(index.ntotal),
-        "sha256": hashlib.sha256(data).hexdigest(),
-    }
+) -> None:
+    """Commit whole files: their vectors are appended to the store and made durable first, then one
+    transaction inserts the rows pointing at them, records the chunk and the new row count and bumps the
+    generation. Killed before the commit, the appended rows are past the recorded count: ignored, then
+    overwritten. `files` is [(entry, probe meta, [(start, end[, frames]), ...])], `vectors` (n, D) their
+    segments' vectors in order."""
+    n = sum(len(segs) for _, _, segs in files)
+    if len(vectors) != n:
+        raise ValueError(f"{n} segments but {len(vectors)} vectors")
+    first, digest = store.append(vectors) if n else (store.rows, "")
     with _transaction(conn):
-        _set_meta(conn, vectors=record)
-    for old in out.glob("vectors-*.faiss"):
-        if old != target:
-            old.unlink(missing_ok=True)
-    return index
+        slot = first
+        for entry, meta, segs in files:
+            _insert_file(conn, entry, meta, [(a, b, slot + i, *rest) for i, (a, b, *rest) in enumerate(segs)])
+            slot += len(segs)
+        if n:
+            conn.execute("INSERT OR REPLACE INTO store_chunks (first, rows, sha256) VALUES (?, ?, ?)",
+                         (first, n, digest))  # fmt: skip
+            _set_meta(conn, store={**store.record, "rows": first + n})
+        _bump_generation(conn)
+    store.advance(first + n)
 
 
-def _read_vector_index(
-    file: Path, record: Any, generation: int, count: int, dim: int
-) -> tuple[faiss.Index | None, str]:
-    """The vector file if it is the one recorded for this generation of rows, else (None, what is wrong).
+def _dead_slots(conn: sqlite3.Connection, after_seq: int = 0, below: int | None = None) -> np.ndarray:
+    """Slots of deleted segments (sorted int64), those that died after `after_seq` and lie below `below`."""
+    sql, args = "SELECT slot FROM dead WHERE seq > ?", [after_seq]
+    if below is not None:
+        sql, args = sql + " AND slot < ?", [*args, below]
+    return np.sort(np.fromiter((r[0] for r in conn.execute(sql, args)), dtype=np.int64))
 
-    The bytes are checked before FAISS parses them, so a foreign or damaged file is never deserialized.
-    """
-    try:
-        data = file.read_bytes()
-    except FileNotFoundError:
-        return None, "is missing (interrupted build)"
-    except OSError as exc:
-        return None, f"cannot be read ({exc.strerror})"
-    if isinstance(record, dict):
-        if record.get("generation") != generation or record.get("sha256") != hashlib.sha256(data).hexdigest():
-            return None, "does not match the index database (damaged, or copied from another index)"
-    try:
-        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
-    except RuntimeError:
-        return None, "is not a readable FAISS index (damaged)"
-    if index.ntotal != count or index.d != dim:
-        return None, (
-            f"holds {index.ntotal} vectors of dimension {index.d}, the database {count} of dimension {dim} "
-            f"(copied from another index?)"
-        )
-    return index, ""
+
+def _dead_seq(conn: sqlite3.Connection) -> int:
+    return conn.execute("SELECT COALESCE(MAX(seq), 0) FROM dead").fetchone()[0]
+
+
+def _live_mask(conn: sqlite3.Connection, rows: int) -> np.ndarray:
+    """(rows,) bool: which store slots hold a live segment's vector."""
+    mask = np.ones(rows, dtype=bool)
+    dead = _dead_slots(conn)
+    mask[dead[dead < rows]] = False
+    return mask
+
+
+def _store_chunks(conn: sqlite3.Connection, start: int = 0) -> list[tuple[int, int, str]]:
+    return conn.execute(
+        "SELECT first, rows, sha256 FROM store_chunks WHERE first >= ? ORDER BY first", (start,)
+    ).fetchall()

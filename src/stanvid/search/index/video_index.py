@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -20,24 +19,21 @@ from stanvid.distributed import default_device
 from stanvid.errors import IndexedFileError, VideoIndexError
 from stanvid.models.video_clip import VideoCLIP
 from stanvid.precision import InferencePrecision, prepare_for_inference, resolve_precision
+from stanvid.search.index.ann import describe
 from stanvid.search.index.clips import encode_clips, read_clip
 from stanvid.search.index.identity import _load_model, model_fingerprint
+from stanvid.search.index.maintain import load_searcher
 from stanvid.search.index.records import SearchResult, Segment
-from stanvid.search.index.store import (
-    DB_NAME,
-    _all_embeddings,
-    _check_meta,
-    _connect,
-    _db_errors,
-    _get_meta,
-    _read_vector_index,
-    _vector_file,
-    make_vector_index,
-)
+from stanvid.search.index.store import _REPAIR, DB_NAME, _check_meta, _connect, _db_errors, _get_meta
+from stanvid.search.index.vectors import VectorStore
 from stanvid.search.rerank import blob_frames, keeps_frame_vectors, rerank
 from stanvid.video.folders import is_inside
 
 log = logging.getLogger("stanvid")
+
+_SEGMENT_COLUMNS = (
+    "s.id, f.id, f.path, s.start, s.end, f.fps, f.num_frames, f.width, f.height, f.size, f.mtime_ns"
+)
 
 
 class VideoIndex:
@@ -78,7 +74,7 @@ class VideoIndex:
                 self._runner: InferencePrecision | None = None
                 if model is not None:
                     self._model = self._verified(model)
-                self.vectors = self._load_vectors()
+                self.vectors, self.store = self._load_vectors()
         except BaseException:
             self._conn.close()
             raise
@@ -112,27 +108,47 @@ class VideoIndex:
         return model.eval().to(self.device)
 
     # -------------------------------------------------------------- vectors
-    def _load_vectors(self) -> faiss.Index:
-        """The stored vector file when it is the one recorded for the current rows; otherwise (missing,
-        unreadable, damaged, another index's) the vectors are rebuilt in memory from SQLite, with a warning."""
-        generation, dim = self.meta["generation"], self.meta["dim"]
-        file = _vector_file(self.path, generation)
-        count = self._conn.execute("SELECT COUNT(*) FROM segments").fetchone()[0]
-        index, problem = _read_vector_index(file, self.meta.get("vectors"), generation, count, dim)
-        if index is not None:
-            return index
-        log.warning(
-            "%s %s; rebuilding it in memory from %s; re-run `stanvid index` to store it",
-            file,
-            problem,
-            DB_NAME,
-        )
-        ids, vectors = _all_embeddings(self._conn, dim, self.db)
-        return make_vector_index(vectors, ids)
+    def _load_vectors(self) -> tuple[Any, VectorStore]:
+        """The searcher over the committed rows, read in one SQLite snapshot (a run committing meanwhile is
+        seen whole or not at all): the recorded vector index memory-mapped with its delta, or exact search
+        (`stanvid.search.index.maintain.load_searcher`). A store replaced by a compaction between reading the
+        record and opening its file is read again."""
+        for attempt in range(3):
+            self._conn.execute("BEGIN")
+            try:
+                self.meta = meta = _get_meta(self._conn, self.db)
+                _check_meta(meta, self.db)
+                store = VectorStore(self.path, meta["store"])
+                problem = store.problem()
+                if not problem:
+                    return load_searcher(self.path, self._conn, meta, store, self.db), store
+            finally:
+                self._conn.execute("COMMIT")
+            if problem != "is missing" or attempt == 2:
+                raise VideoIndexError(
+                    f"{store.path} {problem}; {_REPAIR} (it encodes the videos whose embeddings are lost)"
+                )
+        raise AssertionError("unreachable")
+
+    @property
+    def generation(self) -> int:
+        """The generation of the rows this index answers from (bumped by every commit that changes them)."""
+        return int(self.meta["generation"])
+
+    def committed_generation(self) -> int:
+        """The generation committed on disk now: one SQLite read, so a long-lived index can poll it and
+        reopen when it differs from `generation` (a run committed since this one was loaded)."""
+        with self._lock, _db_errors(self.db):
+            row = self._conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        return int(row[0]) if row is not None else -1
+
+    def describe(self) -> str:
+        """The vector index in one line: kind, parameters and the recall measured when it was built."""
+        return describe(self.meta.get("ann")) if self.vectors.kind != "scan" else "exact scan of the store"
 
     def __len__(self) -> int:
         """Number of segments searched."""
-        return int(self.vectors.ntotal)
+        return int(self.vectors.count)
 
     def num_files(self) -> int:
         with self._lock, _db_errors(self.db):
@@ -213,18 +229,32 @@ class VideoIndex:
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.meta["dim"])
         if len(self) == 0:
             return [[] for _ in range(len(queries))]
-        scores, ids = self.vectors.search(queries, min(k, len(self)))  # (Q, k) each
+        scores, slots = self.vectors.search(queries, min(k, len(self)))  # (Q, k) each
         results = []
-        for row_scores, row_ids in zip(scores, ids, strict=True):
-            found = {s.id: s for s in self.segments([int(i) for i in row_ids if i >= 0])}
+        for row_scores, row_slots in zip(scores, slots, strict=True):
+            found = self._by_slot([int(i) for i in row_slots if i >= 0])
             results.append(
                 [
                     SearchResult(seg.id, seg.file_id, seg.path, seg.relpath, seg.start, seg.end, float(score))
-                    for score, i in zip(row_scores, row_ids, strict=True)
+                    for score, i in zip(row_scores, row_slots, strict=True)
                     if (seg := found.get(int(i))) is not None
                 ]
             )
         return results
+
+    def _by_slot(self, slots: Sequence[int]) -> dict[int, Segment]:
+        if not slots:
+            return {}
+        marks = ",".join("?" * len(slots))
+        with self._lock, _db_errors(self.db):
+            rows = self._conn.execute(
+                f"SELECT s.slot, {_SEGMENT_COLUMNS} FROM segments s JOIN files f ON f.id = s.file_id "
+                f"WHERE s.slot IN ({marks})",
+                slots,
+            ).fetchall()
+        return {
+            slot: Segment(sid, fid, str(self.root / rel), rel, *rest) for slot, sid, fid, rel, *rest in rows
+        }
 
     def read_clip(self, path: str | os.PathLike, start: float, end: float) -> torch.Tensor:
         """The clip this index's model embeds for [start, end) seconds of a video, `(T, 3, S, S)` uint8: sampled
@@ -266,41 +296,53 @@ class VideoIndex:
         if not ids:
             return np.zeros((0, dim), np.float32)
         marks = ",".join("?" * len(ids))
-        with self._lock:
+        with self._lock, _db_errors(self.db):
             rows = dict(
                 self._conn.execute(
-                    f"SELECT id, embedding FROM segments WHERE id IN ({marks})", [int(i) for i in ids]
+                    f"SELECT id, slot FROM segments WHERE id IN ({marks})", [int(i) for i in ids]
                 ).fetchall()
             )
         missing = [int(i) for i in ids if int(i) not in rows]
         if missing:
             raise VideoIndexError(f"{self.path}: no segment with id {missing[0]}")
-        return np.stack([np.frombuffer(rows[int(i)], dtype=np.float32) for i in ids])
+        return self.store.read(np.array([rows[int(i)] for i in ids], dtype=np.int64))
 
     def all_segments(self) -> tuple[list[Segment], np.ndarray]:
-        """Every segment, ordered by file path and start time, with its `(N, D)` stored embedding."""
+        """Every segment, ordered by file path and start time, with its `(N, D)` stored embedding (all in
+        memory: `iter_segments` streams them)."""
+        segs, parts = [], []
+        for batch, vectors in self.iter_segments():
+            segs += batch
+            parts.append(vectors)
+        return segs, np.concatenate(parts) if parts else np.zeros((0, self.meta["dim"]), np.float32)
+
+    def iter_segments(self, batch: int = 65_536):
+        """(segments, `(n, D)` embeddings) in batches of `batch`, ordered by file path and start time: the
+        whole index without holding it in memory."""
         with self._lock:
-            rows = self._conn.execute(
-                "SELECT s.id, f.id, f.path, s.start, s.end, f.fps, f.num_frames, f.width, f.height, f.size, "
-                "f.mtime_ns, s.embedding FROM segments s JOIN files f ON f.id = s.file_id ORDER BY f.path, s.start"
-            ).fetchall()
-        vectors = np.empty((len(rows), self.meta["dim"]), np.float32)  # (N, D)
-        for i, row in enumerate(rows):
-            vectors[i] = np.frombuffer(row[-1], dtype=np.float32)
-        segs = [Segment(sid, fid, str(self.root / rel), rel, *rest[:-1]) for sid, fid, rel, *rest in rows]
-        return segs, vectors
+            cursor = self._conn.execute(
+                f"SELECT s.slot, {_SEGMENT_COLUMNS} FROM segments s JOIN files f ON f.id = s.file_id "
+                "ORDER BY f.path, s.start"
+            )
+            rows = cursor.fetchmany(batch)
+            while rows:
+                slots = np.array([r[0] for r in rows], dtype=np.int64)
+                segs = [
+                    Segment(sid, fid, str(self.root / rel), rel, *rest) for _, sid, fid, rel, *rest in rows
+                ]
+                yield segs, self.store.read(slots)
+                rows = cursor.fetchmany(batch)
 
     def file_segments(self, file_id: int) -> tuple[list[Segment], np.ndarray]:
         """All segments of one file in time order, with their `(n, D)` stored embeddings."""
-        with self._lock:
-            ids = [
-                r[0]
-                for r in self._conn.execute(
-                    "SELECT id FROM segments WHERE file_id = ? ORDER BY start", (int(file_id),)
-                )
-            ]
-        segs = {s.id: s for s in self.segments(ids)}
-        return [segs[i] for i in ids], self.segment_embeddings(ids)
+        with self._lock, _db_errors(self.db):
+            rows = self._conn.execute(
+                f"SELECT s.slot, {_SEGMENT_COLUMNS} FROM segments s JOIN files f ON f.id = s.file_id "
+                "WHERE s.file_id = ? ORDER BY s.start",
+                (int(file_id),),
+            ).fetchall()
+        segs = [Segment(sid, fid, str(self.root / rel), rel, *rest) for _, sid, fid, rel, *rest in rows]
+        return segs, self.store.read(np.array([r[0] for r in rows], dtype=np.int64))
 
     def segments(self, ids: Sequence[int]) -> list[Segment]:
         """Segment rows by id (unknown ids are left out)."""
@@ -309,8 +351,7 @@ class VideoIndex:
         marks = ",".join("?" * len(ids))
         with self._lock, _db_errors(self.db):
             rows = self._conn.execute(
-                "SELECT s.id, f.id, f.path, s.start, s.end, f.fps, f.num_frames, f.width, f.height, f.size, f.mtime_ns "
-                f"FROM segments s JOIN files f ON f.id = s.file_id WHERE s.id IN ({marks})",
+                f"SELECT {_SEGMENT_COLUMNS} FROM segments s JOIN files f ON f.id = s.file_id WHERE s.id IN ({marks})",
                 [int(i) for i in ids],
             ).fetchall()
         return [Segment(sid, fid, str(self.root / rel), rel, *rest) for sid, fid, rel, *rest in rows]
@@ -382,8 +423,15 @@ class VideoIndex:
         seg = self.segment(segment_id)
         if seg is None:
             raise VideoIndexError(f"{self.path}: no segment with id {segment_id}")
-        frame = min(seg.num_frames - 1, max(0, int((seg.start + seg.end) / 2 * seg.fps)))
-        shrink = size if size is not None and size < min(seg.width, seg.height) else None
+        fps, frames, short = seg.fps, seg.num_frames, min(seg.width, seg.height)
+        if frames <= 0 or fps <= 0:  # imported from embeddings: the file was never probed here
+            from stanvid.video.decode import probe
+
+            self._check_file(seg.file_id)
+            info = probe(os.path.realpath(seg.path))
+            fps, frames, short = info.fps, info.num_frames, min(info.width, info.height)
+        frame = min(frames - 1, max(0, int((seg.start + seg.end) / 2 * fps)))
+        shrink = size if size is not None and size < short else None
         self._check_file(seg.file_id)  # still the indexed file, before and after decoding (see open_video)
         image = read_frames(os.path.realpath(seg.path), [frame], size=shrink)[0]
         self._check_file(seg.file_id)
@@ -405,6 +453,7 @@ class VideoIndex:
 
     def close(self) -> None:
         self._conn.close()
+        self.store.close()
 
     def __enter__(self) -> VideoIndex:
         return self

@@ -1,5 +1,6 @@
-"""From decoded chunks to committed rows: model-sized forward passes, and a transaction per group of
-finished files (a file's segments always in the same transaction as its row)."""
+"""From decoded chunks to committed rows: model-sized forward passes, and a commit per group of finished files
+(their vectors appended to the store and made durable, then one transaction for their rows: a file's segments
+always in the same transaction as its row)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import torch.nn.functional as F
 
 from stanvid.precision import InferencePrecision
 from stanvid.search.index.loader import _Chunk
-from stanvid.search.index.store import _bump_generation, _insert_file, _transaction
+from stanvid.search.index.store import _commit_files
+from stanvid.search.index.vectors import VectorStore
 from stanvid.search.rerank import frames_blob, keeps_frame_vectors
 from stanvid.video.transforms import normalize
 
@@ -26,13 +28,14 @@ class _Writer:
     def __init__(
         self,
         conn: sqlite3.Connection,
+        store: VectorStore,
         runner: InferencePrecision,
         per_forward: int,
         commit_every: int,
         on_commit: Callable[[int], None] | None,
         progress_bar: Any,
     ) -> None:
-        self.conn, self.runner = conn, runner
+        self.conn, self.store, self.runner = conn, store, runner
         self.per_forward, self.commit_every = per_forward, commit_every
         self.on_commit = on_commit
         self.failures: list[tuple[str, str]] = []  # (relpath, error)
@@ -111,15 +114,18 @@ class _Writer:
         done = [k for k, s in self.pending.items() if s.get("complete") and len(s["emb"]) == len(s["spans"])]
         if not done:
             return
-        with _transaction(self.conn):
-            for key in done:
-                s = self.pending.pop(key)
-                rows = [
-                    (a, b, v.astype(np.float32).tobytes(), f)
-                    for (a, b), v, f in zip(s["spans"], s["emb"], s["frames"], strict=True)
-                ]
-                _insert_file(self.conn, s["entry"], s["meta"], rows)
-            _bump_generation(self.conn)
+        files, vectors = [], []
+        for key in done:
+            s = self.pending.pop(key)
+            files.append(
+                (
+                    s["entry"],
+                    s["meta"],
+                    [(a, b, f) for (a, b), f in zip(s["spans"], s["frames"], strict=True)],
+                )
+            )
+            vectors += s["emb"]
+        _commit_files(self.conn, self.store, files, np.stack(vectors).astype(np.float32))
         self.committed += len(done)
         self.bar.update(len(done))
         if self.on_commit is not None:

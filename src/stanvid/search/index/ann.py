@@ -1,0 +1,440 @@
+"""The vector index over the embedding store: which kind for which size, training it, searching it (with an
+exact re-rank from the store), and measuring its recall against exact search.
+
+Kinds, keyed by store slot (`stanvid.search.index.vectors`):
+
+* `flat` — exact inner product over float32 copies of the live vectors. `auto` picks it below
+  `approx_threshold` (100,000) vectors: 205 MB at 512-d, a query in a few milliseconds.
+* `ivfpq` — what `auto` picks from `approx_threshold` on: an inverted file of `nlist` cells (k-means, spherical,
+  `nlist` = 4 sqrt(N): the low end of FAISS's 4-16 sqrt(N) guidance, chosen for training time on a small CPU)
+  holding product-quantized codes of the vectors (`m` = D/4 bytes each: 128 B at 512-d, 8 bytes of id beside),
+  so 1M vectors take 136 MB instead of 2 GB (D/8-byte codes halve that but, on clustered data at 10M, rank
+  the true neighbours too loosely for 400 re-ranked candidates to hold them: recall@10 0.76 against 0.998
+  for D/4 at 300k vectors of the same density, measured). The best `rerank` candidates are scored again exactly with their
+  float32 rows read from the store, so scores are exact cosines and the codes only choose whom to score. From
+  1024 cells the centroids are trained in two levels (sqrt(nlist) coarse clusters, each split) and found the
+  same way: an inverted file over the centroids, `QUANTIZER_PROBE` coarse clusters probed (~600 dot products
+  per vector at 10M instead of 12,649: brute-force assignment of 10M vectors takes ~30 min on 2 cores).
+* `ivf` — the same inverted file holding the float32 vectors themselves (`IndexIVFFlat`): 4 D bytes each.
+
+`nprobe` (cells searched per query) is not a formula: after every build, `tune` measures recall@10 against
+exact search on a sample of the index's own vectors (200 of them, the whole store scanned for the truth, each
+query's own file left out of truth and answer) for growing `nprobe` and keeps the smallest that reaches the
+target (0.95); the figure is recorded and shown.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import faiss
+import numpy as np
+
+from stanvid.errors import VideoIndexError
+from stanvid.search.index.vectors import READ_ROWS, VectorStore
+
+ANN_KINDS = ("flat", "ivf", "ivfpq")
+
+INDEX_KINDS = ("auto", *ANN_KINDS)
+
+DEFAULT_APPROX_THRESHOLD = 100_000
+
+TARGET_RECALL = 0.95
+
+DEFAULT_RERANK = 100  # candidates scored exactly from the store per query (at least k)
+
+RECALL_QUERIES = 200
+
+TWO_LEVEL_FROM_NLIST = 1024  # centroids trained and found in two levels from this many cells
+
+QUANTIZER_PROBE = 4  # coarse clusters probed to assign a vector to its cell (queries probe more: `_params`)
+
+_THREADS = faiss.omp_get_max_threads()
+
+
+def _threads_for(queries: np.ndarray) -> None:
+    """One OpenMP thread for a few queries (the calling thread's setting only): a single query gains nothing
+    from a second thread and, on a busy machine, loses ~10x to the threads waiting on each other (3 ms
+    against 25-33 ms for 20k exact vectors measured on 2 shared cores)."""
+    faiss.omp_set_num_threads(1 if len(queries) < 8 else _THREADS)
+
+
+MAX_PROBE_FRACTION = 8  # `nprobe` is chosen up to nlist / 8 (or 64 cells); a user's --nprobe may go past
+
+_NPROBE_LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+
+
+# ---------------------------------------------------------------------------------------------- parameters
+def choose_kind(kind: str, n: int, approx_threshold: int) -> str:
+    if kind not in INDEX_KINDS:
+        raise VideoIndexError(f"vector index kind must be one of {', '.join(INDEX_KINDS)}, got {kind!r}")
+    if kind == "auto":
+        return "ivfpq" if n >= approx_threshold else "flat"
+    return kind
+
+
+def choose_params(kind: str, n: int, dim: int, nlist: int | None = None) -> dict[str, Any]:
+    """The shape of an approximate index over `n` vectors of `dim`: cells, code size, quantizer."""
+    cells = nlist or max(1, min(round(4 * math.sqrt(n)), n // 39))
+    cells = max(1, min(cells, n))
+    params: dict[str, Any] = {"kind": kind, "nlist": int(cells), "two_level": cells >= TWO_LEVEL_FROM_NLIST}
+    if kind == "ivfpq":
+        m = max([d for d in range(1, dim + 1) if dim % d == 0 and dim // d >= 4] or [1])
+        params["m"] = m
+        params["nbits"] = int(min(8, max(1, math.floor(math.log2(max(2, n / 4))))))
+    return params
+
+
+def describe(record: dict[str, Any] | None) -> str:
+    """One line for the summary: kind, parameters and the measured recall."""
+    if not record or record.get("kind") == "flat":
+        return "exact inner product"
+    shape = f"nlist={record['nlist']}"
+    if record["kind"] == "ivfpq":
+        shape += f", PQ {record['m']}x{record['nbits']} bit codes, {record['rerank']} re-ranked exactly"
+    measured = record.get("recall_at_10")
+    recall = (
+        ""
+        if measured is None
+        else f", recall@10 {measured:.3f} vs exact on {record['recall_queries']} of its vectors"
+    )
+    if measured is not None and measured < record.get("target_recall", 0):
+        recall += f" (target {record['target_recall']:.2f} not reached)"
+    name = "IVF-PQ" if record["kind"] == "ivfpq" else "IVF"
+    return f"approximate {name}, {shape}, nprobe={record['nprobe']}{recall}"
+
+
+# ---------------------------------------------------------------------------------------------- training
+def _kmeans(x: np.ndarray, k: int, seed: int, niter: int) -> np.ndarray:
+    """(k, D) unit centroids of the rows of `x` (spherical k-means; the points themselves when k >= n)."""
+    if k >= len(x):
+        return _unit(x[:k].copy())
+    km = faiss.Kmeans(x.shape[1], k, niter=niter, spherical=True, seed=seed, min_points_per_centroid=1,
+                      max_points_per_centroid=1 << 20)  # fmt: skip
+    km.train(np.ascontiguousarray(x))
+    return km.centroids
+
+
+def _centroids(x: np.ndarray, k: int, seed: int, two_level: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """k unit centroids of a training sample, and with `two_level` the sqrt(k) coarse ones they were split
+    from (each coarse cluster into centroids in proportion to its points): ~sqrt(k) times cheaper than one
+    k-means, and the coarse level finds a vector's cell later."""
+    if not two_level:
+        return _kmeans(x, k, seed, niter=20), None
+    k1 = int(math.sqrt(k))
+    top = _kmeans(x, k1, seed, niter=20)
+    flat = faiss.IndexFlatIP(x.shape[1])
+    flat.add(top)
+    assign = flat.search(x, 1)[1][:, 0]
+    sizes = np.bincount(assign, minlength=k1)
+    share = np.minimum(sizes, np.floor(k * sizes / sizes.sum()).astype(np.int64))
+    spare = np.argsort(-(k * sizes / sizes.sum() - share), kind="stable")
+    while share.sum() < k:  # the remainder to the largest fractions, never more centroids than points
+        for c in spare:
+            if share.sum() >= k:
+                break
+            if share[c] < sizes[c]:
+                share[c] += 1
+    order = np.argsort(assign, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    parts = [
+        _kmeans(x[order[bounds[c] : bounds[c + 1]]], int(share[c]), seed + c, niter=10)
+        for c in range(k1)
+        if share[c] > 0
+    ]
+    return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32), top
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def train_empty(sample: np.ndarray, params: dict[str, Any], seed: int = 0) -> faiss.Index:
+    """An empty, trained IVF / IVF-PQ index for `params` (`choose_params`), from (n, D) unit vectors."""
+    sample = np.ascontiguousarray(sample, dtype=np.float32)
+    dim = sample.shape[1]
+    centroids, coarse = _centroids(sample, params["nlist"], seed, params.get("two_level", False))
+    if coarse is not None:  # an inverted file over the centroids themselves
+        top = faiss.IndexFlatIP(dim)
+        top.add(coarse)
+        quantizer = faiss.IndexIVFFlat(top, dim, len(coarse), faiss.METRIC_INNER_PRODUCT)
+        quantizer.own_fields = True
+        top.this.disown()
+        quantizer.nprobe = QUANTIZER_PROBE
+    else:
+        quantizer = faiss.IndexFlatIP(dim)
+    quantizer.add(centroids)
+    if coarse is not None:
+        quantizer.make_direct_map()  # residuals need each centroid back by its id
+    nlist = quantizer.ntotal
+    if params["kind"] == "ivfpq":
+        index = faiss.IndexIVFPQ(
+            quantizer, dim, nlist, params["m"], params["nbits"], faiss.METRIC_INNER_PRODUCT
+        )
+        index.pq.cp.min_points_per_centroid = 1  # small indexes train fewer codes (nbits) rather than warn
+        index.pq.cp.niter = 10  # 64 points per code word, 10 iterations: seconds, not minutes, at 512-d
+        index.train(sample[: 64 << params["nbits"]])  # the coarse cells are trained already
+    else:
+        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(sample[:1])
+    index.own_fields = True
+    quantizer.this.disown()
+    return index
+
+
+def fit(index: faiss.Index, vectors: np.ndarray) -> float:
+    """Mean cosine of `vectors` to their nearest cell centre: how well the trained cells fit them."""
+    if len(vectors) == 0:
+        return 1.0
+    ivf = faiss.extract_index_ivf(index)
+    return float(ivf.quantizer.search(np.ascontiguousarray(vectors, dtype=np.float32), 1)[0].mean())
+
+
+def make_vector_index(
+    vectors: np.ndarray,
+    ids: np.ndarray,
+    *,
+    kind: str = "auto",
+    approx_threshold: int = DEFAULT_APPROX_THRESHOLD,
+    nlist: int | None = None,
+    nprobe: int | None = None,
+) -> faiss.Index:
+    """A FAISS inner-product index over `vectors` (N, D) float32 with int64 `ids` (N,), in memory.
+
+    `kind`: "flat" (exact), "ivf" (inverted file of float32 vectors), "ivfpq" (inverted file of PQ codes), or
+    "auto" (flat below `approx_threshold` vectors, ivfpq above). Cells and codes as `choose_params`; `nprobe`
+    defaults to nlist / 16 here (`stanvid index` measures it instead, see the module docstring).
+    """
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    if vectors.ndim != 2 or len(ids) != len(vectors):
+        raise ValueError(f"vectors must be (N, D) with N ids, got {vectors.shape} and {ids.shape} ids")
+    n, dim = vectors.shape
+    kind = choose_kind(kind, n, approx_threshold)
+    if kind == "flat" or n == 0:
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+    else:
+        params = choose_params(kind, n, dim, nlist)
+        sample = np.random.default_rng(0).choice(n, size=min(n, 64 * params["nlist"]), replace=False)
+        index = train_empty(vectors[np.sort(sample)], params)
+        index.nprobe = min(index.nlist, nprobe or max(1, index.nlist // 16))
+    if n:
+        index.add_with_ids(vectors, ids)
+    return index
+
+
+def add_live(index: faiss.Index, store: VectorStore, mask: np.ndarray, start: int = 0) -> None:
+    """Add the live rows of the store from slot `start` to `index`, keyed by slot, a chunk at a time."""
+    for first, block in store.chunks(READ_ROWS, start):
+        keep = mask[first : first + len(block)]
+        if keep.any():
+            index.add_with_ids(block[keep], np.flatnonzero(keep).astype(np.int64) + first)
+
+
+# ---------------------------------------------------------------------------------------------- searching
+class ExactSearcher:
+    """Exact search: float32 copies of the live vectors in memory (the `flat` kind)."""
+
+    kind = "flat"
+
+    def __init__(self, store: VectorStore, mask: np.ndarray) -> None:
+        self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(store.dim))
+        add_live(self.index, store, mask)
+        self.count = int(self.index.ntotal)
+
+    def search(self, queries: np.ndarray, k: int, **_: Any) -> tuple[np.ndarray, np.ndarray]:
+        _threads_for(queries)
+        return self.index.search(queries, max(1, min(k, self.count)))
+
+
+class ScanSearcher:
+    """Exact search by scanning the memory-mapped store in chunks: what a large index answers with while its
+    vector index file is missing or damaged (correct, memory-bounded, slow)."""
+
+    kind = "scan"
+
+    def __init__(self, store: VectorStore, mask: np.ndarray) -> None:
+        self.store, self.mask = store, mask
+        self.count = int(mask.sum())
+
+    def search(self, queries: np.ndarray, k: int, **_: Any) -> tuple[np.ndarray, np.ndarray]:
+        return exact_top(self.store, self.mask, queries, max(1, min(k, self.count)))
+
+
+class ApproxSearcher:
+    """An IVF / IVF-PQ main index (memory-mapped), the delta of vectors added since it was written (an index
+    trained as the main one, in memory), the slots deleted since (filtered inside the search, so `k` live
+    hits come back), and the exact re-rank of the candidates from the store."""
+
+    def __init__(self, main: faiss.Index, delta: faiss.Index | None, tombstones: np.ndarray,
+                 store: VectorStore, record: dict[str, Any], count: int) -> None:  # fmt: skip
+        self.main, self.delta, self.store = main, delta, store
+        self.kind = record["kind"]
+        self.nprobe, self.rerank = int(record.get("nprobe") or 1), int(record.get("rerank") or DEFAULT_RERANK)
+        self.two_level = bool(record.get("two_level"))
+        self.nlist = faiss.extract_index_ivf(main).nlist
+        self.count = count
+        self._keep: list[Any] = []
+        self.tombstones = np.asarray(tombstones, dtype=np.int64)
+        self.selector = None
+        if len(tombstones):
+            batch = faiss.IDSelectorBatch(np.ascontiguousarray(tombstones, dtype=np.int64))
+            self.selector = faiss.IDSelectorNot(batch)
+            self._keep.append(batch)
+
+    def _params(
+        self, nprobe: int, filtered: bool, exclude: np.ndarray | None = None
+    ) -> faiss.SearchParametersIVF:
+        params = faiss.SearchParametersIVF()
+        params.nprobe = nprobe
+        if exclude is not None and len(exclude):  # a query's own file left out (recall measurement)
+            batch = faiss.IDSelectorBatch(np.union1d(exclude, self.tombstones).astype(np.int64))
+            selector = faiss.IDSelectorNot(batch)
+            params.sel = selector
+            params._refs = (batch, selector)  # the parameters hold raw pointers: keep the objects alive
+        elif filtered and self.selector is not None:
+            params.sel = self.selector
+        if self.two_level:
+            quantizer = faiss.SearchParametersIVF()
+            quantizer.nprobe = max(2 * QUANTIZER_PROBE, nprobe // 2)
+            params.quantizer_params = quantizer
+            params._quantizer_ref = quantizer  # kept alive with the parameters
+        return params
+
+    def candidates(
+        self, queries: np.ndarray, r: int, nprobe: int, exclude: np.ndarray | None = None
+    ) -> np.ndarray:
+        """(Q, <= 2 r) candidate slots (-1 padded) from the main index and the delta."""
+        found = [self.main.search(queries, r, params=self._params(nprobe, True, exclude))[1]]
+        if self.delta is not None and self.delta.ntotal:
+            found.append(
+                self.delta.search(queries, min(r, self.delta.ntotal), params=self._params(nprobe, False))[1]
+            )
+        return np.concatenate(found, axis=1)
+
+    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None, rerank: int | None = None,
+               widen: bool = True, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """(Q, k') exact scores and slots, k' = min(k, live vectors), -1 where fewer were found. With `widen`,
+        a query that found fewer than k' probes twice the cells until it has them (small or skewed cells).
+        `exclude`: slots left out of the main index's answer (the recall measurement's own file)."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        _threads_for(queries)
+        want = max(1, min(k, self.count))
+        nprobe = min(self.nlist, nprobe or self.nprobe)
+        r = max(want, rerank or self.rerank)
+        while True:
+            scores, slots = rerank_exact(
+                self.store, queries, self.candidates(queries, r, nprobe, exclude), want
+            )
+            if not widen or nprobe >= self.nlist or (slots >= 0).sum(axis=1).min() >= want:
+                return scores, slots
+            nprobe = min(self.nlist, 2 * nprobe)
+
+
+def rerank_exact(
+    store: VectorStore, queries: np.ndarray, cand: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Score each query's candidate slots exactly from the store and keep the best k, best first."""
+    q = len(queries)
+    out_s = np.full((q, k), -np.inf, dtype=np.float32)
+    out_i = np.full((q, k), -1, dtype=np.int64)
+    uniq = np.unique(cand[cand >= 0])
+    if len(uniq) == 0:
+        return out_s, out_i
+    scores = store.read(uniq) @ queries.T  # (U, Q)
+    for row in range(q):
+        mine = np.unique(cand[row][cand[row] >= 0])
+        s = scores[np.searchsorted(uniq, mine), row]
+        order = np.lexsort((mine, -s))[:k]
+        out_s[row, : len(order)], out_i[row, : len(order)] = s[order], mine[order]
+    return out_s, out_i
+
+
+def exact_top(
+    store: VectorStore, mask: np.ndarray, queries: np.ndarray, k: int, exclude: list[np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(Q, k) exact best scores and slots over the live rows of the store, streamed a chunk at a time;
+    `exclude[i]` (sorted slots) are left out for query i."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    best_s = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    best_i = np.full((len(queries), k), -1, dtype=np.int64)
+    for first, block in store.chunks():
+        s = queries @ block.T  # (Q, n)
+        s[:, ~mask[first : first + len(block)]] = -np.inf
+        for i, slots in enumerate(exclude or []):
+            lo, hi = np.searchsorted(slots, [first, first + len(block)])
+            s[i, slots[lo:hi] - first] = -np.inf
+        kk = min(k, s.shape[1])
+        part = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
+        all_s = np.concatenate([best_s, np.take_along_axis(s, part, axis=1)], axis=1)
+        all_i = np.concatenate([best_i, part + first], axis=1)
+        order = _rank_rows(all_s, all_i)[:, :k]
+        best_s, best_i = np.take_along_axis(all_s, order, axis=1), np.take_along_axis(all_i, order, axis=1)
+    best_i[~np.isfinite(best_s)] = -1
+    return best_s, best_i
+
+
+def _rank_rows(scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Per row, the column order by score descending, ties by id."""
+    return np.stack([np.lexsort((i, -s)) for s, i in zip(scores, ids, strict=True)])
+
+
+# ---------------------------------------------------------------------------------------------- recall
+def tune(
+    searcher: ApproxSearcher,
+    store: VectorStore,
+    mask: np.ndarray,
+    *,
+    target: float = TARGET_RECALL,
+    nprobe: int | None = None,
+    rerank: int | None = None,
+    queries: int = RECALL_QUERIES,
+    seed: int = 0,
+    same_file: Any = None,
+) -> dict[str, Any]:
+    """The smallest `nprobe` (and `rerank`) reaching recall@10 >= `target` against exact search, with the
+    recall measured: queries are `queries` of the index's own vectors, the truth an exact scan of the store.
+    `same_file(slots)` gives each query's file's slots: they are left out of both the truth and the answer,
+    so what is measured is finding other videos (a file's own segments sit in its cell and would make any
+    nprobe look good; a text query is not a stored vector either). A fixed `nprobe` (the user's) is
+    measured, not searched. Returns {nprobe, rerank, recall_at_10, ...}."""
+    live = np.flatnonzero(mask)
+    count = min(queries, len(live))
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(live, size=count, replace=False))
+    q = store.read(chosen)
+    exclude = same_file(chosen) if same_file is not None else [np.zeros(0, np.int64)] * count
+    truth = exact_top(store, mask, q, 10, exclude)[1]
+
+    def recall(p: int, r: int) -> float:
+        got = [searcher.search(q[i : i + 1], 10, nprobe=p, rerank=r, widen=False, exclude=exclude[i])[1][0]
+               for i in range(count)]  # fmt: skip
+        hits = sum(len(set(g[g >= 0]) & set(t[t >= 0])) for g, t in zip(got, truth, strict=True))
+        return hits / max(1, int((truth >= 0).sum()))
+
+    base = rerank or DEFAULT_RERANK
+    cap = max(min(searcher.nlist, 64), searcher.nlist // MAX_PROBE_FRACTION)  # milliseconds: at most 1/8
+    ladder = sorted({p for p in _NPROBE_LADDER if p < cap} | {cap})
+    tried: list[tuple[float, int, int]] = []
+    for r in (base,) if nprobe or rerank or searcher.kind == "ivf" else (base, 4 * base):
+        best, flat = 0.0, 0
+        for p in (nprobe,) if nprobe else ladder:
+            measured = recall(p, r)
+            tried.append((measured, p, r))
+            if measured >= target:
+                return {"nprobe": p, "rerank": r, "recall_at_10": measured, "recall_queries": count,
+                        "target_recall": target}  # fmt: skip
+            flat = flat + 1 if measured <= best + 0.002 else 0
+            best = max(best, measured)
+            if flat >= 3 and p >= 32:  # more cells stopped helping: the codes limit recall, not the probes
+                break
+    measured, p, r = max(tried, key=lambda t: (t[0], -t[1], -t[2]))
+    return {
+        "nprobe": p,
+        "rerank": r,
+        "recall_at_10": measured,
+        "recall_queries": count,
+        "target_recall": target,
+    }
