@@ -54,7 +54,8 @@ def stored(index_dir):
         ).fetchall()
     pooled = {(p, a): e for p, a, _, e in store_rows(index_dir)}  # the store, read directly
     return sorted(
-        (sid, p, a, pooled[p, a], None if fr is None else np.frombuffer(fr, np.float32)) for sid, p, a, fr in found
+        (sid, p, a, pooled[p, a], None if fr is None else np.frombuffer(fr, np.float32))
+        for sid, p, a, fr in found
     )
 
 
