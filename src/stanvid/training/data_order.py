@@ -104,9 +104,8 @@ def build_data(
         raise ConfigError(
             f"train.batch_size {tr.batch_size} x {world} process(es) exceeds the {len(train_set)} training items"
         )
-    generator = (
-        torch.Generator()
-    )  # the loader's: reseeded per (epoch, start) so workers' seeds repeat on resume
+    # the loader's generator: reseeded per (epoch, start) so the workers' seeds repeat on resume
+    generator = torch.Generator()
     loader = build_loader(
         SeededItems(train_set, tr.seed),
         tr.batch_size,
