@@ -35,8 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from stanvid.checkpoints import convert, zoo
 from stanvid.checkpoints.download import (
@@ -48,6 +46,7 @@ from stanvid.checkpoints.download import (
     download_hub,
     download_openai,
 )
+from stanvid.checkpoints.weights import assign_state, on_meta, read_safetensors
 from stanvid.errors import CheckpointError, ConfigError
 from stanvid.models.config import (
     ARCHITECTURE_OVERRIDES,
@@ -372,8 +371,20 @@ def _from_clip_weights(
 
 def _build(
     target: ModelConfig, state: dict[str, torch.Tensor], *, source: str, checkpoint_temporal: str | None
-):
-    """Instantiate `target` and load `state`; the temporal weights only when they are the same module."""
+) -> VideoCLIP:
+    return _build_exact(target, state, source=source, checkpoint_temporal=checkpoint_temporal)[0]
+
+
+def _build_exact(
+    target: ModelConfig, state: dict[str, torch.Tensor], *, source: str, checkpoint_temporal: str | None
+) -> tuple[VideoCLIP, bool]:
+    """Instantiate `target` and load `state`; the temporal weights only when they are the same module. Also
+    returns whether the model's state dict is `state` exactly (the same names, dtypes and bytes, nothing
+    initialised).
+
+    The model is built on the meta device and `state` assigned as its weights (`stanvid.checkpoints.weights`:
+    no random init, the weights in memory once); only a state that leaves a tensor to initialise (a temporal
+    module the checkpoint lacks, a missing logit scale) is copied into a model built the usual way."""
     same_temporal = checkpoint_temporal == target.temporal and _same_branch(target, state)
     has_temporal_weights = any(k.startswith("temporal.") for k in state)
     if has_temporal_weights and not same_temporal:
@@ -390,12 +401,19 @@ def _build(
             target.temporal,
             fresh,
         )
-    model = VideoCLIP(target)
     optional = ("logit_scale",) if same_temporal else ("logit_scale", "temporal.")
+    with on_meta():
+        skeleton = VideoCLIP(target)
+    missing = convert.check_converted(skeleton, state, source=source, optional_prefixes=optional)
+    if same_temporal and not missing:
+        exact = assign_state(skeleton, state)
+        if exact is not None:
+            return skeleton, exact
+    model = VideoCLIP(target)
     convert.load_converted(model, state, source=source, optional_prefixes=optional)
     if not same_temporal:
         model.init_temporal_from_clip()
-    return model
+    return model, False
 
 
 def _same_branch(target: ModelConfig, state: dict[str, torch.Tensor]) -> bool:
@@ -447,12 +465,8 @@ def _torch_load(path: Path) -> Any:
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: weights file not found")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: cannot read safetensors ({exc})") from exc
+    """Every tensor read into memory of its own (`stanvid.checkpoints.weights`): nothing stays mapped."""
+    return read_safetensors(path)[0]
 
 
 def _looks_like_hub_id(source: str) -> bool:
