@@ -32,7 +32,7 @@ import warnings
 import zipfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -83,10 +83,34 @@ def load_model(source: str | os.PathLike, *, config: Any = None, **overrides: An
     modules copied from CLIP, temporal projections zero), and one it has but the override replaces is dropped
     with a log line.
     """
+    return _load(source, config, overrides)[0]
+
+
+class WeightsFile(NamedTuple):
+    """The safetensors file whose tensors are exactly a loaded model's state dict, and its settled identity
+    when it was read (`stanvid.fileio.settled_identity`)."""
+
+    path: Path
+    identity: list[int]
+
+
+def load_model_and_weights(
+    source: str | os.PathLike, **overrides: Any
+) -> tuple[VideoCLIP, WeightsFile | None]:
+    """`load_model(source, **overrides)`, and the weights file the model's state dict is exactly (same names,
+    dtypes and bytes, nothing converted or initialised: a stanvid folder loaded as saved), or None. What is
+    computed from the state dict can then be cached under the file's identity (the index's fingerprint)."""
+    return _load(source, None, overrides)
+
+
+def _load(
+    source: str | os.PathLike, config: Any, overrides: dict[str, Any]
+) -> tuple[VideoCLIP, WeightsFile | None]:
     path = Path(source)
     name = str(source)
+    weights = None
     if path.is_dir():
-        model = _load_directory(path, config, overrides)
+        model, weights = _load_directory(path, config, overrides)
     elif path.is_file():
         model = _load_file(path, config, overrides)
     elif name in OPENAI_URLS:
@@ -95,10 +119,10 @@ def load_model(source: str | os.PathLike, *, config: Any = None, **overrides: An
         repo = name[len(HF_HUB_PREFIX) :]
         if not _looks_like_hub_id(repo):
             raise CheckpointError(f"{name}: expected hf-hub:owner/name")
-        model = _load_directory(download_hub(repo, open_clip=True), config, overrides)
+        model, weights = _load_directory(download_hub(repo, open_clip=True), config, overrides)
     elif (entry := zoo.lookup(name)) is not None:
         folder = download_hub(entry.repo, open_clip=True, label=name)
-        model = _load_directory(folder, config, overrides, pretrained=entry)
+        model, weights = _load_directory(folder, config, overrides, pretrained=entry)
     elif _open_clip_model_name(name):
         model_name = name.replace(":", "/").split("/")[0]
         known = [n for n in zoo.known_names() if n.split("/")[0] == model_name.removesuffix("-quickgelu")]
@@ -111,14 +135,14 @@ def load_model(source: str | os.PathLike, *, config: Any = None, **overrides: An
             )
         )
     elif _looks_like_hub_id(name):
-        model = _load_directory(download_hub(name), config, overrides)
+        model, weights = _load_directory(download_hub(name), config, overrides)
     else:
         raise CheckpointError(
             f"{source}: no such file or directory, and not a known model name "
             f"({', '.join(OPENAI_URLS)}, an open_clip MODEL/TAG such as ViT-B-32/laion2b_s34b_b79k), "
             f"hf-hub:owner/name or a Hugging Face hub id (owner/name)"
         )
-    return model.eval()
+    return model.eval(), weights
 
 
 def detect_format(source: str | os.PathLike) -> str:
@@ -163,7 +187,8 @@ def _directory_kind(path: Path) -> str:
 
 def _load_directory(
     path: Path, config: Any, overrides: dict[str, Any], pretrained: zoo.Pretrained | None = None
-) -> VideoCLIP:
+) -> tuple[VideoCLIP, WeightsFile | None]:
+    """The model of a folder, and its weights file when the model's state dict is exactly that file's."""
     kind = _directory_kind(path)
     if config is not None and kind in ("stanvid", "open_clip"):
         raise ConfigError(
@@ -172,13 +197,14 @@ def _load_directory(
     _refuse_architecture_overrides(overrides, path, kind)
     if kind == "stanvid":
         cfg = ModelConfig.from_json(path / CONFIG_NAME)
-        state = _read_safetensors(path / WEIGHTS_NAME)
+        state, identity = read_safetensors(path / WEIGHTS_NAME)
         target = cfg.replace(**overrides)
-        return _build(target, state, source=str(path), checkpoint_temporal=cfg.temporal)
+        model, exact = _build_exact(target, state, source=str(path), checkpoint_temporal=cfg.temporal)
+        return model, WeightsFile(path / WEIGHTS_NAME, identity) if exact and identity else None
     if kind == "open_clip":
         clip_cfg = _open_clip_folder_config(path, pretrained)
         weights = _first_file(path, OPEN_CLIP_WEIGHTS, "open_clip")
-        return _from_openai_layout(clip_cfg, _read_state(weights), str(path), overrides)
+        return _from_openai_layout(clip_cfg, _read_state(weights), str(path), overrides), None
     # Hugging Face CLIP
     if config is not None:
         clip_cfg = convert.clip_config_from(config)
@@ -187,7 +213,7 @@ def _load_directory(
     raw = _read_state(_first_file(path, HF_WEIGHTS, "Hugging Face"))
     raw = {k[len("clip_model.") :] if k.startswith("clip_model.") else k: v for k, v in raw.items()}
     state = convert.convert_state_dict(raw, convert.HF_RULES, ignored=convert.HF_BUFFERS, source=str(path))
-    return _from_clip_weights(clip_cfg, state, str(path), overrides)
+    return _from_clip_weights(clip_cfg, state, str(path), overrides), None
 
 
 def _refuse_architecture_overrides(overrides: dict[str, Any], path: Path, kind: str) -> None:
