@@ -267,7 +267,8 @@ def main() -> None:
     work = args.work
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    os.environ["STANVID_CACHE"] = str(work / "cache")  # the fingerprint cache starts empty, in the work folder
+    # the fingerprint cache starts empty, in the work folder (the import run fills it, as a first run does)
+    os.environ["STANVID_CACHE"] = str(work / "cache")
     figures: dict = {
         "segments": args.segments,
         "data": args.data,
