@@ -21,6 +21,19 @@ def parity_root() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "parity"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """$STANVID_CACHE in a folder of this session (downloads, the fingerprint cache): tests never read or
+    write the user's cache, and the processes they start inherit the same folder."""
+    before = os.environ.get("STANVID_CACHE")
+    os.environ["STANVID_CACHE"] = str(tmp_path_factory.mktemp("stanvid-cache"))
+    yield Path(os.environ["STANVID_CACHE"])
+    if before is None:
+        os.environ.pop("STANVID_CACHE", None)
+    else:
+        os.environ["STANVID_CACHE"] = before
+
+
 @pytest.fixture
 def parity():
     """Path of one parity reference; the test skips, with the reason, when it is absent."""

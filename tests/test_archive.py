@@ -106,8 +106,9 @@ def check_search(out: Path, queries: int = 12, k: int = 10, min_recall: float = 
 
 
 def ann(out: Path) -> dict:
+    """The vector index record, less the files' identities (recorded by any run once the files settle)."""
     with open_index(out, model=index_model()) as index:
-        return dict(index.meta.get("ann") or {})
+        return {k: v for k, v in (index.meta.get("ann") or {}).items() if not k.endswith("_identity")}
 
 
 # ---------------------------------------------------------------------------------------------- embed -> import

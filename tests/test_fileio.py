@@ -46,7 +46,7 @@ def test_an_interrupt_mid_write_or_a_failed_rename_loses_nothing(tmp_path, monke
         f.write(b"half a file")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(fileio.torch, "save", half_then_interrupt)
+    monkeypatch.setattr(torch, "save", half_then_interrupt)  # fileio imports torch when it saves
     with pytest.raises(KeyboardInterrupt):
         atomic_save({"new": 1}, target)
     assert target.read_text() == '{"old": true}' and _listing(tmp_path) == ["index.json"]
@@ -115,3 +115,12 @@ def test_atomic_path_takes_a_temporary_name_in_the_same_folder_only(tmp_path):
     with pytest.raises(FileNotFoundError), fileio.atomic_path(target):
         pass  # the block wrote nothing: an error, and the old file stays
     assert target.read_bytes() == b"x" and _listing(tmp_path) == ["a.mp4"]
+
+
+def test_settled_identity_waits_for_the_clock(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(b"x")
+    st = path.stat()
+    assert fileio.settled_identity(st) is None  # changed just now: a change in the same tick would not show
+    later = max(st.st_mtime_ns, st.st_ctime_ns) + int(fileio.SETTLE_SECONDS * 1e9)
+    assert fileio.settled_identity(st, later) == [st.st_dev, st.st_ino, 1, st.st_mtime_ns, st.st_ctime_ns]

@@ -16,6 +16,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -268,6 +269,43 @@ def test_a_damaged_vector_index_file_is_searched_exactly_then_rewritten(
         with open_index(out) as index:
             assert len(index) == len(got) and index.vectors.kind == "ivfpq"
     assert not caplog.records
+
+
+def test_a_vector_file_hashed_once_is_trusted_by_identity_until_it_changes(
+    good_ivf, good_index, tmp_path, model_dir, caplog, monkeypatch
+):
+    from stanvid import fileio
+    from stanvid.search.index import maintain
+
+    root, _ = good_ivf
+    out = copy_index(good_ivf, tmp_path)
+    monkeypatch.setattr(fileio, "SETTLE_SECONDS", 0.05)
+    time.sleep(0.1)
+    build(root, out, model_dir, approx_threshold=1)  # nothing to do but hash the files: identities recorded
+    with open_index(out) as index:
+        record = index.meta["ann"]
+    vectors = out / record["file"]
+    st = vectors.stat()
+    assert record["file_identity"] == [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    assert record["trained_identity"][1] == (out / record["trained"]).stat().st_ino
+    expected = [h.id for h in open_index(good_index[1]).search("a red ball", 50)]
+
+    def no_hashing(path):
+        raise AssertionError(f"{path} was hashed")
+
+    with monkeypatch.context() as m:
+        m.setattr(maintain, "_sha256", no_hashing)
+        with open_index(out) as index:  # the recorded files, unchanged: not read before they are mapped
+            assert index.vectors.kind == "ivfpq" and len(index.search("a red ball", 50)) == len(expected)
+        build(root, out, model_dir, approx_threshold=1)
+    # damaged in place, same size, its mtime set back: the ctime differs, so it is hashed and refused
+    vectors.write_bytes(np.random.default_rng(0).bytes(st.st_size))
+    os.utime(vectors, ns=(st.st_atime_ns, st.st_mtime_ns))
+    time.sleep(0.1)
+    with caplog.at_level(logging.WARNING, logger="stanvid"):
+        with open_index(out) as index:
+            assert [h.id for h in index.search("a red ball", 50)] == expected  # searched exactly
+    assert any(vectors.name in r.getMessage() and "exactly" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "random", "foreign", "flipped"])

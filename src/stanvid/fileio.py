@@ -9,6 +9,9 @@ file is removed and the old content is left as it was.
 hands the open temporary file to a callback (a download streamed to disk); `atomic_path` hands out the
 temporary file's path, for a writer that opens the file itself (an encoder, a library that takes a file name).
 All of them go through the same steps below, so every writer in stanvid gets the same guarantee.
+
+`settled_identity` is the other side: what identifies a file's content without reading it, for the caches
+that skip hashing a file already hashed (a model's fingerprint, a vector index file's SHA-256).
 """
 
 from __future__ import annotations
@@ -16,13 +19,24 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-import torch
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_save",
+    "atomic_write_stream",
+    "atomic_path",
+    "settled_identity",
+    "SETTLE_SECONDS",
+]
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_save", "atomic_write_stream", "atomic_path"]
+# A change within one tick of a file system's clock (a few ms on ext4, 2 s on FAT) can leave a file's mtime
+# and ctime as they were: an identity is only trusted when the file last changed longer ago than this.
+SETTLE_SECONDS = 2.0
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -37,6 +51,8 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save(obj)`` to ``path`` atomically."""
+    import torch  # here, not at the top: every command imports this module, not all of them need torch
+
     _atomic_write(Path(path), lambda f: torch.save(obj, f))
 
 
@@ -82,6 +98,22 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
+
+
+def settled_identity(st: os.stat_result, now_ns: int | None = None) -> list[int] | None:
+    """[device, inode, size, mtime_ns, ctime_ns] of a file's `os.stat` result, or None while the file changed
+    less than `SETTLE_SECONDS` before `now_ns` (default: now).
+
+    While the five are what a recorded identity says, the file holds the bytes it held when it was recorded:
+    any write, truncation or replacement moves its ctime (which no program can set back) or its inode. The one
+    exception is a second change within the clock tick of the one before, which the settling time rules out:
+    a file recorded settled has not changed since a time its next change cannot share. Bit rot on the medium
+    itself is not a change any identity sees; reading the bytes is the only check for that.
+    """
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    if now_ns - max(st.st_mtime_ns, st.st_ctime_ns) < SETTLE_SECONDS * 1e9:
+        return None
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
 def _temp_path(path: Path) -> Path:

@@ -224,8 +224,26 @@ def load_converted(
 
     Keys under `optional_prefixes` may be absent (a plain CLIP has no temporal module; some checkpoints carry
     no logit scale); any other missing key, any unexpected key and any shape mismatch raises one
-    `CheckpointError` that lists them all.
+    `CheckpointError` that lists them all (`check_converted`).
     """
+    missing = check_converted(model, state, source=source, optional_prefixes=optional_prefixes)
+    expected = model.state_dict()
+    with torch.no_grad():
+        for key, value in state.items():
+            expected[key].copy_(value)
+    return missing
+
+
+def check_converted(
+    model: torch.nn.Module,
+    state: dict[str, torch.Tensor],
+    *,
+    source: str,
+    optional_prefixes: tuple[str, ...] = (),
+) -> list[str]:
+    """The keys of `model` that `state` lacks (all under `optional_prefixes`), or one `CheckpointError`
+    listing every unmapped, missing and mis-shaped key. Reads names and shapes only: `model` may be on the
+    meta device."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -244,9 +262,6 @@ def load_converted(
         if misshaped:
             parts.append(f"mis-shaped: {', '.join(sorted(misshaped))}")
         raise CheckpointError(f"{source}: checkpoint does not fit the model; " + "; ".join(parts))
-    with torch.no_grad():
-        for key, value in state.items():
-            expected[key].copy_(value)
     return missing
 
 

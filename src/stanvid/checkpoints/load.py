@@ -32,11 +32,9 @@ import warnings
 import zipfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from stanvid.checkpoints import convert, zoo
 from stanvid.checkpoints.download import (
@@ -48,6 +46,7 @@ from stanvid.checkpoints.download import (
     download_hub,
     download_openai,
 )
+from stanvid.checkpoints.weights import assign_state, on_meta, read_safetensors
 from stanvid.errors import CheckpointError, ConfigError
 from stanvid.models.config import (
     ARCHITECTURE_OVERRIDES,
@@ -84,10 +83,34 @@ def load_model(source: str | os.PathLike, *, config: Any = None, **overrides: An
     modules copied from CLIP, temporal projections zero), and one it has but the override replaces is dropped
     with a log line.
     """
+    return _load(source, config, overrides)[0]
+
+
+class WeightsFile(NamedTuple):
+    """The safetensors file whose tensors are exactly a loaded model's state dict, and its settled identity
+    when it was read (`stanvid.fileio.settled_identity`)."""
+
+    path: Path
+    identity: list[int]
+
+
+def load_model_and_weights(
+    source: str | os.PathLike, **overrides: Any
+) -> tuple[VideoCLIP, WeightsFile | None]:
+    """`load_model(source, **overrides)`, and the weights file the model's state dict is exactly (same names,
+    dtypes and bytes, nothing converted or initialised: a stanvid folder loaded as saved), or None. What is
+    computed from the state dict can then be cached under the file's identity (the index's fingerprint)."""
+    return _load(source, None, overrides)
+
+
+def _load(
+    source: str | os.PathLike, config: Any, overrides: dict[str, Any]
+) -> tuple[VideoCLIP, WeightsFile | None]:
     path = Path(source)
     name = str(source)
+    weights = None
     if path.is_dir():
-        model = _load_directory(path, config, overrides)
+        model, weights = _load_directory(path, config, overrides)
     elif path.is_file():
         model = _load_file(path, config, overrides)
     elif name in OPENAI_URLS:
@@ -96,10 +119,10 @@ def load_model(source: str | os.PathLike, *, config: Any = None, **overrides: An
         repo = name[len(HF_HUB_PREFIX) :]
         if not _looks_like_hub_id(repo):
             raise CheckpointError(f"{name}: expected hf-hub:owner/name")
-        model = _load_directory(download_hub(repo, open_clip=True), config, overrides)
+        model, weights = _load_directory(download_hub(repo, open_clip=True), config, overrides)
     elif (entry := zoo.lookup(name)) is not None:
         folder = download_hub(entry.repo, open_clip=True, label=name)
-        model = _load_directory(folder, config, overrides, pretrained=entry)
+        model, weights = _load_directory(folder, config, overrides, pretrained=entry)
     elif _open_clip_model_name(name):
         model_name = name.replace(":", "/").split("/")[0]
         known = [n for n in zoo.known_names() if n.split("/")[0] == model_name.removesuffix("-quickgelu")]
@@ -112,14 +135,14 @@ def load_model(source: str | os.PathLike, *, config: Any = None, **overrides: An
             )
         )
     elif _looks_like_hub_id(name):
-        model = _load_directory(download_hub(name), config, overrides)
+        model, weights = _load_directory(download_hub(name), config, overrides)
     else:
         raise CheckpointError(
             f"{source}: no such file or directory, and not a known model name "
             f"({', '.join(OPENAI_URLS)}, an open_clip MODEL/TAG such as ViT-B-32/laion2b_s34b_b79k), "
             f"hf-hub:owner/name or a Hugging Face hub id (owner/name)"
         )
-    return model.eval()
+    return model.eval(), weights
 
 
 def detect_format(source: str | os.PathLike) -> str:
@@ -164,7 +187,8 @@ def _directory_kind(path: Path) -> str:
 
 def _load_directory(
     path: Path, config: Any, overrides: dict[str, Any], pretrained: zoo.Pretrained | None = None
-) -> VideoCLIP:
+) -> tuple[VideoCLIP, WeightsFile | None]:
+    """The model of a folder, and its weights file when the model's state dict is exactly that file's."""
     kind = _directory_kind(path)
     if config is not None and kind in ("stanvid", "open_clip"):
         raise ConfigError(
@@ -173,13 +197,14 @@ def _load_directory(
     _refuse_architecture_overrides(overrides, path, kind)
     if kind == "stanvid":
         cfg = ModelConfig.from_json(path / CONFIG_NAME)
-        state = _read_safetensors(path / WEIGHTS_NAME)
+        state, identity = read_safetensors(path / WEIGHTS_NAME)
         target = cfg.replace(**overrides)
-        return _build(target, state, source=str(path), checkpoint_temporal=cfg.temporal)
+        model, exact = _build_exact(target, state, source=str(path), checkpoint_temporal=cfg.temporal)
+        return model, WeightsFile(path / WEIGHTS_NAME, identity) if exact and identity else None
     if kind == "open_clip":
         clip_cfg = _open_clip_folder_config(path, pretrained)
         weights = _first_file(path, OPEN_CLIP_WEIGHTS, "open_clip")
-        return _from_openai_layout(clip_cfg, _read_state(weights), str(path), overrides)
+        return _from_openai_layout(clip_cfg, _read_state(weights), str(path), overrides), None
     # Hugging Face CLIP
     if config is not None:
         clip_cfg = convert.clip_config_from(config)
@@ -188,7 +213,7 @@ def _load_directory(
     raw = _read_state(_first_file(path, HF_WEIGHTS, "Hugging Face"))
     raw = {k[len("clip_model.") :] if k.startswith("clip_model.") else k: v for k, v in raw.items()}
     state = convert.convert_state_dict(raw, convert.HF_RULES, ignored=convert.HF_BUFFERS, source=str(path))
-    return _from_clip_weights(clip_cfg, state, str(path), overrides)
+    return _from_clip_weights(clip_cfg, state, str(path), overrides), None
 
 
 def _refuse_architecture_overrides(overrides: dict[str, Any], path: Path, kind: str) -> None:
@@ -372,8 +397,20 @@ def _from_clip_weights(
 
 def _build(
     target: ModelConfig, state: dict[str, torch.Tensor], *, source: str, checkpoint_temporal: str | None
-):
-    """Instantiate `target` and load `state`; the temporal weights only when they are the same module."""
+) -> VideoCLIP:
+    return _build_exact(target, state, source=source, checkpoint_temporal=checkpoint_temporal)[0]
+
+
+def _build_exact(
+    target: ModelConfig, state: dict[str, torch.Tensor], *, source: str, checkpoint_temporal: str | None
+) -> tuple[VideoCLIP, bool]:
+    """Instantiate `target` and load `state`; the temporal weights only when they are the same module. Also
+    returns whether the model's state dict is `state` exactly (the same names, dtypes and bytes, nothing
+    initialised).
+
+    The model is built on the meta device and `state` assigned as its weights (`stanvid.checkpoints.weights`:
+    no random init, the weights in memory once); only a state that leaves a tensor to initialise (a temporal
+    module the checkpoint lacks, a missing logit scale) is copied into a model built the usual way."""
     same_temporal = checkpoint_temporal == target.temporal and _same_branch(target, state)
     has_temporal_weights = any(k.startswith("temporal.") for k in state)
     if has_temporal_weights and not same_temporal:
@@ -390,12 +427,19 @@ def _build(
             target.temporal,
             fresh,
         )
-    model = VideoCLIP(target)
     optional = ("logit_scale",) if same_temporal else ("logit_scale", "temporal.")
+    with on_meta():
+        skeleton = VideoCLIP(target)
+    missing = convert.check_converted(skeleton, state, source=source, optional_prefixes=optional)
+    if same_temporal and not missing:
+        exact = assign_state(skeleton, state)
+        if exact is not None:
+            return skeleton, exact
+    model = VideoCLIP(target)
     convert.load_converted(model, state, source=source, optional_prefixes=optional)
     if not same_temporal:
         model.init_temporal_from_clip()
-    return model
+    return model, False
 
 
 def _same_branch(target: ModelConfig, state: dict[str, torch.Tensor]) -> bool:
@@ -447,12 +491,8 @@ def _torch_load(path: Path) -> Any:
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: weights file not found")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: cannot read safetensors ({exc})") from exc
+    """Every tensor read into memory of its own (`stanvid.checkpoints.weights`): nothing stays mapped."""
+    return read_safetensors(path)[0]
 
 
 def _looks_like_hub_id(source: str) -> bool:

@@ -162,7 +162,8 @@ class STANBranch(nn.Module):
         super().__init__()
         self.cfg = cfg
         width = vision.width
-        rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()  # [0.0] when depth is 1, as np.linspace
+        # [0.0] when depth is 1, as np.linspace; on the CPU, so a model built on the meta device has them too
+        rates = torch.linspace(0, cfg.drop_path, cfg.depth, device="cpu").tolist()
         if cfg.time_module == "selfattn":
             temporal = [AttnTemporal(width, vision.heads, r) for r in rates]
         else:

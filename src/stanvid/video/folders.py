@@ -35,32 +35,51 @@ def walk_videos(
     root = Path(root)
     real_root = root.resolve()  # where a followed link must land
     excluded = Path(exclude).resolve() if exclude is not None else None
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        here = Path(dirpath)
-        dirnames[:] = sorted(
-            d
-            for d in dirnames
-            if not d.startswith(".") and (excluded is None or (here / d).resolve() != excluded)
-        )
-        for name in filenames:
-            if name.startswith(".") or not name.lower().endswith(VIDEO_EXTENSIONS):
+    found: list[tuple[str, os.stat_result]] = []
+    # os.scandir, one directory at a time (depth first, names sorted): the listing's file types and one stat
+    # per video file, nothing per name in Python paths (a walk of 100,000 files in a fraction of a second)
+    pending = [(os.fspath(root), "")]
+    while pending:
+        directory, prefix = pending.pop()
+        try:
+            with os.scandir(directory) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
+        except OSError:
+            continue  # unreadable, or gone since it was listed (as os.walk skips it)
+        subdirs = []
+        for entry in entries:
+            name = entry.name
+            if name.startswith("."):
                 continue
-            path = here / name
-            relpath = path.relative_to(root).as_posix()
+            if _is_dir(entry):
+                # a linked folder is never entered; the excluded one neither
+                if not entry.is_symlink() and (excluded is None or Path(entry.path).resolve() != excluded):
+                    subdirs.append((entry.path, f"{prefix}{name}/"))
+                continue
+            if not name.lower().endswith(VIDEO_EXTENSIONS):
+                continue
+            relpath = prefix + name
             if not _is_utf8(relpath):
                 _note(skipped, printable_name(relpath), "the file name is not valid UTF-8 (rename it)")
                 continue
             try:
-                st = path.stat()
+                st = entry.stat()  # follows a link, as opening the file will
             except OSError:
                 continue  # vanished between listing and stat (or a dangling link): not in the folder
-            if path.is_symlink() and not is_inside(Path(os.path.realpath(path)), real_root):
+            if entry.is_symlink() and not is_inside(Path(os.path.realpath(entry.path)), real_root):
                 _note(skipped, relpath, f"a symbolic link to a file outside the {folder} (not followed)")
                 continue
             if stat.S_ISREG(st.st_mode):
                 found.append((relpath, st))
+        pending.extend(reversed(subdirs))
     return sorted(found, key=lambda item: item[0])
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 def find_videos(root: str | os.PathLike, exclude: str | os.PathLike | None = None) -> list[Path]:

@@ -33,7 +33,12 @@ from stanvid.models.video_clip import VideoCLIP
 from stanvid.precision import InferencePrecision, prepare_for_inference, resolve_precision
 from stanvid.search.index.ann import DEFAULT_APPROX_THRESHOLD, INDEX_KINDS, TARGET_RECALL, describe
 from stanvid.search.index.clips import MIN_SEGMENT_SECONDS, _check_segment_seconds
-from stanvid.search.index.identity import _check_identity, _load_model, _source_string, model_fingerprint
+from stanvid.search.index.identity import (
+    _check_identity,
+    _source_string,
+    load_fingerprinted,
+    model_fingerprint,
+)
 from stanvid.search.index.loader import _ClipLoader, _identity_collate
 from stanvid.search.index.maintain import (
     COMPACT_FRACTION,
@@ -139,10 +144,20 @@ class _Run:
     report: IndexReport
     lock: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # rank 0's lock on `out`
     skipped: list[tuple[str, str]] = field(default_factory=list)  # files the walk refused, with the reason
+    listing: list[_FileEntry] | None = None  # the folder's videos, walked once per run (`videos`)
 
     @property
     def db(self) -> Path:
         return self.out / DB_NAME
+
+    def videos(self) -> list[_FileEntry]:
+        """The folder's video files (this run's share of them), walked on first use; the files the walk
+        refuses go to `skipped`. One walk per run, however many steps ask (at 10M segments, 100,000 files)."""
+        if self.listing is None:
+            self.listing = _share(
+                _walk(self.root, exclude=self.out, skipped=self.skipped), self.options.shard
+            )
+        return self.listing
 
     def close(self, clean: bool = False) -> None:
         self.lock.close()
@@ -223,8 +238,8 @@ def build_index(
         None if shard is None else tuple(shard),
     )
     root, out = _folders(video_dir, out)
-    model, source, overrides = _model(model, model_source, model_overrides)
-    run = _start(root, out, model, source, overrides, options, device, precision)
+    model, source, overrides, fingerprint = _model(model, model_source, model_overrides)
+    run = _start(root, out, model, fingerprint, source, overrides, options, device, precision)
     run.report.timings["model"] = time.perf_counter() - t0  # loading (unless passed) and fingerprinting it
     clean = False
     try:
@@ -264,28 +279,31 @@ def _folders(video_dir: str | os.PathLike, out: str | os.PathLike) -> tuple[Path
 
 def _model(
     model: str | os.PathLike | VideoCLIP, model_source: str | None, model_overrides: dict[str, Any] | None
-) -> tuple[VideoCLIP, str, dict[str, Any]]:
-    """The model in eval mode, the source the index records for it, and the overrides it was loaded with."""
+) -> tuple[VideoCLIP, str, dict[str, Any], str]:
+    """The model in eval mode, the source the index records for it, the overrides it was loaded with, and its
+    fingerprint (cached for a source's weights file, `identity.load_fingerprinted`; computed for a model in
+    memory)."""
     overrides = dict(model_overrides or {})
     if isinstance(model, VideoCLIP):
         if overrides:
             raise VideoIndexError("model_overrides apply to a model source, not to a model already built")
-        return model.eval(), model_source or "", overrides
-    return _load_model(str(model), overrides).eval(), _source_string(model), overrides
+        return model.eval(), model_source or "", overrides, model_fingerprint(model)
+    loaded, fingerprint = load_fingerprinted(str(model), overrides)
+    return loaded.eval(), _source_string(model), overrides, fingerprint
 
 
 def _start(
     root: Path,
     out: Path,
     model: VideoCLIP,
+    fingerprint: str,
     source: str,
     overrides: dict[str, Any],
     options: _Options,
     device: str | torch.device | None,
     precision: str,
 ) -> _Run:
-    """Fingerprint the model, join the ranks' group, and put the model on its device in `precision`."""
-    fingerprint = model_fingerprint(model)
+    """Join the ranks' group and put the model on its device in `precision`."""
     dev = torch.device(device) if device is not None else default_device()
     resolve_precision(precision, dev)  # a bad precision fails before any process group exists
     alone = options.shard is not None or options.from_embeddings is not None  # no process group for these
@@ -362,7 +380,10 @@ def _files_to_encode(conn: sqlite3.Connection, run: _Run) -> list[_FileEntry]:
         meta = _get_meta(conn, run.db)
         _check_meta(meta, run.db)
         _check_identity(meta, run.identity, run.out)
-        disk = _share(_walk(run.root, exclude=run.out, skipped=run.skipped), run.options.shard)
+        if run.world > 1:  # every rank walks now, so that all of them split the same list
+            run.listing = None
+            run.skipped.clear()
+        disk = run.videos()
         known = {r[0]: r[1:] for r in conn.execute("SELECT path, size, mtime_ns, device, inode FROM files")}
     todo = [e for e in disk if _changed(e, known.get(e.relpath))]
     run.report.files_seen = len(disk)
@@ -462,7 +483,7 @@ def _prepare(conn: sqlite3.Connection, run: _Run) -> None:
         conn, out, store
     )  # files an interrupted sharded run committed; its failures are retried below
     _drop_damaged_rows(conn, db, store)
-    disk = {e.relpath: e for e in _share(_walk(run.root, exclude=out), run.options.shard)}
+    disk = {e.relpath: e for e in run.videos()}
     rows = conn.execute("SELECT path, size, mtime_ns, inode FROM files").fetchall()
     gone = [r[0] for r in rows if r[0] not in disk]
     legacy = [  # indexed before file identities were recorded, unchanged since: record it, no re-encoding

@@ -1,20 +1,37 @@
 """Which model built an index: its fingerprint (config and weights), its source as recorded, and the check
-that refuses to mix two models, folders or segmentations in one index."""
+that refuses to mix two models, folders or segmentations in one index.
+
+The fingerprint hashes every weight (0.76 GB for ViT-B/32 + STAN: about half a second, a second under load),
+and every `stanvid index` run and every first text query computes it. A model loaded from a source whose
+weights file is exactly its state dict (a stanvid folder, as saved; `load_model_and_weights`) is fingerprinted
+once per version of that file: `load_fingerprinted` keeps the digest in `$STANVID_CACHE/fingerprints.json`
+under the file's settled identity (device, inode, size, mtime and ctime: `stanvid.fileio.settled_identity`),
+its real path and the hash of the config the fingerprint covers. Any change to the file (rewritten, replaced,
+copied over, touched) changes that identity, so a stale entry is never found; a file changed less than two
+seconds before it was read is not cached at all (a second change within the clock tick of the first could
+keep all five); an unreadable or corrupt cache file counts as empty. A model passed in memory is always hashed:
+nothing says its weights are still a file's.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from stanvid.checkpoints.download import cache_dir
 from stanvid.errors import VideoIndexError
+from stanvid.fileio import atomic_write_text
 from stanvid.models.config import PreprocessConfig
 from stanvid.models.video_clip import VideoCLIP
 from stanvid.search.index.store import FORMAT_VERSION
+
+log = logging.getLogger("stanvid")
 
 
 def model_fingerprint(model: VideoCLIP) -> str:
@@ -23,30 +40,84 @@ def model_fingerprint(model: VideoCLIP) -> str:
     `name` and `grad_checkpointing` are left out: neither changes an output. The frame normalization is left out
     when it is OpenAI's (the only one before configs recorded it), so indexes built then still match.
     """
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(_fingerprinted_config(model).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())  # the tensor's bytes, not a copy of them
+    return digest.hexdigest()
+
+
+def _fingerprinted_config(model: VideoCLIP) -> str:
+    """The part of the config the fingerprint covers, as the JSON it hashes."""
     cfg = model.config.to_dict()
     cfg.pop("name", None)
     cfg.pop("grad_checkpointing", None)
     if model.config.clip.preprocess == PreprocessConfig():
         cfg["clip"].pop("preprocess")
-    digest.update(json.dumps(cfg, sort_keys=True).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return json.dumps(cfg, sort_keys=True)
+
+
+# ---------------------------------------------------------------------------------------------- the cache
+FINGERPRINT_CACHE = "fingerprints.json"
+_CACHE_ENTRIES = 256  # the oldest entries go first: a cache of what this machine loads, not an archive
+_SCHEME = 1  # what `model_fingerprint` hashes; a change to it must change this, so old entries are not found
+
+
+def load_fingerprinted(source: str, overrides: dict[str, Any]) -> tuple[VideoCLIP, str]:
+    """`load_model(source, **overrides)` and its `model_fingerprint`, from the cache when the weights file is
+    the one fingerprinted before (module docstring)."""
+    from stanvid.checkpoints.load import load_model_and_weights
+
+    model, weights = load_model_and_weights(source, **overrides)
+    if weights is None:
+        return model, model_fingerprint(model)
+    key = _cache_key(model, weights.path, weights.identity)
+    path = cache_dir() / FINGERPRINT_CACHE
+    entries = _read_cache(path)
+    found = entries.get(key)
+    if found is not None:
+        return model, found
+    fingerprint = entries[key] = model_fingerprint(model)
+    _write_cache(path, dict(list(entries.items())[-_CACHE_ENTRIES:]))
+    return model, fingerprint
+
+
+def _cache_key(model: VideoCLIP, weights: Path, identity: list[int]) -> str:
+    config = hashlib.sha256(_fingerprinted_config(model).encode()).hexdigest()
+    return hashlib.sha256(
+        json.dumps([_SCHEME, os.path.realpath(weights), identity, config]).encode()
+    ).hexdigest()
+
+
+def _read_cache(path: Path) -> dict[str, str]:
+    """The cache's entries; an absent, unreadable or malformed file (or entry) counts as none."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return {}
+    entries = raw.get("entries") if isinstance(raw, dict) and raw.get("version") == _SCHEME else None
+    if not isinstance(entries, dict):
+        return {}
+    return {k: v for k, v in entries.items() if isinstance(v, str) and len(v) == 64 and _is_hex(v)}
+
+
+def _write_cache(path: Path, entries: dict[str, str]) -> None:
+    """Written atomically; a cache that cannot be written (read-only home, full disk) is only not kept."""
+    try:
+        atomic_write_text(path, json.dumps({"version": _SCHEME, "entries": entries}) + "\n")
+    except OSError as exc:
+        log.debug("%s: fingerprint cache not written (%s)", path, exc)
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdef" for c in text)
 
 
 def _source_string(source: str | os.PathLike) -> str:
     """A local checkpoint as its absolute path (so queries work from any directory), anything else as given."""
     path = Path(source).expanduser()
     return str(path.resolve()) if path.exists() else str(source)
-
-
-def _load_model(source: str, overrides: dict[str, Any]) -> VideoCLIP:
-    from stanvid.checkpoints.load import load_model
-
-    return load_model(source, **overrides)
 
 
 def _check_identity(meta: dict[str, Any], identity: dict[str, Any], out: Path) -> None:

@@ -293,7 +293,6 @@ def _row(row: Any, where: Path, i: int) -> tuple[str, float, float, int, int]:
 # ---------------------------------------------------------------------------------------------- import
 def import_embeddings(run: Any, spec: str) -> None:
     """Import the rows of the embedding files `spec` names into the index of `run` (`build._Run`)."""
-    from stanvid.search.index.walk import _share, _walk
     from stanvid.search.rerank import keeps_frame_vectors
 
     if keeps_frame_vectors(run.runner.model):
@@ -302,9 +301,7 @@ def import_embeddings(run: Any, spec: str) -> None:
     sources = [_Source(p) for p in embedding_files(spec)]
     for source in sources:
         source.check(run.identity)
-    disk = {
-        e.relpath: e for e in _share(_walk(run.root, exclude=run.out, skipped=run.skipped), run.options.shard)
-    }
+    disk = {e.relpath: e for e in run.videos()}
     run.report.files_seen = len(disk)
     state = _Import(disk, run)
     conn = _connect(run.db)

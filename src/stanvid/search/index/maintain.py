@@ -41,7 +41,7 @@ import faiss
 import numpy as np
 
 from stanvid.errors import VideoIndexError
-from stanvid.fileio import atomic_path
+from stanvid.fileio import atomic_path, settled_identity
 from stanvid.search.index.ann import (
     DEFAULT_APPROX_THRESHOLD,
     TARGET_RECALL,
@@ -76,6 +76,11 @@ GROWTH = 4.0
 DRIFT = 0.05
 FLAT_IN_MEMORY = 1 << 18
 _FILES = re.compile(r"^(vectors|trained)-(\d+)\.faiss$")
+# the files `meta.ann` records: (name key, SHA-256 key, size key, settled-identity key)
+_RECORDED_FILES = (
+    ("file", "sha256", "bytes", "file_identity"),
+    ("trained", "trained_sha256", "trained_bytes", "trained_identity"),
+)
 
 
 @dataclass(frozen=True)
@@ -107,17 +112,34 @@ def _write(index: faiss.Index, path: Path) -> dict[str, Any]:
     return record
 
 
-def _problem(path: Path, sha256: str | None, size: int | None) -> str:
+def _problem(path: Path, sha256: str | None, size: int | None, identity: list[int] | None = None) -> str:
     """What is wrong with a recorded FAISS file ("" when it is the one recorded), checked before parsing."""
+    return _check_file(path, sha256, size, identity)[0]
+
+
+def _check_file(
+    path: Path, sha256: str | None, size: int | None, identity: list[int] | None
+) -> tuple[str, list[int] | None]:
+    """(what is wrong with a recorded FAISS file, "" when it is the one recorded; its settled identity).
+
+    A file whose settled identity (`stanvid.fileio.settled_identity`: device, inode, size, mtime, ctime) is
+    the one recorded when it last hashed as recorded is that file, unchanged: it is not read again. Any other
+    (no identity recorded yet, or the file written, replaced, copied over or touched since) is hashed in full,
+    and its identity returned to be recorded when it matches and has settled."""
     try:
-        found = path.stat().st_size
+        st = path.stat()
     except FileNotFoundError:
-        return "is missing"
+        return "is missing", None
     except OSError as exc:
-        return f"cannot be read ({exc.strerror})"
-    if found != size or _sha256(path) != sha256:
-        return "does not match the index database (damaged, or copied from another index)"
-    return ""
+        return f"cannot be read ({exc.strerror})", None
+    found = settled_identity(st)
+    if st.st_size == size and identity is not None and found == identity:
+        return "", found
+    if st.st_size != size or _sha256(path) != sha256:
+        return "does not match the index database (damaged, or copied from another index)", None
+    if found is not None and settled_identity(path.stat()) != found:
+        found = None  # changed while it was hashed: the next check hashes it again
+    return "", found
 
 
 def _read(path: Path, flags: int = 0) -> faiss.Index:
@@ -158,8 +180,10 @@ def update_vectors(
                 _set_meta(conn, ann=record)
         remove_unrecorded(folder, record)
         return record
-    action = _plan(folder, conn, store, old, kind, n, settings)
+    checked: dict[str, list[int] | None] = {}
+    action = _plan(folder, conn, store, old, kind, n, settings, checked)
     if action == "keep":
+        old = _record_identities(conn, old, checked)
         remove_unrecorded(folder, old)
         return old
     record = _build(folder, conn, store, mask, old, kind, action, settings)
@@ -168,8 +192,9 @@ def update_vectors(
 
 
 def _plan(folder: Path, conn: sqlite3.Connection, store: VectorStore, old: dict, kind: str, n: int,
-          settings: VectorSettings) -> str:  # fmt: skip
-    """train, readd, merge, retune or keep (see the module docstring)."""
+          settings: VectorSettings, checked: dict[str, list[int] | None]) -> str:  # fmt: skip
+    """train, readd, merge, retune or keep (see the module docstring); the identities of the files checked
+    go to `checked`."""
     if settings.rebuild or old.get("kind") != kind or "trained" not in old:
         return "train"
     if settings.nlist is not None and settings.nlist != old["nlist"]:
@@ -177,11 +202,12 @@ def _plan(folder: Path, conn: sqlite3.Connection, store: VectorStore, old: dict,
     trained_n = max(1, old.get("trained_n", 1))
     if n > GROWTH * trained_n or n * GROWTH < trained_n:
         return "train"
-    if _problem(folder / old["trained"], old.get("trained_sha256"), old.get("trained_bytes")):
+    main, trained = _RECORDED_FILES
+    if _check_recorded(folder, old, trained, checked):
         return "train"
     if old.get("epoch") != store.record["epoch"]:
         return "readd"
-    if _problem(folder / old["file"], old.get("sha256"), old.get("bytes")):
+    if _check_recorded(folder, old, main, checked):
         return "readd"
     added = conn.execute("SELECT COUNT(*) FROM segments WHERE slot >= ?", (old["slots"],)).fetchone()[0]
     removed = len(_dead_slots(conn, old["dead_seq"], old["slots"]))
@@ -190,6 +216,25 @@ def _plan(folder: Path, conn: sqlite3.Connection, store: VectorStore, old: dict,
     if settings.nprobe is not None and settings.nprobe != old.get("nprobe"):
         return "retune"
     return "keep"
+
+
+def _check_recorded(folder: Path, old: dict, entry: tuple[str, ...], checked: dict) -> str:
+    """`_check_file` of one file `old` records (an entry of `_RECORDED_FILES`), its identity put in `checked`."""
+    key, sha, size, ident = entry
+    problem, checked[ident] = _check_file(folder / old[key], old.get(sha), old.get(size), old.get(ident))
+    return problem
+
+
+def _record_identities(conn: sqlite3.Connection, old: dict, checked: dict[str, list[int] | None]) -> dict:
+    """Record the settled identities of the files that hashed as recorded, so that the next check (this
+    run's successors, every reader) need not read them again; returns the record in force."""
+    new = {k: v for k, v in checked.items() if v is not None and old.get(k) != v}
+    if not new:
+        return old
+    record = {**old, **new}
+    with _transaction(conn):
+        _set_meta(conn, ann=record)
+    return record
 
 
 def _build(folder: Path, conn: sqlite3.Connection, store: VectorStore, mask: np.ndarray, old: dict, kind: str,
@@ -337,8 +382,8 @@ def reconcile_dead(conn: sqlite3.Connection, store: VectorStore) -> None:
 def _approx_problem(folder: Path, rec: dict, store: VectorStore) -> str:
     if rec.get("epoch") != store.record["epoch"] or rec.get("slots", 0) > store.rows:
         return "was built over another generation of the embedding store"
-    for key, sha, size in (("file", "sha256", "bytes"), ("trained", "trained_sha256", "trained_bytes")):
-        problem = _problem(folder / str(rec.get(key)), rec.get(sha), rec.get(size))
+    for key, sha, size, ident in _RECORDED_FILES:
+        problem = _problem(folder / str(rec.get(key)), rec.get(sha), rec.get(size), rec.get(ident))
         if problem:
             return problem
     return ""

@@ -21,7 +21,7 @@ from stanvid.models.video_clip import VideoCLIP
 from stanvid.precision import InferencePrecision, prepare_for_inference, resolve_precision
 from stanvid.search.index.ann import describe
 from stanvid.search.index.clips import encode_clips, read_clip
-from stanvid.search.index.identity import _load_model, model_fingerprint
+from stanvid.search.index.identity import load_fingerprinted, model_fingerprint
 from stanvid.search.index.maintain import load_searcher
 from stanvid.search.index.records import SearchResult, Segment
 from stanvid.search.index.store import _REPAIR, DB_NAME, _check_meta, _connect, _db_errors, _get_meta
@@ -94,11 +94,11 @@ class VideoIndex:
                     raise VideoIndexError(
                         f"{self.path}: the index was built from an in-memory model; pass it: open_index(path, model=...)"
                     )
-                self._model = self._verified(_load_model(source, self.meta["model_overrides"]))
+                self._model = self._verified(*load_fingerprinted(source, self.meta["model_overrides"]))
             return self._model
 
-    def _verified(self, model: VideoCLIP) -> VideoCLIP:
-        found = model_fingerprint(model)
+    def _verified(self, model: VideoCLIP, found: str | None = None) -> VideoCLIP:
+        found = found or model_fingerprint(model)
         if found != self.meta["model_fingerprint"]:
             raise VideoIndexError(
                 f"{self.path}: the query model (fingerprint {found[:12]}) is not the model that built the index "
