@@ -281,9 +281,13 @@ class ApproxSearcher:
     hits come back), and the exact re-rank of the candidates from the store."""
 
     def __init__(self, main: faiss.Index, delta: faiss.Index | None, tombstones: np.ndarray,
-                 store: VectorStore, record: dict[str, Any], count: int, trained: Any = None) -> None:  # fmt: skip
+                 store: VectorStore, record: dict[str, Any], count: int, trained: Any = None,
+                 delta_slots: np.ndarray | None = None) -> None:  # fmt: skip
         self.main, self.delta, self.store = main, delta, store
         self.trained = trained  # the empty trained index, serialized: the next state's delta starts from it
+        self.delta_slots = (
+            delta_slots  # the slots the delta holds (sorted), for the next state's to start from
+        )
         self.files = tuple(
             record.get(key) for key in ("file", "sha256", "bytes", "trained", "trained_sha256")
         )

@@ -288,7 +288,30 @@ def _open_approx(folder: Path, conn: sqlite3.Connection, rec: dict, store: Vecto
         trained = reuse.trained
     else:
         trained = faiss.serialize_index(_read(folder / rec["trained"]))
+    index = _delta(trained, delta, store, reuse if checked else None, checked)
+    return ApproxSearcher(main, index, tomb, store, rec, n, trained, delta)
+
+
+def _delta(trained: Any, slots: np.ndarray, store: VectorStore, previous: ApproxSearcher | None,
+           checked: int) -> faiss.Index:  # fmt: skip
+    """The delta index over `slots` (the live slots added since the main file): the previous snapshot's
+    copied, the slots deleted since removed and those appended since (at or past `checked`, its store's
+    rows) added, when it covers the same slots before; else the trained index with every slot added."""
+    old = None if previous is None else previous.delta_slots
+    if old is not None and previous.delta is not None:
+        kept = slots[slots < checked]
+        if np.isin(kept, old).all():
+            index = previous.delta
+            gone = np.setdiff1d(old, kept)
+            added = slots[slots >= checked]
+            if len(gone) or len(added):  # the previous snapshot may still be searching its own: a copy
+                index = faiss.deserialize_index(faiss.serialize_index(index))
+                if len(gone):
+                    index.remove_ids(faiss.IDSelectorBatch(gone.astype(np.int64)))
+                if len(added):
+                    index.add_with_ids(store.read(added), added)
+            return index
     index = faiss.deserialize_index(trained)
-    if len(delta):
-        index.add_with_ids(store.read(delta), delta)
-    return ApproxSearcher(main, index, tomb, store, rec, n, trained)
+    if len(slots):
+        index.add_with_ids(store.read(slots), slots)
+    return index
