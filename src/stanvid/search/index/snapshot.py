@@ -48,12 +48,13 @@ from stanvid.search.index.vectors import VectorStore
 
 log = logging.getLogger("stanvid")
 
-TOKEN_SQL = "SELECT key, value FROM meta WHERE key IN ('generation', 'ann') ORDER BY key"
+TOKEN_SQL = "SELECT key, value FROM meta WHERE key IN ('ann', 'generation', 'store') ORDER BY key"
 
 
 def read_token(conn: sqlite3.Connection) -> tuple:
-    """What identifies a committed state: the generation (bumped by every commit that changes the rows) and
-    the vector index record (a merge or retune replaces the files without changing the rows)."""
+    """What identifies a committed state: the generation (bumped by every commit that changes the rows), the
+    vector index record (a merge or retune replaces the files without changing the rows) and the store's
+    (its id tells an index built again from scratch from the one it replaced)."""
     return tuple(conn.execute(TOKEN_SQL).fetchall())
 
 
