@@ -93,6 +93,8 @@ class Follower:
         """The committed state's token: one SQLite read (a new connection first when the database file was
         replaced)."""
         with self._poll_lock, _db_errors(self.db):
+            if self._closed:
+                raise VideoIndexError(f"{self.path}: the index was closed")
             found = _file_id(self.db)
             if found is not None and found != self._poll_id:
                 fresh = _connect(self.db, create=False)
@@ -109,23 +111,24 @@ class Follower:
         with self._poll_lock, _db_errors(self.db):
             return self._poll.execute(sql, args).fetchall()
 
-    def _wanted(self) -> tuple | None:
-        """The committed token when it is newer than the current snapshot and not refused a moment ago."""
+    def _wanted(self, token: tuple | None) -> bool:
+        """Whether `token` (the committed state's) is to be loaded: newer than the current snapshot's, and
+        not refused a moment ago."""
+        if token is None or token == self._state.token:
+            return False
+        failed = self._failed
+        return failed is None or failed[0] != token or time.monotonic() >= failed[1]
+
+    def _committed_now(self) -> tuple | None:
         self._next_check = time.monotonic() + (self.interval or 0)
         try:
-            token = self.committed_token()
+            return self.committed_token()
         except VideoIndexError as exc:  # the database being replaced, say: keep answering, try again later
             log.debug("%s: cannot check for an update: %s", self.path, exc)
             return None
-        if token == self._state.token:
-            return None
-        failed = self._failed
-        if failed is not None and failed[0] == token and time.monotonic() < failed[1]:
-            return None
-        return token
 
     def _check_on_use(self) -> None:
-        if self._wanted() is None:
+        if not self._wanted(self._committed_now()):
             return
         with self._swap_lock:
             if self._closed or (self._loader is not None and self._loader.is_alive()):
@@ -137,12 +140,13 @@ class Follower:
         """Check, and load a newer committed state if there is one; a state that cannot be loaded is logged
         and left for later (never raised). Renews an unchanged snapshot's read transaction now and then."""
         with self._load_lock:
-            token = self._wanted()
-            if token is None:
-                state = self._state
+            token, state = self._committed_now(), self._state
+            if token == state.token:
                 if time.monotonic() - state.anchored > REANCHOR_SECONDS and not self._closed:
                     with contextlib.suppress(VideoIndexError, sqlite3.Error):
                         state.reanchor()
+                return False
+            if not self._wanted(token):  # unreadable now, or refused a moment ago
                 return False
             with contextlib.suppress(VideoIndexError):
                 return self._load(token)
@@ -174,8 +178,9 @@ class Follower:
             self._state = new
         old.retire()
         self._failed, self.last_load_seconds = None, seconds
-        log.info("%s: answering from generation %d (%d files, %d segments; loaded in %.2f s)", self.path,
-                 new.generation, new.files, new.segments, seconds)  # fmt: skip
+        what = " and its new vector index" if new.generation == old.generation else ""  # a merge, a retune
+        log.info("%s: answering from generation %d%s (%d files, %d segments; loaded in %.2f s)", self.path,
+                 new.generation, what, new.files, new.segments, seconds)  # fmt: skip
         return True
 
     def _refused(self, token: tuple, exc: Exception) -> None:

@@ -22,8 +22,10 @@ sequence number they saw, their parameters and the measured recall). What a run 
 
 Each file is written to a temporary name, fsynced and renamed, then recorded in one transaction: a run killed
 at any point leaves the previous record and its files, or the new ones (files no record names are removed by
-the next run). A reader whose record names a missing, damaged or foreign file searches exactly instead (in
-memory up to 262,144 vectors, else by scanning the store) and says so; the next run writes a good one.
+the next run). A reader opening an index whose record names a missing, damaged or foreign file searches
+exactly instead (in memory up to 262,144 vectors, else by scanning the store) and says so; an open index that
+follows updates refuses such a state and keeps its last good one (`stanvid.search.index.snapshot`,
+`stanvid.search.index.follow`); the next run writes a good file.
 """
 
 from __future__ import annotations
