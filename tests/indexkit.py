@@ -1,5 +1,6 @@
-"""Helpers the index-like tests share (index, server, query, pipeline, hardening, zero-shot, Mug search): a
-folder of short generated videos, the tiny model they are indexed with, and readers of an index's rows.
+"""Helpers the index-like tests share (index, server, query, pipeline, hardening, zero-shot, Mug search, archive,
+following): a folder of short generated videos, the tiny model they are indexed with, readers of an index's
+rows, and a synthetic archive (stand-in files with `stanvid embed` shards of clustered vectors).
 Imported as `from indexkit import ...` (`tests/` is on the path through pyproject's `pythonpath`)."""
 
 from __future__ import annotations
@@ -91,3 +92,47 @@ def reference_embedding(model, path: Path, start: float, end: float) -> np.ndarr
     clip = EvalTransform(size)(stanvid.read_frames(path, idx, size=size))  # (T, 3, S, S)
     with torch.no_grad():
         return F.normalize(model.encode_video(clip[None]), dim=-1)[0].numpy()
+
+
+# ---------------------------------------------------------------------------------------------- a synthetic archive
+DIM, PER_FILE = 16, 20  # the tiny model's dimension; segments per stand-in file
+
+
+def archive_files(root: Path, first: int, count: int) -> list[tuple[str, int, int]]:
+    """`count` stand-in video files (an import never decodes them): (relpath, size, mtime_ns)."""
+    out = []
+    for i in range(first, first + count):
+        path = root / f"f{i:05d}.mp4"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(i.to_bytes(4, "little") * 3)
+        st = path.stat()
+        out.append((path.name, st.st_size, st.st_mtime_ns))
+    return out
+
+
+def file_vectors(first: int, count: int, topics: int = 0) -> np.ndarray:
+    """(count * PER_FILE, DIM) clustered unit vectors: 8 topic centres (seeded by `topics`), a centre per file
+    near one of them, its segments near that."""
+    centres = np.random.default_rng(1000 + topics).standard_normal((8, DIM))
+    rng = np.random.default_rng(first)
+    files = centres[np.arange(first, first + count) % 8] + 0.5 * rng.standard_normal((count, DIM))
+    x = files[:, None, :] + 0.3 * rng.standard_normal((count, PER_FILE, DIM))
+    x = x.reshape(-1, DIM)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def write_shard(path: Path, files: list[tuple[str, int, int]], vectors: np.ndarray, **header) -> Path:
+    """A `stanvid embed` output written here by hand (the second writer of the format)."""
+    head = {"model": "tiny", "model_fingerprint": stanvid.model_fingerprint(index_model()), "dim": DIM,
+            "segment_seconds": 1.0, "root": "/elsewhere", "vectors": path.with_suffix(".npy").name, **header}  # fmt: skip
+    rows_ = [{"path": p, "start": float(j), "end": float(j + 1), "size": s, "mtime_ns": m}
+             for p, s, m in files for j in range(PER_FILE)]  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path.with_suffix(".npy"), vectors)
+    path.with_suffix(".json").write_text(json.dumps({**head, "rows": rows_}))
+    return path.with_suffix(".json")
+
+
+def add_files(root: Path, shards: Path, first: int, count: int, topics: int = 0) -> Path:
+    files = archive_files(root, first, count)
+    return write_shard(shards / f"part-{first:05d}.json", files, file_vectors(first, count, topics))

@@ -23,60 +23,30 @@ import pytest
 pytest.importorskip("faiss")
 
 import stanvid  # noqa: E402
-from indexkit import VIDEOS, index_model, make_folder, rows, save_tiny_model  # noqa: E402
+from indexkit import (  # noqa: E402
+    DIM,
+    PER_FILE,
+    VIDEOS,
+    add_files,
+    archive_files,
+    file_vectors,
+    index_model,
+    make_folder,
+    rows,
+    save_tiny_model,
+    write_shard,
+)
 from stanvid.cli import main as cli_main  # noqa: E402
 from stanvid.search.embed import embed_videos  # noqa: E402
 from stanvid.search.index import build_index as _build_index  # noqa: E402
 from stanvid.search.index import open_index  # noqa: E402
 
 build_index = functools.partial(_build_index, num_workers=0, progress=False, segment_seconds=1.0)
-DIM, PER_FILE = 16, 20
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
-
-
-# ---------------------------------------------------------------------------------------------- a synthetic archive
-def archive_files(root: Path, first: int, count: int) -> list[tuple[str, int, int]]:
-    """`count` stand-in video files (an import never decodes them): (relpath, size, mtime_ns)."""
-    out = []
-    for i in range(first, first + count):
-        path = root / f"f{i:05d}.mp4"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(i.to_bytes(4, "little") * 3)
-        st = path.stat()
-        out.append((path.name, st.st_size, st.st_mtime_ns))
-    return out
-
-
-def file_vectors(first: int, count: int, topics: int = 0) -> np.ndarray:
-    """(count * PER_FILE, DIM) clustered unit vectors: 8 topic centres (seeded by `topics`), a centre per file
-    near one of them, its segments near that."""
-    centres = np.random.default_rng(1000 + topics).standard_normal((8, DIM))
-    rng = np.random.default_rng(first)
-    files = centres[np.arange(first, first + count) % 8] + 0.5 * rng.standard_normal((count, DIM))
-    x = files[:, None, :] + 0.3 * rng.standard_normal((count, PER_FILE, DIM))
-    x = x.reshape(-1, DIM)
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-
-
-def write_shard(path: Path, files: list[tuple[str, int, int]], vectors: np.ndarray, **header) -> Path:
-    """A `stanvid embed` output written here by hand (the second writer of the format)."""
-    head = {"model": "tiny", "model_fingerprint": stanvid.model_fingerprint(index_model()), "dim": DIM,
-            "segment_seconds": 1.0, "root": "/elsewhere", "vectors": path.with_suffix(".npy").name, **header}  # fmt: skip
-    rows_ = [{"path": p, "start": float(j), "end": float(j + 1), "size": s, "mtime_ns": m}
-             for p, s, m in files for j in range(PER_FILE)]  # fmt: skip
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(path.with_suffix(".npy"), vectors)
-    path.with_suffix(".json").write_text(json.dumps({**head, "rows": rows_}))
-    return path.with_suffix(".json")
-
-
-def add_files(root: Path, shards: Path, first: int, count: int, topics: int = 0) -> Path:
-    files = archive_files(root, first, count)
-    return write_shard(shards / f"part-{first:05d}.json", files, file_vectors(first, count, topics))
 
 
 def check_search(out: Path, queries: int = 12, k: int = 10, min_recall: float = 0.9) -> float:

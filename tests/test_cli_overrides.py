@@ -80,14 +80,16 @@ def _model_argv(command: str, data: dict[str, Path], out: Path) -> list[str]:
 
 
 def _recorded_loads(monkeypatch) -> list[stanvid.VideoCLIP]:
-    """Every model `stanvid.checkpoints.load.load_model` returns from now on (index and embed load through it)."""
-    loaded, real = [], stanvid.checkpoints.load.load_model
+    """Every model loaded from now on: `load_model` and `load_model_and_weights` (through which index and
+    embed load, to cache the fingerprint) both build it in `stanvid.checkpoints.load._load`."""
+    loaded, real = [], stanvid.checkpoints.load._load
 
-    def load_model(*args, **kwargs):
-        loaded.append(real(*args, **kwargs))
-        return loaded[-1]
+    def _load(*args, **kwargs):
+        model, weights = real(*args, **kwargs)
+        loaded.append(model)
+        return model, weights
 
-    monkeypatch.setattr(stanvid.checkpoints.load, "load_model", load_model)
+    monkeypatch.setattr(stanvid.checkpoints.load, "_load", _load)
     return loaded
 
 

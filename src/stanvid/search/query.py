@@ -248,9 +248,10 @@ def embed_clip(index: VideoIndex, like: Any) -> np.ndarray:
     """`(D,)` embedding of an example clip (`ClipSpec` or what `parse_like` reads)."""
     spec = parse_like(like, index.root)
     if spec.segment_id is not None:
-        if index.segment(spec.segment_id) is None:
-            raise QueryError(f"{index.path}: no segment with id {spec.segment_id}")
-        return index.segment_embeddings([spec.segment_id])[0]
+        with index.pinned() as view:
+            if view.segment(spec.segment_id) is None:
+                raise QueryError(f"{index.path}: no segment with id {spec.segment_id}")
+            return view.segment_embeddings([spec.segment_id])[0]
     from stanvid.video.decode import probe
 
     info = probe(spec.path)
@@ -298,21 +299,29 @@ def search(
         raise QueryError(f"k must be a positive integer, got {k!r}")
     if group_by not in GROUP_BY:
         raise QueryError(f"group_by must be one of {', '.join(map(str, GROUP_BY))}, got {group_by!r}")
-    vector = embed_query(index, query)
-    if group_by is None:
-        return index.search_embeddings(vector[None], k)[0]
-    return group_by_file(index, vector, k)
+    with index.pinned() as view:  # the example segment, the hits and their files: one generation
+        vector = embed_query(view, query)
+        if group_by is None:
+            return view.search_embeddings(vector[None], k)[0]
+        return group_by_file(view, vector, k)
 
 
 def group_by_file(index: VideoIndex, vector: np.ndarray, k: int) -> list[FileHit]:
     """The `k` files whose best segment scores highest, each with its timeline of segment scores.
 
     Candidates come from the vector index: the search widens (x4 each round) until `k` distinct files are
-    found or every segment was returned."""
+    found or every segment was returned, so `min(k, files)` files come back. The search and the timelines
+    are read from one generation of the index (`VideoIndex.pinned`)."""
+    with index.pinned() as view:
+        return _group_by_file(view, vector, k)
+
+
+def _group_by_file(index: VideoIndex, vector: np.ndarray, k: int) -> list[FileHit]:
     want = min(len(index), max(4 * k, 32))
-    while True:
+    best: dict[int, SearchResult] = {}
+    while want > 0:
         hits = index.search_embeddings(vector[None], want)[0]
-        best: dict[int, SearchResult] = {}
+        best = {}
         for hit in hits:
             best.setdefault(hit.file_id, hit)
         if len(best) >= k or want >= len(index):

@@ -50,9 +50,15 @@ def blob_frames(blob: bytes, dim: int, where: str) -> np.ndarray:
 def rerank(index: Any, text: str, k: int, candidates: int = CANDIDATES) -> list:
     """The ``k`` best segments for ``text`` by the Mug head, among FAISS's ``max(k, candidates)`` nearest.
 
-    ``index`` is an open `stanvid.search.index.VideoIndex` whose model uses the head.
+    ``index`` is an open `stanvid.search.index.VideoIndex` whose model uses the head. The candidates and their
+    per-frame vectors are read from one generation of it (`VideoIndex.pinned`), so ``min(k, segments)`` come
+    back whatever a run deletes meanwhile.
     """
+    with index.pinned() as view:
+        return _rerank(view, text, k, candidates)
 
+
+def _rerank(index: Any, text: str, k: int, candidates: int) -> list:
     found = index.search_embeddings(index.embed_text([text]), max(k, candidates))[0]
     if not found:
         return []

@@ -33,7 +33,6 @@ from stanvid.fileio import atomic_write_bytes
 from stanvid.precision import prepare_for_inference
 from stanvid.search.index.build import _model
 from stanvid.search.index.clips import encode_clips, read_clip
-from stanvid.search.index.identity import model_fingerprint
 from stanvid.video.decode import VIDEO_EXTENSIONS, MemoryVideo, probe
 
 __all__ = ["ShardEmbedResult", "embed_shards"]
@@ -107,10 +106,9 @@ def embed_shards(
     out = Path(out).expanduser().resolve()
     suffix = _check_out(out)
     shards = load_shards(spec, root)
-    model, source, _ = _model(model, None, model_overrides)
+    model, source, _, fingerprint = _model(model, None, model_overrides)
     dev = torch.device(device) if device is not None else default_device()
     runner = prepare_for_inference(model.to(dev), precision, dev)
-    fingerprint = model_fingerprint(model)
     parts = out.with_name(out.name + ".parts")
     done = _claim_parts(parts, {"model_fingerprint": fingerprint, "shards": list(shards.urls)})
     todo = [i for i in range(len(shards)) if i not in done]

@@ -33,11 +33,16 @@ The precision it encoded in (`stanvid.precision`) is recorded too, and only info
 float32 whatever it was, and a query in another precision with the same model lands in the same space (the
 tests bound the drift).
 
-The package, one module per concern: `store` (SQLite schema, meta record, validation and repair; the FAISS
-vector file), `clips` (segments, the frames sampled in them, reading and encoding a clip), `identity` (the
-model that built an index), `walk` (which files of the folder are indexed), `loader` and `writer` (decoding
-ahead of the model; encoding and committing), `shards` (the ranks of a `torchrun` build), `build`
-(`build_index`, in named steps) and `video_index` (`VideoIndex`). Every public name is importable from here.
+An open index answers each call from one generation and follows the runs that update it, without a restart
+(`snapshot`: one generation read whole in one SQLite read transaction; `follow`: the check and the swap).
+
+The package, one module per concern: `store` (SQLite schema, meta record, validation and repair), `vectors`
+(the embedding store), `ann` and `maintain` (the vector index files: kinds, training, updates), `snapshot` and
+`follow` (reading a generation; following updates), `clips` (segments, the frames sampled in them, reading and
+encoding a clip), `identity` (the model that built an index), `walk` (which files of the folder are indexed),
+`loader` and `writer` (decoding ahead of the model; encoding and committing), `shards` (the ranks of a
+`torchrun` build), `imports` (`--from-embeddings`), `build` (`build_index`, in named steps) and
+`video_index` (`VideoIndex`). Every public name is importable from here.
 """
 
 from stanvid.errors import IndexedFileError, VideoIndexError

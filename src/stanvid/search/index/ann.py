@@ -239,9 +239,21 @@ class ExactSearcher:
 
     kind = "flat"
 
-    def __init__(self, store: VectorStore, mask: np.ndarray) -> None:
-        self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(store.dim))
-        add_live(self.index, store, mask)
+    def __init__(self, store: VectorStore, mask: np.ndarray, previous: ExactSearcher | None = None) -> None:
+        """`previous`: the searcher of an earlier state of the same store (same file and epoch: slots are
+        only ever appended), copied and brought up to `mask` rather than read again: the rows deleted since
+        removed, the rows appended since added."""
+        old = None if previous is None else previous.mask
+        if old is not None and len(old) <= len(mask) and not (mask[: len(old)] & ~old).any():
+            self.index = faiss.clone_index(previous.index)
+            gone = np.flatnonzero(old & ~mask[: len(old)])
+            if len(gone):
+                self.index.remove_ids(faiss.IDSelectorBatch(gone.astype(np.int64)))
+            add_live(self.index, store, mask, start=len(old))
+        else:
+            self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(store.dim))
+            add_live(self.index, store, mask)
+        self.mask = mask
         self.count = int(self.index.ntotal)
 
     def search(self, queries: np.ndarray, k: int, **_: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -269,8 +281,16 @@ class ApproxSearcher:
     hits come back), and the exact re-rank of the candidates from the store."""
 
     def __init__(self, main: faiss.Index, delta: faiss.Index | None, tombstones: np.ndarray,
-                 store: VectorStore, record: dict[str, Any], count: int) -> None:  # fmt: skip
+                 store: VectorStore, record: dict[str, Any], count: int, trained: Any = None,
+                 delta_slots: np.ndarray | None = None) -> None:  # fmt: skip
         self.main, self.delta, self.store = main, delta, store
+        self.trained = trained  # the empty trained index, serialized: the next state's delta starts from it
+        self.delta_slots = (
+            delta_slots  # the slots the delta holds (sorted), for the next state's to start from
+        )
+        self.files = tuple(
+            record.get(key) for key in ("file", "sha256", "bytes", "trained", "trained_sha256")
+        )
         self.kind = record["kind"]
         self.nprobe, self.rerank = int(record.get("nprobe") or 1), int(record.get("rerank") or DEFAULT_RERANK)
         self.two_level = bool(record.get("two_level"))

@@ -22,8 +22,10 @@ sequence number they saw, their parameters and the measured recall). What a run 
 
 Each file is written to a temporary name, fsynced and renamed, then recorded in one transaction: a run killed
 at any point leaves the previous record and its files, or the new ones (files no record names are removed by
-the next run). A reader whose record names a missing, damaged or foreign file searches exactly instead (in
-memory up to 262,144 vectors, else by scanning the store) and says so; the next run writes a good one.
+the next run). A reader opening an index whose record names a missing, damaged or foreign file searches
+exactly instead (in memory up to 262,144 vectors, else by scanning the store) and says so; an open index that
+follows updates refuses such a state and keeps its last good one (`stanvid.search.index.snapshot`,
+`stanvid.search.index.follow`); the next run writes a good file.
 """
 
 from __future__ import annotations
@@ -46,8 +48,6 @@ from stanvid.search.index.ann import (
     DEFAULT_APPROX_THRESHOLD,
     TARGET_RECALL,
     ApproxSearcher,
-    ExactSearcher,
-    ScanSearcher,
     add_live,
     choose_kind,
     choose_params,
@@ -319,53 +319,7 @@ def _next_build(folder: Path, old: dict) -> int:
     return max([old.get("build", 0), *found]) + 1
 
 
-# ---------------------------------------------------------------------------------------------- reading
-def load_searcher(
-    folder: Path, conn: sqlite3.Connection, meta: dict[str, Any], store: VectorStore, where: Path | str = ""
-):
-    """The searcher for the committed rows: the recorded main index (memory-mapped) with its delta and
-    deletions, or exact search when it is flat, missing or damaged (with a warning for the latter)."""
-    rec = meta.get("ann") or {}
-    n = check_rows(conn, store, where or folder / "index.sqlite")
-    if rec.get("kind") in ("ivf", "ivfpq") and n:
-        problem = _approx_problem(folder, rec, store)
-        if not problem:
-            searcher = _open_approx(folder, conn, rec, store, n)
-            if isinstance(searcher, ApproxSearcher):
-                return searcher
-            problem = searcher
-        log.warning(
-            "%s %s; searching exactly instead; re-run `stanvid index` to store it",
-            folder / rec["file"],
-            problem,
-        )
-    mask = _live_mask(conn, store.rows)
-    if n <= FLAT_IN_MEMORY:
-        bad = store.bad_chunks(_store_chunks(conn))
-        if bad:
-            raise VideoIndexError(
-                f"{store.path}: {len(bad)} chunk(s) of embeddings are damaged (first at slot {bad[0][0]}); "
-                f"{_REPAIR} (it encodes their videos again)"
-            )
-        return ExactSearcher(store, mask)
-    return ScanSearcher(store, mask)
-
-
-def check_rows(conn: sqlite3.Connection, store: VectorStore, where: Path | str = "index.sqlite") -> int:
-    """The number of live segments, after checking that every segment points inside the store and every
-    store row is either some segment's or dead (both through indexes: milliseconds at 1M rows)."""
-    outside = conn.execute(
-        "SELECT COUNT(*) FROM segments WHERE slot < 0 OR slot >= ?", (store.rows,)
-    ).fetchone()[0]
-    segments = conn.execute("SELECT COUNT(*) FROM segments").fetchone()[0]
-    live = store.rows - conn.execute("SELECT COUNT(*) FROM dead WHERE slot < ?", (store.rows,)).fetchone()[0]
-    if outside or segments != live:
-        what = f"{outside} segment(s) point outside the embedding store" if outside else (
-            f"{segments} segments for {live} live rows of the embedding store")  # fmt: skip
-        raise VideoIndexError(f"{where}: {what} (damaged); {_REPAIR}")
-    return live
-
-
+# ---------------------------------------------------------------------------------------------- repair
 def reconcile_dead(conn: sqlite3.Connection, store: VectorStore) -> None:
     """After rows were dropped by a repair: every store row no segment points at is marked dead."""
     used = np.zeros(store.rows, dtype=bool)
@@ -377,43 +331,6 @@ def reconcile_dead(conn: sqlite3.Connection, store: VectorStore) -> None:
         conn.executemany(
             "INSERT OR IGNORE INTO dead (slot) VALUES (?)", [(int(i),) for i in np.flatnonzero(dead)]
         )
-
-
-def _approx_problem(folder: Path, rec: dict, store: VectorStore) -> str:
-    if rec.get("epoch") != store.record["epoch"] or rec.get("slots", 0) > store.rows:
-        return "was built over another generation of the embedding store"
-    for key, sha, size, ident in _RECORDED_FILES:
-        problem = _problem(folder / str(rec.get(key)), rec.get(sha), rec.get(size), rec.get(ident))
-        if problem:
-            return problem
-    return ""
-
-
-def _open_approx(folder: Path, conn: sqlite3.Connection, rec: dict, store: VectorStore, n: int):
-    """The main index memory-mapped, the delta added to a fresh copy of the trained one; or what is wrong."""
-    main = _read(folder / rec["file"], faiss.IO_FLAG_MMAP)
-    tomb = _dead_slots(conn, rec["dead_seq"], rec["slots"])
-    delta = np.fromiter(
-        (
-            r[0]
-            for r in conn.execute("SELECT slot FROM segments WHERE slot >= ? ORDER BY slot", (rec["slots"],))
-        ),
-        dtype=np.int64,
-    )
-    if main.ntotal != rec["count"] or n != rec["count"] - len(tomb) + len(delta):
-        return (
-            f"holds {main.ntotal} vectors where the database has {rec['count']} (copied from another index?)"
-        )
-    bad = store.bad_chunks(_store_chunks(conn, rec["slots"]))
-    if bad:
-        raise VideoIndexError(
-            f"{store.path}: {len(bad)} chunk(s) of embeddings are damaged (first at slot {bad[0][0]}); "
-            f"{_REPAIR} (it encodes their videos again)"
-        )
-    trained = _read(folder / rec["trained"])
-    if len(delta):
-        trained.add_with_ids(store.read(delta), delta)
-    return ApproxSearcher(main, trained, tomb, store, rec, n)
 
 
 # ---------------------------------------------------------------------------------------------- the store

@@ -105,9 +105,13 @@ def _db_errors(db: Path) -> Iterator[None]:
 
 def _connect(path: Path, create: bool = True) -> sqlite3.Connection:
     """Open an index database. `create` makes the missing tables (building); without it (querying) a missing
-    table is an error naming it, rather than an index that silently reads as empty."""
+    table is an error naming it, rather than an index that silently reads as empty, and a missing file is
+    an error rather than an empty database made in its place."""
     with _db_errors(path):
-        conn = sqlite3.connect(str(path), timeout=60, check_same_thread=False, isolation_level=None)
+        target = str(path) if create else Path(path).resolve().as_uri() + "?mode=rw"
+        conn = sqlite3.connect(
+            target, timeout=60, check_same_thread=False, isolation_level=None, uri=not create
+        )
         try:
             conn.execute("PRAGMA journal_mode=WAL")  # readers (a running server) are not blocked by a build
             conn.execute("PRAGMA synchronous=NORMAL")

@@ -69,11 +69,16 @@ class VectorStore:
 
     # ---------------------------------------------------------------- checks
     def problem(self) -> str:
-        """What is wrong with the file for this record ("" when it holds the committed rows of this index)."""
+        """What is wrong with the file for this record ("" when it holds the committed rows of this index).
+        Once the store is `open`, the file checked is the one opened, whatever the path names since."""
         try:
-            with open(self.path, "rb") as f:
-                head = f.read(HEADER_BYTES)
-                size = os.fstat(f.fileno()).st_size
+            if self._file is not None:
+                head = os.pread(self._file, HEADER_BYTES, 0)
+                size = os.fstat(self._file).st_size
+            else:
+                with open(self.path, "rb") as f:
+                    head = f.read(HEADER_BYTES)
+                    size = os.fstat(f.fileno()).st_size
         except FileNotFoundError:
             return "is missing"
         except OSError as exc:
@@ -93,10 +98,20 @@ class VectorStore:
         return ""
 
     # ---------------------------------------------------------------- reading
+    def open(self) -> VectorStore:
+        """Open the file for reading now (FileNotFoundError when it is missing): every later read is of this
+        file, so a reader keeps its rows after a compaction unlinked it (the inode lives while open)."""
+        self._fd()
+        return self
+
+    def _size(self) -> int:
+        if self._file is not None:
+            return os.fstat(self._file).st_size
+        return self.path.stat().st_size if self.path.exists() else 0
+
     def readable_rows(self) -> int:
         """Committed rows the file holds (fewer than `rows` only when it was truncated)."""
-        size = self.path.stat().st_size if self.path.exists() else 0
-        return min(self.rows, max(0, size - HEADER_BYTES) // self.row_bytes)
+        return min(self.rows, max(0, self._size() - HEADER_BYTES) // self.row_bytes)
 
     def _fd(self) -> int:
         if self._file is None:
@@ -133,33 +148,32 @@ class VectorStore:
         """(first slot, (n, D) float32) over the readable committed rows from `start`, `rows` at a time, read
         sequentially (the page cache holds them, not this process)."""
         end = self.readable_rows()
-        with open(self.path, "rb") as f:
-            for first in range(start, end, rows):
-                n = min(rows, end - first)
-                block = np.empty((n, self.dim), np.float32)
-                f.seek(HEADER_BYTES + first * self.row_bytes)
-                if f.readinto(memoryview(block).cast("B")) != n * self.row_bytes:
-                    raise IndexError(f"{self.path}: rows {first}.. are past the end of the file (truncated)")
-                yield first, block
+        for first in range(start, end, rows):
+            n = min(rows, end - first)
+            block = np.empty((n, self.dim), np.float32)
+            if os.preadv(
+                self._fd(), [memoryview(block).cast("B")], HEADER_BYTES + first * self.row_bytes
+            ) != (n * self.row_bytes):
+                raise IndexError(f"{self.path}: rows {first}.. are past the end of the file (truncated)")
+            yield first, block
 
     def close(self) -> None:
         if self._file is not None:
             os.close(self._file)
             self._file = None
 
+    def __del__(self) -> None:
+        self.close()
+
     def bad_chunks(self, recorded: list[tuple[int, int, str]]) -> list[tuple[int, int]]:
         """(first, rows) of the recorded chunks whose bytes no longer hash as committed (reads them all)."""
-        size = self.path.stat().st_size if self.path.exists() else 0
+        size = self._size()
         bad = []
-        with open(self.path, "rb") if size else open(os.devnull, "rb") as f:
-            for first, count, digest in recorded:
-                end = HEADER_BYTES + (first + count) * self.row_bytes
-                if end > size:
-                    bad.append((first, count))
-                    continue
-                f.seek(HEADER_BYTES + first * self.row_bytes)
-                if _sha256_of(f, count * self.row_bytes) != digest:
-                    bad.append((first, count))
+        for first, count, digest in recorded:
+            end = HEADER_BYTES + (first + count) * self.row_bytes
+            if end > size or _sha256_at(self._fd(), HEADER_BYTES + first * self.row_bytes,
+                                        count * self.row_bytes) != digest:  # fmt: skip
+                bad.append((first, count))
         return bad
 
     # ---------------------------------------------------------------- writing (under the index lock)
@@ -193,12 +207,13 @@ class VectorStore:
             os.truncate(self.path, end)
 
 
-def _sha256_of(f: Any, count: int) -> str:
+def _sha256_at(fd: int, offset: int, count: int) -> str:
+    """SHA-256 of `count` bytes of a file from `offset` ("" when the file ends before them)."""
     digest = hashlib.sha256()
     while count > 0:
-        block = f.read(min(count, 1 << 24))
+        block = os.pread(fd, min(count, 1 << 24), offset)
         if not block:
             break
         digest.update(block)
-        count -= len(block)
+        count, offset = count - len(block), offset + len(block)
     return digest.hexdigest() if count == 0 else ""

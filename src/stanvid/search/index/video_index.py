@@ -1,13 +1,21 @@
 """An open index: text, image and clip search, segment lookups, and the indexed files handed out only while
-they still are the files indexed."""
+they still are the files indexed; following the index on disk as runs update it.
+
+Every answer comes from one generation (`stanvid.search.index.snapshot`): a call acquires the snapshot
+current when it starts and reads everything through it, and `pinned()` holds one snapshot across several
+calls (the server pins one per request). New committed states are loaded off the request path and swapped
+in (`stanvid.search.index.follow`)."""
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import os
 import stat
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -21,10 +29,11 @@ from stanvid.models.video_clip import VideoCLIP
 from stanvid.precision import InferencePrecision, prepare_for_inference, resolve_precision
 from stanvid.search.index.ann import describe
 from stanvid.search.index.clips import encode_clips, read_clip
+from stanvid.search.index.follow import FOLLOW_SECONDS, Follower
 from stanvid.search.index.identity import load_fingerprinted, model_fingerprint
-from stanvid.search.index.maintain import load_searcher
 from stanvid.search.index.records import SearchResult, Segment
-from stanvid.search.index.store import _REPAIR, DB_NAME, _check_meta, _connect, _db_errors, _get_meta
+from stanvid.search.index.snapshot import Snapshot
+from stanvid.search.index.store import _REPAIR, DB_NAME
 from stanvid.search.index.vectors import VectorStore
 from stanvid.search.rerank import blob_frames, keeps_frame_vectors, rerank
 from stanvid.video.folders import is_inside
@@ -36,12 +45,28 @@ _SEGMENT_COLUMNS = (
 )
 
 
+@dataclass
+class _Models:
+    """The query model of an open index and what it runs with, shared by the index and its pinned views."""
+
+    model: VideoCLIP | None = None
+    runner: InferencePrecision | None = None
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+
 class VideoIndex:
-    """An open index: text search, segment lookup and frames for thumbnails. Thread-safe (one lock).
+    """An open index: text search, segment lookup and frames for thumbnails. Thread-safe.
 
     The query model is loaded on first use (`model`), from the recorded source unless one is passed, and its
     fingerprint must match the one recorded at build time. Queries are encoded at `precision`
     (`stanvid.precision`), which need not be the one the index was built with (`build_precision`).
+
+    The index follows runs that update it (`stanvid index` again on its folder): every `follow` seconds at
+    most, a call checks the committed state (one SQLite read) and, when a run has committed since, the new
+    state is loaded in a background thread and swapped in; calls answer from the previous one until then.
+    `refresh()` moves now; `watch()` checks in a thread of its own, so an update is in place before the next
+    call; `follow=None` keeps the generation opened until `refresh()`. Each call answers from one
+    generation, and `pinned()` holds one across calls (see `stanvid.search.index.follow`).
     """
 
     def __init__(
@@ -50,6 +75,7 @@ class VideoIndex:
         model: VideoCLIP | None = None,
         device: str | None = None,
         precision: str = "auto",
+        follow: float | None = FOLLOW_SECONDS,
     ) -> None:
         self.path = Path(path).expanduser().resolve()
         self.db = db = self.path / DB_NAME
@@ -57,26 +83,17 @@ class VideoIndex:
             raise VideoIndexError(
                 f"{path}: no index here ({DB_NAME} missing); build one with `stanvid index`"
             )
-        self._conn = _connect(db, create=False)
-        self._lock = threading.RLock()
+        self._follower = Follower(self.path, db, follow)
+        self._pin: Snapshot | None = None  # set on a pinned view: every call answers from it
         try:
-            with _db_errors(db):
-                self.meta = _get_meta(self._conn, db)
-                if not self.meta:
-                    raise VideoIndexError(
-                        f"{path}: the index is empty (interrupted before its first commit); re-run the build"
-                    )
-                _check_meta(self.meta, db)
-                self.root = Path(self.meta["root"])
-                self.device = torch.device(device) if device else default_device()
-                self.precision = resolve_precision(precision, self.device)
-                self._model = None
-                self._runner: InferencePrecision | None = None
-                if model is not None:
-                    self._model = self._verified(model)
-                self.vectors, self.store = self._load_vectors()
+            self.root = Path(self.meta["root"])
+            self.device = torch.device(device) if device else default_device()
+            self.precision = resolve_precision(precision, self.device)
+            self._models = _Models()
+            if model is not None:
+                self._models.model = self._verified(model)
         except BaseException:
-            self._conn.close()
+            self._follower.close()
             raise
 
     @property
@@ -87,15 +104,16 @@ class VideoIndex:
     # -------------------------------------------------------------- model
     @property
     def model(self) -> VideoCLIP:
-        with self._lock:
-            if self._model is None:
+        models = self._models
+        with models.lock:
+            if models.model is None:
                 source = self.meta["model_source"]
                 if not source:
                     raise VideoIndexError(
                         f"{self.path}: the index was built from an in-memory model; pass it: open_index(path, model=...)"
                     )
-                self._model = self._verified(*load_fingerprinted(source, self.meta["model_overrides"]))
-            return self._model
+                models.model = self._verified(*load_fingerprinted(source, self.meta["model_overrides"]))
+            return models.model
 
     def _verified(self, model: VideoCLIP, found: str | None = None) -> VideoCLIP:
         found = found or model_fingerprint(model)
@@ -107,52 +125,92 @@ class VideoIndex:
             )
         return model.eval().to(self.device)
 
-    # -------------------------------------------------------------- vectors
-    def _load_vectors(self) -> tuple[Any, VectorStore]:
-        """The searcher over the committed rows, read in one SQLite snapshot (a run committing meanwhile is
-        seen whole or not at all): the recorded vector index memory-mapped with its delta, or exact search
-        (`stanvid.search.index.maintain.load_searcher`). A store replaced by a compaction between reading the
-        record and opening its file is read again."""
-        for attempt in range(3):
-            self._conn.execute("BEGIN")
-            try:
-                self.meta = meta = _get_meta(self._conn, self.db)
-                _check_meta(meta, self.db)
-                store = VectorStore(self.path, meta["store"])
-                problem = store.problem()
-                if not problem:
-                    return load_searcher(self.path, self._conn, meta, store, self.db), store
-            finally:
-                self._conn.execute("COMMIT")
-            if problem != "is missing" or attempt == 2:
-                raise VideoIndexError(
-                    f"{store.path} {problem}; {_REPAIR} (it encodes the videos whose embeddings are lost)"
-                )
-        raise AssertionError("unreachable")
+    # -------------------------------------------------------------- generations
+    @property
+    def _snapshot(self) -> Snapshot:
+        """The snapshot this index answers from now (for reading its immutable parts: meta, counts)."""
+        return self._pin if self._pin is not None else self._follower.current
+
+    @contextlib.contextmanager
+    def _use(self) -> Iterator[Snapshot]:
+        """The snapshot one call answers from, held for the call."""
+        if self._pin is not None:
+            yield self._pin
+            return
+        snap = self._follower.acquire()
+        try:
+            yield snap
+        finally:
+            snap.release()
+
+    @contextlib.contextmanager
+    def pinned(self) -> Iterator[VideoIndex]:
+        """A view of this index that answers every call from the generation current now, until the block
+        ends (a swap meanwhile does not reach it): for answers made of several calls, such as a search and
+        the segments and files of its hits. The view shares the model; inside a view this is the view."""
+        if self._pin is not None:
+            yield self
+            return
+        snap = self._follower.acquire()
+        view = copy.copy(self)
+        view._pin = snap
+        try:
+            yield view
+        finally:
+            snap.release()
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The index record of the generation answered from (identity, settings, vector index record)."""
+        return self._snapshot.meta
+
+    @property
+    def vectors(self) -> Any:
+        """The searcher of the generation answered from (`stanvid.search.index.ann`)."""
+        return self._snapshot.searcher
+
+    @property
+    def store(self) -> VectorStore:
+        return self._snapshot.store
 
     @property
     def generation(self) -> int:
-        """The generation of the rows this index answers from (bumped by every commit that changes them)."""
-        return int(self.meta["generation"])
+        """The generation this index answers from (bumped by every commit that changes the rows)."""
+        return self._snapshot.generation
 
     def committed_generation(self) -> int:
-        """The generation committed on disk now: one SQLite read, so a long-lived index can poll it and
-        reopen when it differs from `generation` (a run committed since this one was loaded)."""
-        with self._lock, _db_errors(self.db):
-            row = self._conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
-        return int(row[0]) if row is not None else -1
+        """The generation committed on disk now: one SQLite read; it differs from `generation` while an
+        update is being loaded (or was refused, see `refresh`)."""
+        return self._follower.committed_generation()
+
+    def refresh(self) -> bool:
+        """Move to the committed state now, loading it in this thread: True when it was newer. A state that
+        cannot be loaded (say, a damaged vector index file) raises `VideoIndexError`, and the index keeps
+        answering from the generation it has. On a pinned view the view stays where it is."""
+        return self._follower.refresh()
+
+    def watch(self, interval: float | None = None) -> None:
+        """Check for an update every `interval` seconds (default: `follow`'s) in a background thread, which
+        loads it there: an update is in place before the next call (what `stanvid serve` runs). `close`
+        stops it."""
+        self._follower.watch(interval)
+
+    def stop_watching(self) -> None:
+        """Stop the thread `watch` started (the index checks on use again, every `follow` seconds)."""
+        self._follower.stop_watching()
 
     def describe(self) -> str:
         """The vector index in one line: kind, parameters and the recall measured when it was built."""
-        return describe(self.meta.get("ann")) if self.vectors.kind != "scan" else "exact scan of the store"
+        snap = self._snapshot
+        return describe(snap.meta.get("ann")) if snap.searcher.kind != "scan" else "exact scan of the store"
 
     def __len__(self) -> int:
         """Number of segments searched."""
-        return int(self.vectors.count)
+        return self._snapshot.segments
 
     def num_files(self) -> int:
-        with self._lock, _db_errors(self.db):
-            return self._conn.execute("SELECT COUNT(*) FROM files").fetchone()[0]
+        """Number of files indexed, in the generation answered from."""
+        return self._snapshot.files
 
     @property
     def model_name(self) -> str:
@@ -168,7 +226,7 @@ class VideoIndex:
         from stanvid.models.tokenizer import tokenize
 
         model = self.model
-        with self._lock:
+        with self._models.lock:
             runner = self._inference()
             ids = tokenize(list(texts), context_length=model.config.clip.text.context_length).to(self.device)
             with runner.autocast():
@@ -177,10 +235,10 @@ class VideoIndex:
         return emb.cpu().numpy()
 
     def _inference(self) -> InferencePrecision:
-        """The query model prepared for the index's query precision (made once; call under `self._lock`)."""
-        if self._runner is None:
-            self._runner = prepare_for_inference(self.model, self.precision, self.device)
-        return self._runner
+        """The query model prepared for the index's query precision (made once; call under the model lock)."""
+        if self._models.runner is None:
+            self._models.runner = prepare_for_inference(self.model, self.precision, self.device)
+        return self._models.runner
 
     @torch.inference_mode()
     def embed_text_tokens(self, texts: Sequence[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,7 +247,7 @@ class VideoIndex:
         from stanvid.models.tokenizer import tokenize
 
         model = self.model
-        with self._lock:
+        with self._models.lock:
             ids = tokenize(list(texts), context_length=model.config.clip.text.context_length)
             used = int((ids != 0).sum(dim=1).max())
             ids = ids[:, : max(min(length, ids.shape[1]), used)].to(self.device)
@@ -201,11 +259,11 @@ class VideoIndex:
         if not ids:
             return {}
         marks = ",".join("?" * len(ids))
-        with self._lock:
-            rows = self._conn.execute(
+        with self._use() as snap:
+            rows = snap.rows(
                 f"SELECT segment_id, frames FROM segment_frames WHERE segment_id IN ({marks})",
                 [int(i) for i in ids],
-            ).fetchall()
+            )
         return {
             sid: blob_frames(blob, self.meta["dim"], where=f"{self.path}: segment {sid}")
             for sid, blob in rows
@@ -220,19 +278,22 @@ class VideoIndex:
             raise VideoIndexError("the query text is empty")
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise VideoIndexError(f"k must be a positive integer, got {k!r}")
-        if keeps_frame_vectors(self.model):
-            return rerank(self, text, k)
-        return self.search_embeddings(self.embed_text([text]), k)[0]
+        with self.pinned() as view:
+            if keeps_frame_vectors(view.model):
+                return rerank(view, text, k)
+            return view.search_embeddings(view.embed_text([text]), k)[0]
 
     def search_embeddings(self, queries: np.ndarray, k: int = 10) -> list[list[SearchResult]]:
-        """Nearest segments for each (D,) row of `queries` (L2-normalized), best first."""
+        """Nearest segments for each (D,) row of `queries` (L2-normalized), best first: `min(k, len(self))`
+        of them, the segments of one generation."""
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.meta["dim"])
-        if len(self) == 0:
-            return [[] for _ in range(len(queries))]
-        scores, slots = self.vectors.search(queries, min(k, len(self)))  # (Q, k) each
+        with self._use() as snap:
+            if snap.segments == 0:
+                return [[] for _ in range(len(queries))]
+            scores, slots = snap.searcher.search(queries, min(k, snap.segments))  # (Q, k) each
+            found = self._by_slot(snap, sorted({int(i) for i in slots.ravel() if i >= 0}))
         results = []
         for row_scores, row_slots in zip(scores, slots, strict=True):
-            found = self._by_slot([int(i) for i in row_slots if i >= 0])
             results.append(
                 [
                     SearchResult(seg.id, seg.file_id, seg.path, seg.relpath, seg.start, seg.end, float(score))
@@ -242,19 +303,25 @@ class VideoIndex:
             )
         return results
 
-    def _by_slot(self, slots: Sequence[int]) -> dict[int, Segment]:
+    def _by_slot(self, snap: Snapshot, slots: Sequence[int]) -> dict[int, Segment]:
+        """The segments at store slots, in `snap`'s generation (where each slot found is some segment's)."""
         if not slots:
             return {}
         marks = ",".join("?" * len(slots))
-        with self._lock, _db_errors(self.db):
-            rows = self._conn.execute(
-                f"SELECT s.slot, {_SEGMENT_COLUMNS} FROM segments s JOIN files f ON f.id = s.file_id "
-                f"WHERE s.slot IN ({marks})",
-                slots,
-            ).fetchall()
-        return {
-            slot: Segment(sid, fid, str(self.root / rel), rel, *rest) for slot, sid, fid, rel, *rest in rows
-        }
+        rows = snap.rows(
+            f"SELECT s.slot, {_SEGMENT_COLUMNS} FROM segments s JOIN files f ON f.id = s.file_id "
+            f"WHERE s.slot IN ({marks})",
+            slots,
+        )
+        found = {slot: self._segment(rest) for slot, *rest in rows}
+        if len(found) != len(slots):  # the searcher and the rows are one generation: never, unless damaged
+            lost = sorted(set(slots) - set(found))
+            raise VideoIndexError(f"{self.db}: store slots {lost[:5]} are no segment's (damaged); {_REPAIR}")
+        return found
+
+    def _segment(self, row: Sequence[Any]) -> Segment:
+        sid, fid, rel, *rest = row
+        return Segment(sid, fid, str(self.root / rel), rel, *rest)
 
     def read_clip(self, path: str | os.PathLike, start: float, end: float) -> torch.Tensor:
         """The clip this index's model embeds for [start, end) seconds of a video, `(T, 3, S, S)` uint8: sampled
@@ -265,7 +332,7 @@ class VideoIndex:
     def embed_clips(self, clips: torch.Tensor) -> np.ndarray:
         """`(n, T, 3, S, S)` uint8 clips (see `read_clip`) -> `(n, D)` L2-normalized, with the index's model."""
         model = self.model
-        with self._lock:
+        with self._models.lock:
             return encode_clips(model, clips, self.device, runner=self._inference())
 
     def search_image(self, image: Any, k: int = 10, **query: Any) -> list[SearchResult]:
@@ -296,16 +363,14 @@ class VideoIndex:
         if not ids:
             return np.zeros((0, dim), np.float32)
         marks = ",".join("?" * len(ids))
-        with self._lock, _db_errors(self.db):
+        with self._use() as snap:
             rows = dict(
-                self._conn.execute(
-                    f"SELECT id, slot FROM segments WHERE id IN ({marks})", [int(i) for i in ids]
-                ).fetchall()
+                snap.rows(f"SELECT id, slot FROM segments WHERE id IN ({marks})", [int(i) for i in ids])
             )
-        missing = [int(i) for i in ids if int(i) not in rows]
-        if missing:
-            raise VideoIndexError(f"{self.path}: no segment with id {missing[0]}")
-        return self.store.read(np.array([rows[int(i)] for i in ids], dtype=np.int64))
+            missing = [int(i) for i in ids if int(i) not in rows]
+            if missing:
+                raise VideoIndexError(f"{self.path}: no segment with id {missing[0]}")
+            return snap.store.read(np.array([rows[int(i)] for i in ids], dtype=np.int64))
 
     def all_segments(self) -> tuple[list[Segment], np.ndarray]:
         """Every segment, ordered by file path and start time, with its `(N, D)` stored embedding (all in
@@ -316,45 +381,55 @@ class VideoIndex:
             parts.append(vectors)
         return segs, np.concatenate(parts) if parts else np.zeros((0, self.meta["dim"]), np.float32)
 
-    def iter_segments(self, batch: int = 65_536):
+    def iter_segments(self, batch: int = 65_536) -> Iterator[tuple[list[Segment], np.ndarray]]:
         """(segments, `(n, D)` embeddings) in batches of `batch`, ordered by file path and start time: the
-        whole index without holding it in memory."""
-        with self._lock:
-            cursor = self._conn.execute(
-                f"SELECT s.slot, {_SEGMENT_COLUMNS} FROM segments s JOIN files f ON f.id = s.file_id "
-                "ORDER BY f.path, s.start"
-            )
-            rows = cursor.fetchmany(batch)
-            while rows:
-                slots = np.array([r[0] for r in rows], dtype=np.int64)
-                segs = [
-                    Segment(sid, fid, str(self.root / rel), rel, *rest) for _, sid, fid, rel, *rest in rows
-                ]
-                yield segs, self.store.read(slots)
-                rows = cursor.fetchmany(batch)
+        whole index of one generation without holding it in memory (read a page of files at a time, so the
+        other calls on the index are not held up meanwhile)."""
+        with self.pinned() as view:
+            snap, after, pending = view._pin, "", []
+            while True:
+                files = snap.rows(
+                    "SELECT id, path FROM files WHERE path > ? ORDER BY path LIMIT 1024", (after,)
+                )
+                if files:
+                    after = files[-1][1]
+                    marks = ",".join("?" * len(files))
+                    rows = snap.rows(
+                        f"SELECT s.slot, {_SEGMENT_COLUMNS} FROM segments s JOIN files f ON f.id = s.file_id "
+                        f"WHERE s.file_id IN ({marks}) ORDER BY f.path, s.start",
+                        [fid for fid, _ in files],
+                    )
+                    pending += rows
+                while pending and (len(pending) >= batch or not files):
+                    chunk, pending = pending[:batch], pending[batch:]
+                    slots = np.array([r[0] for r in chunk], dtype=np.int64)
+                    yield [self._segment(r[1:]) for r in chunk], snap.store.read(slots)
+                if not files:
+                    return
 
     def file_segments(self, file_id: int) -> tuple[list[Segment], np.ndarray]:
         """All segments of one file in time order, with their `(n, D)` stored embeddings."""
-        with self._lock, _db_errors(self.db):
-            rows = self._conn.execute(
+        with self._use() as snap:
+            rows = snap.rows(
                 f"SELECT s.slot, {_SEGMENT_COLUMNS} FROM segments s JOIN files f ON f.id = s.file_id "
                 "WHERE s.file_id = ? ORDER BY s.start",
                 (int(file_id),),
-            ).fetchall()
-        segs = [Segment(sid, fid, str(self.root / rel), rel, *rest) for _, sid, fid, rel, *rest in rows]
-        return segs, self.store.read(np.array([r[0] for r in rows], dtype=np.int64))
+            )
+            return [self._segment(r[1:]) for r in rows], snap.store.read(
+                np.array([r[0] for r in rows], dtype=np.int64)
+            )
 
     def segments(self, ids: Sequence[int]) -> list[Segment]:
         """Segment rows by id (unknown ids are left out)."""
         if not ids:
             return []
         marks = ",".join("?" * len(ids))
-        with self._lock, _db_errors(self.db):
-            rows = self._conn.execute(
+        with self._use() as snap:
+            rows = snap.rows(
                 f"SELECT {_SEGMENT_COLUMNS} FROM segments s JOIN files f ON f.id = s.file_id WHERE s.id IN ({marks})",
                 [int(i) for i in ids],
-            ).fetchall()
-        return [Segment(sid, fid, str(self.root / rel), rel, *rest) for sid, fid, rel, *rest in rows]
+            )
+        return [self._segment(r) for r in rows]
 
     def segment(self, segment_id: int) -> Segment | None:
         found = self.segments([segment_id])
@@ -362,9 +437,9 @@ class VideoIndex:
 
     def file_path(self, file_id: int) -> Path | None:
         """Absolute path of an indexed file by id; None for an id the index does not have."""
-        with self._lock, _db_errors(self.db):
-            row = self._conn.execute("SELECT path FROM files WHERE id = ?", (int(file_id),)).fetchone()
-        return None if row is None else self.root / row[0]
+        with self._use() as snap:
+            rows = snap.rows("SELECT path FROM files WHERE id = ?", (int(file_id),))
+        return None if not rows else self.root / rows[0][0]
 
     def file_relpath(self, file_id: int) -> str | None:
         """Path of an indexed file relative to the indexed folder; None for an unknown id."""
@@ -380,13 +455,13 @@ class VideoIndex:
         a regular file, or its size, mtime, device or inode differ. The checks are made on the opened
         descriptor, so the bytes read from it are those of the checked file whatever is renamed afterwards.
         """
-        with self._lock, _db_errors(self.db):
-            row = self._conn.execute(
+        with self._use() as snap:
+            rows = snap.rows(
                 "SELECT path, size, mtime_ns, device, inode FROM files WHERE id = ?", (int(file_id),)
-            ).fetchone()
-        if row is None:
+            )
+        if not rows:
             return None
-        relpath, size, mtime_ns, device, inode = row
+        relpath, size, mtime_ns, device, inode = rows[0]
         name = f"file {file_id} ({relpath})"
         changed = f"{name} is no longer the file that was indexed"
         real = Path(os.path.realpath(self.root / relpath))
@@ -418,6 +493,10 @@ class VideoIndex:
     def middle_frame(self, segment_id: int, size: int | None = None) -> torch.Tensor:
         """The frame shown at the middle of a segment, (H, W, 3) uint8, its shortest side shrunk to `size`
         when it is larger (never enlarged)."""
+        with self.pinned() as view:
+            return view._middle_frame(segment_id, size)
+
+    def _middle_frame(self, segment_id: int, size: int | None) -> torch.Tensor:
         from stanvid.video.decode import read_frames
 
         seg = self.segment(segment_id)
@@ -445,15 +524,17 @@ class VideoIndex:
 
     @property
     def failures(self) -> list[tuple[str, str]]:
-        """(path, error) of the videos the last build could not read."""
-        with self._lock, _db_errors(self.db):
-            return [
-                (str(self.root / p), e) for p, e in self._conn.execute("SELECT path, error FROM failures")
-            ]
+        """(path, error) of the videos the last build could not read (the last run's list, whatever the
+        generation answered from)."""
+        return [
+            (str(self.root / p), e) for p, e in self._follower.live_rows("SELECT path, error FROM failures")
+        ]
 
     def close(self) -> None:
-        self._conn.close()
-        self.store.close()
+        """Stop following, and close the index once its last call is done; on a pinned view, nothing (the
+        view ends with its block)."""
+        if self._pin is None:
+            self._follower.close()
 
     def __enter__(self) -> VideoIndex:
         return self
@@ -467,9 +548,11 @@ def open_index(
     model: VideoCLIP | None = None,
     device: str | None = None,
     precision: str = "auto",
+    follow: float | None = FOLLOW_SECONDS,
 ) -> VideoIndex:
-    """Open an index built by `build_index` for searching (see `VideoIndex`)."""
-    return VideoIndex(path, model=model, device=device, precision=precision)
+    """Open an index built by `build_index` for searching (see `VideoIndex`). It follows the runs that update
+    it, checking at most every `follow` seconds on use (None: never; `VideoIndex.refresh` moves it)."""
+    return VideoIndex(path, model=model, device=device, precision=precision, follow=follow)
 
 
 def search_index(
@@ -480,5 +563,5 @@ def search_index(
     precision: str = "auto",
 ) -> list[SearchResult]:
     """One query against an index, with the model recorded in it (or `model`, which must be the same)."""
-    with open_index(path, model=model, precision=precision) as index:
+    with open_index(path, model=model, precision=precision, follow=None) as index:
         return index.search(text, k)

@@ -4,13 +4,17 @@ This module assembles the app; the routes live in one router per concern: `searc
 image), `media` (thumbnails and the video files) and `info`; `common` holds the schemas and errors.
 
     GET /                          the search page (static files in stanvid/search/web)
-    GET /api/info                  what is indexed: counts, model name, segment length
+    GET /api/info                  what is indexed: generation, counts, model name, segment length
     GET /api/search?q=TEXT&k=N     ranked segments as JSON (&group=file: one hit per file, with a timeline)
     POST /api/search/image?k=N     segments like the image in the request body (raw bytes, image/*); &q= adds
                                    text, &image_weight= / &text_weight= weigh the parts (stanvid.search.query)
     GET /api/like/{segment}?k=N    segments like an indexed segment ("more like this"); &q=, &like_weight=
     GET /api/thumbnail/{segment}   JPEG of the frame at the middle of a segment
     GET|HEAD /api/video/{file}     the video file, with HTTP range requests (206 / 416), for seeking in <video>
+
+The server follows the index while `stanvid index` updates it (no restart): each request answers from one
+generation of the index, named in its response (`generation`), and a run's commit is answered from as soon
+as it is loaded, off the request path (`create_app`'s `follow`).
 
 Only files recorded in the index can be read, and only by their numeric id: no request carries a path, so
 there is nothing to traverse. A file is served only while it still is the file that was indexed: a regular
@@ -24,7 +28,9 @@ unsatisfiable range) gets a 4xx with a JSON `{"error": message}`, never a 500; t
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import AsyncIterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -40,6 +46,7 @@ from stanvid.errors import StanvidError
 from stanvid.models.video_clip import VideoCLIP
 from stanvid.search.index import open_index
 from stanvid.search.server.common import (
+    FOLLOW_SECONDS,
     MAX_IMAGE_BYTES,
     MAX_K,
     MAX_QUERY_CHARS,
@@ -70,13 +77,29 @@ def create_app(
     max_k: int = MAX_K,
     thumbnail_size: int = THUMBNAIL_SIZE,
     max_image_bytes: int = MAX_IMAGE_BYTES,
+    follow: float | None = FOLLOW_SECONDS,
 ) -> FastAPI:
     """The app for one index. The query model is loaded (and checked against the index) here, so a wrong or
-    missing model fails at start-up rather than at the first query."""
-    index = open_index(index_path, model=model, device=device, precision=precision)
+    missing model fails at start-up rather than at the first query.
+
+    The app follows the index as runs update it: while it runs, a thread checks the committed state every
+    `follow` seconds (one SQLite read) and loads a new one there, so each request after the swap answers from
+    it, and each request answers from one generation, which its response names (`generation`). None: serve
+    the generation opened at start."""
+    index = open_index(index_path, model=model, device=device, precision=precision, follow=follow)
     index.model  # noqa: B018 -- load and verify now
     settings = Settings(max_query_chars, max_k, thumbnail_size, max_image_bytes)
-    app = FastAPI(title="stanvid search", docs_url=None, redoc_url=None)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if follow:
+            index.watch(follow)
+        try:
+            yield
+        finally:
+            index.stop_watching()
+
+    app = FastAPI(title="stanvid search", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.index = index
     _add_error_handlers(app, settings)
 

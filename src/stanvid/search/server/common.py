@@ -8,6 +8,7 @@ through `public` so that no absolute path of the server leaves it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -21,6 +22,7 @@ MAX_K = 200
 MAX_IMAGE_BYTES = 20 << 20  # an upload larger than this is refused (413) before it is decoded
 THUMBNAIL_SIZE = 180  # shortest side, pixels
 MAX_ID = 10**18 - 1  # ids are SQLite rowids; 18 digits keep every one within int64
+FOLLOW_SECONDS = 0.5  # the server checks the index for an update this often (one SQLite read)
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class ErrorBody(BaseModel):
 
 
 class InfoBody(BaseModel):
+    generation: int  # the generation of the index these counts are of (see `VideoIndex.generation`)
     files: int
     segments: int
     model: str
@@ -69,6 +72,7 @@ class HitBody(BaseModel):
 
 
 class SearchBody(BaseModel):
+    generation: int  # the generation of the index every hit comes from
     query: str | None
     k: int
     group: str | None = None
@@ -96,9 +100,12 @@ def binary(types: Any, description: str) -> dict[str, Any]:
     return {"description": description, "content": {t: {"schema": schema} for t in types}}
 
 
-def request_index(request: Request) -> VideoIndex:
-    """The index the request is answered from (a FastAPI dependency)."""
-    return request.app.state.index
+def request_index(request: Request) -> Iterator[VideoIndex]:
+    """The index the request is answered from (a FastAPI dependency): a view of one generation, held until
+    the request is answered (`VideoIndex.pinned`), so a search, its hits' files and a count never mix two
+    states of an index a run is updating."""
+    with request.app.state.index.pinned() as view:
+        yield view
 
 
 def public(index: VideoIndex, message: str) -> str:

@@ -1,4 +1,5 @@
-"""The info route: what is indexed (`/api/info`: counts, model name, segment length, the limits of this app)."""
+"""The info route: what is indexed (`/api/info`: the generation and its counts, model name, segment length, the
+limits of this app)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ def info_router(settings: Settings) -> APIRouter:
     def info(
         index: IndexDep,
     ) -> dict:
-        return {
+        return {  # one generation: the request's view of the index
+            "generation": index.generation,
             "files": index.num_files(),
             "segments": len(index),
             "model": index.model_name,

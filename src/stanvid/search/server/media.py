@@ -10,9 +10,10 @@ descriptor that was checked, so a link swapped after the check cannot redirect t
 
 from __future__ import annotations
 
-import functools
 import io
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -81,13 +82,26 @@ def media_router(settings: Settings) -> APIRouter:
 
 
 def _thumbnail_cache(size: int) -> Callable[[VideoIndex, int], bytes]:
-    """JPEG bytes of a segment's middle frame, the last 512 kept (keyed by index and segment)."""
+    """JPEG bytes of a segment's middle frame, the last 512 kept, keyed by the index's store id and the
+    segment id: segment ids are never reused within an index and a segment's frame never changes (a changed
+    file gets new segments), so an entry stays right across generations; the route checks first that the
+    segment is in the generation of the request."""
+    cache: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+    lock = threading.Lock()
 
-    @functools.lru_cache(maxsize=512)
     def thumbnail_bytes(index: VideoIndex, segment_id: int) -> bytes:
+        key = (str(index.meta["store"].get("store")), segment_id)
+        with lock:
+            if key in cache:
+                cache.move_to_end(key)
+                return cache[key]
         frame = index.middle_frame(segment_id, size=size)  # (H, W, 3) uint8
         buf = io.BytesIO()
         Image.fromarray(frame.numpy()).save(buf, format="JPEG", quality=85)
+        with lock:
+            cache[key] = buf.getvalue()
+            while len(cache) > 512:
+                cache.popitem(last=False)
         return buf.getvalue()
 
     return thumbnail_bytes

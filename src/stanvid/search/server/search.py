@@ -140,7 +140,13 @@ def run_query(index: VideoIndex, query: Query, k: int, group: str | None, echo: 
         hits = search_query(index, query, k, group_by=group)
     except QueryError as exc:
         raise BadRequest(400, public(index, str(exc))) from exc
-    return {**echo, "k": k, "group": group, "results": [hit_json(h) for h in hits]}
+    return {
+        "generation": index.generation,
+        **echo,
+        "k": k,
+        "group": group,
+        "results": [hit_json(h) for h in hits],
+    }
 
 
 def hit_json(hit: SearchResult | FileHit) -> dict:
