@@ -47,38 +47,29 @@ def run(args) -> int:
     from stanvid.errors import EmbedError
     from stanvid.search.embed import embed_videos
 
-    if is_shard_spec(args.video_dir):
-        from stanvid.search.shard_embed import embed_shards
-
-        if args.segment_seconds is not None:
-            raise EmbedError("--segment-seconds: shards are embedded one row per sample")
-        result = embed_shards(
-            args.video_dir,
-            args.out,
-            args.model,
-            model_overrides=parse_overrides(args.overrides),
-            batch_size=args.batch_size,
-            num_workers=args.workers,
-            device=args.device,
-            precision=args.precision,
-            progress=not args.no_progress,
-        )
-        print(result.summary())
-        return 0
-
-    result = embed_videos(
-        args.video_dir,
-        args.out,
-        args.model,
-        shard=_shard(args.shard),
+    common = dict(
         model_overrides=parse_overrides(args.overrides),
-        segment_seconds=args.segment_seconds,
         batch_size=args.batch_size,
         num_workers=args.workers,
         device=args.device,
         precision=args.precision,
         progress=not args.no_progress,
     )
+    if is_shard_spec(args.video_dir):
+        from stanvid.search.shard_embed import embed_shards
+
+        if args.segment_seconds is not None:
+            raise EmbedError("--segment-seconds: shards are embedded one row per sample")
+        result = embed_shards(args.video_dir, args.out, args.model, **common)
+    else:
+        result = embed_videos(
+            args.video_dir,
+            args.out,
+            args.model,
+            shard=_shard(args.shard),
+            segment_seconds=args.segment_seconds,
+            **common,
+        )
     print(result.summary())
     return 0
 
