@@ -294,7 +294,7 @@ def test_a_vector_file_hashed_once_is_trusted_by_identity_until_it_changes(
         raise AssertionError(f"{path} was hashed")
 
     with monkeypatch.context() as m:
-        m.setattr(maintain, "_sha256", no_hashing)
+        m.setattr(maintain, "sha256_file", no_hashing)
         with open_index(out) as index:  # the recorded files, unchanged: not read before they are mapped
             assert index.vectors.kind == "ivfpq" and len(index.search("a red ball", 50)) == len(expected)
         build(root, out, model_dir, approx_threshold=1)

@@ -11,12 +11,14 @@ temporary file's path, for a writer that opens the file itself (an encoder, a li
 All of them go through the same steps below, so every writer in stanvid gets the same guarantee.
 
 `settled_identity` is the other side: what identifies a file's content without reading it, for the caches
-that skip hashing a file already hashed (a model's fingerprint, a vector index file's SHA-256).
+that skip hashing a file already hashed (a model's fingerprint, a vector index file's SHA-256); `sha256_file`
+is that hash, read in blocks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import threading
 import time
@@ -98,6 +100,15 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's content (hex), read in 16 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def settled_identity(st: os.stat_result, now_ns: int | None = None) -> list[int] | None:

@@ -7,7 +7,6 @@ are chosen by them.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import urllib.error
 import urllib.request
@@ -16,7 +15,7 @@ from typing import BinaryIO
 
 from stanvid.checkpoints.convert import read_json
 from stanvid.errors import CheckpointError
-from stanvid.fileio import atomic_write_stream
+from stanvid.fileio import atomic_write_stream, sha256_file
 from stanvid.models.pretrained import CONFIG_NAME, WEIGHTS_NAME
 
 OPENAI_URLS = {
@@ -43,7 +42,7 @@ def download_openai(name: str) -> Path:
     url = OPENAI_URLS[name]
     expected_sha = url.rsplit("/", 2)[-2]
     target = cache_dir() / "openai" / url.rsplit("/", 1)[-1]
-    if target.is_file() and _sha256(target) == expected_sha:
+    if target.is_file() and sha256_file(target) == expected_sha:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -54,7 +53,7 @@ def download_openai(name: str) -> Path:
             f"cannot download {name} from {url} ({exc}). Download it on a machine with internet access and "
             f"either put it at {target} or pass its path: stanvid.load_model('/path/to/{target.name}')"
         ) from exc
-    if _sha256(target) != expected_sha:
+    if sha256_file(target) != expected_sha:
         target.unlink(missing_ok=True)
         raise CheckpointError(f"{name}: downloaded file does not match its SHA256 {expected_sha}; try again")
     return target
@@ -64,14 +63,6 @@ def _fetch(url: str, out: BinaryIO) -> None:
     with urllib.request.urlopen(url, timeout=30) as response:
         while chunk := response.read(1 << 20):
             out.write(chunk)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def download_hub(repo_id: str, *, open_clip: bool = False, label: str | None = None) -> Path:

@@ -31,7 +31,6 @@ follows updates refuses such a state and keeps its last good one (`stanvid.searc
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import re
 import sqlite3
@@ -43,7 +42,7 @@ import faiss
 import numpy as np
 
 from stanvid.errors import VideoIndexError
-from stanvid.fileio import atomic_path, settled_identity
+from stanvid.fileio import atomic_path, settled_identity, sha256_file
 from stanvid.search.index.ann import (
     DEFAULT_APPROX_THRESHOLD,
     TARGET_RECALL,
@@ -97,18 +96,10 @@ class VectorSettings:
 
 
 # ---------------------------------------------------------------------------------------------- files
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _write(index: faiss.Index, path: Path) -> dict[str, Any]:
     with atomic_path(path) as tmp:
         faiss.write_index(index, str(tmp))
-        record = {"sha256": _sha256(tmp), "bytes": tmp.stat().st_size}
+        record = {"sha256": sha256_file(tmp), "bytes": tmp.stat().st_size}
     return record
 
 
@@ -135,7 +126,7 @@ def _check_file(
     found = settled_identity(st)
     if st.st_size == size and identity is not None and found == identity:
         return "", found
-    if st.st_size != size or _sha256(path) != sha256:
+    if st.st_size != size or sha256_file(path) != sha256:
         return "does not match the index database (damaged, or copied from another index)", None
     if found is not None and settled_identity(path.stat()) != found:
         found = None  # changed while it was hashed: the next check hashes it again
