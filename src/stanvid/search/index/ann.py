@@ -275,6 +275,12 @@ class ScanSearcher:
         return exact_top(self.store, self.mask, queries, max(1, min(k, self.count)))
 
 
+def recorded_files(record: dict[str, Any]) -> tuple:
+    """The vector index files a record names, with their hashes: two records with the same tuple name the same
+    files (named files never change), so a searcher of one serves the other's main file and trained index."""
+    return tuple(record.get(key) for key in ("file", "sha256", "bytes", "trained", "trained_sha256"))
+
+
 class ApproxSearcher:
     """An IVF / IVF-PQ main index (memory-mapped), the delta of vectors added since it was written (an index
     trained as the main one, in memory), the slots deleted since (filtered inside the search, so `k` live
@@ -288,9 +294,7 @@ class ApproxSearcher:
         self.delta_slots = (
             delta_slots  # the slots the delta holds (sorted), for the next state's to start from
         )
-        self.files = tuple(
-            record.get(key) for key in ("file", "sha256", "bytes", "trained", "trained_sha256")
-        )
+        self.files = recorded_files(record)
         self.kind = record["kind"]
         self.nprobe, self.rerank = int(record.get("nprobe") or 1), int(record.get("rerank") or DEFAULT_RERANK)
         self.two_level = bool(record.get("two_level"))

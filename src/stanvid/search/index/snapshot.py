@@ -32,7 +32,7 @@ import faiss
 import numpy as np
 
 from stanvid.errors import VideoIndexError
-from stanvid.search.index.ann import ApproxSearcher, ExactSearcher, ScanSearcher
+from stanvid.search.index.ann import ApproxSearcher, ExactSearcher, ScanSearcher, recorded_files
 from stanvid.search.index.maintain import _RECORDED_FILES, FLAT_IN_MEMORY, _problem, _read
 from stanvid.search.index.store import (
     _REPAIR,
@@ -202,7 +202,11 @@ def load_searcher(folder: Path, conn: sqlite3.Connection, meta: dict[str, Any], 
     rec = meta.get("ann") or {}
     n = check_rows(conn, store, where or folder / "index.sqlite")
     if rec.get("kind") in ("ivf", "ivfpq") and n:
-        reuse = previous if isinstance(previous, ApproxSearcher) and previous.files == _files(rec) else None
+        reuse = (
+            previous
+            if isinstance(previous, ApproxSearcher) and previous.files == recorded_files(rec)
+            else None
+        )
         problem = _approx_problem(folder, rec, store, hashed=reuse is not None)
         if not problem:
             searcher = _open_approx(folder, conn, rec, store, n, reuse, checked)
@@ -223,10 +227,6 @@ def load_searcher(folder: Path, conn: sqlite3.Connection, meta: dict[str, Any], 
             store, mask, previous if isinstance(previous, ExactSearcher) and checked else None
         )
     return ScanSearcher(store, mask)
-
-
-def _files(rec: dict) -> tuple:
-    return tuple(rec.get(key) for key in ("file", "sha256", "bytes", "trained", "trained_sha256"))
 
 
 def _check_chunks(store: VectorStore, chunks: list[tuple[int, int, str]]) -> None:
