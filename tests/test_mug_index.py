@@ -109,6 +109,31 @@ def test_search_reranks_with_the_head_like_brute_force(mug_built):
         np.testing.assert_allclose([h.score for h in hits], scores[order], atol=1e-5)
 
 
+def test_the_cli_query_path_and_the_server_rerank_too(mug_built):
+    """`stanvid search` and `/api/search` go through `stanvid.search.query.search`: a text query is re-ranked
+    by the head there as well (the same hits and scores as `VideoIndex.search`); a query with an image or an
+    example clip in it is one pooled vector."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from stanvid.search.query import Query
+    from stanvid.search.query import search as query_search
+    from stanvid.search.server.app import create_app
+
+    _, out, _ = mug_built
+    text = "a dog catches a frisbee"
+    with open_index(out) as index:
+        expected = index.search(text, 5)
+        assert query_search(index, text, 5) == expected
+        assert query_search(index, Query(text=text, like=expected[0].id, like_weight=0.0), 5) == expected
+        pooled = index.search_embeddings(index.embed_text([text]), 5)[0]
+        assert [h.score for h in pooled] != [h.score for h in expected]  # the head's scores differ
+    with TestClient(create_app(out, precision="fp32")) as client:
+        body = client.get("/api/search", params={"q": text, "k": 5}).json()
+    assert [r["id"] for r in body["results"]] == [h.id for h in expected]
+    np.testing.assert_allclose([r["score"] for r in body["results"]], [h.score for h in expected], atol=1e-6)
+
+
 def test_deleted_files_take_their_frame_vectors_along(tmp_path):
     model_dir = mug_model_dir(tmp_path / "m")
     root = make_folder(tmp_path / "videos", {k: v for k, v in VIDEOS.items() if k != "d.webm"})

@@ -41,6 +41,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from stanvid.errors import QueryError
+from stanvid.search.rerank import keeps_frame_vectors, rerank
 from stanvid.video.transforms import center_crop, resize_short_side
 
 if TYPE_CHECKING:  # the index calls this module (`VideoIndex.search_image`), so the import is one-way
@@ -273,9 +274,7 @@ def embed_query(index: VideoIndex, query: Query) -> np.ndarray:
         if weight == 0:
             continue
         if name == "text":
-            if not isinstance(query.text, str) or not query.text.strip():
-                raise QueryError("the query text is empty")
-            vec = index.embed_text([query.text])[0]
+            vec = index.embed_text([_text(query)])[0]
         elif name == "image":
             vec = embed_image(index, query.image)
         else:
@@ -287,12 +286,21 @@ def embed_query(index: VideoIndex, query: Query) -> np.ndarray:
     return (total / norm).astype(np.float32)
 
 
+def _text(query: Query) -> str:
+    if not isinstance(query.text, str) or not query.text.strip():
+        raise QueryError("the query text is empty")
+    return query.text
+
+
 # ---------------------------------------------------------------------------------------------- searching
 def search(
     index: VideoIndex, query: Query | str, k: int = 10, *, group_by: str | None = None
 ) -> list[SearchResult] | list[FileHit]:
     """The `k` best segments for `query` (a `Query`, or a plain text), best first; with `group_by="file"`,
-    the `k` best files (`FileHit`), each with its best segment first and the scores of all its segments."""
+    the `k` best files (`FileHit`), each with its best segment first and the scores of all its segments.
+
+    A text-only query to an index of a Mug-STAN model is ranked as `VideoIndex.search` ranks it: the Mug
+    head re-ranks FAISS's nearest candidates (`stanvid.search.rerank`); any other query is one vector."""
     if isinstance(query, str):
         query = Query(text=query)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -300,6 +308,9 @@ def search(
     if group_by not in GROUP_BY:
         raise QueryError(f"group_by must be one of {', '.join(map(str, GROUP_BY))}, got {group_by!r}")
     with index.pinned() as view:  # the example segment, the hits and their files: one generation
+        text_only = [name for name, weight in query.parts() if weight > 0] == ["text"]
+        if group_by is None and text_only and keeps_frame_vectors(view.model):
+            return rerank(view, _text(query), k)
         vector = embed_query(view, query)
         if group_by is None:
             return view.search_embeddings(vector[None], k)[0]
