@@ -35,12 +35,10 @@ import numpy as np
 
 from stanvid.errors import EmbedError
 from stanvid.fileio import atomic_path, atomic_write_stream
-from stanvid.fileio import atomic_write_bytes as atomic_write  # the name embed exported before fileio
 from stanvid.search.index import IndexReport, build_index, open_index
 
 __all__ = [
     "EMBED_FORMATS",
-    "atomic_write",
     "EmbedError",
     "EmbedResult",
     "embed_videos",
