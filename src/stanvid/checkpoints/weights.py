@@ -66,8 +66,8 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], list[int] | N
             after = os.fstat(f.fileno())
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read safetensors ({exc})") from exc
-    same = settled_identity(before) == settled_identity(after) and before.st_size == after.st_size
-    return state, settled_identity(before) if same else None
+    identity = settled_identity(before)  # it holds the size; None while the file is too recent to trust
+    return state, identity if identity == settled_identity(after) else None
 
 
 def _layout(f, size: int, path: Path) -> dict[str, tuple[torch.dtype, list[int], int, int]] | None:
