@@ -221,7 +221,7 @@ class _Source:
         for rb in self.parquet.iter_batches(batch_size=COMMIT_ROWS):
             cols = {n: rb.column(n) for n in rb.schema.names}
             vec = cols["vector"]
-            flat = vec.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+            flat = vec.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
             if len(flat) != len(rb) * dim:
                 raise VideoIndexError(f"{self.path}: vectors are not all of dimension {dim}")
             fields = [
@@ -303,33 +303,29 @@ def import_embeddings(run: Any, spec: str) -> None:
         source.check(run.identity)
     disk = {e.relpath: e for e in run.videos()}
     run.report.files_seen = len(disk)
-    state = _Import(disk, run)
     conn = _connect(run.db)
     try:
-        state.start(conn)
+        state = _Import(disk, run, VectorStore(run.out, _get_meta(conn)["store"]))
         for source in sources:
             for rows, vectors in source.batches(run.identity["dim"]):
                 state.add(conn, source.path, rows, vectors)
         state.flush(conn)
     finally:
         conn.close()
-    state.report(run.report, set(disk))
+    state.report()
 
 
 class _Import:
     """The import under way: rows grouped by file, committed a few tens of thousands at a time."""
 
-    def __init__(self, disk: dict[str, _FileEntry], run: Any) -> None:
-        self.disk, self.run = disk, run
+    def __init__(self, disk: dict[str, _FileEntry], run: Any, store: VectorStore) -> None:
+        self.disk, self.run, self.store = disk, run, store
         self.files: list[tuple] = []  # (entry, meta, segments) ready to commit
         self.vectors: list[np.ndarray] = []
         self.current: tuple[str, list, list, Path] | None = None  # path, rows, vectors, source
         self.seen: set[str] = set()  # files imported (or kept) by this run
         self.dropped: dict[str, int] = {}
         self.changed = self.kept = self.imported = 0
-
-    def start(self, conn: sqlite3.Connection) -> None:
-        self.store = VectorStore(self.run.out, _get_meta(conn)["store"])
 
     def add(self, conn: sqlite3.Connection, source: Path, rows: list[tuple], vectors: np.ndarray) -> None:
         if not np.isfinite(vectors).all():
@@ -380,7 +376,7 @@ class _Import:
         if final:
             self._close(conn)
         if self.files:
-            vectors = np.concatenate(self.vectors).astype(np.float32)
+            vectors = np.concatenate(self.vectors).astype(np.float32, copy=False)
             _commit_files(conn, self.store, self.files, vectors)
             self.imported += len(vectors)
             self.run.report.indexed += len(self.files)
@@ -388,7 +384,8 @@ class _Import:
                 self.run.options.on_commit(self.run.report.indexed)
         self.files, self.vectors = [], []
 
-    def report(self, report: Any, disk: set[str]) -> None:
+    def report(self) -> None:
+        report = self.run.report
         report.imported = self.imported
         report.unchanged = self.kept
         if self.dropped:
@@ -400,7 +397,7 @@ class _Import:
         if self.changed:
             report.notes.append(f"{self.changed} file(s) changed since they were embedded: the next `stanvid index` "
                                 f"encodes them again")  # fmt: skip
-        missing = len(disk - self.seen)
+        missing = len(self.disk.keys() - self.seen)
         if missing:
             report.notes.append(f"{missing} file(s) of the folder are in no embedding file: `stanvid index` without "
                                 f"--from-embeddings encodes them")  # fmt: skip
