@@ -142,16 +142,31 @@ def encode_clips(
 
     `runner` (`stanvid.precision.prepare_for_inference(model, ...)`): the precision to encode in; float32 without.
     """
-    out = []
     runner = runner if runner is not None else prepare_for_inference(model, "fp32", device)
-    pre = model.config.clip.preprocess  # the normalization the CLIP was trained with
-    for k in range(0, len(clips), batch_size):
-        part = clips[k : k + batch_size].to(device)  # (b, T, 3, S, S) uint8
-        b, t = part.shape[:2]
-        video = normalize(part.flatten(0, 1), pre.mean, pre.std).view(
-            b, t, *part.shape[2:]
-        )  # (b, T, 3, S, S)
-        with runner.autocast():
-            emb = runner.model.encode_video(video)  # (b, D)
-        out.append(F.normalize(emb.float(), dim=-1).cpu().numpy())
+    out = [
+        encode_batch(runner, clips[k : k + batch_size], device)[0] for k in range(0, len(clips), batch_size)
+    ]
     return np.concatenate(out) if out else np.zeros((0, model.config.clip.embed_dim), np.float32)
+
+
+@torch.inference_mode()
+def encode_batch(
+    runner: InferencePrecision, clips: torch.Tensor, device: torch.device, frames: bool = False
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """One forward pass: `(b, T, 3, S, S)` uint8 clips -> `(b, D)` float32 unit vectors whatever the precision
+    of the pass, and with `frames` the `(b, T, D)` float32 per-frame vectors they pool (a Mug-STAN index keeps
+    them), else None. The index's writer and every query clip go through it, so an indexed span given back
+    as a query embeds as it was indexed."""
+    model = runner.model
+    part = clips.to(device, non_blocking=True)
+    b, t = part.shape[:2]
+    pre = model.config.clip.preprocess  # the normalization the CLIP was trained with
+    video = normalize(part.flatten(0, 1), pre.mean, pre.std).view(b, t, *part.shape[2:])  # (b, T, 3, S, S)
+    with runner.autocast():
+        if frames:
+            per_frame = model.encode_video(video, pool=False)  # (b, T, D)
+            emb = model.pool(per_frame)  # (b, D)
+        else:
+            per_frame, emb = None, model.encode_video(video)  # (b, D)
+    kept = None if per_frame is None else per_frame.float().cpu().numpy()
+    return F.normalize(emb.float(), dim=-1).cpu().numpy(), kept

@@ -11,14 +11,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from stanvid.precision import InferencePrecision
+from stanvid.search.index.clips import encode_batch
 from stanvid.search.index.loader import _Chunk
 from stanvid.search.index.store import _commit_files
 from stanvid.search.index.vectors import VectorStore
 from stanvid.search.rerank import frames_blob, keeps_frame_vectors
-from stanvid.video.transforms import normalize
 
 
 class _Writer:
@@ -67,25 +66,10 @@ class _Writer:
         if self.uncommitted >= self.commit_every:
             self._commit()
 
-    @torch.inference_mode()
     def _encode(self, clips: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
-        """(n, T, 3, S, S) uint8 -> (n, D) float32 unit vectors whatever the precision of the forward pass, and
-        (n, T, D) float32 per-frame vectors for a Mug-STAN model (else None)."""
-        model = self.runner.model
-        part = clips.to(self.runner.device, non_blocking=True)
-        b, t = part.shape[:2]
-        pre = model.config.clip.preprocess  # the normalization the CLIP was trained with
-        video = normalize(part.flatten(0, 1), pre.mean, pre.std).view(
-            b, t, *part.shape[2:]
-        )  # (n, T, 3, S, S)
-        with self.runner.autocast():
-            if keeps_frame_vectors(model):
-                per_frame = model.encode_video(video, pool=False)  # (n, T, D)
-                emb = model.pool(per_frame)  # (n, D)
-            else:
-                per_frame, emb = None, model.encode_video(video)  # (n, D)
-        frames = None if per_frame is None else per_frame.float().cpu().numpy()
-        return F.normalize(emb.float(), dim=-1).cpu().numpy(), frames
+        """(n, T, 3, S, S) uint8 -> (n, D) float32 unit vectors, and (n, T, D) per-frame vectors for a
+        Mug-STAN model (else None): `clips.encode_batch`."""
+        return encode_batch(self.runner, clips, self.runner.device, keeps_frame_vectors(self.runner.model))
 
     def _encode_buffer(self, everything: bool) -> None:
         """Encode the buffered clips in `per_forward` batches; a remainder smaller than a batch waits for more
