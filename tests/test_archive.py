@@ -155,6 +155,16 @@ def test_an_import_of_another_model_dimension_or_segmentation_is_refused_naming_
     assert good.exists()
 
 
+def test_an_import_under_torchrun_is_refused_before_anything_is_written(tmp_path, model_dir, monkeypatch):
+    """Every rank of a torchrun launch would import the whole file set: one line says to run it alone."""
+    root = tmp_path / "videos"
+    write_shard(tmp_path / "emb" / "a.json", archive_files(root, 0, 2), file_vectors(0, 2))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(stanvid.VideoIndexError, match="imports in one process; run it without torchrun"):
+        build_index(root, tmp_path / "idx", model_dir, from_embeddings=str(tmp_path / "emb"))
+    assert not (tmp_path / "idx").exists()
+
+
 def test_missing_files_are_dropped_and_changed_ones_encoded_by_the_next_run(tmp_path, model_dir):
     root = make_folder(tmp_path / "videos")
     out = tmp_path / "emb" / "f.npy"

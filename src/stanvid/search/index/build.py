@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from stanvid.data.loader import build_loader
-from stanvid.distributed import default_device, rank_world
+from stanvid.distributed import default_device, launch_world_size, rank_world
 from stanvid.errors import VideoIndexError
 from stanvid.locking import exclusive_lock
 from stanvid.models.video_clip import VideoCLIP
@@ -248,8 +248,6 @@ def build_index(
         run.report.timings["prepare"] = time.perf_counter() - t1
         t1 = time.perf_counter()
         if options.from_embeddings is not None:
-            if run.world > 1:
-                raise VideoIndexError("from_embeddings imports in one process; run it without torchrun")
             from stanvid.search.index.imports import import_embeddings
 
             import_embeddings(run, options.from_embeddings)
@@ -305,12 +303,17 @@ def _start(
 ) -> _Run:
     """Join the ranks' group and put the model on its device in `precision`."""
     dev = torch.device(device) if device is not None else default_device()
-    resolve_precision(precision, dev)  # a bad precision fails before any process group exists
+    resolved = resolve_precision(precision, dev)  # a bad precision fails before any process group exists
+    if options.from_embeddings is not None and launch_world_size() > 1:  # each rank would import it all
+        raise VideoIndexError("from_embeddings imports in one process; run it without torchrun")
     alone = options.shard is not None or options.from_embeddings is not None  # no process group for these
     group = None if alone else _join_group(options.dist_timeout)
     rank, world = (0, 1) if alone else rank_world()
-    model.to(dev)
-    runner = prepare_for_inference(model, precision, dev)
+    if options.from_embeddings is None:
+        model.to(dev)
+        runner = prepare_for_inference(model, precision, dev)
+    else:  # an import encodes nothing: the model is neither moved nor quantized
+        runner = InferencePrecision(model, resolved, dev)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     identity = {
         "format_version": FORMAT_VERSION,
