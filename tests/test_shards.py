@@ -380,6 +380,17 @@ def test_stanvid_shard_and_embed_on_shards(data, tmp_path, capsys):
     (features.with_name("f.npy.parts") / "00001.json").unlink()  # as if stopped before shard 1 was written
     assert main(embed) == 0 and "(1 shards encoded now)" in capsys.readouterr().out
     assert np.array_equal(np.load(features), vectors)
+    for flag, value, message in (
+        ("--segment-seconds", "2", "shards are embedded one row per sample"),
+        ("--shard", "0/2", "give each machine its own shards"),
+    ):  # options of a folder's embedding, refused for shards in one line naming the option
+        assert main([*embed, flag, value]) == 2
+        err = capsys.readouterr().err
+        assert (
+            err.startswith(f"stanvid embed: error: {flag}:")
+            and message in err
+            and len(err.strip().splitlines()) == 1
+        )
 
 
 def test_pipe_shards_stream_like_local_files(data):

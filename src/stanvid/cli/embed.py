@@ -60,6 +60,11 @@ def run(args) -> int:
 
         if args.segment_seconds is not None:
             raise EmbedError("--segment-seconds: shards are embedded one row per sample")
+        if args.shard is not None:
+            raise EmbedError(
+                "--shard: it shares out the files of a folder; give each machine its own shards instead "
+                "(e.g. {00000..00049}.tar and {00050..00099}.tar)"
+            )
         result = embed_shards(args.video_dir, args.out, args.model, **common)
     else:
         result = embed_videos(
