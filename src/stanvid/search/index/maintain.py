@@ -316,8 +316,7 @@ def reconcile_dead(conn: sqlite3.Connection, store: VectorStore) -> None:
     used = np.zeros(store.rows, dtype=bool)
     for (slot,) in conn.execute("SELECT slot FROM segments WHERE slot >= 0 AND slot < ?", (store.rows,)):
         used[slot] = True
-    dead = ~used
-    dead[_dead_slots(conn)[_dead_slots(conn) < store.rows]] = False
+    dead = ~used & _live_mask(conn, store.rows)
     with _transaction(conn):
         conn.executemany(
             "INSERT OR IGNORE INTO dead (slot) VALUES (?)", [(int(i),) for i in np.flatnonzero(dead)]
