@@ -41,6 +41,7 @@ from stanvid.search.index.store import (
     _db_errors,
     _dead_slots,
     _get_meta,
+    _live_count,
     _live_mask,
     _store_chunks,
 )
@@ -245,7 +246,7 @@ def check_rows(conn: sqlite3.Connection, store: VectorStore, where: Path | str =
         "SELECT COUNT(*) FROM segments WHERE slot < 0 OR slot >= ?", (store.rows,)
     ).fetchone()[0]
     segments = conn.execute("SELECT COUNT(*) FROM segments").fetchone()[0]
-    live = store.rows - conn.execute("SELECT COUNT(*) FROM dead WHERE slot < ?", (store.rows,)).fetchone()[0]
+    live = _live_count(conn, store.rows)
     if outside or segments != live:
         what = f"{outside} segment(s) point outside the embedding store" if outside else (
             f"{segments} segments for {live} live rows of the embedding store")  # fmt: skip

@@ -307,6 +307,11 @@ def _live_mask(conn: sqlite3.Connection, rows: int) -> np.ndarray:
     return mask
 
 
+def _live_count(conn: sqlite3.Connection, rows: int) -> int:
+    """The live rows of a store of `rows` rows: `rows` less the dead slots below it (through the index)."""
+    return rows - conn.execute("SELECT COUNT(*) FROM dead WHERE slot < ?", (rows,)).fetchone()[0]
+
+
 def _store_chunks(conn: sqlite3.Connection, start: int = 0) -> list[tuple[int, int, str]]:
     return conn.execute(
         "SELECT first, rows, sha256 FROM store_chunks WHERE first >= ? ORDER BY first", (start,)
