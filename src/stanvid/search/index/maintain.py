@@ -57,6 +57,7 @@ from stanvid.search.index.ann import (
 from stanvid.search.index.store import (
     _REPAIR,
     _bump_generation,
+    _dead_count,
     _dead_seq,
     _dead_slots,
     _delete_file,
@@ -201,7 +202,7 @@ def _plan(folder: Path, conn: sqlite3.Connection, store: VectorStore, old: dict,
     if _check_recorded(folder, old, main, checked):
         return "readd"
     added = conn.execute("SELECT COUNT(*) FROM segments WHERE slot >= ?", (old["slots"],)).fetchone()[0]
-    removed = len(_dead_slots(conn, old["dead_seq"], old["slots"]))
+    removed = _dead_count(conn, old["dead_seq"], old["slots"])
     if added + removed > settings.merge_fraction * max(1, old["count"]):
         return "merge"
     if settings.nprobe is not None and settings.nprobe != old.get("nprobe"):
