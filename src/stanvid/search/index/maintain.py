@@ -231,7 +231,8 @@ def _record_identities(conn: sqlite3.Connection, old: dict, checked: dict[str, l
 
 def _build(folder: Path, conn: sqlite3.Connection, store: VectorStore, mask: np.ndarray, old: dict, kind: str,
            action: str, settings: VectorSettings) -> dict:  # fmt: skip
-    """Make the main index for `action`, measure its recall, write it and commit its record."""
+    """Make the main index for `action`, measure its recall, write it (a retune keeps the recorded one) and
+    commit its record."""
     build = _next_build(folder, old)
     record: dict[str, Any] = {k: v for k, v in old.items() if action != "train"}
     if action == "merge":
@@ -246,15 +247,8 @@ def _build(folder: Path, conn: sqlite3.Connection, store: VectorStore, mask: np.
             log.info("%s: new vectors drifted from the trained cells; retraining", folder)
             return _build(folder, conn, store, mask, old, kind, "train", settings)
         add_live(index, store, mask, start=old["slots"])
-    elif action == "retune":  # the same vectors, the user's nprobe measured: no file written
+    elif action == "retune":  # the recorded main file (same kind, nprobe set: `_plan`), measured, not written
         index = _read(folder / old["file"])
-        probe = ApproxSearcher(index, None, np.zeros(0, np.int64), store, old, int(mask.sum()))
-        record.update(tune(probe, store, mask, target=settings.target_recall, nprobe=settings.nprobe,
-                           same_file=functools.partial(same_file, conn)))  # fmt: skip
-        record["nprobe_set"] = True
-        with _transaction(conn):
-            _set_meta(conn, ann=record)
-        return record
     elif action == "readd":
         index = _read(folder / old["trained"])
         add_live(index, store, mask)
@@ -262,7 +256,7 @@ def _build(folder: Path, conn: sqlite3.Connection, store: VectorStore, mask: np.
         index = _train(folder, store, mask, kind, settings, build, record)
         add_live(index, store, mask)
     n = int(mask.sum())
-    if index.ntotal != n:
+    if action != "retune" and index.ntotal != n:  # a retune's main file leaves the delta to the readers
         raise VideoIndexError(
             f"{folder}: the vector index holds {index.ntotal} vectors, the store {n}; {_REPAIR}"
         )
@@ -270,10 +264,12 @@ def _build(folder: Path, conn: sqlite3.Connection, store: VectorStore, mask: np.
     record.update(tune(probe, store, mask, target=settings.target_recall, nprobe=settings.nprobe,
                        same_file=functools.partial(same_file, conn)))  # fmt: skip
     record["nprobe_set"] = settings.nprobe is not None
-    name = f"vectors-{build}.faiss"
-    written = _write(index, folder / name)
-    record.update(kind=kind, file=name, sha256=written["sha256"], bytes=written["bytes"], count=n,
-                  epoch=store.record["epoch"], slots=store.rows, dead_seq=_dead_seq(conn), build=build)  # fmt: skip
+    if action != "retune":
+        name = f"vectors-{build}.faiss"
+        written = _write(index, folder / name)
+        record.update(kind=kind, file=name, sha256=written["sha256"], bytes=written["bytes"], count=n,
+                      epoch=store.record["epoch"], slots=store.rows, dead_seq=_dead_seq(conn),
+                      build=build)  # fmt: skip
     with _transaction(conn):
         _set_meta(conn, ann=record)
     return record
