@@ -170,15 +170,13 @@ def update_vectors(
         if record != old:
             with _transaction(conn):
                 _set_meta(conn, ann=record)
-        remove_unrecorded(folder, record)
-        return record
-    checked: dict[str, list[int] | None] = {}
-    action = _plan(folder, conn, store, old, kind, n, settings, checked)
-    if action == "keep":
-        old = _record_identities(conn, old, checked)
-        remove_unrecorded(folder, old)
-        return old
-    record = _build(folder, conn, store, mask, old, kind, action, settings)
+    else:
+        checked: dict[str, list[int] | None] = {}
+        action = _plan(folder, conn, store, old, kind, n, settings, checked)
+        if action == "keep":
+            record = _record_identities(conn, old, checked)
+        else:
+            record = _build(folder, conn, store, mask, old, kind, action, settings)
     remove_unrecorded(folder, record)
     return record
 
