@@ -195,13 +195,13 @@ def _same_store(a: VectorStore, b: VectorStore) -> bool:
 
 # ---------------------------------------------------------------------------------------------- searchers
 def load_searcher(folder: Path, conn: sqlite3.Connection, meta: dict[str, Any], store: VectorStore,
-                  where: Path | str = "", previous: Any = None, checked: int = 0, strict: bool = False):  # fmt: skip
+                  where: Path | str, previous: Any = None, checked: int = 0, strict: bool = False):  # fmt: skip
     """The searcher for the committed rows: the recorded main index (memory-mapped) with its delta and
     deletions, or exact search when it is flat, missing or damaged (with a warning for the latter; refused
     with `strict`). `previous` is the searcher of an earlier state, `checked` the store rows whose chunk
     hashes were checked already (same store file), see the module docstring."""
     rec = meta.get("ann") or {}
-    n = check_rows(conn, store, where or folder / "index.sqlite")
+    n = check_rows(conn, store, where)
     if rec.get("kind") in ("ivf", "ivfpq") and n:
         reuse = (
             previous
@@ -239,7 +239,7 @@ def _check_chunks(store: VectorStore, chunks: list[tuple[int, int, str]]) -> Non
         )
 
 
-def check_rows(conn: sqlite3.Connection, store: VectorStore, where: Path | str = "index.sqlite") -> int:
+def check_rows(conn: sqlite3.Connection, store: VectorStore, where: Path | str) -> int:
     """The number of live segments, after checking that every segment points inside the store and every
     store row is either some segment's or dead (both through indexes: milliseconds at 1M rows)."""
     outside = conn.execute(
