@@ -64,6 +64,7 @@ from stanvid.search.index.store import (
     _delete_file,
     _delete_orphans,
     _get_meta,
+    _live_count,
     _set_meta,
     _transaction,
 )
@@ -533,7 +534,7 @@ def _drop_damaged_rows(conn: sqlite3.Connection, db: Path, store: VectorStore) -
                 _delete_file(conn, relpath)
             _delete_orphans(conn)
             _bump_generation(conn)
-    live = store.rows - conn.execute("SELECT COUNT(*) FROM dead WHERE slot < ?", (store.rows,)).fetchone()[0]
+    live = _live_count(conn, store.rows)
     if conn.execute("SELECT COUNT(*) FROM segments").fetchone()[0] != live:
         reconcile_dead(conn, store)  # store rows no segment points at any more (a dropped table, a bad slot)
 

@@ -114,6 +114,13 @@ def segment_frame_indices(
     return first + uniform_indices(last - first + 1, clip_len)  # (clip_len,)
 
 
+def _clip_frames(frames: torch.Tensor, size: int) -> torch.Tensor:
+    """`(n, H, W, 3)` uint8 decoded frames -> `(n, 3, S, S)`: resized (short side `size`) and centre-cropped
+    as every indexed segment is. Indexing and `read_clip` both go through this, so that an indexed span given
+    back as a query embeds identically."""
+    return center_crop(resize_short_side(frames, size), size)
+
+
 def read_clip(
     path: str | os.PathLike, start: float, end: float, *, clip_len: int, image_size: int
 ) -> torch.Tensor:
@@ -127,7 +134,7 @@ def read_clip(
     if idx is None:
         raise VideoReadError(f"{path}: no frame is shown between {start:.3f} s and {end:.3f} s")
     frames = read_frames(path, idx, size=image_size)  # (T, H, W, 3)
-    return center_crop(resize_short_side(frames, image_size), image_size).contiguous()  # (T, 3, S, S)
+    return _clip_frames(frames, image_size).contiguous()  # (T, 3, S, S)
 
 
 @torch.inference_mode()

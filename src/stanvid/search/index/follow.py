@@ -74,7 +74,6 @@ class Follower:
         self._watcher: threading.Thread | None = None
         self._stop = threading.Event()
         self._closed = False
-        self.last_load_seconds: float | None = None  # how long the last swap's load took
 
     @property
     def current(self) -> Snapshot:
@@ -177,7 +176,7 @@ class Follower:
                 return False
             self._state = new
         old.retire()
-        self._failed, self.last_load_seconds = None, seconds
+        self._failed = None
         what = " and its new vector index" if new.generation == old.generation else ""  # a merge, a retune
         log.info("%s: answering from generation %d%s (%d files, %d segments; loaded in %.2f s)", self.path,
                  new.generation, what, new.files, new.segments, seconds)  # fmt: skip

@@ -11,9 +11,8 @@ import numpy as np
 import torch
 
 from stanvid.errors import VideoReadError
-from stanvid.search.index.clips import segment_frame_indices, segments_with_frames
+from stanvid.search.index.clips import _clip_frames, segment_frame_indices, segments_with_frames
 from stanvid.search.index.records import _FileEntry
-from stanvid.video.transforms import center_crop, resize_short_side
 
 
 @dataclass
@@ -83,9 +82,7 @@ class _ClipLoader(torch.utils.data.IterableDataset):
             for k in range(0, len(spans), self.chunk):
                 part = np.concatenate(indices[k : k + self.chunk])  # (n * T,)
                 frames = read_frames(path, part, size=self.image_size, threads=threads)  # (n*T, H, W, 3)
-                frames = center_crop(
-                    resize_short_side(frames, self.image_size), self.image_size
-                )  # (n*T, 3, S, S)
+                frames = _clip_frames(frames, self.image_size)  # (n*T, 3, S, S)
                 clips = frames.reshape(-1, self.clip_len, *frames.shape[1:]).contiguous()  # (n, T, 3, S, S)
                 last = k + self.chunk >= len(spans)
                 yield _Chunk(entry, meta, spans[k : k + self.chunk], clips, last)

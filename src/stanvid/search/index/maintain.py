@@ -57,6 +57,7 @@ from stanvid.search.index.ann import (
 from stanvid.search.index.store import (
     _REPAIR,
     _bump_generation,
+    _dead_count,
     _dead_seq,
     _dead_slots,
     _delete_file,
@@ -169,15 +170,13 @@ def update_vectors(
         if record != old:
             with _transaction(conn):
                 _set_meta(conn, ann=record)
-        remove_unrecorded(folder, record)
-        return record
-    checked: dict[str, list[int] | None] = {}
-    action = _plan(folder, conn, store, old, kind, n, settings, checked)
-    if action == "keep":
-        old = _record_identities(conn, old, checked)
-        remove_unrecorded(folder, old)
-        return old
-    record = _build(folder, conn, store, mask, old, kind, action, settings)
+    else:
+        checked: dict[str, list[int] | None] = {}
+        action = _plan(folder, conn, store, old, kind, n, settings, checked)
+        if action == "keep":
+            record = _record_identities(conn, old, checked)
+        else:
+            record = _build(folder, conn, store, mask, old, kind, action, settings)
     remove_unrecorded(folder, record)
     return record
 
@@ -201,7 +200,7 @@ def _plan(folder: Path, conn: sqlite3.Connection, store: VectorStore, old: dict,
     if _check_recorded(folder, old, main, checked):
         return "readd"
     added = conn.execute("SELECT COUNT(*) FROM segments WHERE slot >= ?", (old["slots"],)).fetchone()[0]
-    removed = len(_dead_slots(conn, old["dead_seq"], old["slots"]))
+    removed = _dead_count(conn, old["dead_seq"], old["slots"])
     if added + removed > settings.merge_fraction * max(1, old["count"]):
         return "merge"
     if settings.nprobe is not None and settings.nprobe != old.get("nprobe"):
@@ -230,7 +229,8 @@ def _record_identities(conn: sqlite3.Connection, old: dict, checked: dict[str, l
 
 def _build(folder: Path, conn: sqlite3.Connection, store: VectorStore, mask: np.ndarray, old: dict, kind: str,
            action: str, settings: VectorSettings) -> dict:  # fmt: skip
-    """Make the main index for `action`, measure its recall, write it and commit its record."""
+    """Make the main index for `action`, measure its recall, write it (a retune keeps the recorded one) and
+    commit its record."""
     build = _next_build(folder, old)
     record: dict[str, Any] = {k: v for k, v in old.items() if action != "train"}
     if action == "merge":
@@ -245,15 +245,8 @@ def _build(folder: Path, conn: sqlite3.Connection, store: VectorStore, mask: np.
             log.info("%s: new vectors drifted from the trained cells; retraining", folder)
             return _build(folder, conn, store, mask, old, kind, "train", settings)
         add_live(index, store, mask, start=old["slots"])
-    elif action == "retune":  # the same vectors, the user's nprobe measured: no file written
+    elif action == "retune":  # the recorded main file (same kind, nprobe set: `_plan`), measured, not written
         index = _read(folder / old["file"])
-        probe = ApproxSearcher(index, None, np.zeros(0, np.int64), store, old, int(mask.sum()))
-        record.update(tune(probe, store, mask, target=settings.target_recall, nprobe=settings.nprobe,
-                           same_file=functools.partial(same_file, conn)))  # fmt: skip
-        record["nprobe_set"] = True
-        with _transaction(conn):
-            _set_meta(conn, ann=record)
-        return record
     elif action == "readd":
         index = _read(folder / old["trained"])
         add_live(index, store, mask)
@@ -261,7 +254,7 @@ def _build(folder: Path, conn: sqlite3.Connection, store: VectorStore, mask: np.
         index = _train(folder, store, mask, kind, settings, build, record)
         add_live(index, store, mask)
     n = int(mask.sum())
-    if index.ntotal != n:
+    if action != "retune" and index.ntotal != n:  # a retune's main file leaves the delta to the readers
         raise VideoIndexError(
             f"{folder}: the vector index holds {index.ntotal} vectors, the store {n}; {_REPAIR}"
         )
@@ -269,10 +262,12 @@ def _build(folder: Path, conn: sqlite3.Connection, store: VectorStore, mask: np.
     record.update(tune(probe, store, mask, target=settings.target_recall, nprobe=settings.nprobe,
                        same_file=functools.partial(same_file, conn)))  # fmt: skip
     record["nprobe_set"] = settings.nprobe is not None
-    name = f"vectors-{build}.faiss"
-    written = _write(index, folder / name)
-    record.update(kind=kind, file=name, sha256=written["sha256"], bytes=written["bytes"], count=n,
-                  epoch=store.record["epoch"], slots=store.rows, dead_seq=_dead_seq(conn), build=build)  # fmt: skip
+    if action != "retune":
+        name = f"vectors-{build}.faiss"
+        written = _write(index, folder / name)
+        record.update(kind=kind, file=name, sha256=written["sha256"], bytes=written["bytes"], count=n,
+                      epoch=store.record["epoch"], slots=store.rows, dead_seq=_dead_seq(conn),
+                      build=build)  # fmt: skip
     with _transaction(conn):
         _set_meta(conn, ann=record)
     return record
@@ -316,8 +311,7 @@ def reconcile_dead(conn: sqlite3.Connection, store: VectorStore) -> None:
     used = np.zeros(store.rows, dtype=bool)
     for (slot,) in conn.execute("SELECT slot FROM segments WHERE slot >= 0 AND slot < ?", (store.rows,)):
         used[slot] = True
-    dead = ~used
-    dead[_dead_slots(conn)[_dead_slots(conn) < store.rows]] = False
+    dead = ~used & _live_mask(conn, store.rows)
     with _transaction(conn):
         conn.executemany(
             "INSERT OR IGNORE INTO dead (slot) VALUES (?)", [(int(i),) for i in np.flatnonzero(dead)]

@@ -41,6 +41,7 @@ from stanvid.search.index.store import (
     _db_errors,
     _dead_slots,
     _get_meta,
+    _live_count,
     _live_mask,
     _store_chunks,
 )
@@ -194,13 +195,13 @@ def _same_store(a: VectorStore, b: VectorStore) -> bool:
 
 # ---------------------------------------------------------------------------------------------- searchers
 def load_searcher(folder: Path, conn: sqlite3.Connection, meta: dict[str, Any], store: VectorStore,
-                  where: Path | str = "", previous: Any = None, checked: int = 0, strict: bool = False):  # fmt: skip
+                  where: Path | str, previous: Any = None, checked: int = 0, strict: bool = False):  # fmt: skip
     """The searcher for the committed rows: the recorded main index (memory-mapped) with its delta and
     deletions, or exact search when it is flat, missing or damaged (with a warning for the latter; refused
     with `strict`). `previous` is the searcher of an earlier state, `checked` the store rows whose chunk
     hashes were checked already (same store file), see the module docstring."""
     rec = meta.get("ann") or {}
-    n = check_rows(conn, store, where or folder / "index.sqlite")
+    n = check_rows(conn, store, where)
     if rec.get("kind") in ("ivf", "ivfpq") and n:
         reuse = (
             previous
@@ -238,14 +239,14 @@ def _check_chunks(store: VectorStore, chunks: list[tuple[int, int, str]]) -> Non
         )
 
 
-def check_rows(conn: sqlite3.Connection, store: VectorStore, where: Path | str = "index.sqlite") -> int:
+def check_rows(conn: sqlite3.Connection, store: VectorStore, where: Path | str) -> int:
     """The number of live segments, after checking that every segment points inside the store and every
     store row is either some segment's or dead (both through indexes: milliseconds at 1M rows)."""
     outside = conn.execute(
         "SELECT COUNT(*) FROM segments WHERE slot < 0 OR slot >= ?", (store.rows,)
     ).fetchone()[0]
     segments = conn.execute("SELECT COUNT(*) FROM segments").fetchone()[0]
-    live = store.rows - conn.execute("SELECT COUNT(*) FROM dead WHERE slot < ?", (store.rows,)).fetchone()[0]
+    live = _live_count(conn, store.rows)
     if outside or segments != live:
         what = f"{outside} segment(s) point outside the embedding store" if outside else (
             f"{segments} segments for {live} live rows of the embedding store")  # fmt: skip

@@ -287,12 +287,23 @@ def _commit_files(
     store.advance(first + n)
 
 
-def _dead_slots(conn: sqlite3.Connection, after_seq: int = 0, below: int | None = None) -> np.ndarray:
-    """Slots of deleted segments (sorted int64), those that died after `after_seq` and lie below `below`."""
-    sql, args = "SELECT slot FROM dead WHERE seq > ?", [after_seq]
+def _dead_query(what: str, after_seq: int, below: int | None) -> tuple[str, list]:
+    """`SELECT what` over the dead slots that died after `after_seq` and lie below `below` (None: any)."""
+    sql, args = f"SELECT {what} FROM dead WHERE seq > ?", [after_seq]
     if below is not None:
         sql, args = sql + " AND slot < ?", [*args, below]
-    return np.sort(np.fromiter((r[0] for r in conn.execute(sql, args)), dtype=np.int64))
+    return sql, args
+
+
+def _dead_slots(conn: sqlite3.Connection, after_seq: int = 0, below: int | None = None) -> np.ndarray:
+    """Slots of deleted segments (sorted int64), those that died after `after_seq` and lie below `below`."""
+    rows = conn.execute(*_dead_query("slot", after_seq, below))
+    return np.sort(np.fromiter((r[0] for r in rows), dtype=np.int64))
+
+
+def _dead_count(conn: sqlite3.Connection, after_seq: int, below: int | None) -> int:
+    """`len(_dead_slots(conn, after_seq, below))`, counted by SQLite (no array is built)."""
+    return conn.execute(*_dead_query("COUNT(*)", after_seq, below)).fetchone()[0]
 
 
 def _dead_seq(conn: sqlite3.Connection) -> int:
@@ -305,6 +316,11 @@ def _live_mask(conn: sqlite3.Connection, rows: int) -> np.ndarray:
     dead = _dead_slots(conn)
     mask[dead[dead < rows]] = False
     return mask
+
+
+def _live_count(conn: sqlite3.Connection, rows: int) -> int:
+    """The live rows of a store of `rows` rows: `rows` less the dead slots below it (through the index)."""
+    return rows - conn.execute("SELECT COUNT(*) FROM dead WHERE slot < ?", (rows,)).fetchone()[0]
 
 
 def _store_chunks(conn: sqlite3.Connection, start: int = 0) -> list[tuple[int, int, str]]:

@@ -151,13 +151,10 @@ class VideoIndex:
         if self._pin is not None:
             yield self
             return
-        snap = self._follower.acquire()
-        view = copy.copy(self)
-        view._pin = snap
-        try:
+        with self._use() as snap:
+            view = copy.copy(self)
+            view._pin = snap
             yield view
-        finally:
-            snap.release()
 
     @property
     def meta(self) -> dict[str, Any]:
