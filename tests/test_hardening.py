@@ -372,6 +372,11 @@ def test_a_damaged_database_is_one_line_in_search_serve_and_index(
         ("DELETE FROM meta WHERE key = 'model_fingerprint'", "'model_fingerprint'", False),
         ("UPDATE meta SET value = '\"seven\"' WHERE key = 'generation'", "'generation'", False),
         ("UPDATE segments SET slot = 999999 WHERE id = (SELECT MIN(id) FROM segments)", "damaged", True),
+        (  # just past the store: the slot the re-encoded file's own rows are appended to
+            "UPDATE segments SET slot = (SELECT COUNT(*) FROM segments) + 1 WHERE id = (SELECT MIN(id) FROM segments)",
+            "damaged",
+            True,
+        ),
         ("DROP TABLE files", "'files'", True),
         ("DROP TABLE segments", "'segments'", True),
     ],

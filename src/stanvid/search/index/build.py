@@ -533,6 +533,9 @@ def _drop_damaged_rows(conn: sqlite3.Connection, db: Path, store: VectorStore) -
             for relpath in damaged:
                 _delete_file(conn, relpath)
             _delete_orphans(conn)
+            # a damaged slot outside the store is no store row: recorded dead, it would mark the row a
+            # re-encoded file is appended to as deleted (and the live-row count wrong on every open)
+            conn.execute("DELETE FROM dead WHERE slot < 0 OR slot >= ?", (store.rows,))
             _bump_generation(conn)
     live = _live_count(conn, store.rows)
     if conn.execute("SELECT COUNT(*) FROM segments").fetchone()[0] != live:
