@@ -275,8 +275,9 @@ class ShardDataset(IterableDataset):
         if len(needed) == 0:
             return
         slots, ordinals = plan.locate(needed)
+        slots, ordinals = slots.tolist(), ordinals.tolist()  # needed[i] is ordinal ordinals[i] of slots[i]
         wanted: dict[int, set[int]] = {}
-        for slot, ordinal in zip(slots.tolist(), ordinals.tolist(), strict=True):
+        for slot, ordinal in zip(slots, ordinals, strict=True):
             wanted.setdefault(slot, set()).add(ordinal)
         starts = np.cumsum([0, *plan.counts])
         held: dict[int, dict[str, Any]] = {}
@@ -293,8 +294,7 @@ class ShardDataset(IterableDataset):
                 held[int(starts[slot]) + ordinal] = sample
                 while nxt < len(needed) and int(needed[nxt]) in held:
                     pos = int(needed[nxt])
-                    s, o = plan.locate(np.array([pos]))
-                    yield plan.shards[int(s[0])], int(o[0]), pos, held.pop(pos)
+                    yield plan.shards[slots[nxt]], ordinals[nxt], pos, held.pop(pos)
                     nxt += 1
             if seen < max(keep) + 1:
                 raise DatasetError(
