@@ -422,7 +422,7 @@ def _index_local_shard(url: str) -> list[dict[str, Any]]:
         )
     keys, samples = _Keys(), []
     try:
-        with tarfile.open(url, mode="r:") as tar, open(url, "rb") as raw:
+        with tarfile.open(url, mode="r:") as tar:
             for info in tar:
                 member = keys.member(info)
                 if member is None:
@@ -433,8 +433,7 @@ def _index_local_shard(url: str) -> list[dict[str, Any]]:
                 if member[1] in _VIDEO_FIELDS and "__video__" not in sample:
                     sample["__video__"] = (url, info.offset_data, info.size)
                 elif member[1] not in _VIDEO_FIELDS:
-                    raw.seek(info.offset_data)
-                    sample[member[1]] = raw.read(info.size)
+                    sample[member[1]] = tar.extractfile(info).read()
     except FileNotFoundError:
         raise DatasetError(f"shard {url} does not exist (a missing shard stops the run)") from None
     except (tarfile.TarError, OSError, EOFError) as exc:
