@@ -51,9 +51,21 @@ __all__ = [
     "ShardMembers",
     "join_batches",
     "load_shard_annotations",
+    "sample_video",
 ]
 
 _VIDEO_FIELDS = tuple(ext[1:] for ext in VIDEO_EXTENSIONS)
+
+
+def sample_video(sample: dict[str, Any]) -> MemoryVideo:
+    """A shard sample's video: its first field named for a video container (``mp4``, ``webm``, ...), named by
+    its shard and key; `DatasetError` naming the sample and its fields when it has none."""
+    name = sample_name(sample["__url__"], sample["__key__"])
+    for ext in _VIDEO_FIELDS:
+        if ext in sample:
+            return MemoryVideo(sample[ext], name)
+    fields = sorted(k for k in sample if not k.startswith("__"))
+    raise DatasetError(f"{name}: no video member (.{', .'.join(_VIDEO_FIELDS[:5])}, ...); fields: {fields}")
 
 
 @dataclass
@@ -73,14 +85,7 @@ class SampleFields:
         self._class_index = {name: i for i, name in enumerate(self.classes or [])}
 
     def video(self, sample: dict[str, Any]) -> MemoryVideo:
-        name = sample_name(sample["__url__"], sample["__key__"])
-        for ext in _VIDEO_FIELDS:
-            if ext in sample:
-                return MemoryVideo(sample[ext], name)
-        fields = sorted(k for k in sample if not k.startswith("__"))
-        raise DatasetError(
-            f"{name}: no video member (.{', .'.join(_VIDEO_FIELDS[:5])}, ...); fields: {fields}"
-        )
+        return sample_video(sample)
 
     def _json(self, sample: dict[str, Any], key: str) -> Any:
         name = sample_name(sample["__url__"], sample["__key__"])
