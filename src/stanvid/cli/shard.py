@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from stanvid.cli.common import add_encode_options, encode_settings
@@ -92,9 +91,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _index(spec: str, out: str) -> int:
     from stanvid.data.shards import load_shards, write_shard_index
-    from stanvid.fileio import atomic_write_text
 
     shards = load_shards(spec)
-    atomic_write_text(out, json.dumps(write_shard_index(out, shards), indent=1) + "\n")
+    write_shard_index(out, shards)
     print(f"{shards.describe()}; index {out}")
     return 0

@@ -33,7 +33,7 @@ from stanvid.data.recognition import RecognitionAnnotations
 from stanvid.data.retrieval import RetrievalAnnotations
 from stanvid.data.shards import ShardList, write_shard_index
 from stanvid.errors import ConfigError, DatasetError
-from stanvid.fileio import atomic_path, atomic_write_text
+from stanvid.fileio import atomic_path
 from stanvid.video.decode import probe, read_frames
 from stanvid.video.frames import FRAME_FOLDER_FPS
 from stanvid.video.prepare import WORKER_DIED, PrepareSettings, claim_folder, convert_video, run_jobs
@@ -187,7 +187,7 @@ def write_shards(
         raise DatasetError(f"{len(errors)} shard(s) not written; the first problem: {errors[0]}")
     shards = ShardList(tuple(map(str, paths)), tuple(len(c) for c in chunks))
     index = out / f"{prefix}shards.json"
-    atomic_write_text(index, json.dumps(write_shard_index(index, shards), indent=1) + "\n")
+    write_shard_index(index, shards)
     return ShardReport(paths, len(todo), len(samples), index)
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from stanvid.errors import DatasetError
+from stanvid.fileio import atomic_write_text
 
 __all__ = [
     "SHARD_INDEX_KIND",
@@ -151,15 +152,17 @@ def read_shard_index(path: Path) -> ShardList:
     return ShardList(tuple(urls), tuple(counts))
 
 
-def write_shard_index(path: str | os.PathLike, shards: ShardList) -> dict[str, Any]:
-    """The wids index of ``shards`` (URLs relative to the index's folder when inside it), as a dict."""
+def write_shard_index(path: str | os.PathLike, shards: ShardList) -> None:
+    """Write the wids index of ``shards`` to ``path`` atomically (URLs relative to the index's folder when
+    inside it)."""
     folder = Path(path).resolve().parent
     entries = []
     for url, n in zip(shards.urls, shards.counts, strict=True):
         if not is_remote(url) and Path(url).resolve().is_relative_to(folder):
             url = Path(url).resolve().relative_to(folder).as_posix()
         entries.append({"url": url, "nsamples": n})
-    return {"__kind__": SHARD_INDEX_KIND, "wids_version": 1, "shardlist": entries}
+    index = {"__kind__": SHARD_INDEX_KIND, "wids_version": 1, "shardlist": entries}
+    atomic_write_text(path, json.dumps(index, indent=1) + "\n")
 
 
 def sample_name(url: str, key: str) -> str:
