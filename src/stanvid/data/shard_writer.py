@@ -60,10 +60,11 @@ class ShardReport:
 def _samples(ann: RetrievalAnnotations | RecognitionAnnotations, videos: Path) -> list[dict[str, Any]]:
     """What each sample carries besides the video: picklable, for the worker processes."""
     texts = ann.video_to_texts() if isinstance(ann, RetrievalAnnotations) else None
+    videos = videos.resolve()
     out = []
     for i, (video_id, path) in enumerate(zip(ann.video_ids, ann.video_paths, strict=True)):
         try:
-            rel = Path(path).resolve().relative_to(videos.resolve()).as_posix()
+            rel = Path(path).resolve().relative_to(videos).as_posix()
         except ValueError:
             rel = str(path)
         meta: dict[str, Any] = {"video_id": video_id, "source": rel}
