@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from stanvid.data.base import SkippedSample, VideoClipDataset, check_caption, collate_skipping
-from stanvid.data.loader import build_loader
+from stanvid.data.loader import build_loader, position_seed
 from stanvid.data.recognition import RecognitionAnnotations
 from stanvid.data.retrieval import RetrievalAnnotations
 from stanvid.data.shard_order import batches_per_epoch, epoch_plan, reader_share
@@ -372,7 +372,7 @@ class ShardLoader:
         epoch, done = self.dataset.position
         # its own generator: creating the iterator draws nothing from the global torch RNG (which a resumed
         # run restores), and the workers' seeds are a function of the position
-        generator = torch.Generator().manual_seed((self.dataset.seed * 1_000_003 + epoch) * 1_000_003 + done)
+        generator = torch.Generator().manual_seed(position_seed(self.dataset.seed, epoch, done))
         loader = build_loader(
             self.dataset,
             None,  # the dataset yields each worker's collated part of a batch
