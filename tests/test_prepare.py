@@ -108,6 +108,10 @@ def test_other_settings_on_a_prepared_folder_are_refused(source, tmp_path):
     assert (dst / MANIFEST).exists()
     with pytest.raises(ConfigError, match="fps=5.*now 4"):
         prepare_videos(source, dst, fps=4, short_side=32, workers=1, progress=False)
+    for damaged in ("{not json", "[1, 2]"):  # neither is a manifest: named, not a traceback
+        (dst / MANIFEST).write_text(damaged)
+        with pytest.raises(ConfigError, match="unreadable manifest"):
+            prepare_videos(source, dst, fps=FPS_OUT, short_side=32, workers=1, progress=False)
 
 
 def test_bad_settings(source, tmp_path):

@@ -349,6 +349,11 @@ def test_stanvid_shard_and_embed_on_shards(data, tmp_path, capsys):
     assert main(args) == 0 and "(0 written now, 3 already complete)" in capsys.readouterr().out
     assert main([*args[:-1], "4"]) == 2
     assert "other settings: samples_per_shard=3 (now 4)" in capsys.readouterr().err
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / ".stanvid-shard.json").write_text("{not json")
+    assert main([*args[:3], str(bad), *args[4:]]) == 2 and not list(bad.glob("*.tar"))
+    assert f"{bad / '.stanvid-shard.json'}: unreadable manifest" in capsys.readouterr().err
 
     features = tmp_path / "f.npy"
     embed = [

@@ -1,4 +1,5 @@
-"""Options that several commands share, each defined once: the model `--set` and the recipe `--set`.
+"""Options that several commands share, each defined once: the model `--set`, the recipe `--set`, and the
+re-encode options of `prepare-videos` and `shard --reencode`.
 
 Two kinds of `--set KEY=VALUE` exist. Commands that load a model (convert, index, embed) take `load_model`
 overrides (`grad_checkpointing=false`, `num_frames=8`), typed by `stanvid.models.config.MODEL_OVERRIDES` exactly as
@@ -45,3 +46,42 @@ def _add_set(parser: argparse.ArgumentParser, help: str) -> None:
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help
     )
+
+
+def add_encode_options(parser: argparse.ArgumentParser, when: str = "") -> None:
+    """`--fps`, `--short-side`, `--codec`, `--gop`, `--crf`, `--preset`: how videos are re-encoded (the fields
+    of `stanvid.video.prepare.PrepareSettings`, with its defaults); read them back with `encode_settings`.
+    ``when`` starts each help text (``"with --reencode: "`` where re-encoding is optional)."""
+    parser.add_argument("--fps", type=float, default=3.0, help=f"{when}output frame rate (default: 3)")
+    parser.add_argument(
+        "--short-side",
+        type=int,
+        default=224,
+        help=f"{when}output shortest side in pixels, even; 0 keeps the size (default: 224)",
+    )
+    parser.add_argument(
+        "--codec",
+        default="h264",
+        choices=["h264", "hevc", "vp9", "av1"],
+        help=f"{when}output codec (default: h264)",
+    )
+    parser.add_argument(
+        "--gop", type=int, default=None, help=f"{when}keyframe interval in frames (default: one per second)"
+    )
+    parser.add_argument("--crf", type=int, default=23, help=f"{when}quality, lower is better (default: 23)")
+    parser.add_argument(
+        "--preset", default="veryfast", help=f"{when}x264/x265 speed preset (default: veryfast)"
+    )
+
+
+def encode_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The `add_encode_options` of a parsed command line as `PrepareSettings` keywords (``--short-side 0``:
+    None, the size kept)."""
+    return {
+        "fps": args.fps,
+        "short_side": args.short_side or None,
+        "codec": args.codec,
+        "gop": args.gop,
+        "crf": args.crf,
+        "preset": args.preset,
+    }

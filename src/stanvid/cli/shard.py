@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from stanvid.cli.common import add_encode_options, encode_settings
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -48,14 +49,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument(
         "--reencode", action="store_true", help="re-encode as prepare-videos (--fps, --short-side, ...)"
     )
-    p.add_argument("--fps", type=float, default=3.0, help="with --reencode (default: 3)")
-    p.add_argument(
-        "--short-side", type=int, default=224, help="with --reencode; 0 keeps the size (default: 224)"
-    )
-    p.add_argument("--codec", default="h264", choices=["h264", "hevc", "vp9", "av1"], help="with --reencode")
-    p.add_argument("--gop", type=int, default=None, help="with --reencode: keyframe interval in frames")
-    p.add_argument("--crf", type=int, default=23, help="with --reencode (and for frame folders; default: 23)")
-    p.add_argument("--preset", default="veryfast", help="with --reencode: x264/x265 preset")
+    add_encode_options(p, when="with --reencode: ")
     p.add_argument("--frame-rate", type=float, default=None, help="of frame folders (default: 30)")
     p.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel (default: 1)")
     p.set_defaults(func=run)
@@ -79,16 +73,7 @@ def run(args: argparse.Namespace) -> int:
     annotations, videos, out = (Path(a) for a in args.inputs)
     task = args.task or dataset_task(args.dataset) or "retrieval"
     files = SplitFiles(args.dataset, args.split, task, annotations, videos, args.captions, args.class_names)
-    settings = None
-    if args.reencode:
-        settings = PrepareSettings(
-            fps=args.fps,
-            short_side=args.short_side or None,
-            codec=args.codec,
-            gop=args.gop,
-            crf=args.crf,
-            preset=args.preset,
-        )
+    settings = PrepareSettings(**encode_settings(args)) if args.reencode else None
     report = write_shards(
         read_split(files),
         videos,
@@ -106,9 +91,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _index(spec: str, out: str) -> int:
     from stanvid.data.shards import load_shards, write_shard_index
-    from stanvid.fileio import atomic_write_text
 
     shards = load_shards(spec)
-    atomic_write_text(out, json.dumps(write_shard_index(out, shards), indent=1) + "\n")
+    write_shard_index(out, shards)
     print(f"{shards.describe()}; index {out}")
     return 0

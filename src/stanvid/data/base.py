@@ -25,7 +25,7 @@ from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from stanvid.errors import ConfigError, DatasetError, VideoReadError
 from stanvid.video.decode import VIDEO_EXTENSIONS
-from stanvid.video.frames import IMAGE_EXTENSIONS, is_frame_folder
+from stanvid.video.frames import is_frame_folder, is_image
 
 __all__ = [
     "VIDEO_EXTENSIONS",
@@ -147,7 +147,7 @@ class VideoFinder:
         by_name: dict[str, list[Path]] = {}
         by_stem: dict[str, list[Path]] = {}
         for folder, _, files in os.walk(self.root):
-            if any(not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS) for f in files):
+            if any(map(is_image, files)):
                 self._frame_dirs.setdefault(Path(folder).name, []).append(Path(folder))
             for file in files:
                 path = Path(folder) / file

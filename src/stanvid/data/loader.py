@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from stanvid.data.base import SkippedSample, collate_skipping, format_skipped
 from stanvid.errors import ConfigError
 
-__all__ = ["VideoLoader", "make_loader", "build_loader", "seed_worker"]
+__all__ = ["VideoLoader", "make_loader", "build_loader", "position_seed", "seed_worker"]
 
 
 def seed_worker(worker_id: int) -> None:
@@ -187,3 +187,10 @@ def build_loader(
         generator=generator,
         **worker_args,
     )
+
+
+def position_seed(seed: int, epoch: int, batches_done: int) -> int:
+    """The seed of a training loader's generator at a position (``batches_done`` batches into ``epoch``): the
+    workers' seeds are drawn from that generator, so a run resumed at a position seeds its workers as the
+    uninterrupted run did there."""
+    return (seed * 1_000_003 + epoch) * 1_000_003 + batches_done

@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from stanvid.data.base import SkippedSample, VideoClipDataset, check_caption, collate_skipping
-from stanvid.data.loader import build_loader
+from stanvid.data.loader import build_loader, position_seed
 from stanvid.data.recognition import RecognitionAnnotations
 from stanvid.data.retrieval import RetrievalAnnotations
 from stanvid.data.shard_order import batches_per_epoch, epoch_plan, reader_share
@@ -51,9 +51,21 @@ __all__ = [
     "ShardMembers",
     "join_batches",
     "load_shard_annotations",
+    "sample_video",
 ]
 
 _VIDEO_FIELDS = tuple(ext[1:] for ext in VIDEO_EXTENSIONS)
+
+
+def sample_video(sample: dict[str, Any]) -> MemoryVideo:
+    """A shard sample's video: its first field named for a video container (``mp4``, ``webm``, ...), named by
+    its shard and key; `DatasetError` naming the sample and its fields when it has none."""
+    name = sample_name(sample["__url__"], sample["__key__"])
+    for ext in _VIDEO_FIELDS:
+        if ext in sample:
+            return MemoryVideo(sample[ext], name)
+    fields = sorted(k for k in sample if not k.startswith("__"))
+    raise DatasetError(f"{name}: no video member (.{', .'.join(_VIDEO_FIELDS[:5])}, ...); fields: {fields}")
 
 
 @dataclass
@@ -73,14 +85,7 @@ class SampleFields:
         self._class_index = {name: i for i, name in enumerate(self.classes or [])}
 
     def video(self, sample: dict[str, Any]) -> MemoryVideo:
-        name = sample_name(sample["__url__"], sample["__key__"])
-        for ext in _VIDEO_FIELDS:
-            if ext in sample:
-                return MemoryVideo(sample[ext], name)
-        fields = sorted(k for k in sample if not k.startswith("__"))
-        raise DatasetError(
-            f"{name}: no video member (.{', .'.join(_VIDEO_FIELDS[:5])}, ...); fields: {fields}"
-        )
+        return sample_video(sample)
 
     def _json(self, sample: dict[str, Any], key: str) -> Any:
         name = sample_name(sample["__url__"], sample["__key__"])
@@ -275,8 +280,9 @@ class ShardDataset(IterableDataset):
         if len(needed) == 0:
             return
         slots, ordinals = plan.locate(needed)
+        slots, ordinals = slots.tolist(), ordinals.tolist()  # needed[i] is ordinal ordinals[i] of slots[i]
         wanted: dict[int, set[int]] = {}
-        for slot, ordinal in zip(slots.tolist(), ordinals.tolist(), strict=True):
+        for slot, ordinal in zip(slots, ordinals, strict=True):
             wanted.setdefault(slot, set()).add(ordinal)
         starts = np.cumsum([0, *plan.counts])
         held: dict[int, dict[str, Any]] = {}
@@ -293,8 +299,7 @@ class ShardDataset(IterableDataset):
                 held[int(starts[slot]) + ordinal] = sample
                 while nxt < len(needed) and int(needed[nxt]) in held:
                     pos = int(needed[nxt])
-                    s, o = plan.locate(np.array([pos]))
-                    yield plan.shards[int(s[0])], int(o[0]), pos, held.pop(pos)
+                    yield plan.shards[slots[nxt]], ordinals[nxt], pos, held.pop(pos)
                     nxt += 1
             if seen < max(keep) + 1:
                 raise DatasetError(
@@ -367,7 +372,7 @@ class ShardLoader:
         epoch, done = self.dataset.position
         # its own generator: creating the iterator draws nothing from the global torch RNG (which a resumed
         # run restores), and the workers' seeds are a function of the position
-        generator = torch.Generator().manual_seed((self.dataset.seed * 1_000_003 + epoch) * 1_000_003 + done)
+        generator = torch.Generator().manual_seed(position_seed(self.dataset.seed, epoch, done))
         loader = build_loader(
             self.dataset,
             None,  # the dataset yields each worker's collated part of a batch
@@ -422,7 +427,7 @@ def _index_local_shard(url: str) -> list[dict[str, Any]]:
         )
     keys, samples = _Keys(), []
     try:
-        with tarfile.open(url, mode="r:") as tar, open(url, "rb") as raw:
+        with tarfile.open(url, mode="r:") as tar:
             for info in tar:
                 member = keys.member(info)
                 if member is None:
@@ -433,8 +438,7 @@ def _index_local_shard(url: str) -> list[dict[str, Any]]:
                 if member[1] in _VIDEO_FIELDS and "__video__" not in sample:
                     sample["__video__"] = (url, info.offset_data, info.size)
                 elif member[1] not in _VIDEO_FIELDS:
-                    raw.seek(info.offset_data)
-                    sample[member[1]] = raw.read(info.size)
+                    sample[member[1]] = tar.extractfile(info).read()
     except FileNotFoundError:
         raise DatasetError(f"shard {url} does not exist (a missing shard stops the run)") from None
     except (tarfile.TarError, OSError, EOFError) as exc:

@@ -19,11 +19,9 @@ others fails instead of mixing two kinds of shards.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import tarfile
 import tempfile
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -35,10 +33,10 @@ from stanvid.data.recognition import RecognitionAnnotations
 from stanvid.data.retrieval import RetrievalAnnotations
 from stanvid.data.shards import ShardList, write_shard_index
 from stanvid.errors import ConfigError, DatasetError
-from stanvid.fileio import atomic_path, atomic_write_text
+from stanvid.fileio import atomic_path
 from stanvid.video.decode import probe, read_frames
 from stanvid.video.frames import FRAME_FOLDER_FPS
-from stanvid.video.prepare import PrepareSettings, convert_video
+from stanvid.video.prepare import WORKER_DIED, PrepareSettings, claim_folder, convert_video, run_jobs
 
 __all__ = ["ShardReport", "write_shards"]
 
@@ -62,10 +60,11 @@ class ShardReport:
 def _samples(ann: RetrievalAnnotations | RecognitionAnnotations, videos: Path) -> list[dict[str, Any]]:
     """What each sample carries besides the video: picklable, for the worker processes."""
     texts = ann.video_to_texts() if isinstance(ann, RetrievalAnnotations) else None
+    videos = videos.resolve()
     out = []
     for i, (video_id, path) in enumerate(zip(ann.video_ids, ann.video_paths, strict=True)):
         try:
-            rel = Path(path).resolve().relative_to(videos.resolve()).as_posix()
+            rel = Path(path).resolve().relative_to(videos).as_posix()
         except ValueError:
             rel = str(path)
         meta: dict[str, Any] = {"video_id": video_id, "source": rel}
@@ -147,20 +146,6 @@ def _write_shard(
     return ""
 
 
-def _claim(out: Path, wanted: dict[str, Any]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    manifest = out / (wanted["prefix"] + MANIFEST)
-    if manifest.exists():
-        found = json.loads(manifest.read_text())
-        if found != wanted:
-            diff = ", ".join(
-                f"{k}={found.get(k)!r} (now {v!r})" for k, v in wanted.items() if found.get(k) != v
-            )
-            raise ConfigError(f"{out} holds shards written with other settings: {diff}; use another folder")
-        return
-    atomic_write_text(manifest, json.dumps(wanted, indent=2) + "\n")
-
-
 def write_shards(
     annotations: RetrievalAnnotations | RecognitionAnnotations,
     video_dir: str | os.PathLike,
@@ -194,7 +179,7 @@ def write_shards(
         "reencode": asdict(reencode) if reencode is not None else None,
         "frame_rate": frame_rate,
     }
-    _claim(out, wanted)
+    claim_folder(out, out / (prefix + MANIFEST), wanted, "holds shards written", "use another folder")
     chunks = [samples[i : i + samples_per_shard] for i in range(0, len(samples), samples_per_shard)]
     paths = [out / f"{prefix}{i:05d}.tar" for i in range(len(chunks))]
     todo = [i for i, path in enumerate(paths) if not path.exists()]
@@ -203,14 +188,17 @@ def write_shards(
         raise DatasetError(f"{len(errors)} shard(s) not written; the first problem: {errors[0]}")
     shards = ShardList(tuple(map(str, paths)), tuple(len(c) for c in chunks))
     index = out / f"{prefix}shards.json"
-    atomic_write_text(index, json.dumps(write_shard_index(index, shards), indent=1) + "\n")
+    write_shard_index(index, shards)
     return ShardReport(paths, len(todo), len(samples), index)
 
 
 def _run(todo, paths, chunks, reencode, frame_rate, workers) -> list[str]:
-    if workers <= 1 or len(todo) <= 1:
-        return [e for i in todo if (e := _write_shard(paths[i], chunks[i], reencode, frame_rate))]
-    context = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
-    with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=context) as pool:
-        futures = [pool.submit(_write_shard, paths[i], chunks[i], reencode, frame_rate) for i in todo]
-        return [e for future in as_completed(futures) if (e := future.result())]
+    """Write shards ``todo``; returns their errors (a lost worker's names its shard)."""
+    errors = []
+
+    def record(i: int, error: str) -> None:
+        if error:
+            errors.append(f"{paths[i]}: {error}" if error == WORKER_DIED else error)
+
+    run_jobs(_write_shard, [(i, (paths[i], chunks[i], reencode, frame_rate)) for i in todo], workers, record)
+    return errors

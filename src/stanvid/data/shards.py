@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from stanvid.errors import DatasetError
+from stanvid.fileio import atomic_write_text
 
 __all__ = [
     "SHARD_INDEX_KIND",
@@ -151,15 +152,17 @@ def read_shard_index(path: Path) -> ShardList:
     return ShardList(tuple(urls), tuple(counts))
 
 
-def write_shard_index(path: str | os.PathLike, shards: ShardList) -> dict[str, Any]:
-    """The wids index of ``shards`` (URLs relative to the index's folder when inside it), as a dict."""
+def write_shard_index(path: str | os.PathLike, shards: ShardList) -> None:
+    """Write the wids index of ``shards`` to ``path`` atomically (URLs relative to the index's folder when
+    inside it)."""
     folder = Path(path).resolve().parent
     entries = []
     for url, n in zip(shards.urls, shards.counts, strict=True):
         if not is_remote(url) and Path(url).resolve().is_relative_to(folder):
             url = Path(url).resolve().relative_to(folder).as_posix()
         entries.append({"url": url, "nsamples": n})
-    return {"__kind__": SHARD_INDEX_KIND, "wids_version": 1, "shardlist": entries}
+    index = {"__kind__": SHARD_INDEX_KIND, "wids_version": 1, "shardlist": entries}
+    atomic_write_text(path, json.dumps(index, indent=1) + "\n")
 
 
 def sample_name(url: str, key: str) -> str:
@@ -209,10 +212,11 @@ def _open(url: str):
 
 
 def count_samples(url: str) -> int:
-    """Samples in one shard: its tar headers only for a local file (cached per process, keyed on the file's
-    size and modification time), a streamed pass for a remote one."""
+    """Samples in one shard, from its tar headers: a local file's are read with its member data skipped (cached
+    per process, keyed on the file's size and modification time), a remote one is streamed once."""
     if is_remote(url):
-        return sum(1 for _ in iter_samples(url, keep=lambda i: False, count_only=True))
+        with _open(url) as stream:
+            return _count(url, lambda: tarfile.open(fileobj=stream, mode="r|*"))
     path = _local(url)
     try:
         st = os.stat(path)
@@ -223,19 +227,23 @@ def count_samples(url: str) -> int:
 
 @functools.lru_cache(maxsize=65536)
 def _count_local(real: str, size: int, mtime_ns: int, url: str) -> int:
+    return _count(url, lambda: tarfile.open(real, mode="r:*"))  # seekable: member data is skipped, not read
+
+
+def _count(url: str, open_tar: Callable[[], tarfile.TarFile]) -> int:
+    """The samples of the tar ``open_tar()`` opens, counted over its member headers."""
     keys = _Keys()
     try:
-        with tarfile.open(real, mode="r:*") as tar:  # seekable: member data is skipped, not read
+        with open_tar() as tar:
             for info in tar:
                 keys.member(info)
     except (tarfile.TarError, OSError, EOFError) as exc:
-        raise DatasetError(f"shard {url}: not a readable tar file ({exc})") from None
+        where = f" after sample {keys.ordinal}" if keys.ordinal >= 0 else ""
+        raise DatasetError(f"shard {url}: not a readable tar file{where} ({exc})") from None
     return keys.ordinal + 1
 
 
-def iter_samples(
-    url: str, keep: Callable[[int], bool] | None = None, *, count_only: bool = False
-) -> Iterator[tuple[int, dict[str, Any]]]:
+def iter_samples(url: str, keep: Callable[[int], bool] | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(ordinal, sample)`` for the samples of a shard in order, ``sample`` a dict of field -> bytes with
     ``__key__`` and ``__url__``. ``keep(ordinal)`` False skips a sample without reading its members' data
     (a stream still reads past it). The shard is streamed (``r|*``), so pipes and URLs work as files do;
@@ -254,9 +262,7 @@ def iter_samples(
                         if current is not None:
                             yield ordinal, current
                         ordinal, current = keys.ordinal, None
-                        if count_only:
-                            yield ordinal, {}
-                        elif keep is None or keep(ordinal):
+                        if keep is None or keep(ordinal):
                             current = {"__key__": member[0], "__url__": url}
                     if current is not None:
                         if member[1] in current:

@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from stanvid.data.loader import build_loader
+from stanvid.data.shard_dataset import sample_video
 from stanvid.data.shards import ShardList, iter_samples, load_shards, sample_name
 from stanvid.distributed import default_device
 from stanvid.errors import DatasetError, VideoReadError
@@ -33,11 +34,9 @@ from stanvid.fileio import atomic_write_bytes
 from stanvid.precision import prepare_for_inference
 from stanvid.search.index.build import _model
 from stanvid.search.index.clips import encode_clips, read_clip
-from stanvid.video.decode import VIDEO_EXTENSIONS, MemoryVideo, probe
+from stanvid.video.decode import probe
 
 __all__ = ["ShardEmbedResult", "embed_shards"]
-
-_VIDEO_FIELDS = tuple(ext[1:] for ext in VIDEO_EXTENSIONS)
 
 
 @dataclass
@@ -69,15 +68,12 @@ class _ShardClips(IterableDataset):
             for ordinal, sample in iter_samples(self.urls[shard]):
                 name = sample_name(self.urls[shard], sample["__key__"])
                 caption = sample.get("txt", b"").decode("utf-8", "replace").strip()
-                ext = next((e for e in _VIDEO_FIELDS if e in sample), None)
                 try:
-                    if ext is None:
-                        raise VideoReadError(f"{name}: no video member")
-                    video = MemoryVideo(sample[ext], name)
+                    video = sample_video(sample)
                     clip = read_clip(
                         video, 0.0, probe(video).duration, clip_len=self.clip_len, image_size=self.image_size
                     )
-                except VideoReadError as exc:
+                except (VideoReadError, DatasetError) as exc:  # a video that does not decode, or none
                     yield shard, ordinal, sample["__key__"], caption, str(exc).removeprefix(f"{name}: ")
                     continue
                 yield shard, ordinal, sample["__key__"], caption, clip  # (T, 3, S, S) uint8

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from stanvid.data.loader import build_loader
+from stanvid.data.loader import build_loader, position_seed
 from stanvid.data.shard_dataset import ShardDataset, ShardLoader
 from stanvid.errors import ConfigError
 from stanvid.training.recipe import Recipe
@@ -119,7 +119,7 @@ def build_data(
 
     def start(epoch: int, batches_done: int) -> None:
         sampler.set_position(epoch, batches_done * tr.batch_size)
-        generator.manual_seed((tr.seed * 1_000_003 + epoch) * 1_000_003 + batches_done)
+        generator.manual_seed(position_seed(tr.seed, epoch, batches_done))
 
     return TrainData(loader, batches_per_epoch, start)
 

@@ -15,7 +15,7 @@ import torch
 from stanvid.data.datasets import SplitFiles
 from stanvid.data.recognition import read_class_names
 from stanvid.data.shard_dataset import SampleFields, SampleReader, ShardDataset
-from stanvid.data.shard_order import batches_per_epoch, readers_shards
+from stanvid.data.shard_order import batches_per_epoch
 from stanvid.data.shards import ShardList, iter_samples, load_shards, sample_name
 from stanvid.errors import ConfigError, DatasetError, VideoReadError
 from stanvid.training.recipe import Recipe
@@ -93,7 +93,7 @@ def check_shards(dataset: ShardDataset, recipe: Recipe, world: int) -> tuple[lis
     if problems:
         listed = "\n  ".join(problems[:10])
         raise DatasetError(f"{len(problems)} shard(s) whose first sample does not decode:\n  {listed}")
-    readers_shards(shards.counts, world * k, t.seed, 0)  # raises when there are fewer shards than readers
+    # raises when there are fewer shards than readers (train.epochs >= 1: epoch 0's deal is checked)
     batches = batches_per_epoch(shards.counts, world, k, t.batch_size, t.seed, t.epochs)
     trained = batches * t.batch_size * world
     empty = sum(1 for n in shards.counts if n == 0)

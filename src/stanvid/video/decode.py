@@ -42,6 +42,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
+from pathlib import Path
 
 import av
 import numpy as np
@@ -173,7 +174,7 @@ def probe(source: VideoSource, *, frame_rate: float | None = None) -> VideoInfo:
     ``FRAME_FOLDER_FPS``, 30); for files the stream's own rate is reported and ``frame_rate`` is not used.
     """
     if _is_folder(source):
-        return _folder_info(os.fspath(source), frame_rate)
+        return _folder_info(os.fspath(source), frame_rate)[0]
     return _get_index(source).info
 
 
@@ -251,23 +252,24 @@ def _as_memory(source) -> MemoryVideo | None:
     return source if isinstance(source, MemoryVideo) else None
 
 
-def _folder_info(path: str, frame_rate: float | None) -> VideoInfo:
+def _folder_info(path: str, frame_rate: float | None) -> tuple[VideoInfo, list[Path]]:
+    """A frame folder as a video, with its images in frame order (listed once, for the reader too)."""
     fps = frame_folders.FRAME_FOLDER_FPS if frame_rate is None else float(frame_rate)
     if not fps > 0:
         raise ConfigError(f"frame_rate must be a positive number of frames per second, got {frame_rate!r}")
     files = frame_folders.frame_files(path)
     width, height = frame_folders.image_size(files[0])
     n = len(files)
-    return VideoInfo(path, n, fps, n / fps, width, height, "images", n, seekable=True, truncated=False)
+    info = VideoInfo(path, n, fps, n / fps, width, height, "images", n, seekable=True, truncated=False)
+    return info, files
 
 
 def _read_folder(path: str, indices, size: int | None) -> torch.Tensor:
-    info = _folder_info(path, None)
+    info, files = _folder_info(path, None)
     wanted = _as_index_array(indices, info, path)  # (K,)
     expect = (info.width, info.height)
     out_w, out_h = _output_size(info.width, info.height, size)
     out = np.empty((len(wanted), out_h, out_w, 3), dtype=np.uint8)  # (K, H, W, 3)
-    files = frame_folders.frame_files(path)
     images = frame_folders.read_images(files, np.unique(wanted), expect, (out_w, out_h))
     for k, i in enumerate(wanted):
         out[k] = images[int(i)]

@@ -32,6 +32,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "FRAME_FOLDER_FPS",
     "is_frame_folder",
+    "is_image",
     "frame_files",
     "image_size",
     "read_images",
@@ -51,7 +52,8 @@ def _natural_key(name: str) -> tuple:
     return tuple((0, int(p), "") if i % 2 else (1, 0, p) for i, p in enumerate(parts)), name
 
 
-def _is_image(name: str) -> bool:
+def is_image(name: str) -> bool:
+    """Whether a file name is a frame's: not hidden, ending in one of `IMAGE_EXTENSIONS` (any case)."""
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
@@ -59,7 +61,7 @@ def is_frame_folder(path: str | os.PathLike) -> bool:
     """True when ``path`` is a folder holding at least one image (see the module docstring)."""
     try:
         with os.scandir(path) as entries:
-            return any(_is_image(e.name) and e.is_file() for e in entries)
+            return any(is_image(e.name) and e.is_file() for e in entries)
     except (NotADirectoryError, FileNotFoundError, PermissionError):
         return False
 
@@ -79,7 +81,7 @@ def frame_files(path: str | os.PathLike) -> list[Path]:
 @functools.lru_cache(maxsize=256)
 def _cached_files(real: str, mtime_ns: int, path: str) -> tuple[Path, ...]:
     with os.scandir(path) as entries:
-        names = [e.name for e in entries if _is_image(e.name) and e.is_file()]
+        names = [e.name for e in entries if is_image(e.name) and e.is_file()]
     if not names:
         raise VideoReadError(f"{path}: a folder without images ({', '.join(IMAGE_EXTENSIONS)}): not a video")
     return tuple(Path(path) / name for name in sorted(names, key=_natural_key))

@@ -29,6 +29,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -41,6 +42,8 @@ from stanvid.video.folders import walk_videos
 
 MANIFEST = ".stanvid-prepare.json"
 _PARTIAL = ".partial.mp4"
+# what `run_jobs` records for a job whose worker process was lost
+WORKER_DIED = "a worker process died (a crash in the decoder or out of memory); re-run to retry"
 
 # codec name -> (PyAV encoder, options builder(gop, crf, preset))
 _ENCODERS: dict[str, tuple[str, Callable[[int, int, str], dict[str, str]]]] = {
@@ -159,7 +162,13 @@ def prepare_videos(
         raise ConfigError(f"{src_path}: source folder does not exist")
     if src_path.resolve() == dst_path.resolve():
         raise ConfigError(f"{dst_path}: the output folder must differ from the source folder")
-    _claim_output_folder(dst_path, settings)
+    claim_folder(
+        dst_path,
+        dst_path / MANIFEST,
+        asdict(settings),
+        "was prepared",
+        "use another output folder, or delete it",
+    )
 
     report = PrepareReport()
     todo: list[tuple[str, Path, Path]] = []
@@ -192,47 +201,58 @@ def prepare_videos(
             bar.set_postfix(failed=len(report.failed), refresh=False)
             bar.update(1)
 
-        if workers == 1 or len(todo) <= 1:
-            for rel, video, out in todo:
-                record(rel, _convert_reporting(video, out, settings, threads))
-        else:
-            _run_pool(todo, settings, workers, threads, record)
+        run_jobs(
+            _convert_reporting,
+            [(rel, (video, out, settings, threads)) for rel, video, out in todo],
+            workers,
+            record,
+        )
     report.converted.sort()
     report.failed.sort()
     return report
 
 
-def _run_pool(todo, settings: PrepareSettings, workers: int, threads: int, record) -> None:
+def run_jobs(
+    work: Callable[..., Any], jobs: list[tuple[Any, tuple]], workers: int, record: Callable[[Any, Any], None]
+) -> None:
+    """``work(*args)`` for each ``(key, args)`` of ``jobs``, calling ``record(key, result)`` as each finishes.
+
+    In this process (in ``jobs`` order) when ``workers`` <= 1 or there is one job, else in up to ``workers``
+    spawned processes (as they complete). A job whose worker process died, and every job the broken pool then
+    could not run, is recorded with the result `WORKER_DIED`, so the caller reports it and a re-run retries it.
+    """
+    if workers <= 1 or len(jobs) <= 1:
+        for key, args in jobs:
+            record(key, work(*args))
+        return
     context = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
-    with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=context) as pool:
-        futures = {
-            pool.submit(_convert_reporting, video, out, settings, threads): rel for rel, video, out in todo
-        }
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context) as pool:
+        futures = {pool.submit(work, *args): key for key, args in jobs}
         for future in as_completed(futures):
             try:
-                error = future.result()
+                result = future.result()
             except BrokenProcessPool:
-                error = "a worker process died (a crash in the decoder or out of memory); re-run to retry"
-            record(futures[future], error)
+                result = WORKER_DIED
+            record(futures[future], result)
 
 
-def _claim_output_folder(dst: Path, settings: PrepareSettings) -> None:
-    """Create `dst` and its manifest, or check that an existing manifest has the same settings."""
-    dst.mkdir(parents=True, exist_ok=True)
-    manifest = dst / MANIFEST
-    wanted = asdict(settings)
+def claim_folder(folder: Path, manifest: Path, wanted: dict[str, Any], held: str, advice: str) -> None:
+    """Create ``folder`` and its ``manifest`` recording ``wanted``, or check that the manifest already there
+    records the same, so a re-run with other settings fails instead of mixing two kinds of outputs:
+    `ConfigError` "FOLDER {held} with other settings: DIFF; {advice}", or one naming an unreadable manifest."""
+    folder.mkdir(parents=True, exist_ok=True)
     if manifest.exists():
         try:
             found = json.loads(manifest.read_text())
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{manifest}: unreadable manifest ({exc}); delete it to start over") from None
+        if not isinstance(found, dict):
+            raise ConfigError(f"{manifest}: unreadable manifest (not a JSON object); delete it to start over")
         if found != wanted:
             diff = ", ".join(
                 f"{k}={found.get(k)!r} (now {v!r})" for k, v in wanted.items() if found.get(k) != v
             )
-            raise ConfigError(
-                f"{dst} was prepared with other settings: {diff}; use another output folder, or delete it"
-            )
+            raise ConfigError(f"{folder} {held} with other settings: {diff}; {advice}")
         return
     atomic_write_text(manifest, json.dumps(wanted, indent=2) + "\n")
 
