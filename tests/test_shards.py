@@ -5,6 +5,7 @@ missing shard stopping the run, 2 gloo ranks training like one process, evaluati
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import tarfile
@@ -382,6 +383,16 @@ def test_stanvid_shard_and_embed_on_shards(data, tmp_path, capsys):
     for row, vector in zip(rows, vectors, strict=True):
         source = json.loads(tarfile.open(row["shard"]).extractfile(f"{row['key']}.json").read())["source"]
         np.testing.assert_allclose(vector, by_path[source], atol=1e-6)
+    if (
+        importlib.util.find_spec("pyarrow") is not None
+    ):  # the [test] extra has it; parquet is the other format
+        import pyarrow.parquet as pq
+
+        table_out = tmp_path / "f.parquet"
+        assert main([*embed[:5], str(table_out), *embed[6:]]) == 0
+        table = pq.read_table(table_out)
+        assert table["key"].to_pylist() == [r["key"] for r in rows]
+        np.testing.assert_array_equal(np.stack(table["vector"].to_numpy(zero_copy_only=False)), vectors)
     (features.with_name("f.npy.parts") / "00001.json").unlink()  # as if stopped before shard 1 was written
     assert main(embed) == 0 and "(1 shards encoded now)" in capsys.readouterr().out
     assert np.array_equal(np.load(features), vectors)

@@ -13,7 +13,6 @@ left out and listed in the summary with the reason.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -30,7 +29,7 @@ from stanvid.data.shard_dataset import sample_video
 from stanvid.data.shards import ShardList, iter_samples, load_shards, sample_name
 from stanvid.distributed import default_device
 from stanvid.errors import DatasetError, VideoReadError
-from stanvid.fileio import atomic_write_bytes
+from stanvid.fileio import atomic_write_bytes, atomic_write_stream
 from stanvid.precision import prepare_for_inference
 from stanvid.search.index.build import _model
 from stanvid.search.index.clips import encode_clips, read_clip
@@ -118,26 +117,30 @@ def embed_shards(
     batch: list[tuple] = []
     bar = _bar(progress, shards.num_samples - sum(shards.counts[i] for i in done))
 
-    def flush() -> None:
+    def flush() -> set[int]:
+        """Encode the batch; the shards it had samples of."""
         vectors = encode_clips(model, torch.stack([b[4] for b in batch]), dev, batch_size, runner)  # (b, D)
         for item, vector in zip(batch, vectors, strict=True):
             pending[item[0]].append((item[1], item[2], item[3], vector))
+        touched = {item[0] for item in batch}
         batch.clear()
+        return touched
 
     for item in loader:
         if isinstance(item[4], str):
             failed.append((sample_name(shards.urls[item[0]], item[2]), item[4]))
             pending[item[0]].append((item[1], item[2], item[3], None))
+            touched = {item[0]}
         else:
             batch.append(item)
-            if len(batch) == batch_size:
-                flush()
+            touched = flush() if len(batch) == batch_size else set()
         if bar is not None:
             bar.update(1)
-        _write_finished(parts, shards, pending, batch)
+        # only a shard that just gained rows can have become complete (none of its samples still batched)
+        _write_finished(parts, shards, pending, touched - {b[0] for b in batch})
     if batch:
         flush()
-    _write_finished(parts, shards, pending, batch)
+    _write_finished(parts, shards, pending, set(pending))  # the rest, shards of no sample among them
     if bar is not None:
         bar.close()
     rows, vectors = _gather(parts, shards)
@@ -145,9 +148,7 @@ def embed_shards(
     if suffix == ".parquet":
         _write_parquet_rows(out, rows, vectors)
     else:
-        buf = io.BytesIO()
-        np.save(buf, vectors)
-        atomic_write_bytes(out, buf.getvalue())
+        atomic_write_stream(out, lambda f: np.save(f, vectors))
         atomic_write_bytes(
             out.with_suffix(".json"),
             json.dumps({"vectors": out.name, **meta, "rows": rows}, indent=1).encode(),
@@ -179,16 +180,15 @@ def _claim_parts(parts: Path, wanted: dict[str, Any]) -> set[int]:
     return set()
 
 
-def _write_finished(parts: Path, shards: ShardList, pending: dict[int, list], batch: list) -> None:
-    """Write the part of every shard whose samples are all encoded (none waiting in the batch)."""
-    waiting = {item[0] for item in batch}
-    for shard in [s for s, rows in pending.items() if len(rows) == shards.counts[s] and s not in waiting]:
+def _write_finished(parts: Path, shards: ShardList, pending: dict[int, list], candidates: set[int]) -> None:
+    """Write the part of every shard of `candidates` (none of them with a sample waiting in the batch) whose
+    samples are all encoded. Checking only the shards that just gained rows keeps this off the per-sample
+    cost: `pending` holds every shard not yet written."""
+    for shard in sorted(s for s in candidates if s in pending and len(pending[s]) == shards.counts[s]):
         rows = sorted(pending.pop(shard), key=lambda r: r[0])
         kept = [r for r in rows if r[3] is not None]
         vectors = np.stack([r[3] for r in kept]) if kept else np.zeros((0, 0), np.float32)
-        buf = io.BytesIO()
-        np.save(buf, vectors.astype(np.float32))
-        atomic_write_bytes(parts / f"{shard:05d}.npy", buf.getvalue())
+        atomic_write_stream(parts / f"{shard:05d}.npy", lambda f, v=vectors: np.save(f, v.astype(np.float32)))
         keys = [{"key": r[1], "caption": r[2]} for r in kept]
         atomic_write_bytes(
             parts / f"{shard:05d}.json", json.dumps(keys).encode()
@@ -222,6 +222,4 @@ def _write_parquet_rows(out: Path, rows: list[dict[str, Any]], vectors: np.ndarr
             ),
         }
     )
-    buf = pa.BufferOutputStream()
-    pq.write_table(table, buf)
-    atomic_write_bytes(out, buf.getvalue().to_pybytes())
+    atomic_write_stream(out, lambda f: pq.write_table(table, f))
