@@ -396,6 +396,11 @@ def test_stanvid_shard_and_embed_on_shards(data, tmp_path, capsys):
     (features.with_name("f.npy.parts") / "00001.json").unlink()  # as if stopped before shard 1 was written
     assert main(embed) == 0 and "(1 shards encoded now)" in capsys.readouterr().out
     assert np.array_equal(np.load(features), vectors)
+    (features.with_name("f.npy.parts") / "manifest.json").write_text("{damaged")  # the parts are a cache:
+    assert (
+        main(embed) == 0 and "(3 shards encoded now)" in capsys.readouterr().out
+    )  # a damaged one starts over
+    assert np.array_equal(np.load(features), vectors)
     for flag, value, message in (
         ("--segment-seconds", "2", "shards are embedded one row per sample"),
         ("--shard", "0/2", "give each machine its own shards"),

@@ -168,7 +168,11 @@ def _claim_parts(parts: Path, wanted: dict[str, Any]) -> set[int]:
     """The shard indices already done by an earlier run with the same model and shards (others start over)."""
     parts.mkdir(parents=True, exist_ok=True)
     manifest = parts / "manifest.json"
-    if manifest.exists() and json.loads(manifest.read_text()) == wanted:
+    try:
+        found = json.loads(manifest.read_text())
+    except (OSError, ValueError):  # none yet, or damaged: the parts are a cache, so start over
+        found = None
+    if found == wanted:
         return {
             int(p.stem)
             for p in parts.glob("*.json")
