@@ -101,7 +101,8 @@ def make_loader(
         drop_last: drop the last incomplete batch (training).
         persistent_workers: keep workers between epochs; default: when ``num_workers > 0``.
         prefetch_factor: batches prefetched per worker (ignored without workers).
-        collate_fn: default :func:`collate_skipping`, which also handles ``on_error="skip"`` records.
+        collate_fn: default :func:`collate_skipping`, which also handles ``on_error="skip"`` records; with
+            ``batch_size`` None, what the dataset yields, as it is.
     """
     sampler = None
     if dist.is_available() and dist.is_initialized():
@@ -156,7 +157,8 @@ def build_loader(
         persistent_workers: keep workers between epochs (a loader iterated more than once); default: when
             ``num_workers > 0``.
         prefetch_factor: batches prefetched per worker.
-        collate_fn: default :func:`collate_skipping`, which also handles ``on_error="skip"`` records.
+        collate_fn: default :func:`collate_skipping`, which also handles ``on_error="skip"`` records; with
+            ``batch_size`` None, what the dataset yields, as it is.
         worker_init_fn: run in each worker as it starts; default :func:`seed_worker`.
     """
     if batch_size is not None and batch_size <= 0:
@@ -181,12 +183,17 @@ def build_loader(
         shuffle=shuffle,
         sampler=sampler,
         num_workers=num_workers,
-        collate_fn=collate_fn or collate_skipping,
+        collate_fn=collate_fn or (collate_skipping if batch_size is not None else _as_yielded),
         pin_memory=pin_memory,
         drop_last=drop_last,
         generator=generator,
         **worker_args,
     )
+
+
+def _as_yielded(item: Any) -> Any:
+    """The collate of a dataset that yields whole batches (or chunks) itself: nothing to join."""
+    return item
 
 
 def position_seed(seed: int, epoch: int, batches_done: int) -> int:

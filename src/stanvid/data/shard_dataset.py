@@ -312,10 +312,6 @@ class ShardDataset(IterableDataset):
             )
 
 
-def _identity(item: Any) -> Any:
-    return item
-
-
 def join_batches(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """Collated parts of one batch as one: tensors joined along dim 0, lists concatenated, in part order; a
     key some parts lack (a part whose every sample was skipped has only ``skipped``) is taken from the rest."""
@@ -381,7 +377,6 @@ class ShardLoader:
             seed=generator,
             persistent_workers=False,  # fresh workers: the position travels with the dataset
             prefetch_factor=self.prefetch_factor,
-            collate_fn=_identity,
         )
         self.dataset.collate = self.collate_fn
         k = max(1, self.num_workers)

@@ -78,10 +78,6 @@ class _ShardClips(IterableDataset):
                 yield shard, ordinal, sample["__key__"], caption, clip  # (T, 3, S, S) uint8
 
 
-def _identity(item: Any) -> Any:
-    return item
-
-
 def embed_shards(
     spec: str | Sequence[str],
     out: str | os.PathLike,
@@ -109,9 +105,7 @@ def embed_shards(
     todo = [i for i in range(len(shards)) if i not in done]
     clips = _ShardClips(shards.urls, todo, model.config.num_frames, model.config.clip.vision.image_size)
     workers = min(num_workers, len(todo))
-    loader = build_loader(
-        clips, None, num_workers=workers, pin_memory=False, persistent_workers=False, collate_fn=_identity
-    )
+    loader = build_loader(clips, None, num_workers=workers, pin_memory=False, persistent_workers=False)
     pending: dict[int, list] = {i: [] for i in todo}
     failed: list[tuple[str, str]] = []
     batch: list[tuple] = []

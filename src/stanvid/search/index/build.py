@@ -39,7 +39,7 @@ from stanvid.search.index.identity import (
     load_fingerprinted,
     model_fingerprint,
 )
-from stanvid.search.index.loader import _ClipLoader, _identity_collate
+from stanvid.search.index.loader import _ClipLoader
 from stanvid.search.index.maintain import (
     COMPACT_FRACTION,
     VectorSettings,
@@ -579,7 +579,6 @@ def _encode_files(
         pin_memory=False,
         persistent_workers=False,
         prefetch_factor=PREFETCH_PER_WORKER,
-        collate_fn=_identity_collate,
         worker_init_fn=budget.init_worker,
     )
     rows = cfg.num_frames * (cfg.clip.vision.num_patches + 1)  # token rows one clip puts through a matmul

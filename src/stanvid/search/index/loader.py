@@ -89,7 +89,3 @@ class _ClipLoader(torch.utils.data.IterableDataset):
         except VideoReadError as exc:
             message = str(exc)  # names the file already; the report lists the path once
             yield _Chunk(entry, error=message.removeprefix(f"{path}: "))
-
-
-def _identity_collate(chunk: _Chunk) -> _Chunk:
-    return chunk
