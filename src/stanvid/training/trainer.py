@@ -48,6 +48,7 @@ from stanvid.training.losses import (
     text_classifier_logits,
 )
 from stanvid.training.recipe import LEARNABLE, OptimRecipe, Recipe
+from stanvid.training.state import set_torch_rng_state, torch_rng_state
 
 __all__ = [
     "Trainer",
@@ -393,7 +394,7 @@ class Trainer:
         cached, states = [], []
         with torch.no_grad():
             for video, tokens in inputs:
-                states.append(_rng_snapshot(self.device))
+                states.append(torch_rng_state(self.device))
                 video_emb, text_emb, _ = self._forward(self.forward_module, video, tokens)
                 cached.append((video_emb, text_emb))  # (b, D) each, or (b, T, D) and (b, L, D) for Mug
         return cached, states
@@ -422,7 +423,7 @@ class Trainer:
         offset, last = 0, len(inputs) - 1
         for j, (video, tokens) in enumerate(inputs):
             n = video.shape[0]
-            _rng_restore(states[j], self.device)
+            set_torch_rng_state(states[j], self.device)
             no_sync = self.ddp is not None and j < last
             with self.ddp.no_sync() if no_sync else contextlib.nullcontext():
                 video_emb, text_emb, scale = self._forward(module, video, tokens)
@@ -498,18 +499,6 @@ class Trainer:
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
-
-
-def _rng_snapshot(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The torch generators a forward pass draws from: the CPU's and, on CUDA, this device's."""
-    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-
-
-def _rng_restore(snapshot: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
-    cpu, cuda = snapshot
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state(cuda, device)
 
 
 # ---- precision -----------------------------------------------------------------------------------------------
