@@ -342,12 +342,15 @@ class Trainer:
             assert labels is not None
             return recognition_loss(video_emb, labels.to(self.device, non_blocking=True))
 
-    def _check_finite(self, loss: torch.Tensor) -> None:
-        """A non-finite loss stops the run, except in fp16, where the loss scaler skips that step."""
-        if not self.scaler.is_enabled() and not bool(torch.isfinite(loss)):
+    def _loss_value(self, loss: torch.Tensor) -> float:
+        """The value of a loss about to be backpropagated, read from the device once. A non-finite one stops the
+        run here, before any weight changes, except in fp16, where the loss scaler skips that step."""
+        value = float(loss.detach())
+        if not self.scaler.is_enabled() and not math.isfinite(value):
             raise NonFiniteLossError(
-                f"the training loss is {float(loss.detach())} (not finite) at train.precision {self.precision}"
+                f"the training loss is {value} (not finite) at train.precision {self.precision}"
             )
+        return value
 
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """The loss of one micro-batch (forward only)."""
@@ -366,9 +369,9 @@ class Trainer:
         sync_context = self.ddp.no_sync() if (self.ddp is not None and not sync) else contextlib.nullcontext()
         with sync_context:
             loss = self.loss(batch)
-            self._check_finite(loss)
+            value = self._loss_value(loss)
             self.scaler.scale(loss / divisor).backward()
-        return float(loss.detach())
+        return value
 
     def accumulate_exact(self, batches: Sequence[dict[str, Any]]) -> float:
         """Forward and backward of the micro-batches of one optimizer step as one contrastive batch (the module
@@ -408,10 +411,10 @@ class Trainer:
         text_all = torch.cat([t for _, t in cached]).requires_grad_()
         scale = self.model.logit_scale.detach().exp().requires_grad_() if self.learnable else None
         loss = self._loss_of((video_all, text_all, scale), torch.cat(tokens), None)
-        self._check_finite(loss)
+        value = self._loss_value(loss)
         leaves = [video_all, text_all] + ([scale] if scale is not None else [])
         grads = torch.autograd.grad(self.scaler.scale(loss), leaves)
-        return float(loss.detach()), [*grads, None][:3]
+        return value, [*grads, None][:3]
 
     def _backward_from_cache(
         self, inputs: list[tuple], states: list[tuple], cached: list[tuple], grads: list
