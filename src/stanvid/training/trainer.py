@@ -442,10 +442,14 @@ class Trainer:
 
     def _check_replay(self, j: int, new: tuple, old: tuple) -> None:
         tolerance = REPLAY_TOLERANCE[self.precision]
-        for name, a, b in zip(("video", "text"), new, old, strict=True):
+        rows = []  # per embedding: largest difference, largest magnitude, whether the first pass is finite
+        for a, b in zip(new, old, strict=True):
             a, b = a.detach().float(), b.float()
-            gap = float((a - b).abs().max()) / max(float(b.abs().max()), 1e-12)
-            if not gap <= tolerance and bool(torch.isfinite(b).all()):
+            rows.append(torch.stack([(a - b).abs().max(), b.abs().max(), torch.isfinite(b).all().float()]))
+        measured = torch.stack(rows).tolist()  # (2, 3), read from the device at once
+        for name, (difference, magnitude, finite) in zip(("video", "text"), measured, strict=True):
+            gap = difference / max(magnitude, 1e-12)
+            if not gap <= tolerance and bool(finite):
                 raise ConfigError(
                     f"optim.accumulation: exact: the second forward pass of micro-batch {j + 1} gave other "
                     f"{name} embeddings than the first (relative difference {gap:.2g} > {tolerance:g}): "
