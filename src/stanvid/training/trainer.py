@@ -324,23 +324,23 @@ class Trainer:
     def _loss_of(
         self, outputs: tuple, tokens: torch.Tensor | None, labels: torch.Tensor | None
     ) -> torch.Tensor:
-        """The loss of encoder outputs ``(video, text or None, learned scale or None)`` (float32 inside)."""
+        """The loss of encoder outputs ``(video, text or None, learned scale or None)``. No autocast here: every
+        loss (`stanvid.training.losses`) computes in float32 with autocast off itself."""
         video_emb, text_emb, scale = outputs
         scale = scale if scale is not None else self.fixed_scale
-        with autocast(self.precision, self.device):
-            if self.task == "retrieval":
-                assert tokens is not None
-                cfg = self.model.config
-                if cfg.similarity == "mug":
-                    mask = tokens.to(self.device) != 0  # (B, L)
-                    return mug_contrastive_loss(
-                        video_emb, text_emb, mask, scale, tau=cfg.mug_tau, mode=cfg.mug_mode
-                    )
-                return contrastive_loss(video_emb, text_emb, scale)
-            if self.head is None:
-                video_emb = text_classifier_logits(video_emb, self.class_features, scale)
-            assert labels is not None
-            return recognition_loss(video_emb, labels.to(self.device, non_blocking=True))
+        if self.task == "retrieval":
+            assert tokens is not None
+            cfg = self.model.config
+            if cfg.similarity == "mug":
+                mask = tokens.to(self.device) != 0  # (B, L)
+                return mug_contrastive_loss(
+                    video_emb, text_emb, mask, scale, tau=cfg.mug_tau, mode=cfg.mug_mode
+                )
+            return contrastive_loss(video_emb, text_emb, scale)
+        if self.head is None:
+            video_emb = text_classifier_logits(video_emb, self.class_features, scale)
+        assert labels is not None
+        return recognition_loss(video_emb, labels.to(self.device, non_blocking=True))
 
     def _loss_value(self, loss: torch.Tensor) -> float:
         """The value of a loss about to be backpropagated, read from the device once. A non-finite one stops the
