@@ -28,7 +28,7 @@ import contextlib
 import datetime
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -472,10 +472,7 @@ class Trainer:
         skipped = self.scaler.is_enabled() and self.scaler.get_scale() < scale_before
         self.skipped_steps += int(skipped)
         self.optimizer.zero_grad(set_to_none=True)
-        with warnings.catch_warnings():  # after a skipped first step torch warns the schedule ran first
-            warnings.filterwarnings(
-                "ignore", message=".*lr_scheduler.step.*optimizer.step", category=UserWarning
-            )
+        with _schedule_without_optimizer_step() if skipped else contextlib.nullcontext():
             self.scheduler.step()
         if self.learnable:
             with torch.no_grad():
@@ -506,6 +503,16 @@ class Trainer:
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
+
+
+@contextlib.contextmanager
+def _schedule_without_optimizer_step() -> Iterator[None]:
+    """Silence torch's warning that the schedule stepped before the optimizer ever did: it comes when the fp16
+    loss scaler skipped a scheduler's first step, which is no misuse. Entered only for a skipped step, since
+    `warnings.catch_warnings` resets which warnings were already shown."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*optimizer.step", category=UserWarning)
+        yield
 
 
 # ---- precision -----------------------------------------------------------------------------------------------
