@@ -301,7 +301,7 @@ def _train_batches(run: _Run) -> bool:
         group_start = (run.batch_in_epoch // accum) * accum
         group_size = min(accum, per_epoch - group_start)
         last_micro = run.batch_in_epoch == group_start + group_size - 1
-        exact = run.trainer.exact and group_size > 1
+        exact = run.trainer.exact  # a step of one micro-batch: accumulate_exact hands it to micro_step
         group = [*group, batch] if exact else [batch]
         try:
             if not exact:
