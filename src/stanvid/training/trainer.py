@@ -354,9 +354,18 @@ class Trainer:
 
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """The loss of one micro-batch (forward only)."""
-        module = self.ddp if self.ddp is not None else self.forward_module
         video, tokens, labels = self._inputs(batch)
-        return self._loss_of(self._forward(module, video, tokens), tokens, labels)
+        return self._loss_of(self._forward(self._train_module, video, tokens), tokens, labels)
+
+    @property
+    def _train_module(self) -> nn.Module:
+        """What a forward pass that backpropagates goes through: DDP under torchrun, else `_Forward` itself."""
+        return self.ddp if self.ddp is not None else self.forward_module
+
+    def _gradient_sync(self, sync: bool) -> contextlib.AbstractContextManager:
+        """Around a backward pass: DDP's ``no_sync`` (no gradient all-reduce) unless ``sync``; nothing on one
+        process."""
+        return self.ddp.no_sync() if self.ddp is not None and not sync else contextlib.nullcontext()
 
     # ---- steps -------------------------------------------------------------------------------------------
 
@@ -366,8 +375,7 @@ class Trainer:
 
         Micro-batches stepped this way are independent: each is its own contrastive problem (see
         `accumulate_exact` for one problem over all of them)."""
-        sync_context = self.ddp.no_sync() if (self.ddp is not None and not sync) else contextlib.nullcontext()
-        with sync_context:
+        with self._gradient_sync(sync):
             loss = self.loss(batch)
             value = self._loss_value(loss)
             self.scaler.scale(loss / divisor).backward()
@@ -421,15 +429,13 @@ class Trainer:
     ) -> None:
         """Pass 3: per micro-batch, its RNG state restored, a forward pass with autograd (through DDP, synced on
         the last micro-batch only) and a backward pass from its slice of the cached gradients."""
-        module = self.ddp if self.ddp is not None else self.forward_module
         video_grad, text_grad, scale_grad = grads
         offset, last = 0, len(inputs) - 1
         for j, (video, tokens) in enumerate(inputs):
             n = video.shape[0]
             set_torch_rng_state(states[j], self.device)
-            no_sync = self.ddp is not None and j < last
-            with self.ddp.no_sync() if no_sync else contextlib.nullcontext():
-                video_emb, text_emb, scale = self._forward(module, video, tokens)
+            with self._gradient_sync(j == last):
+                video_emb, text_emb, scale = self._forward(self._train_module, video, tokens)
                 self._check_replay(j, (video_emb, text_emb), cached[j])
                 outputs = [video_emb, text_emb]
                 out_grads = [video_grad[offset : offset + n], text_grad[offset : offset + n]]
