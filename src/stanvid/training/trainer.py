@@ -240,7 +240,7 @@ class Trainer:
         self.device = torch.device(device) if device is not None else default_device()
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.rank, self.world = rank_world()
+        self.world = rank_world()[1]
         self.model = model.to(self.device)
         model.set_grad_checkpointing(recipe.model.grad_checkpointing)
         self.task = recipe.task
