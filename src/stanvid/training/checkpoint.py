@@ -136,11 +136,11 @@ def is_torch_save_zip(path: str | os.PathLike) -> bool:
 
 def write_checkpoint(state: dict[str, Any], out_dir: Path, step: int, keep: int) -> Path:
     """Write ``state`` as ``out_dir/checkpoints/step-<step>.pt`` (atomically) and delete all but the newest
-    ``keep`` step checkpoints; returns the path written."""
+    ``keep`` (> 0) step checkpoints, newest by step as `latest_checkpoint` orders them; returns the path
+    written."""
     path = checkpoint_dir(out_dir) / f"step-{step:08d}.pt"
     atomic_save(state, path)
-    old = sorted(checkpoint_dir(out_dir).glob("step-*.pt"))
-    for stale in old[: max(len(old) - keep, 0)]:
+    for stale in _checkpoints_newest_first(out_dir)[keep:]:
         stale.unlink()
     return path
 

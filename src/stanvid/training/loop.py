@@ -85,7 +85,13 @@ from stanvid.training.recipe import Recipe
 from stanvid.training.state import RunLog, check_resumable, rng_preserved, rng_state, seed_all, set_rng_state
 from stanvid.training.trainer import Trainer, precision_note, setup_distributed
 
-__all__ = ["fit", "TrainResult", "HEAD_FILE"]
+__all__ = [
+    "fit",
+    "TrainResult",
+    "HEAD_FILE",
+    "optimizer_steps_per_epoch",
+    "refuse_checkpoints_unless_resuming",
+]
 
 HEAD_FILE = "head.safetensors"
 
@@ -177,7 +183,7 @@ def fit(
     if resume and out is None:
         raise ConfigError("resume=True needs out_dir (where the checkpoints are)")
     data = build_data(train_set, recipe, rank, world, device, collate_fn)
-    steps_per_epoch = math.ceil(data.batches_per_epoch / recipe.optim.accumulation_steps)
+    steps_per_epoch = optimizer_steps_per_epoch(data.batches_per_epoch, recipe)
     total_steps = steps_per_epoch * recipe.train.epochs
     max_steps = recipe.train.max_steps
     if class_names is None and recipe.task == "recognition":
@@ -217,6 +223,21 @@ def fit(
     )
 
 
+def optimizer_steps_per_epoch(batches_per_epoch: int, recipe: Recipe) -> int:
+    """Optimizer steps in an epoch of ``batches_per_epoch`` micro-batches (per process): one per
+    ``optim.accumulation_steps`` of them, the last taking what is left."""
+    return math.ceil(batches_per_epoch / recipe.optim.accumulation_steps)
+
+
+def refuse_checkpoints_unless_resuming(out: Path | None, checkpoint: Path | None, resume: bool) -> None:
+    """A run that does not resume refuses an output folder holding checkpoints (``checkpoint``, the newest)
+    rather than overwrite them; `fit` and the dry run (`stanvid.training.runs.check_run`) both ask here."""
+    if checkpoint is not None and not resume:
+        raise ConfigError(
+            f"{out} already holds checkpoints ({checkpoint.name}); resume (--resume) or choose another output folder"
+        )
+
+
 def _choose_checkpoint(out: Path | None, resume: bool, rank: int, world: int) -> tuple[Path | None, Any]:
     """The checkpoint to resume from (and its state, when this rank read it), the same on every rank.
 
@@ -231,10 +252,7 @@ def _choose_checkpoint(out: Path | None, resume: bool, rank: int, world: int) ->
         chosen = [checkpoint]
         dist.broadcast_object_list(chosen, src=0)
         checkpoint = chosen[0]
-    if checkpoint is not None and not resume:
-        raise ConfigError(
-            f"{out} already holds checkpoints ({checkpoint.name}); resume (--resume) or choose another output folder"
-        )
+    refuse_checkpoints_unless_resuming(out, checkpoint, resume)
     if checkpoint is not None and saved is None:  # other ranks, or none reads: raises naming the file
         saved = load_checkpoint(checkpoint)
     return checkpoint, saved
@@ -301,7 +319,7 @@ def _train_batches(run: _Run) -> bool:
         group_start = (run.batch_in_epoch // accum) * accum
         group_size = min(accum, per_epoch - group_start)
         last_micro = run.batch_in_epoch == group_start + group_size - 1
-        exact = run.trainer.exact and group_size > 1
+        exact = run.trainer.exact  # a step of one micro-batch: accumulate_exact hands it to micro_step
         group = [*group, batch] if exact else [batch]
         try:
             if not exact:

@@ -230,7 +230,8 @@ def recognition_loss(
     """Cross-entropy of class logits (from `text_classifier_logits` or a linear head), mean over the local batch.
 
     Unlike the contrastive loss nothing is gathered: each video's loss depends only on itself, so DDP's
-    averaging of equal-sized local batches already gives the global-batch gradient.
+    averaging of equal-sized local batches already gives the global-batch gradient. Computed in float32 with
+    autocast off, as every loss here.
     """
     if logits.ndim != 2 or labels.ndim != 1 or labels.shape[0] != logits.shape[0]:
         raise ValueError(
@@ -240,4 +241,5 @@ def recognition_loss(
         raise ValueError(
             f"labels must be in [0, {logits.shape[1]}), got [{int(labels.min())}, {int(labels.max())}]"
         )
-    return F.cross_entropy(logits.float(), labels.long(), label_smoothing=label_smoothing)
+    with _full_precision(logits):
+        return F.cross_entropy(logits.float(), labels.long(), label_smoothing=label_smoothing)

@@ -18,7 +18,6 @@ no file, a model that does not fit the data settings) raises a `StanvidError` na
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,7 +48,13 @@ from stanvid.training.checkpoint import (
     read_checkpoint_file,
 )
 from stanvid.training.evaluate import evaluate_recognition, evaluate_retrieval, write_results, zero_shot_model
-from stanvid.training.loop import HEAD_FILE, TrainResult, fit
+from stanvid.training.loop import (
+    HEAD_FILE,
+    TrainResult,
+    fit,
+    optimizer_steps_per_epoch,
+    refuse_checkpoints_unless_resuming,
+)
 from stanvid.training.metrics import format_table
 from stanvid.training.recipe import LEARNABLE, Recipe
 from stanvid.training.shard_runs import check_shards, shard_split_files, shard_train_set
@@ -520,7 +525,7 @@ def check_run(recipe: Recipe, *, resume: bool = False) -> str:
                 f"train.batch_size {t.batch_size} x {world} process(es) exceeds the {train_items} training items"
             )
         accum = recipe.optim.accumulation_steps
-        steps = math.ceil(batches / accum)
+        steps = optimizer_steps_per_epoch(batches, recipe)
         limit = f", stopping at train.max_steps {t.max_steps}" if t.max_steps else ""
         kind = f" {recipe.optim.accumulation}" if accum > 1 and recipe.task == "retrieval" else ""
         lines.append(
@@ -534,10 +539,7 @@ def check_run(recipe: Recipe, *, resume: bool = False) -> str:
     lines.append(f"device  {device}, precision {precision}" + (f" ({note})" if note else ""))
     out = Path(t.output_dir)
     found = latest_checkpoint(out)
-    if found is not None and not resume:
-        raise ConfigError(
-            f"{out} already holds checkpoints ({found.name}); resume (--resume) or choose another output folder"
-        )
+    refuse_checkpoints_unless_resuming(out, found, resume)
     state = f"resumes from {found.name}" if found is not None else "new run"
     lines.append(f"output  {out} ({state})")
     return "\n".join(lines)

@@ -50,6 +50,7 @@ def seed_all(seed: int) -> None:
 def rng_state(device: torch.device) -> dict[str, Any]:
     """The process's RNG states in types ``torch.load(weights_only=True)`` reads back."""
     _, keys, pos, has_gauss, cached = np.random.get_state()
+    cpu, cuda = torch_rng_state(device)
     return {
         "python": random.getstate(),
         "numpy": {
@@ -58,8 +59,8 @@ def rng_state(device: torch.device) -> dict[str, Any]:
             "has_gauss": int(has_gauss),
             "cached_gaussian": float(cached),
         },
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "torch": cpu,
+        "cuda": cuda,
     }
 
 
@@ -70,9 +71,20 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     np.random.set_state(
         ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
     )
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and state.get("cuda") is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
+    set_torch_rng_state((state["torch"], state.get("cuda")), device)
+
+
+def torch_rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The torch generators a forward pass draws from (drop-path): the CPU's and, on CUDA, this device's."""
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def set_torch_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
+    """Restore what `torch_rng_state` returned (a CUDA state only on a CUDA device)."""
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if device.type == "cuda" and cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ import contextlib
 import datetime
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +48,7 @@ from stanvid.training.losses import (
     text_classifier_logits,
 )
 from stanvid.training.recipe import LEARNABLE, OptimRecipe, Recipe
+from stanvid.training.state import set_torch_rng_state, torch_rng_state
 
 __all__ = [
     "Trainer",
@@ -239,7 +240,7 @@ class Trainer:
         self.device = torch.device(device) if device is not None else default_device()
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.rank, self.world = rank_world()
+        self.world = rank_world()[1]
         self.model = model.to(self.device)
         model.set_grad_checkpointing(recipe.model.grad_checkpointing)
         self.task = recipe.task
@@ -323,36 +324,48 @@ class Trainer:
     def _loss_of(
         self, outputs: tuple, tokens: torch.Tensor | None, labels: torch.Tensor | None
     ) -> torch.Tensor:
-        """The loss of encoder outputs ``(video, text or None, learned scale or None)`` (float32 inside)."""
+        """The loss of encoder outputs ``(video, text or None, learned scale or None)``. No autocast here: every
+        loss (`stanvid.training.losses`) computes in float32 with autocast off itself."""
         video_emb, text_emb, scale = outputs
         scale = scale if scale is not None else self.fixed_scale
-        with autocast(self.precision, self.device):
-            if self.task == "retrieval":
-                assert tokens is not None
-                cfg = self.model.config
-                if cfg.similarity == "mug":
-                    mask = tokens.to(self.device) != 0  # (B, L)
-                    return mug_contrastive_loss(
-                        video_emb, text_emb, mask, scale, tau=cfg.mug_tau, mode=cfg.mug_mode
-                    )
-                return contrastive_loss(video_emb, text_emb, scale)
-            if self.head is None:
-                video_emb = text_classifier_logits(video_emb, self.class_features, scale)
-            assert labels is not None
-            return recognition_loss(video_emb, labels.to(self.device, non_blocking=True))
+        if self.task == "retrieval":
+            assert tokens is not None
+            cfg = self.model.config
+            if cfg.similarity == "mug":
+                mask = tokens.to(self.device) != 0  # (B, L)
+                return mug_contrastive_loss(
+                    video_emb, text_emb, mask, scale, tau=cfg.mug_tau, mode=cfg.mug_mode
+                )
+            return contrastive_loss(video_emb, text_emb, scale)
+        if self.head is None:
+            video_emb = text_classifier_logits(video_emb, self.class_features, scale)
+        assert labels is not None
+        return recognition_loss(video_emb, labels.to(self.device, non_blocking=True))
 
-    def _check_finite(self, loss: torch.Tensor) -> None:
-        """A non-finite loss stops the run, except in fp16, where the loss scaler skips that step."""
-        if not self.scaler.is_enabled() and not bool(torch.isfinite(loss)):
+    def _loss_value(self, loss: torch.Tensor) -> float:
+        """The value of a loss about to be backpropagated, read from the device once. A non-finite one stops the
+        run here, before any weight changes, except in fp16, where the loss scaler skips that step."""
+        value = float(loss.detach())
+        if not self.scaler.is_enabled() and not math.isfinite(value):
             raise NonFiniteLossError(
-                f"the training loss is {float(loss.detach())} (not finite) at train.precision {self.precision}"
+                f"the training loss is {value} (not finite) at train.precision {self.precision}"
             )
+        return value
 
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """The loss of one micro-batch (forward only)."""
-        module = self.ddp if self.ddp is not None else self.forward_module
         video, tokens, labels = self._inputs(batch)
-        return self._loss_of(self._forward(module, video, tokens), tokens, labels)
+        return self._loss_of(self._forward(self._train_module, video, tokens), tokens, labels)
+
+    @property
+    def _train_module(self) -> nn.Module:
+        """What a forward pass that backpropagates goes through: DDP under torchrun, else `_Forward` itself."""
+        return self.ddp if self.ddp is not None else self.forward_module
+
+    def _gradient_sync(self, sync: bool) -> contextlib.AbstractContextManager:
+        """Around a backward pass: DDP's ``no_sync`` (no gradient all-reduce) unless ``sync``; nothing on one
+        process."""
+        return self.ddp.no_sync() if self.ddp is not None and not sync else contextlib.nullcontext()
 
     # ---- steps -------------------------------------------------------------------------------------------
 
@@ -362,12 +375,11 @@ class Trainer:
 
         Micro-batches stepped this way are independent: each is its own contrastive problem (see
         `accumulate_exact` for one problem over all of them)."""
-        sync_context = self.ddp.no_sync() if (self.ddp is not None and not sync) else contextlib.nullcontext()
-        with sync_context:
+        with self._gradient_sync(sync):
             loss = self.loss(batch)
-            self._check_finite(loss)
+            value = self._loss_value(loss)
             self.scaler.scale(loss / divisor).backward()
-        return float(loss.detach())
+        return value
 
     def accumulate_exact(self, batches: Sequence[dict[str, Any]]) -> float:
         """Forward and backward of the micro-batches of one optimizer step as one contrastive batch (the module
@@ -393,7 +405,7 @@ class Trainer:
         cached, states = [], []
         with torch.no_grad():
             for video, tokens in inputs:
-                states.append(_rng_snapshot(self.device))
+                states.append(torch_rng_state(self.device))
                 video_emb, text_emb, _ = self._forward(self.forward_module, video, tokens)
                 cached.append((video_emb, text_emb))  # (b, D) each, or (b, T, D) and (b, L, D) for Mug
         return cached, states
@@ -407,25 +419,23 @@ class Trainer:
         text_all = torch.cat([t for _, t in cached]).requires_grad_()
         scale = self.model.logit_scale.detach().exp().requires_grad_() if self.learnable else None
         loss = self._loss_of((video_all, text_all, scale), torch.cat(tokens), None)
-        self._check_finite(loss)
+        value = self._loss_value(loss)
         leaves = [video_all, text_all] + ([scale] if scale is not None else [])
         grads = torch.autograd.grad(self.scaler.scale(loss), leaves)
-        return float(loss.detach()), [*grads, None][:3]
+        return value, [*grads, None][:3]
 
     def _backward_from_cache(
         self, inputs: list[tuple], states: list[tuple], cached: list[tuple], grads: list
     ) -> None:
         """Pass 3: per micro-batch, its RNG state restored, a forward pass with autograd (through DDP, synced on
         the last micro-batch only) and a backward pass from its slice of the cached gradients."""
-        module = self.ddp if self.ddp is not None else self.forward_module
         video_grad, text_grad, scale_grad = grads
         offset, last = 0, len(inputs) - 1
         for j, (video, tokens) in enumerate(inputs):
             n = video.shape[0]
-            _rng_restore(states[j], self.device)
-            no_sync = self.ddp is not None and j < last
-            with self.ddp.no_sync() if no_sync else contextlib.nullcontext():
-                video_emb, text_emb, scale = self._forward(module, video, tokens)
+            set_torch_rng_state(states[j], self.device)
+            with self._gradient_sync(j == last):
+                video_emb, text_emb, scale = self._forward(self._train_module, video, tokens)
                 self._check_replay(j, (video_emb, text_emb), cached[j])
                 outputs = [video_emb, text_emb]
                 out_grads = [video_grad[offset : offset + n], text_grad[offset : offset + n]]
@@ -438,10 +448,14 @@ class Trainer:
 
     def _check_replay(self, j: int, new: tuple, old: tuple) -> None:
         tolerance = REPLAY_TOLERANCE[self.precision]
-        for name, a, b in zip(("video", "text"), new, old, strict=True):
+        rows = []  # per embedding: largest difference, largest magnitude, whether the first pass is finite
+        for a, b in zip(new, old, strict=True):
             a, b = a.detach().float(), b.float()
-            gap = float((a - b).abs().max()) / max(float(b.abs().max()), 1e-12)
-            if not gap <= tolerance and bool(torch.isfinite(b).all()):
+            rows.append(torch.stack([(a - b).abs().max(), b.abs().max(), torch.isfinite(b).all().float()]))
+        measured = torch.stack(rows).tolist()  # (2, 3), read from the device at once
+        for name, (difference, magnitude, finite) in zip(("video", "text"), measured, strict=True):
+            gap = difference / max(magnitude, 1e-12)
+            if not gap <= tolerance and bool(finite):
                 raise ConfigError(
                     f"optim.accumulation: exact: the second forward pass of micro-batch {j + 1} gave other "
                     f"{name} embeddings than the first (relative difference {gap:.2g} > {tolerance:g}): "
@@ -464,10 +478,7 @@ class Trainer:
         skipped = self.scaler.is_enabled() and self.scaler.get_scale() < scale_before
         self.skipped_steps += int(skipped)
         self.optimizer.zero_grad(set_to_none=True)
-        with warnings.catch_warnings():  # after a skipped first step torch warns the schedule ran first
-            warnings.filterwarnings(
-                "ignore", message=".*lr_scheduler.step.*optimizer.step", category=UserWarning
-            )
+        with _schedule_without_optimizer_step() if skipped else contextlib.nullcontext():
             self.scheduler.step()
         if self.learnable:
             with torch.no_grad():
@@ -500,16 +511,14 @@ class Trainer:
         self.skipped_steps = int(state.get("skipped_steps", 0))
 
 
-def _rng_snapshot(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The torch generators a forward pass draws from: the CPU's and, on CUDA, this device's."""
-    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-
-
-def _rng_restore(snapshot: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
-    cpu, cuda = snapshot
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state(cuda, device)
+@contextlib.contextmanager
+def _schedule_without_optimizer_step() -> Iterator[None]:
+    """Silence torch's warning that the schedule stepped before the optimizer ever did: it comes when the fp16
+    loss scaler skipped a scheduler's first step, which is no misuse. Entered only for a skipped step, since
+    `warnings.catch_warnings` resets which warnings were already shown."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*optimizer.step", category=UserWarning)
+        yield
 
 
 # ---- precision -----------------------------------------------------------------------------------------------
