@@ -24,32 +24,10 @@ from stanvid.training.loop import HEAD_FILE, fit
 from stanvid.training.losses import text_classifier_logits
 from stanvid.training.recipe import OptimRecipe, Recipe
 from stanvid.training.trainer import LRSchedule, param_groups
-from trainkit import CONTEXT, FRAMES, SIZE, assert_close_runs, recipe, train_model
+from trainkit import CONTEXT, FRAMES, SIZE, MemoryRetrieval, assert_close_runs, recipe, train_model
 from videogen import make_frames, write_video
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (see conftest)
-
-
-class MemoryRetrieval(torch.utils.data.Dataset):
-    """Random clips and captions; also serves as a test split (one item per video, ``text_tokens``)."""
-
-    unit = "video"
-
-    def __init__(self, n: int, seed: int = 1) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.videos = torch.randn(n, FRAMES, 3, SIZE, SIZE, generator=g)
-        self.tokens = torch.randint(1, 4000, (n, CONTEXT), generator=g)
-        self.tokens[:, 0], self.tokens[:, -1] = 49406, 49407
-        self.text_to_video = torch.arange(n)
-
-    def __len__(self) -> int:
-        return len(self.videos)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"video": self.videos[i], "tokens": self.tokens[i]}
-
-    def text_tokens(self) -> torch.Tensor:
-        return self.tokens
 
 
 class MemoryRecognition(torch.utils.data.Dataset):

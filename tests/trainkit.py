@@ -12,20 +12,23 @@ from testkit import tiny_config
 FRAMES, SIZE, CONTEXT = 4, 24, 16
 
 
-class PaddedRetrieval(torch.utils.data.Dataset):
-    """Random clips and captions of random lengths (start, words, end-of-text, zero padding)."""
+class MemoryRetrieval(torch.utils.data.Dataset):
+    """Random clips and full-length captions; also serves as a test split (one item per video,
+    ``text_tokens``)."""
 
     unit = "video"
 
     def __init__(self, n: int, seed: int = 1) -> None:
         g = torch.Generator().manual_seed(seed)
         self.videos = torch.randn(n, FRAMES, 3, SIZE, SIZE, generator=g)
-        self.tokens = torch.zeros(n, CONTEXT, dtype=torch.long)
-        for i, length in enumerate(torch.randint(1, CONTEXT - 1, (n,), generator=g).tolist()):
-            self.tokens[i, 0] = 49406
-            self.tokens[i, 1 : 1 + length] = torch.randint(1, 4000, (length,), generator=g)
-            self.tokens[i, 1 + length] = 49407
+        self.tokens = self._captions(n, g)
         self.text_to_video = torch.arange(n)
+
+    @staticmethod
+    def _captions(n: int, g: torch.Generator) -> torch.Tensor:
+        tokens = torch.randint(1, 4000, (n, CONTEXT), generator=g)
+        tokens[:, 0], tokens[:, -1] = 49406, 49407
+        return tokens
 
     def __len__(self) -> int:
         return len(self.videos)
@@ -35,6 +38,19 @@ class PaddedRetrieval(torch.utils.data.Dataset):
 
     def text_tokens(self) -> torch.Tensor:
         return self.tokens
+
+
+class PaddedRetrieval(MemoryRetrieval):
+    """Random clips and captions of random lengths (start, words, end-of-text, zero padding)."""
+
+    @staticmethod
+    def _captions(n: int, g: torch.Generator) -> torch.Tensor:
+        tokens = torch.zeros(n, CONTEXT, dtype=torch.long)
+        for i, length in enumerate(torch.randint(1, CONTEXT - 1, (n,), generator=g).tolist()):
+            tokens[i, 0] = 49406
+            tokens[i, 1 : 1 + length] = torch.randint(1, 4000, (length,), generator=g)
+            tokens[i, 1 + length] = 49407
+        return tokens
 
 
 def train_model(seed: int = 0, **kw) -> VideoCLIP:
