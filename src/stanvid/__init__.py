@@ -94,6 +94,7 @@ _EXPORTS = {
     "RetrievalDataset": "stanvid.data",
     "RecognitionDataset": "stanvid.data",
     "make_loader": "stanvid.data",
+    "worker_context": "stanvid.data",
     "load_retrieval": "stanvid.data",
     "load_video_captions": "stanvid.data",
     "ShardDataset": "stanvid.data",
@@ -185,6 +186,7 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time `__getattr_
         load_shards,
         load_video_captions,
         make_loader,
+        worker_context,
         write_shards,
     )
     from stanvid.demo.run import DemoConfig, demo_model_config, run_demo
