@@ -41,7 +41,7 @@ def no_hub(monkeypatch):
 def test_a_mistyped_local_path_is_no_such_folder_at_once(tmp_path, monkeypatch, no_hub, typo):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "stanvid-demo").mkdir()  # the parent exists: `stanvid-demo/modle` is a local path
-    with pytest.raises(CheckpointError, match="no such folder or file"):
+    with pytest.raises(CheckpointError, match="no such file or directory"):
         stanvid.load_model(typo)
 
 

@@ -121,7 +121,9 @@ def _load(
             raise CheckpointError(f"{name}: expected hf-hub:owner/name")
         model, weights = _load_directory(download_hub(repo, open_clip=True), config, overrides)
     elif _looks_local(name):
-        raise CheckpointError(f"{source}: no such folder or file (a local path, so not looked up on the hub)")
+        raise CheckpointError(
+            f"{source}: no such file or directory (a local path, so not looked up on the hub)"
+        )
     elif (entry := zoo.lookup(name)) is not None:
         folder = download_hub(entry.repo, open_clip=True, label=name)
         model, weights = _load_directory(folder, config, overrides, pretrained=entry)
