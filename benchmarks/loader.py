@@ -185,6 +185,8 @@ def main() -> None:
             if method is not None:
                 os.environ["STANVID_WORKER_START"] = method
             print(f"workers started by {worker_context().get_start_method()}")
+            if method is not None:
+                print(f"first batch from 2 fresh workers: {first_batch_seconds(sources['mp4 files'], args):.2f} s")
             table(sources, args)
         print(f"(ratios: to {args.layouts[0]} in the same column)")
         if args.model != "none":
@@ -194,6 +196,20 @@ def main() -> None:
                 f"{model_videos_per_s(args, frames):.2f} v/s (batch {args.batch_size}); the loader keeps up when "
                 "its v/s is at least this"
             )
+
+
+def first_batch_seconds(source: tuple[Path, Path], args) -> float:
+    """Seconds from a new loader's first `next` to its first batch (2 workers): the start-up a start method
+    costs, paid once per epoch unless workers persist. Best of `--passes`."""
+    ann = load_video_captions(source[0], source[1])
+    dataset = RetrievalDataset(ann, num_frames=min(args.frames), transform=EvalTransform(args.size))
+    best = float("inf")
+    for _ in range(args.passes):
+        loader = make_loader(dataset, batch_size=1, num_workers=2, pin_memory=False, persistent_workers=False)
+        start = time.perf_counter()
+        next(iter(loader))
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def table(sources: dict[str, tuple[Path, Path]], args) -> None:
