@@ -186,7 +186,9 @@ def main() -> None:
                 os.environ["STANVID_WORKER_START"] = method
             print(f"workers started by {worker_context().get_start_method()}")
             if method is not None:
-                print(f"first batch from 2 fresh workers: {first_batch_seconds(sources['mp4 files'], args):.2f} s")
+                print(
+                    f"first batch from 2 fresh workers: {first_batch_seconds(sources['mp4 files'], args):.2f} s"
+                )
             table(sources, args)
         print(f"(ratios: to {args.layouts[0]} in the same column)")
         if args.model != "none":
