@@ -8,12 +8,12 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
 from stanvid.data.loader import worker_context
+from testkit import stop_leaves_nothing
 from videogen import write_video
 
 TESTS = Path(__file__).resolve().parent
@@ -107,41 +107,6 @@ def _frames():
 # --- a stopped run leaves nothing behind ----------------------------------------------------------------------
 
 
-def _children(pid: int) -> set[int]:
-    """Every live descendant of `pid`, from /proc (zombies count as gone)."""
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if fields[0] == "Z":
-            continue
-        parents.setdefault(int(fields[1]), []).append(int(entry.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def _alive(pids: set[int]) -> set[int]:
-    alive = set()
-    for pid in pids:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z":
-            alive.add(pid)
-    return alive
-
-
 LONG_LOADER = textwrap.dedent(
     """
     import sys, time
@@ -180,19 +145,8 @@ def test_a_stopped_loader_leaves_no_worker(tmp_path, sig):
     )
     try:
         assert proc.stdout.readline().startswith("started")
-        deadline = time.monotonic() + 60
-        workers: set[int] = set()
-        while time.monotonic() < deadline and len(workers) < 3:  # the forkserver and two workers
-            time.sleep(0.2)
-            workers = _children(proc.pid)
-        assert len(workers) >= 3, f"expected a forkserver and 2 workers, found {workers}"
-        proc.send_signal(sig)
-        proc.wait(timeout=30)
-        deadline = time.monotonic() + 15
-        while _alive(workers) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not _alive(workers), f"processes left behind after {sig.name}: {_alive(workers)}"
-        assert proc.returncode == 128 + sig, (proc.returncode, proc.stderr.read()[-2000:])
+        code = stop_leaves_nothing(proc, sig, children=3)  # the forkserver and two workers
+        assert code == 128 + sig, (code, proc.stderr.read()[-2000:])
     finally:
         if proc.poll() is None:
             proc.kill()
