@@ -9,12 +9,14 @@ every caption against every video of the batch, so k micro-batches that each tak
 average the gradients) are not one step over the k-times larger batch. Instead:
 
 1. a forward pass over each micro-batch *without* autograd, keeping only its embeddings (for the Mug head,
-   the per-frame video and per-token text features) and the RNG state it started from;
+   the per-frame video and per-token text features) and the RNG state it started from (drop-path does not draw
+   from it: its masks are keyed on (seed, step, each sample's index in the global batch), `sample_keys`, so
+   micro-batches, ranks and one big batch drop the same rows);
 2. the loss over the whole cached batch (gathered over all ranks, as for a single micro-batch) and its
    gradient with respect to the cached embeddings and the logit scale;
-3. per micro-batch, the RNG state restored (drop-path draws the same masks), a forward pass *with* autograd
-   and a backward pass from its slice of the cached gradient into the weights (DDP's all-reduce on the last
-   one only; the logit scale's gradient is fed once, there).
+3. per micro-batch, the RNG state restored (anything drawn from the generators is drawn again), a forward
+   pass *with* autograd and a backward pass from its slice of the cached gradient into the weights (DDP's
+   all-reduce on the last one only; the logit scale's gradient is fed once, there).
 
 By the chain rule the weights' gradients are those of one pass over the whole batch; memory holds one
 micro-batch's activations plus the embeddings; the cost is one extra forward pass per micro-batch. A second
@@ -40,6 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 from stanvid.distributed import default_device, launch_world_size, rank_world
 from stanvid.errors import CheckpointError, ConfigError, DatasetError, NonFiniteLossError
 from stanvid.models.heads import LinearHead, encode_class_names
+from stanvid.models.stan import SampleKeys, sample_keys
 from stanvid.precision import autocast, cpu_has_native_bf16, cpu_has_native_fp16
 from stanvid.training.losses import (
     contrastive_loss,
@@ -240,7 +243,7 @@ class Trainer:
         self.device = torch.device(device) if device is not None else default_device()
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.world = rank_world()[1]
+        self.rank, self.world = rank_world()
         self.model = model.to(self.device)
         model.set_grad_checkpointing(recipe.model.grad_checkpointing)
         self.task = recipe.task
@@ -293,6 +296,7 @@ class Trainer:
                 "independent or optim.accumulation_steps: 1"
             )
         self.skipped_steps = 0  # optimizer steps the fp16 loss scaler skipped (non-finite gradients)
+        self.step_samples = 0  # samples this rank has forwarded in the current optimizer step so far
 
     def scale_value(self) -> float:
         """The logit scale in use (``1 / tau``, or the learned ``exp(logit_scale)``)."""
@@ -314,11 +318,29 @@ class Trainer:
             raise DatasetError("recognition batches need class indices under 'label'")
         return video, None, torch.as_tensor(batch["label"])  # labels (B,)
 
-    def _forward(self, module: nn.Module, video: torch.Tensor, tokens: torch.Tensor | None) -> tuple:
-        """The encoders on one micro-batch, moved to the device, under the run's autocast."""
+    def sample_keys(self, offset: int, count: int) -> SampleKeys:
+        """The drop-path keys of ``count`` samples that start ``offset`` samples into this rank's share of the
+        current optimizer step: (``train.seed``, the step, each sample's index in the step's global batch).
+
+        The index interleaves the ranks, ``local position x world + rank``, as the data does (`EpochSampler`
+        and the shard readers deal the global order out ``rank::world``), so a sample has the same index, and
+        draws the same masks, on 1 GPU with the whole batch as on 8 with micro-batches."""
+        local = torch.arange(offset, offset + count, device=self.device)
+        return SampleKeys(self.recipe.train.seed, self.steps_taken, local * self.world + self.rank)
+
+    @property
+    def steps_taken(self) -> int:
+        """Optimizer steps taken so far (the schedule's count, restored on resume)."""
+        return int(self.scheduler.last_epoch)
+
+    def _forward(
+        self, module: nn.Module, video: torch.Tensor, tokens: torch.Tensor | None, offset: int = 0
+    ) -> tuple:
+        """The encoders on one micro-batch, moved to the device, under the run's autocast, its drop-path keyed
+        on its samples (`sample_keys`; ``offset``: the samples of this step before it on this rank)."""
         video = video.to(self.device, non_blocking=True)
         tokens = tokens.to(self.device, non_blocking=True) if tokens is not None else None
-        with autocast(self.precision, self.device):
+        with autocast(self.precision, self.device), sample_keys(self.sample_keys(offset, video.shape[0])):
             return module(video, tokens)
 
     def _loss_of(
@@ -352,10 +374,10 @@ class Trainer:
             )
         return value
 
-    def loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        """The loss of one micro-batch (forward only)."""
+    def loss(self, batch: dict[str, Any], offset: int = 0) -> torch.Tensor:
+        """The loss of one micro-batch (forward only), ``offset`` samples into the step on this rank."""
         video, tokens, labels = self._inputs(batch)
-        return self._loss_of(self._forward(self._train_module, video, tokens), tokens, labels)
+        return self._loss_of(self._forward(self._train_module, video, tokens, offset), tokens, labels)
 
     @property
     def _train_module(self) -> nn.Module:
@@ -376,9 +398,10 @@ class Trainer:
         Micro-batches stepped this way are independent: each is its own contrastive problem (see
         `accumulate_exact` for one problem over all of them)."""
         with self._gradient_sync(sync):
-            loss = self.loss(batch)
+            loss = self.loss(batch, self.step_samples)
             value = self._loss_value(loss)
             self.scaler.scale(loss / divisor).backward()
+        self.step_samples += len(batch["video"])
         return value
 
     def accumulate_exact(self, batches: Sequence[dict[str, Any]]) -> float:
@@ -402,12 +425,13 @@ class Trainer:
 
     def _cache_features(self, inputs: list[tuple]) -> tuple[list[tuple], list[tuple]]:
         """Pass 1: each micro-batch's embeddings without autograd, and the RNG states each started from."""
-        cached, states = [], []
+        cached, states, offset = [], [], self.step_samples
         with torch.no_grad():
             for video, tokens in inputs:
                 states.append(torch_rng_state(self.device))
-                video_emb, text_emb, _ = self._forward(self.forward_module, video, tokens)
+                video_emb, text_emb, _ = self._forward(self.forward_module, video, tokens, offset)
                 cached.append((video_emb, text_emb))  # (b, D) each, or (b, T, D) and (b, L, D) for Mug
+                offset += video.shape[0]
         return cached, states
 
     def _cached_loss_grads(
@@ -430,12 +454,12 @@ class Trainer:
         """Pass 3: per micro-batch, its RNG state restored, a forward pass with autograd (through DDP, synced on
         the last micro-batch only) and a backward pass from its slice of the cached gradients."""
         video_grad, text_grad, scale_grad = grads
-        offset, last = 0, len(inputs) - 1
+        offset, last, start = 0, len(inputs) - 1, self.step_samples
         for j, (video, tokens) in enumerate(inputs):
             n = video.shape[0]
             set_torch_rng_state(states[j], self.device)
             with self._gradient_sync(j == last):
-                video_emb, text_emb, scale = self._forward(self._train_module, video, tokens)
+                video_emb, text_emb, scale = self._forward(self._train_module, video, tokens, start + offset)
                 self._check_replay(j, (video_emb, text_emb), cached[j])
                 outputs = [video_emb, text_emb]
                 out_grads = [video_grad[offset : offset + n], text_grad[offset : offset + n]]
@@ -445,6 +469,7 @@ class Trainer:
                 pairs = [(o, g) for o, g in zip(outputs, out_grads, strict=True) if o.requires_grad]
                 torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
             offset += n
+        self.step_samples = start + offset
 
     def _check_replay(self, j: int, new: tuple, old: tuple) -> None:
         tolerance = REPLAY_TOLERANCE[self.precision]
@@ -478,6 +503,7 @@ class Trainer:
         skipped = self.scaler.is_enabled() and self.scaler.get_scale() < scale_before
         self.skipped_steps += int(skipped)
         self.optimizer.zero_grad(set_to_none=True)
+        self.step_samples = 0
         with _schedule_without_optimizer_step() if skipped else contextlib.nullcontext():
             self.scheduler.step()
         if self.learnable:
