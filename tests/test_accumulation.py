@@ -196,13 +196,13 @@ def _reference_grads(trainer: Trainer, batches: list[dict], step: int | None = 0
     gradient exact accumulation stands for, at k times the memory."""
     outs, offset = [], 0
     for b in batches:
-        keys = trainer.sample_keys(offset, len(b["video"]))
+        keys = trainer.drop_path_keys(offset, len(b["video"]))
         with sample_keys(None if step is None else SampleKeys(keys.seed, step, keys.index)):
             outs.append(trainer.forward_module(b["video"], b["tokens"]))
         offset += len(b["video"])
     video = torch.cat([o[0] for o in outs])
     text = torch.cat([o[1] for o in outs])
-    loss = trainer._loss_of((video, text, outs[-1][2]), torch.cat([b["tokens"] for b in batches]), None)
+    loss = trainer._loss_of((video, text, *outs[-1][2:]), torch.cat([b["tokens"] for b in batches]), None)
     return torch.autograd.grad(loss, trainer.params, allow_unused=True)
 
 
