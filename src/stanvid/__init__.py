@@ -119,6 +119,7 @@ _EXPORTS = {
     "zero_shot_model": "stanvid.training.evaluate",
     "mug_scores": "stanvid.training.evaluate",
     "contrastive_loss": "stanvid.training.losses",
+    "sigmoid_loss": "stanvid.training.losses",
     "all_gather_with_grad": "stanvid.training.losses",
     "text_classifier_logits": "stanvid.training.losses",
     "recognition_loss": "stanvid.training.losses",
@@ -235,6 +236,7 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time `__getattr_
         contrastive_loss,
         mug_contrastive_loss,
         recognition_loss,
+        sigmoid_loss,
         text_classifier_logits,
     )
     from stanvid.training.metrics import (
