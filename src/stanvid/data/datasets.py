@@ -95,6 +95,7 @@ class SplitFiles:
     shards: tuple[str, ...] = ()  # webdataset: the split's patterns (or shard index), relative to `videos`
     caption_key: str | None = None  # webdataset: where a sample's caption and label are
     label_key: str | None = None
+    allow_pipe: bool = False  # webdataset: run a shard index's pipe: URLs (data.allow_pipe_urls)
 
     def require(self, key: str) -> Path:
         """The side file ``key`` (``captions`` / ``class_names``), or a `ConfigError` naming ``data.<key>``."""
@@ -160,7 +161,7 @@ def _read_webdataset(f: SplitFiles) -> Annotations:
     # a split of local shards, map-style (evaluation, dry run); training streams them (ShardDataset)
     classes = read_class_names(f.class_names) if f.class_names is not None else None
     fields = SampleFields(f.task, f.caption_key, f.label_key, classes)
-    return load_shard_annotations(load_shards(list(f.shards), f.videos), fields)
+    return load_shard_annotations(load_shards(list(f.shards), f.videos, allow_pipe=f.allow_pipe), fields)
 
 
 # ---- a retrieval split by name, from a CLIP4Clip folder ----------------------------------------------------

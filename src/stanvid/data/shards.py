@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from stanvid.errors import DatasetError
-from stanvid.fileio import atomic_write_text
+from stanvid.fileio import atomic_write_text, read_regular_text
 
 __all__ = [
     "SHARD_INDEX_KIND",
@@ -46,6 +46,7 @@ __all__ = [
 ]
 
 SHARD_INDEX_KIND = "wids-shard-index-v1"
+MAX_INDEX_BYTES = 256 << 20  # a shard index of 10^6 shards is ~60 MB
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members (skipped)
 
 
@@ -115,27 +116,39 @@ class ShardList:
         return f"{len(self)} shards, {self.num_samples} samples ({low}-{high} per shard; {where})"
 
 
-def load_shards(spec: str | Sequence[str], root: str | os.PathLike = ".") -> ShardList:
+def load_shards(
+    spec: str | Sequence[str], root: str | os.PathLike = ".", *, allow_pipe: bool = False
+) -> ShardList:
     """The shards of ``spec`` (a pattern, a list, or a shard index ``.json``) with their sample counts.
 
-    A missing local shard, an unreadable one, or an index entry without ``nsamples`` raises `DatasetError`
-    naming it."""
+    ``pipe:`` commands the caller wrote in ``spec`` are run; a shard index's ``pipe:`` URLs (a file's contents,
+    perhaps downloaded) only with ``allow_pipe`` (see `read_shard_index`). A missing local shard, an unreadable
+    one, or an index entry without ``nsamples`` raises `DatasetError` naming it."""
     specs = [spec] if isinstance(spec, str) else list(spec)
     if len(specs) == 1 and specs[0].endswith(".json") and not is_remote(specs[0]):
         path = Path(specs[0]).expanduser()
-        return read_shard_index(path if path.is_absolute() else Path(root).expanduser() / path)
+        path = path if path.is_absolute() else Path(root).expanduser() / path
+        return read_shard_index(path, allow_pipe=allow_pipe)
     urls = expand_shards(specs, root)
     return ShardList(tuple(urls), tuple(count_samples(url) for url in urls))
 
 
-def read_shard_index(path: Path) -> ShardList:
-    """A wids shard index (see the module docstring); relative URLs are relative to its folder."""
+PIPE_OPT_IN = "--allow-pipe (stanvid embed) or data.allow_pipe_urls: true (a recipe)"
+
+
+def read_shard_index(path: Path, *, allow_pipe: bool = False) -> ShardList:
+    """A wids shard index (see the module docstring); relative URLs are relative to its folder.
+
+    An index is data, often downloaded beside a dataset: a ``pipe:`` URL in it would run a shell command its
+    author wrote, so one is refused (naming the entry) unless ``allow_pipe`` says the user trusts the file.
+    Other URLs are fetched by webdataset's fixed programs (curl, gsutil), the URL one argument, no shell."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_regular_text(path, MAX_INDEX_BYTES))
     except FileNotFoundError:
         raise DatasetError(f"shard index {path} does not exist") from None
-    except (OSError, ValueError) as exc:
-        raise DatasetError(f"{path}: not a readable shard index ({exc})") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        why = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise DatasetError(f"{path}: not a readable shard index ({why})") from None
     entries = data.get("shardlist") if isinstance(data, dict) else None
     if not isinstance(entries, list) or not entries:
         raise DatasetError(f"{path}: a shard index needs a non-empty 'shardlist' of {{url, nsamples}}")
@@ -146,6 +159,11 @@ def read_shard_index(path: Path) -> ShardList:
         if not isinstance(url, str) or not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise DatasetError(
                 f"{path}: shardlist[{i}] must be {{'url': str, 'nsamples': int >= 0}}, got {entry!r}"
+            )
+        if url.startswith("pipe:") and not allow_pipe:
+            raise DatasetError(
+                f"{path}: shardlist[{i}] is a shell command ({url[:80]!r}); a shard index's pipe: URLs run only "
+                f"when you trust the file and say so: {PIPE_OPT_IN}"
             )
         urls.append(url if is_remote(url) or os.path.isabs(_local(url)) else str(path.parent / _local(url)))
         counts.append(n)

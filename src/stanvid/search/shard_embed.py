@@ -90,13 +90,16 @@ def embed_shards(
     precision: str = "auto",
     progress: bool = True,
     root: str | os.PathLike = ".",
+    allow_pipe: bool = False,
 ) -> ShardEmbedResult:
-    """Embed every sample of the shards ``spec`` (a pattern, a list, or a shard index) into ``out``."""
+    """Embed every sample of the shards ``spec`` (a pattern, a list, or a shard index) into ``out``.
+
+    ``allow_pipe``: run the ``pipe:`` URLs a shard index names (`stanvid.data.shards.read_shard_index`)."""
     from stanvid.search.embed import _check_out  # the output formats and their checks
 
     out = Path(out).expanduser().resolve()
     suffix = _check_out(out)
-    shards = load_shards(spec, root)
+    shards = load_shards(spec, root, allow_pipe=allow_pipe)
     model, source, _, fingerprint = _model(model, None, model_overrides)
     dev = torch.device(device) if device is not None else default_device()
     runner = prepare_for_inference(model.to(dev), precision, dev)

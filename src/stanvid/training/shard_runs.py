@@ -44,6 +44,7 @@ def shard_split_files(recipe: Recipe, split: str) -> SplitFiles:
         shards=tuple(specs),
         caption_key=d.caption_key,
         label_key=d.label_key,
+        allow_pipe=d.allow_pipe_urls,
     )
 
 
@@ -66,7 +67,7 @@ def shard_train_set(recipe: Recipe, transform: Callable[..., torch.Tensor]) -> S
         sampling=d.sampler,
         frame_interval=d.frame_interval,
     )
-    shards = load_shards(list(files.shards), files.videos)
+    shards = load_shards(list(files.shards), files.videos, allow_pipe=files.allow_pipe)
     return ShardDataset(shards, reader, seed=recipe.train.seed, buffer=d.shuffle_buffer)
 
 

@@ -1,0 +1,380 @@
+"""Hardening, round 2 (issue 32): what hostile and careless input found in shards, embedding imports, the index
+and the server, each case reproduced here as its test.
+
+Every case asserts what a user sees: nothing a file contains is run, nothing outside the named folder is read
+or packed, work bounded by what a file really holds, one line naming the culprit instead of a traceback, and
+counts that disagree with the data are errors, never silently fewer rows.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+import stanvid
+from indexkit import DIM, archive_files, file_vectors, index_model, rows, save_tiny_model, write_shard
+from stanvid.cli import main
+from stanvid.data import load_video_captions
+from stanvid.data.shards import iter_samples, load_shards
+from stanvid.errors import DatasetError
+from trainkit import recipe
+from videogen import make_frames, write_video
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """3 videos (``videos/``), written by `stanvid.write_shards` as one shard of 3 (``shards/``)."""
+    root = tmp_path_factory.mktemp("shards2")
+    (root / "videos").mkdir()
+    lines = ["video,caption"]
+    for i in range(3):
+        write_video(root / "videos" / f"v{i}.mp4", make_frames(6, 32, 32, seed=i), fps=10, gop=3)
+        lines.append(f"v{i}.mp4,clip number {i}")
+    (root / "all.csv").write_text("\n".join(lines) + "\n")
+    ann = load_video_captions(root / "all.csv", root / "videos")
+    stanvid.write_shards(ann, root / "videos", root / "shards", samples_per_shard=3)
+    return root
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("model2") / "model")
+
+
+def one_line(capsys, argv: list[str], *names: str) -> str:
+    """Run the CLI: exit 2 and one stderr line holding every one of ``names``."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for name in names:
+        assert name in err, (name, err)
+    return err
+
+
+def write_index(path: Path, entries: list[tuple[str, int]]) -> Path:
+    shardlist = [{"url": url, "nsamples": n} for url, n in entries]
+    path.write_text(
+        json.dumps({"__kind__": "wids-shard-index-v1", "wids_version": 1, "shardlist": shardlist})
+    )
+    return path
+
+
+def shard_recipe_file(path: Path, root: Path, annotations: str, model: Path, **data) -> Path:
+    r = recipe(
+        data={"dataset": "webdataset", "root": str(root), "train_annotations": annotations, **data},
+        train={"epochs": 1, "batch_size": 1, "output_dir": str(path.parent / "out")},
+        model={"source": str(model)},
+    )
+    path.write_text(yaml.safe_dump(r.to_dict()))
+    return path
+
+
+# ---- 1. a shard index's pipe: URLs are not run unless the user opts in ---------------------------------------
+
+
+def test_a_shard_index_never_runs_its_pipe_urls_unless_allowed(data, model_dir, tmp_path, capsys):
+    marker = tmp_path / "ran"
+    tar = data / "shards" / "00000.tar"
+    index = write_index(tmp_path / "index.json", [(f"pipe:echo ran > {marker}; cat {tar}", 3)])
+    one_line(
+        capsys,
+        ["embed", str(index), "--model", str(model_dir), "--out", str(tmp_path / "f.npy"), "--workers", "0"],
+        str(index),
+        "shardlist[0]",
+        "--allow-pipe",
+    )
+    recipe_file = shard_recipe_file(tmp_path / "r.yaml", tmp_path, "index.json", model_dir)
+    one_line(capsys, ["train", str(recipe_file), "--dry-run"], str(index), "data.allow_pipe_urls")
+    with pytest.raises(DatasetError, match="shell command"):
+        load_shards(str(index))
+    assert not marker.exists()  # nothing ran
+    # the user's own opt-in runs it; a pipe: pattern typed by the user runs without one
+    allowed = load_shards(str(index), allow_pipe=True)
+    assert [s["__key__"] for _, s in iter_samples(allowed.urls[0])] == ["000000000", "000000001", "000000002"]
+    assert marker.read_text() == "ran\n"
+    assert load_shards(f"pipe:cat {tar}").counts == (3,)
+
+
+# ---- 2. `stanvid shard` packs only videos and frame folders inside VIDEO_DIR -----------------------------------
+
+
+def test_shard_packs_only_videos_and_frame_folders_inside_the_video_folder(data, tmp_path, capsys):
+    home = tmp_path / "home"
+    (home / "u" / ".ssh").mkdir(parents=True)
+    secret_key = home / "u" / ".ssh" / "id_rsa"
+    secret_key.write_text("-----BEGIN OPENSSH PRIVATE KEY----- SECRET-1")
+    videos = tmp_path / "a" / "b" / "videos"
+    videos.mkdir(parents=True)
+    (tmp_path / "a" / "cred.pem").write_text("CERT SECRET-2")
+    for i in range(2):
+        (videos / f"v{i}.mp4").write_bytes((data / "videos" / f"v{i}.mp4").read_bytes())
+    (videos / "link.mp4").symlink_to(secret_key)  # a video's name, a secret's content
+    (videos / "notes.txt").write_text("NOTES SECRET-3")  # inside, but not a video
+    ann = tmp_path / "ann.csv"
+    ann.write_text(
+        f"video,caption\nv0.mp4,good zero\n{secret_key},k1\n../../cred.pem,k2\nlink.mp4,k4\nnotes.txt,k3\n"
+        "v1.mp4,good one\n"
+    )
+    out = tmp_path / "out"
+    assert main(["shard", str(ann), str(videos), str(out), "--samples-per-shard", "10"]) == 0
+    printed = capsys.readouterr().out
+    assert "4 source(s) left out" in printed and "outside the video folder" in printed
+    assert "not a video (extension .txt)" in printed
+    with tarfile.open(out / "00000.tar") as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar}
+    assert sorted(members) == [f"{k}.{f}" for k in ("000000000", "000000005") for f in ("json", "mp4", "txt")]
+    everything = b"".join(members.values()) + (out / "shards.json").read_bytes()
+    for secret in (b"SECRET-", b"OPENSSH", str(tmp_path).encode()):
+        assert secret not in everything  # neither the bytes nor an absolute path
+    assert members["000000005.mp4"] == (videos / "v1.mp4").read_bytes()
+    assert json.loads(members["000000005.json"])["source"] == "v1.mp4"
+    assert load_shards(str(out / "shards.json")).counts == (2,)
+
+
+# ---- the --from-embeddings import: 3, 5, 6, 8, 13, 14 ---------------------------------------------------------
+
+
+def import_argv(root: Path, out: Path, model: Path, emb: Path, *extra: str) -> list[str]:
+    return ["index", str(root), "--model", str(model), "--out", str(out), "--from-embeddings", str(emb),
+            "--no-progress", *extra]  # fmt: skip
+
+
+def write_embeddings(folder: Path, root: Path, name: str = "a.json", rows_=None, **header) -> Path:
+    """Two stand-in files of `indexkit.PER_FILE` segments each, as `stanvid embed` writes them; ``header``
+    keys replace the header's, ``rows_(rows)`` the rows."""
+    path = write_shard(folder / name, archive_files(root, 0, 2), file_vectors(0, 2))
+    data = json.loads(path.read_text())
+    data.update(header)
+    if rows_ is not None:
+        data["rows"] = rows_(data["rows"])
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_the_headers_vectors_are_only_a_regular_file_beside_the_json(tmp_path, model_dir, capsys):
+    root, emb = tmp_path / "videos", tmp_path / "emb"
+    outside = tmp_path / "outside.npy"
+    outside.write_bytes(b"root:x:0:0:SECRET-BYTES" * 10)
+    (tmp_path / "emb").mkdir()
+    (emb / "link.npy").symlink_to(outside)
+    for i, name in enumerate(("/etc/passwd", "../outside.npy", str(outside), "link.npy", "sub/x.npy", 7)):
+        (emb / "a.json").unlink(missing_ok=True)
+        bad = write_embeddings(emb, root, vectors=name)
+        err = one_line(capsys, import_argv(root, tmp_path / f"idx{i}", model_dir, emb), str(bad), "vectors")
+        assert "root:" not in err and "SECRET" not in err
+    (emb / "link.npy").unlink()
+    garbage = write_embeddings(emb, root)  # a regular file beside it, but not a .npy: its bytes not echoed
+    garbage.with_suffix(".npy").write_bytes(b"root:x:0:0:SECRET-BYTES" * 10)
+    err = one_line(capsys, import_argv(root, tmp_path / "idx", model_dir, emb), "a.npy", "not a .npy file")
+    assert "root:" not in err and "SECRET" not in err
+
+
+def run_with_fifo_release(fifo: Path, call):
+    """``call()`` in a thread; if it still blocks after 60 s (a FIFO opened), open the FIFO's other end so
+    that the thread ends, and fail."""
+    result: list = []
+    worker = threading.Thread(target=lambda: result.append(call()), daemon=True)
+    worker.start()
+    worker.join(60)
+    if worker.is_alive():
+        with open(fifo, "wb"):
+            pass
+        worker.join(10)
+        pytest.fail(f"blocked on the FIFO {fifo}")
+    return result[0]
+
+
+def test_a_fifo_named_like_an_embedding_file_is_refused_not_waited_on(tmp_path, model_dir, capsys):
+    root, emb = tmp_path / "videos", tmp_path / "emb"
+    write_embeddings(emb, root)
+    fifo = emb / "z.json"
+    os.mkfifo(fifo)
+    argv = import_argv(root, tmp_path / "idx", model_dir, emb)
+    assert run_with_fifo_release(fifo, lambda: main(argv)) == 2
+    err = capsys.readouterr().err
+    assert str(fifo) in err and "not a regular file" in err and len(err.strip().splitlines()) == 1
+    fifo.unlink()
+    os.mkfifo(emb / "v.npy")
+    (emb / "a.json").write_text((emb / "a.json").read_text().replace('"a.npy"', '"v.npy"'))
+    assert run_with_fifo_release(emb / "v.npy", lambda: main(argv)) == 2
+    assert "v.npy: not a regular file" in capsys.readouterr().err
+    (emb / "v.npy").unlink()
+    (emb / "a.json").write_text((emb / "a.json").read_text().replace('"v.npy"', '"a.npy"'))
+    assert main(argv) == 0  # the same files, the FIFOs gone: imported
+    assert len(rows(tmp_path / "idx")) == len(file_vectors(0, 2))
+
+
+class CountingFile(io.FileIO):
+    """A file that counts the bytes read from it (all instances together)."""
+
+    read_bytes = 0
+
+    def readinto(self, buffer) -> int | None:
+        n = super().readinto(buffer)
+        CountingFile.read_bytes += n or 0
+        return n
+
+
+def test_a_corrupt_embedding_json_fails_where_it_breaks_reading_no_further(
+    tmp_path, model_dir, monkeypatch, capsys
+):
+    from stanvid.search.index import imports
+
+    root, emb = tmp_path / "videos", tmp_path / "emb"
+    path = write_embeddings(emb, root)
+    good = json.loads(path.read_text())
+    head = json.dumps({k: v for k, v in good.items() if k != "rows"})[:-1]
+    rows_text = ", ".join(json.dumps(r) for r in good["rows"] * 120)  # 4,800 rows (< COMMIT_ROWS in all)
+    text = head + ', "rows": [' + rows_text * 6 + ", @"
+    where = len(text) - 1
+    path.write_text(text + " " * (32 << 20) + "]}")  # 32 MiB after the damage
+    monkeypatch.setattr(imports, "open_regular", lambda p: io.BufferedReader(CountingFile(p)))
+    err = one_line(capsys, import_argv(root, tmp_path / "idx", model_dir, emb), str(path))
+    assert f"at character {where}" in err and where > 2 * imports._READ  # the file's position, not a buffer's
+    assert CountingFile.read_bytes < where + 3 * imports._READ  # not the 32 MiB after it
+    CountingFile.read_bytes = 0
+    path.write_text(head + ', "rows": [' + "[" * 100_000 + "]" * 100_000 + "]}")  # nested: no RecursionError
+    assert "nested too deeply" in one_line(
+        capsys, import_argv(root, tmp_path / "idx", model_dir, emb), str(path)
+    )
+    path.write_text('{"dim": ' + "[" * 100_000 + "]" * 100_000 + ', "rows": []}')  # in the header too
+    assert "nested too deeply" in one_line(
+        capsys, import_argv(root, tmp_path / "idx", model_dir, emb), str(path)
+    )
+    path.write_text(head + ', "x": "' + "a" * (20 << 20) + '", "rows": []}')  # one value past the bound
+    assert "longer than" in one_line(capsys, import_argv(root, tmp_path / "idx", model_dir, emb), str(path))
+
+
+def test_repeated_rows_are_imported_once_and_found_once(tmp_path, model_dir, capsys):
+    root, emb = tmp_path / "videos", tmp_path / "emb"
+    path = write_shard(emb / "a.json", archive_files(root, 0, 2), file_vectors(0, 2))
+    data = json.loads(path.read_text())
+    half = len(data["rows"]) // 2  # the first file's rows
+    data["rows"] = data["rows"][:half] + data["rows"][:3] + data["rows"][half:]  # 3 rows of file 0 again
+    vectors = np.load(path.with_suffix(".npy"))
+    np.save(path.with_suffix(".npy"), np.concatenate([vectors[:half], vectors[:3], vectors[half:]]))
+    path.write_text(json.dumps(data))
+    assert main(import_argv(root, tmp_path / "idx", model_dir, emb)) == 0
+    assert "3 repeated row(s)" in capsys.readouterr().out
+    found = rows(tmp_path / "idx")
+    assert len(found) == len(vectors) and len({r[:3] for r in found}) == len(vectors)
+    with stanvid.open_index(tmp_path / "idx", model=index_model()) as index:
+        hits = index.search_embeddings(vectors[:1], k=len(vectors))[0]
+    assert len({(h.relpath, h.start, h.end) for h in hits}) == len(hits)  # no segment returned twice
+
+
+@pytest.mark.parametrize(
+    "case, change, message",
+    [
+        ("size 2**70", {"rows": lambda r: [{**r[0], "size": 2**70}, *r[1:]]}, "row 0 has a bad size"),
+        ("mtime -1", {"rows": lambda r: [{**r[0], "mtime_ns": -1}, *r[1:]]}, "row 0 has a bad mtime_ns"),
+        (
+            "lone surrogate",
+            {"rows": lambda r: [{**r[0], "path": "a\udc80.mp4"}, *r[1:]]},
+            "row 0 has a bad path",
+        ),
+        ("dim as text", {"dim": str(DIM)}, f"a dim of '{DIM}', not a whole number"),
+        ("dim 8", {"dim": 8}, "vectors of dimension 8"),
+        ("bad segments", {"segment_seconds": "1"}, "segment_seconds '1' is not a positive number"),
+        ("header a list", None, "not a JSON object at character 0"),
+    ],
+)
+def test_bad_embedding_values_are_one_line_naming_them(tmp_path, model_dir, capsys, case, change, message):
+    root, emb = tmp_path / "videos", tmp_path / "emb"
+    if change is None:
+        path = write_embeddings(emb, root)
+        path.write_text("[1, 2]")
+    else:
+        fix_rows = change.pop("rows", None)
+        path = write_embeddings(emb, root, rows_=fix_rows, **change)
+    err = one_line(
+        capsys, import_argv(root, tmp_path / "idx", model_dir, emb, "--segment-seconds", "1"), str(path)
+    )
+    assert message in err and "None" not in err
+
+
+def test_a_new_index_takes_the_embeddings_segment_length(tmp_path, model_dir, capsys):
+    root, emb = tmp_path / "videos", tmp_path / "emb"
+    write_embeddings(emb, root)  # segments of 1 s
+    assert main(import_argv(root, tmp_path / "idx", model_dir, emb)) == 0  # no --segment-seconds
+    assert len(rows(tmp_path / "idx")) == len(file_vectors(0, 2))
+    err = one_line(
+        capsys, import_argv(root, tmp_path / "idx", model_dir, emb, "--segment-seconds", "2"), "idx"
+    )
+    assert "segments of 1 s, not segments of 2 s" in err
+    whole = write_embeddings(tmp_path / "emb2", root, segment_seconds=None)
+    err = one_line(capsys, import_argv(root, tmp_path / "idx", model_dir, whole), "idx")
+    assert "built with segments of 1 s, not whole videos (no --segment-seconds)" in err
+
+
+@pytest.mark.parametrize("kind", ["string", "double", "struct", "list of lists"])
+def test_a_parquet_vector_column_of_another_type_is_one_line(tmp_path, model_dir, capsys, kind):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    root = tmp_path / "videos"
+    files = archive_files(root, 0, 1)
+    n = len(file_vectors(0, 1))
+    column = {
+        "string": pa.array(["0.1"] * n),
+        "double": pa.array([0.1] * n),
+        "struct": pa.array([{"x": 0.1}] * n),
+        "list of lists": pa.array([[[0.1] * DIM]] * n),
+    }[kind]
+    table = pa.table(
+        {
+            "path": [files[0][0]] * n,
+            "start": [float(j) for j in range(n)],
+            "end": [j + 1.0 for j in range(n)],
+            "vector": column,
+        }  # fmt: skip
+    )
+    source = json.loads(write_embeddings(tmp_path / "h", root).read_text())
+    header = {k: v for k, v in source.items() if k not in ("rows", "vectors")}
+    table = table.replace_schema_metadata({"stanvid": json.dumps(header)})
+    (tmp_path / "emb").mkdir()
+    pq.write_table(table, tmp_path / "emb" / "a.parquet")
+    err = one_line(
+        capsys, import_argv(root, tmp_path / "idx", model_dir, tmp_path / "emb" / "a.parquet"), "a.parquet"
+    )
+    assert "column vector holds" in err
+
+
+@pytest.mark.parametrize(
+    "argv, env, message",
+    [
+        (["--shard", "²/3"], {}, "--shard must be I/N"),
+        (["--shard", "0/²"], {}, "--shard must be I/N"),
+        ([], {"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' in the environment is not a whole number"),
+        ([], {"WORLD_SIZE": "2", "RANK": "x"}, "RANK='x' in the environment is not a whole number"),
+        ([], {"WORLD_SIZE": "2", "RANK": "5"}, "RANK=5 in the environment is not below WORLD_SIZE=2"),
+    ],
+)
+def test_bad_shares_and_launch_variables_are_one_line(
+    data, model_dir, tmp_path, monkeypatch, capsys, argv, env, message
+):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "f.npy"
+    base = [
+        "embed",
+        str(data / "videos"),
+        "--model",
+        str(model_dir),
+        "--out",
+        str(out),
+        "--workers",
+        "0",
+        "--no-progress",
+    ]
+    assert message in one_line(capsys, [*base, *argv])
+    assert not out.exists()
