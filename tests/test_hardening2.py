@@ -378,3 +378,55 @@ def test_bad_shares_and_launch_variables_are_one_line(
     ]
     assert message in one_line(capsys, [*base, *argv])
     assert not out.exists()
+
+
+# ---- 7. sample counts that disagree with the tar --------------------------------------------------------------
+
+
+def cut_after(tar: Path, out: Path, samples: int) -> Path:
+    """``tar`` cut at the member boundary where sample ``samples`` starts (no tar end marker)."""
+    with tarfile.open(tar) as t:
+        first = next(m for m in t if m.name.startswith(f"{samples:09d}."))
+    out.write_bytes(tar.read_bytes()[: first.offset])
+    return out
+
+
+def test_counts_that_disagree_with_the_tar_are_errors_naming_the_shard(data, model_dir, tmp_path, capsys):
+    good = data / "shards" / "00000.tar"
+    cut = cut_after(good, tmp_path / "cut.tar", 2)
+    embed = ["--model", str(model_dir), "--out", str(tmp_path / "f.npy"), "--workers", "0", "--no-progress"]
+    one_line(capsys, ["shard", "--index", str(cut), str(tmp_path / "i.json")], str(cut), "cut short")
+    one_line(capsys, ["embed", str(cut), *embed], str(cut), "cut short")
+    one_line(capsys, ["embed", f"pipe:cat {cut}", *embed], str(cut), "cut short")  # streamed: the same
+    for shard, n, message in ((cut, 3, "cut short"), (good, 2, "holds 3 samples, its index says 2")):
+        index = write_index(tmp_path / "index.json", [(str(shard), n)])
+        one_line(capsys, ["embed", str(index), *embed], str(shard), message)
+        recipe_file = shard_recipe_file(tmp_path / "r.yaml", tmp_path, "index.json", model_dir)
+        one_line(capsys, ["train", str(recipe_file), "--dry-run"], str(shard), message)
+    assert not (tmp_path / "f.npy").exists()
+    write_index(tmp_path / "index.json", [(str(good), 10**30)])
+    one_line(capsys, ["train", str(recipe_file), "--dry-run"], "index.json", "shardlist[0]")
+    with pytest.raises(DatasetError, match="cut short"):
+        list(iter_samples(str(cut)))
+    write_index(tmp_path / "index.json", [(str(good), 3)])  # the truth: accepted
+    assert (
+        main(["embed", str(tmp_path / "index.json"), *embed]) == 0
+        and "wrote 3 rows" in capsys.readouterr().out
+    )
+
+
+# ---- 9. a shard training set iterated as any PyTorch dataset --------------------------------------------------
+
+
+def test_an_unconfigured_shard_training_set_gives_the_whole_epoch(data, tmp_path):
+    from torch.utils.data import DataLoader
+
+    ann = load_video_captions(data / "all.csv", data / "videos")
+    stanvid.write_shards(ann, data / "videos", tmp_path / "s", samples_per_shard=2)  # 2 + 1 samples
+    r = recipe(data={"dataset": "webdataset", "root": str(tmp_path), "train_annotations": "s/shards.json"})
+    dataset = stanvid.build_dataset(r, "train")
+    items = list(dataset)
+    assert sorted(i["video_id"].rpartition(":")[2] for i in items) == ["000000000", "000000001", "000000002"]
+    assert len(list(DataLoader(dataset, batch_size=None))) == 3  # as any dataset: every sample once
+    with pytest.raises(Exception, match=r"dataset\.configure\(world, rank, readers=num_workers"):
+        list(DataLoader(dataset, batch_size=None, num_workers=2))

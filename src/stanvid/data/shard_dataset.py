@@ -38,7 +38,15 @@ from stanvid.data.loader import build_loader, position_seed
 from stanvid.data.recognition import RecognitionAnnotations
 from stanvid.data.retrieval import RetrievalAnnotations
 from stanvid.data.shard_order import batches_per_epoch, epoch_plan, reader_share
-from stanvid.data.shards import ShardList, _Keys, is_remote, iter_samples, sample_name
+from stanvid.data.shards import (
+    ShardList,
+    _Keys,
+    check_ending,
+    is_remote,
+    iter_samples,
+    sample_name,
+    tar_reader_info,
+)
 from stanvid.errors import ConfigError, DatasetError, VideoReadError
 from stanvid.video.decode import VIDEO_EXTENSIONS, MemoryVideo
 from stanvid.video.sampling import dense_indices, uniform_indices
@@ -212,7 +220,9 @@ class ShardDataset(IterableDataset):
             raise ConfigError(f"data.shuffle_buffer must be >= 1 (1: no shuffling), got {buffer}")
         self.shards, self.reader = shards, reader
         self.seed, self.buffer, self.on_error = int(seed), int(buffer), on_error
-        self.layout = (1, 0, 1, 1, 1)  # world, rank, readers per rank, batch size, batches per epoch
+        # world, rank, readers per rank, batch size, batches per epoch; None until `configure`: iterated as any
+        # PyTorch dataset, it is then one reader giving the whole epoch one sample at a time (`_layout`)
+        self.layout: tuple[int, int, int, int, int] | None = None
         self.position = (0, 0)  # epoch, batches done in it
         self.collate: Callable[[list[Any]], Any] | None = None  # set: yield each batch's part, collated
 
@@ -229,6 +239,20 @@ class ShardDataset(IterableDataset):
     def set_position(self, epoch: int, batches_done: int) -> None:
         self.position = (int(epoch), int(batches_done))
 
+    def _layout(self) -> tuple[int, int, int, int, int]:
+        """The configured layout, or for an unconfigured dataset in one process: the whole epoch, one sample
+        per step. Several DataLoader workers must agree on a plan, which only `configure` fixes."""
+        if self.layout is not None:
+            return self.layout
+        info = get_worker_info()
+        if info is not None and info.num_workers > 1:
+            raise ConfigError(
+                f"a ShardDataset read by {info.num_workers} DataLoader workers needs its plan: call "
+                "dataset.configure(world, rank, readers=num_workers, batch_size, epochs) first, or iterate "
+                "stanvid.data.ShardLoader(dataset, batch_size, num_workers=...)"
+            )
+        return 1, 0, 1, 1, batches_per_epoch(self.shards.counts, 1, 1, 1, self.seed, 1)
+
     def __iter__(self) -> Iterator[Any]:
         """This reader's items from the position; with ``collate`` set, its part of each batch, collated (an
         empty part too, so that the parts of batch j are the j-th of every reader)."""
@@ -236,7 +260,7 @@ class ShardDataset(IterableDataset):
         if self.collate is None:
             yield from items
             return
-        _, _, k, batch_size, batches = self.layout
+        _, _, k, batch_size, batches = self._layout()
         info = get_worker_info()
         w = 0 if info is None else info.id
         for j in range(self.position[1], batches):
@@ -244,7 +268,7 @@ class ShardDataset(IterableDataset):
             yield self.collate([next(items) for _ in range(size)])
 
     def _items(self) -> Iterator[dict[str, Any] | SkippedSample]:
-        world, rank, k, batch_size, batches = self.layout
+        world, rank, k, batch_size, batches = self._layout()
         info = get_worker_info()
         w, readers = (0, 1) if info is None else (info.id, info.num_workers)
         if readers != k:
@@ -420,9 +444,9 @@ def _index_local_shard(url: str) -> list[dict[str, Any]]:
             f"{url}: evaluation and the dry run read shards by member offset, so they must be local files "
             "(stream pipe:/URL shards for training only)"
         )
-    keys, samples = _Keys(), []
+    keys, samples, info_class = _Keys(), [], tar_reader_info()
     try:
-        with tarfile.open(url, mode="r:") as tar:
+        with tarfile.open(url, mode="r:", tarinfo=info_class) as tar:
             for info in tar:
                 member = keys.member(info)
                 if member is None:
@@ -438,6 +462,7 @@ def _index_local_shard(url: str) -> list[dict[str, Any]]:
         raise DatasetError(f"shard {url} does not exist (a missing shard stops the run)") from None
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise DatasetError(f"shard {url}: not a readable (uncompressed) tar file ({exc})") from None
+    check_ending(url, info_class, len(samples))
     return samples
 
 
@@ -448,8 +473,11 @@ def load_shard_annotations(
     them), videos read by offset through `ShardMembers`. A sample without a video member raises `DatasetError`
     naming it."""
     ids, names, places, captions, text_to_video, labels = [], [], [], [], [], []
-    for url in shards.urls:
-        for sample in _index_local_shard(url):
+    for url, count in zip(shards.urls, shards.counts, strict=True):
+        samples = _index_local_shard(url)
+        if len(samples) != count:
+            raise DatasetError(f"shard {url} holds {len(samples)} samples, its index says {count}")
+        for sample in samples:
             label = sample_name(url, sample["__key__"])
             if "__video__" not in sample:
                 raise DatasetError(

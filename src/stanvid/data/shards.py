@@ -42,11 +42,13 @@ __all__ = [
     "iter_samples",
     "count_samples",
     "sample_name",
+    "verify_counts",
     "write_shard_index",
 ]
 
 SHARD_INDEX_KIND = "wids-shard-index-v1"
 MAX_INDEX_BYTES = 256 << 20  # a shard index of 10^6 shards is ~60 MB
+MAX_SAMPLES = 1 << 32  # per shard: video2dataset writes 10^3-10^4
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members (skipped)
 
 
@@ -156,9 +158,14 @@ def read_shard_index(path: Path, *, allow_pipe: bool = False) -> ShardList:
     for i, entry in enumerate(entries):
         url = entry.get("url") if isinstance(entry, dict) else None
         n = entry.get("nsamples") if isinstance(entry, dict) else None
-        if not isinstance(url, str) or not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        if (
+            not isinstance(url, str)
+            or not isinstance(n, int)
+            or isinstance(n, bool)
+            or not 0 <= n <= MAX_SAMPLES
+        ):
             raise DatasetError(
-                f"{path}: shardlist[{i}] must be {{'url': str, 'nsamples': int >= 0}}, got {entry!r}"
+                f"{path}: shardlist[{i}] must be {{'url': str, 'nsamples': 0..{MAX_SAMPLES}}}, got {str(entry)[:200]}"
             )
         if url.startswith("pipe:") and not allow_pipe:
             raise DatasetError(
@@ -216,6 +223,50 @@ class _Keys:
         return key, field.lower()
 
 
+def tar_reader_info() -> type[tarfile.TarInfo]:
+    """A `tarfile.TarInfo` class (pass it as ``tarinfo=``) that records how the tar's member list ended:
+    ``ending`` is "end" after the end-of-archive zero block, "cut" when the data stopped at a member boundary
+    or inside a header, "garbage" on a header that is not one. `tarfile` ends its iteration quietly on all
+    three, so a shard cut between two members would otherwise pass as a shorter complete one."""
+
+    class _Info(tarfile.TarInfo):
+        ending = "cut"
+
+        @classmethod
+        def frombuf(cls, buf, encoding, errors):
+            try:
+                return super().frombuf(buf, encoding, errors)
+            except tarfile.EOFHeaderError:
+                _Info.ending = "end"
+                raise
+            except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError):
+                _Info.ending = "cut"
+                raise
+            except tarfile.HeaderError:
+                _Info.ending = "garbage"
+                raise
+
+    return _Info
+
+
+def check_ending(url: str, info: type[tarfile.TarInfo], samples: int) -> None:
+    """`DatasetError` naming the shard unless its member list ended with the tar end marker."""
+    ending = getattr(info, "ending", "end")
+    if ending != "end":
+        what = "is cut short (no tar end marker)" if ending == "cut" else "holds a damaged tar header"
+        raise DatasetError(f"shard {url} {what} after {samples} complete samples; write or download it again")
+
+
+def verify_counts(shards: ShardList) -> None:
+    """Check the sample count of every local shard against its tar (headers only, cached per process): an
+    index that claims more or fewer samples than a shard holds is a `DatasetError` naming the shard, before
+    any work is planned on it. ``pipe:``/URL shards are checked as they are streamed."""
+    for url, n in zip(shards.urls, shards.counts, strict=True):
+        if not is_remote(url) and (held := count_samples(url)) != n:
+            raise DatasetError(f"shard {url} holds {held} samples, its index says {n}; count it again "
+                               f"(stanvid shard --index)")  # fmt: skip
+
+
 def _open(url: str):
     try:
         if not is_remote(url):
@@ -234,7 +285,7 @@ def count_samples(url: str) -> int:
     per process, keyed on the file's size and modification time), a remote one is streamed once."""
     if is_remote(url):
         with _open(url) as stream:
-            return _count(url, lambda: tarfile.open(fileobj=stream, mode="r|*"))
+            return _count(url, lambda info: tarfile.open(fileobj=stream, mode="r|*", tarinfo=info))
     path = _local(url)
     try:
         st = os.stat(path)
@@ -245,19 +296,22 @@ def count_samples(url: str) -> int:
 
 @functools.lru_cache(maxsize=65536)
 def _count_local(real: str, size: int, mtime_ns: int, url: str) -> int:
-    return _count(url, lambda: tarfile.open(real, mode="r:*"))  # seekable: member data is skipped, not read
+    # seekable: member data is skipped, not read
+    return _count(url, lambda info: tarfile.open(real, mode="r:*", tarinfo=info))
 
 
-def _count(url: str, open_tar: Callable[[], tarfile.TarFile]) -> int:
-    """The samples of the tar ``open_tar()`` opens, counted over its member headers."""
-    keys = _Keys()
+def _count(url: str, open_tar: Callable[[type[tarfile.TarInfo]], tarfile.TarFile]) -> int:
+    """The samples of the tar ``open_tar(tarinfo)`` opens, counted over its member headers; a tar without its
+    end marker (cut at a member boundary) is a `DatasetError`, not a shorter count."""
+    keys, info_class = _Keys(), tar_reader_info()
     try:
-        with open_tar() as tar:
+        with open_tar(info_class) as tar:
             for info in tar:
                 keys.member(info)
     except (tarfile.TarError, OSError, EOFError) as exc:
         where = f" after sample {keys.ordinal}" if keys.ordinal >= 0 else ""
         raise DatasetError(f"shard {url}: not a readable tar file{where} ({exc})") from None
+    check_ending(url, info_class, keys.ordinal + 1)
     return keys.ordinal + 1
 
 
@@ -266,12 +320,12 @@ def iter_samples(url: str, keep: Callable[[int], bool] | None = None) -> Iterato
     ``__key__`` and ``__url__``. ``keep(ordinal)`` False skips a sample without reading its members' data
     (a stream still reads past it). The shard is streamed (``r|*``), so pipes and URLs work as files do;
     a shard that ends early or is not a tar raises `DatasetError` naming it."""
-    keys = _Keys()
+    keys, info_class = _Keys(), tar_reader_info()
     current: dict[str, Any] | None = None
     ordinal = -1
     with _open(url) as stream:
         try:
-            with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            with tarfile.open(fileobj=stream, mode="r|*", tarinfo=info_class) as tar:
                 for info in tar:
                     member = keys.member(info)
                     if member is None:
@@ -290,5 +344,6 @@ def iter_samples(url: str, keep: Callable[[int], bool] | None = None) -> Iterato
                         current[member[1]] = tar.extractfile(info).read()
         except (tarfile.TarError, EOFError, OSError) as exc:
             raise DatasetError(f"shard {url}: unreadable after sample {ordinal} ({exc})") from None
+    check_ending(url, info_class, ordinal)  # the last sample may lack members: not yielded as complete
     if current is not None:
         yield ordinal, current

@@ -16,7 +16,7 @@ from stanvid.data.datasets import SplitFiles
 from stanvid.data.recognition import read_class_names
 from stanvid.data.shard_dataset import SampleFields, SampleReader, ShardDataset
 from stanvid.data.shard_order import batches_per_epoch
-from stanvid.data.shards import ShardList, iter_samples, load_shards, sample_name
+from stanvid.data.shards import ShardList, iter_samples, load_shards, sample_name, verify_counts
 from stanvid.errors import ConfigError, DatasetError, VideoReadError
 from stanvid.training.recipe import Recipe
 
@@ -90,6 +90,7 @@ def check_shards(dataset: ShardDataset, recipe: Recipe, world: int) -> tuple[lis
     listing undecodable first samples, `ConfigError` when there are fewer shards than readers."""
     shards, t = dataset.shards, recipe.train
     k = max(1, recipe.data.num_workers)
+    verify_counts(shards)  # an index's counts against the local tars: no plan on samples that are not there
     problems = _first_sample_problems(shards, dataset.reader)
     if problems:
         listed = "\n  ".join(problems[:10])
