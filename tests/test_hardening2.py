@@ -71,9 +71,17 @@ def write_index(path: Path, entries: list[tuple[str, int]]) -> Path:
 
 def shard_recipe_file(path: Path, root: Path, annotations: str, model: Path, **data) -> Path:
     r = recipe(
-        data={"dataset": "webdataset", "root": str(root), "train_annotations": annotations, **data},
+        data={
+            "dataset": "webdataset",
+            "root": str(root),
+            "train_annotations": annotations,
+            "input_size": 32,
+            "test_resize": 32,
+            "train_resize": 36,
+            **data,
+        },  # fmt: skip
         train={"epochs": 1, "batch_size": 1, "output_dir": str(path.parent / "out")},
-        model={"source": str(model)},
+        model={"source": str(model), "stan_depth": 1},
     )
     path.write_text(yaml.safe_dump(r.to_dict()))
     return path
@@ -430,3 +438,63 @@ def test_an_unconfigured_shard_training_set_gives_the_whole_epoch(data, tmp_path
     assert len(list(DataLoader(dataset, batch_size=None))) == 3  # as any dataset: every sample once
     with pytest.raises(Exception, match=r"dataset\.configure\(world, rank, readers=num_workers"):
         list(DataLoader(dataset, batch_size=None, num_workers=2))
+
+
+# ---- 4. a member that inflates past the bound -----------------------------------------------------------------
+
+
+class Zeros(io.RawIOBase):
+    """``size`` zero bytes, produced as read (the bomb is never held in memory)."""
+
+    def __init__(self, size: int) -> None:
+        self.left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = min(len(buffer), self.left)
+        buffer[:n] = bytes(n)
+        self.left -= n
+        return n
+
+
+def write_bomb(path: Path, size: int, good: Path) -> Path:
+    """A gzip shard: a good sample, then one whose mp4 inflates to ``size`` bytes (a few hundred KB on disk)."""
+    with tarfile.open(path, "w:gz", compresslevel=1) as tar:
+        with tarfile.open(good) as src:
+            for m in list(src)[:3]:  # sample 000000000: json, mp4, txt
+                tar.addfile(m, src.extractfile(m))
+        for name, data in (("000000001.txt", b"the bomb"), ("000000001.mp4", None)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data) if data is not None else size
+            tar.addfile(info, io.BytesIO(data) if data is not None else io.BufferedReader(Zeros(size)))
+    return path
+
+
+def test_a_sample_inflating_past_the_bound_is_refused_by_name(data, model_dir, tmp_path, capsys):
+    bomb = write_bomb(tmp_path / "bomb.tar.gz", 129 << 20, data / "shards" / "00000.tar")
+    assert bomb.stat().st_size < 1 << 20
+    name = f"{bomb}:000000001"
+    embed = [
+        "embed",
+        str(bomb),
+        "--model",
+        str(model_dir),
+        "--out",
+        str(tmp_path / "f.npy"),
+        "--workers",
+        "0",
+        "--no-progress",
+    ]
+    err = one_line(capsys, embed, name, "128 MiB")  # the default bound
+    assert "data.max_sample_mb" in err and "--max-sample-mb" in err
+    small = write_bomb(tmp_path / "small.tar.gz", 3 << 20, data / "shards" / "00000.tar")
+    one_line(capsys, [*embed[:1], str(small), *embed[2:], "--max-sample-mb", "2"], f"{small}:000000001")
+    r = recipe(data={"dataset": "webdataset", "root": str(tmp_path), "train_annotations": "small.tar.gz",
+                     "max_sample_mb": 2})  # fmt: skip
+    with pytest.raises(DatasetError, match=rf"{small}:000000001: .* \(2 MiB: data.max_sample_mb"):
+        list(stanvid.build_dataset(r, "train"))  # training reads it as embed does
+    with pytest.raises(DatasetError, match="000000001"):
+        list(iter_samples(str(small), max_bytes=2 << 20))
+    assert [o for o, _ in iter_samples(str(small), max_bytes=4 << 20)] == [0, 1]  # under the bound: read

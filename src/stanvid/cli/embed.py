@@ -49,6 +49,14 @@ def add_parser(sub) -> None:
         help="run the pipe: commands a shard index .json names (refused by default: a downloaded index could "
         "run anything; pipe: patterns you type yourself always run)",
     )
+    p.add_argument(
+        "--max-sample-mb",
+        type=int,
+        default=128,
+        metavar="MB",
+        help="shards: the most one sample's members may hold once inflated (default 128; a larger one stops "
+        "the run, named)",
+    )
     p.set_defaults(func=run)
 
 
@@ -75,7 +83,16 @@ def run(args) -> int:
                 "--shard: it shares out the files of a folder; give each machine its own shards instead "
                 "(e.g. {00000..00049}.tar and {00050..00099}.tar)"
             )
-        result = embed_shards(args.video_dir, args.out, args.model, allow_pipe=args.allow_pipe, **common)
+        if args.max_sample_mb < 1:
+            raise EmbedError(f"--max-sample-mb must be at least 1, got {args.max_sample_mb}")
+        result = embed_shards(
+            args.video_dir,
+            args.out,
+            args.model,
+            allow_pipe=args.allow_pipe,
+            max_sample_mb=args.max_sample_mb,
+            **common,
+        )
     else:
         result = embed_videos(
             args.video_dir,

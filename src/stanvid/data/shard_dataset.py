@@ -39,9 +39,11 @@ from stanvid.data.recognition import RecognitionAnnotations
 from stanvid.data.retrieval import RetrievalAnnotations
 from stanvid.data.shard_order import batches_per_epoch, epoch_plan, reader_share
 from stanvid.data.shards import (
+    MAX_SAMPLE_BYTES,
     ShardList,
     _Keys,
     check_ending,
+    check_sample_size,
     is_remote,
     iter_samples,
     sample_name,
@@ -203,6 +205,7 @@ class ShardDataset(IterableDataset):
         seed: the run's seed (shard order, shuffle buffer, each sample's draws).
         buffer: shuffle buffer size in samples (memory: ``buffer x`` the mean sample size, per reader).
         on_error: ``"skip"`` (damaged samples reported at the end) or ``"raise"``.
+        max_sample_bytes: the most a sample's members may hold (a larger one stops the run, named).
     """
 
     def __init__(
@@ -213,6 +216,7 @@ class ShardDataset(IterableDataset):
         seed: int = 0,
         buffer: int = 100,
         on_error: str = "skip",
+        max_sample_bytes: int = MAX_SAMPLE_BYTES,
     ) -> None:
         if on_error not in ("raise", "skip"):
             raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -220,6 +224,7 @@ class ShardDataset(IterableDataset):
             raise ConfigError(f"data.shuffle_buffer must be >= 1 (1: no shuffling), got {buffer}")
         self.shards, self.reader = shards, reader
         self.seed, self.buffer, self.on_error = int(seed), int(buffer), on_error
+        self.max_sample_bytes = int(max_sample_bytes)
         # world, rank, readers per rank, batch size, batches per epoch; None until `configure`: iterated as any
         # PyTorch dataset, it is then one reader giving the whole epoch one sample at a time (`_layout`)
         self.layout: tuple[int, int, int, int, int] | None = None
@@ -316,7 +321,7 @@ class ShardDataset(IterableDataset):
             url = self.shards.urls[shard]
             keep = wanted[slot]
             seen = 0
-            for ordinal, sample in iter_samples(url, keep=keep.__contains__):
+            for ordinal, sample in iter_samples(url, keep=keep.__contains__, max_bytes=self.max_sample_bytes):
                 seen = ordinal + 1
                 if ordinal not in keep:
                     continue
@@ -437,7 +442,7 @@ class ShardMembers:
         return MemoryVideo(data, self.names[index])
 
 
-def _index_local_shard(url: str) -> list[dict[str, Any]]:
+def _index_local_shard(url: str, max_bytes: int) -> list[dict[str, Any]]:
     """Samples of a local shard: key, small fields' bytes, and the video member's (offset, size)."""
     if is_remote(url):
         raise ConfigError(
@@ -454,6 +459,8 @@ def _index_local_shard(url: str) -> list[dict[str, Any]]:
                 if keys.ordinal == len(samples):
                     samples.append({"__key__": member[0], "__url__": url})
                 sample = samples[-1]
+                sample["__bytes__"] = sample.get("__bytes__", 0) + info.size
+                check_sample_size(url, member[0], sample["__bytes__"], max_bytes)
                 if member[1] in _VIDEO_FIELDS and "__video__" not in sample:
                     sample["__video__"] = (url, info.offset_data, info.size)
                 elif member[1] not in _VIDEO_FIELDS:
@@ -467,14 +474,14 @@ def _index_local_shard(url: str) -> list[dict[str, Any]]:
 
 
 def load_shard_annotations(
-    shards: ShardList, reader: SampleFields, name: str = "webdataset"
+    shards: ShardList, reader: SampleFields, name: str = "webdataset", max_bytes: int = MAX_SAMPLE_BYTES
 ) -> RetrievalAnnotations | RecognitionAnnotations:
     """A split of local shards as map-style annotations (every caption a query; labels as `SampleFields` reads
     them), videos read by offset through `ShardMembers`. A sample without a video member raises `DatasetError`
     naming it."""
     ids, names, places, captions, text_to_video, labels = [], [], [], [], [], []
     for url, count in zip(shards.urls, shards.counts, strict=True):
-        samples = _index_local_shard(url)
+        samples = _index_local_shard(url, max_bytes)
         if len(samples) != count:
             raise DatasetError(f"shard {url} holds {len(samples)} samples, its index says {count}")
         for sample in samples:

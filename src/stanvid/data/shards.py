@@ -43,12 +43,14 @@ __all__ = [
     "count_samples",
     "sample_name",
     "verify_counts",
+    "MAX_SAMPLE_BYTES",
     "write_shard_index",
 ]
 
 SHARD_INDEX_KIND = "wids-shard-index-v1"
 MAX_INDEX_BYTES = 256 << 20  # a shard index of 10^6 shards is ~60 MB
 MAX_SAMPLES = 1 << 32  # per shard: video2dataset writes 10^3-10^4
+MAX_SAMPLE_BYTES = 128 << 20  # the members of one sample, by default (a WebVid sample is ~2.5 MB)
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members (skipped)
 
 
@@ -315,14 +317,18 @@ def _count(url: str, open_tar: Callable[[type[tarfile.TarInfo]], tarfile.TarFile
     return keys.ordinal + 1
 
 
-def iter_samples(url: str, keep: Callable[[int], bool] | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+def iter_samples(
+    url: str, keep: Callable[[int], bool] | None = None, max_bytes: int | None = None
+) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(ordinal, sample)`` for the samples of a shard in order, ``sample`` a dict of field -> bytes with
     ``__key__`` and ``__url__``. ``keep(ordinal)`` False skips a sample without reading its members' data
     (a stream still reads past it). The shard is streamed (``r|*``), so pipes and URLs work as files do;
-    a shard that ends early or is not a tar raises `DatasetError` naming it."""
+    a shard that ends early or is not a tar raises `DatasetError` naming it, and so does a sample whose
+    members would hold more than ``max_bytes`` (default `MAX_SAMPLE_BYTES`), before any of it is read."""
+    limit = MAX_SAMPLE_BYTES if max_bytes is None else max_bytes
     keys, info_class = _Keys(), tar_reader_info()
     current: dict[str, Any] | None = None
-    ordinal = -1
+    ordinal, held = -1, 0
     with _open(url) as stream:
         try:
             with tarfile.open(fileobj=stream, mode="r|*", tarinfo=info_class) as tar:
@@ -333,7 +339,7 @@ def iter_samples(url: str, keep: Callable[[int], bool] | None = None) -> Iterato
                     if keys.ordinal != ordinal:
                         if current is not None:
                             yield ordinal, current
-                        ordinal, current = keys.ordinal, None
+                        ordinal, current, held = keys.ordinal, None, 0
                         if keep is None or keep(ordinal):
                             current = {"__key__": member[0], "__url__": url}
                     if current is not None:
@@ -341,9 +347,21 @@ def iter_samples(url: str, keep: Callable[[int], bool] | None = None) -> Iterato
                             raise DatasetError(
                                 f"shard {url}: sample {member[0]} has two {member[1]!r} members"
                             )
+                        held += info.size
+                        check_sample_size(url, member[0], held, limit)
                         current[member[1]] = tar.extractfile(info).read()
         except (tarfile.TarError, EOFError, OSError) as exc:
             raise DatasetError(f"shard {url}: unreadable after sample {ordinal} ({exc})") from None
     check_ending(url, info_class, ordinal)  # the last sample may lack members: not yielded as complete
     if current is not None:
         yield ordinal, current
+
+
+def check_sample_size(url: str, key: str, size: int, limit: int) -> None:
+    """`DatasetError` naming the sample when its members hold more than ``limit`` bytes (a compressed shard's
+    member can inflate a thousandfold: its header's size is known before a byte of it is inflated)."""
+    if size > limit:
+        raise DatasetError(
+            f"{sample_name(url, key)}: its members hold {size:,} bytes, more than a sample may "
+            f"({limit >> 20} MiB: data.max_sample_mb, stanvid embed --max-sample-mb)"
+        )

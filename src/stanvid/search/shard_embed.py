@@ -26,7 +26,14 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from stanvid.data.loader import build_loader
 from stanvid.data.shard_dataset import sample_video
-from stanvid.data.shards import ShardList, iter_samples, load_shards, sample_name, verify_counts
+from stanvid.data.shards import (
+    MAX_SAMPLE_BYTES,
+    ShardList,
+    iter_samples,
+    load_shards,
+    sample_name,
+    verify_counts,
+)
 from stanvid.distributed import default_device
 from stanvid.errors import DatasetError, VideoReadError
 from stanvid.fileio import atomic_write_bytes, atomic_write_stream
@@ -62,6 +69,7 @@ class _ShardClips(IterableDataset):
     def __init__(self, shards: ShardList, todo: Sequence[int], clip_len: int, image_size: int) -> None:
         self.urls, self.counts = list(shards.urls), list(shards.counts)
         self.todo, self.clip_len, self.image_size = list(todo), clip_len, image_size
+        self.max_bytes = MAX_SAMPLE_BYTES
 
     def __iter__(self) -> Iterator[tuple]:
         info = get_worker_info()
@@ -75,7 +83,7 @@ class _ShardClips(IterableDataset):
 
     def _shard(self, shard: int) -> Iterator[tuple]:
         url, count, seen = self.urls[shard], self.counts[shard], 0
-        for ordinal, sample in iter_samples(url):
+        for ordinal, sample in iter_samples(url, max_bytes=self.max_bytes):
             if ordinal >= count:
                 raise DatasetError(f"shard {url} holds more samples than its count {count}")
             seen = ordinal + 1
@@ -110,10 +118,12 @@ def embed_shards(
     progress: bool = True,
     root: str | os.PathLike = ".",
     allow_pipe: bool = False,
+    max_sample_mb: int = MAX_SAMPLE_BYTES >> 20,
 ) -> ShardEmbedResult:
     """Embed every sample of the shards ``spec`` (a pattern, a list, or a shard index) into ``out``.
 
-    ``allow_pipe``: run the ``pipe:`` URLs a shard index names (`stanvid.data.shards.read_shard_index`)."""
+    ``allow_pipe``: run the ``pipe:`` URLs a shard index names (`stanvid.data.shards.read_shard_index`);
+    ``max_sample_mb``: the most one sample's members may hold (a larger one stops the run, named)."""
     from stanvid.search.embed import _check_out  # the output formats and their checks
 
     out = Path(out).expanduser().resolve()
@@ -127,6 +137,7 @@ def embed_shards(
     todo = [i for i in range(len(shards)) if i not in done]
     verify_counts(shards)  # local shards against their index: an error now, not a missing part at the end
     clips = _ShardClips(shards, todo, model.config.num_frames, model.config.clip.vision.image_size)
+    clips.max_bytes = max_sample_mb << 20
     workers = min(num_workers, len(todo))
     loader = build_loader(clips, None, num_workers=workers, pin_memory=False, persistent_workers=False)
     pending: dict[int, list] = {i: [] for i in todo}

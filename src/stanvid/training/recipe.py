@@ -136,6 +136,7 @@ class DataRecipe(_Validated):
     label_key: str | None = None  # webdataset: .json key of the label (null: the .cls member)
     shuffle_buffer: int = _f(100, gt=0)  # webdataset: samples per reader's shuffle buffer (1: none)
     allow_pipe_urls: bool = False  # webdataset: run the pipe: commands a shard index .json names
+    max_sample_mb: int = _f(128, gt=0)  # webdataset: the most one sample's members may hold (MiB)
 
     def path(self, value: str) -> Path:
         """``value`` resolved against ``root`` (absolute paths are kept)."""
