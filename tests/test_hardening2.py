@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
+import shutil
+import subprocess
+import sys
 import tarfile
 import threading
 from pathlib import Path
@@ -20,7 +24,16 @@ import pytest
 import yaml
 
 import stanvid
-from indexkit import DIM, archive_files, file_vectors, index_model, rows, save_tiny_model, write_shard
+from indexkit import (
+    DIM,
+    archive_files,
+    file_vectors,
+    index_model,
+    rows,
+    save_tiny_model,
+    write_clip,
+    write_shard,
+)
 from stanvid.cli import main
 from stanvid.data import load_video_captions
 from stanvid.data.shards import iter_samples, load_shards
@@ -243,7 +256,7 @@ def test_a_corrupt_embedding_json_fails_where_it_breaks_reading_no_further(
     good = json.loads(path.read_text())
     head = json.dumps({k: v for k, v in good.items() if k != "rows"})[:-1]
     rows_text = ", ".join(json.dumps(r) for r in good["rows"] * 120)  # 4,800 rows (< COMMIT_ROWS in all)
-    text = head + ', "rows": [' + rows_text * 6 + ", @"
+    text = head + ', "rows": [' + ", ".join([rows_text] * 6) + ", @"
     where = len(text) - 1
     path.write_text(text + " " * (32 << 20) + "]}")  # 32 MiB after the damage
     monkeypatch.setattr(imports, "open_regular", lambda p: io.BufferedReader(CountingFile(p)))
@@ -498,3 +511,150 @@ def test_a_sample_inflating_past_the_bound_is_refused_by_name(data, model_dir, t
     with pytest.raises(DatasetError, match="000000001"):
         list(iter_samples(str(small), max_bytes=2 << 20))
     assert [o for o, _ in iter_samples(str(small), max_bytes=4 << 20)] == [0, 1]  # under the bound: read
+
+
+# ---- the index under a running server: 10, 11, 15 -------------------------------------------------------------
+
+SERVED = {"a.mp4": (20, 1), "sub/b.mkv": (15, 2), "c.mp4": (12, 3)}
+
+
+def build(root: Path, out: Path, model: Path, **kw):
+    kw = {"segment_seconds": 1.0, "num_workers": 0, "progress": False, **kw}
+    return stanvid.build_index(root, out, model, **kw)
+
+
+@pytest.fixture(scope="module")
+def indexes(tmp_path_factory, model_dir) -> tuple[Path, Path, Path]:
+    """(videos, exact index, IVF-PQ index of the same videos)."""
+    base = tmp_path_factory.mktemp("served")
+    for name, (frames, seed) in SERVED.items():
+        write_clip(base / "videos" / name, frames, seed)
+    build(base / "videos", base / "flat", model_dir)
+    assert build(base / "videos", base / "ivf", model_dir, approx_threshold=1).vector_index.startswith(
+        "approx"
+    )
+    return base / "videos", base / "flat", base / "ivf"
+
+
+def test_a_vector_file_overwritten_in_place_under_a_server_is_searched_exactly(
+    indexes, model_dir, tmp_path, caplog
+):
+    from fastapi.testclient import TestClient
+
+    from stanvid.search.server.app import create_app
+
+    root, flat, ivf = indexes
+    out = tmp_path / "idx"
+    shutil.copytree(ivf, out)
+    other = tmp_path / "other"  # a valid vector file of another index of the same model, larger
+    build(root.parent / "videos", other, model_dir, approx_threshold=1, segment_seconds=0.5)
+    with stanvid.open_index(flat) as exact:
+        expected = [(h.id, round(h.score, 5)) for h in exact.search("a red ball", 50)]
+    with TestClient(create_app(out)) as client:
+        before = client.get("/api/search", params={"q": "a red ball", "k": 50})
+        assert before.status_code == 200
+        first = before.json()["results"][0]["id"]
+        vectors = next(out.glob("vectors-*.faiss"))
+        inode = vectors.stat().st_ino
+        shutil.copyfile(next(other.glob("vectors-*.faiss")), vectors)  # written into the same inode
+        assert vectors.stat().st_ino == inode
+        with caplog.at_level(logging.WARNING, logger="stanvid"):
+            after = client.get("/api/search", params={"q": "a red ball", "k": 50})
+            like = client.get(f"/api/like/{first}", params={"k": 5})
+    assert after.status_code == 200 and like.status_code == 200, (after.text, like.text)
+    assert [(h["id"], round(h["score"], 5)) for h in after.json()["results"]] == expected
+    assert any("written in place" in r.getMessage() and "exactly" in r.getMessage() for r in caplog.records)
+
+
+def test_a_repair_never_publishes_an_emptier_index(indexes, model_dir, tmp_path, caplog):
+    root, flat, _ = indexes
+    out, other = tmp_path / "idx", tmp_path / "other"
+    shutil.copytree(flat, out)
+    build(root, other, model_dir, segment_seconds=0.5)  # another index's store, to copy over this one's
+    seen: list[tuple[int, int]] = []
+    with stanvid.open_index(out, follow=None) as index:
+        before = (index.num_files(), len(index))
+        store = next(out.glob("embeddings-*.f32"))
+        foreign = store.with_name(".foreign")
+        shutil.copyfile(next(other.glob("embeddings-*.f32")), foreign)
+        os.replace(foreign, store)  # every vector lost: the repair drops every file, then encodes them again
+
+        def on_commit(_: int) -> None:  # as a server following the index would see each commit
+            index.refresh()
+            seen.append((index.num_files(), len(index)))
+
+        with caplog.at_level(logging.WARNING, logger="stanvid"):
+            build(root, out, model_dir, on_commit=on_commit, batch_size=4)
+        assert seen and all(state == before for state in seen)  # never the repair's emptier states
+        assert any("a repair is under way" in r.getMessage() for r in caplog.records)
+        assert index.refresh() and (index.num_files(), len(index)) == before  # the repaired one, once done
+    assert [r[:3] for r in rows(out)] == [r[:3] for r in rows(flat)]
+
+
+HOLD_LOCK = """
+import sqlite3, sys, time
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN EXCLUSIVE")
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_locked_index_names_who_holds_it(indexes, tmp_path, model_dir, monkeypatch, capsys):
+    from stanvid.search.index import DB_NAME, store
+
+    root, flat, _ = indexes
+    out = tmp_path / "idx"
+    shutil.copytree(flat, out)
+    monkeypatch.setattr(store, "BUSY_SECONDS", 0.5)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(out / DB_NAME)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        argv = ["index", str(root), "--model", str(model_dir), "--out", str(out), "--segment-seconds", "1",
+                "--workers", "0", "--no-progress"]  # fmt: skip
+        err = one_line(capsys, argv, str(out / DB_NAME), f"open in process {holder.pid} (", "stayed locked")
+        assert "let it finish or stop it" in err
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_closing_does_not_wait_for_a_load_stuck_on_a_lock(indexes, tmp_path, model_dir, monkeypatch):
+    from stanvid.search.index import follow
+
+    root, out = tmp_path / "videos", tmp_path / "idx"
+    shutil.copytree(indexes[0], root)
+    build(root, out, model_dir)
+    index = stanvid.open_index(out, follow=None)
+    write_clip(root / "new.mp4", 10, 9)
+    build(root, out, model_dir)  # a newer committed state to load
+    release = threading.Event()
+    real = follow.load_snapshot
+
+    def stuck(*args, **kw):  # as a load waiting for another process's lock
+        release.wait(60)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(follow, "load_snapshot", stuck)
+    outcome: list = []
+    loading = threading.Thread(target=lambda: outcome.append(index.refresh()), daemon=True)
+    loading.start()
+    index.close()
+    assert loading.is_alive(), outcome  # close returned while the load still waits
+    release.set()
+    loading.join(60)
+
+
+def test_a_swapped_index_folder_is_logged_as_another_index(indexes, tmp_path, model_dir, caplog):
+    root, flat, ivf = indexes
+    out = tmp_path / "idx"
+    shutil.copytree(flat, out)
+    with stanvid.open_index(out, follow=None) as index:
+        shutil.move(out, tmp_path / "old")
+        shutil.copytree(ivf, out)  # another index, swapped in under the same name
+        with caplog.at_level(logging.INFO, logger="stanvid"):
+            assert index.refresh()
+    said = [r.getMessage() for r in caplog.records if "answering from" in r.getMessage()]
+    assert said and "another index now in the folder" in said[-1] and "new vector index" not in said[-1]

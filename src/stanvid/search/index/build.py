@@ -45,6 +45,8 @@ from stanvid.search.index.maintain import (
     COMPACT_FRACTION,
     VectorSettings,
     compact_store,
+    end_repair,
+    mark_repair,
     reconcile_dead,
     remove_unrecorded,
     repair_store,
@@ -440,6 +442,7 @@ def _finish(run: _Run) -> None:
         if dead and dead > COMPACT_FRACTION * store.rows:
             store = compact_store(run.out, conn, store)
         record = update_vectors(run.out, conn, store, run.options.vectors)
+        end_repair(conn)  # what a repair dropped is encoded again: open indexes may follow now
         report.vector_index = describe(record)
         report.built_precision = "+".join(_get_meta(conn).get("precisions", []))
         report.files = conn.execute("SELECT COUNT(*) FROM files").fetchone()[0]
@@ -541,6 +544,7 @@ def _drop_damaged_rows(conn: sqlite3.Connection, db: Path, store: VectorStore) -
             orphans,
         )
         with _transaction(conn):
+            mark_repair(conn, f"{len(damaged)} file(s) with damaged rows")
             for relpath in damaged:
                 _delete_file(conn, relpath)
             _delete_orphans(conn)

@@ -20,6 +20,7 @@ import glob
 import io
 import json
 import math
+import re
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,6 +41,7 @@ MAX_VALUE_CHARS = 16 << 20  # one header value or row; a longer one is damage, n
 _READ = 1 << 20
 _CUT = 16  # the longest token a block boundary can cut yet leave decodable (-Infinity, two escapes)
 _INT64 = 1 << 63
+_SPACE = re.compile(r"[ \t\r\n]*")
 
 
 def embedding_files(spec: str) -> list[Path]:
@@ -91,8 +93,7 @@ class _Chars:
     def peek(self) -> str:
         """The next character after white space ("" at the end of the file)."""
         while True:
-            while self.pos < len(self.buf) and self.buf[self.pos] in " \t\r\n":
-                self.pos += 1
+            self.pos = _SPACE.match(self.buf, self.pos).end()
             if self.pos < len(self.buf) or not self.more():
                 return self.buf[self.pos] if self.pos < len(self.buf) else ""
 
@@ -144,10 +145,16 @@ class _JsonStream:
                 continue
             if not c:
                 raise ValueError(f"the object is cut short at {chars.at()}")
+            if c != '"':
+                raise ValueError(f"expected a key (a string) at {chars.at()}")
             key = chars.value(self.decoder)
             expect(":", f"expected ':' after {str(key)[:40]!r}")
             if key != "rows":
                 yield key, chars.value(self.decoder)
+                if chars.peek() not in (",", "}"):
+                    raise ValueError(
+                        f"expected ',' or '}}' after the value of {str(key)[:40]!r} at {chars.at()}"
+                    )
                 continue
             expect("[", "rows is not a list")
             while (c := chars.peek()) != "]":
@@ -157,6 +164,8 @@ class _JsonStream:
                 if not c:
                     raise ValueError(f"the rows list is cut short at {chars.at()}")
                 row = chars.value(self.decoder)
+                if chars.peek() not in (",", "]"):
+                    raise ValueError(f"expected ',' or ']' after a row at {chars.at()}")
                 if want_rows:
                     yield "row", row
             chars.pos += 1
