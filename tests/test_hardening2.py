@@ -658,3 +658,44 @@ def test_a_swapped_index_folder_is_logged_as_another_index(indexes, tmp_path, mo
             assert index.refresh()
     said = [r.getMessage() for r in caplog.records if "answering from" in r.getMessage()]
     assert said and "another index now in the folder" in said[-1] and "new vector index" not in said[-1]
+
+
+# ---- the same kinds of input elsewhere -----------------------------------------------------------------------
+
+
+def test_digits_that_int_refuses_are_dataset_errors(data, tmp_path):
+    from stanvid.data import load_kinetics
+    from stanvid.data.shard_dataset import SampleFields
+
+    for line in ("v0.mp4 ²", "v0.mp4 ² 1"):
+        (tmp_path / "k.txt").write_text(line + "\n")
+        with pytest.raises(DatasetError, match="k.txt"):
+            load_kinetics(tmp_path / "k.txt", data / "videos", ["a", "b"])
+    with pytest.raises(DatasetError, match="s.tar:k"):
+        SampleFields("recognition", classes=["a", "b"]).label(
+            {"__url__": "s.tar", "__key__": "k", "cls": "²".encode()}
+        )
+
+
+def test_huge_tar_headers_and_unknown_schemes_are_one_line(data, model_dir, tmp_path, capsys):
+    huge = tmp_path / "pax.tar"
+    with tarfile.open(huge, "w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("000000000.txt")
+        info.pax_headers = {"comment": "x" * (2 << 20)}  # an extended header tarfile would read whole
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"hi"))
+    for read in (lambda: load_shards(str(huge)), lambda: list(iter_samples(str(huge)))):
+        with pytest.raises(DatasetError, match="an extended header of 2,"):
+            read()
+    index = write_index(tmp_path / "index.json", [("nope://host/0.tar", 1)])  # no opener for the scheme
+    embed = [
+        "embed",
+        str(index),
+        "--model",
+        str(model_dir),
+        "--out",
+        str(tmp_path / "f.npy"),
+        "--workers",
+        "0",
+    ]
+    one_line(capsys, [*embed, "--no-progress"], "nope://host/0.tar", "cannot open")

@@ -133,7 +133,7 @@ class SampleFields:
             value: Any = sample["cls"].decode("utf-8", "replace").strip()
         else:
             value = self._json(sample, self.label_key)
-        if isinstance(value, str) and value.lstrip("-").isdigit():
+        if isinstance(value, str) and value.lstrip("-").isdecimal():
             value = int(value)
         if isinstance(value, str) and value in self._class_index:
             return self._class_index[value]

@@ -50,6 +50,9 @@ __all__ = [
 SHARD_INDEX_KIND = "wids-shard-index-v1"
 MAX_INDEX_BYTES = 256 << 20  # a shard index of 10^6 shards is ~60 MB
 MAX_SAMPLES = 1 << 32  # per shard: video2dataset writes 10^3-10^4
+MAX_HEADER_BYTES = 1 << 20  # a pax or GNU long-name header (names, times): kilobytes in real tars
+_LONG_HEADERS = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+                 tarfile.GNUTYPE_LONGLINK)  # fmt: skip
 MAX_SAMPLE_BYTES = 128 << 20  # the members of one sample, by default (a WebVid sample is ~2.5 MB)
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members (skipped)
 
@@ -237,7 +240,10 @@ def tar_reader_info() -> type[tarfile.TarInfo]:
         @classmethod
         def frombuf(cls, buf, encoding, errors):
             try:
-                return super().frombuf(buf, encoding, errors)
+                info = super().frombuf(buf, encoding, errors)
+                if info.type in _LONG_HEADERS and info.size > MAX_HEADER_BYTES:  # tarfile reads these whole
+                    raise tarfile.ReadError(f"an extended header of {info.size:,} bytes")
+                return info
             except tarfile.EOFHeaderError:
                 _Info.ending = "end"
                 raise
@@ -280,6 +286,8 @@ def _open(url: str):
         raise DatasetError(f"shard {url} does not exist (a missing shard stops the run)") from None
     except OSError as exc:
         raise DatasetError(f"shard {url}: cannot open ({exc.strerror or exc})") from None
+    except ValueError as exc:  # webdataset: a scheme it has no opener for
+        raise DatasetError(f"shard {url}: cannot open ({exc})") from None
 
 
 def count_samples(url: str) -> int:

@@ -206,7 +206,7 @@ def _claim_parts(parts: Path, wanted: dict[str, Any]) -> set[int]:
         return {
             int(p.stem)
             for p in parts.glob("*.json")
-            if p.stem.isdigit() and (parts / f"{p.stem}.npy").exists()
+            if p.stem.isdecimal() and (parts / f"{p.stem}.npy").exists()
         }
     for old in parts.glob("*"):
         old.unlink()
