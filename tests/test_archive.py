@@ -135,7 +135,7 @@ def test_embed_shards_split_the_files_and_import_assembles_them(tmp_path, model_
     [
         ({"model_fingerprint": "0" * 64}, "another model"),
         ({"dim": 8}, "dimension 8"),
-        ({"segment_seconds": 2.0}, "segments of 2.0 s"),
+        ({"segment_seconds": 2.0}, "segments of 2 s"),
     ],
 )
 def test_an_import_of_another_model_dimension_or_segmentation_is_refused_naming_the_file(

@@ -10,12 +10,15 @@ the launcher started, which a plan or a set-up made before the group is joined n
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["rank_world", "launch_world_size", "default_device", "leave_process_group"]
+from stanvid.errors import ConfigError
+
+__all__ = ["rank_world", "launch_world_size", "launch_env", "default_device", "leave_process_group"]
 
 
 def rank_world(group: Any = None) -> tuple[int, int]:
@@ -31,13 +34,34 @@ def launch_world_size() -> int:
     ``WORLD_SIZE`` (1 for a plain ``python`` run), for planning and for deciding whether to start a group."""
     if dist.is_available() and dist.is_initialized():
         return rank_world()[1]
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    world = launch_env("WORLD_SIZE", 1)
+    if world < 1:
+        raise ConfigError(f"WORLD_SIZE={world} in the environment: a launch has at least one process")
+    if world > 1 and not launch_env("RANK", 0) < world:
+        raise ConfigError(f"RANK={launch_env('RANK', 0)} in the environment is not below WORLD_SIZE={world}")
+    launch_env("LOCAL_RANK", 0)
+    return world
+
+
+def launch_env(name: str, default: int) -> int:
+    """The launcher's variable ``name`` (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``) as a
+    whole number, ``default`` when unset; anything else is a `ConfigError` naming it, not a traceback."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    if not re.fullmatch(
+        r"\s*[0-9]+\s*", value
+    ):  # ASCII digits only (str.isdigit() takes "²", which int() refuses)
+        raise ConfigError(
+            f"{name}={value!r} in the environment is not a whole number (torchrun sets it; unset or fix it)"
+        )
+    return int(value)
 
 
 def default_device() -> torch.device:
     """This process's GPU (``LOCAL_RANK`` under torchrun) when CUDA is available, else the CPU."""
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cuda", launch_env("LOCAL_RANK", 0))
     return torch.device("cpu")
 
 

@@ -13,6 +13,9 @@ All of them go through the same steps below, so every writer in stanvid gets the
 `settled_identity` is the other side: what identifies a file's content without reading it, for the caches
 that skip hashing a file already hashed (a model's fingerprint, a vector index file's SHA-256); `sha256_file`
 is that hash, read in blocks.
+
+`open_regular` and `read_regular_text` are the reading side for files stanvid did not write: only a regular
+file is opened (a FIFO or a device named like a data file would block or never end), and a read is bounded.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -34,6 +38,9 @@ __all__ = [
     "atomic_path",
     "settled_identity",
     "SETTLE_SECONDS",
+    "NotRegularFileError",
+    "open_regular",
+    "read_regular_text",
 ]
 
 # A change within one tick of a file system's clock (a few ms on ext4, 2 s on FAT) can leave a file's mtime
@@ -125,6 +132,45 @@ def settled_identity(st: os.stat_result, now_ns: int | None = None) -> list[int]
     if now_ns - max(st.st_mtime_ns, st.st_ctime_ns) < SETTLE_SECONDS * 1e9:
         return None
     return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+class NotRegularFileError(OSError):
+    """A path that names a FIFO, a socket, a device or a folder where a regular file is read."""
+
+
+def open_regular(path: str | os.PathLike, mode: str = "rb") -> IO[Any]:
+    """``open(path, mode)`` for reading, refusing (`NotRegularFileError`) anything but a regular file.
+
+    The file is opened non-blocking first and checked on the open descriptor, so a FIFO swapped in after a
+    check cannot block the open itself; reads then block as usual."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        kind = os.fstat(fd).st_mode
+        if not stat.S_ISREG(kind):
+            what = (
+                "a folder"
+                if stat.S_ISDIR(kind)
+                else "a FIFO"
+                if stat.S_ISFIFO(kind)
+                else "not a regular file"
+            )
+            raise NotRegularFileError(f"{path}: {what}, not a regular file")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return open(fd, mode, closefd=True)  # noqa: SIM115 (the caller closes it)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular_text(path: str | os.PathLike, limit: int, encoding: str = "utf-8") -> str:
+    """The text of a regular file (`open_regular`) of at most ``limit`` bytes; a larger one is a ValueError
+    (read no further than the limit)."""
+    with open_regular(path) as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"larger than {limit:,} bytes")
+    return data.decode(encoding)
 
 
 def _temp_path(path: Path) -> Path:

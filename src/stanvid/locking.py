@@ -24,9 +24,34 @@ try:  # POSIX; elsewhere the lock degrades to recording the holder (no exclusion
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
-__all__ = ["LockHeldError", "exclusive_lock"]
+__all__ = ["LockHeldError", "exclusive_lock", "processes_using"]
 
 log = logging.getLogger("stanvid")
+
+
+def processes_using(path: str | os.PathLike, limit: int = 5) -> list[str]:
+    """Other processes that have ``path`` (or its SQLite ``-wal`` / ``-shm`` files) open, as "PID (command
+    line)": what a message about a locked file names. Read from ``/proc`` (Linux); elsewhere, or where
+    ``/proc`` hides other users' processes, an empty list."""
+    real = os.path.realpath(path)
+    wanted = {real, real + "-wal", real + "-shm", real + "-journal"}
+    found: list[str] = []
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()]
+    except OSError:
+        return found
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") in wanted for fd in fds):
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    command = " ".join(f.read(400).replace(b"\0", b" ").decode("utf-8", "replace").split())
+                found.append(f"{pid} ({command[:120] or '?'})")
+        except OSError:  # gone meanwhile, or not ours to look at
+            continue
+        if len(found) >= limit:
+            break
+    return found
 
 
 def _describe(holder: dict) -> str:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 from stanvid.cli.common import add_model_overrides, parse_overrides
 from stanvid.cli.precision import add_precision_argument
+
+_DIGITS = re.compile(r"[0-9]+")  # ASCII only: str.isdigit() accepts "²", which int() refuses
 
 
 def add_parser(sub) -> None:
@@ -39,6 +43,20 @@ def add_parser(sub) -> None:
     add_precision_argument(p)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--allow-pipe",
+        action="store_true",
+        help="run the pipe: commands a shard index .json names (refused by default: a downloaded index could "
+        "run anything; pipe: patterns you type yourself always run)",
+    )
+    p.add_argument(
+        "--max-sample-mb",
+        type=int,
+        default=128,
+        metavar="MB",
+        help="shards: the most one sample's members may hold once inflated (default 128; a larger one stops "
+        "the run, named)",
+    )
     p.set_defaults(func=run)
 
 
@@ -65,7 +83,16 @@ def run(args) -> int:
                 "--shard: it shares out the files of a folder; give each machine its own shards instead "
                 "(e.g. {00000..00049}.tar and {00050..00099}.tar)"
             )
-        result = embed_shards(args.video_dir, args.out, args.model, **common)
+        if args.max_sample_mb < 1:
+            raise EmbedError(f"--max-sample-mb must be at least 1, got {args.max_sample_mb}")
+        result = embed_shards(
+            args.video_dir,
+            args.out,
+            args.model,
+            allow_pipe=args.allow_pipe,
+            max_sample_mb=args.max_sample_mb,
+            **common,
+        )
     else:
         result = embed_videos(
             args.video_dir,
@@ -85,6 +112,6 @@ def _shard(text: str | None) -> tuple[int, int] | None:
     if text is None:
         return None
     i, sep, n = text.partition("/")
-    if not (sep and i.strip().isdigit() and n.strip().isdigit() and int(i) < int(n)):
+    if not (sep and _DIGITS.fullmatch(i.strip()) and _DIGITS.fullmatch(n.strip()) and int(i) < int(n)):
         raise EmbedError(f"--shard must be I/N with 0 <= I < N, got {text!r}")
     return int(i), int(n)

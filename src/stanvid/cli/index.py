@@ -6,8 +6,6 @@ its share of the files and rank 0 merges them.
 
 from __future__ import annotations
 
-import os
-
 from stanvid.cli.common import add_model_overrides, parse_overrides
 from stanvid.cli.precision import add_precision_argument
 
@@ -114,6 +112,8 @@ def run(args) -> int:
         from_embeddings=args.from_embeddings,
         progress=not args.no_progress,
     )
-    if int(os.environ.get("RANK", 0)) == 0:
+    from stanvid.distributed import launch_env
+
+    if launch_env("RANK", 0) == 0:
         print(report.summary())
     return 0

@@ -95,6 +95,8 @@ class SplitFiles:
     shards: tuple[str, ...] = ()  # webdataset: the split's patterns (or shard index), relative to `videos`
     caption_key: str | None = None  # webdataset: where a sample's caption and label are
     label_key: str | None = None
+    allow_pipe: bool = False  # webdataset: run a shard index's pipe: URLs (data.allow_pipe_urls)
+    max_sample_mb: int = 128  # webdataset: the most one sample's members may hold (data.max_sample_mb)
 
     def require(self, key: str) -> Path:
         """The side file ``key`` (``captions`` / ``class_names``), or a `ConfigError` naming ``data.<key>``."""
@@ -160,7 +162,8 @@ def _read_webdataset(f: SplitFiles) -> Annotations:
     # a split of local shards, map-style (evaluation, dry run); training streams them (ShardDataset)
     classes = read_class_names(f.class_names) if f.class_names is not None else None
     fields = SampleFields(f.task, f.caption_key, f.label_key, classes)
-    return load_shard_annotations(load_shards(list(f.shards), f.videos), fields)
+    shards = load_shards(list(f.shards), f.videos, allow_pipe=f.allow_pipe)
+    return load_shard_annotations(shards, fields, max_bytes=f.max_sample_mb << 20)
 
 
 # ---- a retrieval split by name, from a CLIP4Clip folder ----------------------------------------------------

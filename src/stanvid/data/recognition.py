@@ -190,14 +190,14 @@ def load_kinetics(
     index = {name: i for i, name in enumerate(names or [])}
     for where, line in read_lines(annotations):
         parts = line.rsplit(maxsplit=2)
-        if len(parts) == 3 and parts[1].isdigit():  # rawframes: frame_dir total_frames label
+        if len(parts) == 3 and parts[1].isdecimal():  # rawframes: frame_dir total_frames label
             parts = [parts[0], parts[2]]
         else:
             parts = line.rsplit(maxsplit=1)
         if len(parts) != 2:
             raise DatasetError(f"{where}: expected '<path> <label>', got {line!r}")
         video, label_text = parts
-        if label_text.lstrip("-").isdigit():
+        if label_text.lstrip("-").isdecimal():
             label = int(label_text)
             if label < 0 or (names is not None and label >= len(names)):
                 raise DatasetError(f"{where}: label {label} is not a class index (0..{len(names or []) - 1})")

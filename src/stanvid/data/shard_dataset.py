@@ -38,7 +38,17 @@ from stanvid.data.loader import build_loader, position_seed
 from stanvid.data.recognition import RecognitionAnnotations
 from stanvid.data.retrieval import RetrievalAnnotations
 from stanvid.data.shard_order import batches_per_epoch, epoch_plan, reader_share
-from stanvid.data.shards import ShardList, _Keys, is_remote, iter_samples, sample_name
+from stanvid.data.shards import (
+    MAX_SAMPLE_BYTES,
+    ShardList,
+    _Keys,
+    check_ending,
+    check_sample_size,
+    is_remote,
+    iter_samples,
+    sample_name,
+    tar_reader_info,
+)
 from stanvid.errors import ConfigError, DatasetError, VideoReadError
 from stanvid.video.decode import VIDEO_EXTENSIONS, MemoryVideo
 from stanvid.video.sampling import dense_indices, uniform_indices
@@ -123,7 +133,7 @@ class SampleFields:
             value: Any = sample["cls"].decode("utf-8", "replace").strip()
         else:
             value = self._json(sample, self.label_key)
-        if isinstance(value, str) and value.lstrip("-").isdigit():
+        if isinstance(value, str) and value.lstrip("-").isdecimal():
             value = int(value)
         if isinstance(value, str) and value in self._class_index:
             return self._class_index[value]
@@ -195,6 +205,7 @@ class ShardDataset(IterableDataset):
         seed: the run's seed (shard order, shuffle buffer, each sample's draws).
         buffer: shuffle buffer size in samples (memory: ``buffer x`` the mean sample size, per reader).
         on_error: ``"skip"`` (damaged samples reported at the end) or ``"raise"``.
+        max_sample_bytes: the most a sample's members may hold (a larger one stops the run, named).
     """
 
     def __init__(
@@ -205,6 +216,7 @@ class ShardDataset(IterableDataset):
         seed: int = 0,
         buffer: int = 100,
         on_error: str = "skip",
+        max_sample_bytes: int = MAX_SAMPLE_BYTES,
     ) -> None:
         if on_error not in ("raise", "skip"):
             raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -212,7 +224,10 @@ class ShardDataset(IterableDataset):
             raise ConfigError(f"data.shuffle_buffer must be >= 1 (1: no shuffling), got {buffer}")
         self.shards, self.reader = shards, reader
         self.seed, self.buffer, self.on_error = int(seed), int(buffer), on_error
-        self.layout = (1, 0, 1, 1, 1)  # world, rank, readers per rank, batch size, batches per epoch
+        self.max_sample_bytes = int(max_sample_bytes)
+        # world, rank, readers per rank, batch size, batches per epoch; None until `configure`: iterated as any
+        # PyTorch dataset, it is then one reader giving the whole epoch one sample at a time (`_layout`)
+        self.layout: tuple[int, int, int, int, int] | None = None
         self.position = (0, 0)  # epoch, batches done in it
         self.collate: Callable[[list[Any]], Any] | None = None  # set: yield each batch's part, collated
 
@@ -229,6 +244,20 @@ class ShardDataset(IterableDataset):
     def set_position(self, epoch: int, batches_done: int) -> None:
         self.position = (int(epoch), int(batches_done))
 
+    def _layout(self) -> tuple[int, int, int, int, int]:
+        """The configured layout, or for an unconfigured dataset in one process: the whole epoch, one sample
+        per step. Several DataLoader workers must agree on a plan, which only `configure` fixes."""
+        if self.layout is not None:
+            return self.layout
+        info = get_worker_info()
+        if info is not None and info.num_workers > 1:
+            raise ConfigError(
+                f"a ShardDataset read by {info.num_workers} DataLoader workers needs its plan: call "
+                "dataset.configure(world, rank, readers=num_workers, batch_size, epochs) first, or iterate "
+                "stanvid.data.ShardLoader(dataset, batch_size, num_workers=...)"
+            )
+        return 1, 0, 1, 1, batches_per_epoch(self.shards.counts, 1, 1, 1, self.seed, 1)
+
     def __iter__(self) -> Iterator[Any]:
         """This reader's items from the position; with ``collate`` set, its part of each batch, collated (an
         empty part too, so that the parts of batch j are the j-th of every reader)."""
@@ -236,7 +265,7 @@ class ShardDataset(IterableDataset):
         if self.collate is None:
             yield from items
             return
-        _, _, k, batch_size, batches = self.layout
+        _, _, k, batch_size, batches = self._layout()
         info = get_worker_info()
         w = 0 if info is None else info.id
         for j in range(self.position[1], batches):
@@ -244,7 +273,7 @@ class ShardDataset(IterableDataset):
             yield self.collate([next(items) for _ in range(size)])
 
     def _items(self) -> Iterator[dict[str, Any] | SkippedSample]:
-        world, rank, k, batch_size, batches = self.layout
+        world, rank, k, batch_size, batches = self._layout()
         info = get_worker_info()
         w, readers = (0, 1) if info is None else (info.id, info.num_workers)
         if readers != k:
@@ -292,7 +321,7 @@ class ShardDataset(IterableDataset):
             url = self.shards.urls[shard]
             keep = wanted[slot]
             seen = 0
-            for ordinal, sample in iter_samples(url, keep=keep.__contains__):
+            for ordinal, sample in iter_samples(url, keep=keep.__contains__, max_bytes=self.max_sample_bytes):
                 seen = ordinal + 1
                 if ordinal not in keep:
                     continue
@@ -413,16 +442,16 @@ class ShardMembers:
         return MemoryVideo(data, self.names[index])
 
 
-def _index_local_shard(url: str) -> list[dict[str, Any]]:
+def _index_local_shard(url: str, max_bytes: int) -> list[dict[str, Any]]:
     """Samples of a local shard: key, small fields' bytes, and the video member's (offset, size)."""
     if is_remote(url):
         raise ConfigError(
             f"{url}: evaluation and the dry run read shards by member offset, so they must be local files "
             "(stream pipe:/URL shards for training only)"
         )
-    keys, samples = _Keys(), []
+    keys, samples, info_class = _Keys(), [], tar_reader_info()
     try:
-        with tarfile.open(url, mode="r:") as tar:
+        with tarfile.open(url, mode="r:", tarinfo=info_class) as tar:
             for info in tar:
                 member = keys.member(info)
                 if member is None:
@@ -430,6 +459,8 @@ def _index_local_shard(url: str) -> list[dict[str, Any]]:
                 if keys.ordinal == len(samples):
                     samples.append({"__key__": member[0], "__url__": url})
                 sample = samples[-1]
+                sample["__bytes__"] = sample.get("__bytes__", 0) + info.size
+                check_sample_size(url, member[0], sample["__bytes__"], max_bytes)
                 if member[1] in _VIDEO_FIELDS and "__video__" not in sample:
                     sample["__video__"] = (url, info.offset_data, info.size)
                 elif member[1] not in _VIDEO_FIELDS:
@@ -438,18 +469,22 @@ def _index_local_shard(url: str) -> list[dict[str, Any]]:
         raise DatasetError(f"shard {url} does not exist (a missing shard stops the run)") from None
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise DatasetError(f"shard {url}: not a readable (uncompressed) tar file ({exc})") from None
+    check_ending(url, info_class, len(samples))
     return samples
 
 
 def load_shard_annotations(
-    shards: ShardList, reader: SampleFields, name: str = "webdataset"
+    shards: ShardList, reader: SampleFields, name: str = "webdataset", max_bytes: int = MAX_SAMPLE_BYTES
 ) -> RetrievalAnnotations | RecognitionAnnotations:
     """A split of local shards as map-style annotations (every caption a query; labels as `SampleFields` reads
     them), videos read by offset through `ShardMembers`. A sample without a video member raises `DatasetError`
     naming it."""
     ids, names, places, captions, text_to_video, labels = [], [], [], [], [], []
-    for url in shards.urls:
-        for sample in _index_local_shard(url):
+    for url, count in zip(shards.urls, shards.counts, strict=True):
+        samples = _index_local_shard(url, max_bytes)
+        if len(samples) != count:
+            raise DatasetError(f"shard {url} holds {len(samples)} samples, its index says {count}")
+        for sample in samples:
             label = sample_name(url, sample["__key__"])
             if "__video__" not in sample:
                 raise DatasetError(

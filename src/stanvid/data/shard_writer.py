@@ -9,7 +9,8 @@ source path relative to the video folder, and ``captions`` or ``label`` / ``labe
 first caption) or ``cls`` (the label index), so the default ``data.caption_key: null`` trains on the first
 caption and ``data.caption_key: captions`` on a random one of them per item. Shard ``i`` holds samples
 ``i * n .. i * n + n - 1`` (``n = samples_per_shard``) as ``PREFIX{i:05d}.tar``; ``PREFIXshards.json`` is
-their wids index with the sample counts (`stanvid.data.shards`), written last.
+their wids index with the sample counts (`stanvid.data.shards`), written last. Only videos and frame folders
+inside the video folder (links resolved) are packed: any other file an annotation names is left out and reported.
 
 Stopping and re-running is safe: each shard is written to a temporary file and renamed into place when
 complete, finished shards are skipped, and a manifest records the settings and the split, so a re-run with
@@ -22,7 +23,7 @@ import json
 import os
 import tarfile
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -34,8 +35,8 @@ from stanvid.data.retrieval import RetrievalAnnotations
 from stanvid.data.shards import ShardList, write_shard_index
 from stanvid.errors import ConfigError, DatasetError
 from stanvid.fileio import atomic_path
-from stanvid.video.decode import probe, read_frames
-from stanvid.video.frames import FRAME_FOLDER_FPS
+from stanvid.video.decode import VIDEO_EXTENSIONS, probe, read_frames
+from stanvid.video.frames import FRAME_FOLDER_FPS, is_frame_folder
 from stanvid.video.prepare import WORKER_DIED, PrepareSettings, claim_folder, convert_video, run_jobs
 
 __all__ = ["ShardReport", "write_shards"]
@@ -49,25 +50,49 @@ class ShardReport:
     written: int  # shards written by this run (the rest were already complete)
     samples: int
     index: Path
+    left_out: list[str] = field(default_factory=list)  # "source: why" of sources that are not packed
 
     def summary(self) -> str:
-        return (
+        text = (
             f"{len(self.shards)} shards ({self.written} written now, {len(self.shards) - self.written} already "
             f"complete), {self.samples} samples; index {self.index}"
         )
+        if self.left_out:
+            shown = "; ".join(self.left_out[:10]) + ("; ..." if len(self.left_out) > 10 else "")
+            text += f"\n{len(self.left_out)} source(s) left out: {shown}"
+        return text
 
 
-def _samples(ann: RetrievalAnnotations | RecognitionAnnotations, videos: Path) -> list[dict[str, Any]]:
-    """What each sample carries besides the video: picklable, for the worker processes."""
+def _source(path: str | os.PathLike, videos: Path) -> tuple[Path, str]:
+    """(the real path, "") of a source that may be packed: inside ``videos`` once every link is resolved, and a
+    regular file named as a video or a frame folder; else (path, why not). Anything else an annotation names
+    (a key, a certificate, a file beside the folder) never reaches a shard."""
+    real = Path(path).resolve()
+    if not real.is_relative_to(videos):
+        return real, "outside the video folder"
+    if real.is_dir():
+        return (real, "") if is_frame_folder(real) else (real, "a folder without frames")
+    if not real.is_file():
+        return real, "not a regular file"
+    if not Path(path).name.lower().endswith(VIDEO_EXTENSIONS):
+        return real, f"not a video (extension {Path(path).suffix or 'none'})"
+    return real, ""
+
+
+def _samples(
+    ann: RetrievalAnnotations | RecognitionAnnotations, videos: Path, left_out: list[str]
+) -> list[dict[str, Any]]:
+    """What each sample carries besides the video: picklable, for the worker processes. Sources that may not
+    be packed (`_source`) are appended to ``left_out`` as "path: why"."""
     texts = ann.video_to_texts() if isinstance(ann, RetrievalAnnotations) else None
     videos = videos.resolve()
     out = []
     for i, (video_id, path) in enumerate(zip(ann.video_ids, ann.video_paths, strict=True)):
-        try:
-            rel = Path(path).resolve().relative_to(videos).as_posix()
-        except ValueError:
-            rel = str(path)
-        meta: dict[str, Any] = {"video_id": video_id, "source": rel}
+        real, why = _source(path, videos)
+        if why:
+            left_out.append(f"{path}: {why}")
+            continue
+        meta: dict[str, Any] = {"video_id": video_id, "source": real.relative_to(videos).as_posix()}
         if texts is not None:
             meta["captions"] = [ann.captions[t] for t in texts[i]]
             if not meta["captions"]:
@@ -77,7 +102,8 @@ def _samples(ann: RetrievalAnnotations | RecognitionAnnotations, videos: Path) -
             meta["label"] = label
             if ann.classes:
                 meta["label_name"] = ann.classes[label]
-        out.append({"key": f"{i:09d}", "path": str(path), "meta": meta})
+        ext = Path(path).suffix.lower().lstrip(".") or "mp4"  # the name's: a link's target may have none
+        out.append({"key": f"{i:09d}", "path": str(real), "ext": ext, "meta": meta})
     return out
 
 
@@ -108,7 +134,7 @@ def _encode_folder(folder: str, out: Path, settings: PrepareSettings, fps: float
 def _video_member(sample: dict[str, Any], settings: PrepareSettings | None, fps: float) -> tuple[str, bytes]:
     path = Path(sample["path"])
     if not path.is_dir() and settings is None:
-        return path.suffix.lower().lstrip(".") or "mp4", path.read_bytes()
+        return sample["ext"], path.read_bytes()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "video.mp4"
         if path.is_dir() and settings is None:  # every frame, at the folder's rate
@@ -168,9 +194,11 @@ def write_shards(
     if "/" in prefix or prefix.startswith("."):
         raise ConfigError(f"prefix {prefix!r} must be a file name prefix (no '/', no leading '.')")
     out = Path(out)
-    samples = _samples(annotations, Path(video_dir))
+    left_out: list[str] = []
+    samples = _samples(annotations, Path(video_dir), left_out)
     if not samples:
-        raise DatasetError(f"{annotations.name}: no samples to write")
+        why = f" ({len(left_out)} left out, the first {left_out[0]})" if left_out else ""
+        raise DatasetError(f"{annotations.name}: no samples to write{why}")
     wanted = {
         "prefix": prefix,
         "source": source or annotations.name,
@@ -189,7 +217,7 @@ def write_shards(
     shards = ShardList(tuple(map(str, paths)), tuple(len(c) for c in chunks))
     index = out / f"{prefix}shards.json"
     write_shard_index(index, shards)
-    return ShardReport(paths, len(todo), len(samples), index)
+    return ShardReport(paths, len(todo), len(samples), index, left_out)
 
 
 def _run(todo, paths, chunks, reencode, frame_rate, workers) -> list[str]:

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from stanvid.distributed import launch_env, launch_world_size
 from stanvid.errors import EmbedError
 from stanvid.fileio import atomic_path, atomic_write_stream
 from stanvid.search.index import IndexReport, build_index, open_index
@@ -106,8 +107,8 @@ def embed_videos(
     RANK / WORLD_SIZE, embeds share i of the files into `shard_path(out, (i, n))`."""
     out = Path(out).expanduser().resolve()
     _check_out(out)
-    if shard is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        shard = (int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"]))
+    if shard is None and launch_world_size() > 1:
+        shard = (launch_env("RANK", 0), launch_world_size())
     if shard is not None:
         out = shard_path(out, shard)
     report = build_index(video_dir, work_index_path(out), model, shard=shard, **index_args)

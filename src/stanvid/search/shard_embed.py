@@ -26,7 +26,14 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from stanvid.data.loader import build_loader
 from stanvid.data.shard_dataset import sample_video
-from stanvid.data.shards import ShardList, iter_samples, load_shards, sample_name
+from stanvid.data.shards import (
+    MAX_SAMPLE_BYTES,
+    ShardList,
+    iter_samples,
+    load_shards,
+    sample_name,
+    verify_counts,
+)
 from stanvid.distributed import default_device
 from stanvid.errors import DatasetError, VideoReadError
 from stanvid.fileio import atomic_write_bytes, atomic_write_stream
@@ -55,27 +62,47 @@ class ShardEmbedResult:
 
 
 class _ShardClips(IterableDataset):
-    """(shard, ordinal, key, caption, clip or error) for the samples of the shards to do, split over workers."""
+    """(shard, ordinal, key, caption, clip or error) for the samples of the shards to do, split over workers.
+    A shard that cannot be read, or holds another number of samples than its count, gives one item
+    (shard, -1, "", "", message) and ends the run there (`_shard_failure`)."""
 
-    def __init__(self, urls: Sequence[str], todo: Sequence[int], clip_len: int, image_size: int) -> None:
-        self.urls, self.todo, self.clip_len, self.image_size = list(urls), list(todo), clip_len, image_size
+    def __init__(self, shards: ShardList, todo: Sequence[int], clip_len: int, image_size: int) -> None:
+        self.urls, self.counts = list(shards.urls), list(shards.counts)
+        self.todo, self.clip_len, self.image_size = list(todo), clip_len, image_size
+        self.max_bytes = MAX_SAMPLE_BYTES
 
     def __iter__(self) -> Iterator[tuple]:
         info = get_worker_info()
         mine = self.todo if info is None else self.todo[info.id :: info.num_workers]
         for shard in mine:
-            for ordinal, sample in iter_samples(self.urls[shard]):
-                name = sample_name(self.urls[shard], sample["__key__"])
-                caption = sample.get("txt", b"").decode("utf-8", "replace").strip()
-                try:
-                    video = sample_video(sample)
-                    clip = read_clip(
-                        video, 0.0, probe(video).duration, clip_len=self.clip_len, image_size=self.image_size
-                    )
-                except (VideoReadError, DatasetError) as exc:  # a video that does not decode, or none
-                    yield shard, ordinal, sample["__key__"], caption, str(exc).removeprefix(f"{name}: ")
-                    continue
-                yield shard, ordinal, sample["__key__"], caption, clip  # (T, 3, S, S) uint8
+            try:
+                yield from self._shard(shard)
+            except DatasetError as exc:  # one line to the main process (a worker's raise adds a traceback)
+                yield shard, -1, "", "", str(exc)
+                return
+
+    def _shard(self, shard: int) -> Iterator[tuple]:
+        url, count, seen = self.urls[shard], self.counts[shard], 0
+        for ordinal, sample in iter_samples(url, max_bytes=self.max_bytes):
+            if ordinal >= count:
+                raise DatasetError(f"shard {url} holds more samples than its count {count}")
+            seen = ordinal + 1
+            yield from self._sample(shard, ordinal, sample)
+        if seen != count:
+            raise DatasetError(f"shard {url} holds {seen} samples, its count says {count}")
+
+    def _sample(self, shard: int, ordinal: int, sample: dict[str, Any]) -> Iterator[tuple]:
+        name = sample_name(self.urls[shard], sample["__key__"])
+        caption = sample.get("txt", b"").decode("utf-8", "replace").strip()
+        try:
+            video = sample_video(sample)
+            clip = read_clip(
+                video, 0.0, probe(video).duration, clip_len=self.clip_len, image_size=self.image_size
+            )
+        except (VideoReadError, DatasetError) as exc:  # a video that does not decode, or none
+            yield shard, ordinal, sample["__key__"], caption, str(exc).removeprefix(f"{name}: ")
+            return
+        yield shard, ordinal, sample["__key__"], caption, clip  # (T, 3, S, S) uint8
 
 
 def embed_shards(
@@ -90,20 +117,27 @@ def embed_shards(
     precision: str = "auto",
     progress: bool = True,
     root: str | os.PathLike = ".",
+    allow_pipe: bool = False,
+    max_sample_mb: int = MAX_SAMPLE_BYTES >> 20,
 ) -> ShardEmbedResult:
-    """Embed every sample of the shards ``spec`` (a pattern, a list, or a shard index) into ``out``."""
+    """Embed every sample of the shards ``spec`` (a pattern, a list, or a shard index) into ``out``.
+
+    ``allow_pipe``: run the ``pipe:`` URLs a shard index names (`stanvid.data.shards.read_shard_index`);
+    ``max_sample_mb``: the most one sample's members may hold (a larger one stops the run, named)."""
     from stanvid.search.embed import _check_out  # the output formats and their checks
 
     out = Path(out).expanduser().resolve()
     suffix = _check_out(out)
-    shards = load_shards(spec, root)
+    shards = load_shards(spec, root, allow_pipe=allow_pipe)
     model, source, _, fingerprint = _model(model, None, model_overrides)
     dev = torch.device(device) if device is not None else default_device()
     runner = prepare_for_inference(model.to(dev), precision, dev)
     parts = out.with_name(out.name + ".parts")
     done = _claim_parts(parts, {"model_fingerprint": fingerprint, "shards": list(shards.urls)})
     todo = [i for i in range(len(shards)) if i not in done]
-    clips = _ShardClips(shards.urls, todo, model.config.num_frames, model.config.clip.vision.image_size)
+    verify_counts(shards)  # local shards against their index: an error now, not a missing part at the end
+    clips = _ShardClips(shards, todo, model.config.num_frames, model.config.clip.vision.image_size)
+    clips.max_bytes = max_sample_mb << 20
     workers = min(num_workers, len(todo))
     loader = build_loader(clips, None, num_workers=workers, pin_memory=False, persistent_workers=False)
     pending: dict[int, list] = {i: [] for i in todo}
@@ -121,6 +155,8 @@ def embed_shards(
         return touched
 
     for item in loader:
+        if item[1] == -1:  # the shard cannot be read or holds another count: stop, naming it
+            raise DatasetError(item[4])
         if isinstance(item[4], str):
             failed.append((sample_name(shards.urls[item[0]], item[2]), item[4]))
             pending[item[0]].append((item[1], item[2], item[3], None))
@@ -170,7 +206,7 @@ def _claim_parts(parts: Path, wanted: dict[str, Any]) -> set[int]:
         return {
             int(p.stem)
             for p in parts.glob("*.json")
-            if p.stem.isdigit() and (parts / f"{p.stem}.npy").exists()
+            if p.stem.isdecimal() and (parts / f"{p.stem}.npy").exists()
         }
     for old in parts.glob("*"):
         old.unlink()

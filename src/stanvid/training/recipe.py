@@ -108,7 +108,8 @@ class DataRecipe(_Validated):
 
     ``dataset: webdataset`` reads tar shards (`stanvid.data.shard_dataset`): the annotations are a brace pattern
     (``shards/{00000..00999}.tar``), a list of them, or a shard index ``.json``; ``pipe:COMMAND`` and URLs are
-    streamed for training. ``caption_key`` / ``label_key`` name the ``.json`` key of a sample's caption / label
+    streamed for training; a shard index's own ``pipe:`` URLs run only with ``allow_pipe_urls: true`` (an index is
+    a file's contents, not something you wrote). ``caption_key`` / ``label_key`` name the ``.json`` key of a sample's caption / label
     (null: its ``.txt`` / ``.cls``), ``shuffle_buffer`` the samples each reader shuffles among.
     """
 
@@ -135,6 +136,8 @@ class DataRecipe(_Validated):
     caption_key: str | None = None  # webdataset: .json key of the caption (null: the .txt member)
     label_key: str | None = None  # webdataset: .json key of the label (null: the .cls member)
     shuffle_buffer: int = _f(100, gt=0)  # webdataset: samples per reader's shuffle buffer (1: none)
+    allow_pipe_urls: bool = False  # webdataset: run the pipe: commands a shard index .json names
+    max_sample_mb: int = _f(128, gt=0)  # webdataset: the most one sample's members may hold (MiB)
 
     def path(self, value: str) -> Path:
         """``value`` resolved against ``root`` (absolute paths are kept)."""

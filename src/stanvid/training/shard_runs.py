@@ -16,7 +16,7 @@ from stanvid.data.datasets import SplitFiles
 from stanvid.data.recognition import read_class_names
 from stanvid.data.shard_dataset import SampleFields, SampleReader, ShardDataset
 from stanvid.data.shard_order import batches_per_epoch
-from stanvid.data.shards import ShardList, iter_samples, load_shards, sample_name
+from stanvid.data.shards import ShardList, iter_samples, load_shards, sample_name, verify_counts
 from stanvid.errors import ConfigError, DatasetError, VideoReadError
 from stanvid.training.recipe import Recipe
 
@@ -44,6 +44,8 @@ def shard_split_files(recipe: Recipe, split: str) -> SplitFiles:
         shards=tuple(specs),
         caption_key=d.caption_key,
         label_key=d.label_key,
+        allow_pipe=d.allow_pipe_urls,
+        max_sample_mb=d.max_sample_mb,
     )
 
 
@@ -66,14 +68,20 @@ def shard_train_set(recipe: Recipe, transform: Callable[..., torch.Tensor]) -> S
         sampling=d.sampler,
         frame_interval=d.frame_interval,
     )
-    shards = load_shards(list(files.shards), files.videos)
-    return ShardDataset(shards, reader, seed=recipe.train.seed, buffer=d.shuffle_buffer)
+    shards = load_shards(list(files.shards), files.videos, allow_pipe=files.allow_pipe)
+    return ShardDataset(
+        shards,
+        reader,
+        seed=recipe.train.seed,
+        buffer=d.shuffle_buffer,
+        max_sample_bytes=d.max_sample_mb << 20,
+    )
 
 
-def _first_sample_problems(shards: ShardList, reader: SampleReader) -> list[str]:
+def _first_sample_problems(shards: ShardList, reader: SampleReader, max_bytes: int) -> list[str]:
     problems = []
     for url in shards.urls:
-        sample = next((s for _, s in iter_samples(url)), None)
+        sample = next((s for _, s in iter_samples(url, max_bytes=max_bytes)), None)
         if sample is None:
             continue  # an empty shard: reported by its count
         try:
@@ -89,7 +97,8 @@ def check_shards(dataset: ShardDataset, recipe: Recipe, world: int) -> tuple[lis
     listing undecodable first samples, `ConfigError` when there are fewer shards than readers."""
     shards, t = dataset.shards, recipe.train
     k = max(1, recipe.data.num_workers)
-    problems = _first_sample_problems(shards, dataset.reader)
+    verify_counts(shards)  # an index's counts against the local tars: no plan on samples that are not there
+    problems = _first_sample_problems(shards, dataset.reader, dataset.max_sample_bytes)
     if problems:
         listed = "\n  ".join(problems[:10])
         raise DatasetError(f"{len(problems)} shard(s) whose first sample does not decode:\n  {listed}")

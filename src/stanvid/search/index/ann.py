@@ -25,7 +25,10 @@ target (0.95); the figure is recorded and shown.
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 import faiss
@@ -33,6 +36,8 @@ import numpy as np
 
 from stanvid.errors import VideoIndexError
 from stanvid.search.index.vectors import READ_ROWS, VectorStore
+
+log = logging.getLogger("stanvid")
 
 ANN_KINDS = ("flat", "ivf", "ivfpq")
 
@@ -281,6 +286,29 @@ def recorded_files(record: dict[str, Any]) -> tuple:
     return tuple(record.get(key) for key in ("file", "sha256", "bytes", "trained", "trained_sha256"))
 
 
+class MappedFile:
+    """A vector index file FAISS has memory-mapped, watched through a descriptor of its own: FAISS reads the
+    pages as a search touches them, so bytes written into the file in place (a copy over it, an editor) would
+    be searched as index data (slots no row holds, or a fault past a truncated end). A file renamed over the
+    name, or unlinked, leaves this inode as it was: only its link count and ctime move."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = open(path, "rb")  # noqa: SIM115 (held while the map is: closed with the searcher)
+        self._base = self._identity()
+
+    def _identity(self) -> tuple[int, int, int, int]:
+        st = os.fstat(self._file.fileno())
+        return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink
+
+    def changed(self) -> bool:
+        """Whether the mapped file was written since it was mapped (size or mtime, or ctime with the same
+        number of links: a rename or unlink changes the links)."""
+        size, mtime, ctime, links = self._identity()
+        base = self._base
+        return (size, mtime) != base[:2] or (ctime != base[2] and links == base[3])
+
+
 class ApproxSearcher:
     """An IVF / IVF-PQ main index (memory-mapped), the delta of vectors added since it was written (an index
     trained as the main one, in memory), the slots deleted since (filtered inside the search, so `k` live
@@ -288,8 +316,11 @@ class ApproxSearcher:
 
     def __init__(self, main: faiss.Index, delta: faiss.Index | None, tombstones: np.ndarray,
                  store: VectorStore, record: dict[str, Any], count: int, trained: Any = None,
-                 delta_slots: np.ndarray | None = None) -> None:  # fmt: skip
+                 delta_slots: np.ndarray | None = None, watch: MappedFile | None = None) -> None:  # fmt: skip
         self.main, self.delta, self.store = main, delta, store
+        self.watch = watch  # the main file, when it is memory-mapped
+        self.main_slots = int(record.get("slots", count))
+        self.fallback: ScanSearcher | None = None  # exact search, once the mapped file is not to be trusted
         self.trained = trained  # the empty trained index, serialized: the next state's delta starts from it
         self.delta_slots = (
             delta_slots  # the slots the delta holds (sorted), for the next state's to start from
@@ -342,7 +373,36 @@ class ApproxSearcher:
                widen: bool = True, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
         """(Q, k') exact scores and slots, k' = min(k, live vectors), -1 where fewer were found. With `widen`,
         a query that found fewer than k' probes twice the cells until it has them (small or skewed cells).
-        `exclude`: slots left out of the main index's answer (the recall measurement's own file)."""
+        `exclude`: slots left out of the main index's answer (the recall measurement's own file).
+
+        A main file written in place since it was mapped (`MappedFile.changed`), or a candidate no row holds,
+        turns this searcher into exact search over the store (`fall_back`), with a warning."""
+        if self.fallback is None and self.changed():
+            self.fall_back(f"{self.watch.path} was written in place while mapped")
+        if self.fallback is not None:
+            return self.fallback.search(queries, k)
+        try:
+            return self._search(queries, k, nprobe, rerank, widen, exclude)
+        except IndexError as exc:  # a slot out of the store: the mapped file is not the one checked
+            self.fall_back(str(exc))
+            return self.fallback.search(queries, k)
+
+    def changed(self) -> bool:
+        return self.watch is not None and self.watch.changed()
+
+    def fall_back(self, why: str) -> None:
+        """Answer by exact search over the store's live rows from now on (this generation's: the main file's
+        slots but the deleted ones, and the delta's)."""
+        mask = np.zeros(self.store.rows, bool)
+        mask[: self.main_slots] = True
+        mask[self.tombstones] = False
+        if self.delta_slots is not None:
+            mask[self.delta_slots] = True
+        log.warning("%s; searching exactly instead; re-run `stanvid index` to store it again", why)
+        self.fallback = ScanSearcher(self.store, mask)
+
+    def _search(self, queries: np.ndarray, k: int, nprobe: int | None, rerank: int | None, widen: bool,
+                exclude: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         _threads_for(queries)
         want = max(1, min(k, self.count))

@@ -12,6 +12,7 @@ failure with all.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import sqlite3
@@ -26,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from stanvid.data.loader import build_loader
-from stanvid.distributed import default_device, launch_world_size, rank_world
+from stanvid.distributed import default_device, launch_env, launch_world_size, rank_world
 from stanvid.errors import VideoIndexError
 from stanvid.locking import exclusive_lock
 from stanvid.models.video_clip import VideoCLIP
@@ -44,6 +45,8 @@ from stanvid.search.index.maintain import (
     COMPACT_FRACTION,
     VectorSettings,
     compact_store,
+    end_repair,
+    mark_repair,
     reconcile_dead,
     remove_unrecorded,
     repair_store,
@@ -239,6 +242,7 @@ def build_index(
         None if shard is None else tuple(shard),
     )
     root, out = _folders(video_dir, out)
+    options = _imported_segments(options)
     model, source, overrides, fingerprint = _model(model, model_source, model_overrides)
     run = _start(root, out, model, fingerprint, source, overrides, options, device, precision)
     run.report.timings["model"] = time.perf_counter() - t0  # loading (unless passed) and fingerprinting it
@@ -315,7 +319,7 @@ def _start(
         runner = prepare_for_inference(model, precision, dev)
     else:  # an import encodes nothing: the model is neither moved nor quantized
         runner = InferencePrecision(model, resolved, dev)
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    local_world = launch_env("LOCAL_WORLD_SIZE", world)
     identity = {
         "format_version": FORMAT_VERSION,
         "root": str(root),
@@ -338,6 +342,15 @@ def _start(
         world,
         IndexReport(index=str(out), precision=runner.precision),
     )
+
+
+def _imported_segments(options: _Options) -> _Options:
+    """An import without `segment_seconds` takes the embeddings' (an index must agree with them anyway)."""
+    if options.from_embeddings is None or options.segment_seconds is not None:
+        return options
+    from stanvid.search.index.imports import embedded_segment_length
+
+    return dataclasses.replace(options, segment_seconds=embedded_segment_length(options.from_embeddings))
 
 
 def _open_index_folder(run: _Run) -> Exception | None:
@@ -445,6 +458,7 @@ def _finish(run: _Run) -> None:
         if dead and dead > COMPACT_FRACTION * store.rows:
             store = compact_store(run.out, conn, store)
         record = update_vectors(run.out, conn, store, run.options.vectors)
+        end_repair(conn)  # what a repair dropped is encoded again: open indexes may follow now
         report.vector_index = describe(record)
         report.built_precision = "+".join(_get_meta(conn).get("precisions", []))
         report.files = conn.execute("SELECT COUNT(*) FROM files").fetchone()[0]
@@ -546,6 +560,7 @@ def _drop_damaged_rows(conn: sqlite3.Connection, db: Path, store: VectorStore) -
             orphans,
         )
         with _transaction(conn):
+            mark_repair(conn, f"{len(damaged)} file(s) with damaged rows")
             for relpath in damaged:
                 _delete_file(conn, relpath)
             _delete_orphans(conn)

@@ -24,6 +24,7 @@ commit is tried at once.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sqlite3
@@ -33,6 +34,7 @@ from pathlib import Path
 
 from stanvid.errors import VideoIndexError
 from stanvid.search.index.ann import ApproxSearcher
+from stanvid.search.index.maintain import REPAIR_KEY
 from stanvid.search.index.snapshot import Snapshot, load_snapshot, read_token
 from stanvid.search.index.store import _connect, _db_errors
 
@@ -41,6 +43,24 @@ log = logging.getLogger("stanvid")
 FOLLOW_SECONDS = 1.0  # an open index checks for an update at most this often, on use (see `open_index`)
 RETRY_SECONDS = (5.0, 300.0)  # a state that could not be loaded is tried again after 5 s, doubling to 5 min
 REANCHOR_SECONDS = 30.0  # an unchanged snapshot renews its read transaction this often (`Snapshot.reanchor`)
+CLOSE_SECONDS = 2.0  # `close` waits at most this long for a load under way (a server's shutdown stays quick)
+
+
+def _repair_reason(mark: object) -> str:
+    if isinstance(mark, str):  # as the token holds it: JSON text
+        with contextlib.suppress(ValueError):
+            mark = json.loads(mark)
+    return str(mark.get("why", "")) if isinstance(mark, dict) else "the store was damaged"
+
+
+def describe_move(old: Snapshot, new: Snapshot) -> str:
+    """What an open index moved to, for the log: another index (the folder's index built anew or swapped for
+    another: a new store id), the same generation with a new vector index (a merge, a retune), or a newer one."""
+    if new.store.record.get("store") != old.store.record.get("store"):
+        return f"another index now in the folder (generation {new.generation}, built anew or swapped in)"
+    if new.generation == old.generation:
+        return f"generation {new.generation} and its new vector index"
+    return f"generation {new.generation}"
 
 
 def _file_id(path: Path) -> tuple[int, int] | None:
@@ -74,6 +94,10 @@ class Follower:
         self._watcher: threading.Thread | None = None
         self._stop = threading.Event()
         self._closed = False
+        self._repair_seen: str | None = None  # the repair mark last reported (`_repairing`)
+        if self._state.meta.get(REPAIR_KEY) is not None:
+            log.warning("%s: opened while a repair is under way (%s): until the run ends, files it re-encodes "
+                        "are not found", path, _repair_reason(self._state.meta[REPAIR_KEY]))  # fmt: skip
 
     @property
     def current(self) -> Snapshot:
@@ -162,6 +186,9 @@ class Follower:
 
     def _load(self, token: tuple) -> bool:  # under the load lock
         old = self._state
+        if dict(token).get(REPAIR_KEY) is not None and old.meta.get(REPAIR_KEY) is None:
+            self._repairing(token)  # the repair's intermediate states are emptier: not followed
+            return False
         t0 = time.perf_counter()
         try:
             # strict: a good approximate index is not traded for an exact scan of a damaged one's store
@@ -169,6 +196,12 @@ class Follower:
         except VideoIndexError as exc:
             self._refused(token, exc)
             raise
+        if (
+            new.meta.get(REPAIR_KEY) is not None and old.meta.get(REPAIR_KEY) is None
+        ):  # marked since the check
+            new.retire()
+            self._repairing(token)
+            return False
         seconds = time.perf_counter() - t0
         with self._swap_lock:
             if self._closed:
@@ -177,10 +210,18 @@ class Follower:
             self._state = new
         old.retire()
         self._failed = None
-        what = " and its new vector index" if new.generation == old.generation else ""  # a merge, a retune
-        log.info("%s: answering from generation %d%s (%d files, %d segments; loaded in %.2f s)", self.path,
-                 new.generation, what, new.files, new.segments, seconds)  # fmt: skip
+        log.info("%s: answering from %s (%d files, %d segments; loaded in %.2f s)", self.path,
+                 describe_move(old, new), new.files, new.segments, seconds)  # fmt: skip
         return True
+
+    def _repairing(self, token: tuple) -> None:
+        """Keep the current snapshot while the committed state is a repair's, saying so once per repair."""
+        mark = dict(token).get(REPAIR_KEY)
+        self._failed = (token, time.monotonic() + RETRY_SECONDS[0], RETRY_SECONDS[0])
+        if mark != self._repair_seen:
+            self._repair_seen = mark
+            log.warning("%s: a repair is under way (%s); still answering from generation %d until the run "
+                        "re-encodes what it dropped", self.path, _repair_reason(mark), self._state.generation)  # fmt: skip
 
     def _refused(self, token: tuple, exc: Exception) -> None:
         previous = self._failed
@@ -224,13 +265,22 @@ class Follower:
             self._stop.clear()
 
     def close(self) -> None:
+        """Stop following and close the current snapshot. A load under way (which may be waiting up to
+        `store.BUSY_SECONDS` on another process's lock) is not waited for past `CLOSE_SECONDS`: its thread
+        is a daemon, and whatever it loads is retired when it sees the index closed."""
         with self._swap_lock:
             self._closed = True
-        self.stop_watching()
-        loader = self._loader
-        if loader is not None:
-            loader.join()
-        with self._load_lock:
+        self._stop.set()
+        for thread in (self._watcher, self._loader):
+            if thread is not None:
+                thread.join(CLOSE_SECONDS)
+        self._watcher = None
+        if not self._load_lock.acquire(timeout=CLOSE_SECONDS):
+            log.warning("%s: closed while an update was still loading (left to finish on its own)", self.path)
+            return
+        try:
             self._state.retire()
             with self._poll_lock:
                 self._poll.close()
+        finally:
+            self._load_lock.release()

@@ -134,7 +134,14 @@ def _check_identity(meta: dict[str, Any], identity: dict[str, Any], out: Path) -
         )
     for key, what in (("root", "folder"), ("segment_seconds", "segment length")):
         if meta[key] != identity[key]:
+            name = (lambda v: f"folder {v!r}") if key == "root" else describe_segments
+            was, now = name(meta[key]), name(identity[key])
             raise VideoIndexError(
-                f"{out}: the index was built with {what} {meta[key]!r}, not {identity[key]!r}; "
+                f"{out}: the index was built with {was}, not {now}; "
                 f"use the same {what} or write a new index (another --out)"
             )
+
+
+def describe_segments(seconds: float | None) -> str:
+    """How messages name a segmentation: never "None" for a number."""
+    return "whole videos (no --segment-seconds)" if seconds is None else f"segments of {seconds:g} s"

@@ -17,8 +17,10 @@ sees it changed and encodes it again; files of the folder no embedding file hold
 from __future__ import annotations
 
 import glob
+import io
 import json
 import math
+import re
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,13 +29,19 @@ from typing import Any
 import numpy as np
 
 from stanvid.errors import VideoIndexError
+from stanvid.fileio import open_regular
+from stanvid.search.index.identity import describe_segments
 from stanvid.search.index.records import _FileEntry
 from stanvid.search.index.store import _commit_files, _connect, _get_meta
 from stanvid.search.index.vectors import VectorStore
 
-HEADER_KEYS = ("model", "model_fingerprint", "dim", "segment_seconds", "root")
+HEADER_KEYS = ("model", "model_fingerprint", "dim", "segment_seconds", "root", "vectors")
 COMMIT_ROWS = 65_536
+MAX_VALUE_CHARS = 16 << 20  # one header value or row; a longer one is damage, not an embedding file
 _READ = 1 << 20
+_CUT = 16  # the longest token a block boundary can cut yet leave decodable (-Infinity, two escapes)
+_INT64 = 1 << 63
+_SPACE = re.compile(r"[ \t\r\n]*")
 
 
 def embedding_files(spec: str) -> list[Path]:
@@ -53,84 +61,114 @@ def embedding_files(spec: str) -> list[Path]:
     files = [p for p in files if p.suffix in (".json", ".parquet")]
     if not files:
         raise VideoIndexError(f"{spec}: no embedding files (.npy + .json, or .parquet) found")
+    for p in files:
+        if p.exists() and not p.is_file():  # a FIFO named like one would block the import
+            raise VideoIndexError(f"{p}: not a regular file (a FIFO, device or folder); remove it or name the "
+                                  f"embedding files one by one")  # fmt: skip
     return files
 
 
 # ---------------------------------------------------------------------------------------------- JSON, streamed
+class _Chars:
+    """A text file read a block at a time: ``buf[pos:]`` is what is not consumed yet, ``base`` the characters
+    of the file before ``buf`` (so an error names its place in the file, not in the buffer)."""
+
+    def __init__(self, text: io.TextIOBase) -> None:
+        self.text, self.buf, self.pos, self.base = text, "", 0, 0
+
+    def more(self) -> bool:
+        """Append one more block (False at the end of the file); one value may not outgrow `MAX_VALUE_CHARS`."""
+        if len(self.buf) - self.pos > MAX_VALUE_CHARS:
+            raise ValueError(f"a value longer than {MAX_VALUE_CHARS:,} characters at {self.at()}")
+        block = self.text.read(_READ)
+        if not block:
+            return False
+        self.base += self.pos
+        self.buf, self.pos = self.buf[self.pos :] + block, 0
+        return True
+
+    def at(self, pos: int | None = None) -> str:
+        return f"character {self.base + (self.pos if pos is None else pos)}"
+
+    def peek(self) -> str:
+        """The next character after white space ("" at the end of the file)."""
+        while True:
+            self.pos = _SPACE.match(self.buf, self.pos).end()
+            if self.pos < len(self.buf) or not self.more():
+                return self.buf[self.pos] if self.pos < len(self.buf) else ""
+
+    def value(self, decoder: json.JSONDecoder) -> Any:
+        """The next JSON value. A decode error near the buffer's end (a value cut by a block boundary) reads on;
+        any other is raised at once, naming its place in the file."""
+        self.peek()
+        while True:
+            try:
+                found, end = decoder.raw_decode(self.buf, self.pos)
+            except RecursionError:
+                raise ValueError(f"nested too deeply at {self.at()}") from None
+            except json.JSONDecodeError as exc:
+                cut = exc.pos >= len(self.buf) - _CUT or exc.msg.startswith("Unterminated string")
+                if cut and self.more():
+                    continue
+                raise ValueError(f"{exc.msg} at {self.at(exc.pos)}") from None
+            if end + _CUT < len(self.buf) or not self.more():  # a number or literal may go on past the buffer
+                self.pos = end
+                return found
+
+
 class _JsonStream:
     """The top-level object of a JSON file read a piece at a time: `header()` collects every key but
-    `rows`; `rows()` yields the elements of the `rows` list one at a time."""
+    `rows`; `rows()` yields the elements of the `rows` list one at a time. The file must be a regular file
+    (a FIFO would block); an error is raised at the first character that cannot be JSON, the file read no
+    further than that (plus one block)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.decoder = json.JSONDecoder()
 
-    def _chars(self) -> Iterator[str]:
-        with open(self.path, encoding="utf-8") as f:
-            while block := f.read(_READ):
-                yield block
-
     def _walk(self, want_rows: bool) -> Iterator[tuple[str, Any]]:
         """(key, value) of the top level in order; for `rows`, ("row", element) per element when
         `want_rows`, else the rows are skipped."""
-        chars, buf, pos = self._chars(), "", 0
+        with open_regular(self.path) as raw, io.TextIOWrapper(raw, encoding="utf-8") as text:
+            yield from self._parse(_Chars(text), want_rows)
 
-        def need(n: int = 1) -> bool:
-            nonlocal buf, pos
-            while len(buf) - pos < n:
-                more = next(chars, None)
-                if more is None:
-                    return False
-                buf, pos = buf[pos:] + more, 0
-            return True
+    def _parse(self, chars: _Chars, want_rows: bool) -> Iterator[tuple[str, Any]]:
+        def expect(c: str, what: str) -> None:
+            if chars.peek() != c:
+                raise ValueError(f"{what} at {chars.at()}")
+            chars.pos += 1
 
-        def skip_ws() -> str:
-            nonlocal pos
-            while need() and buf[pos] in " \t\r\n":
-                pos += 1
-            return buf[pos] if need() else ""
-
-        def value() -> Any:
-            nonlocal buf, pos
-            skip_ws()
-            while True:
-                try:
-                    found, end = self.decoder.raw_decode(buf, pos)
-                    if end < len(buf) or not need(len(buf) - pos + 1):
-                        pos = end
-                        return found
-                except json.JSONDecodeError:
-                    if not need(len(buf) - pos + 1):  # one more block, if there is one
-                        raise
-                # the value may go on past the buffer (a number cut in two): read on and decode again
-
-        if skip_ws() != "{":
-            raise ValueError("not a JSON object")
-        pos += 1
-        while (c := skip_ws()) != "}":
+        expect("{", "not a JSON object")
+        while (c := chars.peek()) != "}":
             if c == ",":
-                pos += 1
+                chars.pos += 1
                 continue
-            key = value()
-            if skip_ws() != ":":
-                raise ValueError(f"expected ':' after {key!r}")
-            pos += 1
+            if not c:
+                raise ValueError(f"the object is cut short at {chars.at()}")
+            if c != '"':
+                raise ValueError(f"expected a key (a string) at {chars.at()}")
+            key = chars.value(self.decoder)
+            expect(":", f"expected ':' after {str(key)[:40]!r}")
             if key != "rows":
-                yield key, value()
+                yield key, chars.value(self.decoder)
+                if chars.peek() not in (",", "}"):
+                    raise ValueError(
+                        f"expected ',' or '}}' after the value of {str(key)[:40]!r} at {chars.at()}"
+                    )
                 continue
-            if skip_ws() != "[":
-                raise ValueError("rows is not a list")
-            pos += 1
-            while (c := skip_ws()) != "]":
+            expect("[", "rows is not a list")
+            while (c := chars.peek()) != "]":
                 if c == ",":
-                    pos += 1
+                    chars.pos += 1
                     continue
                 if not c:
-                    raise ValueError("the rows list is cut short")
-                row = value()
+                    raise ValueError(f"the rows list is cut short at {chars.at()}")
+                row = chars.value(self.decoder)
+                if chars.peek() not in (",", "]"):
+                    raise ValueError(f"expected ',' or ']' after a row at {chars.at()}")
                 if want_rows:
                     yield "row", row
-            pos += 1
+            chars.pos += 1
 
     def header(self) -> dict[str, Any]:
         found: dict[str, Any] = {}
@@ -157,20 +195,27 @@ class _Source:
             if path.suffix == ".parquet":
                 import pyarrow.parquet as pq
 
-                self.parquet = pq.ParquetFile(path)
+                self.parquet = pq.ParquetFile(open_regular(path))
                 raw = (self.parquet.schema_arrow.metadata or {}).get(b"stanvid")
                 self.header = json.loads(raw) if raw else {}
             else:
                 self.header = _JsonStream(path).header()
+        except RecursionError:
+            raise VideoIndexError(
+                f"{path}: not a readable embedding file (its header is nested too deeply)"
+            ) from None
         except (OSError, ValueError, UnicodeDecodeError) as exc:
             raise VideoIndexError(f"{path}: not a readable embedding file ({exc})") from exc
         except Exception as exc:  # pyarrow's errors
             if type(exc).__module__.startswith("pyarrow"):
                 raise VideoIndexError(f"{path}: not a readable embedding file ({exc})") from exc
             raise
+        if not isinstance(self.header, dict):
+            raise VideoIndexError(f"{path}: the embedding header is not an object")
 
     def check(self, identity: dict[str, Any]) -> None:
-        """Refuse the file (naming it) unless its header says: this model, dimension and segment length."""
+        """Refuse the file (naming it) unless its header says: this model, dimension and segment length, and
+        (JSON) names its vectors as a regular file beside it."""
         missing = [k for k in ("model_fingerprint", "dim", "segment_seconds") if k not in self.header]
         if missing:
             raise VideoIndexError(f"{self.path}: the embedding header lacks {', '.join(missing)}")
@@ -179,21 +224,41 @@ class _Source:
                 f"{self.path}: embedded by another model (fingerprint {str(self.header['model_fingerprint'])[:12]}, "
                 f"this one {identity['model_fingerprint'][:12]}); use the same model"
             )
-        if self.header["dim"] != identity["dim"]:
+        dim = self.header["dim"]
+        if not _is_int(dim) or dim != identity["dim"]:
+            what = f"vectors of dimension {dim}" if _is_int(dim) else f"a dim of {dim!r}, not a whole number"
             raise VideoIndexError(
-                f"{self.path}: vectors of dimension {self.header['dim']}, the model's are {identity['dim']}"
+                f"{self.path}: {what}; the model's vectors have {identity['dim']} dimensions"
             )
-        if self.header["segment_seconds"] != identity["segment_seconds"]:
+        seconds = segment_length(self.header, self.path)
+        if seconds != identity["segment_seconds"]:
             raise VideoIndexError(
-                f"{self.path}: segments of {self.header['segment_seconds']!r} s, the index's are "
-                f"{identity['segment_seconds']!r} s (--segment-seconds)"
+                f"{self.path}: {describe_segments(seconds)}, the index's are "
+                f"{describe_segments(identity['segment_seconds'])} (--segment-seconds)"
             )
+        if self.path.suffix != ".parquet":
+            self.npy = self._vectors_file()
+
+    def _vectors_file(self) -> Path:
+        """The header's `vectors`: a file name (no folder, no `..`) of a regular file beside the JSON, links
+        resolved; anything else is refused before a byte of it is read."""
+        name = self.header.get("vectors", self.path.with_suffix(".npy").name)
+        if not isinstance(name, str) or name in ("", ".", "..") or name != Path(name).name or "\\" in name:
+            raise VideoIndexError(
+                f"{self.path}: the header's vectors {str(name)[:80]!r} must be the name of a file beside it"
+            )
+        npy = self.path.parent / name
+        if npy.resolve().parent != self.path.resolve().parent:
+            raise VideoIndexError(f"{self.path}: the header's vectors {name!r} is a link out of its folder")
+        if npy.exists() and not npy.is_file():
+            raise VideoIndexError(f"{npy}: not a regular file (a FIFO, device or folder)")
+        return npy
 
     def batches(self, dim: int) -> Iterator[tuple[list[tuple], np.ndarray]]:
         if self.path.suffix == ".parquet":
             yield from self._parquet_batches(dim)
             return
-        npy = self.path.parent / str(self.header.get("vectors", self.path.with_suffix(".npy").name))
+        npy = self.npy
         vectors = _NpyReader(npy, dim)
         batch: list[tuple] = []
         done = 0
@@ -213,10 +278,20 @@ class _Source:
             )
 
     def _parquet_batches(self, dim: int) -> Iterator[tuple[list[tuple], np.ndarray]]:
-        names = set(self.parquet.schema_arrow.names)
+        import pyarrow as pa
+
+        schema = self.parquet.schema_arrow
         need = {"path", "start", "end", "vector"}
-        if not need <= names:
-            raise VideoIndexError(f"{self.path}: lacks the column(s) {', '.join(sorted(need - names))}")
+        if not need <= set(schema.names):
+            raise VideoIndexError(
+                f"{self.path}: lacks the column(s) {', '.join(sorted(need - set(schema.names)))}"
+            )
+        kind = schema.field("vector").type
+        if not (
+            (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind))
+            and pa.types.is_floating(kind.value_type)
+        ):
+            raise VideoIndexError(f"{self.path}: column vector holds {kind}, not lists of floats")
         done = 0
         for rb in self.parquet.iter_batches(batch_size=COMMIT_ROWS):
             cols = {n: rb.column(n) for n in rb.schema.names}
@@ -247,7 +322,7 @@ class _NpyReader:
     def __init__(self, path: Path, dim: int) -> None:
         self.path = path
         try:
-            with open(path, "rb") as f:
+            with open_regular(path) as f:
                 version = np.lib.format.read_magic(f)
                 read_header = (
                     np.lib.format.read_array_header_1_0
@@ -256,8 +331,10 @@ class _NpyReader:
                 )
                 shape, fortran, dtype = read_header(f)
                 self.offset = f.tell()
-        except (OSError, ValueError) as exc:
-            raise VideoIndexError(f"{path}: not a readable .npy of vectors ({exc})") from exc
+        except OSError as exc:
+            raise VideoIndexError(f"{path}: not a readable .npy of vectors ({exc.strerror or exc})") from None
+        except ValueError:  # its message quotes the file's first bytes: not repeated
+            raise VideoIndexError(f"{path}: not a .npy file (no valid .npy header)") from None
         if len(shape) != 2 or shape[1] != dim or dtype != np.float32 or fortran:
             raise VideoIndexError(f"{path}: holds {dtype} {shape}, not (N, {dim}) float32 in C order")
         self.rows, self.dim = shape[0], dim
@@ -266,7 +343,7 @@ class _NpyReader:
         if start + n > self.rows:
             raise VideoIndexError(f"{self.path}: {self.rows} vectors, fewer than the rows of its .json")
         out = np.empty((n, self.dim), np.float32)
-        with open(self.path, "rb") as f:
+        with open_regular(self.path) as f:
             f.seek(self.offset + start * self.dim * 4)
             if f.readinto(memoryview(out).cast("B")) != out.nbytes:
                 raise VideoIndexError(f"{self.path}: the file ends before its {self.rows} rows (truncated)")
@@ -278,16 +355,58 @@ def _row(row: Any, where: Path, i: int) -> tuple[str, float, float, int, int]:
     if not isinstance(row, dict):
         raise VideoIndexError(f"{where}: row {i} is not an object")
     path, start, end = row.get("path"), row.get("start"), row.get("end")
-    if not isinstance(path, str) or not path or path.startswith("/") or ".." in Path(path).parts:
-        raise VideoIndexError(f"{where}: row {i} has a bad path {path!r} (relative to the folder, inside it)")
+    if not _is_path(path):
+        raise VideoIndexError(
+            f"{where}: row {i} has a bad path {str(path)[:80]!r} (relative to the folder, inside it)"
+        )
     for name, v in (("start", start), ("end", end)):
         if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
             raise VideoIndexError(f"{where}: row {i} has a bad {name} {v!r}")
     if not 0 <= start < end:
         raise VideoIndexError(f"{where}: row {i} spans {start}..{end} s")
     size, mtime = row.get("size"), row.get("mtime_ns")
-    ok = all(isinstance(v, int) and not isinstance(v, bool) for v in (size, mtime))
+    for name, v in (("size", size), ("mtime_ns", mtime)):
+        if _is_int(v) and not 0 <= v < _INT64:
+            raise VideoIndexError(f"{where}: row {i} has a bad {name} {v} (not a 64-bit count)")
+    ok = _is_int(size) and _is_int(mtime)
     return path, float(start), float(end), size if ok else -1, mtime if ok else -1  # unknown: changed
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_path(path: Any) -> bool:
+    """A relative path inside the folder that SQLite can store (UTF-8, no NUL)."""
+    if (
+        not isinstance(path, str)
+        or not path
+        or path.startswith("/")
+        or ".." in Path(path).parts
+        or "\0" in path
+    ):
+        return False
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, escaped in the JSON
+        return False
+    return True
+
+
+def segment_length(header: dict[str, Any], where: Path) -> float | None:
+    """The header's `segment_seconds`: None (a row per whole video) or a positive number of seconds."""
+    v = header.get("segment_seconds")
+    if v is not None and (
+        isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0
+    ):
+        raise VideoIndexError(f"{where}: the header's segment_seconds {v!r} is not a positive number or null")
+    return None if v is None else float(v)
+
+
+def embedded_segment_length(spec: str) -> float | None:
+    """The segment length the first embedding file `spec` names was embedded with: what a new index built
+    from them takes when no `--segment-seconds` is given (every file is checked against it later)."""
+    return segment_length(_Source(embedding_files(spec)[0]).header, Path(spec))
 
 
 # ---------------------------------------------------------------------------------------------- import
@@ -325,7 +444,7 @@ class _Import:
         self.current: tuple[str, list, list, Path] | None = None  # path, rows, vectors, source
         self.seen: set[str] = set()  # files imported (or kept) by this run
         self.dropped: dict[str, int] = {}
-        self.changed = self.kept = self.imported = 0
+        self.changed = self.kept = self.imported = self.repeated = 0
 
     def add(self, conn: sqlite3.Connection, source: Path, rows: list[tuple], vectors: np.ndarray) -> None:
         if not np.isfinite(vectors).all():
@@ -352,6 +471,12 @@ class _Import:
                 f"{source}: the rows of {path} are not contiguous, or another embedding file has them too"
             )
         self.seen.add(path)
+        spans: dict[tuple[float, float], int] = {}  # a span given twice is one segment, its first row kept
+        for j, r in enumerate(rows):
+            spans.setdefault((r[1], r[2]), j)
+        if len(spans) < len(rows):
+            self.repeated += len(rows) - len(spans)
+            rows, vectors = [rows[j] for j in spans.values()], [vectors[j] for j in spans.values()]
         entry = self.disk.get(path)
         if entry is None:
             self.dropped[path] = len(rows)
@@ -393,6 +518,10 @@ class _Import:
             report.notes.append(
                 f"dropped {sum(self.dropped.values())} rows of {len(self.dropped)} file(s) not in the folder "
                 f"({', '.join(first)}{', ...' if len(self.dropped) > 3 else ''})"
+            )
+        if self.repeated:
+            report.notes.append(
+                f"{self.repeated} repeated row(s) (the same file and span again) imported once"
             )
         if self.changed:
             report.notes.append(f"{self.changed} file(s) changed since they were embedded: the next `stanvid index` "

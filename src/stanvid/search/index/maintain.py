@@ -306,6 +306,27 @@ def _next_build(folder: Path, old: dict) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- repair
+REPAIR_KEY = "repairing"  # meta: set while a repair's dropped files are encoded again, cleared by `_finish`
+
+
+def mark_repair(conn: sqlite3.Connection, why: str) -> None:
+    """Record, in the transaction that drops a repair's files, that the index is being repaired: an open index
+    keeps answering from the generation before it until the run that re-encodes them clears the mark (a
+    repair never publishes an emptier index than the one it repairs). The first mark of a run is kept."""
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (REPAIR_KEY,)).fetchone()
+    if row is None:
+        files = conn.execute("SELECT COUNT(*) FROM files").fetchone()[0]
+        _set_meta(conn, **{REPAIR_KEY: {"why": why, "files": files}})
+
+
+def end_repair(conn: sqlite3.Connection) -> None:
+    """Clear the repair mark (the run re-encoded what it dropped); a commit of its own, a new generation, so
+    that open indexes move to the repaired state at once."""
+    with _transaction(conn):
+        if conn.execute("DELETE FROM meta WHERE key = ?", (REPAIR_KEY,)).rowcount:
+            _bump_generation(conn)
+
+
 def reconcile_dead(conn: sqlite3.Connection, store: VectorStore) -> None:
     """After rows were dropped by a repair: every store row no segment points at is marked dead."""
     used = np.zeros(store.rows, dtype=bool)
@@ -377,6 +398,7 @@ def repair_store(folder: Path, conn: sqlite3.Connection, store: VectorStore) -> 
     log.warning("%s %s; %d file(s) whose embeddings were lost are encoded again", store.path,
                 problem or f"has {len(lost)} damaged chunk(s)", len(files))  # fmt: skip
     with _transaction(conn):
+        mark_repair(conn, f"{store.path.name} {problem or 'has damaged chunks'}")
         for relpath in sorted(files):
             _delete_file(conn, relpath)
         _bump_generation(conn)

@@ -32,7 +32,7 @@ import faiss
 import numpy as np
 
 from stanvid.errors import VideoIndexError
-from stanvid.search.index.ann import ApproxSearcher, ExactSearcher, ScanSearcher, recorded_files
+from stanvid.search.index.ann import ApproxSearcher, ExactSearcher, MappedFile, ScanSearcher, recorded_files
 from stanvid.search.index.maintain import _RECORDED_FILES, FLAT_IN_MEMORY, _problem, _read
 from stanvid.search.index.store import (
     _REPAIR,
@@ -49,13 +49,16 @@ from stanvid.search.index.vectors import VectorStore
 
 log = logging.getLogger("stanvid")
 
-TOKEN_SQL = "SELECT key, value FROM meta WHERE key IN ('ann', 'generation', 'store') ORDER BY key"
+TOKEN_SQL = (
+    "SELECT key, value FROM meta WHERE key IN ('ann', 'generation', 'repairing', 'store') ORDER BY key"
+)
 
 
 def read_token(conn: sqlite3.Connection) -> tuple:
     """What identifies a committed state: the generation (bumped by every commit that changes the rows), the
-    vector index record (a merge or retune replaces the files without changing the rows) and the store's
-    (its id tells an index built again from scratch from the one it replaced)."""
+    vector index record (a merge or retune replaces the files without changing the rows), the store's
+    (its id tells an index built again from scratch from the one it replaced) and the repair mark
+    (`maintain.mark_repair`)."""
     return tuple(conn.execute(TOKEN_SQL).fetchall())
 
 
@@ -205,7 +208,10 @@ def load_searcher(folder: Path, conn: sqlite3.Connection, meta: dict[str, Any], 
     if rec.get("kind") in ("ivf", "ivfpq") and n:
         reuse = (
             previous
-            if isinstance(previous, ApproxSearcher) and previous.files == recorded_files(rec)
+            if isinstance(previous, ApproxSearcher)
+            and previous.files == recorded_files(rec)
+            and previous.fallback is None
+            and not previous.changed()  # written in place: checked (hashed) again, not reused
             else None
         )
         problem = _approx_problem(folder, rec, store, hashed=reuse is not None)
@@ -272,6 +278,7 @@ def _open_approx(folder: Path, conn: sqlite3.Connection, rec: dict, store: Vecto
                  reuse: ApproxSearcher | None = None, checked: int = 0):  # fmt: skip
     """The main index memory-mapped (or `reuse`'s), the delta added to a fresh copy of the trained one; or
     what is wrong."""
+    watch = reuse.watch if reuse is not None else MappedFile(folder / rec["file"])
     main = reuse.main if reuse is not None else _read(folder / rec["file"], faiss.IO_FLAG_MMAP)
     tomb = _dead_slots(conn, rec["dead_seq"], rec["slots"])
     delta = np.fromiter(
@@ -291,7 +298,7 @@ def _open_approx(folder: Path, conn: sqlite3.Connection, rec: dict, store: Vecto
     else:
         trained = faiss.serialize_index(_read(folder / rec["trained"]))
     index = _delta(trained, delta, store, reuse if checked else None, checked)
-    return ApproxSearcher(main, index, tomb, store, rec, n, trained, delta)
+    return ApproxSearcher(main, index, tomb, store, rec, n, trained, delta, watch)
 
 
 def _delta(trained: Any, slots: np.ndarray, store: VectorStore, previous: ApproxSearcher | None,

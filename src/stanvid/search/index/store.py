@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sqlite3
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -18,8 +19,11 @@ from typing import Any
 import numpy as np
 
 from stanvid.errors import VideoIndexError
+from stanvid.locking import processes_using
 from stanvid.search.index.records import _FileEntry
 from stanvid.search.index.vectors import VectorStore
+
+log = logging.getLogger("stanvid")
 
 DB_NAME = "index.sqlite"
 
@@ -98,9 +102,26 @@ def _db_errors(db: Path) -> Iterator[None]:
     try:
         yield
     except sqlite3.OperationalError as exc:
+        if "locked" in str(exc) or "busy" in str(exc):
+            raise VideoIndexError(_locked_message(db)) from exc
         raise VideoIndexError(f"{db}: SQLite error: {exc}") from exc
     except sqlite3.DatabaseError as exc:
         raise VideoIndexError(f"{db}: not a readable index database ({exc}); {_REBUILD}") from exc
+
+
+_WARNED_JOURNAL: set[Path] = set()
+BUSY_SECONDS = 60.0  # how long a connection waits for another one's lock before "database is locked"
+
+
+def _locked_message(db: Path) -> str:
+    """Who holds a locked index database, and what to do."""
+    holders = processes_using(db)
+    who = f" (open in process {', '.join(holders)})" if holders else ""
+    return (
+        f"{db}: the database stayed locked by another process for {BUSY_SECONDS:g} s{who}; a server only "
+        "reads it, so this is a process writing it or stuck in a transaction: let it finish or stop it, then "
+        "re-run (a `stanvid serve` that does not exit can be restarted after the run)"
+    )
 
 
 def _connect(path: Path, create: bool = True) -> sqlite3.Connection:
@@ -110,10 +131,14 @@ def _connect(path: Path, create: bool = True) -> sqlite3.Connection:
     with _db_errors(path):
         target = str(path) if create else Path(path).resolve().as_uri() + "?mode=rw"
         conn = sqlite3.connect(
-            target, timeout=60, check_same_thread=False, isolation_level=None, uri=not create
+            target, timeout=BUSY_SECONDS, check_same_thread=False, isolation_level=None, uri=not create
         )
         try:
-            conn.execute("PRAGMA journal_mode=WAL")  # readers (a running server) are not blocked by a build
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]  # readers do not block a build
+            if str(mode).lower() != "wal" and path not in _WARNED_JOURNAL:
+                _WARNED_JOURNAL.add(path)
+                log.warning("%s: SQLite cannot use write-ahead logging here (journal mode %s): a server reading "
+                            "it blocks `stanvid index` while it answers", path, mode)  # fmt: skip
             conn.execute("PRAGMA synchronous=NORMAL")
             if create:
                 conn.executescript(_SCHEMA)

@@ -107,7 +107,7 @@ def add_image_route(
                 f"send the image itself as the request body (Content-Type image/*), not {kind[:60] or 'nothing'}",
             )
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+        if declared is not None and declared.isdecimal() and int(declared) > limit:
             raise BadRequest(413, f"the image is {declared} bytes; at most {limit} are allowed")
         data = bytearray()
         async for part in request.stream():
