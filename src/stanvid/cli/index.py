@@ -88,6 +88,12 @@ def add_parser(sub) -> None:
         help="import `stanvid embed` outputs (a .npy + .json, a .parquet, a folder or a glob of them) instead "
         "of encoding",
     )
+    p.add_argument(
+        "--no-moments",
+        action="store_true",
+        help="do not keep the moment features `stanvid search --moments` cuts moments from (a frame every "
+        "0.25 s through the model: indexing costs more, the index grows; see docs/search.md)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -113,6 +119,7 @@ def run(args) -> int:
         rebuild=args.rebuild,
         from_embeddings=args.from_embeddings,
         progress=not args.no_progress,
+        moments=not args.no_moments,
     )
     if int(os.environ.get("RANK", 0)) == 0:
         print(report.summary())

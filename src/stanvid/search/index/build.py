@@ -71,6 +71,7 @@ from stanvid.search.index.store import (
 from stanvid.search.index.vectors import VectorStore, create_store
 from stanvid.search.index.walk import _share, _walk
 from stanvid.search.index.writer import _Writer
+from stanvid.search.moments import MOMENT_STEP
 from stanvid.video.pipeline import PREFETCH_PER_WORKER, ThreadBudget, encode_batch_size, thread_budget
 
 log = logging.getLogger("stanvid")
@@ -94,6 +95,7 @@ class _Options:
     target_recall: float = TARGET_RECALL
     from_embeddings: str | None = None
     shard: tuple[int, int] | None = None  # (i, n): this run indexes the files of share i of n, alone
+    moments: bool = True  # keep each file's moment features (`stanvid.search.moments`)
 
     def __post_init__(self) -> None:
         if self.segment_seconds is not None:
@@ -188,6 +190,7 @@ def build_index(
     target_recall: float = TARGET_RECALL,
     from_embeddings: str | os.PathLike | None = None,
     shard: tuple[int, int] | None = None,
+    moments: bool = True,
 ) -> IndexReport:
     """Index the videos under `video_dir` into the directory `out` (created, or updated in place).
 
@@ -219,8 +222,8 @@ def build_index(
 
     `from_embeddings` (a `stanvid embed` output: .npy + .json or .parquet; a folder or a glob of them) imports
     those rows instead of encoding (`stanvid.search.index.imports`). `shard=(i, n)` indexes only the files
-    of share i of n (a stable hash of their path), in this process alone: `stanvid embed --shard`.
-    """
+    of share i of n (a stable hash of their path), alone: `stanvid embed --shard`. `moments`: keep each
+    encoded file's moment features (`stanvid.search.moments`); False skips them."""
     t0 = time.perf_counter()
     options = _Options(
         segment_seconds,
@@ -237,6 +240,7 @@ def build_index(
         target_recall,
         None if from_embeddings is None else str(from_embeddings),
         None if shard is None else tuple(shard),
+        bool(moments),
     )
     root, out = _folders(video_dir, out)
     model, source, overrides, fingerprint = _model(model, model_source, model_overrides)
@@ -569,6 +573,7 @@ def _encode_files(
         segment_seconds=options.segment_seconds,
         chunk=options.batch_size,
         decoder_threads=0,
+        moment_step=MOMENT_STEP if options.moments else None,
     )
     workers = min(budget.decode_workers, len(entries))
     # chunks come whole from the dataset (batch_size None), one pass, decoder threads set per worker
