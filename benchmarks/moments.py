@@ -92,9 +92,9 @@ def compose(
     return moments
 
 
-def top_hits(index: stanvid.VideoIndex, moments: list[dict], **kw) -> list[tuple[str, float, float] | None]:
+def top_hits(index: stanvid.VideoIndex, rows: list[dict], **kw) -> list[tuple[str, float, float] | None]:
     out = []
-    for m in moments:
+    for m in rows:
         hits = index.search(m["query"], 1, **kw)
         out.append((hits[0].relpath, hits[0].start, hits[0].end) if hits else None)
     return out
@@ -115,13 +115,13 @@ def scores(moments: list[dict], hits: list) -> dict[str, float]:
     }
 
 
-def query_seconds(index: stanvid.VideoIndex, moments: list[dict], repeat: int, **kw) -> float:
-    index.search(moments[0]["query"], 10, **kw)  # warm up
+def query_seconds(index: stanvid.VideoIndex, rows: list[dict], repeat: int, **kw) -> float:
+    index.search(rows[0]["query"], 10, **kw)  # warm up
     t0 = time.perf_counter()
     for _ in range(repeat):
-        for m in moments:
+        for m in rows:
             index.search(m["query"], 10, **kw)
-    return (time.perf_counter() - t0) / (repeat * len(moments))
+    return (time.perf_counter() - t0) / (repeat * len(rows))
 
 
 def _index(videos: Path, out: Path, model: Path, **kw) -> tuple[stanvid.VideoIndex, float, int]:
@@ -146,10 +146,7 @@ def main() -> None:
     cpu = subprocess.run(
         "lscpu | grep 'Model name'", shell=True, capture_output=True, text=True
     ).stdout.strip()
-    print(
-        f"# {platform.python_version()} torch {stanvid.__version__ if hasattr(stanvid, '__version__') else ''}"
-        f" | {cpu or platform.processor()}"
-    )
+    print(f"# {platform.python_version()} stanvid {stanvid.__version__} | {cpu or platform.processor()}")
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         videos = work / "videos"

@@ -269,7 +269,7 @@ def test_the_api_answers_moments_and_cuts_them(moment_index):
 
     from stanvid.search.server.app import create_app
 
-    _, out, _ = moment_index
+    root, out, _ = moment_index
     with TestClient(create_app(out), raise_server_exceptions=False) as client:
         body = client.get(
             "/api/search", params={"q": "a green screen", "k": 3, "moments": "true", "pad": 0.25}
@@ -281,6 +281,7 @@ def test_the_api_answers_moments_and_cuts_them(moment_index):
         got = [(h["start"], h["end"]) for h in body["results"]]
         assert np.allclose(got, [(e.start, e.end) for e in expected], atol=1e-3)
         hit = body["results"][0]
+        assert hit["duration"] == pytest.approx(probe(root / hit["path"]).duration)
         assert hit["play_url"].endswith(f"#t={hit['start']:.3f},{hit['end']:.3f}")
         cut = client.get(hit["export_url"])
         assert cut.status_code == 200 and cut.headers["content-type"] == "video/mp4"

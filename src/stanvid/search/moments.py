@@ -233,10 +233,18 @@ def file_moments(
 def _cut(stored: tuple[float, float, np.ndarray], vector: np.ndarray, pad: float, limit: int) -> list[Moment]:
     """A file's moments from its stored (step, duration, features), padded."""
     step, duration, feats = stored
-    times = moment_sample_times(duration, step)[: len(feats)]
-    scores = score_samples(vector, feats[: len(times)])
-    return [Moment(*pad_moment(m.start, m.end, pad, duration), m.score, m.peak)
-            for m in cut_moments(times, scores, duration, step=step, limit=limit)]  # fmt: skip
+    scores = _sample_scores(feats, vector)
+    return _padded(cut_moments(moment_sample_times(duration, step)[: len(scores)], scores, duration, step=step,
+                               limit=limit), pad, duration)  # fmt: skip
+
+
+def _sample_scores(feats: np.ndarray, vector: np.ndarray) -> np.ndarray:
+    """(n, D) unit rows, as the index keeps them, against a (D,) unit query -> (n,) cosines."""
+    return feats.astype(np.float32) @ vector
+
+
+def _padded(moments: list[Moment], pad: float, duration: float) -> list[Moment]:
+    return [Moment(*pad_moment(m.start, m.end, pad, duration), m.score, m.peak) for m in moments]
 
 
 def _candidates(index: VideoIndex, vector: np.ndarray, want: int) -> dict[int, SearchResult]:
@@ -260,19 +268,35 @@ def _search_moments(index: VideoIndex, vector: np.ndarray, k: int, pad: float) -
     if not best:
         return []
     stored = index.moment_features(list(best))  # file_id -> (step, duration, (n, D) features)
-    found: list[tuple[SearchResult, float | None]] = []  # (hit, time of its peak)
+    found: list[
+        tuple[float, int, Moment | None]
+    ] = []  # (score, file id, moment; None: the file's best segment)
+    files = []  # (the file's best sample score, file id, sample scores)
     for file_id, hit in best.items():
-        if file_id not in stored:  # indexed without moment features: its best segment, as a plain search
-            found.append((hit, None))
-            continue
-        for m in _cut(stored[file_id], vector, pad, MAX_MOMENTS_PER_FILE):
-            found.append((dataclasses.replace(hit, start=m.start, end=m.end, score=m.score), m.peak))
-    found.sort(key=lambda r: -r[0].score)
-    return [_with_peak_segment(index, hit, peak) for hit, peak in found[:k]]
-
-
-def _with_peak_segment(index: VideoIndex, hit: SearchResult, peak: float | None) -> SearchResult:
-    """The hit with the id of its file's segment that holds the moment's peak (for thumbnails and "more like
-    this")."""
-    segment_id = None if peak is None else index.segment_at(hit.file_id, peak)
-    return hit if segment_id is None else dataclasses.replace(hit, id=segment_id)
+        if file_id in stored:
+            scores = _sample_scores(stored[file_id][2], vector)
+            files.append((float(scores.max()), file_id, scores))
+        else:  # indexed without moment features: its best segment, as a plain search
+            found.append((hit.score, file_id, None))
+    # a moment's score is a smoothed sample score, never above its file's best sample: files are cut best
+    # first, and the rest skipped once k moments score at least as high as the next file's best sample
+    for bound, file_id, scores in sorted(files, key=lambda f: -f[0]):
+        if len(found) >= k and sorted((f[0] for f in found), reverse=True)[k - 1] >= bound:
+            break
+        step, duration, _ = stored[file_id]
+        times = moment_sample_times(duration, step)[: len(scores)]
+        for m in _padded(cut_moments(times, scores, duration, step=step), pad, duration):
+            found.append((m.score, file_id, m))
+    found.sort(key=lambda f: -f[0])
+    top = found[:k]
+    # each moment names the segment that holds its peak (for thumbnails and "more like this")
+    ids = index.segments_at([(fid, m.peak) for _, fid, m in top if m is not None])
+    out = []
+    for score, fid, m in top:
+        hit = best[fid]
+        if m is not None:
+            hit = dataclasses.replace(
+                hit, id=ids.get((fid, m.peak), hit.id), start=m.start, end=m.end, score=score
+            )
+        out.append(hit)
+    return out

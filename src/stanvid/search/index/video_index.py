@@ -8,6 +8,7 @@ in (`stanvid.search.index.follow`)."""
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import copy
 import logging
@@ -391,14 +392,40 @@ class VideoIndex:
         with self._use() as snap:
             return [(fid, rel) for fid, rel in snap.rows("SELECT id, path FROM files ORDER BY path")]
 
-    def segment_at(self, file_id: int, seconds: float) -> int | None:
-        """The id of the segment of a file that holds the time `seconds` (its last one past the end)."""
+    def file_durations(self, file_ids: Sequence[int]) -> dict[int, float]:
+        """file id -> duration in seconds, for the ids the index has."""
+        if not file_ids:
+            return {}
+        marks = ",".join("?" * len(file_ids))
         with self._use() as snap:
             rows = snap.rows(
-                "SELECT id FROM segments WHERE file_id = ? AND start <= ? ORDER BY start DESC LIMIT 1",
-                (int(file_id), float(seconds)),
+                f"SELECT id, duration FROM files WHERE id IN ({marks})", [int(i) for i in file_ids]
             )
-        return rows[0][0] if rows else None
+        return dict(rows)
+
+    def segments_at(self, moments: Sequence[tuple[int, float]]) -> dict[tuple[int, float], int]:
+        """(file id, seconds) -> the id of the segment of that file that holds that time (its first one before
+        its start, its last one past its end), in one read."""
+        if not moments:
+            return {}
+        fids = sorted({int(f) for f, _ in moments})
+        marks = ",".join("?" * len(fids))
+        with self._use() as snap:
+            rows = snap.rows(
+                f"SELECT file_id, start, id FROM segments WHERE file_id IN ({marks}) ORDER BY file_id, start",
+                fids,
+            )
+        by_file: dict[int, tuple[list[float], list[int]]] = {}
+        for fid, start, sid in rows:
+            starts, ids = by_file.setdefault(fid, ([], []))
+            starts.append(start)
+            ids.append(sid)
+        out = {}
+        for fid, t in moments:
+            if fid in by_file:
+                starts, ids = by_file[fid]
+                out[(fid, t)] = ids[max(0, bisect.bisect_right(starts, t) - 1)]
+        return out
 
     def moments_note(self) -> str:
         """ "" when every file has moment features; else one line saying why (some) hits of a moments search

@@ -72,6 +72,7 @@ class HitBody(BaseModel):
     like_url: str  # "more like this"
     timeline: list[TimelinePoint] | None = None  # grouped per file: every segment of the file, in time order
     export_url: str | None = None  # a moment (`&moments=true`): the moment cut out as a file
+    duration: float | None = None  # a moment: the duration of its file (to draw it on the file's timeline)
 
 
 class SearchBody(BaseModel):

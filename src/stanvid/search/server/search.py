@@ -161,25 +161,24 @@ def run_query(
         hits = search_query(index, query, k, group_by=group, moments=moments, pad=pad)
     except QueryError as exc:
         raise BadRequest(400, public(index, str(exc))) from exc
-    if moments:
-        echo = {**echo, "moments": True, "moments_note": public(index, index.moments_note()) or None}
-    return {
-        "generation": index.generation,
-        **echo,
-        "k": k,
-        "group": group,
-        "results": [moment_json(h) if moments else hit_json(h) for h in hits],
-    }
+    body = {"generation": index.generation, **echo, "k": k, "group": group}
+    if not moments:
+        return {**body, "results": [hit_json(h) for h in hits]}
+    durations = index.file_durations([h.file_id for h in hits])
+    note = public(index, index.moments_note()) or None
+    results = [moment_json(h, durations.get(h.file_id)) for h in hits]
+    return {**body, "moments": True, "moments_note": note, "results": results}
 
 
-def moment_json(hit: SearchResult) -> dict:
-    """A moment as the page uses it: plays from its start and stops at its end (`#t=start,end`), and can be
-    cut out (`export_url`)."""
+def moment_json(hit: SearchResult, duration: float | None) -> dict:
+    """A moment as the page uses it: plays from its start and stops at its end (`#t=start,end`), drawn on its
+    file's timeline (`duration`), and can be cut out (`export_url`)."""
     span = f"start={hit.start:.3f}&end={hit.end:.3f}"
     return {
         **hit_json(hit),
         "play_url": f"/api/video/{hit.file_id}#t={hit.start:.3f},{hit.end:.3f}",
         "export_url": f"/api/moment/{hit.file_id}?{span}",
+        "duration": duration,
     }
 
 
