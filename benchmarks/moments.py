@@ -8,11 +8,12 @@ each file holds `--per-file` objects, each clip looped forward and back to a ran
 [`--min-seconds`, `--max-seconds`], between empty stretches (frames of one plain background, no object) of
 1.5 to 6 s, before the first and after the last too; every object appears in one file only, and its caption
 ("a red circle") is its query. The folder is indexed with the demo's trained model and `build_index`'s defaults
-(one embedding per file plus moment features), then with fixed segments of 2, 5 and 10 s (`--no-moments`), and
+(one embedding per file plus moment features in 1 s windows; `--windows 2,4` adds indexes with longer ones),
+then with fixed segments of 2, 5 and 10 s (`--no-moments`; `--no-segments` skips them), and
 each caption's top hit is compared with its true span: R1@IoU0.5, R1@IoU0.7 (the top hit is in the right file
 and overlaps its span by that IoU) and mean IoU (0 for a hit in another file). Time per query: `--repeat`
 rounds of every caption, `search(..., k=10)` plain and with `moments=True` on the same index, text encoding
-included. The set is also written in QVHighlights' format (`annotations.jsonl`) and scored with
+included, in alternating rounds. The set is also written in QVHighlights' format (`annotations.jsonl`) and scored with
 `stanvid.search.moment_eval.evaluate_moments` (each query's moments cut in its own video), as
 `stanvid eval-moments` does.
 """
@@ -115,13 +116,19 @@ def scores(moments: list[dict], hits: list) -> dict[str, float]:
     }
 
 
-def query_seconds(index: stanvid.VideoIndex, rows: list[dict], repeat: int, **kw) -> float:
-    index.search(rows[0]["query"], 10, **kw)  # warm up
-    t0 = time.perf_counter()
+def query_seconds(index: stanvid.VideoIndex, rows: list[dict], repeat: int) -> tuple[float, float]:
+    """Seconds per query, plain and with moments, timed in alternating rounds (a change of the machine's load
+    meanwhile falls on both)."""
+    for kw in ({}, {"moments": True}):  # warm up
+        index.search(rows[0]["query"], 10, **kw)
+    spent = [0.0, 0.0]
     for _ in range(repeat):
-        for m in rows:
-            index.search(m["query"], 10, **kw)
-    return (time.perf_counter() - t0) / (repeat * len(rows))
+        for i, kw in enumerate(({}, {"moments": True})):
+            t0 = time.perf_counter()
+            for m in rows:
+                index.search(m["query"], 10, **kw)
+            spent[i] += time.perf_counter() - t0
+    return spent[0] / (repeat * len(rows)), spent[1] / (repeat * len(rows))
 
 
 def _index(videos: Path, out: Path, model: Path, **kw) -> tuple[stanvid.VideoIndex, float, int]:
@@ -142,6 +149,14 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeat", type=int, default=5, help="rounds of queries timed")
     p.add_argument("--work", type=Path, default=None, help="working folder (default: a temporary one)")
+    p.add_argument(
+        "--windows",
+        type=lambda v: [float(w) for w in v.split(",") if w],
+        default=[],
+        metavar="S,S",
+        help="also index with moment windows of these many seconds (`moments=S`) and score them",
+    )
+    p.add_argument("--no-segments", action="store_true", help="skip the fixed-segment indexes")
     args = p.parse_args()
     cpu = subprocess.run(
         "lscpu | grep 'Model name'", shell=True, capture_output=True, text=True
@@ -165,12 +180,17 @@ def main() -> None:
         index, secs, size = _index(videos, work / "moments.idx", model)
         rows.append(("--moments (default index)", scores(moments, top_hits(index, moments, moments=True))))
         rows.append(("default index, plain (one per file)", scores(moments, top_hits(index, moments))))
-        plain_q = query_seconds(index, moments, args.repeat)
-        moment_q = query_seconds(index, moments, args.repeat, moments=True)
+        plain_q, moment_q = query_seconds(index, moments, args.repeat)
         index.close()
+        for window in args.windows:
+            ix, _, _ = _index(videos, work / f"moments-{window:g}.idx", model, moments=window)
+            rows.append(
+                (f"--moments, windows of {window:g} s", scores(moments, top_hits(ix, moments, moments=True)))
+            )
+            ix.close()
         plain, psecs, psize = _index(videos, work / "plain.idx", model, moments=False)
         plain.close()
-        for seg in (2.0, 5.0, 10.0):
+        for seg in () if args.no_segments else (2.0, 5.0, 10.0):
             ix, _, _ = _index(videos, work / f"seg{seg:g}.idx", model, segment_seconds=seg, moments=False)
             rows.append((f"fixed segments of {seg:g} s", scores(moments, top_hits(ix, moments))))
             ix.close()

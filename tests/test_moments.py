@@ -19,9 +19,9 @@ from stanvid.search.index import build_index, open_index
 from stanvid.search.moment_eval import average_precision, moment_metrics, temporal_iou
 from stanvid.search.moment_export import export_moment, moment_file_name
 from stanvid.search.moments import (
-    MOMENT_STEP,
     cut_moments,
     moment_sample_times,
+    moment_step,
     moment_windows,
     score_samples,
     smooth_scores,
@@ -44,7 +44,7 @@ def _features(n: int, spans: list[tuple[int, int, np.ndarray]], dim: int = 16, s
 def test_a_moment_is_cut_where_the_query_matches(first, last):
     """Samples first..last-1 match the query: the moment's bounds are within one step of that span, whatever
     its length and wherever it lies (at the file's start or end too)."""
-    n, step = 80, MOMENT_STEP
+    n, step = 80, 0.25
     query = np.eye(16)[3]
     times = moment_sample_times(n * step, step)
     scores = score_samples(query, _features(n, [(first, last, query)]))
@@ -58,7 +58,7 @@ def test_a_moment_is_cut_where_the_query_matches(first, last):
 def test_moments_are_ranked_by_score_and_relative_to_the_file():
     """Two matching spans, one stronger: both are found, the stronger first; a constant offset of every score
     (another file's level) changes no bound."""
-    n, step = 100, MOMENT_STEP
+    n, step = 100, 0.25
     query = np.eye(16)[0]
     feats = _features(n, [(10, 20, query), (60, 75, 0.5 * query)])
     times = moment_sample_times(n * step, step)
@@ -129,7 +129,7 @@ def test_the_index_keeps_each_files_per_frame_vectors(moment_index):
         fid = dict((rel, fid) for fid, rel in index.files())["scene.mp4"]
         step, duration, feats = index.moment_features([fid])[fid]
     info = probe(root / "scene.mp4")
-    assert step == MOMENT_STEP and duration == pytest.approx(info.duration)
+    assert step == moment_step(4) == 0.25 and duration == pytest.approx(info.duration)
     times, idx = moment_windows(info.duration, info.fps, info.num_frames, 4, step)
     assert feats.shape == (len(times), 16) and feats.dtype == np.float16
     model = index_model()
@@ -186,6 +186,13 @@ def test_moments_follow_deletions_and_no_moments_and_old_indexes(moment_index, t
             ).fetchone()[0]
             == 1
         )
+    coarse = tmp_path / "coarse"  # clips of 2 s: 4 samples each, one every 0.5 s
+    build_index(videos, coarse, model, num_workers=0, progress=False, moments=2.0)
+    with open_index(coarse, follow=None) as index:
+        step, duration, feats = next(iter(index.moment_features([f for f, _ in index.files()]).values()))
+        assert step == moment_step(4, 2.0) == 0.5 and len(feats) == len(moment_sample_times(duration, 0.5))
+    with pytest.raises(stanvid.VideoIndexError, match="moments must be"):
+        build_index(videos, tmp_path / "x", model, progress=False, moments=-1.0)
     bare = tmp_path / "bare"
     build_index(videos, bare, model, num_workers=0, progress=False, moments=False)
     with open_index(bare, follow=None) as index:

@@ -1,10 +1,13 @@
 """Moments: the start and end of what a query describes inside a file, not one of the index's fixed windows.
 
-At index time (`stanvid index`, unless `--no-moments`) every file also gets *moment features*: frames sampled
-every `MOMENT_STEP` seconds (at times ``(j + 0.5) * step``), put through the video model in consecutive clips
-of its `num_frames` frames with `encode_video(..., pool=False)`, so each sampled frame has the per-frame vector
-the model's temporal module gives it in the context of its neighbours (STAN's branch sees the whole clip). They
-are kept as float16 unit vectors, one row per sample (`stanvid.search.index.moment_store`).
+At index time (`stanvid index`, unless `--no-moments`) every file also gets *moment features*: the video is cut
+into consecutive clips of `MOMENT_WINDOW` seconds, each sampled with the model's `num_frames` frames (so a sample
+every ``step = window / num_frames`` seconds, at times ``(j + 0.5) * step``) and put through the video model with
+`encode_video(..., pool=False)`: each sampled frame gets the per-frame vector the model's temporal module gives
+it in the context of its clip (STAN's branch sees the clip as a whole). The window matters: on the demo's model
+(trained on 1 s clips of 8 frames), 1 s windows find 48 of 48 moments at IoU 0.7 where 2 s windows find 40 and
+4 s windows 28 (docs/search.md). They are kept as float16 unit vectors, one row per sample
+(`stanvid.search.index.moment_store`).
 
 At query time (`search_moments`): the vector index finds the candidate files as a plain search does (their
 best segments, widened until `max(k, CANDIDATE_FILES)` files are found); each candidate's samples are scored
@@ -22,11 +25,14 @@ rows from SQLite (``samples x D x 2`` bytes a file) and one matrix-vector produc
 from __future__ import annotations
 
 import dataclasses
+import functools
+import heapq
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from stanvid.errors import QueryError
 
@@ -36,19 +42,20 @@ if TYPE_CHECKING:
 __all__ = [
     "CANDIDATE_FILES",
     "LEVEL",
-    "MOMENT_STEP",
+    "MOMENT_WINDOW",
     "Moment",
     "cut_moments",
     "file_moments",
     "moment_sample_times",
+    "moment_step",
     "moment_windows",
     "score_samples",
     "search_moments",
     "smooth_scores",
 ]
 
-MOMENT_STEP = 0.25  # seconds between moment samples (4 per second)
-SMOOTH_SECONDS = 0.25  # standard deviation of the Gaussian smoothing the samples' scores
+MOMENT_WINDOW = 1.0  # seconds one clip of moment samples spans (num_frames samples in it)
+SMOOTH_SECONDS = 0.125  # standard deviation of the Gaussian smoothing the samples' scores
 LEVEL = 0.5  # the threshold: this fraction of the way from the file's median score to its maximum
 CANDIDATE_FILES = 16  # candidate files scored per query (at least k)
 MAX_MOMENTS_PER_FILE = 8
@@ -67,7 +74,12 @@ class Moment:
 
 
 # ---------------------------------------------------------------------------------------------- sampling
-def moment_sample_times(duration: float, step: float = MOMENT_STEP) -> np.ndarray:
+def moment_step(clip_len: int, window: float = MOMENT_WINDOW) -> float:
+    """Seconds between moment samples: a model of `clip_len` frames sees `window` seconds a clip."""
+    return float(window) / clip_len
+
+
+def moment_sample_times(duration: float, step: float) -> np.ndarray:
     """(n,) times of the moment samples of a file: ``(j + 0.5) * step`` for every one before `duration`."""
     if not duration > 0 or not math.isfinite(duration):
         return np.zeros(0)
@@ -75,7 +87,7 @@ def moment_sample_times(duration: float, step: float = MOMENT_STEP) -> np.ndarra
 
 
 def moment_windows(
-    duration: float, fps: float, num_frames: int, clip_len: int, step: float = MOMENT_STEP
+    duration: float, fps: float, num_frames: int, clip_len: int, step: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """The frames to decode for a file's moment samples: (n,) sample times and `(m, clip_len)` frame indices,
     consecutive samples grouped into clips of `clip_len` (the last one padded with its last frame; the
@@ -98,13 +110,20 @@ def score_samples(query: np.ndarray, features: np.ndarray) -> np.ndarray:
     return (feats @ np.asarray(query, np.float32)) / np.maximum(norms, 1e-12)
 
 
+@functools.lru_cache(maxsize=16)
+def _kernel(sigma: float) -> np.ndarray:
+    """The Gaussian weights, `sigma` in samples, out to 3 sigma."""
+    half = max(1, int(math.ceil(3 * sigma)))
+    return np.exp(-0.5 * (np.arange(-half, half + 1) / sigma) ** 2)
+
+
 def smooth_scores(scores: np.ndarray, sigma: float) -> np.ndarray:
     """Gaussian smoothing of (n,) scores, `sigma` in samples, edges renormalized (no fall-off at the ends)."""
     scores = np.asarray(scores, np.float64)
     if sigma <= 0 or len(scores) < 2:
         return scores.copy()
-    half = max(1, int(math.ceil(3 * sigma)))
-    kernel = np.exp(-0.5 * (np.arange(-half, half + 1) / sigma) ** 2)
+    kernel = _kernel(round(float(sigma), 6))
+    half = len(kernel) // 2
     n = len(scores)
     total = np.convolve(scores, kernel)[half : half + n]  # (n,): centred, whatever n is against the kernel
     weight = np.convolve(np.ones_like(scores), kernel)[half : half + n]
@@ -123,7 +142,7 @@ def cut_moments(
     scores: np.ndarray,
     duration: float,
     *,
-    step: float = MOMENT_STEP,
+    step: float,
     smooth: float = SMOOTH_SECONDS,
     level: float = LEVEL,
     limit: int = MAX_MOMENTS_PER_FILE,
@@ -233,14 +252,19 @@ def file_moments(
 def _cut(stored: tuple[float, float, np.ndarray], vector: np.ndarray, pad: float, limit: int) -> list[Moment]:
     """A file's moments from its stored (step, duration, features), padded."""
     step, duration, feats = stored
-    scores = _sample_scores(feats, vector)
+    (scores,) = _sample_scores([feats], vector)
     return _padded(cut_moments(moment_sample_times(duration, step)[: len(scores)], scores, duration, step=step,
                                limit=limit), pad, duration)  # fmt: skip
 
 
-def _sample_scores(feats: np.ndarray, vector: np.ndarray) -> np.ndarray:
-    """(n, D) unit rows, as the index keeps them, against a (D,) unit query -> (n,) cosines."""
-    return feats.astype(np.float32) @ vector
+def _sample_scores(feats: list[np.ndarray], vector: np.ndarray) -> list[np.ndarray]:
+    """Each file's (n, D) float16 unit rows, as the index keeps them, against a (D,) unit query -> its (n,)
+    cosines: one conversion and one product for all the files."""
+    if not feats:
+        return []
+    rows = torch.from_numpy(np.concatenate(feats)).float()  # (N, D)
+    scores = (rows @ torch.from_numpy(np.ascontiguousarray(vector, np.float32))).numpy()  # (N,)
+    return np.split(scores.astype(np.float64), np.cumsum([len(f) for f in feats])[:-1])
 
 
 def _padded(moments: list[Moment], pad: float, duration: float) -> list[Moment]:
@@ -251,7 +275,7 @@ def _candidates(index: VideoIndex, vector: np.ndarray, want: int) -> dict[int, S
     """The best segment of each of the `want` best files by the vector index (fewer when the index has
     fewer), widening the search x4 until they are found."""
     n = len(index)
-    fetch = min(n, max(4 * want, 32))
+    fetch = min(n, want)  # one segment a file (the default index) finds them at once
     best: dict[int, SearchResult] = {}
     while fetch > 0:
         best = {}
@@ -268,25 +292,22 @@ def _search_moments(index: VideoIndex, vector: np.ndarray, k: int, pad: float) -
     if not best:
         return []
     stored = index.moment_features(list(best))  # file_id -> (step, duration, (n, D) features)
-    found: list[
-        tuple[float, int, Moment | None]
-    ] = []  # (score, file id, moment; None: the file's best segment)
-    files = []  # (the file's best sample score, file id, sample scores)
-    for file_id, hit in best.items():
-        if file_id in stored:
-            scores = _sample_scores(stored[file_id][2], vector)
-            files.append((float(scores.max()), file_id, scores))
-        else:  # indexed without moment features: its best segment, as a plain search
-            found.append((hit.score, file_id, None))
+    # (score, file id, moment); a file indexed without moment features gives its best segment (moment None)
+    found = [(hit.score, fid, None) for fid, hit in best.items() if fid not in stored]
+    kept = [fid for fid in best if fid in stored]
+    scores = _sample_scores([stored[fid][2] for fid in kept], vector)  # per file, (n,)
+    files = sorted(zip(kept, scores, strict=True), key=lambda f: -float(f[1].max()))
     # a moment's score is a smoothed sample score, never above its file's best sample: files are cut best
     # first, and the rest skipped once k moments score at least as high as the next file's best sample
-    for bound, file_id, scores in sorted(files, key=lambda f: -f[0]):
-        if len(found) >= k and sorted((f[0] for f in found), reverse=True)[k - 1] >= bound:
+    top_k: list[float] = []  # the k best scores so far (a heap)
+    for file_id, file_scores in files:
+        if len(top_k) >= k and top_k[0] >= float(file_scores.max()):
             break
         step, duration, _ = stored[file_id]
-        times = moment_sample_times(duration, step)[: len(scores)]
-        for m in _padded(cut_moments(times, scores, duration, step=step), pad, duration):
+        times = moment_sample_times(duration, step)[: len(file_scores)]
+        for m in _padded(cut_moments(times, file_scores, duration, step=step), pad, duration):
             found.append((m.score, file_id, m))
+            (heapq.heappush if len(top_k) < k else heapq.heappushpop)(top_k, m.score)
     found.sort(key=lambda f: -f[0])
     top = found[:k]
     # each moment names the segment that holds its peak (for thumbnails and "more like this")
