@@ -213,6 +213,52 @@ def test_moments_follow_deletions_and_no_moments_and_old_indexes(moment_index, t
     assert len(run.stderr.strip().splitlines()) == 1 and "no moments in this index" in run.stderr
 
 
+def _moment_rows(out) -> dict[str, tuple]:
+    with sqlite3.connect(out / "index.sqlite") as conn:
+        rows = conn.execute(
+            "SELECT f.path, m.step, m.count, m.dim, m.features FROM file_moments m JOIN files f ON f.id = m.file_id"
+        ).fetchall()
+    return {path: rest for path, *rest in rows}
+
+
+def test_moments_survive_a_shard_merge(moment_index, tmp_path):
+    """The files a rank's shard holds are merged with their moment rows, byte for byte."""
+    import shutil
+
+    from stanvid.search.index import DB_NAME, SHARD_DIR
+
+    root, complete, model = moment_index
+    out = tmp_path / "idx"
+    (out / SHARD_DIR).mkdir(parents=True)
+    shutil.copy(complete / DB_NAME, out / SHARD_DIR / "rank-00001.sqlite")  # a finished index stands in
+    for store in complete.glob("embeddings-*.f32"):
+        shutil.copy(store, out / SHARD_DIR / store.name)
+    report = build_index(root, out, model, segment_seconds=2.0, num_workers=0, progress=False)
+    assert report.indexed == 0 and report.files == 2
+    assert _moment_rows(out) == _moment_rows(complete) and len(_moment_rows(out)) == 2
+
+
+def test_cli_moments_export(moment_index, tmp_path):
+    """`stanvid search --moments --pad --export DIR` prints the library's moments and writes each as a file named
+    after its source and times; --export without --moments is refused in one line."""
+    _, out, _ = moment_index
+    cli = [sys.executable, "-m", "stanvid.cli", "search", str(out), "a green screen"]
+    run = subprocess.run([*cli, "--moments", "--pad", "0.5", "-k", "2", "--export", str(tmp_path / "cuts"), "--json"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    hits = json.loads(run.stdout)
+    with open_index(out, follow=None) as index:
+        expected = index.search("a green screen", 2, moments=True, pad=0.5)
+    assert np.allclose(
+        [(h["start"], h["end"]) for h in hits], [(e.start, e.end) for e in expected], atol=1e-3
+    )
+    written = sorted(p.name for p in (tmp_path / "cuts").iterdir())
+    names = sorted(moment_file_name(h["path"], h["start"], h["end"]) for h in hits)
+    assert written == names and run.stderr.count("wrote ") == 2
+    refused = subprocess.run([*cli, "--export", str(tmp_path / "x")], capture_output=True, text=True)
+    assert refused.returncode == 2 and "--moments" in refused.stderr and "Traceback" not in refused.stderr
+
+
 # ---------------------------------------------------------------------------------------------- export
 @pytest.fixture(scope="module")
 def coded(tmp_path_factory):
