@@ -49,7 +49,14 @@ def write_video(path: Path, frames: np.ndarray, fps: int) -> None:
 
 
 def compose(
-    demo: Path, out: Path, files: int, per_file: int, low: float, high: float, seed: int
+    demo: Path,
+    out: Path,
+    files: int,
+    per_file: int,
+    low: float,
+    high: float,
+    seed: int,
+    gaps: tuple[float, float] = (1.5, 6.0),
 ) -> list[dict]:
     """Write `files` videos of `per_file` looped test clips each under `out`; returns one row per moment."""
     probe, read_frames = stanvid.probe, stanvid.read_frames
@@ -71,7 +78,7 @@ def compose(
         empty = np.broadcast_to(np.median(corner, axis=0).astype(np.uint8), read_frames(first, [0]).shape[1:])
         parts, t = [], 0
         for row in chosen[n * per_file : (n + 1) * per_file]:
-            gap = int(round(rng.uniform(1.5, 6.0) * fps))
+            gap = int(round(rng.uniform(*gaps) * fps))
             parts.append(np.repeat(empty[None], gap, axis=0))
             t += gap
             src = demo / "data" / "videos" / f"{row['video']}.mp4"
@@ -83,7 +90,7 @@ def compose(
                 {"file": path.name, "query": row["caption"], "start": t / fps, "end": (t + count) / fps}
             )
             t += count
-        gap = int(round(rng.uniform(1.5, 6.0) * fps))
+        gap = int(round(rng.uniform(*gaps) * fps))
         parts.append(np.repeat(empty[None], gap, axis=0))
         video = np.concatenate(parts)
         write_video(path, video, fps=int(round(fps)))
@@ -157,6 +164,13 @@ def main() -> None:
         help="also index with moment windows of these many seconds (`moments=S`) and score them",
     )
     p.add_argument("--no-segments", action="store_true", help="skip the fixed-segment indexes")
+    p.add_argument(
+        "--gaps",
+        type=lambda v: tuple(float(x) for x in v.split(",")),
+        default=(1.5, 6.0),
+        metavar="MIN,MAX",
+        help="seconds of the empty stretches (default 1.5,6)",
+    )
     args = p.parse_args()
     cpu = subprocess.run(
         "lscpu | grep 'Model name'", shell=True, capture_output=True, text=True
@@ -167,7 +181,14 @@ def main() -> None:
         videos = work / "videos"
         videos.mkdir(parents=True, exist_ok=True)
         moments = compose(
-            args.demo, videos, args.files, args.per_file, args.min_seconds, args.max_seconds, args.seed
+            args.demo,
+            videos,
+            args.files,
+            args.per_file,
+            args.min_seconds,
+            args.max_seconds,
+            args.seed,
+            args.gaps,
         )
         hours = sum({m["file"]: m["duration"] for m in moments}.values()) / 3600
         lengths = [m["end"] - m["start"] for m in moments]

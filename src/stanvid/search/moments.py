@@ -5,8 +5,8 @@ into consecutive clips of `MOMENT_WINDOW` seconds, each sampled with the model's
 every ``step = window / num_frames`` seconds, at times ``(j + 0.5) * step``) and put through the video model with
 `encode_video(..., pool=False)`: each sampled frame gets the per-frame vector the model's temporal module gives
 it in the context of its clip (STAN's branch sees the clip as a whole). The window matters: on the demo's model
-(trained on 1 s clips of 8 frames), 1 s windows find 48 of 48 moments at IoU 0.7 where 2 s windows find 40 and
-4 s windows 28 (docs/search.md). They are kept as float16 unit vectors, one row per sample
+(trained on 1 s clips of 8 frames), windows of 1, 2 and 4 s gave R1@IoU0.7 1.00, 0.75 and 0.58 on 24 composed
+moments (docs/search.md). They are kept as float16 unit vectors, one row per sample
 (`stanvid.search.index.moment_store`).
 
 At query time (`search_moments`): the vector index finds the candidate files as a plain search does (their
@@ -14,12 +14,13 @@ best segments, widened until `max(k, CANDIDATE_FILES)` files are found); each ca
 against the query (cosine), smoothed with a small Gaussian, and cut *relative to the file's own scores*
 (`cut_moments`): a span is where the smoothed score stays above ``median + LEVEL * (max - median)`` of that
 file, its bounds interpolated between samples where the score crosses the threshold; its score is the highest
-smoothed score inside it. The moments of all candidates are ranked by score, and `pad` seconds widen each
-(clipped to the file). A file indexed without moment features answers with its best segment, as a plain
-search does (`MomentsNote` says why).
+smoothed score inside it (a span shorter than `MIN_MOMENT_SECONDS` is widened about its middle). The moments of
+all candidates are ranked by score, and `pad` seconds widen each (clipped to the file). A file indexed without
+moment features answers with its best segment, as a plain search does (`VideoIndex.moments_note` says why).
 
-The scoring is pure numpy over the stored rows: what a query adds to a plain one is reading the candidates'
-rows from SQLite (``samples x D x 2`` bytes a file) and one matrix-vector product per file.
+What a query adds to a plain one is reading the candidates' rows from SQLite (``samples x D x 2`` bytes a file),
+one matrix-vector product over all of them and the cuts; a file whose best sample cannot beat the k-th moment
+found is not cut.
 """
 
 from __future__ import annotations
