@@ -146,6 +146,13 @@ _EXPORTS = {
     "Query": "stanvid.search.query",
     "FileHit": "stanvid.search.query",
     "ClipSpec": "stanvid.search.query",
+    "Moment": "stanvid.search.moments",
+    "file_moments": "stanvid.search.moments",
+    "export_moment": "stanvid.search.moment_export",
+    "ExportedMoment": "stanvid.search.moment_export",
+    "evaluate_moments": "stanvid.search.moment_eval",
+    "moment_metrics": "stanvid.search.moment_eval",
+    "temporal_iou": "stanvid.search.moment_eval",
     "frames_blob": "stanvid.search.rerank",
     "blob_frames": "stanvid.search.rerank",
     "classify": "stanvid.search.classify",
@@ -221,6 +228,9 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time `__getattr_
         segment_bounds,
         segment_frame_indices,
     )
+    from stanvid.search.moment_eval import evaluate_moments, moment_metrics, temporal_iou
+    from stanvid.search.moment_export import ExportedMoment, export_moment
+    from stanvid.search.moments import Moment, file_moments
     from stanvid.search.query import ClipSpec, FileHit, Query
     from stanvid.search.rerank import blob_frames, frames_blob
     from stanvid.search.server.app import create_app

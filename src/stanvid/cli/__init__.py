@@ -30,6 +30,7 @@ COMMANDS = {
     "eval": "stanvid.cli.evaluate",
     "index": "stanvid.cli.index",
     "search": "stanvid.cli.search",
+    "eval-moments": "stanvid.cli.eval_moments",
     "serve": "stanvid.cli.serve",
     "classify": "stanvid.cli.classify",
     "embed": "stanvid.cli.embed",

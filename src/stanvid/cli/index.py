@@ -86,6 +86,20 @@ def add_parser(sub) -> None:
         help="import `stanvid embed` outputs (a .npy + .json, a .parquet, a folder or a glob of them) instead "
         "of encoding",
     )
+    p.add_argument(
+        "--no-moments",
+        action="store_true",
+        help="do not keep the moment features `stanvid search --moments` cuts moments from (the model's "
+        "num_frames frames per --moment-window seconds of video: indexing costs more, the index grows; see "
+        "docs/search.md)",
+    )
+    p.add_argument(
+        "--moment-window",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds each clip of moment samples spans (default 1; longer: cheaper, coarser)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -111,6 +125,7 @@ def run(args) -> int:
         rebuild=args.rebuild,
         from_embeddings=args.from_embeddings,
         progress=not args.no_progress,
+        moments=False if args.no_moments else (args.moment_window or True),
     )
     from stanvid.distributed import launch_env
 

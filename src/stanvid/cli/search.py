@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 from stanvid.cli.precision import add_precision_argument
 
@@ -33,6 +34,15 @@ def add_parser(sub) -> None:
         default=None,
         help="one result per file: its best segment, and the score of every segment (a timeline)",
     )
+    p.add_argument(
+        "--moments",
+        action="store_true",
+        help="each hit is the moment the query describes: its start and end, not a fixed segment",
+    )
+    p.add_argument("--pad", type=float, default=0.0, metavar="SECONDS", help="widen each moment (default 0)")
+    p.add_argument(
+        "--export", metavar="DIR", default=None, help="with --moments: write each moment as a file to DIR"
+    )
     p.add_argument("-k", type=int, default=10, help="number of results (default 10)")
     p.add_argument("--json", action="store_true", help="print the results as a JSON list")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
@@ -55,8 +65,14 @@ def run(args) -> int:
         like_weight=args.like_weight,
     )
     query.parts()  # bad weights fail before the model is loaded
+    if args.export is not None and not args.moments:
+        raise QueryError("--export writes moments: give --moments too")
     with open_index(args.index, device=args.device, precision=args.precision) as index:
-        hits = search(index, query, args.k, group_by=args.group_by)
+        hits = search(index, query, args.k, group_by=args.group_by, moments=args.moments, pad=args.pad)
+        if args.moments and (note := index.moments_note()):
+            print(note, file=sys.stderr)
+        if args.export is not None:
+            _export(index, hits, args.export)
     if args.json:
         print(json.dumps(to_dicts(hits), indent=2))
         return 0
@@ -82,3 +98,16 @@ def _clock(seconds: float) -> str:
     m, s = divmod(max(0.0, seconds), 60)
     h, m = divmod(int(m), 60)
     return f"{h}:{m:02d}:{s:04.1f}" if h else f"{m}:{s:04.1f}"
+
+
+def _export(index, hits, out_dir: str) -> None:
+    """Cut each moment out of its (still indexed) file into `out_dir`, one line per file written."""
+    from stanvid.search.moment_export import export_moment
+
+    for hit in hits:
+        opened = index.open_video(hit.file_id)  # still the indexed file, or an error naming it
+        if opened is not None:
+            opened[0].close()
+        cut = export_moment(hit.path, hit.start, hit.end, out_dir)
+        how = "stream copy" if cut.method == "copy" else "re-encoded"
+        print(f"wrote {cut.path} ({cut.frames} frames, {how})", file=sys.stderr)

@@ -2,7 +2,8 @@
 
 `index` (the index package: SQLite store, vector files, building and updating, `VideoIndex`), `query`
 (text / image / example-clip queries and grouping by file), `rerank` (the Mug-STAN re-rank over per-frame
-vectors), `embed` (`stanvid embed`: embeddings as files), `classify` (zero-shot classification of a folder)
+vectors), `moments` (the start and end of what a query describes, from per-frame vectors the index keeps),
+`moment_export` (cutting moments out of files), `moment_eval` (R1 and mAP as QVHighlights defines them), `embed` (`stanvid embed`: embeddings as files), `classify` (zero-shot classification of a folder)
 and `server` (the FastAPI app, one router per concern, and the web page in `web/`).
 
 May import: the shared top modules, `stanvid.video`, `stanvid.models`, `stanvid.checkpoints` and

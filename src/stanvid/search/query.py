@@ -294,10 +294,17 @@ def _text(query: Query) -> str:
 
 # ---------------------------------------------------------------------------------------------- searching
 def search(
-    index: VideoIndex, query: Query | str, k: int = 10, *, group_by: str | None = None
+    index: VideoIndex,
+    query: Query | str,
+    k: int = 10,
+    *,
+    group_by: str | None = None,
+    moments: bool = False,
+    pad: float = 0.0,
 ) -> list[SearchResult] | list[FileHit]:
     """The `k` best segments for `query` (a `Query`, or a plain text), best first; with `group_by="file"`,
-    the `k` best files (`FileHit`), each with its best segment first and the scores of all its segments.
+    the `k` best files (`FileHit`), each with its best segment first and the scores of all its segments;
+    with `moments`, the `k` best moments, `pad` seconds wider each side (`stanvid.search.moments`).
 
     A text-only query to an index of a Mug-STAN model is ranked as `VideoIndex.search` ranks it: the Mug
     head re-ranks FAISS's nearest candidates (`stanvid.search.rerank`); any other query is one vector."""
@@ -309,9 +316,13 @@ def search(
         raise QueryError(f"group_by must be one of {', '.join(map(str, GROUP_BY))}, got {group_by!r}")
     with index.pinned() as view:  # the example segment, the hits and their files: one generation
         text_only = [name for name, weight in query.parts() if weight > 0] == ["text"]
-        if group_by is None and text_only and keeps_frame_vectors(view.model):
+        if group_by is None and text_only and not moments and keeps_frame_vectors(view.model):
             return rerank(view, _text(query), k)
         vector = embed_query(view, query)
+        if moments:
+            from stanvid.search.moments import search_moments
+
+            return search_moments(view, vector, k, pad)
         if group_by is None:
             return view.search_embeddings(vector[None], k)[0]
         return group_by_file(view, vector, k)

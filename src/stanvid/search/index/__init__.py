@@ -40,7 +40,8 @@ The package, one module per concern: `store` (SQLite schema, meta record, valida
 (the embedding store), `ann` and `maintain` (the vector index files: kinds, training, updates), `snapshot` and
 `follow` (reading a generation; following updates), `clips` (segments, the frames sampled in them, reading and
 encoding a clip), `identity` (the model that built an index), `walk` (which files of the folder are indexed),
-`loader` and `writer` (decoding ahead of the model; encoding and committing), `shards` (the ranks of a
+`loader` and `writer` (decoding ahead of the model; encoding and committing), `moment_store` (each file's
+moment features, `stanvid.search.moments`), `shards` (the ranks of a
 `torchrun` build), `imports` (`--from-embeddings`), `build` (`build_index`, in named steps) and
 `video_index` (`VideoIndex`). Every public name is importable from here.
 """

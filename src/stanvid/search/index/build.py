@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import sqlite3
 import time
@@ -74,6 +75,7 @@ from stanvid.search.index.store import (
 from stanvid.search.index.vectors import VectorStore, create_store
 from stanvid.search.index.walk import VIDEO_EXTENSIONS, _share, _walk
 from stanvid.search.index.writer import _Writer
+from stanvid.search.moments import MOMENT_WINDOW, moment_step
 from stanvid.video.pipeline import PREFETCH_PER_WORKER, ThreadBudget, encode_batch_size, thread_budget
 
 log = logging.getLogger("stanvid")
@@ -97,6 +99,7 @@ class _Options:
     target_recall: float = TARGET_RECALL
     from_embeddings: str | None = None
     shard: tuple[int, int] | None = None  # (i, n): this run indexes the files of share i of n, alone
+    moments: bool | float = True  # keep moment features: True (MOMENT_WINDOW s clips), a window in s, False
 
     def __post_init__(self) -> None:
         if self.segment_seconds is not None:
@@ -120,10 +123,21 @@ class _Options:
             )
         if isinstance(self.target_recall, bool) or not (0 < self.target_recall <= 1):
             raise VideoIndexError(f"target_recall must be in (0, 1], got {self.target_recall!r}")
+        if not isinstance(self.moments, bool) and not (
+            isinstance(self.moments, int | float) and math.isfinite(self.moments) and self.moments > 0
+        ):
+            raise VideoIndexError(
+                f"moments must be True, False or a window in seconds > 0, got {self.moments!r}"
+            )
         if self.shard is not None:
             i, n = self.shard
             if not all(isinstance(v, int) and not isinstance(v, bool) for v in (i, n)) or not 0 <= i < n:
                 raise VideoIndexError(f"shard must be I/N with 0 <= I < N, got {i!r}/{n!r}")
+
+    @property
+    def moment_window(self) -> float:
+        """Seconds one clip of moment samples spans (`stanvid.search.moments`)."""
+        return MOMENT_WINDOW if self.moments is True else float(self.moments)
 
     @property
     def vectors(self) -> VectorSettings:
@@ -191,6 +205,7 @@ def build_index(
     target_recall: float = TARGET_RECALL,
     from_embeddings: str | os.PathLike | None = None,
     shard: tuple[int, int] | None = None,
+    moments: bool | float = True,
 ) -> IndexReport:
     """Index the videos under `video_dir` into the directory `out` (created, or updated in place).
 
@@ -222,8 +237,8 @@ def build_index(
 
     `from_embeddings` (a `stanvid embed` output: .npy + .json or .parquet; a folder or a glob of them) imports
     those rows instead of encoding (`stanvid.search.index.imports`). `shard=(i, n)` indexes only the files
-    of share i of n (a stable hash of their path), in this process alone: `stanvid embed --shard`.
-    """
+    of share i of n (a stable hash of their path), alone: `stanvid embed --shard`. `moments`: keep each file's
+    moment features (`stanvid.search.moments`) in clips of 1 s (True) or of that many seconds; False: none."""
     t0 = time.perf_counter()
     options = _Options(
         segment_seconds,
@@ -240,6 +255,7 @@ def build_index(
         target_recall,
         None if from_embeddings is None else str(from_embeddings),
         None if shard is None else tuple(shard),
+        moments,
     )
     root, out = _folders(video_dir, out)
     options = _imported_segments(options)
@@ -600,6 +616,7 @@ def _encode_files(
         segment_seconds=options.segment_seconds,
         chunk=options.batch_size,
         decoder_threads=0,
+        moment_step=None if options.moments is False else moment_step(cfg.num_frames, options.moment_window),
     )
     workers = min(budget.decode_workers, len(entries))
     # chunks come whole from the dataset (batch_size None), one pass, decoder threads set per worker

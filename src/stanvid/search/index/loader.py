@@ -13,6 +13,7 @@ import torch
 from stanvid.errors import VideoReadError
 from stanvid.search.index.clips import _clip_frames, segment_frame_indices, segments_with_frames
 from stanvid.search.index.records import _FileEntry
+from stanvid.search.moments import moment_windows
 
 
 @dataclass
@@ -25,6 +26,7 @@ class _Chunk:
     clips: torch.Tensor | None = None  # (n, T, 3, S, S) uint8
     last: bool = False
     error: str | None = None
+    moments: bool = False  # the clips are moment samples (`stanvid.search.moments`), not segments
 
 
 class _ClipLoader(torch.utils.data.IterableDataset):
@@ -43,11 +45,13 @@ class _ClipLoader(torch.utils.data.IterableDataset):
         segment_seconds: float | None,
         chunk: int,
         decoder_threads: int,
+        moment_step: float | None = None,
     ) -> None:
         self.root, self.entries = root, list(entries)
         self.clip_len, self.image_size = clip_len, image_size
         self.segment_seconds, self.chunk = segment_seconds, chunk
         self.decoder_threads = decoder_threads
+        self.moment_step = moment_step  # None: no moment features
 
     def __iter__(self) -> Iterator[_Chunk]:
         info = torch.utils.data.get_worker_info()
@@ -79,13 +83,22 @@ class _ClipLoader(torch.utils.data.IterableDataset):
                     indices.append(idx)
             if not spans:
                 raise VideoReadError(f"{path}: no frames to sample (duration {info.duration:.3f} s)")
-            for k in range(0, len(spans), self.chunk):
-                part = np.concatenate(indices[k : k + self.chunk])  # (n * T,)
-                frames = read_frames(path, part, size=self.image_size, threads=threads)  # (n*T, H, W, 3)
+            windows = np.zeros((0, self.clip_len), np.int64)
+            if self.moment_step is not None:
+                times, windows = moment_windows(
+                    info.duration, info.fps, info.num_frames, self.clip_len, self.moment_step
+                )
+                meta["moment_samples"], meta["moment_step"] = len(times), self.moment_step
+            groups = [(False, spans[k : k + self.chunk], indices[k : k + self.chunk])
+                      for k in range(0, len(spans), self.chunk)]  # fmt: skip
+            groups += [
+                (True, [], list(windows[k : k + self.chunk])) for k in range(0, len(windows), self.chunk)
+            ]
+            for n, (moments, part_spans, part) in enumerate(groups):
+                frames = read_frames(path, np.concatenate(part), size=self.image_size, threads=threads)
                 frames = _clip_frames(frames, self.image_size)  # (n*T, 3, S, S)
                 clips = frames.reshape(-1, self.clip_len, *frames.shape[1:]).contiguous()  # (n, T, 3, S, S)
-                last = k + self.chunk >= len(spans)
-                yield _Chunk(entry, meta, spans[k : k + self.chunk], clips, last)
+                yield _Chunk(entry, meta, part_spans, clips, n == len(groups) - 1, moments=moments)
         except VideoReadError as exc:
             message = str(exc)  # names the file already; the report lists the path once
             yield _Chunk(entry, error=message.removeprefix(f"{path}: "))

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from stanvid.distributed import launch_world_size, leave_process_group, rank_world
 from stanvid.errors import VideoIndexError
+from stanvid.search.index.moment_store import read_moment_row
 from stanvid.search.index.records import _FileEntry
 from stanvid.search.index.store import SHARD_DIR, _commit_files, _connect, _get_meta
 from stanvid.search.index.vectors import VectorStore
@@ -112,6 +113,7 @@ def _copy_shard(
             (fid,),
         ).fetchall()
         meta_row = dict(zip(("duration", "fps", "num_frames", "width", "height"), rest, strict=True))
+        meta_row["moments"] = read_moment_row(src, fid)
         batch.append(
             (_FileEntry(path, size, mtime_ns, device, inode), meta_row, [(a, b, f) for a, b, _, f in segs])
         )

@@ -20,6 +20,7 @@ import numpy as np
 
 from stanvid.errors import VideoIndexError
 from stanvid.locking import processes_using
+from stanvid.search.index import moment_store
 from stanvid.search.index.records import _FileEntry
 from stanvid.search.index.vectors import VectorStore
 
@@ -33,7 +34,8 @@ LOCK_NAME = ".lock"
 
 FORMAT_VERSION = 2  # 2: embeddings in the store file (1 kept them as SQLite blobs)
 
-_SCHEMA = """
+_SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS files (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -62,6 +64,8 @@ CREATE TABLE IF NOT EXISTS failures (path TEXT PRIMARY KEY, error TEXT NOT NULL)
 CREATE TABLE IF NOT EXISTS dead (seq INTEGER PRIMARY KEY AUTOINCREMENT, slot INTEGER NOT NULL UNIQUE);
 CREATE TABLE IF NOT EXISTS store_chunks (first INTEGER PRIMARY KEY, rows INTEGER NOT NULL, sha256 TEXT NOT NULL);
 """
+    + moment_store.SCHEMA
+)
 
 
 # table -> columns every index has; `device`/`inode` came later and are added to older files on opening
@@ -218,10 +222,12 @@ def _bump_generation(conn: sqlite3.Connection) -> None:
 
 
 def _delete_file(conn: sqlite3.Connection, relpath: str) -> bool:
-    """Drop a file's row, its segments and their frame vectors; their store slots become dead."""
+    """Drop a file's row, its segments, their frame vectors and its moment features; their store slots become
+    dead."""
     row = conn.execute("SELECT id FROM files WHERE path = ?", (relpath,)).fetchone()
     if row is None:
         return False
+    conn.execute(f"DELETE FROM {moment_store.TABLE} WHERE file_id = ?", (row[0],))
     conn.execute(
         "DELETE FROM segment_frames WHERE segment_id IN (SELECT id FROM segments WHERE file_id = ?)",
         (row[0],),
@@ -248,7 +254,7 @@ def _insert_file(
     """Replace any row for this path by the new one and its segments (inside the caller's transaction).
 
     A segment is (start, end, store slot), with a fourth item for Mug-STAN models: its per-frame vectors
-    (`stanvid.search.rerank`)."""
+    (`stanvid.search.rerank`). `meta["moments"]`, when present, is the file's `moment_store.MomentFeatures`."""
     _delete_file(conn, entry.relpath)
     cur = conn.execute(
         "INSERT INTO files (path, size, mtime_ns, duration, fps, num_frames, width, height, device, inode) "
@@ -267,6 +273,8 @@ def _insert_file(
         ),
     )
     file_id = cur.lastrowid
+    if meta.get("moments") is not None:
+        moment_store.write_moments(conn, file_id, meta["moments"])
     if not any(len(s) > 3 and s[3] is not None for s in segments):  # no frame vectors: one statement
         conn.executemany(
             "INSERT INTO segments (file_id, start, end, slot) VALUES (?, ?, ?, ?)",

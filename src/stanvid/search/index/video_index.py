@@ -8,6 +8,7 @@ in (`stanvid.search.index.follow`)."""
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import copy
 import logging
@@ -269,8 +270,12 @@ class VideoIndex:
             for sid, blob in rows
         }
 
-    def search(self, text: str, k: int = 10) -> list[SearchResult]:
-        """The `k` segments most similar to `text`, best first.
+    def search(
+        self, text: str, k: int = 10, *, moments: bool = False, pad: float = 0.0
+    ) -> list[SearchResult]:
+        """The `k` segments most similar to `text`, best first; with `moments`, the `k` best moments: each
+        hit's `start` and `end` bound what the text describes (`pad` seconds wider each side), see
+        `stanvid.search.moments`.
 
         With a Mug-STAN model (`similarity: mug`), FAISS's nearest candidates by pooled cosine are re-ranked by
         the Mug head on their per-frame vectors (`stanvid.search.rerank.rerank`); scores are then the head's."""
@@ -279,6 +284,10 @@ class VideoIndex:
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise VideoIndexError(f"k must be a positive integer, got {k!r}")
         with self.pinned() as view:
+            if moments:
+                from stanvid.search.moments import search_moments
+
+                return search_moments(view, view.embed_text([text])[0], k, pad)
             if keeps_frame_vectors(view.model):
                 return rerank(view, text, k)
             return view.search_embeddings(view.embed_text([text]), k)[0]
@@ -349,12 +358,87 @@ class VideoIndex:
 
         return search(self, Query(like=like, **query), k)
 
-    def query(self, query: Any, k: int = 10, *, group_by: str | None = None) -> list:
+    def query(
+        self, query: Any, k: int = 10, *, group_by: str | None = None, moments: bool = False, pad: float = 0.0
+    ) -> list:
         """The `k` best segments for a `stanvid.Query` (text, image, example clip and their weights) or a plain
-        text; with `group_by="file"`, the `k` best files (`stanvid.FileHit`). See `stanvid.search.query.search`."""
+        text; with `group_by="file"`, the `k` best files (`stanvid.FileHit`); with `moments`, the `k` best
+        moments (`pad` seconds wider each side). See `stanvid.search.query.search`."""
         from stanvid.search.query import search
 
-        return search(self, query, k, group_by=group_by)
+        return search(self, query, k, group_by=group_by, moments=moments, pad=pad)
+
+    # -------------------------------------------------------------- moments
+    def moment_features(self, file_ids: Sequence[int]) -> dict[int, tuple[float, float, np.ndarray]]:
+        """file id -> (step, duration, `(n, D)` float16 moment features) of the files that have them
+        (`stanvid.search.index.moment_store`); files indexed without them are left out."""
+        from stanvid.search.index.moment_store import TABLE, decode, has_table
+
+        if not file_ids:
+            return {}
+        marks = ",".join("?" * len(file_ids))
+        with self._use() as snap:
+            if not has_table(snap.rows):
+                return {}
+            rows = snap.rows(
+                f"SELECT m.file_id, f.duration, m.step, m.count, m.dim, m.features FROM {TABLE} m "
+                f"JOIN files f ON f.id = m.file_id WHERE m.file_id IN ({marks})",
+                [int(i) for i in file_ids],
+            )
+        return {
+            fid: (step, duration, decode((step, count, dim, blob), where=f"{self.db}: file {fid}"))
+            for fid, duration, step, count, dim, blob in rows
+        }
+
+    def files(self) -> list[tuple[int, str]]:
+        """(id, path relative to the folder) of every indexed file, by path."""
+        with self._use() as snap:
+            return [(fid, rel) for fid, rel in snap.rows("SELECT id, path FROM files ORDER BY path")]
+
+    def file_durations(self, file_ids: Sequence[int]) -> dict[int, float]:
+        """file id -> duration in seconds, for the ids the index has."""
+        if not file_ids:
+            return {}
+        marks = ",".join("?" * len(file_ids))
+        with self._use() as snap:
+            rows = snap.rows(
+                f"SELECT id, duration FROM files WHERE id IN ({marks})", [int(i) for i in file_ids]
+            )
+        return dict(rows)
+
+    def segments_at(self, moments: Sequence[tuple[int, float]]) -> dict[tuple[int, float], int]:
+        """(file id, seconds) -> the id of the segment of that file that holds that time (its first one before
+        its start, its last one past its end), in one read."""
+        if not moments:
+            return {}
+        fids = sorted({int(f) for f, _ in moments})
+        marks = ",".join("?" * len(fids))
+        with self._use() as snap:
+            rows = snap.rows(
+                f"SELECT file_id, start, id FROM segments WHERE file_id IN ({marks}) ORDER BY file_id, start",
+                fids,
+            )
+        by_file: dict[int, tuple[list[float], list[int]]] = {}
+        for fid, start, sid in rows:
+            starts, ids = by_file.setdefault(fid, ([], []))
+            starts.append(start)
+            ids.append(sid)
+        out = {}
+        for fid, t in moments:
+            if fid in by_file:
+                starts, ids = by_file[fid]
+                out[(fid, t)] = ids[max(0, bisect.bisect_right(starts, t) - 1)]
+        return out
+
+    def moments_note(self) -> str:
+        """ "" when every file has moment features; else one line saying why (some) hits of a moments search
+        are the index's fixed segments (`stanvid.search.moments.missing_moments`)."""
+        from stanvid.search.index.moment_store import TABLE, has_table
+        from stanvid.search.moments import missing_moments
+
+        with self._use() as snap:
+            kept = snap.rows(f"SELECT COUNT(*) FROM {TABLE}")[0][0] if has_table(snap.rows) else None
+            return missing_moments(str(self.path), kept, snap.files)
 
     # -------------------------------------------------------------- lookups
     def segment_embeddings(self, ids: Sequence[int]) -> np.ndarray:

@@ -15,6 +15,7 @@ import torch
 from stanvid.precision import InferencePrecision
 from stanvid.search.index.clips import encode_batch
 from stanvid.search.index.loader import _Chunk
+from stanvid.search.index.moment_store import MomentFeatures, normalized_half
 from stanvid.search.index.store import _commit_files
 from stanvid.search.index.vectors import VectorStore
 from stanvid.search.rerank import frames_blob, keeps_frame_vectors
@@ -40,7 +41,8 @@ class _Writer:
         self.failures: list[tuple[str, str]] = []  # (relpath, error)
         self.bar = progress_bar
         self.pending: dict[str, dict[str, Any]] = {}  # relpath -> entry, meta, spans, embeddings, complete
-        self.buffer: list[tuple[str, torch.Tensor]] = []  # (relpath, (n, T, 3, S, S) uint8), oldest first
+        # ((relpath, moment samples?), (n, T, 3, S, S) uint8), oldest first
+        self.buffer: list[tuple[tuple[str, bool], torch.Tensor]] = []
         self.buffered = 0
         self.uncommitted = 0  # clips encoded since the last commit
         self.committed = 0
@@ -49,27 +51,29 @@ class _Writer:
         key = chunk.entry.relpath
         if chunk.error is not None:
             self.pending.pop(key, None)
-            self.buffer = [(k, c) for k, c in self.buffer if k != key]
+            self.buffer = [(k, c) for k, c in self.buffer if k[0] != key]
             self.buffered = sum(len(c) for _, c in self.buffer)
             self.failures.append((key, chunk.error))
             self.bar.update(1)
             return
         state = self.pending.setdefault(
-            key, {"entry": chunk.entry, "meta": chunk.meta, "spans": [], "emb": [], "frames": []}
+            key,
+            {"entry": chunk.entry, "meta": chunk.meta, "spans": [], "emb": [], "frames": [], "moments": []},
         )
         state["spans"].extend(chunk.spans)
         state["complete"] = chunk.last
-        self.buffer.append((key, chunk.clips))
+        self.buffer.append(((key, chunk.moments), chunk.clips))
         self.buffered += len(chunk.clips)
         if self.buffered >= self.per_forward:
             self._encode_buffer(everything=False)
         if self.uncommitted >= self.commit_every:
             self._commit()
 
-    def _encode(self, clips: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+    def _encode(self, clips: torch.Tensor, frames: bool) -> tuple[np.ndarray, np.ndarray | None]:
         """(n, T, 3, S, S) uint8 -> (n, D) float32 unit vectors, and (n, T, D) per-frame vectors for a
-        Mug-STAN model (else None): `clips.encode_batch`."""
-        return encode_batch(self.runner, clips, self.runner.device, keeps_frame_vectors(self.runner.model))
+        Mug-STAN model or when `frames` (moment samples among the clips), else None: `clips.encode_batch`."""
+        keep = frames or keeps_frame_vectors(self.runner.model)
+        return encode_batch(self.runner, clips, self.runner.device, keep)
 
     def _encode_buffer(self, everything: bool) -> None:
         """Encode the buffered clips in `per_forward` batches; a remainder smaller than a batch waits for more
@@ -80,10 +84,16 @@ class _Writer:
         clips = torch.cat([c for _, c in self.buffer])  # (n, T, 3, S, S)
         n = len(clips) if everything else len(clips) // self.per_forward * self.per_forward
         for k in range(0, n, self.per_forward):
-            emb, frames = self._encode(clips[k : min(n, k + self.per_forward)])
-            for i, (key, vec) in enumerate(zip(keys[k : k + len(emb)], emb, strict=True)):
-                self.pending[key]["emb"].append(vec)
-                self.pending[key]["frames"].append(None if frames is None else frames_blob(frames[i]))
+            part = keys[k : min(n, k + self.per_forward)]
+            emb, frames = self._encode(clips[k : k + len(part)], any(m for _, m in part))
+            for i, ((key, moments), vec) in enumerate(zip(part, emb, strict=True)):
+                state = self.pending[key]
+                if moments:  # a clip of moment samples: its per-frame vectors, in time order
+                    state["moments"].append(frames[i])
+                    continue
+                keep = keeps_frame_vectors(self.runner.model)
+                state["emb"].append(vec)
+                state["frames"].append(frames_blob(frames[i]) if keep else None)
         self.buffer = []  # the remainder, regrouped by file (clips of one file are contiguous)
         start = n
         for key, group in itertools.groupby(keys[n:]):
@@ -95,7 +105,7 @@ class _Writer:
 
     def _commit(self) -> None:
         self.uncommitted = 0
-        done = [k for k, s in self.pending.items() if s.get("complete") and len(s["emb"]) == len(s["spans"])]
+        done = [k for k, s in self.pending.items() if s.get("complete") and _encoded(s)]
         if not done:
             return
         files, vectors = [], []
@@ -104,7 +114,7 @@ class _Writer:
             files.append(
                 (
                     s["entry"],
-                    s["meta"],
+                    _with_moments(s),
                     [(a, b, f) for (a, b), f in zip(s["spans"], s["frames"], strict=True)],
                 )
             )
@@ -118,3 +128,20 @@ class _Writer:
     def flush(self) -> None:
         self._encode_buffer(everything=True)
         self._commit()
+
+
+def _encoded(state: dict[str, Any]) -> bool:
+    """Every segment clip and every moment clip of a file whose chunks all arrived is encoded."""
+    samples = state["meta"].get("moment_samples")
+    moments = samples is None or sum(len(f) for f in state["moments"]) >= samples
+    return len(state["emb"]) == len(state["spans"]) and moments
+
+
+def _with_moments(state: dict[str, Any]) -> dict[str, Any]:
+    """The file's probe meta, with its moment features (the padding of the last clip dropped) when kept."""
+    meta = {k: v for k, v in state["meta"].items() if k != "moment_samples"}
+    samples = state["meta"].get("moment_samples")
+    if samples:
+        per_frame = np.concatenate(state["moments"])[:samples]  # (n, D)
+        meta["moments"] = MomentFeatures(state["meta"]["moment_step"], normalized_half(per_frame))
+    return meta

@@ -57,6 +57,7 @@ from stanvid.search.server.common import (
 )
 from stanvid.search.server.info import info_router
 from stanvid.search.server.media import media_router
+from stanvid.search.server.moments import moments_router
 from stanvid.search.server.search import search_router
 
 __all__ = ["create_app", "web_dir"]
@@ -111,6 +112,7 @@ def create_app(
     app.include_router(info_router(settings))
     app.include_router(search_router(settings))
     app.include_router(media_router(settings))
+    app.include_router(moments_router(settings))
     return app
 
 

@@ -22,6 +22,8 @@ MAX_K = 200
 MAX_IMAGE_BYTES = 20 << 20  # an upload larger than this is refused (413) before it is decoded
 THUMBNAIL_SIZE = 180  # shortest side, pixels
 MAX_ID = 10**18 - 1  # ids are SQLite rowids; 18 digits keep every one within int64
+MAX_PAD = 3600.0  # seconds a moment may be widened by (`&pad=`)
+MAX_CUT_SECONDS = 600.0  # the longest moment `/api/moment` cuts out (re-encoding is bounded by it)
 FOLLOW_SECONDS = 0.5  # the server checks the index for an update this often (one SQLite read)
 
 
@@ -69,6 +71,8 @@ class HitBody(BaseModel):
     play_url: str  # the video with a `#t=` media fragment: plays from the segment's start
     like_url: str  # "more like this"
     timeline: list[TimelinePoint] | None = None  # grouped per file: every segment of the file, in time order
+    export_url: str | None = None  # a moment (`&moments=true`): the moment cut out as a file
+    duration: float | None = None  # a moment: the duration of its file (to draw it on the file's timeline)
 
 
 class SearchBody(BaseModel):
@@ -78,6 +82,8 @@ class SearchBody(BaseModel):
     group: str | None = None
     like: int | None = None
     image: bool | None = None
+    moments: bool | None = None  # `&moments=true`: each hit's start and end bound the moment
+    moments_note: str | None = None  # why (some) hits are fixed segments, when the index lacks moments
     results: list[HitBody]
 
 

@@ -15,6 +15,7 @@ from stanvid.search.query import FileHit, Query, QueryError
 from stanvid.search.query import search as search_query
 from stanvid.search.server.common import (
     MAX_ID,
+    MAX_PAD,
     BadRequest,
     IndexDep,
     SearchBody,
@@ -36,6 +37,12 @@ def search_router(settings: Settings) -> APIRouter:
     q_extra = QueryParam(
         None, max_length=settings.max_query_chars, description="text to combine with the example"
     )
+    moments_param = QueryParam(
+        False, description="each hit's start and end bound the moment the query describes"
+    )
+    pad_param = QueryParam(
+        0.0, ge=0, le=MAX_PAD, allow_inf_nan=False, description="seconds added to each moment"
+    )
 
     @router.get("/api/search", response_model=SearchBody, responses=errors(400, 503))
     def search(
@@ -48,11 +55,13 @@ def search_router(settings: Settings) -> APIRouter:
         ),
         k: int = k_param,
         group: Literal["file"] | None = group_param,
+        moments: bool = moments_param,
+        pad: float = pad_param,
     ) -> dict:
         text = optional_text(q, settings)
         if text is None:
             raise BadRequest(400, "the query is empty: pass the text to search for as ?q=")
-        return run_query(index, Query(text=text), k, group, {"query": text})
+        return run_query(index, Query(text=text), k, group, {"query": text}, moments=moments, pad=pad)
 
     @router.get("/api/like/{segment_id}", response_model=SearchBody, responses=errors(400, 404, 503))
     def like(
@@ -63,12 +72,15 @@ def search_router(settings: Settings) -> APIRouter:
         like_weight: float = weight_param("example segment"),
         text_weight: float = weight_param("text"),
         group: Literal["file"] | None = group_param,
+        moments: bool = moments_param,
+        pad: float = pad_param,
     ) -> dict:
         if index.segment(segment_id) is None:
             raise BadRequest(404, f"no segment with id {segment_id} in this index")
         text = optional_text(q, settings)
         query = Query(text=text, like=segment_id, like_weight=like_weight, text_weight=text_weight)
-        return run_query(index, query, k, group, {"query": text, "like": segment_id})
+        echo = {"query": text, "like": segment_id}
+        return run_query(index, query, k, group, echo, moments=moments, pad=pad)
 
     add_image_route(router, settings, k_param, group_param, q_extra)
     return router
@@ -135,17 +147,38 @@ def optional_text(q: str | None, settings: Settings) -> str | None:
     return text or None
 
 
-def run_query(index: VideoIndex, query: Query, k: int, group: str | None, echo: dict) -> dict:
+def run_query(
+    index: VideoIndex,
+    query: Query,
+    k: int,
+    group: str | None,
+    echo: dict,
+    *,
+    moments: bool = False,
+    pad: float = 0.0,
+) -> dict:
     try:
-        hits = search_query(index, query, k, group_by=group)
+        hits = search_query(index, query, k, group_by=group, moments=moments, pad=pad)
     except QueryError as exc:
         raise BadRequest(400, public(index, str(exc))) from exc
+    body = {"generation": index.generation, **echo, "k": k, "group": group}
+    if not moments:
+        return {**body, "results": [hit_json(h) for h in hits]}
+    durations = index.file_durations([h.file_id for h in hits])
+    note = public(index, index.moments_note()) or None
+    results = [moment_json(h, durations.get(h.file_id)) for h in hits]
+    return {**body, "moments": True, "moments_note": note, "results": results}
+
+
+def moment_json(hit: SearchResult, duration: float | None) -> dict:
+    """A moment as the page uses it: plays from its start and stops at its end (`#t=start,end`), drawn on its
+    file's timeline (`duration`), and can be cut out (`export_url`)."""
+    span = f"start={hit.start:.3f}&end={hit.end:.3f}"
     return {
-        "generation": index.generation,
-        **echo,
-        "k": k,
-        "group": group,
-        "results": [hit_json(h) for h in hits],
+        **hit_json(hit),
+        "play_url": f"/api/video/{hit.file_id}#t={hit.start:.3f},{hit.end:.3f}",
+        "export_url": f"/api/moment/{hit.file_id}?{span}",
+        "duration": duration,
     }
 
 

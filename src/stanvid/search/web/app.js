@@ -12,6 +12,9 @@ const player = document.getElementById("player");
 const video = document.getElementById("video");
 const nowPlaying = document.getElementById("now-playing");
 const groupBox = document.getElementById("group");
+const momentsBox = document.getElementById("moments");
+const loopBox = document.getElementById("loop");
+let stopAt = null; // a moment playing: { start, end }; playback stops (or loops) at its end
 const imageDrop = document.getElementById("image-drop");
 const imageInput = document.getElementById("image-input");
 
@@ -29,6 +32,7 @@ function setStatus(text, isError = false) {
 
 function play(hit, start = hit.start, end = hit.end) {
   player.hidden = false;
+  stopAt = hit.export_url ? { start, end } : null; // only a moment has an end to stop at
   nowPlaying.textContent = `${hit.path}  ${formatTime(start)}–${formatTime(end)}`;
   const seek = () => {
     video.currentTime = start;
@@ -78,7 +82,9 @@ function card(hit, rank) {
     moreLike(hit);
   });
   meta.append(rankSpan, path, times, score, more);
+  if (hit.export_url) meta.append(cutLink(hit));
   item.append(img, meta);
+  if (hit.export_url && hit.duration) item.append(momentBar(hit));
   if (hit.timeline && hit.timeline.length > 1) item.append(timelineStrip(hit));
   item.addEventListener("click", () => play(hit));
   item.addEventListener("keydown", (e) => { if (e.key === "Enter") play(hit); });
@@ -106,6 +112,39 @@ function timelineStrip(hit) {
   return strip;
 }
 
+// A moment on its file's timeline: the whole file as a track, the moment's span filled; a click plays it.
+function momentBar(hit) {
+  const track = document.createElement("div");
+  track.className = "moment-track";
+  track.title = `${formatTime(hit.start)}–${formatTime(hit.end)} of ${formatTime(hit.duration)}`;
+  const span = document.createElement("span");
+  span.style.left = `${(100 * hit.start) / hit.duration}%`;
+  span.style.width = `${Math.max(0.5, (100 * (hit.end - hit.start)) / hit.duration)}%`;
+  track.append(span);
+  return track;
+}
+
+// "Cut": the moment written as a file of its own (the server cuts it; the browser downloads it).
+function cutLink(hit) {
+  const link = document.createElement("a");
+  link.className = "cut";
+  link.href = hit.export_url;
+  link.textContent = "Cut";
+  link.title = "download this moment as a video file";
+  link.addEventListener("click", (e) => e.stopPropagation());
+  return link;
+}
+
+video.addEventListener("timeupdate", () => {
+  if (stopAt === null || video.currentTime < stopAt.end) return;
+  if (loopBox.checked) {
+    video.currentTime = stopAt.start;
+  } else {
+    video.pause();
+    stopAt = null;
+  }
+});
+
 // One request, its results shown or its error reported; `what` describes the query in the status line.
 async function runSearch(url, init, what) {
   setStatus("Searching…");
@@ -123,13 +162,15 @@ async function runSearch(url, init, what) {
     return;
   }
   results.replaceChildren(...body.results.map((hit, i) => card(hit, i + 1)));
-  const unit = body.group === "file" ? "videos" : "results";
-  setStatus(body.results.length ? `${body.results.length} ${unit} ${what}` : "No results.");
+  const unit = body.moments ? "moments" : body.group === "file" ? "videos" : "results";
+  const note = body.moments_note ? ` (${body.moments_note})` : "";
+  setStatus(body.results.length ? `${body.results.length} ${unit} ${what}${note}` : "No results.");
 }
 
 function commonParams(k) {
   const params = new URLSearchParams({ k: String(k) });
   if (groupBox.checked) params.set("group", "file");
+  if (momentsBox.checked) params.set("moments", "true");
   return params;
 }
 
@@ -187,6 +228,7 @@ form.addEventListener("submit", (event) => {
 // A link with ?q= runs its search on load, so searches can be shared and bookmarked.
 const initial = new URLSearchParams(location.search);
 if (initial.get("group") === "file") groupBox.checked = true;
+if (initial.get("moments") === "true") momentsBox.checked = true;
 if (initial.get("like")) {
   const id = initial.get("like");
   runSearch(`/api/like/${encodeURIComponent(id)}?${commonParams(initial.get("k") || kSelect.value)}`,
