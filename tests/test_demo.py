@@ -20,11 +20,12 @@ from stanvid.data import RetrievalDataset, load_video_captions
 from stanvid.demo import evaluate as ev
 from stanvid.demo.pretrain import PretrainConfig, describe, load_frames, pretrain_clip
 from stanvid.demo.run import MUG_MODELS, TEMPORAL_MODELS, DemoConfig, demo_model_config
-from stanvid.demo.synth import NOTHING, CorpusConfig, clip_frames, make_corpus
+from stanvid.demo.synth import NOTHING, Corpus, CorpusConfig, clip_frames, make_corpus
 from stanvid.demo.transfer import TransferConfig, collate_pairs, training_set
 from stanvid.training.evaluate import encode_texts, encode_videos
 from stanvid.training.metrics import retrieval_metrics
 from stanvid.video.decode import probe, read_frames
+from stanvid.video.held import DecodedVideo
 from stanvid.video.sampling import uniform_indices
 from stanvid.video.transforms import EvalTransform
 
@@ -89,6 +90,29 @@ def test_order_pairs_are_frame_set_identical_as_the_model_sees_them(corpus):
         assert Counter(f.numpy().tobytes() for f in a) == Counter(f.numpy().tobytes() for f in b)
         checked += 1
     assert checked == SMALL.test_order_groups
+
+
+def test_a_held_corpus_serves_what_its_files_do(corpus):
+    """`Corpus.hold`: the training pairs' items (random frames and crops, seeded), the galleries' items and the
+    pretraining frames read from memory are the tensors read from the files."""
+    held = Corpus(root=corpus.root, config=corpus.config, clips=corpus.clips)
+    assert held.hold() == len(corpus.clips) * clip_frames(SMALL.num_frames) * SMALL.image_size**2 * 3
+    pairs = [training_set(c, TransferConfig(), context_length=16).dataset for c in (corpus, held)]
+    galleries = [ev.load_galleries(c, context_length=16) for c in (corpus, held)]
+    datasets = [pairs, *([g[kind].dataset for g in galleries] for kind in ("appearance", "order"))]
+    for _, memory in datasets:
+        annotations = memory.annotations
+        assert all(
+            isinstance(annotations.video_source(i), DecodedVideo) for i in range(annotations.num_videos)
+        )
+    for files, memory in datasets:
+        for dataset in (files, memory):
+            dataset.set_epoch_seed(5, 2)  # as `fit` seeds every item by (seed, epoch, index)
+        for i in range(len(files)):
+            a, b = files[i], memory[i]
+            torch.testing.assert_close(b["video"], a["video"], rtol=0, atol=0)
+            assert b.get("caption") == a.get("caption") and b["path"] == a["path"]
+    torch.testing.assert_close(load_frames(held).images, load_frames(corpus).images, rtol=0, atol=0)
 
 
 def test_splits_do_not_overlap(corpus):
