@@ -341,3 +341,25 @@ def test_demo_refuses_a_folder_it_did_not_write(tmp_path, capsys):
 def test_negative_seed_is_refused(capsys):
     assert main(["demo", "--quick", "--seed", "-1", "--out", "unused"]) == 2
     assert "seed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("load", "policy"), [(99.0, "PASSIVE"), (0.0, None)])
+def test_the_demo_lets_threads_sleep_on_a_busy_machine_only(load, policy):
+    """`stanvid demo` sets OMP_WAIT_POLICY=PASSIVE before torch loads when the load average is at least the
+    cores, and leaves a quiet machine, a policy already set and a process that already loaded torch alone."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import os, sys\n"
+        f"os.getloadavg = lambda: ({load}, 0.0, 0.0)\n"
+        "from stanvid.cli.demo import sleeping_threads_when_busy as f\n"
+        "print(f(), os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [str(policy is not None), str(policy), "False"]
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "ACTIVE", "False"]
