@@ -2,7 +2,9 @@
 
 `run_demo(DemoConfig.create(out, quick=..., seed=...))` is what ``stanvid demo`` runs:
 
-1. **data** (`stanvid.demo.synth`): the generated corpus under ``DIR/data``, real H.264 files and caption CSVs.
+1. **data** (`stanvid.demo.synth`): the generated corpus under ``DIR/data``, real H.264 files and caption CSVs,
+   then decoded once into memory (`Corpus.hold`, ~70 MB): every later stage reads those frames, so no stage
+   decodes again and no worker process is needed; the compute threads take the cores (`DemoConfig.threads`).
 2. **pretrain** (`stanvid.demo.pretrain`): a small CLIP learns single frames and captions of what one frame
    shows (object, size, position, "nothing"); saved with ``save_pretrained`` to ``DIR/clip``.
 3. **zero-shot**: that CLIP, loaded back with `stanvid.load_model`, frames mean-pooled, no video training.

@@ -1,8 +1,8 @@
 """Image-to-video transfer of the pretrained CLIP with one temporal module, through `stanvid.training.loop.fit`.
 
 The training items come from the library's retrieval dataset (`stanvid.data.RetrievalDataset` over the
-corpus's ``train.csv``: real files decoded with `stanvid.read_frames`, uniform frame sampling, a crop shared by
-the clip's frames). `ReversalPairs` only decides which clips share a batch: each item is a clip **and its
+corpus's ``train.csv``: real files decoded with `stanvid.read_frames`, once, into memory (`Corpus.hold`), uniform
+frame sampling, a crop shared by the clip's frames). `ReversalPairs` only decides which clips share a batch: each item is a clip **and its
 reversal** (for appearance clips, two clips of different objects), so every order caption meets, in its own
 batch, the one negative that differs from it only in frame order. Drawn at random, a batch of 32 from this
 corpus rarely holds a clip's reversal, and a tiny model on a CPU budget learns frame order several times

@@ -1,12 +1,12 @@
 """Videos decoded once and held in memory, read again without decoding.
 
-A corpus small enough to sit in memory (the demo's ~1,100 clips of 17 frames at 32x32 are ~55 MB as uint8)
+A corpus small enough to sit in memory (the demo's ~1,400 clips of 17 frames at 32x32 are ~70 MB as uint8)
 is cheaper to decode once than once per item per epoch in worker processes. A `DecodedVideo` keeps every frame
-of a file exactly as `read_frames` returned it (``DecodedVideo(read_frames(path, range(n)), str(path),
-fps)``, with ``n`` and ``fps`` from `probe`: `stanvid.demo.synth.Corpus.hold`); handed to a dataset in place of the file
-(`stanvid.data.RetrievalAnnotations.sources`), `probe` and `read_frames` serve it as they serve the file,
-with the same frames and the same index checks, so a dataset's items are identical to those read from the
-file and nothing is decoded again.
+of a file exactly as `read_frames` returned it: ``DecodedVideo(read_frames(path, range(n)), str(path), fps)``
+with ``n`` and ``fps`` from `probe` (`stanvid.demo.synth.Corpus.hold` does this). Handed to a dataset in place
+of the file (`stanvid.data.RetrievalAnnotations.sources`), `probe` and `read_frames` serve it as they serve
+the file, with the same frames and the same index checks, so a dataset's items are identical to those read
+from the file and nothing is decoded again.
 """
 
 from __future__ import annotations
