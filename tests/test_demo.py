@@ -20,11 +20,12 @@ from stanvid.data import RetrievalDataset, load_video_captions
 from stanvid.demo import evaluate as ev
 from stanvid.demo.pretrain import PretrainConfig, describe, load_frames, pretrain_clip
 from stanvid.demo.run import MUG_MODELS, TEMPORAL_MODELS, DemoConfig, demo_model_config
-from stanvid.demo.synth import NOTHING, CorpusConfig, clip_frames, make_corpus
+from stanvid.demo.synth import NOTHING, Corpus, CorpusConfig, clip_frames, make_corpus
 from stanvid.demo.transfer import TransferConfig, collate_pairs, training_set
 from stanvid.training.evaluate import encode_texts, encode_videos
 from stanvid.training.metrics import retrieval_metrics
 from stanvid.video.decode import probe, read_frames
+from stanvid.video.held import DecodedVideo
 from stanvid.video.sampling import uniform_indices
 from stanvid.video.transforms import EvalTransform
 
@@ -89,6 +90,29 @@ def test_order_pairs_are_frame_set_identical_as_the_model_sees_them(corpus):
         assert Counter(f.numpy().tobytes() for f in a) == Counter(f.numpy().tobytes() for f in b)
         checked += 1
     assert checked == SMALL.test_order_groups
+
+
+def test_a_held_corpus_serves_what_its_files_do(corpus):
+    """`Corpus.hold`: the training pairs' items (random frames and crops, seeded), the galleries' items and the
+    pretraining frames read from memory are the tensors read from the files."""
+    held = Corpus(root=corpus.root, config=corpus.config, clips=corpus.clips)
+    assert held.hold() == len(corpus.clips) * clip_frames(SMALL.num_frames) * SMALL.image_size**2 * 3
+    pairs = [training_set(c, TransferConfig(), context_length=16).dataset for c in (corpus, held)]
+    galleries = [ev.load_galleries(c, context_length=16) for c in (corpus, held)]
+    datasets = [pairs, *([g[kind].dataset for g in galleries] for kind in ("appearance", "order"))]
+    for _, memory in datasets:
+        annotations = memory.annotations
+        assert all(
+            isinstance(annotations.video_source(i), DecodedVideo) for i in range(annotations.num_videos)
+        )
+    for files, memory in datasets:
+        for dataset in (files, memory):
+            dataset.set_epoch_seed(5, 2)  # as `fit` seeds every item by (seed, epoch, index)
+        for i in range(len(files)):
+            a, b = files[i], memory[i]
+            torch.testing.assert_close(b["video"], a["video"], rtol=0, atol=0)
+            assert b.get("caption") == a.get("caption") and b["path"] == a["path"]
+    torch.testing.assert_close(load_frames(held).images, load_frames(corpus).images, rtol=0, atol=0)
 
 
 def test_splits_do_not_overlap(corpus):
@@ -317,3 +341,25 @@ def test_demo_refuses_a_folder_it_did_not_write(tmp_path, capsys):
 def test_negative_seed_is_refused(capsys):
     assert main(["demo", "--quick", "--seed", "-1", "--out", "unused"]) == 2
     assert "seed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("load", "policy"), [(99.0, "PASSIVE"), (0.0, None)])
+def test_the_demo_lets_threads_sleep_on_a_busy_machine_only(load, policy):
+    """`stanvid demo` sets OMP_WAIT_POLICY=PASSIVE before torch loads when the load average is at least the
+    cores, and leaves a quiet machine, a policy already set and a process that already loaded torch alone."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import os, sys\n"
+        f"os.getloadavg = lambda: ({load}, 0.0, 0.0)\n"
+        "from stanvid.cli.demo import sleeping_threads_when_busy as f\n"
+        "print(f(), os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [str(policy is not None), str(policy), "False"]
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "ACTIVE", "False"]

@@ -49,6 +49,7 @@ _EXPORTS = {
     "VideoInfo": "stanvid.video.decode",
     "clear_frame_index_cache": "stanvid.video.decode",
     "MemoryVideo": "stanvid.video.decode",
+    "DecodedVideo": "stanvid.video.held",
     "FRAME_FOLDER_FPS": "stanvid.video.frames",
     "IMAGE_EXTENSIONS": "stanvid.video.frames",
     "VIDEO_EXTENSIONS": "stanvid.video.decode",
@@ -272,6 +273,7 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time `__getattr_
     )
     from stanvid.video.folders import find_videos, walk_videos
     from stanvid.video.frames import FRAME_FOLDER_FPS, IMAGE_EXTENSIONS
+    from stanvid.video.held import DecodedVideo
     from stanvid.video.pipeline import encode_batch_size
     from stanvid.video.prepare import prepare_videos
     from stanvid.video.sampling import dense_indices, uniform_indices

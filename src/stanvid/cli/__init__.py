@@ -82,6 +82,10 @@ def _stop(signum: int, frame) -> None:
 def main(argv: list[str] | None = None) -> int:
     from stanvid.errors import StanvidError
 
+    if (sys.argv[1:] if argv is None else argv)[:1] == ["demo"]:
+        from stanvid.cli.demo import sleeping_threads_when_busy
+
+        sleeping_threads_when_busy()  # before the commands' modules load torch
     parser = build_parser()
     args = parser.parse_args(argv)
     install_stop_handlers()

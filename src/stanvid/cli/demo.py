@@ -12,6 +12,8 @@ self-attention model trained and scored with Mug-STAN's token-by-frame head (one
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 
 
@@ -45,7 +47,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def sleeping_threads_when_busy() -> bool:
+    """On a machine already busy (1-minute load average at least its cores), let torch's compute threads sleep
+    between operations (``OMP_WAIT_POLICY=PASSIVE``) instead of spinning; returns whether it did.
+
+    The demo's model is small, so a training step is thousands of short parallel regions; with OpenMP's default
+    spin-waiting, two threads that the scheduler keeps taking away wait for each other at every one (a training
+    step of the demo's model on a shared 2-core machine: 7.7 s spinning, 0.65 s sleeping, 1.6 s on one thread;
+    docs/speed.md). A quiet machine is left as it is. `stanvid.cli.main` calls it before anything loads torch
+    (OpenMP reads the policy once, when torch loads); a policy the user set is kept."""
+    if "torch" in sys.modules or "OMP_WAIT_POLICY" in os.environ or not hasattr(os, "getloadavg"):
+        return False
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if os.getloadavg()[0] < cores:
+        return False
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    return True
+
+
 def run(args: argparse.Namespace) -> int:
+    if os.environ.get("OMP_WAIT_POLICY") == "PASSIVE" and not args.no_progress:
+        print("compute threads sleep between operations (OMP_WAIT_POLICY=PASSIVE)", file=sys.stderr)
     from stanvid.demo.run import DemoConfig, results_table, run_demo
 
     result = run_demo(

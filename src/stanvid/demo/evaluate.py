@@ -16,12 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stanvid.data import RetrievalDataset, load_video_captions, make_loader
+from stanvid.data import RetrievalDataset, make_loader
 from stanvid.demo.synth import ClipRecord, Corpus
 from stanvid.errors import DatasetError
 from stanvid.models.video_clip import VideoCLIP
@@ -33,6 +34,7 @@ __all__ = [
     "Gallery",
     "load_galleries",
     "similarity",
+    "evaluate_model",
     "expected_recall",
     "reversal_accuracy",
     "order_blind_chance",
@@ -61,7 +63,7 @@ def load_galleries(corpus: Corpus, context_length: int) -> dict[str, Gallery]:
     records = {c.video: c for c in corpus.clips}
     galleries = {}
     for kind, csv in (("appearance", corpus.test_appearance_csv), ("order", corpus.test_order_csv)):
-        annotations = load_video_captions(csv, corpus.video_dir)
+        annotations = corpus.annotations(csv)
         dataset = RetrievalDataset(
             annotations,
             num_frames=corpus.config.num_frames,
@@ -99,6 +101,20 @@ def similarity(
     videos = torch.cat([model.encode_video(batch["video"]) for batch in loader])  # (N, D)
     texts = model.encode_text(gallery.dataset.text_tokens())  # (Q, D)
     return F.normalize(texts.double(), dim=-1) @ F.normalize(videos.double(), dim=-1).T  # (Q, N)
+
+
+def evaluate_model(
+    model: VideoCLIP, galleries: dict[str, Gallery]
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A model on both galleries: ``{"appearance": recalls, "order": recalls, "reversal": %}`` and each
+    gallery's similarity matrix ``(texts, videos)``."""
+    metrics: dict[str, Any] = {}
+    sims = {}
+    for kind, gallery in galleries.items():
+        sims[kind] = similarity(model, gallery)
+        metrics[kind] = expected_recall(sims[kind], gallery.text_to_video)
+    metrics["reversal"] = reversal_accuracy(sims["order"], galleries["order"])
+    return metrics, sims
 
 
 def expected_recall(

@@ -98,8 +98,8 @@ def load_frames(corpus: Corpus, split: str = "pretrain") -> FrameSet:
         raise DatasetError(f"{corpus.jsonl}: no appearance clips in split {split!r}")
     images, objects, sizes, positions = [], [], [], []
     for clip in clips:
-        path = corpus.path(clip.video)
-        frames = read_frames(path, np.arange(probe(path).num_frames))  # (F, S, S, 3)
+        source = corpus.source(clip.video)  # held frames after `Corpus.hold`, else the file
+        frames = read_frames(source, np.arange(probe(source).num_frames))  # (F, S, S, 3)
         images.append(frames.permute(0, 3, 1, 2))  # (F, 3, S, S)
         n = frames.shape[0]
         objects += [clip.caption] * n

@@ -89,6 +89,12 @@ def _fmt(x: float) -> str:
     return f"{x:.1f}"
 
 
+def _data_note(facts: dict[str, Any]) -> str:
+    held = facts.get("held_mib") or 0.0
+    workers = f"{facts['workers']} decoding worker(s)"
+    return f"the corpus decoded once into memory ({held:.0f} MiB), {workers}" if held else workers
+
+
 def write_report(
     path: Path,
     results: dict[str, Any],
@@ -105,7 +111,7 @@ def write_report(
         "# stanvid demo: what temporal modeling buys",
         "",
         f"Finished in **{results['seconds']:.0f} s** ({facts['threads']} compute thread(s), "
-        f"{facts['workers']} decoding worker(s); {'quick' if facts['quick'] else 'default'} size, seed {facts['seed']}).",
+        f"{_data_note(facts)}; {'quick' if facts['quick'] else 'default'} size, seed {facts['seed']}).",
         "",
         "Text-to-video retrieval on the generated test split, recalls in percent:",
         "",

@@ -2,7 +2,9 @@
 
 `run_demo(DemoConfig.create(out, quick=..., seed=...))` is what ``stanvid demo`` runs:
 
-1. **data** (`stanvid.demo.synth`): the generated corpus under ``DIR/data``, real H.264 files and caption CSVs.
+1. **data** (`stanvid.demo.synth`): the generated corpus under ``DIR/data``, real H.264 files and caption CSVs,
+   then decoded once into memory (`Corpus.hold`, ~70 MB): every later stage reads those frames, so no stage
+   decodes again and no worker process is needed; the compute threads take the cores (`DemoConfig.threads`).
 2. **pretrain** (`stanvid.demo.pretrain`): a small CLIP learns single frames and captions of what one frame
    shows (object, size, position, "nothing"); saved with ``save_pretrained`` to ``DIR/clip``.
 3. **zero-shot**: that CLIP, loaded back with `stanvid.load_model`, frames mean-pooled, no video training.
@@ -75,7 +77,8 @@ class DemoConfig:
     embed_dim: int = 64
     context_length: int = 16
     stan_depth: int = 2
-    threads: int | None = None  # compute threads; None: the cores left after the decoding workers, at most 4
+    threads: int | None = None  # compute threads; None: the cores left after any decoding workers, at most 4
+    hold: bool = True  # decode the corpus once into memory (`Corpus.hold`); False reads the files every time
     progress: bool = True
 
     @classmethod
@@ -94,7 +97,6 @@ class DemoConfig:
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ConfigError(f"the demo seed must be a non-negative integer, got {seed!r}")
         precision = demo_precision(precision)
-        workers = 1 if (os.cpu_count() or 1) <= 4 else 2
         if quick:
             corpus = CorpusConfig(
                 pretrain_per_object=3,
@@ -105,13 +107,11 @@ class DemoConfig:
                 seed=seed,
             )
             pretrain = PretrainConfig(steps=60, seed=seed)
-            transfer = TransferConfig(
-                steps=12, pairs_per_batch=8, num_workers=workers, seed=seed, precision=precision
-            )
+            transfer = TransferConfig(steps=12, pairs_per_batch=8, seed=seed, precision=precision)
         else:
             corpus = CorpusConfig(seed=seed)
             pretrain = PretrainConfig(seed=seed)
-            transfer = TransferConfig(num_workers=workers, seed=seed, precision=precision)
+            transfer = TransferConfig(seed=seed, precision=precision)
         return cls(
             out=Path(out),
             quick=quick,
@@ -198,16 +198,6 @@ def _prepare_out(out: Path) -> Path:
     return data
 
 
-def _evaluate(model, galleries: dict[str, ev.Gallery]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    metrics: dict[str, Any] = {}
-    sims = {}
-    for kind, gallery in galleries.items():
-        sims[kind] = ev.similarity(model, gallery)
-        metrics[kind] = ev.expected_recall(sims[kind], gallery.text_to_video)
-    metrics["reversal"] = ev.reversal_accuracy(sims["order"], galleries["order"])
-    return metrics, sims
-
-
 def _sheet_rows(
     gallery: ev.Gallery, order_sims: dict[str, torch.Tensor], corpus: Corpus
 ) -> list[rp.SheetRow]:
@@ -230,8 +220,8 @@ def _sheet_rows(
             best = scores >= scores.max() - ev.TIE_TOLERANCE  # (videos,) the clips tied at the top
             top = v if bool(best[v]) else int(torch.argmax(scores))
             status = ("right" if int(best.sum()) == 1 else "tied") if bool(best[v]) else "wrong"
-            path = corpus.path(gallery.clips[top].video)
-            frames = read_frames(path, uniform_indices(probe(path).num_frames, corpus.config.num_frames))
+            source = corpus.source(gallery.clips[top].video)
+            frames = read_frames(source, uniform_indices(probe(source).num_frames, corpus.config.num_frames))
             picks.append((name, frames.numpy(), status))
         rows.append(rp.SheetRow(caption=gallery.dataset.captions[q], picks=picks))
     return rows
@@ -267,6 +257,13 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
         _say(config, f"[1/5] data: rendering and encoding the corpus in {data_dir}")
         corpus = make_corpus(data_dir, config.corpus, progress=config.progress)
         stage["data"] = time.perf_counter() - t
+        if config.hold:
+            t = time.perf_counter()
+            held = corpus.hold(
+                progress=config.progress
+            )  # every later stage reads these frames, nothing decodes
+            stage["decode"] = time.perf_counter() - t
+            _say(config, f"      {len(corpus.held)} clips decoded once into memory ({held / 2**20:.0f} MiB)")
 
         t = time.perf_counter()
         _say(config, "[2/5] pretrain: image-text CLIP on single frames, captions of what one frame shows")
@@ -285,7 +282,7 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
         galleries = ev.load_galleries(corpus, config.context_length)
         models: dict[str, rp.ModelResult] = {}
         order_sims: dict[str, torch.Tensor] = {}
-        metrics, sims = _evaluate(load_model(clip_dir), galleries)
+        metrics, sims = ev.evaluate_model(load_model(clip_dir), galleries)
         models["zeroshot"] = rp.ModelResult(**metrics)
         order_sims["zeroshot"] = sims["order"]
         stage["zero-shot"] = time.perf_counter() - t
@@ -355,7 +352,7 @@ def _transfer_all(
         )
         result = transfer(model, train_set, recipe, progress=config.progress)
         train_seconds = time.perf_counter() - t
-        metrics, sims = _evaluate(model, galleries)
+        metrics, sims = ev.evaluate_model(model, galleries)
         models[name] = rp.ModelResult(
             **metrics, train_seconds=train_seconds, train_steps=result.steps, final_loss=result.last_loss
         )
@@ -381,6 +378,7 @@ def _facts(
     return {
         "threads": threads,
         "workers": tc.num_workers,
+        "held_mib": sum(v.nbytes for v in corpus.held.values()) / 2**20,
         "quick": config.quick,
         "seed": config.seed,
         "appearance_queries": len(galleries["appearance"].text_to_video),

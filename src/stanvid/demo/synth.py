@@ -35,7 +35,7 @@ import csv
 import io
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -43,8 +43,11 @@ import av
 import numpy as np
 from tqdm.auto import tqdm
 
+from stanvid.data import RetrievalAnnotations, load_video_captions
 from stanvid.errors import ConfigError
 from stanvid.fileio import atomic_path, atomic_write_text
+from stanvid.video.decode import probe, read_frames
+from stanvid.video.held import DecodedVideo
 
 __all__ = [
     "COLOURS",
@@ -154,11 +157,17 @@ class ClipRecord:
 
 @dataclass
 class Corpus:
-    """A generated corpus on disk (see the module docstring for the layout)."""
+    """A generated corpus on disk (see the module docstring for the layout).
+
+    After `hold`, every clip is also held decoded in memory and `source` / `annotations` serve the held frames
+    (the same frames as the files, `stanvid.video.held`): the demo decodes each file once, not once per item
+    per step, and needs no decoding worker processes.
+    """
 
     root: Path
     config: CorpusConfig
     clips: list[ClipRecord] = field(default_factory=list)
+    held: dict[str, DecodedVideo] = field(default_factory=dict, repr=False)  # video id -> its frames
 
     @property
     def video_dir(self) -> Path:
@@ -185,6 +194,32 @@ class Corpus:
 
     def path(self, video: str) -> Path:
         return self.video_dir / f"{video}.mp4"
+
+    def hold(self, progress: bool = False) -> int:
+        """Decode every clip's file once (`DecodedVideo.decode`) and keep its frames; returns the bytes held."""
+        bar = tqdm(
+            self.clips, desc="data: decoding into memory", unit="clip", disable=not progress, leave=False
+        )
+        for clip in bar:
+            if clip.video not in self.held:
+                path = self.path(clip.video)
+                info = probe(path)
+                frames = read_frames(path, np.arange(info.num_frames))  # (F, S, S, 3)
+                self.held[clip.video] = DecodedVideo(frames, name=str(path), fps=info.fps)
+        return sum(video.nbytes for video in self.held.values())
+
+    def source(self, video: str) -> Path | DecodedVideo:
+        """What to read clip `video` from: its held frames after `hold`, else its file."""
+        return self.held.get(video) or self.path(video)
+
+    def annotations(self, csv: Path) -> RetrievalAnnotations:
+        """One of the corpus's caption files, its videos read from `source` (held frames after `hold`)."""
+        annotations = load_video_captions(csv, self.video_dir)
+        if not self.held:
+            return annotations
+        # a list's bound __getitem__ pickles, should a loader hand the annotations to worker processes
+        sources = [self.source(video) for video in annotations.video_ids]
+        return replace(annotations, sources=sources.__getitem__)
 
 
 def clip_frames(num_frames: int) -> int:

@@ -1,8 +1,8 @@
 """Image-to-video transfer of the pretrained CLIP with one temporal module, through `stanvid.training.loop.fit`.
 
 The training items come from the library's retrieval dataset (`stanvid.data.RetrievalDataset` over the
-corpus's ``train.csv``: real files decoded with `stanvid.read_frames`, uniform frame sampling, a crop shared by
-the clip's frames). `ReversalPairs` only decides which clips share a batch: each item is a clip **and its
+corpus's ``train.csv``: real files decoded with `stanvid.read_frames`, once, into memory (`Corpus.hold`), uniform
+frame sampling, a crop shared by the clip's frames). `ReversalPairs` only decides which clips share a batch: each item is a clip **and its
 reversal** (for appearance clips, two clips of different objects), so every order caption meets, in its own
 batch, the one negative that differs from it only in frame order. Drawn at random, a batch of 32 from this
 corpus rarely holds a clip's reversal, and a tiny model on a CPU budget learns frame order several times
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from stanvid.data import RetrievalDataset, collate_skipping, load_video_captions
+from stanvid.data import RetrievalDataset, collate_skipping
 from stanvid.demo.synth import Corpus
 from stanvid.errors import DatasetError
 from stanvid.models.video_clip import VideoCLIP
@@ -43,7 +43,7 @@ class TransferConfig:
     warmup_fraction: float = 0.1
     temperature: float = 0.05  # fixed tau, as the official recipes fix theirs
     crop_area: tuple[float, float] = (0.8, 1.0)  # random resized crop, one box per clip, no flip
-    num_workers: int = 1
+    num_workers: int = 0  # decoding worker processes; none when the corpus is held in memory (`Corpus.hold`)
     seed: int = 0
     precision: str = "fp32"  # train.precision of every transfer run (`DemoConfig.create` picks it)
 
@@ -74,7 +74,7 @@ def collate_pairs(batch: Sequence[Sequence[Any]]) -> dict[str, Any]:
 
 def training_set(corpus: Corpus, config: TransferConfig, context_length: int) -> ReversalPairs:
     """The training split as pairs: each order clip with its reversal, appearance clips two by two."""
-    annotations = load_video_captions(corpus.train_csv, corpus.video_dir)
+    annotations = corpus.annotations(corpus.train_csv)
     dataset = RetrievalDataset(
         annotations,
         num_frames=corpus.config.num_frames,

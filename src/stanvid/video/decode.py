@@ -28,7 +28,8 @@ definition itself.
 Frames come out as a player shows them: a video whose container carries a display rotation of 90, 180 or 270
 degrees (the MP4 display matrix every phone writes for portrait video) is read upright, as ffmpeg does by
 default; `VideoInfo` gives the displayed width and height and the rotation. A source is a file, a video in
-memory (`MemoryVideo` or bytes: a tar shard's member), or a folder of images (`stanvid.video.frames`).
+memory (`MemoryVideo` or bytes: a tar shard's member), a folder of images (`stanvid.video.frames`), or a video
+decoded once and held (`stanvid.video.held.DecodedVideo`: served without decoding).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from torch.utils.data import get_worker_info
 
 from stanvid.errors import ConfigError, VideoReadError
 from stanvid.video import frames as frame_folders
+from stanvid.video.held import DecodedVideo
 
 # Decoders that read `skip_frame` for every frame they decode (so it can change between packets) and whose
 # NONREF rule only drops frames nothing refers to. Frame-exactness with the switch is checked by the tests;
@@ -115,7 +117,7 @@ class MemoryVideo:
         return self.name
 
 
-VideoSource = str | os.PathLike | bytes | MemoryVideo
+VideoSource = str | os.PathLike | bytes | MemoryVideo | DecodedVideo
 
 
 @dataclass(frozen=True)
@@ -173,6 +175,9 @@ def probe(source: VideoSource, *, frame_rate: float | None = None) -> VideoInfo:
     A folder of images (`stanvid.video.frames`) is a video at ``frame_rate`` fps (default
     ``FRAME_FOLDER_FPS``, 30); for files the stream's own rate is reported and ``frame_rate`` is not used.
     """
+    if isinstance(source, DecodedVideo):  # held frames (F, H, W, 3): nothing to read
+        n, height, width = source.frames.shape[:3]
+        return VideoInfo(source.name, n, source.fps, n / source.fps, width, height, "decoded", n, True, False)
     if _is_folder(source):
         return _folder_info(os.fspath(source), frame_rate)[0]
     return _get_index(source).info
@@ -194,11 +199,14 @@ def read_frames(
     where the workers already share the cores and 0 means 1.
     Frames are upright as displayed: a display rotation of 90, 180 or 270 degrees in the container is applied
     (as ffmpeg does), after resizing; a non-square sample aspect ratio is not. ``path`` may also be a
-    `MemoryVideo` (or bytes) or a folder of images (frame ``i`` is its ``i``-th image in natural order).
+    `MemoryVideo` (or bytes), a folder of images (frame ``i`` is its ``i``-th image in natural order) or a
+    `DecodedVideo` (its held frames, at their own size).
     Raises VideoReadError naming the file for a missing, empty, unreadable or truncated file, or an index
     outside [0, num_frames).
     """
     size = _check_read_args(size, threads)
+    if isinstance(path, DecodedVideo):
+        return path.select(_as_index_array(indices, probe(path), path.name), size)
     if _is_folder(path):
         return _read_folder(os.fspath(path), indices, size)
     if threads == 0 and get_worker_info() is not None:
