@@ -264,25 +264,30 @@ def build_index(
     run.report.timings["model"] = time.perf_counter() - t0  # loading (unless passed) and fingerprinting it
     clean = False
     try:
-        t1 = time.perf_counter()
-        _barrier(run.group, _open_index_folder(run) if run.rank == 0 else None)
-        run.report.timings["prepare"] = time.perf_counter() - t1
-        t1 = time.perf_counter()
-        if options.from_embeddings is not None:
-            from stanvid.search.index.imports import import_embeddings
-
-            import_embeddings(run, options.from_embeddings)
-        else:
-            _barrier(run.group, _encode_share(run))
-        run.report.timings["import" if options.from_embeddings else "encode"] = time.perf_counter() - t1
-        if run.rank == 0:
-            _finish(run)
+        _steps(run)
         run.report.failed = [(str(root / p), e) for p, e in run.report.failed]
         run.report.seconds = time.perf_counter() - t0
         clean = True
         return run.report
     finally:
         run.close(clean)
+
+
+def _steps(run: _Run) -> None:
+    """Prepare the index folder (rank 0), import or encode (every rank), finish (rank 0), timing each step."""
+    t1 = time.perf_counter()
+    _barrier(run.group, _open_index_folder(run) if run.rank == 0 else None)
+    run.report.timings["prepare"] = time.perf_counter() - t1
+    t1 = time.perf_counter()
+    if run.options.from_embeddings is not None:
+        from stanvid.search.index.imports import import_embeddings
+
+        import_embeddings(run, run.options.from_embeddings)
+    else:
+        _barrier(run.group, _encode_share(run))
+    run.report.timings["import" if run.options.from_embeddings else "encode"] = time.perf_counter() - t1
+    if run.rank == 0:
+        _finish(run)
 
 
 def _folders(video_dir: str | os.PathLike, out: str | os.PathLike) -> tuple[Path, Path]:
