@@ -56,9 +56,7 @@ BLOCK_HF = [
 
 
 def block_rules(foreign_prefix: str, our_prefix: str, rules) -> list[tuple[str, str]]:
-    return [
-        (rf"{foreign_prefix}\.(\d+)\.{pat}", rf"{our_prefix}.\1.{_shift(rep)}") for pat, rep in rules
-    ]
+    return [(rf"{foreign_prefix}\.(\d+)\.{pat}", rf"{our_prefix}.\1.{_shift(rep)}") for pat, rep in rules]
 
 
 def _shift(replacement: str) -> str:

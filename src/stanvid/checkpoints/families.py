@@ -40,7 +40,9 @@ def read_tokenizer_file(path: Path) -> bytes:
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read the tokenizer file ({exc})") from exc
     if size > MAX_TOKENIZER_BYTES:
-        raise CheckpointError(f"{path}: {size} bytes is more than a tokenizer file holds ({MAX_TOKENIZER_BYTES})")
+        raise CheckpointError(
+            f"{path}: {size} bytes is more than a tokenizer file holds ({MAX_TOKENIZER_BYTES})"
+        )
     return path.read_bytes()
 
 

@@ -45,7 +45,12 @@ SIGLIP_RULES: list[tuple[str, str]] = [
 ]
 SIGLIP_BUFFERS = {"vision_model.embeddings.position_ids", "text_model.embeddings.position_ids"}
 
-_ACTS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu", "quick_gelu": "quick_gelu"}
+_ACTS = {
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+    "gelu": "gelu",
+    "quick_gelu": "quick_gelu",
+}
 # transformers' SiglipVisionConfig / SiglipTextConfig defaults, for keys a config.json leaves out
 _VISION_DEFAULTS = dict(
     hidden_size=768,
@@ -93,7 +98,9 @@ def siglip_clip_config(config: dict[str, Any], where: str) -> CLIPConfig:
                 f"{where}: {part}.hidden_act {d['hidden_act']!r} is not supported; supported: {', '.join(_ACTS)}"
             )
     if v["vision_use_head"] is not True:
-        raise ConfigError(f"{where}: vision_config.vision_use_head = false (no pooling head) is not supported")
+        raise ConfigError(
+            f"{where}: vision_config.vision_use_head = false (no pooling head) is not supported"
+        )
     try:
         return CLIPConfig(
             family="siglip",
@@ -171,7 +178,9 @@ def _tokenizer(folder: Path) -> tuple[TokenizerConfig, dict[str, bytes]]:
         )
         return cfg, {"spiece.model": read_tokenizer_file(folder / "spiece.model")}
     if (folder / "tokenizer.json").is_file():
-        cfg = TokenizerConfig(kind="hf", file="tokenizer.json", clean="none", pad_token=names["pad_token"] or "<pad>")
+        cfg = TokenizerConfig(
+            kind="hf", file="tokenizer.json", clean="none", pad_token=names["pad_token"] or "<pad>"
+        )
         return cfg, {"tokenizer.json": read_tokenizer_file(folder / "tokenizer.json")}
     raise CheckpointError(
         f"{folder}: no tokenizer (spiece.model for SiglipTokenizer, or tokenizer.json) beside the SigLIP weights"

@@ -48,7 +48,9 @@ class TimmTower:
     rope_grid_offset: float = 0.0
 
 
-def _siglip(patch: int, width: int, depth: int, heads: int, size: int, act: str = "gelu", mlp=4.0) -> TimmTower:
+def _siglip(
+    patch: int, width: int, depth: int, heads: int, size: int, act: str = "gelu", mlp=4.0
+) -> TimmTower:
     return TimmTower("siglip", patch, width, depth, heads, size, mlp, act)
 
 
@@ -56,7 +58,17 @@ def _pe(patch: int, width: int, depth: int, heads: int, size: int, ref: int, **k
     kw.setdefault("class_token", True)
     kw.setdefault("rope_grid_offset", 1.0)
     return TimmTower(
-        "pecore", patch, width, depth, heads, size, ln_eps=1e-5, map_heads=8, map_mlp_ratio=4.0, rope_ref_grid=ref, **kw
+        "pecore",
+        patch,
+        width,
+        depth,
+        heads,
+        size,
+        ln_eps=1e-5,
+        map_heads=8,
+        map_mlp_ratio=4.0,
+        rope_ref_grid=ref,
+        **kw,
     )
 
 
@@ -132,15 +144,38 @@ OPEN_CLIP_TIMM_RULES: list[tuple[str, str]] = [
 OPEN_CLIP_TIMM_TRANSPOSED = {"text.text_projection"}
 OPEN_CLIP_TIMM_BUFFERS = {"text.attn_mask"}
 
-_MODEL_KEYS = {"embed_dim", "init_logit_bias", "custom_text", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale"}
+_MODEL_KEYS = {
+    "embed_dim",
+    "init_logit_bias",
+    "custom_text",
+    "vision_cfg",
+    "text_cfg",
+    "quick_gelu",
+    "init_logit_scale",
+}
 _MODEL_NEUTRAL = {"cast_dtype", "nonscalar_logit_scale"}
-_VISION_KEYS = {"image_size", "timm_model_name", "timm_model_kwargs", "timm_pool", "timm_proj", "timm_proj_bias"}
+_VISION_KEYS = {
+    "image_size",
+    "timm_model_name",
+    "timm_model_kwargs",
+    "timm_pool",
+    "timm_proj",
+    "timm_proj_bias",
+}
 _VISION_NEUTRAL = {"timm_model_pretrained", "timm_drop", "timm_drop_path", "patch_dropout", "output_tokens"}
 _TEXT_KEYS = {
     "context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio", "norm_kwargs", "act_kwargs",
     "no_causal_mask", "proj_bias", "pool_type", "hf_tokenizer_name", "tokenizer_kwargs",
 }  # fmt: skip
-_TEXT_NEUTRAL = {"output_tokens", "pad_id", "embed_cls", "ls_init_value", "proj_type", "text_arch", "tokenizer_mode"}
+_TEXT_NEUTRAL = {
+    "output_tokens",
+    "pad_id",
+    "embed_cls",
+    "ls_init_value",
+    "proj_type",
+    "text_arch",
+    "tokenizer_mode",
+}
 
 
 def is_timm_tower_config(config: Any) -> bool:
@@ -186,7 +221,9 @@ def _tower(vision: dict[str, Any], where: str) -> TimmTower:
         changes[field] = value
     tower = replace(tower, **changes)
     if tower.family == "siglip" and tower.class_token:
-        raise ConfigError(f"{where}.timm_model_kwargs.class_token: a SigLIP tower with a class token is not supported")
+        raise ConfigError(
+            f"{where}.timm_model_kwargs.class_token: a SigLIP tower with a class token is not supported"
+        )
     return tower
 
 
@@ -236,32 +273,45 @@ def _text_config(text: dict[str, Any], family: str, quick_gelu: bool, where: str
         raise ConfigError(f"{where}: {exc}") from exc
 
 
-def _tokenizer(folder: Path, text: dict[str, Any], where: str) -> tuple[TokenizerConfig, dict[str, bytes]]:
-    """CLIP BPE, or (with `hf_tokenizer_name`) the folder's `tokenizer.json` with the configured clean mode."""
-    if not text.get("hf_tokenizer_name") and not (folder / "tokenizer.json").is_file():
-        return TokenizerConfig(), {}
+def _tokenizer_config(text: dict[str, Any], where: str) -> TokenizerConfig:
+    """CLIP BPE, or (with `hf_tokenizer_name`; empty names the folder's own, as open_clip reads a hub folder) a
+    `tokenizer.json` with the configured clean mode."""
+    if "hf_tokenizer_name" not in text:
+        return TokenizerConfig()
     clean = (text.get("tokenizer_kwargs") or {}).get("clean", "whitespace")  # HFTokenizer's default
     if clean not in ("canonicalize", "lower", "whitespace"):
-        raise ConfigError(f"{where}.tokenizer_kwargs.clean {clean!r} is not supported (canonicalize, lower, whitespace)")
-    path = folder / "tokenizer.json"
+        raise ConfigError(
+            f"{where}.tokenizer_kwargs.clean {clean!r} is not supported (canonicalize, lower, whitespace)"
+        )
+    return TokenizerConfig(kind="hf", file="tokenizer.json", clean=clean, pad_token="<pad>")
+
+
+def _tokenizer_files(
+    folder: Path, cfg: TokenizerConfig, name: str
+) -> tuple[TokenizerConfig, dict[str, bytes]]:
+    """The folder's `tokenizer.json`, and the pad token its `tokenizer_config.json` names."""
+    if cfg.kind == "clip":
+        return cfg, {}
+    path = folder / cfg.file
     if not path.is_file():
         raise ConfigError(
-            f"{folder}: text_cfg.hf_tokenizer_name is {text.get('hf_tokenizer_name')!r}: put that tokenizer's "
-            f"tokenizer.json (and tokenizer_config.json) beside open_clip_config.json"
+            f"{folder}: text_cfg.hf_tokenizer_name is {name!r}: put that tokenizer's tokenizer.json (and "
+            f"tokenizer_config.json) beside open_clip_config.json"
         )
     tok_cfg_path = folder / "tokenizer_config.json"
-    pad = (read_object(tok_cfg_path) if tok_cfg_path.is_file() else {}).get("pad_token", "<pad>")
+    pad = (read_object(tok_cfg_path) if tok_cfg_path.is_file() else {}).get("pad_token", cfg.pad_token)
     if isinstance(pad, dict):
         pad = pad.get("content")
     if not isinstance(pad, str):
         raise ConfigError(f"{tok_cfg_path}: pad_token must be a string, got {pad!r}")
-    cfg = TokenizerConfig(kind="hf", file="tokenizer.json", clean=clean, pad_token=pad)
-    return cfg, {"tokenizer.json": read_tokenizer_file(path)}
+    return replace(cfg, pad_token=pad), {cfg.file: read_tokenizer_file(path)}
 
 
 def timm_tower_clip_config(config: dict[str, Any], where: str) -> CLIPConfig:
     """An `open_clip_config.json` with a timm image tower -> `CLIPConfig` (tokenizer left to the folder)."""
-    model_cfg = _check_keys(config.get("model_cfg", config), _MODEL_KEYS, _MODEL_NEUTRAL, f"{where}: model_cfg")
+    model_cfg = _check_keys(
+        config.get("model_cfg", config), _MODEL_KEYS, _MODEL_NEUTRAL, f"{where}: model_cfg"
+    )
     vw, tw = f"{where}: model_cfg.vision_cfg", f"{where}: model_cfg.text_cfg"
     vision = _check_keys(model_cfg.get("vision_cfg"), _VISION_KEYS, _VISION_NEUTRAL, vw)
     text = _check_keys(model_cfg.get("text_cfg") or {}, _TEXT_KEYS, _TEXT_NEUTRAL, tw)
@@ -271,15 +321,23 @@ def timm_tower_clip_config(config: dict[str, Any], where: str) -> CLIPConfig:
     embed_dim = model_cfg.get("embed_dim", 512)
     proj = vision.get("timm_proj")
     if tower.family == "siglip" and (proj != "none" or embed_dim != tower.width):
-        raise ConfigError(f"{vw}.timm_proj {proj!r}: a SigLIP tower is read with timm_proj 'none' (no projection)")
+        raise ConfigError(
+            f"{vw}.timm_proj {proj!r}: a SigLIP tower is read with timm_proj 'none' (no projection)"
+        )
     if tower.family == "pecore" and proj not in (None, ""):
-        raise ConfigError(f"{vw}.timm_proj {proj!r}: a PE-Core tower projects with its own head (timm_proj null)")
+        raise ConfigError(
+            f"{vw}.timm_proj {proj!r}: a PE-Core tower projects with its own head (timm_proj null)"
+        )
     num_classes = (vision.get("timm_model_kwargs") or {}).get("num_classes", embed_dim)
     if tower.family == "pecore" and num_classes != embed_dim:
-        raise ConfigError(f"{vw}.timm_model_kwargs.num_classes {num_classes!r} differs from embed_dim {embed_dim}")
+        raise ConfigError(
+            f"{vw}.timm_model_kwargs.num_classes {num_classes!r} differs from embed_dim {embed_dim}"
+        )
     image_size = _square(vision.get("image_size", tower.image_size), f"{vw}.image_size")
     if image_size != tower.image_size:
-        raise ConfigError(f"{vw}.image_size {image_size} differs from the timm tower's img_size {tower.image_size}")
+        raise ConfigError(
+            f"{vw}.image_size {image_size} differs from the timm tower's img_size {tower.image_size}"
+        )
     quick_gelu = model_cfg.get("quick_gelu", False)
     pre = config.get("preprocess_cfg") or {}
     bias = model_cfg.get("init_logit_bias")
@@ -305,6 +363,7 @@ def timm_tower_clip_config(config: dict[str, Any], where: str) -> CLIPConfig:
             text=_text_config(text, tower.family, quick_gelu, tw),
             logit_scale_init=float(model_cfg.get("init_logit_scale", 2.6592)),
             logit_bias_init=None if tower.family != "siglip" else float(bias if bias is not None else -10.0),
+            tokenizer=_tokenizer_config(text, tw),
             preprocess=preprocess_from(
                 f"{where}: preprocess_cfg",
                 pre.get("mean", (0.5, 0.5, 0.5)),
@@ -323,7 +382,7 @@ def read_timm_tower_folder(folder: Path, config_name: str, raw: dict[str, Any]) 
     config = read_object(cfg_path)
     clip = timm_tower_clip_config(config, str(cfg_path))
     text = config.get("model_cfg", config).get("text_cfg") or {}
-    clip.tokenizer, files = _tokenizer(folder, text, f"{cfg_path}: model_cfg.text_cfg")
+    clip.tokenizer, files = _tokenizer_files(folder, clip.tokenizer, text.get("hf_tokenizer_name"))
     state = convert.convert_state_dict(
         raw,
         OPEN_CLIP_TIMM_RULES,

@@ -67,7 +67,13 @@ _SIGLIP_NAMES = (
     "ViT-SO400M-14-SigLIP2-378 ViT-SO400M-16-SigLIP2-256 ViT-SO400M-16-SigLIP2-384 ViT-SO400M-16-SigLIP2-512 "
     "ViT-gopt-16-SigLIP2-256 ViT-gopt-16-SigLIP2-384"
 ).split()
-_PE_NAMES = ("PE-Core-T-16-384", "PE-Core-S-16-384", "PE-Core-B-16", "PE-Core-L-14-336", "PE-Core-bigG-14-448")
+_PE_NAMES = (
+    "PE-Core-T-16-384",
+    "PE-Core-S-16-384",
+    "PE-Core-B-16",
+    "PE-Core-L-14-336",
+    "PE-Core-bigG-14-448",
+)
 
 
 PRETRAINED: dict[str, dict[str, Pretrained]] = {

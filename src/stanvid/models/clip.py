@@ -214,7 +214,12 @@ class TextTransformer(nn.Module):
     """
 
     def __init__(
-        self, cfg: TextConfig, embed_dim: int, causal: bool = True, pool: str = "argmax", proj_bias: bool = False
+        self,
+        cfg: TextConfig,
+        embed_dim: int,
+        causal: bool = True,
+        pool: str = "argmax",
+        proj_bias: bool = False,
     ) -> None:
         super().__init__()
         self.cfg = cfg

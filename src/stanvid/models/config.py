@@ -216,8 +216,12 @@ class TokenizerConfig:
         _choice(self, "clean", TOKENIZER_CLEANS)
         _strings(self, "file", "pad_token", "eos_token", "unk_token")
         _bools(self, "lower")
-        if self.kind != "clip" and (not self.file or "/" in self.file or "\\" in self.file or self.file[0] == "."):
-            raise ConfigError(f"TokenizerConfig.file must be a file name beside the weights, got {self.file!r}")
+        if self.kind != "clip" and (
+            not self.file or "/" in self.file or "\\" in self.file or self.file[0] == "."
+        ):
+            raise ConfigError(
+                f"TokenizerConfig.file must be a file name beside the weights, got {self.file!r}"
+            )
 
 
 @dataclass

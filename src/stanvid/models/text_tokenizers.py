@@ -102,7 +102,9 @@ class SentencePieceTokenizer:
         self.unk = names["unk_token"]
         self.unk_length = len(self.sp.encode(self.unk, out_type=str))
         self.special = {names["eos_token"], names["pad_token"], names["unk_token"]}
-        self._split = re.compile("(" + "|".join(re.escape(s) for s in sorted(self.special, key=len, reverse=True)) + ")")
+        self._split = re.compile(
+            "(" + "|".join(re.escape(s) for s in sorted(self.special, key=len, reverse=True)) + ")"
+        )
 
     def encode(self, text: str) -> list[int]:
         """Ids of one text without end-of-text or padding."""
@@ -137,7 +139,9 @@ def _basic_clean(text: str) -> str:
 
 
 _CLEANS = {
-    "canonicalize": lambda t: " ".join(_basic_clean(t).replace("_", " ").translate(_PUNCTUATION).lower().split()),
+    "canonicalize": lambda t: " ".join(
+        _basic_clean(t).replace("_", " ").translate(_PUNCTUATION).lower().split()
+    ),
     "lower": lambda t: " ".join(_basic_clean(t).split()).lower(),
     "whitespace": lambda t: " ".join(_basic_clean(t).split()),
     "none": lambda t: t,
@@ -155,7 +159,9 @@ class JSONTokenizer:
         try:
             self.tokenizer = Tokenizer.from_str(data.decode("utf-8"))
         except (UnicodeDecodeError, Exception) as exc:  # the Rust library raises a plain Exception
-            raise ConfigError(f"{where}: not a readable tokenizer.json ({type(exc).__name__}: {exc})") from exc
+            raise ConfigError(
+                f"{where}: not a readable tokenizer.json ({type(exc).__name__}: {exc})"
+            ) from exc
         pad = cfg.pad_token or "<pad>"
         self.pad_id = self.tokenizer.token_to_id(pad)
         if self.pad_id is None:
@@ -181,7 +187,9 @@ def build_tokenizer(cfg: TokenizerConfig, files: dict[str, bytes], where: str = 
     if cfg.kind == "clip":
         return CLIPTokenizer()
     if cfg.file not in files:
-        raise ConfigError(f"{where or 'model'}: the {cfg.kind} tokenizer needs its file {cfg.file}, which is missing")
+        raise ConfigError(
+            f"{where or 'model'}: the {cfg.kind} tokenizer needs its file {cfg.file}, which is missing"
+        )
     label = f"{where}/{cfg.file}" if where else cfg.file
     if cfg.kind == "sentencepiece":
         return SentencePieceTokenizer(cfg, files[cfg.file], label)

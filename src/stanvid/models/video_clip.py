@@ -56,7 +56,9 @@ class VideoCLIP(nn.Module):
             self.register_parameter("logit_bias", None)
         self.tokenizer: TextTokenizer | None = clip_tokenizer() if clip.tokenizer.kind == "clip" else None
         if config.temporal == "stan":
-            self.temporal: nn.Module | None = STANBranch(config.stan, clip.vision, self.visual.attention_pooled)
+            self.temporal: nn.Module | None = STANBranch(
+                config.stan, clip.vision, self.visual.attention_pooled
+            )
         elif config.temporal == "seqTransf":
             self.temporal = SeqTransformer(config.seq, clip.embed_dim)
         else:
