@@ -192,6 +192,11 @@ class PreprocessConfig:
         if not all(s > 0 for s in self.std):
             raise ConfigError(f"PreprocessConfig.std must be positive, got {self.std!r}")
 
+    @property
+    def fit(self) -> tuple[str, str]:
+        """(resize_mode, interpolation): how frames are brought to the input (`stanvid.video.transforms.fit_frames`)."""
+        return self.resize_mode, self.interpolation
+
 
 @dataclass
 class TokenizerConfig:

@@ -70,16 +70,42 @@ def clip_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer()
 
 
+class ModelTokenizer:
+    """A model's `tokenize` on its own: picklable (datasets in DataLoader workers take it) and small (the
+    tokenizer, not the model). `fixed_context`: the context a tower pooled at the last position always gets."""
+
+    def __init__(self, tokenizer: TextTokenizer, default_context: int, fixed_context: int | None) -> None:
+        self.tokenizer, self.default_context, self.fixed_context = tokenizer, default_context, fixed_context
+
+    def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor:
+        if self.fixed_context is not None:
+            context_length = self.fixed_context
+        elif context_length is None:
+            context_length = self.default_context
+        return self.tokenizer(texts, context_length=context_length)
+
+
+class _FromBytes:
+    """Tokenizers rebuilt from their file bytes when copied or pickled (the native objects are not)."""
+
+    def __getstate__(self) -> dict:
+        return {"args": self._args}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(*state["args"])
+
+
 def _siglip_clean(text: str, lower: bool) -> str:
     if lower:
         text = text.lower()
     return " ".join(text.translate(_PUNCTUATION).split())
 
 
-class SentencePieceTokenizer:
+class SentencePieceTokenizer(_FromBytes):
     """SigLIP's tokenizer (see the module docstring) on a SentencePiece model given as bytes."""
 
     def __init__(self, cfg: TokenizerConfig, model: bytes, where: str = "spiece.model") -> None:
+        self._args = (cfg, model, where)
         try:
             import sentencepiece
         except ImportError as exc:  # pragma: no cover - a declared dependency
@@ -148,10 +174,11 @@ _CLEANS = {
 }
 
 
-class JSONTokenizer:
+class JSONTokenizer(_FromBytes):
     """A `tokenizer.json` through the `tokenizers` library, after open_clip's clean mode (module docstring)."""
 
     def __init__(self, cfg: TokenizerConfig, data: bytes, where: str = "tokenizer.json") -> None:
+        self._args = (cfg, data, where)
         try:
             from tokenizers import Tokenizer
         except ImportError as exc:  # pragma: no cover - a declared dependency

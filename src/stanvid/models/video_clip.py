@@ -20,7 +20,7 @@ from stanvid.models.pretrained import save_pretrained
 from stanvid.models.siglip import AttentionPool, SiglipVisionTransformer
 from stanvid.models.stan import STANBranch
 from stanvid.models.temporal import SeqTransformer
-from stanvid.models.text_tokenizers import TextTokenizer, clip_tokenizer
+from stanvid.models.text_tokenizers import ModelTokenizer, TextTokenizer, clip_tokenizer
 
 
 def build_towers(clip: CLIPConfig) -> tuple[nn.Module, TextTransformer]:
@@ -107,14 +107,18 @@ class VideoCLIP(nn.Module):
         `context_length` defaults to the text tower's. A tower pooled at the last position (SigLIP) always gets
         its own context length: where it pools depends on it.
         """
+        return self.text_tokenizer()(texts, context_length)
+
+    def text_tokenizer(self) -> ModelTokenizer:
+        """`tokenize` as a standalone callable `(texts, context_length=None) -> LongTensor`, picklable, for
+        datasets (`stanvid.data.RetrievalDataset(tokenizer=...)`) and worker processes."""
         if self.tokenizer is None:
             raise ConfigError(
                 f"this {self.config.clip.family} model has no tokenizer: build it with load_model from a folder that "
                 f"holds its {self.config.clip.tokenizer.file or 'tokenizer'} file, or call set_tokenizer"
             )
-        if context_length is None or self.text.pool_at == "last":
-            context_length = self.config.clip.text.context_length
-        return self.tokenizer(texts, context_length=context_length)
+        context = self.config.clip.text.context_length
+        return ModelTokenizer(self.tokenizer, context, context if self.text.pool_at == "last" else None)
 
     # ------------------------------------------------------------------ encoders
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:

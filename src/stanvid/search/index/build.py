@@ -569,6 +569,7 @@ def _encode_files(
         segment_seconds=options.segment_seconds,
         chunk=options.batch_size,
         decoder_threads=0,
+        fit=cfg.clip.preprocess.fit,
     )
     workers = min(budget.decode_workers, len(entries))
     # chunks come whole from the dataset (batch_size None), one pass, decoder threads set per worker

@@ -43,7 +43,9 @@ class _ClipLoader(torch.utils.data.IterableDataset):
         segment_seconds: float | None,
         chunk: int,
         decoder_threads: int,
+        fit: tuple[str, str] | None = None,
     ) -> None:
+        self.fit = fit
         self.root, self.entries = root, list(entries)
         self.clip_len, self.image_size = clip_len, image_size
         self.segment_seconds, self.chunk = segment_seconds, chunk
@@ -82,7 +84,7 @@ class _ClipLoader(torch.utils.data.IterableDataset):
             for k in range(0, len(spans), self.chunk):
                 part = np.concatenate(indices[k : k + self.chunk])  # (n * T,)
                 frames = read_frames(path, part, size=self.image_size, threads=threads)  # (n*T, H, W, 3)
-                frames = _clip_frames(frames, self.image_size)  # (n*T, 3, S, S)
+                frames = _clip_frames(frames, self.image_size, self.fit)  # (n*T, 3, S, S)
                 clips = frames.reshape(-1, self.clip_len, *frames.shape[1:]).contiguous()  # (n, T, 3, S, S)
                 last = k + self.chunk >= len(spans)
                 yield _Chunk(entry, meta, spans[k : k + self.chunk], clips, last)
