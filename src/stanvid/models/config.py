@@ -108,11 +108,10 @@ class VisionConfig:
         _positive_int(self, "width", "layers", "heads", "patch_size", "image_size")
         if self.mlp_dim is None:
             self.mlp_dim = 4 * self.width
-        if self.map_heads is None:
-            self.map_heads = self.heads
-        if self.map_mlp_dim is None:
-            self.map_mlp_dim = self.mlp_dim
-        _positive_int(self, "mlp_dim", "map_heads", "map_mlp_dim")
+        _positive_int(self, "mlp_dim")
+        for name in ("map_heads", "map_mlp_dim"):
+            if getattr(self, name) is not None:
+                _positive_int(self, name)
         if self.rope_ref_grid is not None:
             _positive_int(self, "rope_ref_grid")
         _choice(self, "act", ACTIVATIONS)
@@ -120,9 +119,9 @@ class VisionConfig:
         _bools(self, "class_token")
         if self.width % self.heads:
             raise ConfigError(f"VisionConfig.width ({self.width}) must be divisible by heads ({self.heads})")
-        if self.width % self.map_heads:
+        if self.width % self.pool_heads:
             raise ConfigError(
-                f"VisionConfig.width ({self.width}) must be divisible by map_heads ({self.map_heads})"
+                f"VisionConfig.width ({self.width}) must be divisible by map_heads ({self.pool_heads})"
             )
         if self.image_size % self.patch_size:
             raise ConfigError(
@@ -132,6 +131,16 @@ class VisionConfig:
     @property
     def grid(self) -> int:
         return self.image_size // self.patch_size
+
+    @property
+    def pool_heads(self) -> int:
+        """Heads of the attention-pooling head (`map_heads`, else the tower's)."""
+        return self.map_heads if self.map_heads is not None else self.heads
+
+    @property
+    def pool_mlp_dim(self) -> int:
+        """MLP width of the attention-pooling head (`map_mlp_dim`, else the tower's)."""
+        return self.map_mlp_dim if self.map_mlp_dim is not None else self.mlp_dim
 
     @property
     def num_patches(self) -> int:

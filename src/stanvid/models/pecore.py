@@ -64,7 +64,7 @@ class PECoreVisionTransformer(nn.Module):
             [Block(width, cfg.heads, cfg.mlp_dim, cfg.act, cfg.ln_eps) for _ in range(cfg.layers)]
         )
         self.ln_post = nn.LayerNorm(width, eps=cfg.ln_eps)
-        self.pool = AttentionPool(width, cfg.map_heads, cfg.map_mlp_dim, cfg.act, cfg.ln_eps)
+        self.pool = AttentionPool(width, cfg.pool_heads, cfg.pool_mlp_dim, cfg.act, cfg.ln_eps)
         self.proj = nn.Linear(width, embed_dim)
         self.grad_checkpointing = False
         self._rope: dict[torch.device, torch.Tensor] = {}

@@ -76,7 +76,7 @@ class SiglipVisionTransformer(nn.Module):
             [Block(width, cfg.heads, cfg.mlp_dim, cfg.act, cfg.ln_eps) for _ in range(cfg.layers)]
         )
         self.ln_post = nn.LayerNorm(width, eps=cfg.ln_eps)
-        self.pool = AttentionPool(width, cfg.map_heads, cfg.map_mlp_dim, cfg.act, cfg.ln_eps)
+        self.pool = AttentionPool(width, cfg.pool_heads, cfg.pool_mlp_dim, cfg.act, cfg.ln_eps)
         self.grad_checkpointing = False
         nn.init.normal_(self.pos_embed, std=width**-0.5)
 
