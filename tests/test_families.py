@@ -297,6 +297,23 @@ def test_naflex_and_unknown_towers_refused_by_name(parity, tmp_path):
         stanvid.load_model(folder)
 
 
+def test_create_model_knows_the_release_architectures():
+    from stanvid.checkpoints.timm_towers import release_clip_config
+
+    assert release_clip_config("ViT-B-16-SigLIP2") == timm_tower_clip_config({"model_cfg": _SIGLIP2_B16}, "x")
+    assert release_clip_config("PE-Core-B-16") == timm_tower_clip_config({"model_cfg": _PE_B16}, "x")
+    large = release_clip_config("PE-Core-L-14-336").vision
+    assert (large.width, large.layers, large.patch_size, large.image_size, large.rope_ref_grid) == (
+        1024,
+        24,
+        14,
+        336,
+        24,
+    )
+    with pytest.raises(ConfigError, match="PE-Core-B-16"):
+        stanvid.create_model("ViT-X-99")
+
+
 def test_release_names():
     entry = zoo.lookup("ViT-B-16-SigLIP2/webli")
     assert entry is not None and entry.repo == "timm/ViT-B-16-SigLIP2" and entry.resize_mode == "squash"

@@ -68,9 +68,17 @@ log = logging.getLogger("stanvid")
 
 # ---------------------------------------------------------------------------------------------- public API
 def create_model(name: str = "ViT-B/32", **overrides: Any) -> VideoCLIP:
-    """A randomly initialised model with the architecture of an OpenAI CLIP release, for tests and benchmarks."""
+    """A randomly initialised model with the architecture of an OpenAI CLIP release (`ViT-B/16`) or of an open_clip
+    SigLIP / PE-Core release (`ViT-B-16-SigLIP2`, `PE-Core-B-16`: `stanvid.checkpoints.timm_towers.RELEASES`), for
+    tests and benchmarks. A SigLIP model built so has no tokenizer (its file is not shipped with stanvid)."""
     overrides.setdefault("temporal", "stan")
-    cfg = ModelConfig(clip=clip_preset(name), name=name).replace(**overrides)
+    clip = timm_towers.release_clip_config(name)
+    if clip is None:
+        try:
+            clip = clip_preset(name)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}; or an open_clip release: {', '.join(timm_towers.RELEASES)}") from None
+    cfg = ModelConfig(clip=clip, name=name).replace(**overrides)
     return VideoCLIP(cfg)
 
 
@@ -549,11 +557,15 @@ def convert_checkpoint(
     return {
         "source": str(source),
         "format": fmt,
+        "family": cfg.clip.family,
         "vision": f"ViT {v.width} wide, {v.layers} layers, {v.heads} heads, patch {v.patch_size}, {v.image_size}px, "
         f"{v.act}",
         "text": f"{cfg.clip.text.width} wide, {cfg.clip.text.layers} layers, {cfg.clip.text.heads} heads, "
         f"{cfg.clip.text.act}",
-        "mean/std": f"mean {list(cfg.clip.preprocess.mean)}, std {list(cfg.clip.preprocess.std)}",
+        "mean/std": f"mean {list(cfg.clip.preprocess.mean)}, std {list(cfg.clip.preprocess.std)}, "
+        f"{cfg.clip.preprocess.resize_mode} resize, {cfg.clip.preprocess.interpolation}",
+        "tokenizer": cfg.clip.tokenizer.kind
+        + (f" ({cfg.clip.tokenizer.file})" if cfg.clip.tokenizer.file else ""),
         "temporal": temporal,
         "pooling": cfg.pooling,
         "parameters": f"{model.num_parameters():,}",

@@ -178,6 +178,49 @@ _TEXT_NEUTRAL = {
 }
 
 
+def _siglip_release(name: str, size: int, version: int) -> dict[str, Any]:
+    """open_clip's `model_configs/ViT-B-16-SigLIP{,2}[-size].json`."""
+    text = {
+        "context_length": 64, "vocab_size": 256000 if version == 2 else 32000, "hf_tokenizer_name": f"timm/{name}",
+        "tokenizer_kwargs": {"clean": "canonicalize"}, "width": 768, "heads": 12, "layers": 12,
+        "no_causal_mask": True, "proj_bias": True, "pool_type": "last", "norm_kwargs": {"eps": 1e-6},
+    }  # fmt: skip
+    if version == 2:
+        text["act_kwargs"] = {"approximate": "tanh"}
+    vision = {"image_size": size, "timm_model_name": f"vit_base_patch16_siglip_{size}", "timm_proj": "none"}
+    return {
+        "embed_dim": 768,
+        "init_logit_bias": -10,
+        "custom_text": True,
+        "vision_cfg": vision,
+        "text_cfg": text,
+    }
+
+
+def _pe_release(tower: str, size: int) -> dict[str, Any]:
+    """open_clip's `model_configs/PE-Core-B-16.json` / `PE-Core-L-14-336.json`."""
+    text = {"context_length": 32, "vocab_size": 49408, "width": 1024, "heads": 16, "layers": 24}
+    vision = {"image_size": size, "timm_model_name": tower, "timm_proj": None}
+    return {"embed_dim": 1024, "custom_text": True, "vision_cfg": vision, "text_cfg": text}
+
+
+# open_clip model names -> their `model_cfg` (architecture only): what `stanvid.create_model` builds at random
+RELEASES: dict[str, dict[str, Any]] = {
+    "ViT-B-16-SigLIP": _siglip_release("ViT-B-16-SigLIP", 224, 1),
+    "ViT-B-16-SigLIP2": _siglip_release("ViT-B-16-SigLIP2", 224, 2),
+    **{f"ViT-B-16-SigLIP2-{s}": _siglip_release(f"ViT-B-16-SigLIP2-{s}", s, 2) for s in (256, 384, 512)},
+    "PE-Core-B-16": _pe_release("vit_pe_core_base_patch16_224", 224),
+    "PE-Core-L-14-336": _pe_release("vit_pe_core_large_patch14_336", 336),
+}
+
+
+def release_clip_config(name: str) -> CLIPConfig | None:
+    """The architecture of an open_clip SigLIP / PE-Core release by its model name, or None."""
+    if name not in RELEASES:
+        return None
+    return timm_tower_clip_config({"model_cfg": RELEASES[name]}, name)
+
+
 def is_timm_tower_config(config: Any) -> bool:
     model_cfg = config.get("model_cfg", config) if isinstance(config, dict) else None
     vision = model_cfg.get("vision_cfg") if isinstance(model_cfg, dict) else None

@@ -57,8 +57,11 @@ class ShardEmbedResult:
 class _ShardClips(IterableDataset):
     """(shard, ordinal, key, caption, clip or error) for the samples of the shards to do, split over workers."""
 
-    def __init__(self, urls: Sequence[str], todo: Sequence[int], clip_len: int, image_size: int) -> None:
+    def __init__(
+        self, urls: Sequence[str], todo: Sequence[int], clip_len: int, image_size: int, fit: tuple[str, str]
+    ) -> None:
         self.urls, self.todo, self.clip_len, self.image_size = list(urls), list(todo), clip_len, image_size
+        self.fit = fit  # the model's resize rule (`PreprocessConfig.fit`)
 
     def __iter__(self) -> Iterator[tuple]:
         info = get_worker_info()
@@ -70,7 +73,12 @@ class _ShardClips(IterableDataset):
                 try:
                     video = sample_video(sample)
                     clip = read_clip(
-                        video, 0.0, probe(video).duration, clip_len=self.clip_len, image_size=self.image_size
+                        video,
+                        0.0,
+                        probe(video).duration,
+                        clip_len=self.clip_len,
+                        image_size=self.image_size,
+                        fit=self.fit,
                     )
                 except (VideoReadError, DatasetError) as exc:  # a video that does not decode, or none
                     yield shard, ordinal, sample["__key__"], caption, str(exc).removeprefix(f"{name}: ")
@@ -103,7 +111,10 @@ def embed_shards(
     parts = out.with_name(out.name + ".parts")
     done = _claim_parts(parts, {"model_fingerprint": fingerprint, "shards": list(shards.urls)})
     todo = [i for i in range(len(shards)) if i not in done]
-    clips = _ShardClips(shards.urls, todo, model.config.num_frames, model.config.clip.vision.image_size)
+    cfg = model.config
+    clips = _ShardClips(
+        shards.urls, todo, cfg.num_frames, cfg.clip.vision.image_size, cfg.clip.preprocess.fit
+    )
     workers = min(num_workers, len(todo))
     loader = build_loader(clips, None, num_workers=workers, pin_memory=False, persistent_workers=False)
     pending: dict[int, list] = {i: [] for i in todo}
