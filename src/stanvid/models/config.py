@@ -359,6 +359,11 @@ class ModelConfig:
         if not _is_number(tau) or not 0 < tau < float("inf"):
             raise ConfigError(f"ModelConfig.mug_tau must be a positive number, got {tau!r}")
         self.mug_tau = float(tau)
+        if self.similarity == "mug" and self.clip.family == "siglip":
+            raise ConfigError(
+                "ModelConfig.similarity 'mug' needs CLIP-style text tokens (causal, zero padding); the siglip family's "
+                "text tower is bidirectional and pads with its own id"
+            )
         _positive_int(self, "num_frames")
         if self.temporal == "stan":
             if self.stan.depth > self.clip.vision.layers:

@@ -185,7 +185,7 @@ class JSONTokenizer(_FromBytes):
             raise ConfigError(f"{where}: this tokenizer needs `pip install tokenizers`") from exc
         try:
             self.tokenizer = Tokenizer.from_str(data.decode("utf-8"))
-        except (UnicodeDecodeError, Exception) as exc:  # the Rust library raises a plain Exception
+        except Exception as exc:  # UnicodeDecodeError, or the Rust library's plain Exception on a bad file
             raise ConfigError(
                 f"{where}: not a readable tokenizer.json ({type(exc).__name__}: {exc})"
             ) from exc
