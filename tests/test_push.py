@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import stanvid
+from stanvid.checkpoints.download import TOKENIZER_FILES
 from stanvid.cli import main as cli_main
 from stanvid.errors import CheckpointError, ConfigError
 from stanvid.training.metrics import format_table
@@ -75,7 +76,8 @@ def test_cli_push_then_load_by_repo_id(fake_hub, run_folder, capsys):
     assert loaded.config == model.config
     same_outputs(loaded, model)
     assert {name for _, name in fake_hub.requested} == {"config.json", "open_clip_config.json",
-                                                          "preprocessor_config.json", "model.safetensors"}  # fmt: skip
+                                                          "preprocessor_config.json", "model.safetensors",
+                                                          *TOKENIZER_FILES}  # fmt: skip
 
 
 def test_a_model_in_memory_pushes_without_metrics(fake_hub, tiny_model):

@@ -75,6 +75,7 @@ _EXPORTS = {
     "SeqTransfConfig": "stanvid.models.config",
     "ModelConfig": "stanvid.models.config",
     "PreprocessConfig": "stanvid.models.config",
+    "TokenizerConfig": "stanvid.models.config",
     "MUG_MODES": "stanvid.models.config",
     "VideoCLIP": "stanvid.models.video_clip",
     "tokenize": "stanvid.models.tokenizer",
@@ -207,6 +208,7 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time `__getattr_
         SeqTransfConfig,
         STANConfig,
         TextConfig,
+        TokenizerConfig,
         VisionConfig,
     )
     from stanvid.models.heads import LinearHead, encode_class_names

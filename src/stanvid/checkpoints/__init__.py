@@ -2,7 +2,8 @@
 
 `load` (`load_model`, `create_model`, `detect_format`, `convert_checkpoint`: format detection by content),
 `convert` (the literal key maps and config readers of OpenAI, Hugging Face, open_clip, official STAN and
-CLIP4Clip checkpoints), `download` (OpenAI's files and Hugging Face hub repositories into a cache), `zoo`
+CLIP4Clip checkpoints), `siglip` (Hugging Face SigLIP folders), `timm_towers` (open_clip folders with a SigLIP
+or PE-Core timm tower), `families` (what those two share: the `FamilyCheckpoint` they return), `download` (OpenAI's files and Hugging Face hub repositories into a cache), `zoo`
 (open_clip's pretrained names) and `upload` (a saved folder and its model card to a hub repository).
 
 May import: the shared top modules, `stanvid.video` and `stanvid.models`.

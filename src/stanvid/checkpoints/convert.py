@@ -37,7 +37,7 @@ from stanvid.models.config import (
 )
 
 # ---------------------------------------------------------------------------------------------- key maps
-_BLOCK_OPENAI = [
+BLOCK_OPENAI = [
     (r"attn\.in_proj_(weight|bias)", r"attn.qkv.\1"),
     (r"attn\.out_proj\.(weight|bias)", r"attn.proj.\1"),
     (r"ln_1\.(weight|bias)", r"ln_1.\1"),
@@ -45,7 +45,7 @@ _BLOCK_OPENAI = [
     (r"mlp\.c_fc\.(weight|bias)", r"mlp.fc1.\1"),
     (r"mlp\.c_proj\.(weight|bias)", r"mlp.fc2.\1"),
 ]
-_BLOCK_HF = [
+BLOCK_HF = [
     (r"self_attn\.(q|k|v)_proj\.(weight|bias)", r"attn.\1.\2"),  # fused into attn.qkv by _fuse_qkv
     (r"self_attn\.out_proj\.(weight|bias)", r"attn.proj.\1"),
     (r"layer_norm1\.(weight|bias)", r"ln_1.\1"),
@@ -55,10 +55,8 @@ _BLOCK_HF = [
 ]
 
 
-def _blocks(foreign_prefix: str, our_prefix: str, block_rules) -> list[tuple[str, str]]:
-    return [
-        (rf"{foreign_prefix}\.(\d+)\.{pat}", rf"{our_prefix}.\1.{_shift(rep)}") for pat, rep in block_rules
-    ]
+def block_rules(foreign_prefix: str, our_prefix: str, rules) -> list[tuple[str, str]]:
+    return [(rf"{foreign_prefix}\.(\d+)\.{pat}", rf"{our_prefix}.\1.{_shift(rep)}") for pat, rep in rules]
 
 
 def _shift(replacement: str) -> str:
@@ -71,12 +69,12 @@ OPENAI_RULES: list[tuple[str, str]] = [
     (r"visual\.class_embedding", "visual.class_embedding"),
     (r"visual\.positional_embedding", "visual.pos_embed"),
     (r"visual\.ln_pre\.(weight|bias)", r"visual.ln_pre.\1"),
-    *_blocks(r"visual\.transformer\.resblocks", "visual.blocks", _BLOCK_OPENAI),
+    *block_rules(r"visual\.transformer\.resblocks", "visual.blocks", BLOCK_OPENAI),
     (r"visual\.ln_post\.(weight|bias)", r"visual.ln_post.\1"),
     (r"visual\.proj", "visual.proj.weight"),  # transposed
     (r"token_embedding\.weight", "text.token_embed.weight"),
     (r"positional_embedding", "text.pos_embed"),
-    *_blocks(r"transformer\.resblocks", "text.blocks", _BLOCK_OPENAI),
+    *block_rules(r"transformer\.resblocks", "text.blocks", BLOCK_OPENAI),
     (r"ln_final\.(weight|bias)", r"text.ln_final.\1"),
     (r"text_projection", "text.proj.weight"),  # transposed
     (r"logit_scale", "logit_scale"),
@@ -96,12 +94,12 @@ HF_RULES: list[tuple[str, str]] = [
     (r"vision_model\.embeddings\.patch_embedding\.weight", "visual.patch_embed.weight"),
     (r"vision_model\.embeddings\.position_embedding\.weight", "visual.pos_embed"),
     (r"vision_model\.pre_layrnorm\.(weight|bias)", r"visual.ln_pre.\1"),
-    *_blocks(r"vision_model\.encoder\.layers", "visual.blocks", _BLOCK_HF),
+    *block_rules(r"vision_model\.encoder\.layers", "visual.blocks", BLOCK_HF),
     (r"vision_model\.post_layernorm\.(weight|bias)", r"visual.ln_post.\1"),
     (r"visual_projection\.weight", "visual.proj.weight"),
     (r"text_model\.embeddings\.token_embedding\.weight", "text.token_embed.weight"),
     (r"text_model\.embeddings\.position_embedding\.weight", "text.pos_embed"),
-    *_blocks(r"text_model\.encoder\.layers", "text.blocks", _BLOCK_HF),
+    *block_rules(r"text_model\.encoder\.layers", "text.blocks", BLOCK_HF),
     (r"text_model\.final_layer_norm\.(weight|bias)", r"text.ln_final.\1"),
     (r"text_projection\.weight", "text.proj.weight"),
     (r"logit_scale", "logit_scale"),
@@ -117,10 +115,10 @@ STAN_RULES: list[tuple[str, str]] = [
     (r"backbone\.patch_embedding\.weight", "visual.patch_embed.weight"),
     (r"backbone\.position_embedding\.weight", "visual.pos_embed"),
     (r"backbone\.pre_layrnorm\.(weight|bias)", r"visual.ln_pre.\1"),
-    *_blocks(r"backbone\.layers", "visual.blocks", _BLOCK_HF),
+    *block_rules(r"backbone\.layers", "visual.blocks", BLOCK_HF),
     (r"backbone\.post_layernorm\.(weight|bias)", r"visual.ln_post.\1"),
     (r"backbone\.visual_projection\.weight", "visual.proj.weight"),
-    *_blocks(r"backbone\.STAN_S_layers", "temporal.layers", [(p, "spatial." + r) for p, r in _BLOCK_HF]),
+    *block_rules(r"backbone\.STAN_S_layers", "temporal.layers", [(p, "spatial." + r) for p, r in BLOCK_HF]),
     (
         r"backbone\.STAN_T_layers\.(\d+)\.self_attn\.(q|k|v)_proj\.(weight|bias)",
         r"temporal.layers.\1.temporal.attn.\2.\3",
@@ -134,7 +132,7 @@ STAN_RULES: list[tuple[str, str]] = [
     (r"backbone\.STAN_time_embed\.weight", "temporal.time_embed"),
     (r"text_backbone\.text_model\.embeddings\.token_embedding\.weight", "text.token_embed.weight"),
     (r"text_backbone\.text_model\.embeddings\.position_embedding\.weight", "text.pos_embed"),
-    *_blocks(r"text_backbone\.text_model\.encoder\.layers", "text.blocks", _BLOCK_HF),
+    *block_rules(r"text_backbone\.text_model\.encoder\.layers", "text.blocks", BLOCK_HF),
     (r"text_backbone\.text_model\.final_layer_norm\.(weight|bias)", r"text.ln_final.\1"),
     (r"text_backbone\.text_projection\.weight", "text.proj.weight"),
     (r"logit_scale", "logit_scale"),
@@ -145,7 +143,7 @@ STAN_BUFFERS = {"text_backbone.text_model.embeddings.position_ids"}
 CLIP4CLIP_RULES: list[tuple[str, str]] = [
     *[(r"clip\." + pat, rep) for pat, rep in OPENAI_RULES],
     (r"frame_position_embeddings\.weight", "temporal.frame_pos"),
-    *_blocks(r"transformerClip\.resblocks", "temporal.blocks", _BLOCK_OPENAI),
+    *block_rules(r"transformerClip\.resblocks", "temporal.blocks", BLOCK_OPENAI),
 ]
 CLIP4CLIP_TRANSPOSED = {"clip." + k for k in OPENAI_TRANSPOSED}
 CLIP4CLIP_METADATA = {"clip." + k for k in OPENAI_METADATA | OPENAI_BUFFERS}
@@ -626,11 +624,18 @@ def clip_config_from(config: CLIPConfig | dict[str, Any] | str | os.PathLike) ->
     return replace(hf_clip_config(path), preprocess=hf_preprocess_config(path.parent))
 
 
+def _prefix_tokens(cfg: CLIPConfig) -> int:
+    """Tokens before the patches in the image tower: CLIP's class token, PE-Core's if it has one, none on SigLIP."""
+    if cfg.family == "siglip":
+        return 0
+    return 1 if cfg.family == "clip" or cfg.vision.class_token else 0
+
+
 def check_clip_shapes(cfg: CLIPConfig, sd: dict[str, torch.Tensor], source: str) -> None:
     """Catch a config that disagrees with the weights before building anything (names the key)."""
     checks = {
         "visual.patch_embed.weight": (cfg.vision.width, 3, cfg.vision.patch_size, cfg.vision.patch_size),
-        "visual.pos_embed": (cfg.vision.num_patches + 1, cfg.vision.width),
+        "visual.pos_embed": (cfg.vision.num_patches + _prefix_tokens(cfg), cfg.vision.width),
         "text.pos_embed": (cfg.text.context_length, cfg.text.width),
         "text.token_embed.weight": (cfg.text.vocab_size, cfg.text.width),
         "visual.proj.weight": (cfg.embed_dim, cfg.vision.width),

@@ -31,6 +31,8 @@ OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # preferred first
 HF_PREPROCESSOR = "preprocessor_config.json"
 HF_HUB_PREFIX = "hf-hub:"
+# tokenizer files beside the weights (SigLIP's SentencePiece model or a tokenizer.json, and its settings)
+TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json")
 
 
 def cache_dir() -> Path:
@@ -91,7 +93,7 @@ def download_hub(repo_id: str, *, open_clip: bool = False, label: str | None = N
             f"(pip install 'stanvid[hub]'). {advice}"
         ) from exc
     configs = (OPEN_CLIP_CONFIG,) if open_clip else (CONFIG_NAME, OPEN_CLIP_CONFIG, HF_PREPROCESSOR)
-    found, failures = _hub_files(hf_hub_download, repo_id, configs)
+    found, failures = _hub_files(hf_hub_download, repo_id, configs + TOKENIZER_FILES)
     if not found:
         reason = "; ".join(failures) or f"none of {', '.join(configs)} in the repository"
         raise CheckpointError(f"{label}: cannot download from the Hugging Face hub ({reason}). {advice}")

@@ -5,7 +5,10 @@ Sources `load_model` accepts, told apart by what they contain (not by file name)
 - a Hugging Face CLIP directory (`config.json` + `model.safetensors` or `pytorch_model.bin`; normalization from
   `preprocessor_config.json` when present);
 - an open_clip directory (`open_clip_config.json` + `open_clip_model.safetensors` or `open_clip_pytorch_model.bin`,
-  what `hf-hub:laion/...` repositories hold): architecture, activation and normalization from its config;
+  what `hf-hub:laion/...` repositories hold): architecture, activation and normalization from its config; with a
+  timm image tower (SigLIP, SigLIP 2, PE-Core: `stanvid.checkpoints.timm_towers`) its tokenizer too;
+- a Hugging Face SigLIP directory (`model_type: siglip`, `stanvid.checkpoints.siglip`): config, weights,
+  `preprocessor_config.json` and `spiece.model` or `tokenizer.json`;
 - an OpenAI-layout file: OpenAI's TorchScript archive or state dict (fp16 weights are cast to float32), an open_clip
   state dict (`.bin`, `.pt`, `.safetensors`) or training checkpoint (`{'state_dict': {'module.*'}}`), a
   `torch.jit.script` archive of an open_clip model. Such a file does not record its activation or head counts:
@@ -36,7 +39,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from stanvid.checkpoints import convert, zoo
+from stanvid.checkpoints import convert, siglip, timm_towers, zoo
 from stanvid.checkpoints.download import (
     HF_HUB_PREFIX,
     HF_WEIGHTS,
@@ -46,6 +49,7 @@ from stanvid.checkpoints.download import (
     download_hub,
     download_openai,
 )
+from stanvid.checkpoints.families import FamilyCheckpoint
 from stanvid.checkpoints.weights import assign_state, on_meta, read_safetensors
 from stanvid.errors import CheckpointError, ConfigError
 from stanvid.models.config import (
@@ -55,7 +59,8 @@ from stanvid.models.config import (
     PreprocessConfig,
     clip_preset,
 )
-from stanvid.models.pretrained import CONFIG_NAME, WEIGHTS_NAME
+from stanvid.models.pretrained import CONFIG_NAME, WEIGHTS_NAME, read_tokenizer_files
+from stanvid.models.text_tokenizers import build_tokenizer
 from stanvid.models.video_clip import VideoCLIP
 
 log = logging.getLogger("stanvid")
@@ -63,9 +68,17 @@ log = logging.getLogger("stanvid")
 
 # ---------------------------------------------------------------------------------------------- public API
 def create_model(name: str = "ViT-B/32", **overrides: Any) -> VideoCLIP:
-    """A randomly initialised model with the architecture of an OpenAI CLIP release, for tests and benchmarks."""
+    """A randomly initialised model with the architecture of an OpenAI CLIP release (`ViT-B/16`) or of an open_clip
+    SigLIP / PE-Core release (`ViT-B-16-SigLIP2`, `PE-Core-B-16`: `stanvid.checkpoints.timm_towers.RELEASES`), for
+    tests and benchmarks. A SigLIP model built so has no tokenizer (its file is not shipped with stanvid)."""
     overrides.setdefault("temporal", "stan")
-    cfg = ModelConfig(clip=clip_preset(name), name=name).replace(**overrides)
+    clip = timm_towers.release_clip_config(name)
+    if clip is None:
+        try:
+            clip = clip_preset(name)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}; or an open_clip release: {', '.join(timm_towers.RELEASES)}") from None
+    cfg = ModelConfig(clip=clip, name=name).replace(**overrides)
     return VideoCLIP(cfg)
 
 
@@ -150,7 +163,8 @@ def _load(
 
 
 def detect_format(source: str | os.PathLike) -> str:
-    """Name of the checkpoint format at a local path: stanvid, hf, open_clip, openai-jit, openai, stan, clip4clip."""
+    """Name of the checkpoint format at a local path: stanvid, hf, hf-siglip, open_clip, openai-jit, openai, stan,
+    clip4clip."""
     path = Path(source)
     if path.is_dir():
         return _directory_kind(path)
@@ -174,6 +188,8 @@ def _directory_kind(path: Path) -> str:
     has_open_clip = (path / OPEN_CLIP_CONFIG).is_file()
     if has_open_clip and any((path / name).is_file() for name in OPEN_CLIP_WEIGHTS):
         return "open_clip"
+    if siglip.is_siglip_config(cfg):
+        return "hf-siglip"
     if isinstance(cfg, dict) and ("vision_config" in cfg or cfg.get("model_type") == "clip"):
         return "hf"
     if has_open_clip:
@@ -194,7 +210,7 @@ def _load_directory(
 ) -> tuple[VideoCLIP, WeightsFile | None]:
     """The model of a folder, and its weights file when the model's state dict is exactly that file's."""
     kind = _directory_kind(path)
-    if config is not None and kind in ("stanvid", "open_clip"):
+    if config is not None and kind in ("stanvid", "open_clip", "hf-siglip"):
         raise ConfigError(
             f"{path}: config= is only for formats without their own architecture; this {kind} folder has it"
         )
@@ -204,7 +220,17 @@ def _load_directory(
         state, identity = read_safetensors(path / WEIGHTS_NAME)
         target = cfg.replace(**overrides)
         model, exact = _build_exact(target, state, source=str(path), checkpoint_temporal=cfg.temporal)
+        model.set_tokenizer(build_tokenizer(cfg.clip.tokenizer, read_tokenizer_files(path, cfg), str(path)))
         return model, WeightsFile(path / WEIGHTS_NAME, identity) if exact and identity else None
+    if kind == "hf-siglip":
+        raw = _read_state(_first_file(path, HF_WEIGHTS, "Hugging Face"))
+        return _from_family(siglip.read_siglip_folder(path, raw), str(path), overrides), None
+    if kind == "open_clip" and timm_towers.is_timm_tower_config(convert.read_json(path / OPEN_CLIP_CONFIG)):
+        raw = _read_state(_first_file(path, OPEN_CLIP_WEIGHTS, "open_clip"))
+        found = timm_towers.read_timm_tower_folder(path, OPEN_CLIP_CONFIG, raw)
+        if pretrained is not None:  # a named release: its table entry has the last word on preprocessing
+            found.clip.preprocess = zoo.preprocess_of(pretrained)
+        return _from_family(found, str(path), overrides), None
     if kind == "open_clip":
         clip_cfg = _open_clip_folder_config(path, pretrained)
         weights = _first_file(path, OPEN_CLIP_WEIGHTS, "open_clip")
@@ -218,6 +244,13 @@ def _load_directory(
     raw = {k[len("clip_model.") :] if k.startswith("clip_model.") else k: v for k, v in raw.items()}
     state = convert.convert_state_dict(raw, convert.HF_RULES, ignored=convert.HF_BUFFERS, source=str(path))
     return _from_clip_weights(clip_cfg, state, str(path), overrides), None
+
+
+def _from_family(found: FamilyCheckpoint, source: str, overrides: dict[str, Any]) -> VideoCLIP:
+    """Build a SigLIP / PE-Core checkpoint read by its format module, with its tokenizer."""
+    model = _from_clip_weights(found.clip, found.state, source, overrides)
+    model.set_tokenizer(build_tokenizer(found.clip.tokenizer, found.tokenizer_files, source))
+    return model
 
 
 def _refuse_architecture_overrides(overrides: dict[str, Any], path: Path, kind: str) -> None:
@@ -538,11 +571,15 @@ def convert_checkpoint(
     return {
         "source": str(source),
         "format": fmt,
+        "family": cfg.clip.family,
         "vision": f"ViT {v.width} wide, {v.layers} layers, {v.heads} heads, patch {v.patch_size}, {v.image_size}px, "
         f"{v.act}",
         "text": f"{cfg.clip.text.width} wide, {cfg.clip.text.layers} layers, {cfg.clip.text.heads} heads, "
         f"{cfg.clip.text.act}",
-        "mean/std": f"mean {list(cfg.clip.preprocess.mean)}, std {list(cfg.clip.preprocess.std)}",
+        "mean/std": f"mean {list(cfg.clip.preprocess.mean)}, std {list(cfg.clip.preprocess.std)}, "
+        f"{cfg.clip.preprocess.resize_mode} resize, {cfg.clip.preprocess.interpolation}",
+        "tokenizer": cfg.clip.tokenizer.kind
+        + (f" ({cfg.clip.tokenizer.file})" if cfg.clip.tokenizer.file else ""),
         "temporal": temporal,
         "pooling": cfg.pooling,
         "parameters": f"{model.num_parameters():,}",

@@ -16,6 +16,7 @@ from stanvid.errors import CheckpointError, ConfigError
 from stanvid.models.config import ModelConfig
 
 MODEL_FILES = ("config.json", "model.safetensors", "head.safetensors")  # what a stanvid folder can hold
+# plus the tokenizer file its config names (SigLIP's spiece.model, a tokenizer.json): `model_files`
 CARD_NAME = "README.md"
 
 
@@ -45,7 +46,7 @@ def upload_folder(
         ) from exc
     operations = [
         CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name))
-        for name in MODEL_FILES
+        for name in model_files(folder)
         if (folder / name).is_file()
     ]
     for name, path in (extra_files or {}).items():
@@ -55,6 +56,16 @@ def upload_folder(
     url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     api.create_commit(repo_id, operations, commit_message=commit_message, repo_type="model")
     return str(url)
+
+
+def model_files(folder: Path) -> list[str]:
+    """The files of a stanvid folder that make the model: `MODEL_FILES` and its tokenizer's file."""
+    names = list(MODEL_FILES)
+    if (folder / "config.json").is_file():
+        tokenizer = ModelConfig.from_json(folder / "config.json").clip.tokenizer
+        if tokenizer.kind != "clip":
+            names.append(tokenizer.file)
+    return names
 
 
 def model_card(
@@ -113,12 +124,13 @@ def model_card(
         "import stanvid",
         "",
         f'model = stanvid.load_model("{repo_id}")',
-        "pre = model.config.clip.preprocess  # the normalization the model was trained with",
-        f"transform = stanvid.EvalTransform({v.image_size}, mean=pre.mean, std=pre.std)",
+        "pre = model.config.clip.preprocess  # the normalization and resize the model was trained with",
+        f"transform = stanvid.EvalTransform({v.image_size}, mean=pre.mean, std=pre.std, "
+        "resize_mode=pre.resize_mode, interpolation=pre.interpolation)",
         f'idx = stanvid.uniform_indices(stanvid.probe("clip.mp4").num_frames, {config.num_frames})',
         f'video = transform(stanvid.read_frames("clip.mp4", idx))[None]  # (1, {config.num_frames}, 3, '
         f"{v.image_size}, {v.image_size})",
-        f'ids = stanvid.tokenize(["a dog catches a frisbee"], context_length={min(32, t.context_length)})',
+        'ids = model.tokenize(["a dog catches a frisbee"])  # the model\'s own tokenizer',
         "sim = model.similarity(model.encode_text(ids), model.encode_video(video))  # (1, 1)",
         "```",
         "",

@@ -10,14 +10,19 @@ from the model name (`ViT-B-32` vs `ViT-B-32-quickgelu`), so a user asking for `
 exact GELU from open_clip, with a warning, on weights trained with QuickGELU. stanvid uses what the weights were
 trained with, whichever of the two names is given.
 
-Not here (refused by name): SigLIP, CLIPA, EVA, CoCa, MobileCLIP, ViTamin, PE and the multilingual models:
-their towers, pooling or tokenizers are not CLIP's.
+SigLIP, SigLIP 2 (fixed resolution) and PE-Core releases are here too: their folders hold a timm image tower
+(`stanvid.checkpoints.timm_towers`) and, for SigLIP, a `tokenizer.json`; open_clip's preprocessing for them
+(`_slpcfg`, `_pecfg`: squash resize, mean = std = 0.5) is recorded per entry.
+
+Not here (refused by name): CLIPA, EVA, CoCa, MobileCLIP, ViTamin, SigLIP 2 NaFlex and the other multilingual
+models: their towers, pooling or tokenizers are not implemented.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from stanvid.models.config import PreprocessConfig
 from stanvid.video.transforms import CLIP_MEAN, CLIP_STD
 
 INCEPTION = (0.5, 0.5, 0.5)  # open_clip's INCEPTION_MEAN / INCEPTION_STD
@@ -32,10 +37,43 @@ class Pretrained:
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     resize_mode: str = "shortest"
+    interpolation: str = "bicubic"
 
 
 def _qg(repo: str) -> Pretrained:
     return Pretrained(repo, quick_gelu=True)
+
+
+def _siglip(repo: str) -> Pretrained:  # open_clip's `_slpcfg`
+    return Pretrained(repo, mean=INCEPTION, std=INCEPTION, resize_mode="squash")
+
+
+def _pe(repo: str) -> Pretrained:  # open_clip's `_pecfg`
+    return Pretrained(repo, mean=INCEPTION, std=INCEPTION, resize_mode="squash", interpolation="bilinear")
+
+
+def preprocess_of(entry: Pretrained) -> PreprocessConfig:
+    """A release's preprocessing as the model config records it."""
+    return PreprocessConfig(
+        mean=entry.mean, std=entry.std, resize_mode=entry.resize_mode, interpolation=entry.interpolation
+    )
+
+
+_SIGLIP_NAMES = (
+    "ViT-B-16-SigLIP ViT-B-16-SigLIP-256 ViT-B-16-SigLIP-i18n-256 ViT-B-16-SigLIP-384 ViT-B-16-SigLIP-512 "
+    "ViT-L-16-SigLIP-256 ViT-L-16-SigLIP-384 ViT-SO400M-14-SigLIP ViT-SO400M-16-SigLIP-i18n-256 "
+    "ViT-SO400M-14-SigLIP-384 ViT-B-32-SigLIP2-256 ViT-B-16-SigLIP2 ViT-B-16-SigLIP2-256 ViT-B-16-SigLIP2-384 "
+    "ViT-B-16-SigLIP2-512 ViT-L-16-SigLIP2-256 ViT-L-16-SigLIP2-384 ViT-L-16-SigLIP2-512 ViT-SO400M-14-SigLIP2 "
+    "ViT-SO400M-14-SigLIP2-378 ViT-SO400M-16-SigLIP2-256 ViT-SO400M-16-SigLIP2-384 ViT-SO400M-16-SigLIP2-512 "
+    "ViT-gopt-16-SigLIP2-256 ViT-gopt-16-SigLIP2-384"
+).split()
+_PE_NAMES = (
+    "PE-Core-T-16-384",
+    "PE-Core-S-16-384",
+    "PE-Core-B-16",
+    "PE-Core-L-14-336",
+    "PE-Core-bigG-14-448",
+)
 
 
 PRETRAINED: dict[str, dict[str, Pretrained]] = {
@@ -101,6 +139,9 @@ PRETRAINED: dict[str, dict[str, Pretrained]] = {
         "laion2b_s39b_b160k": Pretrained("laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"),
         "metaclip_fullcc": _qg("timm/vit_gigantic_patch14_clip_224.metaclip_2pt5b"),
     },
+    **{name: {"webli": _siglip(f"timm/{name}")} for name in _SIGLIP_NAMES},
+    # open_clip's ViT-SO400M-14-SigLIP-378 reads the 384 weights at 378 (a config stanvid refuses by name)
+    **{name: {"meta": _pe(f"timm/{name}")} for name in _PE_NAMES},
 }
 
 

@@ -28,7 +28,29 @@ class QuickGELU(nn.Module):
 
 
 def make_activation(name: str) -> nn.Module:
-    return QuickGELU() if name == "quick_gelu" else nn.GELU()
+    """`quick_gelu` (OpenAI), `gelu` (exact, open_clip's and timm's default) or `gelu_tanh` (the tanh
+    approximation: SigLIP's `gelu_pytorch_tanh`, timm's `gelu_tanh`)."""
+    if name == "quick_gelu":
+        return QuickGELU()
+    return nn.GELU(approximate="tanh" if name == "gelu_tanh" else "none")
+
+
+def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...): the interleaved rotation of 2-D rotary embeddings."""
+    pairs = x.unflatten(-1, (-1, 2))  # (..., D/2, 2)
+    return torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor, prefix: int) -> torch.Tensor:
+    """Rotary embedding on the tokens after the first `prefix` (class or summary tokens pass unchanged).
+
+    x: (N, heads, L, d); rope: (L - prefix, 2d), sin then cos per position (timm's `RotaryEmbeddingCat` layout,
+    built by `stanvid.models.pecore.rope_table`).
+    """
+    sin, cos = rope.to(x.dtype).chunk(2, dim=-1)  # (P, d) each
+    tokens = x[:, :, prefix:]
+    rotated = tokens * cos + rotate_pairs(tokens) * sin
+    return torch.cat([x[:, :, :prefix], rotated], dim=2) if prefix else rotated
 
 
 class Attention(nn.Module):
@@ -41,12 +63,17 @@ class Attention(nn.Module):
         self.proj = nn.Linear(width, width)
         self.fused = True
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, causal: bool = False, rope: torch.Tensor | None = None, prefix: int = 1
+    ) -> torch.Tensor:
+        """(N, L, C) -> (N, L, C); `rope` (PE-Core): rotary table for the tokens after the first `prefix`."""
         n, seq, width = x.shape
         # (N, L, 3C) -> (3, N, heads, L, C/heads)
         q, k, v = (
             self.qkv(x).view(n, seq, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
         )
+        if rope is not None:
+            q, k = apply_rope(q, rope, prefix), apply_rope(k, rope, prefix)
         if self.fused:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         else:
@@ -101,8 +128,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(width, eps=ln_eps)
         self.mlp = MLP(width, mlp_dim, act)
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), causal)
+    def forward(
+        self, x: torch.Tensor, causal: bool = False, rope: torch.Tensor | None = None, prefix: int = 1
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), causal, rope, prefix)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -114,7 +143,16 @@ def run_block(block: nn.Module, x: torch.Tensor, use_checkpoint: bool, *args) ->
 
 
 class VisionTransformer(nn.Module):
-    """CLIP's ViT. `embed` and `blocks` are exposed separately because STAN reads intermediate layers."""
+    """CLIP's ViT. `embed` and `blocks` are exposed separately because STAN reads intermediate layers.
+
+    Every image tower (`stanvid.models.siglip`, `stanvid.models.pecore`) has this interface: `embed`, `block`,
+    `pool_tokens` (last tokens -> the vector the head takes: here the class token), `head`, `num_prefix`
+    (tokens before the patches), `patch_pos_embed`, `rope` and `attention_pooled`.
+    """
+
+    num_prefix = 1
+    rope = None
+    attention_pooled = False
 
     def __init__(self, cfg: VisionConfig, embed_dim: int) -> None:
         super().__init__()
@@ -150,6 +188,13 @@ class VisionTransformer(nn.Module):
     def block(self, i: int, x: torch.Tensor) -> torch.Tensor:
         return run_block(self.blocks[i], x, self.grad_checkpointing)
 
+    @property
+    def patch_pos_embed(self) -> torch.Tensor:
+        return self.pos_embed[1:]  # (P, C)
+
+    def pool_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, 0]  # the class token
+
     def head(self, cls_token: torch.Tensor) -> torch.Tensor:
         """(N, C) class token -> (N, D) embedding: `ln_post` then projection."""
         return self.proj(self.ln_post(cls_token))
@@ -158,22 +203,35 @@ class VisionTransformer(nn.Module):
         x = self.embed(images)
         for i in range(len(self.blocks)):
             x = self.block(i, x)
-        return self.head(x[:, 0])
+        return self.head(self.pool_tokens(x))
 
 
 class TextTransformer(nn.Module):
-    """CLIP's causal text transformer, pooled at the end-of-text token (the largest id, as CLIP pools)."""
+    """CLIP's causal text transformer, pooled at the end-of-text token (the largest id, as CLIP pools).
 
-    def __init__(self, cfg: TextConfig, embed_dim: int) -> None:
+    SigLIP's text tower is the same stack with `causal=False` (every token sees every other, padding
+    included), pooled at the last position (`pool="last"`) and a projection with a bias.
+    """
+
+    def __init__(
+        self,
+        cfg: TextConfig,
+        embed_dim: int,
+        causal: bool = True,
+        pool: str = "argmax",
+        proj_bias: bool = False,
+    ) -> None:
         super().__init__()
         self.cfg = cfg
+        self.causal = causal
+        self.pool_at = pool
         self.token_embed = nn.Embedding(cfg.vocab_size, cfg.width)
         self.pos_embed = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
         self.blocks = nn.ModuleList(
             [Block(cfg.width, cfg.heads, cfg.mlp_dim, cfg.act, cfg.ln_eps) for _ in range(cfg.layers)]
         )
         self.ln_final = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
-        self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
+        self.proj = nn.Linear(cfg.width, embed_dim, bias=proj_bias)
         self.grad_checkpointing = False
         nn.init.normal_(self.token_embed.weight, std=0.02)
         nn.init.normal_(self.pos_embed, std=0.01)
@@ -193,9 +251,11 @@ class TextTransformer(nn.Module):
             raise ValueError(f"token ids have length {seq} > context_length {self.cfg.context_length}")
         x = self.token_embed(ids) + self.pos_embed[:seq]  # (N, L, W)
         for block in self.blocks:
-            x = run_block(block, x, self.grad_checkpointing, True)
+            x = run_block(block, x, self.grad_checkpointing, self.causal)
         x = self.ln_final(x)
         if not pool:
             return self.proj(x)  # (N, L, D)
+        if self.pool_at == "last":
+            return self.proj(x[:, -1])
         eot = ids.argmax(dim=-1)  # (N,)
         return self.proj(x[torch.arange(x.shape[0], device=x.device), eot])

@@ -19,7 +19,15 @@ from stanvid.errors import ConfigError
 from stanvid.fileio import atomic_write_text
 from stanvid.video.transforms import CLIP_MEAN, CLIP_STD
 
-ACTIVATIONS = ("quick_gelu", "gelu")
+ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh")
+# backbone families: CLIP (OpenAI / open_clip ViTs), SigLIP and SigLIP 2 (`stanvid.models.siglip`), PE-Core
+# (`stanvid.models.pecore`); the family decides what the config's numbers cannot (class token, pooling, masks)
+FAMILIES = ("clip", "siglip", "pecore")
+TOKENIZER_KINDS = ("clip", "sentencepiece", "hf")
+# open_clip's `HFTokenizer` clean modes, and `none` (the tokenizer.json alone, as transformers applies it)
+TOKENIZER_CLEANS = ("canonicalize", "lower", "whitespace", "none")
+RESIZE_MODES = ("shortest", "squash")
+INTERPOLATIONS = ("bicubic", "bilinear")
 TEMPORAL_MODULES = ("meanP", "seqTransf", "stan")
 TIME_MODULES = ("selfattn", "conv")
 POOLINGS = ("mean", "normalized_mean")
@@ -88,16 +96,33 @@ class VisionConfig:
     mlp_dim: int | None = None  # None: 4 * width, as in every released CLIP
     act: str = "quick_gelu"
     ln_eps: float = 1e-5
+    # attention-pooled towers (SigLIP, PE-Core): a class token or not, the pooling head's heads and MLP width
+    # (None: the tower's), PE-Core's rotary grid (timm's `ref_feat_shape`, None: the grid) and grid offset
+    class_token: bool = True
+    map_heads: int | None = None
+    map_mlp_dim: int | None = None
+    rope_ref_grid: int | None = None
+    rope_grid_offset: float = 0.0
 
     def __post_init__(self) -> None:
         _positive_int(self, "width", "layers", "heads", "patch_size", "image_size")
         if self.mlp_dim is None:
             self.mlp_dim = 4 * self.width
         _positive_int(self, "mlp_dim")
+        for name in ("map_heads", "map_mlp_dim"):
+            if getattr(self, name) is not None:
+                _positive_int(self, name)
+        if self.rope_ref_grid is not None:
+            _positive_int(self, "rope_ref_grid")
         _choice(self, "act", ACTIVATIONS)
-        _numbers(self, "ln_eps")
+        _numbers(self, "ln_eps", "rope_grid_offset")
+        _bools(self, "class_token")
         if self.width % self.heads:
             raise ConfigError(f"VisionConfig.width ({self.width}) must be divisible by heads ({self.heads})")
+        if self.width % self.pool_heads:
+            raise ConfigError(
+                f"VisionConfig.width ({self.width}) must be divisible by map_heads ({self.pool_heads})"
+            )
         if self.image_size % self.patch_size:
             raise ConfigError(
                 f"VisionConfig.image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})"
@@ -106,6 +131,16 @@ class VisionConfig:
     @property
     def grid(self) -> int:
         return self.image_size // self.patch_size
+
+    @property
+    def pool_heads(self) -> int:
+        """Heads of the attention-pooling head (`map_heads`, else the tower's)."""
+        return self.map_heads if self.map_heads is not None else self.heads
+
+    @property
+    def pool_mlp_dim(self) -> int:
+        """MLP width of the attention-pooling head (`map_mlp_dim`, else the tower's)."""
+        return self.map_mlp_dim if self.map_mlp_dim is not None else self.mlp_dim
 
     @property
     def num_patches(self) -> int:
@@ -146,8 +181,14 @@ class PreprocessConfig:
 
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
+    # `shortest`: the short side resized to the input, then a centre crop (CLIP); `squash`: the whole frame
+    # resized to the square input, no crop (SigLIP and PE-Core releases)
+    resize_mode: str = "shortest"
+    interpolation: str = "bicubic"
 
     def __post_init__(self) -> None:
+        _choice(self, "resize_mode", RESIZE_MODES)
+        _choice(self, "interpolation", INTERPOLATIONS)
         for name in ("mean", "std"):
             value = getattr(self, name)
             if (
@@ -160,24 +201,73 @@ class PreprocessConfig:
         if not all(s > 0 for s in self.std):
             raise ConfigError(f"PreprocessConfig.std must be positive, got {self.std!r}")
 
+    @property
+    def fit(self) -> tuple[str, str]:
+        """(resize_mode, interpolation): how frames are brought to the input (`stanvid.video.transforms.fit_frames`)."""
+        return self.resize_mode, self.interpolation
+
+
+@dataclass
+class TokenizerConfig:
+    """Which tokenizer a model's text tower reads, and the file it lives in (beside the weights).
+
+    `clip`: CLIP's BPE (`stanvid.tokenize`, shipped with stanvid). `sentencepiece`: Hugging Face's
+    `SiglipTokenizer` (`spiece.model`: lower case, punctuation removed, end-of-text appended, padded with
+    `pad_token`). `hf`: a `tokenizer.json` through the `tokenizers` library, its own normalizer and templates,
+    after open_clip's `clean` mode, padded with `pad_token` (open_clip's `HFTokenizer`).
+    """
+
+    kind: str = "clip"
+    file: str = ""
+    clean: str = "none"
+    lower: bool = True
+    pad_token: str = ""
+    eos_token: str = ""
+    unk_token: str = ""
+
+    def __post_init__(self) -> None:
+        _choice(self, "kind", TOKENIZER_KINDS)
+        _choice(self, "clean", TOKENIZER_CLEANS)
+        _strings(self, "file", "pad_token", "eos_token", "unk_token")
+        _bools(self, "lower")
+        if self.kind != "clip" and (
+            not self.file or "/" in self.file or "\\" in self.file or self.file[0] == "."
+        ):
+            raise ConfigError(
+                f"TokenizerConfig.file must be a file name beside the weights, got {self.file!r}"
+            )
+
 
 @dataclass
 class CLIPConfig:
-    """The image-text model that the video model is built on."""
+    """The image-text model that the video model is built on.
+
+    `family` says which towers: `clip` (`stanvid.models.clip`), `siglip` (SigLIP / SigLIP 2,
+    `stanvid.models.siglip`) or `pecore` (Perception Encoder, `stanvid.models.pecore`). `logit_bias_init` is
+    SigLIP's learnable logit bias (None: the model has none, as CLIP and PE-Core).
+    """
 
     embed_dim: int = 512
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     logit_scale_init: float = 2.6592  # ln(1 / 0.07), CLIP's initial temperature
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    family: str = "clip"
     # SigLIP's learned logit bias of the sigmoid loss: None, the model has none (CLIP); a number, it has one
     logit_bias_init: float | None = None
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
 
     def __post_init__(self) -> None:
         _positive_int(self, "embed_dim")
         _numbers(self, "logit_scale_init")
+        _choice(self, "family", FAMILIES)
         if self.logit_bias_init is not None:
             _numbers(self, "logit_bias_init")
+        if self.family == "siglip" and self.embed_dim != self.vision.width:
+            raise ConfigError(
+                f"CLIPConfig.embed_dim ({self.embed_dim}) must equal the vision width ({self.vision.width}) for "
+                f"the siglip family: its image tower has no projection"
+            )
 
 
 @dataclass
@@ -270,6 +360,11 @@ class ModelConfig:
         if not _is_number(tau) or not 0 < tau < float("inf"):
             raise ConfigError(f"ModelConfig.mug_tau must be a positive number, got {tau!r}")
         self.mug_tau = float(tau)
+        if self.similarity == "mug" and self.clip.family == "siglip":
+            raise ConfigError(
+                "ModelConfig.similarity 'mug' needs CLIP-style text tokens (causal, zero padding); the siglip family's "
+                "text tower is bidirectional and pads with its own id"
+            )
         _positive_int(self, "num_frames")
         if self.temporal == "stan":
             if self.stan.depth > self.clip.vision.layers:
@@ -289,7 +384,8 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["stan"]["kernel_size"] = list(self.stan.kernel_size)
-        data["clip"]["preprocess"] = {k: list(v) for k, v in data["clip"]["preprocess"].items()}
+        pre = data["clip"]["preprocess"]
+        pre["mean"], pre["std"] = list(pre["mean"]), list(pre["std"])
         return data
 
     @classmethod
@@ -404,6 +500,7 @@ _NESTED = {
     ("CLIPConfig", "vision"): VisionConfig,
     ("CLIPConfig", "text"): TextConfig,
     ("CLIPConfig", "preprocess"): PreprocessConfig,
+    ("CLIPConfig", "tokenizer"): TokenizerConfig,
     ("ModelConfig", "clip"): CLIPConfig,
     ("ModelConfig", "stan"): STANConfig,
     ("ModelConfig", "seq"): SeqTransfConfig,

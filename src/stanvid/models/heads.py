@@ -54,7 +54,10 @@ def encode_class_names(
     if not class_names:
         raise ConfigError("recognition needs the class names (none given)")
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    ids = tokenize(list(class_names), context_length=context_length).to(device)  # (K, L)
+    tok = getattr(model, "tokenize", None)  # the model's own tokenizer (CLIP BPE for heads without one)
+    ids = (tok(list(class_names), context_length) if tok else tokenize(list(class_names), context_length)).to(
+        device
+    )
     with eval_mode(model):
         feats = torch.cat([model.encode_text(ids[i : i + 256]) for i in range(0, len(ids), 256)])  # (K, D)
     return F.normalize(feats.float(), dim=-1)

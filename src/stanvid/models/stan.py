@@ -8,6 +8,15 @@ CLIP's own forward pass is untouched.
 Token layout inside the branch is the official one: (B, 1 + P*T, C), the class token first, then patches
 ordered patch-major, time-minor (`(p t)`), so a temporal module sees each patch's T tokens as one contiguous run.
 
+On towers pooled by attention (SigLIP: no class token at all; PE-Core: its class token is not what it pools)
+the paper has no rule; ours: the branch's summary token starts from the mean of layer L-K's tokens over frames
+and positions (and each later layer's tokens are folded in the same way), patches get the tower's patch position
+embedding again plus the time embedding, the spatial modules are copies of the tower's blocks (PE-Core's rotary
+embedding included, the summary token exempt from it as a class token is), and the branch's summary output joins
+each frame's pooled vector (before the tower's projection) through `summary_proj`, a LayerNorm then a linear
+layer initialised to zero. At initialisation the per-frame embeddings are then exactly the tower's image
+embeddings, so fine-tuning starts from the zero-shot model.
+
 Names map onto the official checkpoint (`mmaction/models/backbones/clip_stan_hf.py`) in `stanvid.checkpoints.convert`:
 `STAN_T_layers` -> `temporal`, `STAN_S_layers` -> `spatial`, `STAN_time_embed` -> `time_embed`.
 """
@@ -187,21 +196,25 @@ class SpatialLayer(nn.Module):
     outputs are averaged back into one, residual; then LayerNorm -> CLIP MLP -> residual on all tokens.
     """
 
-    def __init__(self, width: int, heads: int, mlp_dim: int, act: str, drop_path: float) -> None:
+    def __init__(
+        self, width: int, heads: int, mlp_dim: int, act: str, drop_path: float, ln_eps: float = 1e-5
+    ) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(width)
+        self.ln_1 = nn.LayerNorm(width, eps=ln_eps)
         self.attn = Attention(width, heads)
-        self.ln_2 = nn.LayerNorm(width)
+        self.ln_2 = nn.LayerNorm(width, eps=ln_eps)
         self.mlp = MLP(width, mlp_dim, act)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor, frames: int, keys: SampleKeys | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, frames: int, rope: torch.Tensor | None = None, keys: SampleKeys | None = None
+    ) -> torch.Tensor:
         b, n, c = x.shape
         p = (n - 1) // frames
         cls = x[:, :1].unsqueeze(1).expand(b, frames, 1, c)  # (B, T, 1, C)
         patches = x[:, 1:].view(b, p, frames, c).transpose(1, 2)  # (B, T, P, C)
         h = torch.cat([cls, patches], dim=2).reshape(b * frames, 1 + p, c)  # (B*T, 1+P, C)
-        h = self.drop_path(self.attn(self.ln_1(h)), keys).view(b, frames, 1 + p, c)
+        h = self.drop_path(self.attn(self.ln_1(h), False, rope, 1), keys).view(b, frames, 1 + p, c)
         h_cls = h[:, :, :1].mean(dim=1)  # (B, 1, C)
         h_patches = h[:, :, 1:].transpose(1, 2).reshape(b, p * frames, c)  # (B, P*T, C)
         x = x + torch.cat([h_cls, h_patches], dim=1)
@@ -226,15 +239,17 @@ class _BranchLayer(nn.Module):
         self.temporal = temporal
         self.spatial = spatial
 
-    def forward(self, x: torch.Tensor, frames: int, keys: SampleKeys | None = None) -> torch.Tensor:
-        return self.spatial(self.temporal(x, frames, keys), frames, keys)
+    def forward(
+        self, x: torch.Tensor, frames: int, rope: torch.Tensor | None = None, keys: SampleKeys | None = None
+    ) -> torch.Tensor:
+        return self.spatial(self.temporal(x, frames, keys), frames, rope, keys)
 
 
 class STANBranch(nn.Module):
     """K branch layers plus the time embedding. CLIP's class and position embeddings are passed in at call time
     (the official branch re-uses CLIP's own tables, so they are shared, not copied)."""
 
-    def __init__(self, cfg: STANConfig, vision: VisionConfig) -> None:
+    def __init__(self, cfg: STANConfig, vision: VisionConfig, attention_pooled: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
         width = vision.width
@@ -244,13 +259,20 @@ class STANBranch(nn.Module):
             temporal = [AttnTemporal(width, vision.heads, r) for r in rates]
         else:
             temporal = [ConvTemporal(width, vision.grid, cfg.kernel_size, cfg.depthwise, r) for r in rates]
-        spatial = [SpatialLayer(width, vision.heads, vision.mlp_dim, vision.act, r) for r in rates]
+        spatial = [
+            SpatialLayer(width, vision.heads, vision.mlp_dim, vision.act, r, vision.ln_eps) for r in rates
+        ]
         self.layers = nn.ModuleList([_BranchLayer(t, s) for t, s in zip(temporal, spatial, strict=True)])
         for stream, module in enumerate(m for m in self.modules() if isinstance(m, DropPath)):
             module.stream = stream
         # nn.Embedding's default N(0, 1) init, as the official `STAN_time_embed` is left
         self.time_embed = nn.Parameter(torch.randn(cfg.max_frames, width))
         self.grad_checkpointing = False
+        self.attention_pooled = attention_pooled
+        if attention_pooled:  # see the module docstring: zero at initialisation
+            self.summary_proj = nn.Sequential(nn.LayerNorm(width, eps=vision.ln_eps), nn.Linear(width, width))
+            nn.init.zeros_(self.summary_proj[1].weight)
+            nn.init.zeros_(self.summary_proj[1].bias)
 
     @property
     def depth(self) -> int:
@@ -278,6 +300,25 @@ class STANBranch(nn.Module):
         cls = (cls_old + (class_embedding + pos_embed[0])) / 2
         return torch.cat([cls, patches.transpose(1, 2).reshape(b, (n - 1) * t, c)], dim=1)  # (B, 1+P*T, C)
 
+    def embed_input_mean(self, h: torch.Tensor, patch_pos: torch.Tensor, prefix: int) -> torch.Tensor:
+        """First branch input on an attention-pooled tower from layer L-K's tokens h: (B, T, prefix+P, C).
+
+        The summary token is the mean of every token of every frame; patches get the tower's patch position
+        embedding again plus the time embedding, as on CLIP.
+        """
+        b, t, n, c = h.shape
+        if t > self.time_embed.shape[0]:
+            raise ValueError(f"STAN supports at most {self.time_embed.shape[0]} frames, got {t}")
+        summary = h.mean(dim=(1, 2)).unsqueeze(1)  # (B, 1, C)
+        patches = h[:, :, prefix:] + patch_pos + self.time_embed[:t, None, :]  # (B, T, P, C)
+        return torch.cat([summary, patches.transpose(1, 2).reshape(b, (n - prefix) * t, c)], dim=1)
+
+    def fold_mean(self, h: torch.Tensor, prefix: int) -> torch.Tensor:
+        """A later layer's tokens (B, T, prefix+P, C) in branch layout on an attention-pooled tower."""
+        b, t, n, c = h.shape
+        summary = h.mean(dim=(1, 2)).unsqueeze(1)  # (B, 1, C)
+        return torch.cat([summary, h[:, :, prefix:].transpose(1, 2).reshape(b, (n - prefix) * t, c)], dim=1)
+
     def fold(self, h: torch.Tensor) -> torch.Tensor:
         """A later CLIP layer's tokens (B, T, 1+P, C) in branch layout: mean class token, then patches `(p t)`.
 
@@ -288,8 +329,9 @@ class STANBranch(nn.Module):
         cls = cls_frames.mean(dim=1, keepdim=True)  # (B, 1, C)
         return torch.cat([cls, h[:, :, 1:].transpose(1, 2).reshape(b, (n - 1) * t, c)], dim=1)
 
-    def layer(self, k: int, x: torch.Tensor, frames: int) -> torch.Tensor:
-        """Branch layer ``k``; in training, with the `sample_keys` in force passed in as an argument, so that
-        a checkpointed layer recomputes the same drop-path masks."""
+    def layer(self, k: int, x: torch.Tensor, frames: int, rope: torch.Tensor | None = None) -> torch.Tensor:
+        """Branch layer ``k`` (``rope``: the tower's rotary table, for towers that have one); in training, with
+        the `sample_keys` in force passed in as an argument, so that a checkpointed layer recomputes the same
+        drop-path masks."""
         keys = _SAMPLE_KEYS.get() if self.training else None
-        return run_block(self.layers[k], x, self.grad_checkpointing, frames, keys)
+        return run_block(self.layers[k], x, self.grad_checkpointing, frames, rope, keys)

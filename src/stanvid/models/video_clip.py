@@ -1,8 +1,10 @@
 """The video-text model: CLIP towers plus one temporal module, with the encoding API.
 
 `encode_video`, `encode_image` and `encode_text` are the public API; none of them normalizes, and
-`logit_scale` (log scale) is there for similarity as in CLIP. `logit_bias` is SigLIP's bias of the sigmoid
-loss: None unless the config has `CLIPConfig.logit_bias_init` (or `add_logit_bias` made one).
+`logit_scale` (log scale) is there for similarity as in CLIP. `logit_bias` is SigLIP's learnable bias of the
+sigmoid loss (a 0-dim parameter, loaded from the checkpoint) on SigLIP families, None on the others unless the
+config has `CLIPConfig.logit_bias_init` (or `add_logit_bias` made one for the sigmoid loss). `tokenize` gives the
+ids the model's own text tower reads (CLIP BPE, SigLIP's SentencePiece, a `tokenizer.json`).
 """
 
 from __future__ import annotations
@@ -13,10 +15,26 @@ from torch import nn
 
 from stanvid.errors import ConfigError
 from stanvid.models.clip import Attention, TextTransformer, VisionTransformer
-from stanvid.models.config import ModelConfig
+from stanvid.models.config import CLIPConfig, ModelConfig
+from stanvid.models.pecore import PECoreVisionTransformer
 from stanvid.models.pretrained import save_pretrained
+from stanvid.models.siglip import AttentionPool, SiglipVisionTransformer
 from stanvid.models.stan import STANBranch
 from stanvid.models.temporal import SeqTransformer
+from stanvid.models.text_tokenizers import ModelTokenizer, TextTokenizer, clip_tokenizer
+
+
+def build_towers(clip: CLIPConfig) -> tuple[nn.Module, TextTransformer]:
+    """The image and text towers of `clip.family` (format -> family -> build: the family is the config's)."""
+    if clip.family == "siglip":
+        visual: nn.Module = SiglipVisionTransformer(clip.vision, clip.embed_dim)
+        text = TextTransformer(clip.text, clip.embed_dim, causal=False, pool="last", proj_bias=True)
+        return visual, text
+    if clip.family == "pecore":
+        visual = PECoreVisionTransformer(clip.vision, clip.embed_dim)
+    else:
+        visual = VisionTransformer(clip.vision, clip.embed_dim)
+    return visual, TextTransformer(clip.text, clip.embed_dim)
 
 
 class VideoCLIP(nn.Module):
@@ -31,15 +49,17 @@ class VideoCLIP(nn.Module):
         super().__init__()
         self.config = config
         clip = config.clip
-        self.visual = VisionTransformer(clip.vision, clip.embed_dim)
-        self.text = TextTransformer(clip.text, clip.embed_dim)
+        self.visual, self.text = build_towers(clip)
         self.logit_scale = nn.Parameter(torch.tensor(float(clip.logit_scale_init)))
         bias = clip.logit_bias_init
         self.register_parameter(
             "logit_bias", nn.Parameter(torch.tensor(float(bias))) if bias is not None else None
         )
+        self.tokenizer: TextTokenizer | None = clip_tokenizer() if clip.tokenizer.kind == "clip" else None
         if config.temporal == "stan":
-            self.temporal: nn.Module | None = STANBranch(config.stan, clip.vision)
+            self.temporal: nn.Module | None = STANBranch(
+                config.stan, clip.vision, self.visual.attention_pooled
+            )
         elif config.temporal == "seqTransf":
             self.temporal = SeqTransformer(config.seq, clip.embed_dim)
         else:
@@ -78,12 +98,36 @@ class VideoCLIP(nn.Module):
     def set_fused_attention(self, enabled: bool = True) -> None:
         """SDPA kernels (default) or the plain-math attention path, for testing one against the other."""
         for module in self.modules():
-            if isinstance(module, Attention):
+            if isinstance(module, (Attention, AttentionPool)):
                 module.fused = bool(enabled)
 
     def is_new_parameter(self, name: str) -> bool:
         """Parameters that are not CLIP's (the temporal module): the recipes give them a 10x learning rate."""
         return name.startswith("temporal.")
+
+    # ------------------------------------------------------------------ text
+    def set_tokenizer(self, tokenizer: TextTokenizer) -> None:
+        """The tokenizer `tokenize` uses (`load_model` sets the checkpoint's; `save_pretrained` writes its files)."""
+        self.tokenizer = tokenizer
+
+    def tokenize(self, texts: str | list[str], context_length: int | None = None) -> torch.Tensor:
+        """Token ids for this model's text tower: a LongTensor (N, context_length), N = 1 for one string.
+
+        `context_length` defaults to the text tower's. A tower pooled at the last position (SigLIP) always gets
+        its own context length: where it pools depends on it.
+        """
+        return self.text_tokenizer()(texts, context_length)
+
+    def text_tokenizer(self) -> ModelTokenizer:
+        """`tokenize` as a standalone callable `(texts, context_length=None) -> LongTensor`, picklable, for
+        datasets (`stanvid.data.RetrievalDataset(tokenizer=...)`) and worker processes."""
+        if self.tokenizer is None:
+            raise ConfigError(
+                f"this {self.config.clip.family} model has no tokenizer: build it with load_model from a folder that "
+                f"holds its {self.config.clip.tokenizer.file or 'tokenizer'} file, or call set_tokenizer"
+            )
+        context = self.config.clip.text.context_length
+        return ModelTokenizer(self.tokenizer, context, context if self.text.pool_at == "last" else None)
 
     # ------------------------------------------------------------------ encoders
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
@@ -124,29 +168,32 @@ class VideoCLIP(nn.Module):
     def _stan_frames(self, frames: torch.Tensor, b: int, t: int) -> torch.Tensor:
         """CLIP over all frames, the branch fed by the last K layers as they are computed (paper Fig. 2)."""
         visual, branch = self.visual, self.temporal
-        x = visual.embed(frames)  # (B*T, 1+P, C)
+        x = visual.embed(frames)  # (B*T, prefix+P, C)
         n, c = x.shape[1:]
         layers = len(visual.blocks)
         start = layers - branch.depth
+        pooled_tower, prefix = branch.attention_pooled, visual.num_prefix
         state = None
         for i in range(layers):
             x = visual.block(i, x)
             if i < start:
                 continue
             h = x.view(b, t, n, c)
-            if state is None:
+            if state is None and pooled_tower:
+                inp = branch.embed_input_mean(h, visual.patch_pos_embed, prefix)
+            elif state is None:
                 inp = branch.embed_input(h, visual.class_embedding, visual.pos_embed)
             else:
-                inp = state + branch.fold(h)
-            state = branch.layer(i - start, inp, t)  # (B, 1+P*T, C)
-        cls = (
-            x[:, 0].view(b, t, c) + state[:, :1]
-        )  # (B, T, C): every frame's class token + branch class token
-        return visual.head(cls.reshape(b * t, c)).view(b, t, -1)  # (B, T, D)
+                inp = state + (branch.fold_mean(h, prefix) if pooled_tower else branch.fold(h))
+            state = branch.layer(i - start, inp, t, visual.rope)  # (B, 1+P*T, C)
+        pooled = visual.pool_tokens(x).view(b, t, c)  # (B, T, C): each frame's class token or pooled vector
+        summary = branch.summary_proj(state[:, :1]) if pooled_tower else state[:, :1]  # (B, 1, C)
+        return visual.head((pooled + summary).reshape(b * t, c)).view(b, t, -1)  # (B, T, D)
 
     def similarity(self, text_emb: torch.Tensor, video_emb: torch.Tensor) -> torch.Tensor:
-        """exp(logit_scale) * cosine similarity, (N, D) x (M, D) -> (N, M)."""
-        return self.logit_scale.exp() * F.normalize(text_emb, dim=-1) @ F.normalize(video_emb, dim=-1).t()
+        """exp(logit_scale) * cosine similarity (+ logit_bias on SigLIP families), (N, D) x (M, D) -> (N, M)."""
+        logits = self.logit_scale.exp() * F.normalize(text_emb, dim=-1) @ F.normalize(video_emb, dim=-1).t()
+        return logits if self.logit_bias is None else logits + self.logit_bias
 
     # ------------------------------------------------------------------ saving
     def save_pretrained(self, directory) -> None:

@@ -232,7 +232,12 @@ def classify(
         try:
             info = probe(path)
             clip = read_clip(
-                path, 0.0, info.duration, clip_len=cfg.num_frames, image_size=cfg.clip.vision.image_size
+                path,
+                0.0,
+                info.duration,
+                clip_len=cfg.num_frames,
+                image_size=cfg.clip.vision.image_size,
+                fit=cfg.clip.preprocess.fit,
             )  # (T, 3, S, S) uint8
         except VideoReadError as exc:
             report.failed.append((str(path), str(exc).removeprefix(f"{path}: ")))

@@ -42,7 +42,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from stanvid.errors import QueryError
 from stanvid.search.rerank import keeps_frame_vectors, rerank
-from stanvid.video.transforms import center_crop, resize_short_side
+from stanvid.video.transforms import fit_frames
 
 if TYPE_CHECKING:  # the index calls this module (`VideoIndex.search_image`), so the import is one-way
     from stanvid.search.index import SearchResult, VideoIndex
@@ -240,7 +240,7 @@ def embed_image(index: VideoIndex, image: Any) -> np.ndarray:
     cfg = index.model.config
     size = cfg.clip.vision.image_size
     frame = load_image(image)  # (H, W, 3)
-    frame = center_crop(resize_short_side(frame[None], size), size)  # (1, 3, S, S)
+    frame = fit_frames(frame[None], size, cfg.clip.preprocess.fit)  # (1, 3, S, S)
     still = frame.expand(cfg.num_frames, -1, -1, -1)[None].contiguous()  # (1, T, 3, S, S)
     return index.embed_clips(still)[0]
 

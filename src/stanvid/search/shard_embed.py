@@ -66,9 +66,12 @@ class _ShardClips(IterableDataset):
     A shard that cannot be read, or holds another number of samples than its count, gives one item
     (shard, -1, "", "", message) and ends the run there (`_shard_failure`)."""
 
-    def __init__(self, shards: ShardList, todo: Sequence[int], clip_len: int, image_size: int) -> None:
+    def __init__(
+        self, shards: ShardList, todo: Sequence[int], clip_len: int, image_size: int, fit: tuple[str, str]
+    ) -> None:
         self.urls, self.counts = list(shards.urls), list(shards.counts)
         self.todo, self.clip_len, self.image_size = list(todo), clip_len, image_size
+        self.fit = fit  # the model's resize rule (`PreprocessConfig.fit`)
         self.max_bytes = MAX_SAMPLE_BYTES
 
     def __iter__(self) -> Iterator[tuple]:
@@ -97,7 +100,12 @@ class _ShardClips(IterableDataset):
         try:
             video = sample_video(sample)
             clip = read_clip(
-                video, 0.0, probe(video).duration, clip_len=self.clip_len, image_size=self.image_size
+                video,
+                0.0,
+                probe(video).duration,
+                clip_len=self.clip_len,
+                image_size=self.image_size,
+                fit=self.fit,
             )
         except (VideoReadError, DatasetError) as exc:  # a video that does not decode, or none
             yield shard, ordinal, sample["__key__"], caption, str(exc).removeprefix(f"{name}: ")
@@ -136,7 +144,8 @@ def embed_shards(
     done = _claim_parts(parts, {"model_fingerprint": fingerprint, "shards": list(shards.urls)})
     todo = [i for i in range(len(shards)) if i not in done]
     verify_counts(shards)  # local shards against their index: an error now, not a missing part at the end
-    clips = _ShardClips(shards, todo, model.config.num_frames, model.config.clip.vision.image_size)
+    cfg = model.config
+    clips = _ShardClips(shards, todo, cfg.num_frames, cfg.clip.vision.image_size, cfg.clip.preprocess.fit)
     clips.max_bytes = max_sample_mb << 20
     workers = min(num_workers, len(todo))
     loader = build_loader(clips, None, num_workers=workers, pin_memory=False, persistent_workers=False)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +123,7 @@ def build_dataset(
     annotations: RetrievalAnnotations | RecognitionAnnotations | None = None,
     *,
     preprocess: PreprocessConfig | None = None,
+    tokenizer: Callable[..., torch.Tensor] | None = None,
 ) -> RetrievalDataset | RecognitionDataset | ShardDataset:
     """The dataset of ``split``: training (random frames and crops) or test (fixed frames, centre / test views).
     ``webdataset`` training streams its shards (`stanvid.data.ShardDataset`); its test split reads them by
@@ -130,6 +131,7 @@ def build_dataset(
 
     ``preprocess``: the normalization of the model the frames are for (``model.config.clip.preprocess``: an
     open_clip release may have been trained with other values than OpenAI's); OpenAI's CLIP values without it.
+    ``tokenizer``: the model's (``model.text_tokenizer()``); CLIP's BPE without it.
     """
     d, e = recipe.data, recipe.eval
     pre = preprocess if preprocess is not None else PreprocessConfig()
@@ -140,13 +142,14 @@ def build_dataset(
             f"data.sampler {d.sampler!r}: retrieval samples frames uniformly (data.sampler: uniform)"
         )
     if d.dataset == "webdataset" and train and annotations is None:  # streamed from the shards
-        return shard_train_set(recipe, _train_transform(recipe, d.flip, norm))
+        return shard_train_set(recipe, _train_transform(recipe, d.flip, norm), tokenizer)
     ann = annotations if annotations is not None else load_split(recipe, split)
     if recipe.task == "retrieval":
         if train:
             transform = _train_transform(recipe, d.flip, norm)
         else:
-            transform = EvalTransform(d.input_size, short_side=d.test_resize, **norm)
+            fit = {"resize_mode": pre.resize_mode, "interpolation": pre.interpolation}
+            transform = EvalTransform(d.input_size, short_side=d.test_resize, **fit, **norm)
         return RetrievalDataset(
             ann,
             num_frames=d.num_frames if train or d.test_num_frames is None else d.test_num_frames,
@@ -156,6 +159,7 @@ def build_dataset(
             image_size=d.input_size,
             context_length=d.text_length,
             seed=recipe.train.seed,
+            tokenizer=tokenizer,
         )
     if train and d.flip and not ann.flip_safe:
         raise ConfigError(
@@ -243,6 +247,8 @@ def load_trained(checkpoint: str | os.PathLike, recipe: Recipe) -> tuple[nn.Modu
                 )
                 model = VideoCLIP(config)
                 model.load_state_dict(state["model"])
+                if model.tokenizer is None:  # weights only: the tokenizer's file is the recipe's source's
+                    model.set_tokenizer(load_run_model(recipe).tokenizer)
                 head_state = state["trainer"].get("head")
             except (KeyError, TypeError, AttributeError, RuntimeError) as exc:
                 raise CheckpointError(f"{path}: a damaged training checkpoint ({first_line(exc)})") from exc
@@ -378,7 +384,13 @@ def _evaluate_run(
         scale = _recipe_scale(recipe, model)
         label = Path(source).name if Path(source).exists() else str(source)
         head_name = f" + Mug head ({model.config.mug_mode})" if model.config.similarity == "mug" else ""
-        dataset = build_dataset(recipe, "test", annotations, preprocess=model.config.clip.preprocess)
+        dataset = build_dataset(
+            recipe,
+            "test",
+            annotations,
+            preprocess=model.config.clip.preprocess,
+            tokenizer=model.text_tokenizer(),
+        )
         rows[f"{model.config.temporal}{head_name} ({label})"] = evaluate_model(
             model,
             dataset,
@@ -393,7 +405,13 @@ def _evaluate_run(
     if baseline:
         plain = zero_shot_model(recipe.model.source, recipe.model.num_frames).to(device)
         check_model_fits(plain, recipe, recipe.model.source)
-        dataset = build_dataset(recipe, "test", annotations, preprocess=plain.config.clip.preprocess)
+        dataset = build_dataset(
+            recipe,
+            "test",
+            annotations,
+            preprocess=plain.config.clip.preprocess,
+            tokenizer=plain.text_tokenizer(),
+        )
         rows["zero-shot CLIP (meanP)"] = evaluate_model(
             plain, dataset, recipe, progress=progress, device=device, precision=precision
         )
@@ -438,8 +456,11 @@ def _train_run(recipe: Recipe, out_dir: Any, resume: bool, progress: bool) -> Tr
     rank, _ = rank_world()
     model = load_run_model(recipe)
     pre = model.config.clip.preprocess  # frames normalized as this CLIP was trained
-    train_set = build_dataset(recipe, "train", preprocess=pre)
-    test_set = build_dataset(recipe, "test", preprocess=pre) if recipe.data.test_annotations else None
+    tok = model.text_tokenizer()  # each model reads its own tokenizer's ids
+    train_set = build_dataset(recipe, "train", preprocess=pre, tokenizer=tok)
+    test_set = (
+        build_dataset(recipe, "test", preprocess=pre, tokenizer=tok) if recipe.data.test_annotations else None
+    )
 
     def eval_fn(trained: nn.Module, epoch: int, head: nn.Module | None) -> dict[str, Any]:
         scale = _recipe_scale(recipe, trained)

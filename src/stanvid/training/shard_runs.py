@@ -55,7 +55,11 @@ def shard_fields(recipe: Recipe) -> SampleFields:
     return SampleFields(recipe.task, d.caption_key, d.label_key, classes)
 
 
-def shard_train_set(recipe: Recipe, transform: Callable[..., torch.Tensor]) -> ShardDataset:
+def shard_train_set(
+    recipe: Recipe,
+    transform: Callable[..., torch.Tensor],
+    tokenizer: Callable[..., torch.Tensor] | None = None,
+) -> ShardDataset:
     """The training split streamed from its shards, items as the map-style training sets build them."""
     d = recipe.data
     files = shard_split_files(recipe, "train")
@@ -65,6 +69,7 @@ def shard_train_set(recipe: Recipe, transform: Callable[..., torch.Tensor]) -> S
         num_frames=d.num_frames,
         train=True,
         context_length=d.text_length,
+        tokenizer=tokenizer,
         sampling=d.sampler,
         frame_interval=d.frame_interval,
     )

@@ -150,6 +150,16 @@ def resize_short_side(
     return resize(frames, short_side_size(height, width, size, round_long_side), interpolation, antialias)
 
 
+def fit_frames(frames: torch.Tensor, size: int, fit: tuple[str, str] | None = None) -> torch.Tensor:
+    """Frames to the model's square input by its checkpoint's rule, `fit = (resize_mode, interpolation)`
+    (`PreprocessConfig.fit`): `shortest` resizes the short side then centre-crops (CLIP; the default),
+    `squash` resizes the whole frame to `size x size` (SigLIP and PE-Core releases)."""
+    resize_mode, interpolation = fit if fit is not None else ("shortest", "bicubic")
+    if resize_mode == "squash":
+        return resize(to_tchw(frames), (size, size), interpolation)
+    return center_crop(resize_short_side(frames, size, interpolation), size)
+
+
 def crop(frames: torch.Tensor, top: int, left: int, height: int, width: int) -> torch.Tensor:
     """The same ``(top, left, height, width)`` box from every frame."""
     frames = to_tchw(frames)
@@ -267,16 +277,24 @@ class EvalTransform:
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     short_side: int | None = None  # None: size
+    resize_mode: str = "shortest"  # `squash`: the whole frame to size x size, no crop (SigLIP, PE-Core)
 
     def __post_init__(self) -> None:
         _check_interpolation(self.interpolation)
         _check_short_side("EvalTransform", self.size, self.short_side)
+        if self.resize_mode not in ("shortest", "squash"):
+            raise ConfigError(
+                f"EvalTransform.resize_mode must be shortest or squash, got {self.resize_mode!r}"
+            )
 
     @property
     def decode_size(self) -> int:
         return self.short_side if self.short_side is not None else self.size
 
     def __call__(self, frames: torch.Tensor, rng: np.random.Generator | int | None = None) -> torch.Tensor:
+        if self.resize_mode == "squash":
+            frames = resize(to_tchw(frames), (self.size, self.size), self.interpolation, self.antialias)
+            return normalize(frames, self.mean, self.std)  # (T, 3, S, S)
         frames = resize_short_side(frames, self.decode_size, self.interpolation, self.antialias)
         return normalize(center_crop(frames, self.size), self.mean, self.std)  # (T, 3, S, S)
 

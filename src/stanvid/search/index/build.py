@@ -622,6 +622,7 @@ def _encode_files(
         chunk=options.batch_size,
         decoder_threads=0,
         moment_step=None if options.moments is False else moment_step(cfg.num_frames, options.moment_window),
+        fit=cfg.clip.preprocess.fit,
     )
     workers = min(budget.decode_workers, len(entries))
     # chunks come whole from the dataset (batch_size None), one pass, decoder threads set per worker

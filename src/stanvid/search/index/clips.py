@@ -15,7 +15,7 @@ from stanvid.errors import VideoIndexError, VideoReadError
 from stanvid.models.video_clip import VideoCLIP
 from stanvid.precision import InferencePrecision, prepare_for_inference
 from stanvid.video.sampling import uniform_indices
-from stanvid.video.transforms import center_crop, normalize, resize_short_side
+from stanvid.video.transforms import fit_frames, normalize
 
 MIN_SEGMENT_SECONDS = 0.1  # below a few frames a "segment" repeats one frame num_frames times
 
@@ -114,15 +114,15 @@ def segment_frame_indices(
     return first + uniform_indices(last - first + 1, clip_len)  # (clip_len,)
 
 
-def _clip_frames(frames: torch.Tensor, size: int) -> torch.Tensor:
+def _clip_frames(frames: torch.Tensor, size: int, fit: tuple[str, str] | None = None) -> torch.Tensor:
     """`(n, H, W, 3)` uint8 decoded frames -> `(n, 3, S, S)`: resized (short side `size`) and centre-cropped
     as every indexed segment is. Indexing and `read_clip` both go through this, so that an indexed span given
     back as a query embeds identically."""
-    return center_crop(resize_short_side(frames, size), size)
+    return fit_frames(frames, size, fit)
 
 
 def read_clip(
-    path: str | os.PathLike, start: float, end: float, *, clip_len: int, image_size: int
+    path: str | os.PathLike, start: float, end: float, *, clip_len: int, image_size: int, fit=None
 ) -> torch.Tensor:
     """The clip the index would embed for the span [start, end) of a video: `clip_len` frames sampled as a
     segment is, resized and centre-cropped, `(clip_len, 3, S, S)` uint8. Query clips go through this so that
@@ -134,7 +134,7 @@ def read_clip(
     if idx is None:
         raise VideoReadError(f"{path}: no frame is shown between {start:.3f} s and {end:.3f} s")
     frames = read_frames(path, idx, size=image_size)  # (T, H, W, 3)
-    return _clip_frames(frames, image_size).contiguous()  # (T, 3, S, S)
+    return _clip_frames(frames, image_size, fit).contiguous()  # (T, 3, S, S)
 
 
 @torch.inference_mode()

@@ -46,7 +46,9 @@ class _ClipLoader(torch.utils.data.IterableDataset):
         chunk: int,
         decoder_threads: int,
         moment_step: float | None = None,
+        fit: tuple[str, str] | None = None,
     ) -> None:
+        self.fit = fit
         self.root, self.entries = root, list(entries)
         self.clip_len, self.image_size = clip_len, image_size
         self.segment_seconds, self.chunk = segment_seconds, chunk
@@ -96,7 +98,7 @@ class _ClipLoader(torch.utils.data.IterableDataset):
             ]
             for n, (moments, part_spans, part) in enumerate(groups):
                 frames = read_frames(path, np.concatenate(part), size=self.image_size, threads=threads)
-                frames = _clip_frames(frames, self.image_size)  # (n*T, 3, S, S)
+                frames = _clip_frames(frames, self.image_size, self.fit)  # (n*T, 3, S, S)
                 clips = frames.reshape(-1, self.clip_len, *frames.shape[1:]).contiguous()  # (n, T, 3, S, S)
                 yield _Chunk(entry, meta, part_spans, clips, n == len(groups) - 1, moments=moments)
         except VideoReadError as exc:

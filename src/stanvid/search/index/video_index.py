@@ -224,12 +224,10 @@ class VideoIndex:
     @torch.inference_mode()
     def embed_text(self, texts: Sequence[str]) -> np.ndarray:
         """(N,) strings -> (N, D) float32, L2-normalized, with the index's model."""
-        from stanvid.models.tokenizer import tokenize
-
         model = self.model
         with self._models.lock:
             runner = self._inference()
-            ids = tokenize(list(texts), context_length=model.config.clip.text.context_length).to(self.device)
+            ids = model.tokenize(list(texts)).to(self.device)
             with runner.autocast():
                 emb = runner.model.encode_text(ids)  # (N, D)
             emb = F.normalize(emb.float(), dim=-1)
@@ -245,11 +243,9 @@ class VideoIndex:
     def embed_text_tokens(self, texts: Sequence[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(N,) strings -> per-token features (N, L, D) float32 and their mask (N, L), L = max(length, longest
         caption), on the CPU, with the index's model (for the Mug head's re-ranking)."""
-        from stanvid.models.tokenizer import tokenize
-
         model = self.model
         with self._models.lock:
-            ids = tokenize(list(texts), context_length=model.config.clip.text.context_length)
+            ids = model.tokenize(list(texts))
             used = int((ids != 0).sum(dim=1).max())
             ids = ids[:, : max(min(length, ids.shape[1]), used)].to(self.device)
             tokens = model.encode_text(ids, pool=False).float()  # (N, L, D)
@@ -336,7 +332,14 @@ class VideoIndex:
         """The clip this index's model embeds for [start, end) seconds of a video, `(T, 3, S, S)` uint8: sampled
         as an indexed segment is (`stanvid.search.index.read_clip`), so an indexed span given back embeds identically."""
         cfg = self.model.config
-        return read_clip(path, start, end, clip_len=cfg.num_frames, image_size=cfg.clip.vision.image_size)
+        return read_clip(
+            path,
+            start,
+            end,
+            clip_len=cfg.num_frames,
+            image_size=cfg.clip.vision.image_size,
+            fit=cfg.clip.preprocess.fit,
+        )
 
     def embed_clips(self, clips: torch.Tensor) -> np.ndarray:
         """`(n, T, 3, S, S)` uint8 clips (see `read_clip`) -> `(n, D)` L2-normalized, with the index's model."""

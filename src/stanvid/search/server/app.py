@@ -49,11 +49,12 @@ from stanvid.search.server.common import (
     FOLLOW_SECONDS,
     MAX_IMAGE_BYTES,
     MAX_K,
-    MAX_QUERY_CHARS,
+    MAX_QUERY_CHARS,  # noqa: F401 -- the default callers import from here
     THUMBNAIL_SIZE,
     BadRequest,
     Settings,
     public,
+    query_char_limit,
 )
 from stanvid.search.server.info import info_router
 from stanvid.search.server.media import media_router
@@ -74,7 +75,7 @@ def create_app(
     model: VideoCLIP | None = None,
     device: str | None = None,
     precision: str = "auto",
-    max_query_chars: int = MAX_QUERY_CHARS,
+    max_query_chars: int | None = None,  # None: follows the model's tokenizer (`query_char_limit`)
     max_k: int = MAX_K,
     thumbnail_size: int = THUMBNAIL_SIZE,
     max_image_bytes: int = MAX_IMAGE_BYTES,
@@ -89,7 +90,8 @@ def create_app(
     the generation opened at start."""
     index = open_index(index_path, model=model, device=device, precision=precision, follow=follow)
     index.model  # noqa: B018 -- load and verify now
-    settings = Settings(max_query_chars, max_k, thumbnail_size, max_image_bytes)
+    chars = max_query_chars or query_char_limit(index.model.config.clip.text.context_length)
+    settings = Settings(chars, max_k, thumbnail_size, max_image_bytes)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -18,6 +18,14 @@ from pydantic import BaseModel
 from stanvid.search.index import VideoIndex
 
 MAX_QUERY_CHARS = 500  # CLIP reads at most 77 tokens; longer text is a mistake or abuse, not a query
+
+
+def query_char_limit(context_length: int) -> int:
+    """The query length the server accepts for a text tower of `context_length` tokens: 7 characters a token
+    (what its tokenizer can still read before truncating, in practice), at least `MAX_QUERY_CHARS`."""
+    return max(MAX_QUERY_CHARS, 7 * context_length)
+
+
 MAX_K = 200
 MAX_IMAGE_BYTES = 20 << 20  # an upload larger than this is refused (413) before it is decoded
 THUMBNAIL_SIZE = 180  # shortest side, pixels
