@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from stanvid.cli.common import add_runtime_argument
 from stanvid.cli.precision import add_precision_argument
 
 
@@ -37,6 +38,7 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the results as a JSON list")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     add_precision_argument(p)
+    add_runtime_argument(p)
     p.set_defaults(func=run)
 
 
@@ -55,7 +57,7 @@ def run(args) -> int:
         like_weight=args.like_weight,
     )
     query.parts()  # bad weights fail before the model is loaded
-    with open_index(args.index, device=args.device, precision=args.precision) as index:
+    with open_index(args.index, device=args.device, precision=args.precision, runtime=args.runtime) as index:
         hits = search(index, query, args.k, group_by=args.group_by)
     if args.json:
         print(json.dumps(to_dicts(hits), indent=2))

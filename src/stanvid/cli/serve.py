@@ -3,6 +3,7 @@ following its updates."""
 
 from __future__ import annotations
 
+from stanvid.cli.common import add_runtime_argument
 from stanvid.cli.precision import add_precision_argument
 
 
@@ -28,6 +29,7 @@ def add_parser(sub) -> None:
         "state once loaded, without a restart (default 0.5; 0: serve the state opened at start)",
     )
     add_precision_argument(p)
+    add_runtime_argument(p)
     p.set_defaults(func=run)
 
 
@@ -46,7 +48,13 @@ def run(args) -> int:
     logger = logging.getLogger("stanvid")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    app = create_app(args.index, device=args.device, precision=args.precision, follow=args.follow or None)
+    app = create_app(
+        args.index,
+        device=args.device,
+        precision=args.precision,
+        follow=args.follow or None,
+        runtime=args.runtime,
+    )
     print(f"stanvid: serving {args.index} at http://{args.host}:{args.port}/")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
