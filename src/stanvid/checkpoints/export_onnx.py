@@ -442,11 +442,15 @@ def _manifest(
 
 
 def _versions() -> dict[str, str]:
-    import stanvid
+    import importlib.metadata
 
     onnx, ort = import_onnx(), import_onnxruntime()
+    try:  # the installed distribution's version (the package namespace sits above this layer)
+        version = importlib.metadata.version("stanvid")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
     versions = {
-        "stanvid": stanvid.__version__,
+        "stanvid": version,
         "torch": torch.__version__,
         "onnx": onnx.__version__,
         "onnxruntime": ort.__version__,
