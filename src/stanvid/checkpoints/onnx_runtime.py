@@ -205,7 +205,7 @@ class OnnxEncoder:
     def tokenize(self, texts: str | list[str]) -> torch.Tensor:
         """Texts -> (N, context length) token ids, with the tokenizer files shipped in the export."""
         if self._tokenizer is None:
-            self._tokenizer = exported_tokenizer(self.manifest["tokenizer"], self.folder / TOKENIZER_DIR)
+            self._tokenizer = exported_tokenizer(self.manifest["tokenizer"], self.folder)
         return self._tokenizer([texts] if isinstance(texts, str) else list(texts))
 
     def similarity(self, text_emb: torch.Tensor, video_emb: torch.Tensor) -> torch.Tensor:

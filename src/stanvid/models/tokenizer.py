@@ -381,7 +381,7 @@ def export_tokenizer(context_length: int) -> tuple[dict, dict[str, bytes]]:
 
 
 def exported_tokenizer(spec: dict, folder: Path) -> Callable[[Sequence[str]], torch.Tensor]:
-    """The tokenizer an export describes (`export_tokenizer`), reading its files from ``folder``:
+    """The tokenizer an export describes (`export_tokenizer`; its file names relative to the export ``folder``):
     texts -> (N, context_length) ids."""
     if spec.get("kind") != "clip_bpe":
         raise ConfigError(f"tokenizer kind {spec.get('kind')!r} is not one this stanvid reads (clip_bpe)")
