@@ -558,7 +558,7 @@ def convert_checkpoint(
     """Load `source` (any format above) and write it with `save_pretrained`; returns what was loaded."""
     path = Path(source)
     fmt = detect_format(path) if path.exists() else "download"
-    model = load_model(source, config=config, **overrides)
+    model = load_model(source, config=config, runtime="torch", **overrides)  # an export: the model it records
     model.save_pretrained(destination)
     cfg = model.config
     v = cfg.clip.vision
