@@ -6,8 +6,8 @@ per query, with the peak memory of each.
     python benchmarks/runtimes.py --clips 5 --queries 30
 
 The model is saved once and exported once (`stanvid.export_onnx`); each runtime then runs in a fresh process of
-its own, so its peak memory (`ru_maxrss`: the process's whole footprint, libraries and weights included) is
-its own. The PyTorch rows run `stanvid.load_model` + `stanvid.prepare_for_inference` (what `stanvid index` and
+its own, so its peak memory (`VmHWM`: the process's whole footprint, libraries and weights included) is
+its own. The rows run in turn, `--rounds` times interleaved, and each row keeps its best round. The PyTorch rows run `stanvid.load_model` + `stanvid.prepare_for_inference` (what `stanvid index` and
 `search` run); the onnxruntime and OpenVINO rows run the exported graphs from numpy and never import torch,
 which is what a service without PyTorch pays. A clip is one (1, 12, 3, 224, 224) video, a query one caption of
 77 token ids; each figure is the median of the timed calls after one warm-up call. Every row's clip embedding
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -40,27 +39,40 @@ def main() -> None:
     p.add_argument("--frames", type=int, default=12)
     p.add_argument("--clips", type=int, default=5, help="timed clips per row (after one warm-up)")
     p.add_argument("--queries", type=int, default=20, help="timed queries per row (after one warm-up)")
+    p.add_argument("--rounds", type=int, default=2, help="passes over the rows, interleaved (best one kept)")
+    p.add_argument("--work", default=None, help="keep the model and export here (reused when present)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one row in this process
-    p.add_argument("--work", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
         print(json.dumps(run_row(args.one, Path(args.work), args.clips, args.queries)))
         return
     with tempfile.TemporaryDirectory(prefix="stanvid-runtimes-") as tmp:
-        work = Path(tmp)
-        prepare(work, args.arch, args.frames)
-        results = {}
-        for row in ROWS:
-            results[row] = child(row, work, args)
-            print(f"  {row}: {results[row].get('error') or 'done'}", file=sys.stderr)
+        work = Path(args.work or tmp)
+        if not (work / "ids.npy").exists():
+            prepare(work, args.arch, args.frames)
+        results: dict[str, dict] = {}
+        for r in range(args.rounds):  # interleaved: a busy spell of the machine slows every row alike
+            for row in ROWS:
+                found = child(row, work, args)
+                print(f"  round {r + 1} {row}: {found.get('error') or 'done'}", file=sys.stderr)
+                results[row] = _better(results.get(row), found)
         report(results, work, args)
+
+
+def _better(old: dict | None, new: dict) -> dict:
+    """The faster of two rounds (load on a shared machine only adds time), with the larger peak memory."""
+    if old is None or "error" in old:
+        return new
+    if "error" in new:
+        return old
+    best = {k: min(old[k], new[k]) for k in ("clip_s", "query_s")}
+    return {**old, **best, "peak_bytes": max(old["peak_bytes"], new["peak_bytes"])}
 
 
 # ---------------------------------------------------------------------------------------------- set-up
 def prepare(work: Path, arch: str, frames: int) -> None:
     """The model folder, its fp32 export, int8 twins of its graphs, and the fixed inputs every row encodes."""
     import torch
-
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     import stanvid
@@ -107,8 +119,15 @@ def run_row(row: str, work: Path, clips: int, queries: int) -> dict:
     np.save(work / f"{row}.npy", emb)
     clip_s = _median(lambda: encode_clip(clip), clips)
     query_s = _median(lambda: encode_query(ids), queries)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"clip_s": clip_s, "query_s": query_s, "peak_bytes": peak, "threads": threads}
+    return {"clip_s": clip_s, "query_s": query_s, "peak_bytes": _peak_rss(), "threads": threads}
+
+
+def _peak_rss() -> int:
+    """This process's peak resident memory (VmHWM: of this executable, where ru_maxrss would carry the peak
+    of the process that started it across exec)."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
 
 
 def _median(fn, n: int) -> float:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import tempfile
 import threading
@@ -254,9 +255,20 @@ def quantize_graph(src: Path, dst: Path, external: bool = False) -> None:
     import_onnxruntime()
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # it prints its advice
-        warnings.simplefilter("ignore")
-        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, use_external_data_format=external)
+    root = logging.getLogger()  # it logs advice on its pre-processing (shape inference) there, every call
+    advice = _DropAdvice()
+    root.addFilter(advice)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            quantize_dynamic(src, dst, weight_type=QuantType.QInt8, use_external_data_format=external)
+    finally:
+        root.removeFilter(advice)
+
+
+class _DropAdvice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Please consider to run pre-processing")
 
 
 def _quantized(path: Path) -> bytes:
