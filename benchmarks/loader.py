@@ -13,6 +13,10 @@ decoder, centre crop, normalize, 32 token ids), through ``make_loader`` (files, 
 videos than the index cache holds).
 
     python benchmarks/loader.py [--videos 40] [--seconds 3] [--frames 8 12] [--workers 0 2] [--passes 2]
+
+``--start-methods forkserver spawn fork`` repeats the table once per way of starting the worker processes
+(stanvid uses forkserver: a forked worker deadlocks with PyAV 18.1.1, docs/data.md), so the cost of the start
+method is measured in one run; each pass starts fresh workers, so start-up is inside every figure.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from stanvid import (  # noqa: E402
     prepare_videos,
     probe,
     read_frames,
+    worker_context,
     write_shards,
 )
 from videogen import iter_frames, write_video  # noqa: E402
@@ -153,6 +158,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--passes", type=int, default=2)
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
+    parser.add_argument(
+        "--start-methods",
+        nargs="+",
+        default=[None],
+        choices=["forkserver", "spawn", "fork"],
+        help="how worker processes start (STANVID_WORKER_START); default: the library's choice",
+    )
     parser.add_argument("--folder", type=Path, default=None, help="reuse/keep the generated layouts here")
     parser.add_argument(
         "--model",
@@ -169,17 +181,15 @@ def main() -> None:
         print(
             f"cpu cores: {os.cpu_count()}; batch {args.batch_size}; shortest side {args.size}; best of {args.passes}"
         )
-        header = "".join(f"  {f:>2} frames, {w} workers" for f in args.frames for w in args.workers)
-        print(f"{'layout':<15}{header}")
-        base: dict[tuple[int, int], float] = {}
-        for layout in args.layouts:
-            cells = []
-            for f in args.frames:
-                for w in args.workers:
-                    rate = videos_per_s(layout, sources[layout], f, w, args)
-                    base.setdefault((f, w), rate)
-                    cells.append(f"{rate:>8.1f} v/s ({rate / base[(f, w)]:.2f}x)")
-            print(f"{layout:<15}" + "".join(f"  {c:>21}" for c in cells))
+        for method in args.start_methods:
+            if method is not None:
+                os.environ["STANVID_WORKER_START"] = method
+            print(f"workers started by {worker_context().get_start_method()}")
+            if method is not None:
+                print(
+                    f"first batch from 2 fresh workers: {first_batch_seconds(sources['mp4 files'], args):.2f} s"
+                )
+            table(sources, args)
         print(f"(ratios: to {args.layouts[0]} in the same column)")
         if args.model != "none":
             frames = max(args.frames)
@@ -188,6 +198,34 @@ def main() -> None:
                 f"{model_videos_per_s(args, frames):.2f} v/s (batch {args.batch_size}); the loader keeps up when "
                 "its v/s is at least this"
             )
+
+
+def first_batch_seconds(source: tuple[Path, Path], args) -> float:
+    """Seconds from a new loader's first `next` to its first batch (2 workers): the start-up a start method
+    costs, paid once per epoch unless workers persist. Best of `--passes`."""
+    ann = load_video_captions(source[0], source[1])
+    dataset = RetrievalDataset(ann, num_frames=min(args.frames), transform=EvalTransform(args.size))
+    best = float("inf")
+    for _ in range(args.passes):
+        loader = make_loader(dataset, batch_size=1, num_workers=2, pin_memory=False, persistent_workers=False)
+        start = time.perf_counter()
+        next(iter(loader))
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def table(sources: dict[str, tuple[Path, Path]], args) -> None:
+    header = "".join(f"  {f:>2} frames, {w} workers" for f in args.frames for w in args.workers)
+    print(f"{'layout':<15}{header}")
+    base: dict[tuple[int, int], float] = {}
+    for layout in args.layouts:
+        cells = []
+        for f in args.frames:
+            for w in args.workers:
+                rate = videos_per_s(layout, sources[layout], f, w, args)
+                base.setdefault((f, w), rate)
+                cells.append(f"{rate:>8.1f} v/s ({rate / base[(f, w)]:.2f}x)")
+        print(f"{layout:<15}" + "".join(f"  {c:>21}" for c in cells))
 
 
 def model_videos_per_s(args, frames: int) -> float:

@@ -134,7 +134,7 @@ def test_bf16_on_the_cpu_trains_under_autocast_and_its_loss_goes_down(bf16_cpu):
     assert bf16 == pytest.approx(fp32, rel=0.05)
     trainer = Trainer(train_model(), recipe(train={"precision": "bf16"}), steps_per_epoch=1, device="cpu")
     assert trainer.precision == "bf16"
-    video_emb, text_emb, _ = trainer._forward(trainer.forward_module, data.videos[:2], data.tokens[:2])
+    video_emb, text_emb, *_ = trainer._forward(trainer.forward_module, data.videos[:2], data.tokens[:2])
     assert video_emb.dtype == text_emb.dtype == torch.bfloat16
 
 

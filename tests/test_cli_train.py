@@ -4,8 +4,12 @@ one-line errors for bad input."""
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +22,7 @@ from stanvid.models.config import CLIPConfig, ModelConfig, STANConfig, TextConfi
 from stanvid.models.video_clip import VideoCLIP
 from stanvid.training.recipe import load_recipe
 from stanvid.training.runs import build_dataset, evaluate_model, load_trained
+from testkit import stop_leaves_nothing
 from videogen import make_frames, write_video
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -94,6 +99,31 @@ def csv_run(tmp_path_factory) -> dict:
     config = root / "tiny.yaml"
     config.write_text(yaml.safe_dump(recipe))
     return {"root": root, "config": config}
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to list child processes")
+def test_sigterm_to_stanvid_train_ends_its_loader_workers(csv_run, tmp_path):
+    """`stanvid train` with 2 decoding workers, stopped by SIGTERM mid-run: the command exits 143 (as from the
+    signal) and neither the workers nor their forkserver outlive it."""
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])}
+    argv = [
+        sys.executable,
+        "-m",
+        "stanvid.cli",
+        "train",
+        str(csv_run["config"]),
+        "--out",
+        str(tmp_path / "run"),
+    ]
+    argv += ["--no-progress", "--set", "train.epochs=1000", "--set", "data.num_workers=2"]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        code = stop_leaves_nothing(proc, signal.SIGTERM, children=3)  # the forkserver and two workers
+        assert code == 128 + signal.SIGTERM, proc.stderr.read()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def test_train_then_eval_through_the_cli(csv_run, tmp_path, capsys):

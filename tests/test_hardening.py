@@ -132,7 +132,7 @@ def test_responses_name_files_relative_and_the_model_by_name(tmp_path, model_dir
     build(root, tmp_path / "idx", model_dir)
     with TestClient(create_app(tmp_path / "idx")) as client:
         info = client.get("/api/info").json()
-        assert info["model"] == model_dir.name
+        assert info["model"] == f"{model_dir.parent.name}/{model_dir.name}"  # its last two path components
         hit = client.get("/api/search", params={"q": "x", "k": 1}).json()["results"][0]
         # same size and mtime, other bytes: the identity holds, the decoder fails; the message stays relative
         target = root / hit["path"]

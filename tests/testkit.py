@@ -3,7 +3,11 @@ pyproject's `pythonpath`): the tiny model configuration every fast test builds o
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
+import time
+from pathlib import Path
 
 import torch
 
@@ -40,3 +44,56 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live descendant of `pid`, from /proc (zombies count as gone)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] == "Z":
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def alive_processes(pids: set[int]) -> set[int]:
+    alive = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.add(pid)
+    return alive
+
+
+def stop_leaves_nothing(proc: subprocess.Popen, sig: signal.Signals, children: int, wait: float = 120) -> int:
+    """Wait until `proc` has `children` live descendants (its worker processes), send it `sig`, and check that it
+    exits and that none of them outlives it; returns its exit code."""
+    deadline = time.monotonic() + wait
+    found: set[int] = set()
+    while time.monotonic() < deadline and len(found) < children and proc.poll() is None:
+        time.sleep(0.2)
+        found = descendants(proc.pid)
+    assert len(found) >= children, f"expected {children} worker processes, found {found} (exit {proc.poll()})"
+    proc.send_signal(sig)
+    code = proc.wait(timeout=60)
+    deadline = time.monotonic() + 15
+    while alive_processes(found) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive_processes(found), f"processes left behind after {sig.name}: {alive_processes(found)}"
+    return code

@@ -81,18 +81,42 @@ def recipe(task: str = "retrieval", **sections) -> Recipe:
     return Recipe.from_dict({"task": task, "data": data, "train": train, "optim": optim, **sections})
 
 
+def _named(what: str):
+    """An `assert_close` message that keeps torch's own (how many elements, the largest differences)."""
+    return lambda message: f"{what}: {message}"
+
+
+def _parameter_names(state: dict) -> dict[int, str]:
+    """Optimizer state index -> parameter name, where the checkpoint's param groups record them in order."""
+    groups = state["trainer"]["optimizer"].get("param_groups", [])
+    names: dict[int, str] = {}
+    for group in groups:
+        for index, name in zip(group.get("params", []), group.get("param_names", []), strict=False):
+            names[index] = name
+    return names
+
+
 def assert_close_runs(ddp_state: dict, one_state: dict) -> None:
-    """Weights, head and AdamW moments of a 2-rank run equal those of one process on the whole batch."""
+    """Weights, head and AdamW moments of a 2-rank run equal those of one process on the whole batch; a
+    difference is reported with the parameter's name, torch's count of mismatched elements and the largest
+    absolute and relative difference."""
     assert ddp_state["step"] == one_state["step"] == 2
     for key, value in one_state["model"].items():
-        torch.testing.assert_close(ddp_state["model"][key], value, rtol=1e-5, atol=1e-7, msg=key)
+        torch.testing.assert_close(ddp_state["model"][key], value, rtol=1e-5, atol=1e-7, msg=_named(key))
     for key, value in (one_state["trainer"]["head"] or {}).items():
-        torch.testing.assert_close(ddp_state["trainer"]["head"][key], value, rtol=1e-5, atol=1e-7, msg=key)
+        torch.testing.assert_close(
+            ddp_state["trainer"]["head"][key], value, rtol=1e-5, atol=1e-7, msg=_named(f"head {key}")
+        )
     # AdamW's moments after the steps are the (clipped) gradients: the same on 2 ranks as on 1
+    names = _parameter_names(one_state)
     for index, state in one_state["trainer"]["optimizer"]["state"].items():
         other = ddp_state["trainer"]["optimizer"]["state"][index]
         for name in ("exp_avg", "exp_avg_sq"):
             scale = float(state[name].abs().max())
             torch.testing.assert_close(
-                other[name], state[name], rtol=1e-4, atol=1e-5 * scale + 1e-20, msg=f"{index} {name}"
+                other[name],
+                state[name],
+                rtol=1e-4,
+                atol=1e-5 * scale + 1e-20,
+                msg=_named(f"optimizer state {index} ({names.get(index, '?')}) {name}"),
             )

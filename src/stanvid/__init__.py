@@ -96,6 +96,7 @@ _EXPORTS = {
     "RetrievalDataset": "stanvid.data",
     "RecognitionDataset": "stanvid.data",
     "make_loader": "stanvid.data",
+    "worker_context": "stanvid.data",
     "load_retrieval": "stanvid.data",
     "load_video_captions": "stanvid.data",
     "ShardDataset": "stanvid.data",
@@ -120,6 +121,7 @@ _EXPORTS = {
     "zero_shot_model": "stanvid.training.evaluate",
     "mug_scores": "stanvid.training.evaluate",
     "contrastive_loss": "stanvid.training.losses",
+    "sigmoid_loss": "stanvid.training.losses",
     "all_gather_with_grad": "stanvid.training.losses",
     "text_classifier_logits": "stanvid.training.losses",
     "recognition_loss": "stanvid.training.losses",
@@ -194,6 +196,7 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time `__getattr_
         load_shards,
         load_video_captions,
         make_loader,
+        worker_context,
         write_shards,
     )
     from stanvid.demo.run import DemoConfig, demo_model_config, run_demo
@@ -242,6 +245,7 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time `__getattr_
         contrastive_loss,
         mug_contrastive_loss,
         recognition_loss,
+        sigmoid_loss,
         text_classifier_logits,
     )
     from stanvid.training.metrics import (

@@ -120,10 +120,10 @@ def _load(
 ) -> tuple[VideoCLIP, WeightsFile | None]:
     if runtime is not None and runtime not in RUNTIMES:
         raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
-    path = Path(source)
+    path = Path(source).expanduser()
     if runtime == "torch" and (path / EXPORT_MANIFEST).is_file():
         source, overrides = _exported_from(path, overrides)
-        path = Path(source)
+        path = Path(source).expanduser()
     if runtime == "onnxruntime" and not (path / EXPORT_MANIFEST).is_file():
         return onnx_encoder_for(_load(source, config, overrides, "torch")[0]), None
     name = str(source)
@@ -139,6 +139,10 @@ def _load(
         if not _looks_like_hub_id(repo):
             raise CheckpointError(f"{name}: expected hf-hub:owner/name")
         model, weights = _load_directory(download_hub(repo, open_clip=True), config, overrides)
+    elif _looks_local(name):
+        raise CheckpointError(
+            f"{source}: no such file or directory (a local path, so not looked up on the hub)"
+        )
     elif (entry := zoo.lookup(name)) is not None:
         folder = download_hub(entry.repo, open_clip=True, label=name)
         model, weights = _load_directory(folder, config, overrides, pretrained=entry)
@@ -539,6 +543,16 @@ def _torch_load(path: Path) -> Any:
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor read into memory of its own (`stanvid.checkpoints.weights`): nothing stays mapped."""
     return read_safetensors(path)[0]
+
+
+def _looks_local(source: str) -> bool:
+    """A name meant as a local path (so a typo in it is reported at once, not tried on the hub): it starts with
+    `.`, `/` or `~`, has a backslash or more than one `/` (a hub id has exactly one), or its first part is an
+    existing folder here (`stanvid-demo/modle` beside a `stanvid-demo` folder)."""
+    if source.startswith((".", "/", "~")) or "\\" in source or source.count("/") > 1:
+        return True
+    head = source.split("/")[0]
+    return "/" in source and bool(head) and Path(head).is_dir()
 
 
 def _looks_like_hub_id(source: str) -> bool:

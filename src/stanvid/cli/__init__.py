@@ -14,7 +14,9 @@ May import: everything (the top of the layers); nothing imports it.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from importlib import import_module
 
 # subcommand name -> module under stanvid.cli (explicit, no discovery)
@@ -64,11 +66,28 @@ def _version() -> str:
     return __version__
 
 
+def install_stop_handlers() -> None:
+    """Make SIGTERM stop a command the way Ctrl-C (SIGINT) does: by unwinding, not by dying on the spot.
+
+    Python's default for SIGTERM ends the process at once, without its exit handlers, which leaves the data
+    loader's worker processes (and their forkserver) running as orphans. Raised as ``SystemExit(128 + 15)``,
+    it runs every ``finally`` (atomic writes commit or roll back as on any error) and then multiprocessing's
+    exit handler, which terminates and joins the workers. Servers install their own handlers while serving.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop)
+
+
+def _stop(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     from stanvid.errors import StanvidError
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    install_stop_handlers()
     try:
         return int(args.func(args) or 0)
     except ModuleNotFoundError as exc:

@@ -3,6 +3,9 @@ following its updates."""
 
 from __future__ import annotations
 
+import errno
+import socket
+
 from stanvid.cli.common import add_runtime_argument
 from stanvid.cli.precision import add_precision_argument
 
@@ -18,7 +21,9 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)"
     )
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument(
+        "--port", type=int, default=8000, help="port, 1-65535, or 0 for any free one (default 8000)"
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument(
         "--follow",
@@ -38,11 +43,13 @@ def run(args) -> int:
 
     import uvicorn
 
-    from stanvid.errors import VideoIndexError
+    from stanvid.errors import ConfigError, VideoIndexError
     from stanvid.search.server.app import create_app
 
     if not args.follow >= 0:
         raise VideoIndexError(f"--follow must be a number of seconds >= 0, got {args.follow}")
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port must be 0-65535 (0: any free port), got {args.port}")
     handler = logging.StreamHandler()  # the index's swaps and refusals, one line each, on stderr
     handler.setFormatter(logging.Formatter("stanvid serve: %(message)s"))
     logger = logging.getLogger("stanvid")
@@ -55,6 +62,35 @@ def run(args) -> int:
         follow=args.follow or None,
         runtime=args.runtime,
     )
-    print(f"stanvid: serving {args.index} at http://{args.host}:{args.port}/")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    sock = listen(args.host, args.port)
+    try:
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        host, port = sock.getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        print(f"stanvid: serving {args.index} at http://{shown}:{port}/", flush=True)
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
     return 0
+
+
+def listen(host: str, port: int):
+    """A listening TCP socket on `host`:`port`, or a ConfigError saying in one line why there is none (port in
+    use, no permission, an address this machine does not have). uvicorn then serves on it, so the command says
+    "serving" only once it listens, and never prints uvicorn's own start-up traceback."""
+    from stanvid.errors import ConfigError
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ConfigError(f"--host {host!r}: not an address of this machine ({exc})") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        reason = "the port is in use" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
+        raise ConfigError(f"cannot listen on {host}:{port}: {reason}") from None
+    return sock

@@ -21,7 +21,7 @@ from stanvid.data.base import (
     format_skipped,
 )
 from stanvid.data.datasets import DATASET_NAMES, RETRIEVAL_DATASETS, load_retrieval
-from stanvid.data.loader import VideoLoader, make_loader, seed_worker
+from stanvid.data.loader import VideoLoader, make_loader, seed_worker, worker_context
 from stanvid.data.recognition import (
     RecognitionAnnotations,
     RecognitionDataset,
@@ -63,6 +63,7 @@ __all__ = [
     "format_skipped",
     "VideoLoader",
     "make_loader",
+    "worker_context",
     "seed_worker",
     "RecognitionAnnotations",
     "RecognitionDataset",

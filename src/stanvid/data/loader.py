@@ -8,10 +8,19 @@ GPU. When ``torch.distributed`` is initialized each rank reads its own shard thr
 Every random draw is reproducible from ``seed``: the shuffling order comes from a generator seeded with it,
 each worker gets ``torch``'s per-worker seed (derived from that generator), and ``worker_init_fn`` seeds
 numpy's and Python's global generators from it too, for any transform that uses them.
+
+Workers are never forked from the process that runs the model. Libraries that keep thread pools or per-thread
+state (PyAV 18.1.1 keeps one image converter per thread, with a slice-thread pool) cannot survive a plain
+``fork`` after the parent has used them: the child inherits a pool whose threads do not exist and waits on it
+forever. So workers start from a ``forkserver`` (on Linux; ``spawn`` where there is none), a clean process
+started once that has imported torch and stanvid but never decoded, as PyTorch advises for libraries that keep
+threads. A worker then depends only on what its dataset pickles, not on what the parent did before.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import random
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -24,7 +33,28 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from stanvid.data.base import SkippedSample, collate_skipping, format_skipped
 from stanvid.errors import ConfigError
 
-__all__ = ["VideoLoader", "make_loader", "build_loader", "position_seed", "seed_worker"]
+__all__ = ["VideoLoader", "make_loader", "build_loader", "position_seed", "seed_worker", "worker_context"]
+
+# What the forkserver imports once, so that each worker forked from it starts without importing torch again.
+FORKSERVER_PRELOAD = ["torch", "numpy", "stanvid.data.loader"]
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """The start method of every loader worker: ``forkserver`` where the platform has it, else ``spawn``.
+
+    Never ``fork``: see the module docstring (a forked worker inherits the parent's decoder thread state).
+    ``STANVID_WORKER_START`` (``forkserver`` / ``spawn`` / ``fork``) overrides it, for measuring the cost.
+    """
+    methods = multiprocessing.get_all_start_methods()
+    method = os.environ.get("STANVID_WORKER_START") or ("forkserver" if "forkserver" in methods else "spawn")
+    if method not in methods:
+        raise ConfigError(
+            f"STANVID_WORKER_START={method!r} is not a start method here; choose from {methods}"
+        )
+    context = multiprocessing.get_context(method)
+    if method == "forkserver":
+        context.set_forkserver_preload(FORKSERVER_PRELOAD)  # takes effect when the server first starts
+    return context
 
 
 def seed_worker(worker_id: int) -> None:
@@ -176,6 +206,7 @@ def build_loader(
             "persistent_workers": persistent_workers,
             "prefetch_factor": prefetch_factor,
             "worker_init_fn": worker_init_fn,
+            "multiprocessing_context": worker_context(),
         }
     return DataLoader(
         dataset,

@@ -170,10 +170,14 @@ class CLIPConfig:
     text: TextConfig = field(default_factory=TextConfig)
     logit_scale_init: float = 2.6592  # ln(1 / 0.07), CLIP's initial temperature
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    # SigLIP's learned logit bias of the sigmoid loss: None, the model has none (CLIP); a number, it has one
+    logit_bias_init: float | None = None
 
     def __post_init__(self) -> None:
         _positive_int(self, "embed_dim")
         _numbers(self, "logit_scale_init")
+        if self.logit_bias_init is not None:
+            _numbers(self, "logit_bias_init")
 
 
 @dataclass

@@ -14,29 +14,105 @@ Names map onto the official checkpoint (`mmaction/models/backbones/clip_stan_hf.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from stanvid.models.clip import MLP, Attention, Block, run_block
 from stanvid.models.config import STANConfig, VisionConfig
 
+_WORD = (1 << 31) - 1  # the keyed masks hash 31-bit words: a product with a 32-bit odd constant fits an int64
+_MULTIPLIERS = (0x7FEB352D, 0x846CA68B, 0x2C1B3C6D)  # odd, so each round is a bijection of the 31-bit words
+
+
+def _mix(x):
+    """A bijective integer hash of 31-bit words (xorshift-multiply rounds, as in murmur's finalizer); the same
+    arithmetic on a Python int and elementwise on an int64 tensor, on any device."""
+    for c in _MULTIPLIERS:
+        x = x ^ (x >> 16)
+        x = (x * c) & _WORD
+    return x ^ (x >> 15)
+
+
+@dataclass(frozen=True)
+class SampleKeys:
+    """What stochastic depth keys its masks on in training, instead of drawing them from torch's generator.
+
+    A drop-path row's keep/drop decision is a hash of (``seed``, ``step``, the layer's drop-path, the sample's
+    ``index``, the row within the sample): the same sample gets the same masks at the same step whichever
+    micro-batch, rank or batch size it arrives in. The trainer sets them (`sample_keys`) for every training
+    forward pass: ``seed`` the run's, ``step`` the optimizer step, ``index`` ``(B,)`` each sample's position in
+    the step's global batch.
+    """
+
+    seed: int
+    step: int
+    index: torch.Tensor  # (B,) int64
+
+    def keep_mask(self, stream: int, rows: int, keep: float, device: torch.device) -> torch.Tensor:
+        """``(rows,)`` bool, True where a row is kept, for the ``stream``-th drop-path of the model; the rows are
+        sample-major (``rows = B * m``, m rows per sample), as every drop-path of the branch sees them."""
+        index = self.index.to(device=device, dtype=torch.long)
+        b = index.numel()
+        if b == 0 or rows % b:
+            raise ValueError(f"drop-path got {rows} rows for a batch of {b} keyed samples")
+        m = rows // b
+        base = 0x1B873593
+        for word in (self.seed, self.step, stream):
+            word = int(word)
+            while True:  # every 31-bit piece of the word
+                base = _mix(base ^ (word & _WORD))
+                word >>= 31
+                if not word:
+                    break
+        h = _mix(base ^ (index & _WORD))  # (B,)
+        h = _mix(h.repeat_interleave(m) ^ torch.arange(m, device=device).repeat(b))  # (B*m,)
+        return h < int(keep * (1 << 31))
+
+
+_SAMPLE_KEYS: ContextVar[SampleKeys | None] = ContextVar("stanvid_sample_keys", default=None)
+
+
+@contextlib.contextmanager
+def sample_keys(keys: SampleKeys | None) -> Iterator[None]:
+    """Training forward passes inside key the branch's drop-path masks on ``keys`` (None: torch's generator).
+
+    The branch reads the keys when a layer starts and hands them to the layer as an argument, so activation
+    checkpointing recomputes the same masks in backward, whichever thread runs it."""
+    token = _SAMPLE_KEYS.set(keys)
+    try:
+        yield
+    finally:
+        _SAMPLE_KEYS.reset(token)
+
 
 class DropPath(nn.Module):
     """Stochastic depth per sample (dim 0), rescaled by 1/keep; identity in eval mode or at rate 0.
 
     The official code applies it to the reshaped tensors, so a "sample" is a (video, patch) row in the temporal
-    module and a (video, frame) row in the spatial one; we keep that.
+    module and a (video, frame) row in the spatial one; we keep that. With `SampleKeys` the masks are a
+    function of the keys (and ``stream``, this drop-path's number in the branch), else drawn from torch's
+    generator.
     """
 
     def __init__(self, rate: float) -> None:
         super().__init__()
         self.rate = float(rate)
+        self.stream = 0  # set by STANBranch: which drop-path of the branch this is
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keys: SampleKeys | None = None) -> torch.Tensor:
         if not self.training or self.rate == 0.0:
             return x
         keep = 1.0 - self.rate
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+        if keys is None:
+            mask = x.new_empty(shape).bernoulli_(keep)
+        else:
+            mask = keys.keep_mask(self.stream, x.shape[0], keep, x.device).to(x.dtype).view(shape)
         return x * mask / keep
 
 
@@ -56,11 +132,11 @@ class AttnTemporal(nn.Module):
         nn.init.zeros_(self.fc.weight)
         nn.init.zeros_(self.fc.bias)
 
-    def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, frames: int, keys: SampleKeys | None = None) -> torch.Tensor:
         cls, patches = x[:, :1], x[:, 1:]
         b, pt, c = patches.shape
         h = patches.reshape(b * (pt // frames), frames, c)  # (B*P, T, C)
-        h = self.fc(self.drop_path(self.attn(self.ln(h))))
+        h = self.fc(self.drop_path(self.attn(self.ln(h)), keys))
         return torch.cat([cls, patches + h.view(b, pt, c)], dim=1)
 
 
@@ -94,13 +170,13 @@ class ConvTemporal(nn.Module):
         nn.init.zeros_(self.fc.weight)
         nn.init.zeros_(self.fc.bias)
 
-    def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, frames: int, keys: SampleKeys | None = None) -> torch.Tensor:
         cls, patches = x[:, :1], x[:, 1:]
         b, pt, c = patches.shape
         g = self.grid
         h = self.ln(patches).view(b, g, g, frames, c).permute(0, 4, 3, 1, 2)  # (B, C, T, H', W')
         h = self.conv(h).permute(0, 3, 4, 2, 1).reshape(b, pt, c)  # back to (B, P*T, C), (p t) order
-        h = self.fc(self.drop_path(h))
+        h = self.fc(self.drop_path(h, keys))
         return torch.cat([cls, patches + h], dim=1)
 
 
@@ -119,13 +195,13 @@ class SpatialLayer(nn.Module):
         self.mlp = MLP(width, mlp_dim, act)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, frames: int, keys: SampleKeys | None = None) -> torch.Tensor:
         b, n, c = x.shape
         p = (n - 1) // frames
         cls = x[:, :1].unsqueeze(1).expand(b, frames, 1, c)  # (B, T, 1, C)
         patches = x[:, 1:].view(b, p, frames, c).transpose(1, 2)  # (B, T, P, C)
         h = torch.cat([cls, patches], dim=2).reshape(b * frames, 1 + p, c)  # (B*T, 1+P, C)
-        h = self.drop_path(self.attn(self.ln_1(h))).view(b, frames, 1 + p, c)
+        h = self.drop_path(self.attn(self.ln_1(h)), keys).view(b, frames, 1 + p, c)
         h_cls = h[:, :, :1].mean(dim=1)  # (B, 1, C)
         h_patches = h[:, :, 1:].transpose(1, 2).reshape(b, p * frames, c)  # (B, P*T, C)
         x = x + torch.cat([h_cls, h_patches], dim=1)
@@ -150,8 +226,8 @@ class _BranchLayer(nn.Module):
         self.temporal = temporal
         self.spatial = spatial
 
-    def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
-        return self.spatial(self.temporal(x, frames), frames)
+    def forward(self, x: torch.Tensor, frames: int, keys: SampleKeys | None = None) -> torch.Tensor:
+        return self.spatial(self.temporal(x, frames, keys), frames, keys)
 
 
 class STANBranch(nn.Module):
@@ -170,6 +246,8 @@ class STANBranch(nn.Module):
             temporal = [ConvTemporal(width, vision.grid, cfg.kernel_size, cfg.depthwise, r) for r in rates]
         spatial = [SpatialLayer(width, vision.heads, vision.mlp_dim, vision.act, r) for r in rates]
         self.layers = nn.ModuleList([_BranchLayer(t, s) for t, s in zip(temporal, spatial, strict=True)])
+        for stream, module in enumerate(m for m in self.modules() if isinstance(m, DropPath)):
+            module.stream = stream
         # nn.Embedding's default N(0, 1) init, as the official `STAN_time_embed` is left
         self.time_embed = nn.Parameter(torch.randn(cfg.max_frames, width))
         self.grad_checkpointing = False
@@ -211,4 +289,7 @@ class STANBranch(nn.Module):
         return torch.cat([cls, h[:, :, 1:].transpose(1, 2).reshape(b, (n - 1) * t, c)], dim=1)
 
     def layer(self, k: int, x: torch.Tensor, frames: int) -> torch.Tensor:
-        return run_block(self.layers[k], x, self.grad_checkpointing, frames)
+        """Branch layer ``k``; in training, with the `sample_keys` in force passed in as an argument, so that
+        a checkpointed layer recomputes the same drop-path masks."""
+        keys = _SAMPLE_KEYS.get() if self.training else None
+        return run_block(self.layers[k], x, self.grad_checkpointing, frames, keys)

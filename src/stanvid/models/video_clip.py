@@ -1,7 +1,8 @@
 """The video-text model: CLIP towers plus one temporal module, with the encoding API.
 
 `encode_video`, `encode_image` and `encode_text` are the public API; none of them normalizes, and
-`logit_scale` (log scale) is there for similarity as in CLIP.
+`logit_scale` (log scale) is there for similarity as in CLIP. `logit_bias` is SigLIP's bias of the sigmoid
+loss: None unless the config has `CLIPConfig.logit_bias_init` (or `add_logit_bias` made one).
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ class VideoCLIP(nn.Module):
         self.visual = VisionTransformer(clip.vision, clip.embed_dim)
         self.text = TextTransformer(clip.text, clip.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(float(clip.logit_scale_init)))
+        bias = clip.logit_bias_init
+        self.register_parameter(
+            "logit_bias", nn.Parameter(torch.tensor(float(bias))) if bias is not None else None
+        )
         if config.temporal == "stan":
             self.temporal: nn.Module | None = STANBranch(config.stan, clip.vision)
         elif config.temporal == "seqTransf":
@@ -49,6 +54,14 @@ class VideoCLIP(nn.Module):
             self.temporal.init_from_clip(self.visual.blocks)
         elif isinstance(self.temporal, SeqTransformer):
             self.temporal.init_from_text(self.text)
+
+    def add_logit_bias(self, value: float) -> nn.Parameter:
+        """The model's `logit_bias`, created at ``value`` (and recorded in the config, so `save_pretrained`
+        writes it and `load_model` reads it back) when it has none: the sigmoid loss on a CLIP model."""
+        if self.logit_bias is None:
+            self.config.clip.logit_bias_init = float(value)
+            self.logit_bias = nn.Parameter(torch.tensor(float(value), device=self.logit_scale.device))
+        return self.logit_bias
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         """Recompute activations in backward (less memory, same outputs and gradients).

@@ -496,6 +496,8 @@ def _log_record(
         "logit_scale": trainer.scale_value(),
         "videos_per_s": videos / max(seconds, 1e-9),
     }
+    if trainer.sigmoid:  # the sigmoid loss's learned bias
+        record["logit_bias"] = float(trainer.model.logit_bias.detach())
     if "loss_scale" in info:  # fp16: the scaler's scale after this step, and the steps it skipped so far
         record.update(loss_scale=info["loss_scale"], skipped_steps=trainer.skipped_steps)
     return record

@@ -1,4 +1,5 @@
-"""Training losses: symmetric InfoNCE over the global batch, and the recognition cross-entropy.
+"""Training losses: symmetric InfoNCE over the global batch, SigLIP's sigmoid loss, and the recognition
+cross-entropy.
 
 The official STAN recognizer (``mmaction/models/recognizers/clip_similarity.py``, ``CLIPSimilarity_split``) gathers
 the video and text features of every GPU (``GatherLayer``), so each rank computes the *same* loss over the whole
@@ -16,10 +17,17 @@ the loss with respect to its own slice; DDP then averages over the W ranks, so t
 scale alike, gets exactly the single-process full-batch gradient, independent of the number of GPUs
 (tests/test_losses.py checks 2 ranks against 1). To reproduce the official clipping behaviour on W GPUs,
 clip at ``W x`` its threshold.
+
+The sigmoid loss (SigLIP, Zhai et al. 2023) scores each video-caption pair on its own, as a binary
+"matching or not" with a learned bias: `sigmoid_loss`. It gathers the features of every rank the same way, so
+it is the one-process loss of the global batch on any number of GPUs, and exact accumulation applies to it as
+to InfoNCE. (SigLIP's own implementation passes text features around a ring of GPUs instead of gathering them,
+to save memory at batch sizes of tens of thousands; the number is the same.)
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -32,6 +40,7 @@ from stanvid.errors import ConfigError
 __all__ = [
     "all_gather_with_grad",
     "contrastive_loss",
+    "sigmoid_loss",
     "mug_contrastive_loss",
     "text_classifier_logits",
     "recognition_loss",
@@ -121,15 +130,7 @@ def contrastive_loss(
         A scalar: ``CE(video -> text) + CE(text -> video)``, each the mean over the global batch, computed in
         float32 whatever the autocast precision of the features. Identical on every rank.
     """
-    if video_features.ndim != 2 or text_features.ndim != 2:
-        raise ValueError(
-            f"features must be (B, D); got video {tuple(video_features.shape)}, text {tuple(text_features.shape)}"
-        )
-    if video_features.shape != text_features.shape:
-        raise ValueError(
-            f"video and text features must pair up row by row; got {tuple(video_features.shape)} "
-            f"and {tuple(text_features.shape)}"
-        )
+    _check_pairs(video_features, text_features)
     scale = _check_scale(logit_scale)
     with _full_precision(video_features):
         video = F.normalize(video_features.float(), dim=-1, eps=_NORM_EPS)
@@ -140,6 +141,74 @@ def contrastive_loss(
         logits = scale * video @ text.T  # (B_global, B_global): rows are videos
         target = torch.arange(logits.shape[0], device=logits.device)
         return F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)
+
+
+def _check_bias(logit_bias: float | torch.Tensor) -> float | torch.Tensor:
+    if isinstance(logit_bias, torch.Tensor):
+        if logit_bias.numel() != 1:
+            raise ValueError(f"logit_bias must be a scalar, got shape {tuple(logit_bias.shape)}")
+        return logit_bias.float().reshape(())
+    if (
+        isinstance(logit_bias, bool)
+        or not isinstance(logit_bias, (int, float))
+        or not math.isfinite(logit_bias)
+    ):
+        raise ConfigError(f"logit_bias must be a finite number or a scalar tensor, got {logit_bias!r}")
+    return float(logit_bias)
+
+
+def _check_pairs(video_features: torch.Tensor, text_features: torch.Tensor) -> None:
+    if video_features.ndim != 2 or text_features.ndim != 2:
+        raise ValueError(
+            f"features must be (B, D); got video {tuple(video_features.shape)}, text {tuple(text_features.shape)}"
+        )
+    if video_features.shape != text_features.shape:
+        raise ValueError(
+            f"video and text features must pair up row by row; got {tuple(video_features.shape)} "
+            f"and {tuple(text_features.shape)}"
+        )
+
+
+def sigmoid_loss(
+    video_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: float | torch.Tensor,
+    logit_bias: float | torch.Tensor,
+    gather: bool = True,
+    *,
+    group: Any = None,
+) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss of paired video and text features over the global batch.
+
+    ``-sum_ij log sigmoid(z_ij (logit_scale * cos_ij + logit_bias)) / B``, with ``z_ij = +1`` for the matching
+    pair (``i == j``) and ``-1`` for every other, ``B`` the global batch: every one of the ``B^2`` pairs is its
+    own binary problem, and the sum is divided by ``B`` (not ``B^2``), as in SigLIP.
+
+    Args:
+        video_features: ``(B, D)`` this rank's video embeddings (unnormalized; normalized here).
+        text_features: ``(B, D)`` the matching texts, row i with row i.
+        logit_scale: the multiplier of the cosine (not its log), as for `contrastive_loss`:
+            ``model.logit_scale.exp()`` when learned (SigLIP's), ``1 / tau`` when fixed.
+        logit_bias: added to every scaled cosine (SigLIP's ``logit_bias``, learned, about -10 at the start).
+        gather: gather the features of all ranks with `all_gather_with_grad`, so the loss sees the global batch
+            and W ranks give the gradients of one process; a no-op on one process.
+
+    Returns:
+        A scalar, identical on every rank, computed in float32 whatever the autocast precision of the features.
+    """
+    _check_pairs(video_features, text_features)
+    scale = _check_scale(logit_scale)
+    bias = _check_bias(logit_bias)
+    with _full_precision(video_features):
+        video = F.normalize(video_features.float(), dim=-1, eps=_NORM_EPS)
+        text = F.normalize(text_features.float(), dim=-1, eps=_NORM_EPS)
+        if gather:
+            video = all_gather_with_grad(video, group)  # (B_global, D)
+            text = all_gather_with_grad(text, group)  # (B_global, D)
+        logits = scale * video @ text.T + bias  # (B_global, B_global): rows are videos
+        n = logits.shape[0]
+        signs = 2.0 * torch.eye(n, device=logits.device) - 1.0  # +1 on the diagonal, -1 elsewhere
+        return -F.logsigmoid(signs * logits).sum() / n
 
 
 def mug_contrastive_loss(

@@ -53,6 +53,7 @@ NO_DECAY = ("clip_norm_bias", "norm_bias", "none")
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
 ACCUMULATIONS = ("exact", "independent")
+LOSSES = ("infonce", "sigmoid")  # retrieval: the paper's symmetric InfoNCE, or SigLIP's sigmoid loss
 VIEW_AVERAGES = ("prob", "score")
 LEARNABLE = "learnable"
 
@@ -189,6 +190,10 @@ class TrainRecipe(_Validated):
     ``temperature`` is the fixed tau of the contrastive loss (logit scale ``1 / tau``), as the official recipes
     set it, or ``learnable`` to train CLIP's ``logit_scale``. ``batch_size`` is per process (GPU).
 
+    ``loss`` (retrieval): ``infonce``, the paper's symmetric InfoNCE, or ``sigmoid``, SigLIP's pairwise sigmoid
+    loss with a learned logit bias (the checkpoint's, or -10 for a model that has none; the scale follows
+    ``temperature``, and SigLIP learns it: ``learnable``). Not with the Mug head.
+
     ``precision``: ``fp32``; ``bf16`` autocast (on CUDA where the GPU has it, on a CPU with native bf16,
     AVX512_BF16 or AMX; elsewhere the run trains in fp32 and says so); ``fp16`` autocast with a loss scaler
     (`torch.amp.GradScaler`, on CUDA and on the CPU alike: steps whose gradients overflow are skipped and
@@ -202,6 +207,7 @@ class TrainRecipe(_Validated):
     batch_size: int = _f(16, gt=0)
     precision: str = _f("fp32", choices=PRECISIONS)
     temperature: float | str = _f(0.01, gt=0)
+    loss: str = _f("infonce", choices=LOSSES)
     checkpoint_every: int = _f(1000, ge=0)  # steps; 0: only at the end of each epoch
     keep_checkpoints: int = _f(2, gt=0)  # step checkpoints kept (the newest)
     eval_every: int = _f(1, ge=0)  # epochs; 0: only after the last one
@@ -471,6 +477,16 @@ def _check_recipe(r: Recipe) -> None:
         )
     if r.task == "recognition" and r.model.similarity != "cosine":
         raise ConfigError("model.similarity: mug is a retrieval head; recognition recipes keep cosine")
+    if r.train.loss == "sigmoid" and r.task != "retrieval":
+        raise ConfigError(
+            "train.loss: sigmoid is a retrieval loss; recognition trains with cross-entropy (leave train.loss "
+            "at infonce)"
+        )
+    if r.train.loss == "sigmoid" and r.model.similarity == "mug":
+        raise ConfigError(
+            "train.loss: sigmoid is not available with the Mug head (model.similarity: mug), which trains with "
+            "InfoNCE over its token-by-frame scores; use train.loss: infonce or model.similarity: cosine"
+        )
     if r.task == "recognition" and not r.data.class_names:
         raise ConfigError("data.class_names is required for recognition (the class list file)")
     if isinstance(r.train.temperature, str) and r.train.temperature != LEARNABLE:

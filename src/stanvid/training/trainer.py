@@ -9,12 +9,14 @@ every caption against every video of the batch, so k micro-batches that each tak
 average the gradients) are not one step over the k-times larger batch. Instead:
 
 1. a forward pass over each micro-batch *without* autograd, keeping only its embeddings (for the Mug head,
-   the per-frame video and per-token text features) and the RNG state it started from;
+   the per-frame video and per-token text features) and the RNG state it started from (drop-path does not draw
+   from it: its masks are keyed on (seed, step, each sample's index in the global batch), `drop_path_keys`, so
+   micro-batches, ranks and one big batch drop the same rows);
 2. the loss over the whole cached batch (gathered over all ranks, as for a single micro-batch) and its
    gradient with respect to the cached embeddings and the logit scale;
-3. per micro-batch, the RNG state restored (drop-path draws the same masks), a forward pass *with* autograd
-   and a backward pass from its slice of the cached gradient into the weights (DDP's all-reduce on the last
-   one only; the logit scale's gradient is fed once, there).
+3. per micro-batch, the RNG state restored (anything drawn from the generators is drawn again), a forward
+   pass *with* autograd and a backward pass from its slice of the cached gradient into the weights (DDP's
+   all-reduce on the last one only; the logit scale's gradient is fed once, there).
 
 By the chain rule the weights' gradients are those of one pass over the whole batch; memory holds one
 micro-batch's activations plus the embeddings; the cost is one extra forward pass per micro-batch. A second
@@ -40,11 +42,13 @@ from torch.nn.parallel import DistributedDataParallel
 from stanvid.distributed import default_device, launch_world_size, rank_world
 from stanvid.errors import CheckpointError, ConfigError, DatasetError, NonFiniteLossError
 from stanvid.models.heads import LinearHead, encode_class_names
+from stanvid.models.stan import SampleKeys, sample_keys
 from stanvid.precision import autocast, cpu_has_native_bf16, cpu_has_native_fp16
 from stanvid.training.losses import (
     contrastive_loss,
     mug_contrastive_loss,
     recognition_loss,
+    sigmoid_loss,
     text_classifier_logits,
 )
 from stanvid.training.recipe import LEARNABLE, OptimRecipe, Recipe
@@ -59,7 +63,9 @@ __all__ = [
     "precision_note",
 ]
 
-MAX_LOG_SCALE = math.log(100.0)  # CLIP clamps its learned logit scale at 100
+MAX_LOG_SCALE = math.log(100.0)  # CLIP clamps its learned logit scale at 100 (SigLIP does not clamp)
+# SigLIP's initial logit bias, given to a model that has none (a CLIP model) under the sigmoid loss
+SIGLIP_BIAS_INIT = -10.0
 # How far a micro-batch's second forward pass may differ from its first (largest difference over the largest
 # magnitude) before exact accumulation refuses: kernels may round differently with autograd on, a redrawn
 # drop-path mask changes whole rows
@@ -106,8 +112,8 @@ def param_groups(model: nn.Module, optim: OptimRecipe, head: nn.Module | None = 
     * ``norm_bias``: no norm weight or bias anywhere is decayed;
     * ``none``: everything is decayed.
 
-    The logit scale is never decayed (decaying a temperature has no meaning). Only parameters that require
-    gradients are included. Each group carries ``names`` and ``kind`` (``"clip"`` or ``"new"``) for logging.
+    The logit scale and the sigmoid loss's bias are never decayed (decaying a temperature has no meaning). Only
+    parameters that require gradients are included. Each group carries ``names`` and ``kind`` (``"clip"`` or ``"new"``) for logging.
     """
     norm_params = {
         id(p) for m in model.modules() if isinstance(m, _NORMS) for p in m.parameters(recurse=False)
@@ -121,7 +127,7 @@ def param_groups(model: nn.Module, optim: OptimRecipe, head: nn.Module | None = 
     buckets: dict[tuple[bool, bool], list[tuple[str, nn.Parameter]]] = {}
     for name, param, new in named:
         norm_or_bias = id(param) in norm_params or name.rsplit(".", 1)[-1] == "bias"
-        if name == "logit_scale":
+        if name in ("logit_scale", "logit_bias"):
             decay = False
         elif optim.no_decay == "none":
             decay = True
@@ -194,24 +200,28 @@ class LRSchedule:
 class _Forward(nn.Module):
     """What DDP wraps: the encoders (and head) of one micro-batch, so DDP sees one ``forward`` per step."""
 
-    def __init__(self, model: nn.Module, head: nn.Module | None, learnable: bool) -> None:
+    def __init__(
+        self, model: nn.Module, head: nn.Module | None, learnable: bool, sigmoid: bool = False
+    ) -> None:
         super().__init__()
         self.model = model
         self.head = head
         self.learnable = learnable
+        self.sigmoid = sigmoid
 
-    def forward(
-        self, video: torch.Tensor, tokens: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    def forward(self, video: torch.Tensor, tokens: torch.Tensor | None) -> tuple:
+        """``(video, text or None, learned scale or None, sigmoid loss's bias or None)``: the scale and bias
+        pass through here so that DDP sees them used."""
         # Mug-STAN scores per-token text against per-frame video (stanvid.models.mug): nothing is pooled then
         mug = tokens is not None and self.model.config.similarity == "mug"
         video_emb = self.model.encode_video(video, pool=not mug)  # (B, D), or (B, T, D) for the Mug head
         scale = self.model.logit_scale.exp() if self.learnable else None
+        bias = self.model.logit_bias.reshape(()) if self.sigmoid else None
         if tokens is not None:
-            return video_emb, self.model.encode_text(tokens, pool=not mug), scale  # (B, D) or (B, L, D)
+            return video_emb, self.model.encode_text(tokens, pool=not mug), scale, bias  # (B, D) or (B, L, D)
         if self.head is not None:
-            return self.head(video_emb), None, scale  # (B, K)
-        return video_emb, None, scale
+            return self.head(video_emb), None, scale, bias  # (B, K)
+        return video_emb, None, scale, bias
 
 
 # ---- one process's training machinery ------------------------------------------------------------------------
@@ -240,13 +250,19 @@ class Trainer:
         self.device = torch.device(device) if device is not None else default_device()
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.world = rank_world()[1]
+        self.rank, self.world = rank_world()
         self.model = model.to(self.device)
         model.set_grad_checkpointing(recipe.model.grad_checkpointing)
         self.task = recipe.task
         self.learnable = recipe.train.temperature == LEARNABLE
         self.fixed_scale = None if self.learnable else 1.0 / float(recipe.train.temperature)
         model.logit_scale.requires_grad_(self.learnable)
+        # SigLIP's sigmoid loss learns a bias: the model's (a SigLIP checkpoint's), or a new one; frozen otherwise
+        self.sigmoid = self.task == "retrieval" and recipe.train.loss == "sigmoid"
+        if self.sigmoid:
+            model.add_logit_bias(SIGLIP_BIAS_INIT).requires_grad_(True)
+        elif getattr(model, "logit_bias", None) is not None:
+            model.logit_bias.requires_grad_(False)
         self.precision = effective_precision(recipe.train.precision, self.device)
         self.class_names = list(class_names) if class_names is not None else None
         self.class_features: torch.Tensor | None = None
@@ -267,7 +283,7 @@ class Trainer:
                 # refuses parameters that get no gradient)
                 self.learnable, self.fixed_scale = False, scale
                 model.logit_scale.requires_grad_(False)
-        self.forward_module = _Forward(model, self.head, self.learnable)
+        self.forward_module = _Forward(model, self.head, self.learnable, self.sigmoid)
         self.ddp: DistributedDataParallel | None = None
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -293,6 +309,7 @@ class Trainer:
                 "independent or optim.accumulation_steps: 1"
             )
         self.skipped_steps = 0  # optimizer steps the fp16 loss scaler skipped (non-finite gradients)
+        self.step_samples = 0  # samples this rank has forwarded in the current optimizer step so far
 
     def scale_value(self) -> float:
         """The logit scale in use (``1 / tau``, or the learned ``exp(logit_scale)``)."""
@@ -314,19 +331,37 @@ class Trainer:
             raise DatasetError("recognition batches need class indices under 'label'")
         return video, None, torch.as_tensor(batch["label"])  # labels (B,)
 
-    def _forward(self, module: nn.Module, video: torch.Tensor, tokens: torch.Tensor | None) -> tuple:
-        """The encoders on one micro-batch, moved to the device, under the run's autocast."""
+    def drop_path_keys(self, offset: int, count: int) -> SampleKeys:
+        """The drop-path keys of ``count`` samples that start ``offset`` samples into this rank's share of the
+        current optimizer step: (``train.seed``, the step, each sample's index in the step's global batch).
+
+        The index interleaves the ranks, ``local position x world + rank``, as the data does (`EpochSampler`
+        and the shard readers deal the global order out ``rank::world``), so a sample has the same index, and
+        draws the same masks, on 1 GPU with the whole batch as on 8 with micro-batches."""
+        local = torch.arange(offset, offset + count, device=self.device)
+        return SampleKeys(self.recipe.train.seed, self.steps_taken, local * self.world + self.rank)
+
+    @property
+    def steps_taken(self) -> int:
+        """Optimizer steps taken so far (the schedule's count, restored on resume)."""
+        return int(self.scheduler.last_epoch)
+
+    def _forward(
+        self, module: nn.Module, video: torch.Tensor, tokens: torch.Tensor | None, offset: int = 0
+    ) -> tuple:
+        """The encoders on one micro-batch, moved to the device, under the run's autocast, its drop-path keyed
+        on its samples (`drop_path_keys`; ``offset``: the samples of this step before it on this rank)."""
         video = video.to(self.device, non_blocking=True)
         tokens = tokens.to(self.device, non_blocking=True) if tokens is not None else None
-        with autocast(self.precision, self.device):
+        with autocast(self.precision, self.device), sample_keys(self.drop_path_keys(offset, video.shape[0])):
             return module(video, tokens)
 
     def _loss_of(
         self, outputs: tuple, tokens: torch.Tensor | None, labels: torch.Tensor | None
     ) -> torch.Tensor:
-        """The loss of encoder outputs ``(video, text or None, learned scale or None)``. No autocast here: every
-        loss (`stanvid.training.losses`) computes in float32 with autocast off itself."""
-        video_emb, text_emb, scale = outputs
+        """The loss of encoder outputs ``(video, text or None, learned scale or None, bias or None)``. No
+        autocast here: every loss (`stanvid.training.losses`) computes in float32 with autocast off itself."""
+        video_emb, text_emb, scale, bias = outputs
         scale = scale if scale is not None else self.fixed_scale
         if self.task == "retrieval":
             assert tokens is not None
@@ -336,6 +371,8 @@ class Trainer:
                 return mug_contrastive_loss(
                     video_emb, text_emb, mask, scale, tau=cfg.mug_tau, mode=cfg.mug_mode
                 )
+            if self.sigmoid:
+                return sigmoid_loss(video_emb, text_emb, scale, bias)
             return contrastive_loss(video_emb, text_emb, scale)
         if self.head is None:
             video_emb = text_classifier_logits(video_emb, self.class_features, scale)
@@ -352,10 +389,10 @@ class Trainer:
             )
         return value
 
-    def loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        """The loss of one micro-batch (forward only)."""
+    def loss(self, batch: dict[str, Any], offset: int = 0) -> torch.Tensor:
+        """The loss of one micro-batch (forward only), ``offset`` samples into the step on this rank."""
         video, tokens, labels = self._inputs(batch)
-        return self._loss_of(self._forward(self._train_module, video, tokens), tokens, labels)
+        return self._loss_of(self._forward(self._train_module, video, tokens, offset), tokens, labels)
 
     @property
     def _train_module(self) -> nn.Module:
@@ -376,9 +413,10 @@ class Trainer:
         Micro-batches stepped this way are independent: each is its own contrastive problem (see
         `accumulate_exact` for one problem over all of them)."""
         with self._gradient_sync(sync):
-            loss = self.loss(batch)
+            loss = self.loss(batch, self.step_samples)
             value = self._loss_value(loss)
             self.scaler.scale(loss / divisor).backward()
+        self.step_samples += len(batch["video"])
         return value
 
     def accumulate_exact(self, batches: Sequence[dict[str, Any]]) -> float:
@@ -402,49 +440,58 @@ class Trainer:
 
     def _cache_features(self, inputs: list[tuple]) -> tuple[list[tuple], list[tuple]]:
         """Pass 1: each micro-batch's embeddings without autograd, and the RNG states each started from."""
-        cached, states = [], []
+        cached, states, offset = [], [], self.step_samples
         with torch.no_grad():
             for video, tokens in inputs:
                 states.append(torch_rng_state(self.device))
-                video_emb, text_emb, _ = self._forward(self.forward_module, video, tokens)
+                video_emb, text_emb, *_ = self._forward(self.forward_module, video, tokens, offset)
                 cached.append((video_emb, text_emb))  # (b, D) each, or (b, T, D) and (b, L, D) for Mug
+                offset += video.shape[0]
         return cached, states
 
     def _cached_loss_grads(
         self, cached: list[tuple], tokens: list[torch.Tensor]
-    ) -> tuple[float, list[torch.Tensor | None]]:
+    ) -> tuple[float, dict[str, torch.Tensor | None]]:
         """Pass 2: the loss of the whole cached batch and its (scaled) gradient with respect to the video and
-        text embeddings and, when learned, the logit scale."""
-        video_all = torch.cat([v for v, _ in cached]).requires_grad_()  # (k*b, ...)
-        text_all = torch.cat([t for _, t in cached]).requires_grad_()
-        scale = self.model.logit_scale.detach().exp().requires_grad_() if self.learnable else None
-        loss = self._loss_of((video_all, text_all, scale), torch.cat(tokens), None)
+        text embeddings and, when learned, the logit scale and the sigmoid loss's bias."""
+        leaves = {
+            "video": torch.cat([v for v, _ in cached]).requires_grad_(),  # (k*b, ...)
+            "text": torch.cat([t for _, t in cached]).requires_grad_(),
+            "scale": self.model.logit_scale.detach().exp().requires_grad_() if self.learnable else None,
+            "bias": self.model.logit_bias.detach().reshape(()).requires_grad_() if self.sigmoid else None,
+        }
+        loss = self._loss_of(tuple(leaves.values()), torch.cat(tokens), None)
         value = self._loss_value(loss)
-        leaves = [video_all, text_all] + ([scale] if scale is not None else [])
-        grads = torch.autograd.grad(self.scaler.scale(loss), leaves)
-        return value, [*grads, None][:3]
+        names = [name for name, leaf in leaves.items() if leaf is not None]
+        grads = torch.autograd.grad(self.scaler.scale(loss), [leaves[name] for name in names])
+        found = dict(zip(names, grads, strict=True))
+        return value, {name: found.get(name) for name in leaves}  # None for what is not learned
 
     def _backward_from_cache(
-        self, inputs: list[tuple], states: list[tuple], cached: list[tuple], grads: list
+        self, inputs: list[tuple], states: list[tuple], cached: list[tuple], grads: dict
     ) -> None:
         """Pass 3: per micro-batch, its RNG state restored, a forward pass with autograd (through DDP, synced on
         the last micro-batch only) and a backward pass from its slice of the cached gradients."""
-        video_grad, text_grad, scale_grad = grads
-        offset, last = 0, len(inputs) - 1
+        video_grad, text_grad = grads["video"], grads["text"]
+        offset, last, start = 0, len(inputs) - 1, self.step_samples
         for j, (video, tokens) in enumerate(inputs):
             n = video.shape[0]
             set_torch_rng_state(states[j], self.device)
             with self._gradient_sync(j == last):
-                video_emb, text_emb, scale = self._forward(self._train_module, video, tokens)
+                video_emb, text_emb, scale, bias = self._forward(
+                    self._train_module, video, tokens, start + offset
+                )
                 self._check_replay(j, (video_emb, text_emb), cached[j])
                 outputs = [video_emb, text_emb]
                 out_grads = [video_grad[offset : offset + n], text_grad[offset : offset + n]]
-                if scale is not None and j == last:  # the logit scale's gradient, once per step
-                    outputs.append(scale)
-                    out_grads.append(scale_grad)
+                for out, name in ((scale, "scale"), (bias, "bias")):
+                    if out is not None and j == last:  # the logit scale's and bias's gradients, once per step
+                        outputs.append(out)
+                        out_grads.append(grads[name])
                 pairs = [(o, g) for o, g in zip(outputs, out_grads, strict=True) if o.requires_grad]
                 torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
             offset += n
+        self.step_samples = start + offset
 
     def _check_replay(self, j: int, new: tuple, old: tuple) -> None:
         tolerance = REPLAY_TOLERANCE[self.precision]
@@ -478,9 +525,12 @@ class Trainer:
         skipped = self.scaler.is_enabled() and self.scaler.get_scale() < scale_before
         self.skipped_steps += int(skipped)
         self.optimizer.zero_grad(set_to_none=True)
+        self.step_samples = 0
         with _schedule_without_optimizer_step() if skipped else contextlib.nullcontext():
             self.scheduler.step()
-        if self.learnable:
+        if (
+            self.learnable and not self.sigmoid
+        ):  # CLIP's clamp; SigLIP's scale is free (its checkpoints pass 100)
             with torch.no_grad():
                 self.model.logit_scale.clamp_(0.0, MAX_LOG_SCALE)
         info = {"grad_norm": float(norm), "lr": lrs.get("clip", 0.0), "lr_new": lrs.get("new", 0.0)}

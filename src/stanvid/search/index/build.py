@@ -70,7 +70,7 @@ from stanvid.search.index.store import (
     _transaction,
 )
 from stanvid.search.index.vectors import VectorStore, create_store
-from stanvid.search.index.walk import _share, _walk
+from stanvid.search.index.walk import VIDEO_EXTENSIONS, _share, _walk
 from stanvid.search.index.writer import _Writer
 from stanvid.video.pipeline import PREFETCH_PER_WORKER, ThreadBudget, encode_batch_size, thread_budget
 
@@ -350,6 +350,8 @@ def _open_index_folder(run: _Run) -> Exception | None:
     """Rank 0: create the index folder, take its lock for the run, and record, check and repair the database
     (`_prepare`). A failure is returned, to be shared with the other ranks at the barrier."""
     try:
+        if run.options.from_embeddings is None and not run.videos():
+            _nothing_to_index(run)
         try:
             run.out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -360,6 +362,20 @@ def _open_index_folder(run: _Run) -> Exception | None:
     except Exception as exc:  # shared with the other ranks, then raised
         return exc
     return None
+
+
+def _nothing_to_index(run: _Run) -> None:
+    """A folder without a video: an error before anything is written, unless the index exists (its files were
+    all removed from the folder, which the run then records, saying so)."""
+    refused = (
+        f"; {len(run.skipped)} refused, e.g. {run.skipped[0][0]}: {run.skipped[0][1]}" if run.skipped else ""
+    )
+    if not run.db.exists():
+        raise VideoIndexError(
+            f"{run.root}: no videos to index (no file named *{', *'.join(VIDEO_EXTENSIONS)}{refused}); "
+            "no index was written"
+        )
+    run.report.notes.append(f"{run.root} holds no videos now{refused}: the index keeps none of its files")
 
 
 def _encode_share(run: _Run) -> Exception | None:

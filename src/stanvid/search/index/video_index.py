@@ -215,10 +215,13 @@ class VideoIndex:
 
     @property
     def model_name(self) -> str:
-        """The model by its name, not where it lies on this machine: a local checkpoint's folder or file name,
-        a hub id or OpenAI name as given; "" for an in-memory model."""
+        """The model by its name, not where it lies on this machine: a local checkpoint by its last two path
+        components (`stanvid-demo/model`, as a hub id reads: a bare `model` said nothing), a hub id or OpenAI
+        name as given; "" for an in-memory model."""
         source = self.meta["model_source"]
-        return Path(source).name if source and Path(source).is_absolute() else source
+        if not (source and Path(source).is_absolute()):
+            return source
+        return "/".join(Path(source).parts[1:][-2:])
 
     # -------------------------------------------------------------- search
     @torch.inference_mode()
