@@ -40,10 +40,13 @@ def main() -> None:
     p.add_argument("--clips", type=int, default=5, help="timed clips per row (after one warm-up)")
     p.add_argument("--queries", type=int, default=20, help="timed queries per row (after one warm-up)")
     p.add_argument("--rounds", type=int, default=2, help="passes over the rows, interleaved (best one kept)")
+    p.add_argument("--threads", type=int, default=None, help="threads of every runtime (default: every core)")
     p.add_argument("--work", default=None, help="keep the model and export here (reused when present)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one row in this process
     args = p.parse_args()
     if args.one:
+        if args.threads:
+            os.environ["STANVID_BENCH_THREADS"] = str(args.threads)
         print(json.dumps(run_row(args.one, Path(args.work), args.clips, args.queries)))
         return
     with tempfile.TemporaryDirectory(prefix="stanvid-runtimes-") as tmp:
@@ -99,6 +102,8 @@ def prepare(work: Path, arch: str, frames: int) -> None:
 def child(row: str, work: Path, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--one", row, "--work", str(work)]
     cmd += ["--clips", str(args.clips), "--queries", str(args.queries)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1][:200]}
@@ -144,6 +149,7 @@ def torch_encoders(work: Path, precision: str):
 
     import stanvid
 
+    torch.set_num_threads(_threads())
     if precision == "bf16" and stanvid.resolve_precision("auto", "cpu") != "bf16":  # no native bf16 here
         raise SystemExit("skipped: this CPU has no native bf16")
     runner = stanvid.prepare_for_inference(stanvid.load_model(work / "model"), precision, "cpu")
@@ -162,7 +168,8 @@ def torch_encoders(work: Path, precision: str):
 
 
 def _threads() -> int:
-    return len(os.sched_getaffinity(0))  # torch's default intra-op thread count on Linux: the usable cores
+    """--threads, else the usable cores (torch's default intra-op thread count on Linux)."""
+    return int(os.environ.get("STANVID_BENCH_THREADS") or len(os.sched_getaffinity(0)))
 
 
 def ort_encoders(work: Path, precision: str):
@@ -205,8 +212,9 @@ def report(results: dict, work: Path, args: argparse.Namespace) -> None:
     torch_rows = [r for r in done if r.startswith("torch")]
     best = min(torch_rows, key=lambda r: done[r]["clip_s"]) if torch_rows else None
     best_query = min(torch_rows, key=lambda r: done[r]["query_s"]) if torch_rows else None
+    threads = next((v["threads"] for v in done.values()), None)
     print(
-        f"{args.arch} + STAN-4, {args.frames} frames, random weights; per clip (1 video) and per query (1 caption), "
+        f"{args.arch} + STAN-4, {args.frames} frames, random weights, {threads} thread(s) each; per clip (1 video) and per query (1 caption), "
         f"median of {args.clips} clips / {args.queries} queries; best PyTorch CPU path here: {best} per clip, "
         f"{best_query} per query"
     )
