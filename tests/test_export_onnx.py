@@ -223,6 +223,14 @@ def test_wrong_inputs_name_the_expected_shape(exported):
         encoder.encode_text(tokenize(["a"], context_length=cfg.clip.text.context_length), pool=False)
 
 
+def test_cli_export_set_bad_value_is_one_line_naming_the_key(tmp_path, capsys):
+    save_tiny_model(tmp_path / "model")
+    assert main(["export", str(tmp_path / "model"), str(tmp_path / "out"), "--set", "num_frames=abc"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "num_frames" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------------------------------------- in use
 @pytest.fixture(scope="module")
 def indexed(tmp_path_factory) -> dict[str, Path]:
