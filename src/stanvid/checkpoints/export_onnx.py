@@ -334,8 +334,11 @@ def _convert(path: Path, precision: str, external: bool) -> None:
     try:
         if precision == "fp16":
             from onnxruntime.transformers.float16 import convert_float_to_float16
+            from onnxruntime.transformers.onnx_model import OnnxModel
 
-            half = convert_float_to_float16(onnx.load(str(tmp)), keep_io_types=True)
+            half = OnnxModel(convert_float_to_float16(onnx.load(str(tmp)), keep_io_types=True))
+            half.topological_sort()  # the input casts it adds come after their users (onnx.checker refuses)
+            half = half.model
             if data.exists():
                 data.unlink()
             onnx.save(half, str(path), save_as_external_data=external, location=data.name)
