@@ -92,6 +92,8 @@ _EXPORTS = {
     "create_model": "stanvid.checkpoints.load",
     "convert_checkpoint": "stanvid.checkpoints.load",
     "detect_format": "stanvid.checkpoints.load",
+    "export_onnx": "stanvid.checkpoints.load",
+    "OnnxEncoder": "stanvid.checkpoints.onnx_runtime",
     # data: datasets and loaders
     "RetrievalDataset": "stanvid.data",
     "RecognitionDataset": "stanvid.data",
@@ -183,7 +185,14 @@ _ERRORS = [
 __all__ = sorted([*_EXPORTS, *_ERRORS])
 
 if TYPE_CHECKING:  # what editors and type checkers see; at run time `__getattr__` imports on first use
-    from stanvid.checkpoints.load import convert_checkpoint, create_model, detect_format, load_model
+    from stanvid.checkpoints.load import (
+        convert_checkpoint,
+        create_model,
+        detect_format,
+        export_onnx,
+        load_model,
+    )
+    from stanvid.checkpoints.onnx_runtime import OnnxEncoder
     from stanvid.data import (
         RecognitionDataset,
         RetrievalDataset,

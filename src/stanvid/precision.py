@@ -154,7 +154,16 @@ def prepare_for_inference(
     model: nn.Module, precision: str = "auto", device: torch.device | str | None = None
 ) -> InferencePrecision:
     """Resolve ``precision`` on ``device`` (default: where the model's parameters are) and prepare ``model`` for
-    it: int8 quantizes a copy, the other precisions use ``model`` itself."""
+    it: int8 quantizes a copy, the other precisions use ``model`` itself.
+
+    A model of another runtime (an ONNX export's encoder, which has ``for_precision``) runs its own graphs: it
+    is asked for its ``precision`` twin (int8: its graphs quantized), and the runner reports the precision it
+    really computes in."""
+    for_precision = getattr(model, "for_precision", None)
+    if for_precision is not None:
+        resolve_precision(precision, device if device is not None else "cpu")  # a bad name still fails
+        runner = for_precision(precision)
+        return InferencePrecision(runner, runner.precision, torch.device("cpu"))
     device = torch.device(device) if device is not None else next(model.parameters()).device
     resolved = resolve_precision(precision, device)
     if resolved == "int8":

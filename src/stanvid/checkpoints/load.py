@@ -2,6 +2,8 @@
 
 Sources `load_model` accepts, told apart by what they contain (not by file name):
 - a stanvid directory (`config.json` with a `clip` section + `model.safetensors`), exact round trip;
+- a stanvid ONNX export folder (`stanvid_export.json` + its graphs, `stanvid.export_onnx`): an `OnnxEncoder`
+  run by onnxruntime (`stanvid.checkpoints.onnx_runtime`);
 - a Hugging Face CLIP directory (`config.json` + `model.safetensors` or `pytorch_model.bin`; normalization from
   `preprocessor_config.json` when present);
 - an open_clip directory (`open_clip_config.json` + `open_clip_model.safetensors` or `open_clip_pytorch_model.bin`,
@@ -49,7 +51,9 @@ from stanvid.checkpoints.download import (
     download_hub,
     download_openai,
 )
+from stanvid.checkpoints.export_onnx import DEFAULT_OPSET, onnx_encoder_for, write_export
 from stanvid.checkpoints.families import FamilyCheckpoint
+from stanvid.checkpoints.onnx_runtime import EXPORT_MANIFEST, RUNTIMES, OnnxEncoder, read_export_manifest
 from stanvid.checkpoints.weights import assign_state, on_meta, read_safetensors
 from stanvid.errors import CheckpointError, ConfigError
 from stanvid.models.config import (
@@ -82,7 +86,9 @@ def create_model(name: str = "ViT-B/32", **overrides: Any) -> VideoCLIP:
     return VideoCLIP(cfg)
 
 
-def load_model(source: str | os.PathLike, *, config: Any = None, **overrides: Any) -> VideoCLIP:
+def load_model(
+    source: str | os.PathLike, *, config: Any = None, runtime: str | None = None, **overrides: Any
+) -> VideoCLIP:
     """Load any supported checkpoint as a `VideoCLIP` in eval mode (see the module docstring for sources).
 
     `config`: a Hugging Face CLIP `config.json` or an open_clip `open_clip_config.json` (or its directory, or a
@@ -95,8 +101,13 @@ def load_model(source: str | os.PathLike, *, config: Any = None, **overrides: An
     otherwise; a temporal module the checkpoint does not have starts from the paper's initialisation (spatial
     modules copied from CLIP, temporal projections zero), and one it has but the override replaces is dropped
     with a log line.
+
+    `runtime`: None runs the source as it is (an ONNX export folder, `stanvid.export_onnx`, in onnxruntime:
+    an `OnnxEncoder` with the same encoding API and fingerprint; anything else in PyTorch); `"onnxruntime"`
+    runs a PyTorch model through its ONNX export (written once under `$STANVID_CACHE/onnx/`); `"torch"` runs
+    an export folder's source model in PyTorch (the model the export records it came from).
     """
-    return _load(source, config, overrides)[0]
+    return _load(source, config, overrides, runtime)[0]
 
 
 class WeightsFile(NamedTuple):
@@ -108,18 +119,26 @@ class WeightsFile(NamedTuple):
 
 
 def load_model_and_weights(
-    source: str | os.PathLike, **overrides: Any
+    source: str | os.PathLike, runtime: str | None = None, **overrides: Any
 ) -> tuple[VideoCLIP, WeightsFile | None]:
-    """`load_model(source, **overrides)`, and the weights file the model's state dict is exactly (same names,
-    dtypes and bytes, nothing converted or initialised: a stanvid folder loaded as saved), or None. What is
-    computed from the state dict can then be cached under the file's identity (the index's fingerprint)."""
-    return _load(source, None, overrides)
+    """`load_model(source, runtime=runtime, **overrides)`, and the weights file the model's state dict is
+    exactly (same names, dtypes and bytes, nothing converted or initialised: a stanvid folder loaded as saved),
+    or None. What is computed from the state dict can then be cached under the file's identity (the index's
+    fingerprint)."""
+    return _load(source, None, overrides, runtime)
 
 
 def _load(
-    source: str | os.PathLike, config: Any, overrides: dict[str, Any]
+    source: str | os.PathLike, config: Any, overrides: dict[str, Any], runtime: str | None = None
 ) -> tuple[VideoCLIP, WeightsFile | None]:
+    if runtime is not None and runtime not in RUNTIMES:
+        raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     path = Path(source).expanduser()
+    if runtime == "torch" and (path / EXPORT_MANIFEST).is_file():
+        source, overrides = _exported_from(path, overrides)
+        path = Path(source).expanduser()
+    if runtime == "onnxruntime" and not (path / EXPORT_MANIFEST).is_file():
+        return onnx_encoder_for(_load(source, config, overrides, "torch")[0]), None
     name = str(source)
     weights = None
     if path.is_dir():
@@ -163,8 +182,8 @@ def _load(
 
 
 def detect_format(source: str | os.PathLike) -> str:
-    """Name of the checkpoint format at a local path: stanvid, hf, hf-siglip, open_clip, openai-jit, openai, stan,
-    clip4clip."""
+    """Name of the checkpoint format at a local path: stanvid, hf, hf-siglip, open_clip, onnx (an export folder),
+    openai-jit, openai, stan, clip4clip."""
     path = Path(source)
     if path.is_dir():
         return _directory_kind(path)
@@ -181,6 +200,8 @@ def _directory_kind(path: Path) -> str:
     then, as `hf-hub:` does. A timm repository's `config.json` is timm's, not a CLIP config: its open_clip files
     are read.
     """
+    if (path / EXPORT_MANIFEST).is_file():
+        return "onnx"
     cfg_path = path / CONFIG_NAME
     cfg = convert.read_json(cfg_path) if cfg_path.is_file() else None
     if isinstance(cfg, dict) and "clip" in cfg and "temporal" in cfg:
@@ -210,6 +231,14 @@ def _load_directory(
 ) -> tuple[VideoCLIP, WeightsFile | None]:
     """The model of a folder, and its weights file when the model's state dict is exactly that file's."""
     kind = _directory_kind(path)
+    if kind == "onnx":
+        given = sorted(k for k, v in overrides.items() if v is not None) + (["config"] if config else [])
+        if given:
+            raise ConfigError(
+                f"{path}: {', '.join(given)}: an ONNX export is fixed when it is written; export the model "
+                f"again with these settings (stanvid export --set ...)"
+            )
+        return OnnxEncoder.from_folder(path), None
     if config is not None and kind in ("stanvid", "open_clip", "hf-siglip"):
         raise ConfigError(
             f"{path}: config= is only for formats without their own architecture; this {kind} folder has it"
@@ -251,6 +280,22 @@ def _from_family(found: FamilyCheckpoint, source: str, overrides: dict[str, Any]
     model = _from_clip_weights(found.clip, found.state, source, overrides)
     model.set_tokenizer(build_tokenizer(found.clip.tokenizer, found.tokenizer_files, source))
     return model
+
+
+def _exported_from(path: Path, overrides: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The PyTorch source an export folder records, and the overrides it was loaded with (for `runtime="torch"`)."""
+    manifest = read_export_manifest(path)
+    source = manifest.get("model_source") or ""
+    if overrides:
+        raise ConfigError(
+            f"{path}: {', '.join(sorted(overrides))}: an ONNX export is fixed when it is written"
+        )
+    if not source or (Path(source).is_absolute() and not Path(source).exists()):
+        raise CheckpointError(
+            f"{path}: an ONNX export runs in onnxruntime; the PyTorch model it came from "
+            f"({source or 'a model in memory'}) is not available here: pass that model for runtime torch"
+        )
+    return source, dict(manifest.get("model_overrides") or {})
 
 
 def _refuse_architecture_overrides(overrides: dict[str, Any], path: Path, kind: str) -> None:
@@ -559,7 +604,7 @@ def convert_checkpoint(
     """Load `source` (any format above) and write it with `save_pretrained`; returns what was loaded."""
     path = Path(source)
     fmt = detect_format(path) if path.exists() else "download"
-    model = load_model(source, config=config, **overrides)
+    model = load_model(source, config=config, runtime="torch", **overrides)  # an export: the model it records
     model.save_pretrained(destination)
     cfg = model.config
     v = cfg.clip.vision
@@ -585,3 +630,31 @@ def convert_checkpoint(
         "parameters": f"{model.num_parameters():,}",
         "written": str(destination),
     }
+
+
+def export_onnx(
+    model: str | os.PathLike | VideoCLIP,
+    out: str | os.PathLike,
+    *,
+    opset: int = DEFAULT_OPSET,
+    precision: str = "fp32",
+    config: Any = None,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Write `model` (a `VideoCLIP`, or any source `load_model` reads, loaded with `config` and `overrides`) as
+    an ONNX export folder at `out`: `video_encoder.onnx`, `image_encoder.onnx`, `text_encoder.onnx`, the
+    tokenizer files and `stanvid_export.json` (`stanvid.checkpoints.export_onnx`); returns the manifest.
+    `precision`: fp32, fp16 or int8 (onnxruntime's dynamic quantization). `load_model(out)` runs it in
+    onnxruntime with the model's encoding API and fingerprint."""
+    if isinstance(model, VideoCLIP):
+        if overrides or config is not None:
+            raise ConfigError("config and overrides apply to a model source, not to a model already built")
+        return write_export(model, out, opset=opset, precision=precision)
+    if isinstance(model, OnnxEncoder):
+        raise CheckpointError(
+            f"{model.folder}: already an ONNX export; export the PyTorch model it came from"
+        )
+    path = Path(model).expanduser()
+    source = str(path.resolve()) if path.exists() else str(model)
+    loaded = load_model(model, config=config, runtime="torch", **overrides)
+    return write_export(loaded, out, opset=opset, precision=precision, source=source, overrides=overrides)

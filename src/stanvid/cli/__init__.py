@@ -23,6 +23,7 @@ from importlib import import_module
 COMMANDS = {
     "demo": "stanvid.cli.demo",
     "convert": "stanvid.cli.convert",
+    "export": "stanvid.cli.export",
     "push": "stanvid.cli.push",
     "prepare-videos": "stanvid.cli.prepare",
     "shard": "stanvid.cli.shard",
@@ -44,6 +45,9 @@ OPTIONAL_PACKAGES = {
     "uvicorn": "stanvid[search]",
     "huggingface_hub": "stanvid[hub]",
     "pyarrow": "stanvid[parquet]",
+    "onnx": "stanvid[onnx]",
+    "onnxruntime": "stanvid[onnx]",
+    "onnxscript": "stanvid[onnx]",
 }
 
 

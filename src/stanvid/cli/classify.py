@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from stanvid.cli.common import add_runtime_argument
 from stanvid.cli.precision import add_precision_argument
 
 
@@ -32,6 +33,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default=None, help="write the predictions to FILE.csv or FILE.json")
     p.add_argument("--batch-size", type=int, default=8, help="videos per forward pass (default 8)")
     add_precision_argument(p)
+    add_runtime_argument(p)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -63,6 +65,7 @@ def run(args) -> int:
         batch_size=args.batch_size,
         device=args.device,
         precision=args.precision,
+        runtime=args.runtime,
         progress=not args.no_progress,
     )
     if args.out is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from stanvid.checkpoints.onnx_runtime import RUNTIMES
 from stanvid.models.config import MODEL_OVERRIDES, parse_model_override
 
 
@@ -24,6 +25,19 @@ def add_model_overrides(parser: argparse.ArgumentParser) -> None:
         "similarity=mug (Mug-STAN: per-frame vectors kept, search re-ranked by the head); for OpenAI-layout "
         "state dicts, which do not record them: act=gelu|quick_gelu, vision_heads=N, text_heads=N, "
         f"image_mean=R,G,B, image_std=R,G,B. Keys: {', '.join(MODEL_OVERRIDES)}",
+    )
+
+
+def add_runtime_argument(parser: argparse.ArgumentParser) -> None:
+    """`--runtime torch|onnxruntime` for the commands that encode with a model (index, search, serve, classify,
+    embed); `args.runtime` goes to the library's `runtime=` (`stanvid.load_model`)."""
+    parser.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default=None,
+        help="what runs the model: torch, or onnxruntime (through its ONNX export, written once into the cache; "
+        "see `stanvid export`). Default: onnxruntime for an export folder, torch for anything else. Indexes "
+        "built with one runtime are searched with the other (same fingerprint)",
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from stanvid.cli.common import add_model_overrides, parse_overrides
+from stanvid.cli.common import add_model_overrides, add_runtime_argument, parse_overrides
 from stanvid.cli.precision import add_precision_argument
 
 _DIGITS = re.compile(r"[0-9]+")  # ASCII only: str.isdigit() accepts "²", which int() refuses
@@ -41,6 +41,7 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="clips per forward pass (default 16)")
     p.add_argument("--workers", type=int, default=2, help="decoding processes (default 2)")
     add_precision_argument(p)
+    add_runtime_argument(p)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
@@ -71,6 +72,7 @@ def run(args) -> int:
         num_workers=args.workers,
         device=args.device,
         precision=args.precision,
+        runtime=args.runtime,
         progress=not args.no_progress,
     )
     if is_shard_spec(args.video_dir):

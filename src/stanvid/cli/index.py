@@ -6,7 +6,7 @@ its share of the files and rank 0 merges them.
 
 from __future__ import annotations
 
-from stanvid.cli.common import add_model_overrides, parse_overrides
+from stanvid.cli.common import add_model_overrides, add_runtime_argument, parse_overrides
 from stanvid.cli.precision import add_precision_argument
 
 
@@ -44,6 +44,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     add_precision_argument(p)
+    add_runtime_argument(p)
     p.add_argument(
         "--index",
         dest="index_kind",
@@ -117,6 +118,7 @@ def run(args) -> int:
         num_workers=args.workers,
         device=args.device,
         precision=args.precision,
+        runtime=args.runtime,
         index_kind=args.index_kind,
         approx_threshold=args.approx_threshold or DEFAULT_APPROX_THRESHOLD,
         nprobe=args.nprobe,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+from stanvid.cli.common import add_runtime_argument
 from stanvid.cli.precision import add_precision_argument
 
 
@@ -47,6 +48,7 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the results as a JSON list")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     add_precision_argument(p)
+    add_runtime_argument(p)
     p.set_defaults(func=run)
 
 
@@ -67,7 +69,7 @@ def run(args) -> int:
     query.parts()  # bad weights fail before the model is loaded
     if args.export is not None and not args.moments:
         raise QueryError("--export writes moments: give --moments too")
-    with open_index(args.index, device=args.device, precision=args.precision) as index:
+    with open_index(args.index, device=args.device, precision=args.precision, runtime=args.runtime) as index:
         hits = search(index, query, args.k, group_by=args.group_by, moments=args.moments, pad=args.pad)
         if args.moments and (note := index.moments_note()):
             print(note, file=sys.stderr)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import socket
 
+from stanvid.cli.common import add_runtime_argument
 from stanvid.cli.precision import add_precision_argument
 
 
@@ -33,6 +34,7 @@ def add_parser(sub) -> None:
         "state once loaded, without a restart (default 0.5; 0: serve the state opened at start)",
     )
     add_precision_argument(p)
+    add_runtime_argument(p)
     p.set_defaults(func=run)
 
 
@@ -53,7 +55,13 @@ def run(args) -> int:
     logger = logging.getLogger("stanvid")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    app = create_app(args.index, device=args.device, precision=args.precision, follow=args.follow or None)
+    app = create_app(
+        args.index,
+        device=args.device,
+        precision=args.precision,
+        follow=args.follow or None,
+        runtime=args.runtime,
+    )
     sock = listen(args.host, args.port)
     try:
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))

@@ -26,7 +26,7 @@ import gzip
 import html
 import operator
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
 from importlib import resources
 from itertools import pairwise
@@ -355,3 +355,36 @@ def is_empty_caption(text: str) -> bool:
     use this to reject empty captions with their file and line instead of training on them.
     """
     return not default_tokenizer().encode(text)
+
+
+# ---------------------------------------------------------------------------------------------- exports
+CLIP_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+
+
+def export_tokenizer(context_length: int) -> tuple[dict, dict[str, bytes]]:
+    """What a client in another language needs to reproduce this model's token ids, and the files to ship
+    beside it (name -> bytes): the description `stanvid.export_onnx` writes into `stanvid_export.json`.
+    `exported_tokenizer` reads it back."""
+    spec = {
+        "kind": "clip_bpe",
+        "files": {"merges": CLIP_BPE_FILE},
+        "context_length": context_length,
+        "start_id": 49406,
+        "end_id": 49407,
+        "pad_id": 0,
+        "cleaning": "ftfy.fix_text, html.unescape twice, whitespace collapsed to one space, lower case",
+        "pattern": _PATTERN.pattern,
+        "truncation": "a text longer than context_length - 2 ids is cut to them, then the end id follows",
+        "merges_format": "gzip text: one header line, then 48894 merge lines 'a b' (OpenAI's CLIP vocabulary)",
+    }
+    return spec, {CLIP_BPE_FILE: _default_vocab_bytes()}
+
+
+def exported_tokenizer(spec: dict, folder: Path) -> Callable[[Sequence[str]], torch.Tensor]:
+    """The tokenizer an export describes (`export_tokenizer`; its file names relative to the export ``folder``):
+    texts -> (N, context_length) ids."""
+    if spec.get("kind") != "clip_bpe":
+        raise ConfigError(f"tokenizer kind {spec.get('kind')!r} is not one this stanvid reads (clip_bpe)")
+    tok = SimpleTokenizer(folder / spec["files"]["merges"])
+    context_length = int(spec["context_length"])
+    return lambda texts: tok(texts, context_length=context_length)

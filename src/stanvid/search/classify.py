@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from stanvid.checkpoints.onnx_runtime import OnnxEncoder
 from stanvid.distributed import default_device
 from stanvid.errors import ClassifyError, VideoReadError
 from stanvid.models.video_clip import VideoCLIP
@@ -180,13 +181,15 @@ def classify(
     precision: str = "auto",
     progress: bool = True,
     on_prediction: Callable[[Prediction], None] | None = None,
+    runtime: str | None = None,
 ) -> ClassifyReport:
     """Zero-shot classify one video, a folder (recursively) or a list of files.
 
     `model` is any `stanvid.load_model` source or a `VideoCLIP`; `labels` a shipped set (`"kinetics400"`,
     `"ssv2"`), a class-name file or a list. Returns the `top` classes of each readable video, and the
     unreadable ones with their error (they do not stop the run). `precision`: as for `stanvid.search.index.build_index`
-    (`auto`: bf16 where the CPU or GPU has native bf16; the scores are computed in float32 either way)."""
+    (`auto`: bf16 where the CPU or GPU has native bf16; the scores are computed in float32 either way);
+    `runtime`: what runs a model source (`stanvid.load_model`: torch, or onnxruntime through its export)."""
     from stanvid.search.index import encode_clips, read_clip
     from stanvid.video.decode import probe
 
@@ -197,10 +200,10 @@ def classify(
     names = load_labels(labels)
     templates = _check_templates(templates)
     files = _inputs(videos)
-    if not isinstance(model, VideoCLIP):
+    if not isinstance(model, (VideoCLIP, OnnxEncoder)):
         from stanvid.checkpoints.load import load_model
 
-        model = load_model(model)
+        model = load_model(model, runtime=runtime)
     dev = torch.device(device) if device is not None else default_device()
     model = model.eval().to(dev)
     runner = prepare_for_inference(model, precision, dev)

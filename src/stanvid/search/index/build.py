@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from stanvid.checkpoints.onnx_runtime import OnnxEncoder
 from stanvid.data.loader import build_loader
 from stanvid.distributed import default_device, launch_env, launch_world_size, rank_world
 from stanvid.errors import VideoIndexError
@@ -206,12 +207,14 @@ def build_index(
     from_embeddings: str | os.PathLike | None = None,
     shard: tuple[int, int] | None = None,
     moments: bool | float = True,
+    runtime: str | None = None,
 ) -> IndexReport:
     """Index the videos under `video_dir` into the directory `out` (created, or updated in place).
 
     `model` is any `stanvid.load_model` source (loaded with `model_overrides`) or a `VideoCLIP` already in
     memory (put in eval mode and moved to `device`; `model_source` names it for the record, and queries must
-    pass the same model to `open_index`).
+    pass the same model to `open_index`). `runtime` (torch | onnxruntime) runs a source as `load_model` does;
+    the index records the same source and fingerprint for both, so either runtime searches it.
     Each video, or each `segment_seconds` span of it, is embedded from `model.config.num_frames` frames
     sampled uniformly within it. An existing index is updated: only new or changed files (size or mtime) are
     encoded, deleted ones are dropped. Finished files are committed every `batch_size` clips; `on_commit(n)` is
@@ -259,7 +262,7 @@ def build_index(
     )
     root, out = _folders(video_dir, out)
     options = _imported_segments(options)
-    model, source, overrides, fingerprint = _model(model, model_source, model_overrides)
+    model, source, overrides, fingerprint = _model(model, model_source, model_overrides, runtime)
     run = _start(root, out, model, fingerprint, source, overrides, options, device, precision)
     run.report.timings["model"] = time.perf_counter() - t0  # loading (unless passed) and fingerprinting it
     clean = False
@@ -302,17 +305,20 @@ def _folders(video_dir: str | os.PathLike, out: str | os.PathLike) -> tuple[Path
 
 
 def _model(
-    model: str | os.PathLike | VideoCLIP, model_source: str | None, model_overrides: dict[str, Any] | None
+    model: str | os.PathLike | VideoCLIP,
+    model_source: str | None,
+    model_overrides: dict[str, Any] | None,
+    runtime: str | None = None,
 ) -> tuple[VideoCLIP, str, dict[str, Any], str]:
     """The model in eval mode, the source the index records for it, the overrides it was loaded with, and its
     fingerprint (cached for a source's weights file, `identity.load_fingerprinted`; computed for a model in
     memory)."""
     overrides = dict(model_overrides or {})
-    if isinstance(model, VideoCLIP):
+    if isinstance(model, (VideoCLIP, OnnxEncoder)):
         if overrides:
             raise VideoIndexError("model_overrides apply to a model source, not to a model already built")
         return model.eval(), model_source or "", overrides, model_fingerprint(model)
-    loaded, fingerprint = load_fingerprinted(str(model), overrides)
+    loaded, fingerprint = load_fingerprinted(str(model), overrides, runtime)
     return loaded.eval(), _source_string(model), overrides, fingerprint
 
 

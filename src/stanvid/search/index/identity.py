@@ -22,40 +22,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from stanvid.checkpoints.download import cache_dir
+from stanvid.checkpoints.fingerprint import fingerprinted_config, model_fingerprint
 from stanvid.errors import VideoIndexError
 from stanvid.fileio import atomic_write_text
-from stanvid.models.config import PreprocessConfig
 from stanvid.models.video_clip import VideoCLIP
 from stanvid.search.index.store import FORMAT_VERSION
 
 log = logging.getLogger("stanvid")
-
-
-def model_fingerprint(model: VideoCLIP) -> str:
-    """SHA-256 of the model's config and weights: two models with the same fingerprint embed identically.
-
-    `name` and `grad_checkpointing` are left out: neither changes an output. The frame normalization is left out
-    when it is OpenAI's (the only one before configs recorded it), so indexes built then still match.
-    """
-    digest = hashlib.sha256(_fingerprinted_config(model).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy())  # the tensor's bytes, not a copy of them
-    return digest.hexdigest()
-
-
-def _fingerprinted_config(model: VideoCLIP) -> str:
-    """The part of the config the fingerprint covers, as the JSON it hashes."""
-    cfg = model.config.to_dict()
-    cfg.pop("name", None)
-    cfg.pop("grad_checkpointing", None)
-    if model.config.clip.preprocess == PreprocessConfig():
-        cfg["clip"].pop("preprocess")
-    return json.dumps(cfg, sort_keys=True)
 
 
 # ---------------------------------------------------------------------------------------------- the cache
@@ -64,12 +38,14 @@ _CACHE_ENTRIES = 256  # the oldest entries go first: a cache of what this machin
 _SCHEME = 1  # what `model_fingerprint` hashes; a change to it must change this, so old entries are not found
 
 
-def load_fingerprinted(source: str, overrides: dict[str, Any]) -> tuple[VideoCLIP, str]:
-    """`load_model(source, **overrides)` and its `model_fingerprint`, from the cache when the weights file is
-    the one fingerprinted before (module docstring)."""
+def load_fingerprinted(
+    source: str, overrides: dict[str, Any], runtime: str | None = None
+) -> tuple[VideoCLIP, str]:
+    """`load_model(source, runtime=runtime, **overrides)` and its `model_fingerprint`, from the cache when the
+    weights file is the one fingerprinted before (module docstring)."""
     from stanvid.checkpoints.load import load_model_and_weights
 
-    model, weights = load_model_and_weights(source, **overrides)
+    model, weights = load_model_and_weights(source, runtime=runtime, **overrides)
     if weights is None:
         return model, model_fingerprint(model)
     key = _cache_key(model, weights.path, weights.identity)
@@ -84,7 +60,7 @@ def load_fingerprinted(source: str, overrides: dict[str, Any]) -> tuple[VideoCLI
 
 
 def _cache_key(model: VideoCLIP, weights: Path, identity: list[int]) -> str:
-    config = hashlib.sha256(_fingerprinted_config(model).encode()).hexdigest()
+    config = hashlib.sha256(fingerprinted_config(model).encode()).hexdigest()
     return hashlib.sha256(
         json.dumps([_SCHEME, os.path.realpath(weights), identity, config]).encode()
     ).hexdigest()

@@ -77,6 +77,7 @@ class VideoIndex:
         device: str | None = None,
         precision: str = "auto",
         follow: float | None = FOLLOW_SECONDS,
+        runtime: str | None = None,
     ) -> None:
         self.path = Path(path).expanduser().resolve()
         self.db = db = self.path / DB_NAME
@@ -90,6 +91,7 @@ class VideoIndex:
             self.root = Path(self.meta["root"])
             self.device = torch.device(device) if device else default_device()
             self.precision = resolve_precision(precision, self.device)
+            self.runtime = runtime
             self._models = _Models()
             if model is not None:
                 self._models.model = self._verified(model)
@@ -113,7 +115,9 @@ class VideoIndex:
                     raise VideoIndexError(
                         f"{self.path}: the index was built from an in-memory model; pass it: open_index(path, model=...)"
                     )
-                models.model = self._verified(*load_fingerprinted(source, self.meta["model_overrides"]))
+                models.model = self._verified(
+                    *load_fingerprinted(source, self.meta["model_overrides"], self.runtime)
+                )
             return models.model
 
     def _verified(self, model: VideoCLIP, found: str | None = None) -> VideoCLIP:
@@ -636,10 +640,13 @@ def open_index(
     device: str | None = None,
     precision: str = "auto",
     follow: float | None = FOLLOW_SECONDS,
+    runtime: str | None = None,
 ) -> VideoIndex:
     """Open an index built by `build_index` for searching (see `VideoIndex`). It follows the runs that update
-    it, checking at most every `follow` seconds on use (None: never; `VideoIndex.refresh` moves it)."""
-    return VideoIndex(path, model=model, device=device, precision=precision, follow=follow)
+    it, checking at most every `follow` seconds on use (None: never; `VideoIndex.refresh` moves it).
+    `runtime` runs the recorded model source in torch or onnxruntime (`stanvid.load_model`); either matches an
+    index built with the other."""
+    return VideoIndex(path, model=model, device=device, precision=precision, follow=follow, runtime=runtime)
 
 
 def search_index(

@@ -80,6 +80,7 @@ def create_app(
     thumbnail_size: int = THUMBNAIL_SIZE,
     max_image_bytes: int = MAX_IMAGE_BYTES,
     follow: float | None = FOLLOW_SECONDS,
+    runtime: str | None = None,
 ) -> FastAPI:
     """The app for one index. The query model is loaded (and checked against the index) here, so a wrong or
     missing model fails at start-up rather than at the first query.
@@ -88,7 +89,9 @@ def create_app(
     `follow` seconds (one SQLite read) and loads a new one there, so each request after the swap answers from
     it, and each request answers from one generation, which its response names (`generation`). None: serve
     the generation opened at start."""
-    index = open_index(index_path, model=model, device=device, precision=precision, follow=follow)
+    index = open_index(
+        index_path, model=model, device=device, precision=precision, follow=follow, runtime=runtime
+    )
     index.model  # noqa: B018 -- load and verify now
     chars = max_query_chars or query_char_limit(index.model.config.clip.text.context_length)
     settings = Settings(chars, max_k, thumbnail_size, max_image_bytes)
