@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from stanvid.errors import CheckpointError, ConfigError
 from stanvid.models.config import ModelConfig
 from stanvid.models.tokenizer import exported_tokenizer
+from stanvid.models.video_clip import pool_frames
 
 __all__ = [
     "EXPORT_FORMAT",
@@ -178,6 +179,10 @@ class OnnxEncoder:
             )
         pooled, per_frame = self.run_graph("video", video)
         return pooled if pool else per_frame
+
+    def pool(self, per_frame: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) -> (B, D) by the exported model's pooling rule, as `VideoCLIP.pool`."""
+        return pool_frames(per_frame, self.config.pooling)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalized images -> (B, D)."""

@@ -161,9 +161,7 @@ class VideoCLIP(nn.Module):
 
     def pool(self, per_frame: torch.Tensor) -> torch.Tensor:
         """(B, T, D) -> (B, D) by the model's pooling rule (see `ModelConfig.pooling`)."""
-        if self.config.pooling == "normalized_mean":
-            per_frame = F.normalize(per_frame, dim=-1)
-        return per_frame.mean(dim=1)
+        return pool_frames(per_frame, self.config.pooling)
 
     def _stan_frames(self, frames: torch.Tensor, b: int, t: int) -> torch.Tensor:
         """CLIP over all frames, the branch fed by the last K layers as they are computed (paper Fig. 2)."""
@@ -202,3 +200,11 @@ class VideoCLIP(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def pool_frames(per_frame: torch.Tensor, pooling: str) -> torch.Tensor:
+    """(B, T, D) -> (B, D): the mean over frames, of unit vectors under "normalized_mean" (CLIP4Clip's rule),
+    of the frames as they are otherwise (the official STAN code's). Every encoder pools with it."""
+    if pooling == "normalized_mean":
+        per_frame = F.normalize(per_frame, dim=-1)
+    return per_frame.mean(dim=1)
