@@ -206,7 +206,7 @@ def test_moments_follow_deletions_and_no_moments_and_old_indexes(moment_index, t
     with open_index(coarse, follow=None) as index:
         step, duration, feats = next(iter(index.moment_features([f for f, _ in index.files()]).values()))
         assert step == moment_step(4, 2.0) == 0.5 and len(feats) == len(moment_sample_times(duration, 0.5))
-    with pytest.raises(stanvid.VideoIndexError, match="moments must be"):
+    with pytest.raises(stanvid.VideoIndexError, match="must be True, False or a window"):
         build_index(videos, tmp_path / "x", model, progress=False, moments=-1.0)
     bare = tmp_path / "bare"
     build_index(videos, bare, model, num_workers=0, progress=False, moments=False)
