@@ -363,7 +363,7 @@ def test_the_api_answers_moments_and_cuts_them(moment_index):
             or not plain["results"][0]["export_url"]
         )
         assert client.get("/api/search", params={"q": "x", "moments": "true", "pad": -1}).status_code == 400
-        assert client.get(f"/api/moment/{hit['file_id']}", params={"start": 3, "end": 2}).status_code == 400
+        assert client.get(f"/api/moment/{hit['file_id']}", params={"start": 3, "end": 2}).status_code == 409
         assert client.get("/api/moment/999", params={"start": 0, "end": 1}).status_code == 404
 
 
