@@ -210,6 +210,7 @@ def test_the_schema_declares_every_route_and_its_responses(api_schema):
         ("GET", "/api/thumbnail/{segment_id}"),
         ("GET", "/api/video/{file_id}"),
         ("HEAD", "/api/video/{file_id}"),
+        ("GET", "/api/moment/{file_id}"),
     }
     raw = api_schema.raw_schema["paths"]
     assert set(raw["/api/video/{file_id}"]["get"]["responses"]) >= {"200", "206", "400", "404", "409", "416"}

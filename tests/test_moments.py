@@ -81,6 +81,21 @@ def test_flat_scores_are_the_whole_file_and_smoothing_keeps_the_mean():
     assert smooth_scores(np.full(9, 0.7), 3.0) == pytest.approx(np.full(9, 0.7))  # no fall-off at the ends
 
 
+def test_a_duration_of_years_gets_no_moment_samples_and_costs_nothing():
+    """A far timestamp makes two frames last years: the samples are counted, never listed, and the file gets
+    none (it is indexed without moment features); a normal file's count is what its duration holds."""
+    from stanvid.search.moments import MAX_MOMENT_SAMPLES, moment_sample_count
+
+    times, idx = moment_windows(3.2e8, 2 / 3.2e8, 2, clip_len=8, step=0.125)
+    assert len(times) == 0 and idx.shape == (0, 8)
+    assert moment_sample_count(3.2e8, 0.125) > MAX_MOMENT_SAMPLES
+    assert moment_sample_count(float("inf"), 0.125) > MAX_MOMENT_SAMPLES
+    assert moment_sample_count(2.0, 0.125) == 16 and moment_sample_count(0.0, 0.125) == 0
+    with pytest.raises(ValueError, match="at most"):
+        moment_sample_times(3.2e8, 0.125)
+    assert len(moment_sample_times(3.2e8, 0.125, limit=5)) == 5
+
+
 def test_moment_windows_sample_the_frame_on_screen():
     """Sample j at (j + 0.5) * step shows frame floor(t * fps); samples are grouped into clips of clip_len,
     the last padded with its last frame."""
@@ -191,7 +206,7 @@ def test_moments_follow_deletions_and_no_moments_and_old_indexes(moment_index, t
     with open_index(coarse, follow=None) as index:
         step, duration, feats = next(iter(index.moment_features([f for f, _ in index.files()]).values()))
         assert step == moment_step(4, 2.0) == 0.5 and len(feats) == len(moment_sample_times(duration, 0.5))
-    with pytest.raises(stanvid.VideoIndexError, match="moments must be"):
+    with pytest.raises(stanvid.VideoIndexError, match="must be True, False or a window"):
         build_index(videos, tmp_path / "x", model, progress=False, moments=-1.0)
     bare = tmp_path / "bare"
     build_index(videos, bare, model, num_workers=0, progress=False, moments=False)
@@ -348,7 +363,7 @@ def test_the_api_answers_moments_and_cuts_them(moment_index):
             or not plain["results"][0]["export_url"]
         )
         assert client.get("/api/search", params={"q": "x", "moments": "true", "pad": -1}).status_code == 400
-        assert client.get(f"/api/moment/{hit['file_id']}", params={"start": 3, "end": 2}).status_code == 400
+        assert client.get(f"/api/moment/{hit['file_id']}", params={"start": 3, "end": 2}).status_code == 409
         assert client.get("/api/moment/999", params={"start": 0, "end": 1}).status_code == 404
 
 

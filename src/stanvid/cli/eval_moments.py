@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-from stanvid.cli.common import add_model_overrides, parse_overrides
-
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -27,7 +25,6 @@ def add_parser(sub) -> None:
         "--predictions", default=None, metavar="PATH", help="write the predictions (submission format)"
     )
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
-    add_model_overrides(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -42,7 +39,6 @@ def run(args) -> int:
         args.model,
         index=args.index,
         progress=not args.no_progress,
-        model_overrides=parse_overrides(args.overrides),
         segment_seconds=args.segment_seconds,
         device=args.device,
     )

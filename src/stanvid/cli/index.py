@@ -127,7 +127,7 @@ def run(args) -> int:
         rebuild=args.rebuild,
         from_embeddings=args.from_embeddings,
         progress=not args.no_progress,
-        moments=False if args.no_moments else (args.moment_window or True),
+        moments=False if args.no_moments else (True if args.moment_window is None else args.moment_window),
     )
     from stanvid.distributed import launch_env
 

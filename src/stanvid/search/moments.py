@@ -60,6 +60,7 @@ SMOOTH_SECONDS = 0.125  # standard deviation of the Gaussian smoothing the sampl
 LEVEL = 0.5  # the threshold: this fraction of the way from the file's median score to its maximum
 CANDIDATE_FILES = 16  # candidate files scored per query (at least k)
 MAX_MOMENTS_PER_FILE = 8
+MAX_MOMENT_SAMPLES = 250_000  # a file with more (8.7 h at 8 a second) is indexed without moment features
 MIN_MOMENT_SECONDS = 1.0  # a shorter span above the threshold is widened about its middle to this
 
 
@@ -80,11 +81,23 @@ def moment_step(clip_len: int, window: float = MOMENT_WINDOW) -> float:
     return float(window) / clip_len
 
 
-def moment_sample_times(duration: float, step: float) -> np.ndarray:
-    """(n,) times of the moment samples of a file: ``(j + 0.5) * step`` for every one before `duration`."""
-    if not duration > 0 or not math.isfinite(duration):
-        return np.zeros(0)
-    return (np.arange(max(1, math.ceil(duration / step - 1e-9))) + 0.5) * step
+def moment_sample_count(duration: float, step: float) -> int:
+    """How many moment samples a file of `duration` seconds has (one every `step`, the first at step / 2),
+    counted without listing them (a bogus duration of years is a large number, not a large array)."""
+    ratio = duration / step - 1e-9 if duration > 0 else 0.0
+    if not math.isfinite(ratio):
+        return MAX_MOMENT_SAMPLES + 1
+    return max(1, math.ceil(ratio)) if ratio > 0 else 0
+
+
+def moment_sample_times(duration: float, step: float, limit: int | None = None) -> np.ndarray:
+    """(n,) times of the moment samples of a file: ``(j + 0.5) * step`` for every one before `duration` (the
+    first `limit` of them when given)."""
+    n = moment_sample_count(duration, step)
+    n = n if limit is None else min(n, limit)
+    if n > MAX_MOMENT_SAMPLES:
+        raise ValueError(f"{n} moment samples; at most {MAX_MOMENT_SAMPLES} are listed")
+    return (np.arange(n) + 0.5) * step
 
 
 def moment_windows(
@@ -93,10 +106,12 @@ def moment_windows(
     """The frames to decode for a file's moment samples: (n,) sample times and `(m, clip_len)` frame indices,
     consecutive samples grouped into clips of `clip_len` (the last one padded with its last frame; the
     per-frame vectors past `n` are dropped). Frame i is shown from i / fps: a sample shows the frame on
-    screen at its time."""
-    times = moment_sample_times(duration, step)
-    if len(times) == 0 or num_frames <= 0 or not (fps > 0 and math.isfinite(fps)):
+    screen at its time. A file of more than `MAX_MOMENT_SAMPLES` samples (or no frames) gets none: its work
+    must be bounded by what it holds, and a far timestamp makes a duration of years out of two frames."""
+    count = moment_sample_count(duration, step)
+    if not 0 < count <= MAX_MOMENT_SAMPLES or num_frames <= 0 or not (fps > 0 and math.isfinite(fps)):
         return np.zeros(0), np.zeros((0, clip_len), np.int64)
+    times = moment_sample_times(duration, step)
     idx = np.clip(np.floor(times * fps + 1e-6), 0, num_frames - 1).astype(np.int64)  # (n,)
     pad = (-len(idx)) % clip_len
     idx = np.concatenate([idx, np.full(pad, idx[-1], np.int64)])
@@ -215,8 +230,8 @@ def missing_moments(index: str, kept: int | None, files: int) -> str:
             "are its fixed segments; index the folder into a new --out without --no-moments for moments"
         )
     return (
-        f"{index}: {files - kept} of {files} files have no moments (indexed with --no-moments or imported "
-        "from embeddings): their hits are fixed segments"
+        f"{index}: {files - kept} of {files} files have no moments (indexed with --no-moments, imported "
+        "from embeddings, or too long): their hits are fixed segments"
     )
 
 
@@ -254,7 +269,7 @@ def _cut(stored: tuple[float, float, np.ndarray], vector: np.ndarray, pad: float
     """A file's moments from its stored (step, duration, features), padded."""
     step, duration, feats = stored
     (scores,) = _sample_scores([feats], vector)
-    return _padded(cut_moments(moment_sample_times(duration, step)[: len(scores)], scores, duration, step=step,
+    return _padded(cut_moments(moment_sample_times(duration, step, len(scores)), scores, duration, step=step,
                                limit=limit), pad, duration)  # fmt: skip
 
 
@@ -305,7 +320,7 @@ def _search_moments(index: VideoIndex, vector: np.ndarray, k: int, pad: float) -
         if len(top_k) >= k and top_k[0] >= float(file_scores.max()):
             break
         step, duration, _ = stored[file_id]
-        times = moment_sample_times(duration, step)[: len(file_scores)]
+        times = moment_sample_times(duration, step, len(file_scores))
         for m in _padded(cut_moments(times, file_scores, duration, step=step), pad, duration):
             found.append((m.score, file_id, m))
             (heapq.heappush if len(top_k) < k else heapq.heappushpop)(top_k, m.score)

@@ -128,7 +128,7 @@ class _Options:
             isinstance(self.moments, int | float) and math.isfinite(self.moments) and self.moments > 0
         ):
             raise VideoIndexError(
-                f"moments must be True, False or a window in seconds > 0, got {self.moments!r}"
+                f"moments (--moment-window) must be True, False or a window in seconds > 0, got {self.moments!r}"
             )
         if self.shard is not None:
             i, n = self.shard

@@ -41,10 +41,11 @@ def moments_router(settings: Settings) -> APIRouter:
         start: float = QueryParam(ge=0, allow_inf_nan=False, description="seconds"),
         end: float = QueryParam(gt=0, allow_inf_nan=False, description="seconds"),
     ) -> FileResponse:
+        # well-formed requests this file cannot answer: 409, as for a span that shows no frame of it
         if not end > start:
-            raise BadRequest(400, f"the span {start:g}-{end:g} s is empty: end must be after start")
+            raise BadRequest(409, f"the span {start:g}-{end:g} s is empty: end must be after start")
         if end - start > MAX_CUT_SECONDS:
-            raise BadRequest(400, f"the span is {end - start:g} s; at most {MAX_CUT_SECONDS:g} s are cut out")
+            raise BadRequest(409, f"the span is {end - start:g} s; at most {MAX_CUT_SECONDS:g} s are cut out")
         try:
             opened = index.open_video(file_id)
         except IndexedFileError as exc:
