@@ -82,7 +82,20 @@ def demo_run(tmp_path_factory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("demo-quick") / "demo"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        code = main(["demo", "--quick", "--mug", "--out", str(out), "--seed", "1", "--no-progress"])
+        # one thread, as tiny models are run here (`one_thread`): two spin against each other on a loaded machine
+        args = [
+            "demo",
+            "--quick",
+            "--mug",
+            "--out",
+            str(out),
+            "--seed",
+            "1",
+            "--threads",
+            "1",
+            "--no-progress",
+        ]
+        code = main(args)
     assert code == 0, printed.getvalue()
     return out, printed.getvalue()
 

@@ -341,6 +341,8 @@ def test_demo_refuses_a_folder_it_did_not_write(tmp_path, capsys):
 def test_negative_seed_is_refused(capsys):
     assert main(["demo", "--quick", "--seed", "-1", "--out", "unused"]) == 2
     assert "seed" in capsys.readouterr().err
+    assert main(["demo", "--quick", "--threads", "0", "--out", "unused"]) == 2
+    assert "threads" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("load", "policy"), [(99.0, "PASSIVE"), (0.0, None)])

@@ -43,6 +43,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="precision of the video training runs (default fp32, the faster for the demo's small model; "
         "bf16 trains under bf16 autocast on a CPU with native bf16)",
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch compute threads (default: the cores, at most 4; another count can move the table a few points)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -78,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             mug=args.mug,
             precision=args.precision,
+            threads=args.threads,
         )
     )
     print(results_table(result.results))

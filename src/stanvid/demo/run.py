@@ -90,12 +90,17 @@ class DemoConfig:
         progress: bool = True,
         mug: bool = False,
         precision: str = "fp32",
+        threads: int | None = None,
     ) -> DemoConfig:
         """The default run (a few minutes on 2 cores) or the quick one (same pipeline, smaller; under a minute).
 
-        ``precision``: the transfer runs' ``train.precision`` (`DEMO_PRECISIONS`)."""
+        ``precision``: the transfer runs' ``train.precision`` (`DEMO_PRECISIONS`). ``threads``: torch compute
+        threads (default: the cores, at most 4); the table can differ by a few points with another count, as
+        threads round some sums differently."""
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ConfigError(f"the demo seed must be a non-negative integer, got {seed!r}")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ConfigError(f"the demo threads must be a positive integer, got {threads!r}")
         precision = demo_precision(precision)
         if quick:
             corpus = CorpusConfig(
@@ -120,6 +125,7 @@ class DemoConfig:
             corpus=corpus,
             pretrain=pretrain,
             transfer=transfer,
+            threads=threads,
             progress=progress,
         )
 
