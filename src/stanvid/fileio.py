@@ -109,6 +109,13 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     _fsync_dir(path.parent)
 
 
+def publish_folder(staged: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Move a folder written in full beside ``path`` into place as ``path`` in one rename (``path`` must not
+    exist, or be an empty folder): readers see all of it or none of it."""
+    os.replace(staged, path)
+    _fsync_dir(Path(path).parent)
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     """The SHA-256 of a file's content (hex), read in 16 MiB blocks."""
     digest = hashlib.sha256()

@@ -55,7 +55,7 @@ from stanvid.checkpoints.onnx_runtime import (
     quantize_graph,
 )
 from stanvid.errors import CheckpointError, ConfigError
-from stanvid.fileio import atomic_write_text
+from stanvid.fileio import atomic_write_text, publish_folder
 from stanvid.models.stan import STANBranch
 from stanvid.models.temporal import SeqTransformer
 from stanvid.models.tokenizer import export_tokenizer, tokenize
@@ -124,7 +124,7 @@ def write_export(
         manifest = _write_export(model, stage, opset, precision, source, overrides)
         if out.exists():
             out.rmdir()  # empty, checked above
-        os.replace(stage, out)
+        publish_folder(stage, out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
@@ -198,9 +198,11 @@ def _write_export(
     graphs, examples = _graphs(model)
     external = sum(p.numel() * p.element_size() for p in model.parameters()) > _EXTERNAL_DATA_BYTES
     for name, graph in graphs.items():
-        _export_graph(graph, examples[name].export, stage / GRAPH_FILES[name], opset, external)
+        path = stage / GRAPH_FILES[name]
+        traced = path if precision == "fp32" else path.with_name(path.name + ".fp32")
+        _export_graph(graph, examples[name].export, traced, opset, external, name)
         if precision != "fp32":
-            _convert(stage / GRAPH_FILES[name], precision, external)
+            _convert(traced, path, precision, external)
     spec, files = export_tokenizer(model.config.clip.text.context_length)
     (stage / TOKENIZER_DIR).mkdir()
     for name, data in files.items():
@@ -286,9 +288,8 @@ def _graphs(model: VideoCLIP) -> tuple[dict[str, nn.Module], dict[str, _Example]
     return graphs, examples
 
 
-def _export_graph(graph: nn.Module, args: tuple, path: Path, opset: int, external: bool) -> None:
+def _export_graph(graph: nn.Module, args: tuple, path: Path, opset: int, external: bool, name: str) -> None:
     """One graph through the dynamo exporter, dimension 0 of its input dynamic (module docstring)."""
-    name = next(k for k, v in GRAPH_FILES.items() if v == path.name)
     model = graph.model
     inputs, outputs = GRAPH_IO[name][0], _outputs(name, model)
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
@@ -323,14 +324,12 @@ def _export_graph(graph: nn.Module, args: tuple, path: Path, opset: int, externa
         quiet.setLevel(level)
 
 
-def _convert(path: Path, precision: str, external: bool) -> None:
-    """fp16: weights and arithmetic in half with float32 inputs and outputs kept; int8: onnxruntime's dynamic
-    quantization (int8 weights per tensor, activations quantized per batch), as PyTorch's int8 path does."""
+def _convert(tmp: Path, path: Path, precision: str, external: bool) -> None:
+    """The float32 graph at `tmp` as `path` in `precision`, then `tmp` removed. fp16: weights and arithmetic in
+    half with float32 inputs and outputs kept; int8: onnxruntime's dynamic quantization (int8 weights per
+    tensor, activations quantized per batch), as PyTorch's int8 path does."""
     onnx = import_onnx()
     import_onnxruntime()
-    tmp = path.with_name(path.name + ".fp32")
-    data = path.with_name(path.name + ".data")
-    os.replace(path, tmp)
     try:
         if precision == "fp16":
             from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -338,17 +337,13 @@ def _convert(path: Path, precision: str, external: bool) -> None:
 
             half = OnnxModel(convert_float_to_float16(onnx.load(str(tmp)), keep_io_types=True))
             half.topological_sort()  # the input casts it adds come after their users (onnx.checker refuses)
-            half = half.model
-            if data.exists():
-                data.unlink()
-            onnx.save(half, str(path), save_as_external_data=external, location=data.name)
+            data = path.with_name(path.name + ".data")
+            onnx.save(half.model, str(path), save_as_external_data=external, location=data.name)
         else:
             quantize_graph(tmp, path, external)
     finally:
         tmp.unlink()
-        fp32_data = tmp.with_name(tmp.name + ".data")
-        if fp32_data.exists():
-            fp32_data.unlink()
+        tmp.with_name(tmp.name + ".data").unlink(missing_ok=True)
 
 
 def _manifest(
