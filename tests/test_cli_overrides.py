@@ -178,7 +178,6 @@ def test_every_model_or_recipe_set_is_one_definition():
     assert {n for n, p in sub.items() if any("--set" in a.option_strings for a in p._actions)} == {
         *MODEL_COMMANDS,
         *RECIPE_COMMANDS,
-        "eval-moments",  # loads its model as index does, through the same model_overrides
         "export",  # the model --set too; its typed values are tested in test_export_onnx.py
     }
 
