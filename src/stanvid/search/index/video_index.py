@@ -27,8 +27,9 @@ from stanvid.distributed import default_device
 from stanvid.errors import IndexedFileError, VideoIndexError
 from stanvid.models.video_clip import VideoCLIP
 from stanvid.precision import InferencePrecision, prepare_for_inference, resolve_precision
-from stanvid.search.index.ann import describe
+from stanvid.search.index.ann import describe, search_allowed
 from stanvid.search.index.clips import encode_clips, read_clip
+from stanvid.search.index.filters import SearchFilter, allowed_rows, check_offset, filterable, parse_filters
 from stanvid.search.index.follow import FOLLOW_SECONDS, Follower
 from stanvid.search.index.identity import load_fingerprinted, model_fingerprint
 from stanvid.search.index.records import SearchResult, Segment
@@ -266,8 +267,11 @@ class VideoIndex:
             for sid, blob in rows
         }
 
-    def search(self, text: str, k: int = 10) -> list[SearchResult]:
-        """The `k` segments most similar to `text`, best first.
+    def search(
+        self, text: str, k: int = 10, *, filters: SearchFilter | dict | None = None, offset: int = 0
+    ) -> list[SearchResult]:
+        """The `k` segments most similar to `text`, best first (past the first `offset`, among the segments of
+        the files that pass `filters`: `stanvid.search.index.filters`).
 
         With a Mug-STAN model (`similarity: mug`), FAISS's nearest candidates by pooled cosine are re-ranked by
         the Mug head on their per-frame vectors (`stanvid.search.rerank.rerank`); scores are then the head's."""
@@ -277,17 +281,24 @@ class VideoIndex:
             raise VideoIndexError(f"k must be a positive integer, got {k!r}")
         with self.pinned() as view:
             if keeps_frame_vectors(view.model):
-                return rerank(view, text, k)
-            return view.search_embeddings(view.embed_text([text]), k)[0]
+                return rerank(view, text, k, filters=filters, offset=offset)
+            return view.search_embeddings(view.embed_text([text]), k, filters=filters, offset=offset)[0]
 
-    def search_embeddings(self, queries: np.ndarray, k: int = 10) -> list[list[SearchResult]]:
+    def search_embeddings(
+        self, queries: np.ndarray, k: int = 10, *, filters: SearchFilter | dict | None = None, offset: int = 0
+    ) -> list[list[SearchResult]]:
         """Nearest segments for each (D,) row of `queries` (L2-normalized), best first: `min(k, len(self))`
-        of them, the segments of one generation."""
+        of them, the segments of one generation. `filters` (a `SearchFilter` or a mapping of its fields)
+        applies inside the vector search; `offset` skips the first hits (pages are stable in a generation)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.meta["dim"])
+        spec, offset = parse_filters(filters), check_offset(offset)
         with self._use() as snap:
             if snap.segments == 0:
                 return [[] for _ in range(len(queries))]
-            scores, slots = snap.searcher.search(queries, min(k, snap.segments))  # (Q, k) each
+            allowed = allowed_rows(snap, spec, str(self.path))
+            want = min(offset + k, snap.segments)
+            scores, slots = search_allowed(snap.searcher, snap.store, queries, want, allowed)  # (Q, k) each
+            scores, slots = scores[:, offset:], slots[:, offset:]
             found = self._by_slot(snap, sorted({int(i) for i in slots.ravel() if i >= 0}))
         results = []
         for row_scores, row_slots in zip(scores, slots, strict=True):
@@ -332,26 +343,36 @@ class VideoIndex:
         with self._models.lock:
             return encode_clips(model, clips, self.device, runner=self._inference())
 
-    def search_image(self, image: Any, k: int = 10, **query: Any) -> list[SearchResult]:
+    def search_image(self, image: Any, k: int = 10, *, filters: SearchFilter | dict | None = None,
+                     offset: int = 0, **query: Any) -> list[SearchResult]:  # fmt: skip
         """Segments most similar to an image (path, bytes, PIL image or (H, W, 3) uint8 array); `query` takes
         the other fields of `stanvid.search.query.Query` (text, weights). See `stanvid.search.query`."""
         from stanvid.search.query import Query, search
 
-        return search(self, Query(image=image, **query), k)
+        return search(self, Query(image=image, **query), k, filters=filters, offset=offset)
 
-    def search_video(self, like: Any, k: int = 10, **query: Any) -> list[SearchResult]:
+    def search_video(self, like: Any, k: int = 10, *, filters: SearchFilter | dict | None = None,
+                     offset: int = 0, **query: Any) -> list[SearchResult]:  # fmt: skip
         """Segments most similar to an example clip: `"file.mp4"`, `"file.mp4:START-END"` (seconds), a segment
         id (int) or a `stanvid.search.query.ClipSpec`; `query` as in `search_image`."""
         from stanvid.search.query import Query, search
 
-        return search(self, Query(like=like, **query), k)
+        return search(self, Query(like=like, **query), k, filters=filters, offset=offset)
 
-    def query(self, query: Any, k: int = 10, *, group_by: str | None = None) -> list:
+    def query(self, query: Any, k: int = 10, *, group_by: str | None = None,
+              filters: SearchFilter | dict | None = None, offset: int = 0) -> list:  # fmt: skip
         """The `k` best segments for a `stanvid.Query` (text, image, example clip and their weights) or a plain
-        text; with `group_by="file"`, the `k` best files (`stanvid.FileHit`). See `stanvid.search.query.search`."""
+        text; with `group_by="file"`, the `k` best files (`stanvid.FileHit`). `filters` and `offset` as in
+        `search_embeddings`. See `stanvid.search.query.search`."""
         from stanvid.search.query import search
 
-        return search(self, query, k, group_by=group_by)
+        return search(self, query, k, group_by=group_by, filters=filters, offset=offset)
+
+    def filterable(self) -> tuple[list[str], dict[str, str]]:
+        """The filter fields this generation can apply, and those it cannot, with the reason (an index built
+        before container metadata was recorded cannot filter on it)."""
+        with self._use() as snap:
+            return filterable(snap)
 
     # -------------------------------------------------------------- lookups
     def segment_embeddings(self, ids: Sequence[int]) -> np.ndarray:
