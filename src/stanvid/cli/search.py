@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from stanvid.cli.filters import add_filter_arguments, filters_from_args
 from stanvid.cli.precision import add_precision_argument
 
 
@@ -37,11 +38,13 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the results as a JSON list")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     add_precision_argument(p)
+    add_filter_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from stanvid.search.index import open_index
+    from stanvid.search.index.filters import parse_filters
     from stanvid.search.query import FileHit, Query, QueryError, search, to_dicts
 
     if args.text is None and args.image is None and args.like is None:
@@ -54,15 +57,16 @@ def run(args) -> int:
         image_weight=args.image_weight,
         like_weight=args.like_weight,
     )
-    query.parts()  # bad weights fail before the model is loaded
+    query.parts()  # bad weights and filters fail before the model is loaded
+    filters = parse_filters(filters_from_args(args))
     with open_index(args.index, device=args.device, precision=args.precision) as index:
-        hits = search(index, query, args.k, group_by=args.group_by)
+        hits = search(index, query, args.k, group_by=args.group_by, filters=filters, offset=args.offset)
     if args.json:
         print(json.dumps(to_dicts(hits), indent=2))
         return 0
     if not hits:
-        print("no results (the index is empty)")
-    for rank, hit in enumerate(hits, 1):
+        print("no results (the index is empty)" if filters is None and not args.offset else "no results")
+    for rank, hit in enumerate(hits, args.offset + 1):
         best = hit.best if isinstance(hit, FileHit) else hit
         print(f"{rank:3d}  {best.score:6.3f}  {_clock(best.start)}-{_clock(best.end)}  {best.path}")
         if isinstance(hit, FileHit) and len(hit.timeline) > 1:

@@ -53,7 +53,11 @@ def container_tags(path: str | os.PathLike) -> ContainerTags:
         lower = {str(k).lower(): str(v) for k, v in found.items()}
         if created is None:
             created = next(
-                (t for key in _CREATED_KEYS if key in lower and (t := parse_tag_time(lower[key])) is not None),
+                (
+                    t
+                    for key in _CREATED_KEYS
+                    if key in lower and (t := parse_tag_time(lower[key])) is not None
+                ),
                 None,
             )
         if title is None and lower.get("title", "").strip():

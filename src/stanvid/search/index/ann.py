@@ -353,7 +353,11 @@ class ApproxSearcher:
             self._keep.append(batch)
 
     def _params(
-        self, nprobe: int, filtered: bool, exclude: np.ndarray | None = None, allowed: AllowedRows | None = None
+        self,
+        nprobe: int,
+        filtered: bool,
+        exclude: np.ndarray | None = None,
+        allowed: AllowedRows | None = None,
     ) -> faiss.SearchParametersIVF:
         params = faiss.SearchParametersIVF()
         params.nprobe = nprobe

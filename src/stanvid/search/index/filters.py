@@ -40,9 +40,22 @@ from stanvid.search.index.ann import AllowedRows
 __all__ = ["FILTER_FIELDS", "SearchFilter", "allowed_rows", "check_offset", "filterable", "parse_filters"]
 
 # the fields a filter has, by the names the API and Python take (the CLI spells them --in, --min-duration, ...)
-FILTER_FIELDS = ("in", "after", "before", "min_duration", "max_duration", "created_after", "created_before", "title")
+FILTER_FIELDS = (
+    "in",
+    "after",
+    "before",
+    "min_duration",
+    "max_duration",
+    "created_after",
+    "created_before",
+    "title",
+)
 
-TAG_FIELDS = ("created_after", "created_before", "title")  # need the container metadata recorded at index time
+TAG_FIELDS = (
+    "created_after",
+    "created_before",
+    "title",
+)  # need the container metadata recorded at index time
 
 MAX_PATTERN_CHARS = 1000
 _CACHED_FILTERS = 8  # allowed rows kept per generation (the pages of a few filtered searches)
@@ -69,7 +82,9 @@ class SearchFilter:
                           ("created_after", "created_before")):  # fmt: skip
             a, b = getattr(self, low), getattr(self, high)
             if a is not None and b is not None and (a >= b if high.endswith("before") else a > b):
-                raise QueryError(f"the filter's {low} ({_shown(low, a)}) is past its {high} ({_shown(high, b)})")
+                raise QueryError(
+                    f"the filter's {low} ({_shown(low, a)}) is past its {high} ({_shown(high, b)})"
+                )
 
     @property
     def empty(self) -> bool:
@@ -120,7 +135,10 @@ def parse_filters(spec: SearchFilter | Mapping[str, Any] | None) -> SearchFilter
     made = SearchFilter(
         path=pattern,
         title=None if title is None else title.strip()[:MAX_PATTERN_CHARS],
-        **{name: parse_time(given.get(name), name) for name in ("after", "before", "created_after", "created_before")},
+        **{
+            name: parse_time(given.get(name), name)
+            for name in ("after", "before", "created_after", "created_before")
+        },
         **{name: parse_duration(given.get(name), name) for name in ("min_duration", "max_duration")},
     )
     return None if made.empty else made

@@ -23,6 +23,7 @@ from stanvid.search.server.common import (
     errors,
     public,
 )
+from stanvid.search.server.filters import Page, PageDep
 
 _BLANK = " \t\n\r\f\v"  # what a query may not consist of only (the same set in the schema's pattern)
 _NOT_BLANK = "[^ \t\n\r\f\v]"
@@ -37,9 +38,10 @@ def search_router(settings: Settings) -> APIRouter:
         None, max_length=settings.max_query_chars, description="text to combine with the example"
     )
 
-    @router.get("/api/search", response_model=SearchBody, responses=errors(400, 503))
+    @router.get("/api/search", response_model=SearchBody, responses=errors(400, 422, 503))
     def search(
         index: IndexDep,
+        page: PageDep,
         q: str = QueryParam(
             description="what to search for",
             min_length=1,
@@ -52,11 +54,12 @@ def search_router(settings: Settings) -> APIRouter:
         text = optional_text(q, settings)
         if text is None:
             raise BadRequest(400, "the query is empty: pass the text to search for as ?q=")
-        return run_query(index, Query(text=text), k, group, {"query": text})
+        return run_query(index, Query(text=text), k, group, {"query": text}, page)
 
-    @router.get("/api/like/{segment_id}", response_model=SearchBody, responses=errors(400, 404, 503))
+    @router.get("/api/like/{segment_id}", response_model=SearchBody, responses=errors(400, 404, 422, 503))
     def like(
         index: IndexDep,
+        page: PageDep,
         segment_id: int = PathParam(ge=0, le=MAX_ID),
         k: int = k_param,
         q: str | None = q_extra,
@@ -68,7 +71,7 @@ def search_router(settings: Settings) -> APIRouter:
             raise BadRequest(404, f"no segment with id {segment_id} in this index")
         text = optional_text(q, settings)
         query = Query(text=text, like=segment_id, like_weight=like_weight, text_weight=text_weight)
-        return run_query(index, query, k, group, {"query": text, "like": segment_id})
+        return run_query(index, query, k, group, {"query": text, "like": segment_id}, page)
 
     add_image_route(router, settings, k_param, group_param, q_extra)
     return router
@@ -83,7 +86,7 @@ def add_image_route(
     @router.post(
         "/api/search/image",
         response_model=SearchBody,
-        responses=errors(400, 413, 415, 503),
+        responses=errors(400, 413, 415, 422, 503),
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -93,6 +96,7 @@ def add_image_route(
     )
     async def search_image(
         index: IndexDep,
+        page: PageDep,
         request: Request,
         k: int = k_param,
         q: str | None = q_extra,
@@ -118,7 +122,8 @@ def add_image_route(
             raise BadRequest(400, "the request body is empty: send the image as the body")
         text = optional_text(q, settings)
         query = Query(text=text, image=bytes(data), image_weight=image_weight, text_weight=text_weight)
-        return await run_in_threadpool(run_query, index, query, k, group, {"query": text, "image": True})
+        echo = {"query": text, "image": True}
+        return await run_in_threadpool(run_query, index, query, k, group, echo, page)
 
 
 def weight_param(name: str) -> Any:
@@ -135,15 +140,24 @@ def optional_text(q: str | None, settings: Settings) -> str | None:
     return text or None
 
 
-def run_query(index: VideoIndex, query: Query, k: int, group: str | None, echo: dict) -> dict:
+def run_query(
+    index: VideoIndex, query: Query, k: int, group: str | None, echo: dict, page: Page | None = None
+) -> dict:
+    page = page or Page(None, 0)
     try:
-        hits = search_query(index, query, k, group_by=group)
+        hits = search_query(index, query, k, group_by=group, filters=page.filters, offset=page.offset)
     except QueryError as exc:
         raise BadRequest(400, public(index, str(exc))) from exc
     return {
         "generation": index.generation,
         **echo,
         "k": k,
+        "offset": page.offset,
+        "filters": None
+        if page.filters is None
+        else {
+            name: value for name, value in page.filters.to_dict().items() if value is not None
+        },  # fmt: skip
         "group": group,
         "results": [hit_json(h) for h in hits],
     }
