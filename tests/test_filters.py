@@ -294,3 +294,29 @@ def test_api_filters_pages_info_and_422s(archive):
             assert r.status_code == 422 and word in r.json()["error"]
         r = client.get(f"/api/like/{sid}", params={"after": "2024-05-01", "before": "2024-04-01"})
         assert r.status_code == 422 and "past its before" in r.json()["error"]
+
+
+def test_the_recorded_recall_is_the_recall_near_point_queries_get(archive):
+    """The tuner's lower bound clears the target on both query sets; measured from outside (other near-point
+    queries, brute force over the store's rows, plain and filtered), the recall is at least the target."""
+    from stanvid.search.index.ann import near_points
+
+    out, _ = archive
+    found = rows(out)
+    matrix = np.stack([e for *_, e in found])
+    keys = [(p, a) for p, a, *_ in found]
+    rng = np.random.default_rng(7)
+    q = near_points(matrix[rng.choice(len(matrix), 300, replace=False)], rng)
+    with open_index(out, model=index_model()) as index:
+        record = index.meta["ann"]
+        assert record["recall_at_10_low"] >= record["target_recall"] == 0.95
+        assert record["recall_queries"] == 500 and record["filter_recall_at_10_low"] >= 0.95
+        assert "at 95% confidence" in index.describe()
+        for spec, keep in ((None, lambda p: True), ({"in": "trips/**"}, lambda p: p.startswith("trips/"))):
+            hits = 0
+            allowed = np.array([keep(p) for p, _ in keys])
+            for vec, res in zip(q, index.search_embeddings(q, 10, filters=spec), strict=True):
+                exact = np.where(allowed, matrix @ vec, -np.inf)
+                truth = {keys[i] for i in np.argsort(-exact, kind="stable")[:10]}
+                hits += len({(h.relpath, h.start) for h in res} & truth)
+            assert hits / (10 * len(q)) >= 0.95

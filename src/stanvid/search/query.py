@@ -41,7 +41,6 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from stanvid.errors import QueryError
-from stanvid.search.index.filters import check_offset, parse_filters
 from stanvid.search.rerank import keeps_frame_vectors, rerank
 from stanvid.video.transforms import center_crop, resize_short_side
 
@@ -316,7 +315,8 @@ def search(
         raise QueryError(f"k must be a positive integer, got {k!r}")
     if group_by not in GROUP_BY:
         raise QueryError(f"group_by must be one of {', '.join(map(str, GROUP_BY))}, got {group_by!r}")
-    filters, offset = parse_filters(filters), check_offset(offset)
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise QueryError(f"offset must be a non-negative integer, got {offset!r}")
     with index.pinned() as view:  # the example segment, the hits and their files: one generation
         text_only = [name for name, weight in query.parts() if weight > 0] == ["text"]
         if group_by is None and text_only and keeps_frame_vectors(view.model):

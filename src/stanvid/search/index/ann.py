@@ -18,9 +18,11 @@ Kinds, keyed by store slot (`stanvid.search.index.vectors`):
 * `ivf` — the same inverted file holding the float32 vectors themselves (`IndexIVFFlat`): 4 D bytes each.
 
 `nprobe` (cells searched per query) is not a formula: after every build, `tune` measures recall@10 against
-exact search on a sample of the index's own vectors (200 of them, the whole store scanned for the truth, each
-query's own file left out of truth and answer) for growing `nprobe` and keeps the smallest that reaches the
-target (0.95); the figure is recorded and shown.
+exact search (the whole store scanned for the truth) on two sets of 500 queries, the index's own vectors with
+each query's own file left out of truth and answer, and queries drawn near indexed vectors, for growing
+`nprobe`, and keeps the smallest whose recall clears the target (0.95) at the lower end of a 95 % confidence
+interval on both sets; then the probes a filtered search adds (`filter_probe`) are measured the same way.
+The figures are recorded and shown.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ TARGET_RECALL = 0.95
 
 DEFAULT_RERANK = 100  # candidates scored exactly from the store per query (at least k)
 
-RECALL_QUERIES = 200
+RECALL_QUERIES = 500  # per query set (`tune`): the confidence interval's half-width ~0.005 at recall 0.96
 
 TWO_LEVEL_FROM_NLIST = 1024  # centroids trained and found in two levels from this many cells
 
@@ -93,14 +95,23 @@ def describe(record: dict[str, Any] | None) -> str:
     shape = f"nlist={record['nlist']}"
     if record["kind"] == "ivfpq":
         shape += f", PQ {record['m']}x{record['nbits']} bit codes, {record['rerank']} re-ranked exactly"
-    measured = record.get("recall_at_10")
-    recall = (
-        ""
-        if measured is None
-        else f", recall@10 {measured:.3f} vs exact on {record['recall_queries']} of its vectors"
-    )
-    if measured is not None and measured < record.get("target_recall", 0):
+    measured, low = record.get("recall_at_10"), record.get("recall_at_10_low")
+    if measured is None:
+        recall = ""
+    elif low is None:  # recorded before the confidence interval was
+        recall = f", recall@10 {measured:.3f} vs exact on {record['recall_queries']} of its vectors"
+    else:
+        recall = (
+            f", recall@10 {measured:.3f} (>= {low:.3f} at 95% confidence) vs exact on 2 x "
+            f"{record['recall_queries']} queries (held-out files, near points)"
+        )
+    if measured is not None and (measured if low is None else low) < record.get("target_recall", 0):
         recall += f" (target {record['target_recall']:.2f} not reached)"
+    if record.get("filter_recall_at_10") is not None:
+        recall += (
+            f"; filtered to {record['filter_fraction']:.0%}: recall@10 {record['filter_recall_at_10']:.3f} "
+            f"(>= {record['filter_recall_at_10_low']:.3f})"
+        )
     name = "IVF-PQ" if record["kind"] == "ivfpq" else "IVF"
     return f"approximate {name}, {shape}, nprobe={record['nprobe']}{recall}"
 
@@ -342,6 +353,7 @@ class ApproxSearcher:
         self.kind = record["kind"]
         self.nprobe, self.rerank = int(record.get("nprobe") or 1), int(record.get("rerank") or DEFAULT_RERANK)
         self.two_level = bool(record.get("two_level"))
+        self.filter_power = float(record.get("filter_power") or FILTER_PROBE_POWER)
         self.nlist = faiss.extract_index_ivf(main).nlist
         self.count = count
         self._keep: list[Any] = []
@@ -409,7 +421,7 @@ class ApproxSearcher:
         want = max(1, min(k, self.count if allowed is None else allowed.count))
         nprobe = min(self.nlist, nprobe or self.nprobe)
         if allowed is not None:
-            nprobe = filter_probe(nprobe, allowed.fraction, self.nlist)
+            nprobe = filter_probe(nprobe, allowed.fraction, self.nlist, self.filter_power)
         base = max(1, rerank or self.rerank)
         r = base if want <= base else base << math.ceil(math.log2(want / base))
         while True:
@@ -420,16 +432,16 @@ class ApproxSearcher:
             nprobe = min(self.nlist, 2 * nprobe)
 
 
-FILTER_PROBE_POWER = 0.5  # a filter keeping a fraction f of the rows probes nprobe / f**0.5 cells
+FILTER_PROBE_POWER = 0.5  # a filter keeping a fraction f of the rows probes nprobe / f**0.5 cells (default)
 
 
-def filter_probe(nprobe: int, fraction: float, nlist: int) -> int:
+def filter_probe(nprobe: int, fraction: float, nlist: int, power: float = FILTER_PROBE_POWER) -> int:
     """The cells a filtered search probes: the k nearest allowed rows of a filter keeping a fraction `f` lie
-    about as far as the k / f nearest of all, in more cells, so the probes grow as f ** -FILTER_PROBE_POWER
-    (measured by `benchmarks/filters.py` at 50%, 10% and 1%: recall@10 stays at the unfiltered level)."""
+    about as far as the k / f nearest of all, in more cells, so the probes grow as f ** -power; `tune`
+    measures which power keeps the recall and records it (`filter_power`)."""
     if fraction >= 1:
         return nprobe
-    return int(min(nlist, math.ceil(nprobe * max(fraction, 1e-9) ** -FILTER_PROBE_POWER)))
+    return int(min(nlist, math.ceil(nprobe * max(fraction, 1e-9) ** -power)))
 
 
 def tiers(width: int, r: int, base: int) -> np.ndarray | None:
@@ -512,6 +524,43 @@ def _rank_rows(scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- recall
+NEAR_COSINE = 0.85  # a near-point query's cosine to the indexed vector it was drawn around
+
+CONFIDENCE_Z = 1.645  # one-sided 95 %: the chosen nprobe's recall is below the target 1 time in 20 at most
+
+FILTER_POWERS = (0.5, 0.75, 1.0)  # tried in turn until the filtered recall's lower bound clears the target
+
+FILTER_BLOCK = 64  # the tuner's filter keeps whole runs of slots (a file's segments are consecutive slots)
+
+
+def lower_bound(per_query: np.ndarray) -> float:
+    """The lower end of the one-sided 95 % confidence interval on the mean of per-query recalls."""
+    n = len(per_query)
+    if n < 2:
+        return float(per_query.mean()) if n else 0.0
+    return float(per_query.mean() - CONFIDENCE_Z * per_query.std(ddof=1) / math.sqrt(n))
+
+
+def near_points(points: np.ndarray, rng: np.random.Generator, cosine: float = NEAR_COSINE) -> np.ndarray:
+    """Unit queries at `cosine` to each of `points` (unit rows), in a random direction: what a user's query
+    looks like to the index (near what is indexed, but not any indexed vector)."""
+    noise = rng.standard_normal(points.shape).astype(np.float32)
+    noise -= (noise * points).sum(axis=1, keepdims=True) * points  # (n, D) orthogonal to each point
+    return _unit(cosine * points + math.sqrt(1 - cosine**2) * _unit(noise))
+
+
+def _per_query(searcher: ApproxSearcher, q: np.ndarray, exclude: list[np.ndarray], truth: np.ndarray, p: int,
+               r: int, allowed: AllowedRows | None = None) -> np.ndarray:  # fmt: skip
+    """(Q,) recall@10 of each query against its exact top 10."""
+    out = np.zeros(len(q))
+    for i in range(len(q)):
+        got = searcher.search(q[i : i + 1], 10, nprobe=p, rerank=r, widen=False, allowed=allowed,
+                              exclude=exclude[i] if len(exclude[i]) else None)[1][0]  # fmt: skip
+        t = truth[i][truth[i] >= 0]
+        out[i] = len(set(got[got >= 0].tolist()) & set(t.tolist())) / max(1, len(t))
+    return out
+
+
 def tune(
     searcher: ApproxSearcher,
     store: VectorStore,
@@ -524,47 +573,89 @@ def tune(
     seed: int = 0,
     same_file: Any = None,
 ) -> dict[str, Any]:
-    """The smallest `nprobe` (and `rerank`) reaching recall@10 >= `target` against exact search, with the
-    recall measured: queries are `queries` of the index's own vectors, the truth an exact scan of the store.
-    `same_file(slots)` gives each query's file's slots: they are left out of both the truth and the answer,
-    so what is measured is finding other videos (a file's own segments sit in its cell and would make any
-    nprobe look good; a text query is not a stored vector either). A fixed `nprobe` (the user's) is
-    measured, not searched. Returns {nprobe, rerank, recall_at_10, ...}."""
+    """The smallest `nprobe` (and `rerank`) whose recall@10 against exact search clears `target` at the lower
+    end of a one-sided 95 % confidence interval (`lower_bound`), on two sets of `queries` each, the truth an
+    exact scan of the store:
+
+    * held-out file: the index's own vectors, each query's file (`same_file(slots)`) left out of the truth and
+      the answer, so what is measured is finding other videos (a file's own segments share its cell);
+    * near points: queries drawn at cosine `NEAR_COSINE` around indexed vectors (`near_points`), nothing left
+      out: the queries users send land near what is indexed, not on it.
+
+    A point estimate crossing the target stops at the first `nprobe` whose noise lands above it, and the
+    recall users get is then below the target about half the time; the lower bound is what is guaranteed.
+    Then the filtered search (`filter_probe`) is measured on the near-point queries with a filter keeping a
+    tenth of the rows (at most: fewer on large indexes, down to the size exact scans take over), and the
+    smallest probe growth (`FILTER_POWERS`) whose lower bound clears the target is recorded. A fixed
+    `nprobe` (the user's) is measured, not searched. Returns {nprobe, rerank, recall_at_10, ...}."""
     live = np.flatnonzero(mask)
     count = min(queries, len(live))
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(live, size=count, replace=False))
-    q = store.read(chosen)
     exclude = same_file(chosen) if same_file is not None else [np.zeros(0, np.int64)] * count
+    near = near_points(store.read(np.sort(rng.choice(live, size=count, replace=False))), rng)
+    q = np.concatenate([store.read(chosen), near])
+    exclude = [*exclude, *[np.zeros(0, np.int64)] * count]
     truth = exact_top(store, mask, q, 10, exclude)[1]
-
-    def recall(p: int, r: int) -> float:
-        got = [searcher.search(q[i : i + 1], 10, nprobe=p, rerank=r, widen=False, exclude=exclude[i])[1][0]
-               for i in range(count)]  # fmt: skip
-        hits = sum(len(set(g[g >= 0]) & set(t[t >= 0])) for g, t in zip(got, truth, strict=True))
-        return hits / max(1, int((truth >= 0).sum()))
 
     base = rerank or DEFAULT_RERANK
     cap = max(min(searcher.nlist, 64), searcher.nlist // MAX_PROBE_FRACTION)  # milliseconds: at most 1/8
     ladder = sorted({p for p in _NPROBE_LADDER if p < cap} | {cap})
-    tried: list[tuple[float, int, int]] = []
+    tried: list[tuple[float, int, int, np.ndarray]] = []
+    chosen_one = None
     for r in (base,) if nprobe or rerank or searcher.kind == "ivf" else (base, 4 * base):
         best, flat = 0.0, 0
         for p in (nprobe,) if nprobe else ladder:
-            measured = recall(p, r)
-            tried.append((measured, p, r))
-            if measured >= target:
-                return {"nprobe": p, "rerank": r, "recall_at_10": measured, "recall_queries": count,
-                        "target_recall": target}  # fmt: skip
-            flat = flat + 1 if measured <= best + 0.002 else 0
-            best = max(best, measured)
+            per = _per_query(searcher, q, exclude, truth, p, r)
+            low = min(lower_bound(per[:count]), lower_bound(per[count:]))
+            tried.append((low, p, r, per))
+            if low >= target:
+                chosen_one = tried[-1]
+                break
+            flat = flat + 1 if low <= best + 0.002 else 0
+            best = max(best, low)
             if flat >= 3 and p >= 32:  # more cells stopped helping: the codes limit recall, not the probes
                 break
-    measured, p, r = max(tried, key=lambda t: (t[0], -t[1], -t[2]))
-    return {
+        if chosen_one is not None:
+            break
+    low, p, r, per = chosen_one or max(tried, key=lambda t: (t[0], -t[1], -t[2]))
+    record = {
         "nprobe": p,
         "rerank": r,
-        "recall_at_10": measured,
+        "recall_at_10": float(min(per[:count].mean(), per[count:].mean())),
+        "recall_at_10_low": low,
+        "recall_held_out": float(per[:count].mean()),
+        "recall_near": float(per[count:].mean()),
         "recall_queries": count,
         "target_recall": target,
     }
+    record.update(_tune_filtered(searcher, store, mask, near, p, r, target, rng))
+    return record
+
+
+def _tune_filtered(searcher: ApproxSearcher, store: VectorStore, mask: np.ndarray, q: np.ndarray, p: int, r: int,
+                   target: float, rng: np.random.Generator) -> dict[str, Any]:  # fmt: skip
+    """The probe growth a filtered search needs to keep the recall (see `tune`), measured."""
+    live = int(mask.sum())
+    fraction = min(0.1, max(0.02, 2 * EXACT_FILTER_ROWS / max(1, live)))
+    blocks = rng.random(-(-len(mask) // FILTER_BLOCK)) < fraction
+    keep = np.repeat(blocks, FILTER_BLOCK)[: len(mask)] & mask
+    if not keep.any():
+        return {}
+    allowed = AllowedRows(np.flatnonzero(keep), len(mask), live)
+    truth = exact_top(store, keep, q, 10)[1]
+    none = [np.zeros(0, np.int64)] * len(q)
+    old = searcher.filter_power
+    best: tuple[float, float, float] = (-1.0, 0.0, FILTER_POWERS[-1])
+    try:
+        for power in FILTER_POWERS:
+            searcher.filter_power = power
+            per = _per_query(searcher, q, none, truth, p, r, allowed)
+            best = max(best, (lower_bound(per), float(per.mean()), power), key=lambda t: t[0])
+            if lower_bound(per) >= target:
+                best = (lower_bound(per), float(per.mean()), power)
+                break
+    finally:
+        searcher.filter_power = old
+    return {"filter_power": best[2], "filter_recall_at_10": best[1], "filter_recall_at_10_low": best[0],
+            "filter_fraction": round(allowed.fraction, 4)}  # fmt: skip
