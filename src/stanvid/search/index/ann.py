@@ -486,8 +486,10 @@ def exact_rows(
     for at in range(0, len(slots), READ_ROWS):
         part = slots[at : at + READ_ROWS]
         s = queries @ store.read(part).T  # (Q, n)
-        all_s = np.concatenate([best_s, s], axis=1)
-        all_i = np.concatenate([best_i, np.broadcast_to(part, s.shape)], axis=1)
+        kk = min(k, s.shape[1])
+        top = np.argpartition(-s, kk - 1, axis=1)[:, :kk]  # (Q, kk): only these can enter the best k
+        all_s = np.concatenate([best_s, np.take_along_axis(s, top, axis=1)], axis=1)
+        all_i = np.concatenate([best_i, part[top]], axis=1)
         order = _rank_rows(all_s, all_i)[:, :k]
         best_s, best_i = np.take_along_axis(all_s, order, axis=1), np.take_along_axis(all_i, order, axis=1)
     best_i[~np.isfinite(best_s)] = -1
