@@ -144,6 +144,10 @@ _EXPORTS = {
     "Query": "stanvid.search.query",
     "FileHit": "stanvid.search.query",
     "ClipSpec": "stanvid.search.query",
+    "SearchFilter": "stanvid.search.index.filters",
+    "CopyGroup": "stanvid.search.duplicates",
+    "CopyMatch": "stanvid.search.duplicates",
+    "find_duplicates": "stanvid.search.duplicates",
     "frames_blob": "stanvid.search.rerank",
     "blob_frames": "stanvid.search.rerank",
     "classify": "stanvid.search.classify",
@@ -205,6 +209,7 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time `__getattr_
     from stanvid.models.video_clip import VideoCLIP
     from stanvid.precision import prepare_for_inference, quantize_int8, resolve_precision
     from stanvid.search.classify import classify
+    from stanvid.search.duplicates import CopyGroup, CopyMatch, find_duplicates
     from stanvid.search.embed import embed_videos
     from stanvid.search.index import (
         IndexReport,
@@ -218,6 +223,7 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time `__getattr_
         segment_bounds,
         segment_frame_indices,
     )
+    from stanvid.search.index.filters import SearchFilter
     from stanvid.search.query import ClipSpec, FileHit, Query
     from stanvid.search.rerank import blob_frames, frames_blob
     from stanvid.search.server.app import create_app

@@ -28,6 +28,7 @@ COMMANDS = {
     "eval": "stanvid.cli.evaluate",
     "index": "stanvid.cli.index",
     "search": "stanvid.cli.search",
+    "duplicates": "stanvid.cli.duplicates",
     "serve": "stanvid.cli.serve",
     "classify": "stanvid.cli.classify",
     "embed": "stanvid.cli.embed",

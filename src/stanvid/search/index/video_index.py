@@ -368,6 +368,21 @@ class VideoIndex:
 
         return search(self, query, k, group_by=group_by, filters=filters, offset=offset)
 
+    def duplicates(self, threshold: float | None = None, *, min_fraction: float | None = None) -> list:
+        """Groups of files that hold the same footage (`stanvid.search.duplicates.CopyGroup`), largest first,
+        from the stored embeddings; `threshold` (segment cosine) and `min_fraction` (of the shorter file
+        lined up) default to the measured ones. See `stanvid.search.duplicates`."""
+        from stanvid.search import duplicates as dup
+
+        return dup.find_duplicates(self, dup.DEFAULT_THRESHOLD if threshold is None else threshold,
+                                   min_fraction=dup.MIN_FRACTION if min_fraction is None else min_fraction)  # fmt: skip
+
+    def copies(self, file_id: int, threshold: float | None = None) -> list:
+        """The files that hold footage of file `file_id` (`stanvid.search.duplicates.CopyMatch`), best first."""
+        from stanvid.search import duplicates as dup
+
+        return dup.find_copies(self, file_id, dup.DEFAULT_THRESHOLD if threshold is None else threshold)
+
     def filterable(self) -> tuple[list[str], dict[str, str]]:
         """The filter fields this generation can apply, and those it cannot, with the reason (an index built
         before container metadata was recorded cannot filter on it)."""
