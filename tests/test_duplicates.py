@@ -113,3 +113,36 @@ def test_cli_duplicates_json_and_csv(archive, capsys):
     assert capsys.readouterr().out.startswith("group 1: 4 files")
     assert cli_main(["duplicates", str(out), "--threshold", "2"]) == 2
     assert "threshold must be" in capsys.readouterr().err
+
+
+def test_api_copies_of_a_file_and_the_page_offers_them(archive):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+
+    from stanvid.search.server.app import create_app
+
+    out, truth = archive
+    with open_index(out, model=index_model()) as index:
+        fid = next(f for f in range(1, 100) if index.file_relpath(f) == "orig/000.mp4")
+        expected = index.copies(fid)
+    with TestClient(
+        create_app(out, model=index_model(), follow=None), raise_server_exceptions=False
+    ) as client:
+        body = client.get(f"/api/copies/{fid}").json()
+        assert body["path"] == "orig/000.mp4"
+        assert [c["path"] for c in body["copies"]] == [m.b for m in expected]
+        assert {c["path"] for c in body["copies"]} | {"orig/000.mp4"} in [set(g) for g in truth]
+        trimmed = next(c for c in body["copies"] if c["path"] == "copies/000-trimmed.mp4")
+        assert (trimmed["start"], trimmed["end"], trimmed["source_start"], trimmed["source_end"]) == (
+            0,
+            14,
+            6,
+            20,
+        )
+        assert client.get("/api/copies/999999").status_code == 404
+        assert client.get(f"/api/copies/{fid}", params={"threshold": 2}).status_code == 400
+        script = client.get("/static/app.js").text
+        assert (
+            "/api/copies/" in script and "offset=" in script and 'id="more-results"' in client.get("/").text
+        )

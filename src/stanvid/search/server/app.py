@@ -55,6 +55,7 @@ from stanvid.search.server.common import (
     Settings,
     public,
 )
+from stanvid.search.server.copies import copies_router
 from stanvid.search.server.info import info_router
 from stanvid.search.server.media import media_router
 from stanvid.search.server.search import search_router
@@ -111,6 +112,7 @@ def create_app(
     app.include_router(info_router(settings))
     app.include_router(search_router(settings))
     app.include_router(media_router(settings))
+    app.include_router(copies_router(settings))
     return app
 
 
