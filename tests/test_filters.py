@@ -320,3 +320,23 @@ def test_the_recorded_recall_is_the_recall_near_point_queries_get(archive):
                 truth = {keys[i] for i in np.argsort(-exact, kind="stable")[:10]}
                 hits += len({(h.relpath, h.start) for h in res} & truth)
             assert hits / (10 * len(q)) >= 0.95
+
+
+def test_the_next_run_records_the_metadata_an_older_index_lacks(tmp_path, model_dir):
+    root = tmp_path / "videos"
+    from indexkit import write_clip
+
+    write_clip(root / "a.mp4", 20, 1)
+    out = tmp_path / "idx"
+    build_index(root, out, model_dir, precision="fp32")
+    with contextlib.closing(sqlite3.connect(out / DB_NAME)) as conn:
+        conn.execute(
+            "UPDATE files SET created = NULL, title = NULL, tags = NULL"
+        )  # as an older version left it
+        conn.commit()
+    with open_index(out, model=index_model()) as index:
+        assert "title" in index.filterable()[1]
+    report = build_index(root, out, model_dir, precision="fp32")
+    assert report.indexed == 0  # nothing encoded again
+    with open_index(out, model=index_model()) as index:
+        assert index.filterable()[1] == {}

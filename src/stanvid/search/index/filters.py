@@ -36,6 +36,7 @@ import numpy as np
 
 from stanvid.errors import QueryError
 from stanvid.search.index.ann import AllowedRows
+from stanvid.search.index.store import _bump_generation, _transaction
 
 __all__ = ["FILTER_FIELDS", "SearchFilter", "allowed_rows", "check_offset", "filterable", "parse_filters"]
 
@@ -299,6 +300,22 @@ def _table(snap: Any) -> _Table:
     )
     with _TABLES_LOCK:
         return _TABLES.setdefault(snap, table)
+
+
+def record_missing_tags(conn: Any, root: Any) -> int:
+    """Read and record the container metadata of the indexed files that lack it (indexed before it was
+    recorded; `stanvid index` calls this after encoding, so an older index gains its `created_after`,
+    `created_before` and `title` filters without encoding anything again). Returns the files updated."""
+    from stanvid.video.tags import container_tags
+
+    todo = conn.execute("SELECT id, path FROM files WHERE tags IS NULL").fetchall()
+    if not todo:
+        return 0
+    found = [(t.created, t.title, fid) for fid, rel in todo for t in [container_tags(root / rel)]]
+    with _transaction(conn):
+        conn.executemany("UPDATE files SET created = ?, title = ?, tags = 1 WHERE id = ?", found)
+        _bump_generation(conn)  # open indexes read the new columns as a new generation
+    return len(found)
 
 
 def filterable(snap: Any) -> tuple[list[str], dict[str, str]]:
