@@ -340,3 +340,22 @@ def test_the_next_run_records_the_metadata_an_older_index_lacks(tmp_path, model_
     assert report.indexed == 0  # nothing encoded again
     with open_index(out, model=index_model()) as index:
         assert index.filterable()[1] == {}
+
+
+def test_an_exact_index_filters_inside_faiss_too(archive, model_dir, tmp_path, monkeypatch):
+    out, facts = archive
+    flat = tmp_path / "flat"
+    build_index(
+        out.parent / "videos",
+        flat,
+        model_dir,
+        approx_threshold=10**6,
+        from_embeddings=str(out.parent / "emb"),
+    )
+    monkeypatch.setattr(ann_module, "EXACT_FILTER_ROWS", 0)  # the bitmap through IndexIDMap, not the row scan
+    with open_index(flat, model=index_model()) as index:
+        assert index.vectors.kind == "flat"
+        for spec, keep in cases(facts):
+            for vec in queries(flat, 3):
+                got = index.search_embeddings(vec[None], 10, filters=spec)[0]
+                assert [(h.relpath, h.start) for h in got] == brute(flat, vec, keep, 10)[0]
