@@ -24,7 +24,7 @@ import numpy as np
 
 CLIPS_PER_ORIGINAL = 20
 ORIGINALS = 16
-THRESHOLDS = (0.8, 0.85, 0.88, 0.9, 0.92, 0.94, 0.96, 0.98)
+THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 KINDS = {
     "reencoded": ["-vf", "scale=48:48", "-crf", "35"],
     "trimmed": None,  # cut by time, see `_copy`
@@ -67,28 +67,35 @@ def _copy(original: Path, kind: str, folder: Path) -> Path:
     return out
 
 
-def copies_bench(demo: Path, work: Path) -> dict:
+def copies_bench(demo: Path, work: Path, model_name: str | None = None) -> dict:
     from stanvid import build_index, open_index
 
     model = demo / "model" if (demo / "model" / "config.json").exists() else demo / "clip"
+    if model_name is not None:
+        model = demo / model_name
     if shutil.which("ffmpeg") is None:
         raise SystemExit("ffmpeg is needed (apt-get install -y ffmpeg)")
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    t0 = time.perf_counter()
-    originals = _originals(demo, work)
-    origin = {f"originals/{o.name}": (o.stem, "original") for o in originals}
-    for o in originals:
-        for kind in KINDS:
-            origin[f"copies/{_copy(o, kind, work).name}"] = (o.stem, kind)
-    print(f"{len(originals)} originals of {CLIPS_PER_ORIGINAL} s and {len(origin) - len(originals)} copies "
-          f"made in {time.perf_counter() - t0:.0f} s; model {model}", flush=True)  # fmt: skip
-    report = build_index(work / "videos", work / "idx", model, segment_seconds=2.0, num_workers=0,
+    made = work / "origin.json"
+    if not made.exists():  # the videos are made once; an index per model
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True)
+        t0 = time.perf_counter()
+        originals = _originals(demo, work)
+        origin = {f"originals/{o.name}": (o.stem, "original") for o in originals}
+        for o in originals:
+            for kind in KINDS:
+                origin[f"copies/{_copy(o, kind, work).name}"] = (o.stem, kind)
+        print(f"{len(originals)} originals of {CLIPS_PER_ORIGINAL} s and {len(origin) - len(originals)} copies "
+              f"made in {time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
+        made.write_text(json.dumps(origin))
+    origin = {k: tuple(v) for k, v in json.loads(made.read_text()).items()}
+    out = work / f"idx-{model.name}"
+    report = build_index(work / "videos", out, model, segment_seconds=2.0, num_workers=0,
                          progress=False, precision="fp32")  # fmt: skip
-    print(report.summary(), flush=True)
-    results = {"model": str(model), "originals": len(originals), "thresholds": {}}
-    with open_index(work / "idx", follow=None) as index:
+    print(f"model {model}\n{report.summary()}", flush=True)
+    results = {"model": str(model), "originals": ORIGINALS, "thresholds": {}}
+    with open_index(out, follow=None) as index:
         for threshold in THRESHOLDS:
             t1 = time.perf_counter()
             groups = index.duplicates(threshold)

@@ -205,13 +205,14 @@ def main() -> None:
         "--copies", action="store_true", help="the copy-groups measurement instead (needs ffmpeg)"
     )
     ap.add_argument("--demo", type=Path, default=Path("/tmp/r35-demo"), help="`stanvid demo --quick` output")
+    ap.add_argument("--demo-model", default=None, help="model folder inside DEMO (default: model, else clip)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()}")
     if args.copies:
         from copies import copies_bench
 
-        results = copies_bench(args.demo, args.work)
+        results = copies_bench(args.demo, args.work, args.demo_model)
     else:
         args.work.mkdir(parents=True, exist_ok=True)
         model_dir = tiny_model(args.work)

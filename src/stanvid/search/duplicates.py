@@ -11,10 +11,11 @@ Two steps:
    compared. The copies of one file (`find_copies`) are the nearest segments of each of its segments, by
    the index's search.
 2. **Aligned in time.** A copy matches the original at a fixed shift (a trimmed copy starts later, a
-   re-encoded one at the same time): of the similar segments of two files, those whose time shift agrees
-   to within one segment with the most common shift are kept, and the pair of files is a copy when they
-   cover at least `min_fraction` of the shorter file's segments (at least 2 segments, when both files have
-   2). Chance similarities between unrelated videos do not line up, and are dropped.
+   re-encoded one at the same time): of the similar segment pairs of two files, those whose segments are
+   each other's best match in the other file (`_mutual_best`) and whose time shift agrees to within half a
+   segment with the most common shift are kept, and the pair of files is a copy when they cover at least
+   `min_fraction` of the shorter file's segments (at least 2 segments, when both files have 2). Chance
+   similarities between unrelated videos (alike scenes) pair segments at random shifts, and are dropped.
 
 Files joined by copy pairs form a group; each pair says which span of each file matches.
 
@@ -196,14 +197,15 @@ def _aligned(table: _Segments, files: tuple[int, int], found: list[tuple[int, in
              min_fraction: float) -> CopyMatch | None:  # fmt: skip
     """The copy match of two files from their similar segment pairs, if enough of them line up in time."""
     fa, fb = files
+    found = _mutual_best(found)
     a = np.array([i for i, _, _ in found])
     b = np.array([j for _, j, _ in found])
     score = np.array([s for _, _, s in found])
     shift = table.start[b] - table.start[a]
-    width = float(np.median(table.end[a] - table.start[a]))  # one segment
+    width = 0.5 * float(np.median(table.end[a] - table.start[a]))  # half a segment: one step of the grid
     order = np.argsort(shift)
     ordered = shift[order]
-    ends = np.searchsorted(ordered, ordered + width, side="right")  # pairs within one segment of each
+    ends = np.searchsorted(ordered, ordered + width, side="right")  # pairs within `width` of each other
     first = int(np.argmax(ends - np.arange(len(ordered))))
     picked = order[first : ends[first]]
     seg_a, seg_b = np.unique(a[picked]), np.unique(b[picked])
@@ -216,6 +218,20 @@ def _aligned(table: _Segments, files: tuple[int, int], found: list[tuple[int, in
         table.paths[fb], table.file_ids[fb], float(table.start[seg_b].min()), float(table.end[seg_b].max()),
         int(min(len(seg_a), len(seg_b))), float(score[picked].mean()), float(np.median(shift[picked])),
     )  # fmt: skip
+
+
+def _mutual_best(found: list[tuple[int, int, float]]) -> list[tuple[int, int, float]]:
+    """The pairs whose two segments are each other's most similar in the other file: a copy's segment finds
+    its own moment, while the segments of two unrelated but alike videos (one scene, one topic) pair at
+    random, and their time shifts then disagree."""
+    best_a: dict[int, tuple[float, int]] = {}
+    best_b: dict[int, tuple[float, int]] = {}
+    for i, j, s in found:
+        if s > best_a.get(i, (-2.0, -1))[0]:
+            best_a[i] = (s, j)
+        if s > best_b.get(j, (-2.0, -1))[0]:
+            best_b[j] = (s, i)
+    return [(i, j, s) for i, j, s in found if best_a[i][1] == j and best_b[j][1] == i]
 
 
 def _union(table: _Segments, matches: list[CopyMatch]) -> list[CopyGroup]:
