@@ -9,7 +9,7 @@ and shards), file i modified at 2024-01-01 + i minutes, imported with `stanvid i
 tuner's record printed). Vectors are `loose` by default: archive.py's clustered recipe with twice the noise
 at each level (a file's centre at cosine ~0.45 to its topic, a segment ~0.67 to its file's centre), or
 `--data clustered|isotropic`. Queries, one at a time, k = 10: near points (cosine 0.85 around random
-indexed vectors, `ann.near_points`) and held-out vectors (files not indexed), recall@10 against an exact
+indexed vectors, as the tuner draws them) and held-out vectors (files not indexed), recall@10 against an exact
 scan of the shards; then the same near-point queries with a modified-time filter keeping 50 %, 10 %, 1 %
 and 0.01 % of the segments (a window of consecutive files: their rows are a contiguous range of the shards,
 scanned exactly for the truth), p50/p99 and recall@10. Then `VideoIndex.duplicates` over the whole index
@@ -91,8 +91,7 @@ def fingerprint(model_dir: Path) -> str:
 
 def tiny_model(work: Path) -> Path:
     """A ViT-B/32-sized text/vision config is not needed for vectors: a small 512-d model fingerprints them."""
-    from stanvid.models.config import CLIPConfig, ModelConfig, TextConfig, VisionConfig
-    from stanvid.models.video_clip import VideoCLIP
+    from stanvid import CLIPConfig, ModelConfig, TextConfig, VideoCLIP, VisionConfig
 
     target = work / "model"
     if not (target / "config.json").exists():
@@ -138,6 +137,15 @@ def rows_of(shards: list[Path], picks: np.ndarray) -> np.ndarray:
     return np.concatenate(out)
 
 
+def near_points(points: np.ndarray, rng: np.random.Generator, cosine: float = 0.85) -> np.ndarray:
+    """Unit queries at `cosine` to each of `points`, in a random direction orthogonal to it (written here
+    again, as the second path to the tuner's)."""
+    noise = rng.standard_normal(points.shape)
+    noise -= np.sum(noise * points, axis=1, keepdims=True) * points
+    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+    return _unit(cosine * points + np.sqrt(1 - cosine**2) * noise)
+
+
 def measure(index, queries: np.ndarray, truth: np.ndarray, listing: list, filters: dict | None) -> dict:
     keys = [{(listing[i // PER_FILE][0], float(i % PER_FILE)) for i in row if i >= 0} for row in truth]
     times, hits, total, short = [], 0, 0, 0
@@ -155,7 +163,6 @@ def measure(index, queries: np.ndarray, truth: np.ndarray, listing: list, filter
 
 def search_bench(out: Path, listing: list, shards: list[Path], kind: str, queries: int) -> dict:
     from stanvid import open_index
-    from stanvid.search.index.ann import near_points
 
     n = len(listing) * PER_FILE
     rng = np.random.default_rng(11)
