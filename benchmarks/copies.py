@@ -1,6 +1,6 @@
 """The copy groups of `stanvid duplicates` on real encoded videos (run through `benchmarks/filters.py --copies`):
 the demo corpus's clips (`stanvid demo --quick --out DEMO`: H.264, 32 x 32, 16 fps, one second each) are
-concatenated with ffmpeg into longer originals, each copied five ways with ffmpeg, the folder is indexed with
+concatenated with ffmpeg into longer originals (14 s; no clip in two of them), each copied five ways with ffmpeg, the folder is indexed with
 the demo's model (DEMO/model, else DEMO/clip), and the groups found are scored against the copies made:
 
 * reencoded: another bitrate and resolution (x1.5, CRF 35);   * trimmed: the first 30 % and last 10 % cut;
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-CLIPS_PER_ORIGINAL = 20
+CLIPS_PER_ORIGINAL = 14
 ORIGINALS = 16
 THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 KINDS = {
@@ -40,10 +40,12 @@ def _ffmpeg(*args: str) -> None:
 
 def _originals(demo: Path, folder: Path) -> list[Path]:
     clips = sorted((demo / "data" / "videos").glob("*.mp4"))
-    rng = np.random.default_rng(0)
+    if len(clips) < ORIGINALS * CLIPS_PER_ORIGINAL:
+        raise SystemExit(f"{demo}: {len(clips)} clips, {ORIGINALS * CLIPS_PER_ORIGINAL} needed")
+    order = np.random.default_rng(0).permutation(len(clips))  # no clip in two originals: they share no footage
     made = []
     for i in range(ORIGINALS):
-        picks = [clips[j] for j in rng.choice(len(clips), CLIPS_PER_ORIGINAL, replace=False)]
+        picks = [clips[j] for j in order[i * CLIPS_PER_ORIGINAL : (i + 1) * CLIPS_PER_ORIGINAL]]
         listing = folder / f"list-{i}.txt"
         listing.write_text("".join(f"file '{p}'\n" for p in picks))
         out = folder / "videos" / "originals" / f"o{i:02d}.mp4"
