@@ -1,4 +1,5 @@
-"""`stanvid search INDEX ["text"] [--image P] [--like VIDEO[:START-END]] [--group-by file] -k 10 [--json]`."""
+"""`stanvid search INDEX ["text"] [--image P] [--like VIDEO[:START-END]] [--group-by file] -k 10 [--json]`
+with filters (`--in`, `--after`, `--before`, `--min-duration`, ...: `stanvid.cli.filters`) and `--offset`."""
 
 from __future__ import annotations
 
