@@ -24,7 +24,7 @@ import numpy as np
 
 CLIPS_PER_ORIGINAL = 14
 ORIGINALS = 16
-THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
+THRESHOLDS = (0.5, 0.8, 0.9, 0.95, 0.98)
 KINDS = {
     "reencoded": ["-vf", "scale=48:48", "-crf", "35"],
     "trimmed": None,  # cut by time, see `_copy`
@@ -42,7 +42,9 @@ def _originals(demo: Path, folder: Path) -> list[Path]:
     clips = sorted((demo / "data" / "videos").glob("*.mp4"))
     if len(clips) < ORIGINALS * CLIPS_PER_ORIGINAL:
         raise SystemExit(f"{demo}: {len(clips)} clips, {ORIGINALS * CLIPS_PER_ORIGINAL} needed")
-    order = np.random.default_rng(0).permutation(len(clips))  # no clip in two originals: they share no footage
+    order = np.random.default_rng(0).permutation(
+        len(clips)
+    )  # no clip in two originals: they share no footage
     made = []
     for i in range(ORIGINALS):
         picks = [clips[j] for j in order[i * CLIPS_PER_ORIGINAL : (i + 1) * CLIPS_PER_ORIGINAL]]
