@@ -532,6 +532,9 @@ CONFIDENCE_Z = 1.645  # one-sided 95 %: the chosen nprobe's recall is below the 
 
 FILTER_POWERS = (0.5, 0.75, 1.0)  # tried in turn until the filtered recall's lower bound clears the target
 
+SCREEN_QUERIES = 100  # per set: an nprobe whose recall on these is SCREEN_MARGIN below the target is skipped
+SCREEN_MARGIN = 0.02  # (about 2 standard errors at 100 queries: a step that could pass is measured in full)
+
 FILTER_BLOCK = 64  # the tuner's filter keeps whole runs of slots (a file's segments are consecutive slots)
 
 
@@ -586,6 +589,8 @@ def tune(
 
     A point estimate crossing the target stops at the first `nprobe` whose noise lands above it, and the
     recall users get is then below the target about half the time; the lower bound is what is guaranteed.
+    Each `nprobe` is first measured on `SCREEN_QUERIES` of each set, and only in full when that is within
+    `SCREEN_MARGIN` of the target (the ladder's low steps cost a tenth).
     Then the filtered search (`filter_probe`) is measured on the near-point queries with a filter keeping a
     tenth of the rows (at most: fewer on large indexes, down to the size exact scans take over), and the
     smallest probe growth (`FILTER_POWERS`) whose lower bound clears the target is recorded. A fixed
@@ -608,6 +613,17 @@ def tune(
     for r in (base,) if nprobe or rerank or searcher.kind == "ivf" else (base, 4 * base):
         best, flat = 0.0, 0
         for p in (nprobe,) if nprobe else ladder:
+            screen = (
+                np.r_[0:SCREEN_QUERIES, count : count + SCREEN_QUERIES] if count > SCREEN_QUERIES else None
+            )
+            if screen is not None and not nprobe:  # a step far below the target is not measured in full
+                part = _per_query(searcher, q[screen], [exclude[i] for i in screen], truth[screen], p, r)
+                if min(part[:SCREEN_QUERIES].mean(), part[SCREEN_QUERIES:].mean()) < target - SCREEN_MARGIN:
+                    low = min(lower_bound(part[:SCREEN_QUERIES]), lower_bound(part[SCREEN_QUERIES:]))
+                    tried.append((low, p, r, None))
+                    flat = flat + 1 if low <= best + 0.002 else 0
+                    best = max(best, low)
+                    continue
             per = _per_query(searcher, q, exclude, truth, p, r)
             low = min(lower_bound(per[:count]), lower_bound(per[count:]))
             tried.append((low, p, r, per))
@@ -621,6 +637,9 @@ def tune(
         if chosen_one is not None:
             break
     low, p, r, per = chosen_one or max(tried, key=lambda t: (t[0], -t[1], -t[2]))
+    if per is None:  # the best of the steps that fell short was only screened: measured in full now
+        per = _per_query(searcher, q, exclude, truth, p, r)
+        low = min(lower_bound(per[:count]), lower_bound(per[count:]))
     record = {
         "nprobe": p,
         "rerank": r,
