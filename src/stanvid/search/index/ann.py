@@ -245,7 +245,9 @@ def add_live(index: faiss.Index, store: VectorStore, mask: np.ndarray, start: in
 
 
 # ---------------------------------------------------------------------------------------------- filtering
-EXACT_FILTER_ROWS = 16_384  # a filter keeping at most this many rows is answered by an exact scan of them
+EXACT_FILTER_ROWS = 4_096  # a filter keeping at most this many rows is answered by an exact scan of them
+# (their vectors read once and kept with the filter: 8 MB at 512-d; past this, reading them costs more than
+# the IVF search with the filter inside, measured by benchmarks/filters.py)
 
 
 class AllowedRows:
@@ -257,6 +259,7 @@ class AllowedRows:
         self.slots = np.ascontiguousarray(slots, dtype=np.int64)
         self.count = len(self.slots)
         self.fraction = self.count / max(1, live)
+        self.flat: faiss.Index | None = None  # the rows of a small filter, exact, read on first use
         bits = np.zeros(max(rows, 1), dtype=bool)
         bits[self.slots] = True
         self.bitmap = np.packbits(bits, bitorder="little")  # bit i of byte i >> 3: FAISS's layout
@@ -275,7 +278,13 @@ def search_allowed(
         empty = np.zeros((len(queries), 0))
         return empty.astype(np.float32), empty.astype(np.int64)
     if allowed.count <= EXACT_FILTER_ROWS:
-        return exact_rows(store, allowed.slots, queries, min(k, allowed.count))
+        if allowed.flat is None:
+            flat = faiss.IndexFlatIP(store.dim)
+            flat.add(store.read(allowed.slots))
+            allowed.flat = flat
+        _threads_for(queries)  # (numpy's BLAS would start its threads for a few thousand rows: ~30 ms loaded)
+        scores, found = allowed.flat.search(queries, min(k, allowed.count))
+        return scores, np.where(found >= 0, allowed.slots[np.maximum(found, 0)], -1)
     return searcher.search(queries, k, allowed=allowed)
 
 
@@ -478,8 +487,8 @@ def rerank_exact(
 def exact_rows(
     store: VectorStore, slots: np.ndarray, queries: np.ndarray, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(Q, k) exact best scores and slots among `slots` (sorted) only: a filter that keeps few rows is
-    scanned exactly, reading just those rows (`EXACT_FILTER_ROWS`)."""
+    """(Q, k) exact best scores and slots among `slots` (sorted) only, reading just those rows (what a store
+    without a vector index answers a filtered search with)."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     best_s = np.full((len(queries), k), -np.inf, dtype=np.float32)
     best_i = np.full((len(queries), k), -1, dtype=np.int64)
