@@ -169,20 +169,25 @@ def _buckets(index: VideoIndex, vectors: np.ndarray) -> list[np.ndarray]:
 def _similar_pairs(
     vectors: np.ndarray, file: np.ndarray, buckets: list[np.ndarray], threshold: float
 ) -> dict[tuple[int, int], float]:
-    """{(row i, row j), i < j, different files: cosine} for the pairs at or above `threshold`."""
+    """{(row i, row j), i < j, different files: cosine} for the pairs above `threshold`: a FAISS range search
+    of each bucket against itself, on one thread (thousands of small products: threads would only wait on
+    each other)."""
     found: dict[tuple[int, int], float] = {}
-    for members in buckets:
-        x = vectors[members].astype(np.float32)  # (m, D)
-        block = max(1, (1 << 24) // len(members))  # at most 16M scores (64 MB) at a time
-        for lo in range(0, len(members), block):
-            s = x[lo : lo + block] @ x.T  # (b, m)
-            ii, jj = np.nonzero(s >= threshold)
-            a, b = members[ii + lo], members[jj]
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        for members in buckets:
+            x = np.ascontiguousarray(vectors[members], dtype=np.float32)  # (m, D)
+            flat = faiss.IndexFlatIP(x.shape[1])
+            flat.add(x)
+            lims, sims, cols = flat.range_search(x, threshold)
+            rows = np.repeat(np.arange(len(members)), np.diff(lims.astype(np.int64)))
+            a, b = members[rows], members[cols]
             keep = (a < b) & (file[a] != file[b])
-            for i, j, v in zip(
-                a[keep].tolist(), b[keep].tolist(), s[ii[keep], jj[keep]].tolist(), strict=True
-            ):
+            for i, j, v in zip(a[keep].tolist(), b[keep].tolist(), sims[keep].tolist(), strict=True):
                 found[i, j] = v
+    finally:
+        faiss.omp_set_num_threads(threads)
     return found
 
 
