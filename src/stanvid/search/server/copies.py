@@ -36,7 +36,7 @@ class CopiesBody(BaseModel):
 def copies_router(settings: Settings) -> APIRouter:
     router = APIRouter()
 
-    @router.get("/api/copies/{file_id}", response_model=CopiesBody, responses=errors(404, 422, 503))
+    @router.get("/api/copies/{file_id}", response_model=CopiesBody, responses=errors(400, 404, 422, 503))
     def copies(
         index: IndexDep,
         file_id: int = PathParam(ge=0, le=MAX_ID),
