@@ -121,12 +121,15 @@ def file_vectors(first: int, count: int, topics: int = 0) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def write_shard(path: Path, files: list[tuple[str, int, int]], vectors: np.ndarray, **header) -> Path:
-    """A `stanvid embed` output written here by hand (the second writer of the format)."""
+def write_shard(path: Path, files: list[tuple[str, int, int]], vectors: np.ndarray, segments: list[int] | None = None,
+                **header) -> Path:  # fmt: skip
+    """A `stanvid embed` output written here by hand (the second writer of the format); `segments`: one-second
+    segments per file (default `PER_FILE` each)."""
     head = {"model": "tiny", "model_fingerprint": stanvid.model_fingerprint(index_model()), "dim": DIM,
             "segment_seconds": 1.0, "root": "/elsewhere", "vectors": path.with_suffix(".npy").name, **header}  # fmt: skip
     rows_ = [{"path": p, "start": float(j), "end": float(j + 1), "size": s, "mtime_ns": m}
-             for p, s, m in files for j in range(PER_FILE)]  # fmt: skip
+             for (p, s, m), n in zip(files, segments or [PER_FILE] * len(files), strict=True)
+             for j in range(n)]  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path.with_suffix(".npy"), vectors)
     path.with_suffix(".json").write_text(json.dumps({**head, "rows": rows_}))

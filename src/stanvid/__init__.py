@@ -157,6 +157,10 @@ _EXPORTS = {
     "evaluate_moments": "stanvid.search.moment_eval",
     "moment_metrics": "stanvid.search.moment_eval",
     "temporal_iou": "stanvid.search.moment_eval",
+    "SearchFilter": "stanvid.search.index.filters",
+    "CopyGroup": "stanvid.search.duplicates",
+    "CopyMatch": "stanvid.search.duplicates",
+    "find_duplicates": "stanvid.search.duplicates",
     "frames_blob": "stanvid.search.rerank",
     "blob_frames": "stanvid.search.rerank",
     "classify": "stanvid.search.classify",
@@ -227,6 +231,7 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time `__getattr_
     from stanvid.models.video_clip import VideoCLIP
     from stanvid.precision import prepare_for_inference, quantize_int8, resolve_precision
     from stanvid.search.classify import classify
+    from stanvid.search.duplicates import CopyGroup, CopyMatch, find_duplicates
     from stanvid.search.embed import embed_videos
     from stanvid.search.index import (
         IndexReport,
@@ -240,6 +245,7 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time `__getattr_
         segment_bounds,
         segment_frame_indices,
     )
+    from stanvid.search.index.filters import SearchFilter
     from stanvid.search.moment_eval import evaluate_moments, moment_metrics, temporal_iou
     from stanvid.search.moment_export import ExportedMoment, export_moment
     from stanvid.search.moments import Moment, file_moments

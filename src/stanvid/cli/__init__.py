@@ -32,6 +32,7 @@ COMMANDS = {
     "index": "stanvid.cli.index",
     "search": "stanvid.cli.search",
     "eval-moments": "stanvid.cli.eval_moments",
+    "duplicates": "stanvid.cli.duplicates",
     "serve": "stanvid.cli.serve",
     "classify": "stanvid.cli.classify",
     "embed": "stanvid.cli.embed",

@@ -1,4 +1,5 @@
-"""`stanvid search INDEX ["text"] [--image P] [--like VIDEO[:START-END]] [--group-by file] -k 10 [--json]`."""
+"""`stanvid search INDEX ["text"] [--image P] [--like VIDEO[:START-END]] [--group-by file] -k 10 [--json]`
+with filters (`--in`, `--after`, `--before`, `--min-duration`, ...: `stanvid.cli.filters`) and `--offset`."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import sys
 
 from stanvid.cli.common import add_runtime_argument
+from stanvid.cli.filters import add_filter_arguments, filters_from_args
 from stanvid.cli.precision import add_precision_argument
 
 
@@ -49,11 +51,13 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     add_precision_argument(p)
     add_runtime_argument(p)
+    add_filter_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from stanvid.search.index import open_index
+    from stanvid.search.index.filters import parse_filters
     from stanvid.search.query import FileHit, Query, QueryError, search, to_dicts
 
     if args.text is None and args.image is None and args.like is None:
@@ -66,11 +70,21 @@ def run(args) -> int:
         image_weight=args.image_weight,
         like_weight=args.like_weight,
     )
-    query.parts()  # bad weights fail before the model is loaded
+    query.parts()  # bad weights and filters fail before the model is loaded
+    filters = parse_filters(filters_from_args(args))
     if args.export is not None and not args.moments:
         raise QueryError("--export writes moments: give --moments too")
     with open_index(args.index, device=args.device, precision=args.precision, runtime=args.runtime) as index:
-        hits = search(index, query, args.k, group_by=args.group_by, moments=args.moments, pad=args.pad)
+        hits = search(
+            index,
+            query,
+            args.k,
+            group_by=args.group_by,
+            moments=args.moments,
+            pad=args.pad,
+            filters=filters,
+            offset=args.offset,
+        )
         if args.moments and (note := index.moments_note()):
             print(note, file=sys.stderr)
         if args.export is not None:
@@ -79,8 +93,8 @@ def run(args) -> int:
         print(json.dumps(to_dicts(hits), indent=2))
         return 0
     if not hits:
-        print("no results (the index is empty)")
-    for rank, hit in enumerate(hits, 1):
+        print("no results (the index is empty)" if filters is None and not args.offset else "no results")
+    for rank, hit in enumerate(hits, args.offset + 1):
         best = hit.best if isinstance(hit, FileHit) else hit
         print(f"{rank:3d}  {best.score:6.3f}  {_clock(best.start)}-{_clock(best.end)}  {best.path}")
         if isinstance(hit, FileHit) and len(hit.timeline) > 1:

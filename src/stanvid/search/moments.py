@@ -235,13 +235,17 @@ def missing_moments(index: str, kept: int | None, files: int) -> str:
     )
 
 
-def search_moments(index: VideoIndex, vector: np.ndarray, k: int, pad: float = 0.0) -> list[SearchResult]:
+def search_moments(
+    index: VideoIndex, vector: np.ndarray, k: int, pad: float = 0.0, *, filters: Any = None, offset: int = 0
+) -> list[SearchResult]:
     """The `k` best moments for a (D,) unit query vector, best first, as `SearchResult`s whose `start` and
     `end` bound each moment (`pad` seconds wider each side) and whose `score` is its peak score; `id` is the
-    indexed segment that holds the peak. From one generation of the index (`VideoIndex.pinned`)."""
+    indexed segment that holds the peak. From one generation of the index (`VideoIndex.pinned`). `filters`
+    choose the candidate files inside the vector search (`stanvid.search.index.filters`); `offset` skips the
+    first moments (the next page)."""
     pad = check_pad(pad)
     with index.pinned() as view:
-        return _search_moments(view, np.asarray(vector, np.float32), k, pad)
+        return _search_moments(view, np.asarray(vector, np.float32), k + offset, pad, filters)[offset:]
 
 
 def file_moments(
@@ -287,7 +291,9 @@ def _padded(moments: list[Moment], pad: float, duration: float) -> list[Moment]:
     return [Moment(*pad_moment(m.start, m.end, pad, duration), m.score, m.peak) for m in moments]
 
 
-def _candidates(index: VideoIndex, vector: np.ndarray, want: int) -> dict[int, SearchResult]:
+def _candidates(
+    index: VideoIndex, vector: np.ndarray, want: int, filters: Any = None
+) -> dict[int, SearchResult]:
     """The best segment of each of the `want` best files by the vector index (fewer when the index has
     fewer), widening the search x4 until they are found."""
     n = len(index)
@@ -295,7 +301,7 @@ def _candidates(index: VideoIndex, vector: np.ndarray, want: int) -> dict[int, S
     best: dict[int, SearchResult] = {}
     while fetch > 0:
         best = {}
-        for hit in index.search_embeddings(vector[None], fetch)[0]:
+        for hit in index.search_embeddings(vector[None], fetch, filters=filters)[0]:
             best.setdefault(hit.file_id, hit)
         if len(best) >= want or fetch >= n:
             break
@@ -303,8 +309,10 @@ def _candidates(index: VideoIndex, vector: np.ndarray, want: int) -> dict[int, S
     return dict(list(best.items())[:want])
 
 
-def _search_moments(index: VideoIndex, vector: np.ndarray, k: int, pad: float) -> list[SearchResult]:
-    best = _candidates(index, vector, max(k, CANDIDATE_FILES))
+def _search_moments(
+    index: VideoIndex, vector: np.ndarray, k: int, pad: float, filters: Any = None
+) -> list[SearchResult]:
+    best = _candidates(index, vector, max(k, CANDIDATE_FILES), filters)
     if not best:
         return []
     stored = index.moment_features(list(best))  # file_id -> (step, duration, (n, D) features)

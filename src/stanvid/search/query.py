@@ -301,52 +301,60 @@ def search(
     group_by: str | None = None,
     moments: bool = False,
     pad: float = 0.0,
+    filters: Any = None,
+    offset: int = 0,
 ) -> list[SearchResult] | list[FileHit]:
     """The `k` best segments for `query` (a `Query`, or a plain text), best first; with `group_by="file"`,
     the `k` best files (`FileHit`), each with its best segment first and the scores of all its segments;
     with `moments`, the `k` best moments, `pad` seconds wider each side (`stanvid.search.moments`).
 
     A text-only query to an index of a Mug-STAN model is ranked as `VideoIndex.search` ranks it: the Mug
-    head re-ranks FAISS's nearest candidates (`stanvid.search.rerank`); any other query is one vector."""
+    head re-ranks FAISS's nearest candidates (`stanvid.search.rerank`); any other query is one vector.
+    `filters` (`stanvid.search.index.SearchFilter` or a mapping of its fields) keep only the files that pass,
+    inside the vector search; `offset` skips the first hits (or files), for the next page."""
     if isinstance(query, str):
         query = Query(text=query)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise QueryError(f"k must be a positive integer, got {k!r}")
     if group_by not in GROUP_BY:
         raise QueryError(f"group_by must be one of {', '.join(map(str, GROUP_BY))}, got {group_by!r}")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise QueryError(f"offset must be a non-negative integer, got {offset!r}")
     with index.pinned() as view:  # the example segment, the hits and their files: one generation
         text_only = [name for name, weight in query.parts() if weight > 0] == ["text"]
         if group_by is None and text_only and not moments and keeps_frame_vectors(view.model):
-            return rerank(view, _text(query), k)
+            return rerank(view, _text(query), k, filters=filters, offset=offset)
         vector = embed_query(view, query)
         if moments:
             from stanvid.search.moments import search_moments
 
-            return search_moments(view, vector, k, pad)
+            return search_moments(view, vector, k, pad, filters=filters, offset=offset)
         if group_by is None:
-            return view.search_embeddings(vector[None], k)[0]
-        return group_by_file(view, vector, k)
+            return view.search_embeddings(vector[None], k, filters=filters, offset=offset)[0]
+        return group_by_file(view, vector, k, filters=filters, offset=offset)
 
 
-def group_by_file(index: VideoIndex, vector: np.ndarray, k: int) -> list[FileHit]:
+def group_by_file(
+    index: VideoIndex, vector: np.ndarray, k: int, *, filters: Any = None, offset: int = 0
+) -> list[FileHit]:
     """The `k` files whose best segment scores highest, each with its timeline of segment scores.
 
     Candidates come from the vector index: the search widens (x4 each round) until `k` distinct files are
     found or every segment was returned, so `min(k, files)` files come back. The search and the timelines
     are read from one generation of the index (`VideoIndex.pinned`)."""
     with index.pinned() as view:
-        return _group_by_file(view, vector, k)
+        return _group_by_file(view, vector, k + offset, filters)[offset:]
 
 
-def _group_by_file(index: VideoIndex, vector: np.ndarray, k: int) -> list[FileHit]:
+def _group_by_file(index: VideoIndex, vector: np.ndarray, k: int, filters: Any = None) -> list[FileHit]:
     want = min(len(index), max(4 * k, 32))
     best: dict[int, SearchResult] = {}
     while want > 0:
-        hits = index.search_embeddings(vector[None], want)[0]
+        hits = index.search_embeddings(vector[None], want, filters=filters)[0]
         best = {}
         for hit in hits:
             best.setdefault(hit.file_id, hit)
-        if len(best) >= k or want >= len(index):
+        if len(best) >= k or want >= len(index) or len(hits) < want:  # every passing segment seen
             break
         want = min(len(index), want * 4)
     out = []

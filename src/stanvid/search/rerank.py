@@ -47,19 +47,22 @@ def blob_frames(blob: bytes, dim: int, where: str) -> np.ndarray:
 
 
 @torch.inference_mode()
-def rerank(index: Any, text: str, k: int, candidates: int = CANDIDATES) -> list:
+def rerank(
+    index: Any, text: str, k: int, candidates: int = CANDIDATES, *, filters: Any = None, offset: int = 0
+) -> list:
     """The ``k`` best segments for ``text`` by the Mug head, among FAISS's ``max(k, candidates)`` nearest.
 
     ``index`` is an open `stanvid.search.index.VideoIndex` whose model uses the head. The candidates and their
     per-frame vectors are read from one generation of it (`VideoIndex.pinned`), so ``min(k, segments)`` come
-    back whatever a run deletes meanwhile.
+    back whatever a run deletes meanwhile. `filters` restrict the candidates (`VideoIndex.search_embeddings`);
+    `offset` skips the first hits of the head's order.
     """
     with index.pinned() as view:
-        return _rerank(view, text, k, candidates)
+        return _rerank(view, text, k + offset, candidates, filters)[offset:]
 
 
-def _rerank(index: Any, text: str, k: int, candidates: int) -> list:
-    found = index.search_embeddings(index.embed_text([text]), max(k, candidates))[0]
+def _rerank(index: Any, text: str, k: int, candidates: int, filters: Any = None) -> list:
+    found = index.search_embeddings(index.embed_text([text]), max(k, candidates), filters=filters)[0]
     if not found:
         return []
     frames = index.segment_frames([r.id for r in found])

@@ -18,9 +18,11 @@ Kinds, keyed by store slot (`stanvid.search.index.vectors`):
 * `ivf` — the same inverted file holding the float32 vectors themselves (`IndexIVFFlat`): 4 D bytes each.
 
 `nprobe` (cells searched per query) is not a formula: after every build, `tune` measures recall@10 against
-exact search on a sample of the index's own vectors (200 of them, the whole store scanned for the truth, each
-query's own file left out of truth and answer) for growing `nprobe` and keeps the smallest that reaches the
-target (0.95); the figure is recorded and shown.
+exact search (the whole store scanned for the truth) on two sets of 500 queries, the index's own vectors with
+each query's own file left out of truth and answer, and queries drawn near indexed vectors, for growing
+`nprobe`, and keeps the smallest whose recall clears the target (0.95) at the lower end of a 95 % confidence
+interval on both sets; then the probes a filtered search adds (`filter_probe`) are measured the same way.
+The figures are recorded and shown.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ TARGET_RECALL = 0.95
 
 DEFAULT_RERANK = 100  # candidates scored exactly from the store per query (at least k)
 
-RECALL_QUERIES = 200
+RECALL_QUERIES = 500  # per query set (`tune`): the confidence interval's half-width ~0.005 at recall 0.96
 
 TWO_LEVEL_FROM_NLIST = 1024  # centroids trained and found in two levels from this many cells
 
@@ -98,14 +100,23 @@ def describe(record: dict[str, Any] | None) -> str:
     shape = f"nlist={record['nlist']}"
     if record["kind"] == "ivfpq":
         shape += f", PQ {record['m']}x{record['nbits']} bit codes, {record['rerank']} re-ranked exactly"
-    measured = record.get("recall_at_10")
-    recall = (
-        ""
-        if measured is None
-        else f", recall@10 {measured:.3f} vs exact on {record['recall_queries']} of its vectors"
-    )
-    if measured is not None and measured < record.get("target_recall", 0):
+    measured, low = record.get("recall_at_10"), record.get("recall_at_10_low")
+    if measured is None:
+        recall = ""
+    elif low is None:  # recorded before the confidence interval was
+        recall = f", recall@10 {measured:.3f} vs exact on {record['recall_queries']} of its vectors"
+    else:
+        recall = (
+            f", recall@10 {measured:.3f} (>= {low:.3f} at 95% confidence) vs exact on 2 x "
+            f"{record['recall_queries']} queries (held-out files, near points)"
+        )
+    if measured is not None and (measured if low is None else low) < record.get("target_recall", 0):
         recall += f" (target {record['target_recall']:.2f} not reached)"
+    if record.get("filter_recall_at_10") is not None:
+        recall += (
+            f"; filtered to {record['filter_fraction']:.0%}: recall@10 {record['filter_recall_at_10']:.3f} "
+            f"(>= {record['filter_recall_at_10_low']:.3f})"
+        )
     name = "IVF-PQ" if record["kind"] == "ivfpq" else "IVF"
     return f"approximate {name}, {shape}, nprobe={record['nprobe']}{recall}"
 
@@ -238,6 +249,50 @@ def add_live(index: faiss.Index, store: VectorStore, mask: np.ndarray, start: in
             index.add_with_ids(block[keep], np.flatnonzero(keep).astype(np.int64) + first)
 
 
+# ---------------------------------------------------------------------------------------------- filtering
+EXACT_FILTER_ROWS = 4_096  # a filter keeping at most this many rows is answered by an exact scan of them
+# (their vectors read once and kept with the filter: 8 MB at 512-d; past this, reading them costs more than
+# the IVF search with the filter inside, measured by benchmarks/filters.py)
+
+
+class AllowedRows:
+    """The store slots a filtered search may return (sorted, live rows only) and FAISS's selector over them:
+    a bitmap of the store's rows, so the filter is applied inside the search (as deletions are) and `k`
+    hits come back whenever `k` rows pass."""
+
+    def __init__(self, slots: np.ndarray, rows: int, live: int) -> None:
+        self.slots = np.ascontiguousarray(slots, dtype=np.int64)
+        self.count = len(self.slots)
+        self.fraction = self.count / max(1, live)
+        self.flat: faiss.Index | None = None  # the rows of a small filter, exact, read on first use
+        bits = np.zeros(max(rows, 1), dtype=bool)
+        bits[self.slots] = True
+        self.bitmap = np.packbits(bits, bitorder="little")  # bit i of byte i >> 3: FAISS's layout
+        self.selector = faiss.IDSelectorBitmap(len(self.bitmap), faiss.swig_ptr(self.bitmap))
+
+
+def search_allowed(
+    searcher: Any, store: VectorStore, queries: np.ndarray, k: int, allowed: AllowedRows | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """`searcher.search(queries, k)` restricted to `allowed` (None: every live row): an exact scan of the
+    allowed rows when they are few (`EXACT_FILTER_ROWS`), the vector index with the filter inside otherwise."""
+    if allowed is None:
+        return searcher.search(queries, k)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if allowed.count == 0:
+        empty = np.zeros((len(queries), 0))
+        return empty.astype(np.float32), empty.astype(np.int64)
+    if allowed.count <= EXACT_FILTER_ROWS:
+        if allowed.flat is None:
+            flat = faiss.IndexFlatIP(store.dim)
+            flat.add(store.read(allowed.slots))
+            allowed.flat = flat
+        _threads_for(queries)  # (numpy's BLAS would start its threads for a few thousand rows: ~30 ms loaded)
+        scores, found = allowed.flat.search(queries, min(k, allowed.count))
+        return scores, np.where(found >= 0, allowed.slots[np.maximum(found, 0)], -1)
+    return searcher.search(queries, k, allowed=allowed)
+
+
 # ---------------------------------------------------------------------------------------------- searching
 class ExactSearcher:
     """Exact search: float32 copies of the live vectors in memory (the `flat` kind)."""
@@ -261,9 +316,14 @@ class ExactSearcher:
         self.mask = mask
         self.count = int(self.index.ntotal)
 
-    def search(self, queries: np.ndarray, k: int, **_: Any) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: np.ndarray, k: int, allowed: AllowedRows | None = None, **_: Any
+    ) -> tuple[np.ndarray, np.ndarray]:
         _threads_for(queries)
-        return self.index.search(queries, max(1, min(k, self.count)))
+        if allowed is None:
+            return self.index.search(queries, max(1, min(k, self.count)))
+        params = faiss.SearchParameters(sel=allowed.selector)
+        return self.index.search(queries, max(1, min(k, allowed.count)), params=params)
 
 
 class ScanSearcher:
@@ -276,7 +336,11 @@ class ScanSearcher:
         self.store, self.mask = store, mask
         self.count = int(mask.sum())
 
-    def search(self, queries: np.ndarray, k: int, **_: Any) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: np.ndarray, k: int, allowed: AllowedRows | None = None, **_: Any
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if allowed is not None:
+            return exact_rows(self.store, allowed.slots, queries, max(1, min(k, allowed.count)))
         return exact_top(self.store, self.mask, queries, max(1, min(k, self.count)))
 
 
@@ -329,6 +393,7 @@ class ApproxSearcher:
         self.kind = record["kind"]
         self.nprobe, self.rerank = int(record.get("nprobe") or 1), int(record.get("rerank") or DEFAULT_RERANK)
         self.two_level = bool(record.get("two_level"))
+        self.filter_power = float(record.get("filter_power") or FILTER_PROBE_POWER)
         self.nlist = faiss.extract_index_ivf(main).nlist
         self.count = count
         self._keep: list[Any] = []
@@ -340,11 +405,17 @@ class ApproxSearcher:
             self._keep.append(batch)
 
     def _params(
-        self, nprobe: int, filtered: bool, exclude: np.ndarray | None = None
+        self,
+        nprobe: int,
+        filtered: bool,
+        exclude: np.ndarray | None = None,
+        allowed: AllowedRows | None = None,
     ) -> faiss.SearchParametersIVF:
         params = faiss.SearchParametersIVF()
         params.nprobe = nprobe
-        if exclude is not None and len(exclude):  # a query's own file left out (recall measurement)
+        if allowed is not None:  # the allowed rows are live rows: the deletions are in them already
+            params.sel = allowed.selector
+        elif exclude is not None and len(exclude):  # a query's own file left out (recall measurement)
             batch = faiss.IDSelectorBatch(np.union1d(exclude, self.tombstones).astype(np.int64))
             selector = faiss.IDSelectorNot(batch)
             params.sel = selector
@@ -359,33 +430,44 @@ class ApproxSearcher:
         return params
 
     def candidates(
-        self, queries: np.ndarray, r: int, nprobe: int, exclude: np.ndarray | None = None
+        self,
+        queries: np.ndarray,
+        r: int,
+        nprobe: int,
+        exclude: np.ndarray | None = None,
+        allowed: AllowedRows | None = None,
     ) -> np.ndarray:
-        """(Q, <= 2 r) candidate slots (-1 padded) from the main index and the delta."""
-        found = [self.main.search(queries, r, params=self._params(nprobe, True, exclude))[1]]
+        """(Q, <= 2 r) candidate slots (-1 padded) from the main index and the delta, each part in the order
+        of its approximate scores."""
+        found = [self.main.search(queries, r, params=self._params(nprobe, True, exclude, allowed))[1]]
         if self.delta is not None and self.delta.ntotal:
-            found.append(
-                self.delta.search(queries, min(r, self.delta.ntotal), params=self._params(nprobe, False))[1]
-            )
+            params = self._params(nprobe, False, allowed=allowed)
+            found.append(self.delta.search(queries, min(r, self.delta.ntotal), params=params)[1])
         return np.concatenate(found, axis=1)
 
     def search(self, queries: np.ndarray, k: int, nprobe: int | None = None, rerank: int | None = None,
-               widen: bool = True, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+               widen: bool = True, exclude: np.ndarray | None = None,
+               allowed: AllowedRows | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
         """(Q, k') exact scores and slots, k' = min(k, live vectors), -1 where fewer were found. With `widen`,
         a query that found fewer than k' probes twice the cells until it has them (small or skewed cells).
         `exclude`: slots left out of the main index's answer (the recall measurement's own file).
+        `allowed`: only these rows may be returned (a filter, applied inside the search, see `filter_probe`).
+
+        Past `rerank` results (deep pages), the candidates are taken in tiers of doubling depth (`tiers`):
+        a candidate ranks by its tier first, then by its exact score, so the first n results of any deeper
+        search are the first n of a shallower one and pages never repeat or skip a hit.
 
         A main file written in place since it was mapped (`MappedFile.changed`), or a candidate no row holds,
         turns this searcher into exact search over the store (`fall_back`), with a warning."""
         if self.fallback is None and self.changed():
             self.fall_back(f"{self.watch.path} was written in place while mapped")
         if self.fallback is not None:
-            return self.fallback.search(queries, k)
+            return self.fallback.search(queries, k, allowed)
         try:
-            return self._search(queries, k, nprobe, rerank, widen, exclude)
+            return self._search(queries, k, nprobe, rerank, widen, exclude, allowed)
         except IndexError as exc:  # a slot out of the store: the mapped file is not the one checked
             self.fall_back(str(exc))
-            return self.fallback.search(queries, k)
+            return self.fallback.search(queries, k, allowed)
 
     def changed(self) -> bool:
         return self.watch is not None and self.watch.changed()
@@ -402,25 +484,49 @@ class ApproxSearcher:
         self.fallback = ScanSearcher(self.store, mask)
 
     def _search(self, queries: np.ndarray, k: int, nprobe: int | None, rerank: int | None, widen: bool,
-                exclude: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+                exclude: np.ndarray | None, allowed: AllowedRows | None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         _threads_for(queries)
-        want = max(1, min(k, self.count))
+        want = max(1, min(k, self.count if allowed is None else allowed.count))
         nprobe = min(self.nlist, nprobe or self.nprobe)
-        r = max(want, rerank or self.rerank)
+        if allowed is not None:
+            nprobe = filter_probe(nprobe, allowed.fraction, self.nlist, self.filter_power)
+        base = max(1, rerank or self.rerank)
+        r = base if want <= base else base << math.ceil(math.log2(want / base))
         while True:
-            scores, slots = rerank_exact(
-                self.store, queries, self.candidates(queries, r, nprobe, exclude), want
-            )
+            cand = self.candidates(queries, r, nprobe, exclude, allowed)
+            scores, slots = rerank_exact(self.store, queries, cand, want, tiers(cand.shape[1], r, base))
             if not widen or nprobe >= self.nlist or (slots >= 0).sum(axis=1).min() >= want:
                 return scores, slots
             nprobe = min(self.nlist, 2 * nprobe)
 
 
+FILTER_PROBE_POWER = 0.5  # a filter keeping a fraction f of the rows probes nprobe / f**0.5 cells (default)
+
+
+def filter_probe(nprobe: int, fraction: float, nlist: int, power: float = FILTER_PROBE_POWER) -> int:
+    """The cells a filtered search probes: the k nearest allowed rows of a filter keeping a fraction `f` lie
+    about as far as the k / f nearest of all, in more cells, so the probes grow as f ** -power; `tune`
+    measures which power keeps the recall and records it (`filter_power`)."""
+    if fraction >= 1:
+        return nprobe
+    return int(min(nlist, math.ceil(nprobe * max(fraction, 1e-9) ** -power)))
+
+
+def tiers(width: int, r: int, base: int) -> np.ndarray | None:
+    """(width,) the tier of each candidate column (the main index's r columns, then the delta's): 0 for the
+    first `base` of each part, t for positions in [base 2^(t-1), base 2^t); None when r == base (one tier)."""
+    if r <= base:
+        return None
+    pos = np.arange(width) % r
+    return np.where(pos < base, 0, np.ceil(np.log2((pos + 1) / base))).astype(np.int64)
+
+
 def rerank_exact(
-    store: VectorStore, queries: np.ndarray, cand: np.ndarray, k: int
+    store: VectorStore, queries: np.ndarray, cand: np.ndarray, k: int, tier: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Score each query's candidate slots exactly from the store and keep the best k, best first."""
+    """Score each query's candidate slots exactly from the store and keep the best k, best first (by `tier`
+    first when given: (width,) per candidate column, see `tiers`)."""
     q = len(queries)
     out_s = np.full((q, k), -np.inf, dtype=np.float32)
     out_i = np.full((q, k), -1, dtype=np.int64)
@@ -429,11 +535,34 @@ def rerank_exact(
         return out_s, out_i
     scores = store.read(uniq) @ queries.T  # (U, Q)
     for row in range(q):
-        mine = np.unique(cand[row][cand[row] >= 0])
+        valid = cand[row] >= 0
+        mine, first = np.unique(cand[row][valid], return_index=True)
         s = scores[np.searchsorted(uniq, mine), row]
-        order = np.lexsort((mine, -s))[:k]
+        rank = np.zeros(len(mine), np.int64) if tier is None else tier[valid][first]
+        order = np.lexsort((mine, -s, rank))[:k]
         out_s[row, : len(order)], out_i[row, : len(order)] = s[order], mine[order]
     return out_s, out_i
+
+
+def exact_rows(
+    store: VectorStore, slots: np.ndarray, queries: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(Q, k) exact best scores and slots among `slots` (sorted) only, reading just those rows (what a store
+    without a vector index answers a filtered search with)."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    best_s = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    best_i = np.full((len(queries), k), -1, dtype=np.int64)
+    for at in range(0, len(slots), READ_ROWS):
+        part = slots[at : at + READ_ROWS]
+        s = queries @ store.read(part).T  # (Q, n)
+        kk = min(k, s.shape[1])
+        top = np.argpartition(-s, kk - 1, axis=1)[:, :kk]  # (Q, kk): only these can enter the best k
+        all_s = np.concatenate([best_s, np.take_along_axis(s, top, axis=1)], axis=1)
+        all_i = np.concatenate([best_i, part[top]], axis=1)
+        order = _rank_rows(all_s, all_i)[:, :k]
+        best_s, best_i = np.take_along_axis(all_s, order, axis=1), np.take_along_axis(all_i, order, axis=1)
+    best_i[~np.isfinite(best_s)] = -1
+    return best_s, best_i
 
 
 def exact_top(
@@ -466,6 +595,46 @@ def _rank_rows(scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- recall
+NEAR_COSINE = 0.85  # a near-point query's cosine to the indexed vector it was drawn around
+
+CONFIDENCE_Z = 1.645  # one-sided 95 %: the chosen nprobe's recall is below the target 1 time in 20 at most
+
+FILTER_POWERS = (0.5, 0.75, 1.0)  # tried in turn until the filtered recall's lower bound clears the target
+
+SCREEN_QUERIES = 100  # per set: an nprobe whose recall on these is SCREEN_MARGIN below the target is skipped
+SCREEN_MARGIN = 0.02  # (about 2 standard errors at 100 queries: a step that could pass is measured in full)
+
+FILTER_BLOCK = 64  # the tuner's filter keeps whole runs of slots (a file's segments are consecutive slots)
+
+
+def lower_bound(per_query: np.ndarray) -> float:
+    """The lower end of the one-sided 95 % confidence interval on the mean of per-query recalls."""
+    n = len(per_query)
+    if n < 2:
+        return float(per_query.mean()) if n else 0.0
+    return float(per_query.mean() - CONFIDENCE_Z * per_query.std(ddof=1) / math.sqrt(n))
+
+
+def near_points(points: np.ndarray, rng: np.random.Generator, cosine: float = NEAR_COSINE) -> np.ndarray:
+    """Unit queries at `cosine` to each of `points` (unit rows), in a random direction: what a user's query
+    looks like to the index (near what is indexed, but not any indexed vector)."""
+    noise = rng.standard_normal(points.shape).astype(np.float32)
+    noise -= (noise * points).sum(axis=1, keepdims=True) * points  # (n, D) orthogonal to each point
+    return _unit(cosine * points + math.sqrt(1 - cosine**2) * _unit(noise))
+
+
+def _per_query(searcher: ApproxSearcher, q: np.ndarray, exclude: list[np.ndarray], truth: np.ndarray, p: int,
+               r: int, allowed: AllowedRows | None = None) -> np.ndarray:  # fmt: skip
+    """(Q,) recall@10 of each query against its exact top 10."""
+    out = np.zeros(len(q))
+    for i in range(len(q)):
+        got = searcher.search(q[i : i + 1], 10, nprobe=p, rerank=r, widen=False, allowed=allowed,
+                              exclude=exclude[i] if len(exclude[i]) else None)[1][0]  # fmt: skip
+        t = truth[i][truth[i] >= 0]
+        out[i] = len(set(got[got >= 0].tolist()) & set(t.tolist())) / max(1, len(t))
+    return out
+
+
 def tune(
     searcher: ApproxSearcher,
     store: VectorStore,
@@ -478,47 +647,105 @@ def tune(
     seed: int = 0,
     same_file: Any = None,
 ) -> dict[str, Any]:
-    """The smallest `nprobe` (and `rerank`) reaching recall@10 >= `target` against exact search, with the
-    recall measured: queries are `queries` of the index's own vectors, the truth an exact scan of the store.
-    `same_file(slots)` gives each query's file's slots: they are left out of both the truth and the answer,
-    so what is measured is finding other videos (a file's own segments sit in its cell and would make any
-    nprobe look good; a text query is not a stored vector either). A fixed `nprobe` (the user's) is
-    measured, not searched. Returns {nprobe, rerank, recall_at_10, ...}."""
+    """The smallest `nprobe` (and `rerank`) whose recall@10 against exact search clears `target` at the lower
+    end of a one-sided 95 % confidence interval (`lower_bound`), on two sets of `queries` each, the truth an
+    exact scan of the store:
+
+    * held-out file: the index's own vectors, each query's file (`same_file(slots)`) left out of the truth and
+      the answer, so what is measured is finding other videos (a file's own segments share its cell);
+    * near points: queries drawn at cosine `NEAR_COSINE` around indexed vectors (`near_points`), nothing left
+      out: the queries users send land near what is indexed, not on it.
+
+    A point estimate crossing the target stops at the first `nprobe` whose noise lands above it, and the
+    recall users get is then below the target about half the time; the lower bound is what is guaranteed.
+    Each `nprobe` is first measured on `SCREEN_QUERIES` of each set, and only in full when that is within
+    `SCREEN_MARGIN` of the target (the ladder's low steps cost a tenth).
+    Then the filtered search (`filter_probe`) is measured on the near-point queries with a filter keeping a
+    tenth of the rows (at most: fewer on large indexes, down to the size exact scans take over), and the
+    smallest probe growth (`FILTER_POWERS`) whose lower bound clears the target is recorded. A fixed
+    `nprobe` (the user's) is measured, not searched. Returns {nprobe, rerank, recall_at_10, ...}."""
     live = np.flatnonzero(mask)
     count = min(queries, len(live))
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(live, size=count, replace=False))
-    q = store.read(chosen)
     exclude = same_file(chosen) if same_file is not None else [np.zeros(0, np.int64)] * count
+    near = near_points(store.read(np.sort(rng.choice(live, size=count, replace=False))), rng)
+    q = np.concatenate([store.read(chosen), near])
+    exclude = [*exclude, *[np.zeros(0, np.int64)] * count]
     truth = exact_top(store, mask, q, 10, exclude)[1]
-
-    def recall(p: int, r: int) -> float:
-        got = [searcher.search(q[i : i + 1], 10, nprobe=p, rerank=r, widen=False, exclude=exclude[i])[1][0]
-               for i in range(count)]  # fmt: skip
-        hits = sum(len(set(g[g >= 0]) & set(t[t >= 0])) for g, t in zip(got, truth, strict=True))
-        return hits / max(1, int((truth >= 0).sum()))
 
     base = rerank or DEFAULT_RERANK
     cap = max(min(searcher.nlist, 64), searcher.nlist // MAX_PROBE_FRACTION)  # milliseconds: at most 1/8
     ladder = sorted({p for p in _NPROBE_LADDER if p < cap} | {cap})
-    tried: list[tuple[float, int, int]] = []
+    tried: list[tuple[float, int, int, np.ndarray]] = []
+    chosen_one = None
     for r in (base,) if nprobe or rerank or searcher.kind == "ivf" else (base, 4 * base):
         best, flat = 0.0, 0
         for p in (nprobe,) if nprobe else ladder:
-            measured = recall(p, r)
-            tried.append((measured, p, r))
-            if measured >= target:
-                return {"nprobe": p, "rerank": r, "recall_at_10": measured, "recall_queries": count,
-                        "target_recall": target}  # fmt: skip
-            flat = flat + 1 if measured <= best + 0.002 else 0
-            best = max(best, measured)
+            screen = (
+                np.r_[0:SCREEN_QUERIES, count : count + SCREEN_QUERIES] if count > SCREEN_QUERIES else None
+            )
+            if screen is not None and not nprobe:  # a step far below the target is not measured in full
+                part = _per_query(searcher, q[screen], [exclude[i] for i in screen], truth[screen], p, r)
+                if min(part[:SCREEN_QUERIES].mean(), part[SCREEN_QUERIES:].mean()) < target - SCREEN_MARGIN:
+                    low = min(lower_bound(part[:SCREEN_QUERIES]), lower_bound(part[SCREEN_QUERIES:]))
+                    tried.append((low, p, r, None))
+                    flat = flat + 1 if low <= best + 0.002 else 0
+                    best = max(best, low)
+                    continue
+            per = _per_query(searcher, q, exclude, truth, p, r)
+            low = min(lower_bound(per[:count]), lower_bound(per[count:]))
+            tried.append((low, p, r, per))
+            if low >= target:
+                chosen_one = tried[-1]
+                break
+            flat = flat + 1 if low <= best + 0.002 else 0
+            best = max(best, low)
             if flat >= 3 and p >= 32:  # more cells stopped helping: the codes limit recall, not the probes
                 break
-    measured, p, r = max(tried, key=lambda t: (t[0], -t[1], -t[2]))
-    return {
+        if chosen_one is not None:
+            break
+    low, p, r, per = chosen_one or max(tried, key=lambda t: (t[0], -t[1], -t[2]))
+    if per is None:  # the best of the steps that fell short was only screened: measured in full now
+        per = _per_query(searcher, q, exclude, truth, p, r)
+        low = min(lower_bound(per[:count]), lower_bound(per[count:]))
+    record = {
         "nprobe": p,
         "rerank": r,
-        "recall_at_10": measured,
+        "recall_at_10": float(min(per[:count].mean(), per[count:].mean())),
+        "recall_at_10_low": low,
+        "recall_held_out": float(per[:count].mean()),
+        "recall_near": float(per[count:].mean()),
         "recall_queries": count,
         "target_recall": target,
     }
+    record.update(_tune_filtered(searcher, store, mask, near, p, r, target, rng))
+    return record
+
+
+def _tune_filtered(searcher: ApproxSearcher, store: VectorStore, mask: np.ndarray, q: np.ndarray, p: int, r: int,
+                   target: float, rng: np.random.Generator) -> dict[str, Any]:  # fmt: skip
+    """The probe growth a filtered search needs to keep the recall (see `tune`), measured."""
+    live = int(mask.sum())
+    fraction = min(0.1, max(0.02, 2 * EXACT_FILTER_ROWS / max(1, live)))
+    blocks = rng.random(-(-len(mask) // FILTER_BLOCK)) < fraction
+    keep = np.repeat(blocks, FILTER_BLOCK)[: len(mask)] & mask
+    if not keep.any():
+        return {}
+    allowed = AllowedRows(np.flatnonzero(keep), len(mask), live)
+    truth = exact_top(store, keep, q, 10)[1]
+    none = [np.zeros(0, np.int64)] * len(q)
+    old = searcher.filter_power
+    best: tuple[float, float, float] = (-1.0, 0.0, FILTER_POWERS[-1])
+    try:
+        for power in FILTER_POWERS:
+            searcher.filter_power = power
+            per = _per_query(searcher, q, none, truth, p, r, allowed)
+            best = max(best, (lower_bound(per), float(per.mean()), power), key=lambda t: t[0])
+            if lower_bound(per) >= target:
+                best = (lower_bound(per), float(per.mean()), power)
+                break
+    finally:
+        searcher.filter_power = old
+    return {"filter_power": best[2], "filter_recall_at_10": best[1], "filter_recall_at_10_low": best[0],
+            "filter_fraction": round(allowed.fraction, 4)}  # fmt: skip

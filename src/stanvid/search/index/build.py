@@ -36,6 +36,7 @@ from stanvid.models.video_clip import VideoCLIP
 from stanvid.precision import InferencePrecision, prepare_for_inference, resolve_precision
 from stanvid.search.index.ann import DEFAULT_APPROX_THRESHOLD, INDEX_KINDS, TARGET_RECALL, describe
 from stanvid.search.index.clips import MIN_SEGMENT_SECONDS, _check_segment_seconds
+from stanvid.search.index.filters import record_missing_tags
 from stanvid.search.index.identity import (
     _check_identity,
     _source_string,
@@ -481,6 +482,8 @@ def _finish(run: _Run) -> None:
             report.indexed, report.failed = _merge_shards(conn, run.out, store)
         report.failed = sorted(report.failed + run.skipped)
         _record_failures(conn, report, run.runner.precision)
+        if run.options.from_embeddings is None:  # an import never opens the files
+            record_missing_tags(conn, run.root)
         dead = conn.execute("SELECT COUNT(*) FROM dead").fetchone()[0]
         if dead and dead > COMPACT_FRACTION * store.rows:
             store = compact_store(run.out, conn, store)

@@ -64,6 +64,7 @@ class _ClipLoader(torch.utils.data.IterableDataset):
 
     def _file_chunks(self, entry: _FileEntry, threads: int) -> Iterator[_Chunk]:
         from stanvid.video.decode import probe, read_frames
+        from stanvid.video.tags import container_tags
 
         path = self.root / entry.relpath
         try:
@@ -75,6 +76,8 @@ class _ClipLoader(torch.utils.data.IterableDataset):
                 "width": info.width,
                 "height": info.height,
             }
+            tags = container_tags(path)
+            meta.update(created=tags.created, title=tags.title, tags=1)
             spans, indices = [], []
             for start, end in segments_with_frames(
                 info.duration, info.fps, info.num_frames, self.segment_seconds

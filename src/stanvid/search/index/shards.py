@@ -102,7 +102,8 @@ def _copy_shard(
     conn: sqlite3.Connection, src: sqlite3.Connection, source: VectorStore, store: VectorStore
 ) -> int:
     files = src.execute(
-        "SELECT id, path, size, mtime_ns, device, inode, duration, fps, num_frames, width, height FROM files"
+        "SELECT id, path, size, mtime_ns, device, inode, duration, fps, num_frames, width, height, created, "
+        "title, tags FROM files"
     ).fetchall()
     batch: list[tuple] = []
     slots: list[int] = []
@@ -112,7 +113,8 @@ def _copy_shard(
             "LEFT JOIN segment_frames f ON f.segment_id = s.id WHERE s.file_id = ? ORDER BY s.id",
             (fid,),
         ).fetchall()
-        meta_row = dict(zip(("duration", "fps", "num_frames", "width", "height"), rest, strict=True))
+        names = ("duration", "fps", "num_frames", "width", "height", "created", "title", "tags")
+        meta_row = dict(zip(names, rest, strict=True))
         meta_row["moments"] = read_moment_row(src, fid)
         batch.append(
             (_FileEntry(path, size, mtime_ns, device, inode), meta_row, [(a, b, f) for a, b, _, f in segs])

@@ -94,6 +94,10 @@ _META_TYPES: dict[str, tuple[type, ...]] = {
     "store": (dict,),
 }
 
+# container metadata of each file (`stanvid.video.tags`); `tags` is 1 where they were read (NULL in files
+# indexed before they were recorded, or imported from embeddings: their creation time and title are unknown)
+FILE_TAG_COLUMNS = (("created", "REAL"), ("title", "TEXT"), ("tags", "INTEGER"))
+
 _REPAIR = "re-run `stanvid index` (same folder, model and --out) to repair it"
 
 _REBUILD = "move it away (or delete the index folder) and re-run `stanvid index` to build the index again"
@@ -167,6 +171,9 @@ def _connect(path: Path, create: bool = True) -> sqlite3.Connection:
             for column in ("device", "inode"):  # identity of each file, recorded since the server checks it
                 if column not in tables["files"]:
                     conn.execute(f"ALTER TABLE files ADD COLUMN {column} INTEGER")
+            for column, kind in FILE_TAG_COLUMNS:  # container metadata, recorded since searches filter on it
+                if column not in tables["files"]:
+                    conn.execute(f"ALTER TABLE files ADD COLUMN {column} {kind}")
         except BaseException:
             conn.close()
             raise
@@ -257,8 +264,8 @@ def _insert_file(
     (`stanvid.search.rerank`). `meta["moments"]`, when present, is the file's `moment_store.MomentFeatures`."""
     _delete_file(conn, entry.relpath)
     cur = conn.execute(
-        "INSERT INTO files (path, size, mtime_ns, duration, fps, num_frames, width, height, device, inode) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO files (path, size, mtime_ns, duration, fps, num_frames, width, height, device, inode, "
+        "created, title, tags) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             entry.relpath,
             entry.size,
@@ -270,6 +277,9 @@ def _insert_file(
             meta["height"],
             entry.device,
             entry.inode,
+            meta.get("created"),
+            meta.get("title"),
+            meta.get("tags"),
         ),
     )
     file_id = cur.lastrowid

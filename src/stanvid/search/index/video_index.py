@@ -28,8 +28,9 @@ from stanvid.distributed import default_device
 from stanvid.errors import IndexedFileError, VideoIndexError
 from stanvid.models.video_clip import VideoCLIP
 from stanvid.precision import InferencePrecision, prepare_for_inference, resolve_precision
-from stanvid.search.index.ann import describe
+from stanvid.search.index.ann import describe, search_allowed
 from stanvid.search.index.clips import encode_clips, read_clip
+from stanvid.search.index.filters import SearchFilter, allowed_rows, check_offset, filterable, parse_filters
 from stanvid.search.index.follow import FOLLOW_SECONDS, Follower
 from stanvid.search.index.identity import load_fingerprinted, model_fingerprint
 from stanvid.search.index.records import SearchResult, Segment
@@ -271,10 +272,18 @@ class VideoIndex:
         }
 
     def search(
-        self, text: str, k: int = 10, *, moments: bool = False, pad: float = 0.0
+        self,
+        text: str,
+        k: int = 10,
+        *,
+        moments: bool = False,
+        pad: float = 0.0,
+        filters: SearchFilter | dict | None = None,
+        offset: int = 0,
     ) -> list[SearchResult]:
-        """The `k` segments most similar to `text`, best first; with `moments`, the `k` best moments: each
-        hit's `start` and `end` bound what the text describes (`pad` seconds wider each side), see
+        """The `k` segments most similar to `text`, best first (past the first `offset`, among the segments of
+        the files that pass `filters`: `stanvid.search.index.filters`); with `moments`, the `k` best moments:
+        each hit's `start` and `end` bound what the text describes (`pad` seconds wider each side), see
         `stanvid.search.moments`.
 
         With a Mug-STAN model (`similarity: mug`), FAISS's nearest candidates by pooled cosine are re-ranked by
@@ -287,19 +296,28 @@ class VideoIndex:
             if moments:
                 from stanvid.search.moments import search_moments
 
-                return search_moments(view, view.embed_text([text])[0], k, pad)
+                return search_moments(
+                    view, view.embed_text([text])[0], k, pad, filters=filters, offset=offset
+                )
             if keeps_frame_vectors(view.model):
-                return rerank(view, text, k)
-            return view.search_embeddings(view.embed_text([text]), k)[0]
+                return rerank(view, text, k, filters=filters, offset=offset)
+            return view.search_embeddings(view.embed_text([text]), k, filters=filters, offset=offset)[0]
 
-    def search_embeddings(self, queries: np.ndarray, k: int = 10) -> list[list[SearchResult]]:
+    def search_embeddings(
+        self, queries: np.ndarray, k: int = 10, *, filters: SearchFilter | dict | None = None, offset: int = 0
+    ) -> list[list[SearchResult]]:
         """Nearest segments for each (D,) row of `queries` (L2-normalized), best first: `min(k, len(self))`
-        of them, the segments of one generation."""
+        of them, the segments of one generation. `filters` (a `SearchFilter` or a mapping of its fields)
+        applies inside the vector search; `offset` skips the first hits (pages are stable in a generation)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.meta["dim"])
+        spec, offset = parse_filters(filters), check_offset(offset)
         with self._use() as snap:
             if snap.segments == 0:
                 return [[] for _ in range(len(queries))]
-            scores, slots = snap.searcher.search(queries, min(k, snap.segments))  # (Q, k) each
+            allowed = allowed_rows(snap, spec, str(self.path))
+            want = min(offset + k, snap.segments)
+            scores, slots = search_allowed(snap.searcher, snap.store, queries, want, allowed)  # (Q, k) each
+            scores, slots = scores[:, offset:], slots[:, offset:]
             found = self._by_slot(snap, sorted({int(i) for i in slots.ravel() if i >= 0}))
         results = []
         for row_scores, row_slots in zip(scores, slots, strict=True):
@@ -351,29 +369,33 @@ class VideoIndex:
         with self._models.lock:
             return encode_clips(model, clips, self.device, runner=self._inference())
 
-    def search_image(self, image: Any, k: int = 10, **query: Any) -> list[SearchResult]:
+    def search_image(self, image: Any, k: int = 10, *, filters: SearchFilter | dict | None = None,
+                     offset: int = 0, **query: Any) -> list[SearchResult]:  # fmt: skip
         """Segments most similar to an image (path, bytes, PIL image or (H, W, 3) uint8 array); `query` takes
         the other fields of `stanvid.search.query.Query` (text, weights). See `stanvid.search.query`."""
         from stanvid.search.query import Query, search
 
-        return search(self, Query(image=image, **query), k)
+        return search(self, Query(image=image, **query), k, filters=filters, offset=offset)
 
-    def search_video(self, like: Any, k: int = 10, **query: Any) -> list[SearchResult]:
+    def search_video(self, like: Any, k: int = 10, *, filters: SearchFilter | dict | None = None,
+                     offset: int = 0, **query: Any) -> list[SearchResult]:  # fmt: skip
         """Segments most similar to an example clip: `"file.mp4"`, `"file.mp4:START-END"` (seconds), a segment
         id (int) or a `stanvid.search.query.ClipSpec`; `query` as in `search_image`."""
         from stanvid.search.query import Query, search
 
-        return search(self, Query(like=like, **query), k)
+        return search(self, Query(like=like, **query), k, filters=filters, offset=offset)
 
-    def query(
-        self, query: Any, k: int = 10, *, group_by: str | None = None, moments: bool = False, pad: float = 0.0
-    ) -> list:
+    def query(self, query: Any, k: int = 10, *, group_by: str | None = None, moments: bool = False,
+              pad: float = 0.0, filters: SearchFilter | dict | None = None, offset: int = 0) -> list:  # fmt: skip
         """The `k` best segments for a `stanvid.Query` (text, image, example clip and their weights) or a plain
         text; with `group_by="file"`, the `k` best files (`stanvid.FileHit`); with `moments`, the `k` best
-        moments (`pad` seconds wider each side). See `stanvid.search.query.search`."""
+        moments (`pad` seconds wider each side). `filters` and `offset` as in `search_embeddings`. See
+        `stanvid.search.query.search`."""
         from stanvid.search.query import search
 
-        return search(self, query, k, group_by=group_by, moments=moments, pad=pad)
+        return search(
+            self, query, k, group_by=group_by, moments=moments, pad=pad, filters=filters, offset=offset
+        )
 
     # -------------------------------------------------------------- moments
     def moment_features(self, file_ids: Sequence[int]) -> dict[int, tuple[float, float, np.ndarray]]:
@@ -446,6 +468,27 @@ class VideoIndex:
         with self._use() as snap:
             kept = snap.rows(f"SELECT COUNT(*) FROM {TABLE}")[0][0] if has_table(snap.rows) else None
             return missing_moments(str(self.path), kept, snap.files)
+
+    def duplicates(self, threshold: float | None = None, *, min_fraction: float | None = None) -> list:
+        """Groups of files that hold the same footage (`stanvid.search.duplicates.CopyGroup`), largest first,
+        from the stored embeddings; `threshold` (segment cosine) and `min_fraction` (of the shorter file
+        lined up) default to the measured ones. See `stanvid.search.duplicates`."""
+        from stanvid.search import duplicates as dup
+
+        return dup.find_duplicates(self, dup.DEFAULT_THRESHOLD if threshold is None else threshold,
+                                   min_fraction=dup.MIN_FRACTION if min_fraction is None else min_fraction)  # fmt: skip
+
+    def copies(self, file_id: int, threshold: float | None = None) -> list:
+        """The files that hold footage of file `file_id` (`stanvid.search.duplicates.CopyMatch`), best first."""
+        from stanvid.search import duplicates as dup
+
+        return dup.find_copies(self, file_id, dup.DEFAULT_THRESHOLD if threshold is None else threshold)
+
+    def filterable(self) -> tuple[list[str], dict[str, str]]:
+        """The filter fields this generation can apply, and those it cannot, with the reason (an index built
+        before container metadata was recorded cannot filter on it)."""
+        with self._use() as snap:
+            return filterable(snap)
 
     # -------------------------------------------------------------- lookups
     def segment_embeddings(self, ids: Sequence[int]) -> np.ndarray:

@@ -56,6 +56,7 @@ from stanvid.search.server.common import (
     public,
     query_char_limit,
 )
+from stanvid.search.server.copies import copies_router
 from stanvid.search.server.info import info_router
 from stanvid.search.server.media import media_router
 from stanvid.search.server.moments import moments_router
@@ -118,6 +119,7 @@ def create_app(
     app.include_router(search_router(settings))
     app.include_router(media_router(settings))
     app.include_router(moments_router(settings))
+    app.include_router(copies_router(settings))
     return app
 
 

@@ -58,6 +58,9 @@ class InfoBody(BaseModel):
     max_query_chars: int
     max_k: int
     max_image_bytes: int
+    filters: list[str] = []  # the filter fields this index can apply (`stanvid.search.index.filters`)
+    filters_unavailable: dict[str, str] = {}  # field -> why this index cannot apply it
+    max_offset: int = 0
 
 
 class TimelinePoint(BaseModel):
@@ -87,6 +90,8 @@ class SearchBody(BaseModel):
     generation: int  # the generation of the index every hit comes from
     query: str | None
     k: int
+    offset: int = 0
+    filters: dict[str, Any] | None = None  # the filter applied, parsed (times as POSIX seconds)
     group: str | None = None
     like: int | None = None
     image: bool | None = None

@@ -1,11 +1,12 @@
 """The info route: what is indexed (`/api/info`: the generation and its counts, model name, segment length, the
-limits of this app)."""
+limits of this app, the fields it can filter on)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter
 
-from stanvid.search.server.common import IndexDep, InfoBody, Settings, errors
+from stanvid.search.server.common import IndexDep, InfoBody, Settings, errors, public
+from stanvid.search.server.filters import MAX_OFFSET
 
 
 def info_router(settings: Settings) -> APIRouter:
@@ -15,6 +16,7 @@ def info_router(settings: Settings) -> APIRouter:
     def info(
         index: IndexDep,
     ) -> dict:
+        fields, unavailable = index.filterable()
         return {  # one generation: the request's view of the index
             "generation": index.generation,
             "files": index.num_files(),
@@ -24,6 +26,9 @@ def info_router(settings: Settings) -> APIRouter:
             "max_query_chars": settings.max_query_chars,
             "max_k": settings.max_k,
             "max_image_bytes": settings.max_image_bytes,
+            "filters": fields,
+            "filters_unavailable": {f: public(index, why) for f, why in unavailable.items()},
+            "max_offset": MAX_OFFSET,
         }
 
     return router

@@ -24,6 +24,7 @@ from stanvid.search.server.common import (
     errors,
     public,
 )
+from stanvid.search.server.filters import Page, PageDep
 
 _BLANK = " \t\n\r\f\v"  # what a query may not consist of only (the same set in the schema's pattern)
 _NOT_BLANK = "[^ \t\n\r\f\v]"
@@ -44,9 +45,10 @@ def search_router(settings: Settings) -> APIRouter:
         0.0, ge=0, le=MAX_PAD, allow_inf_nan=False, description="seconds added to each moment"
     )
 
-    @router.get("/api/search", response_model=SearchBody, responses=errors(400, 503))
+    @router.get("/api/search", response_model=SearchBody, responses=errors(400, 422, 503))
     def search(
         index: IndexDep,
+        page: PageDep,
         q: str = QueryParam(
             description="what to search for",
             min_length=1,
@@ -61,11 +63,12 @@ def search_router(settings: Settings) -> APIRouter:
         text = optional_text(q, settings)
         if text is None:
             raise BadRequest(400, "the query is empty: pass the text to search for as ?q=")
-        return run_query(index, Query(text=text), k, group, {"query": text}, moments=moments, pad=pad)
+        return run_query(index, Query(text=text), k, group, {"query": text}, page, moments=moments, pad=pad)
 
-    @router.get("/api/like/{segment_id}", response_model=SearchBody, responses=errors(400, 404, 503))
+    @router.get("/api/like/{segment_id}", response_model=SearchBody, responses=errors(400, 404, 422, 503))
     def like(
         index: IndexDep,
+        page: PageDep,
         segment_id: int = PathParam(ge=0, le=MAX_ID),
         k: int = k_param,
         q: str | None = q_extra,
@@ -80,7 +83,7 @@ def search_router(settings: Settings) -> APIRouter:
         text = optional_text(q, settings)
         query = Query(text=text, like=segment_id, like_weight=like_weight, text_weight=text_weight)
         echo = {"query": text, "like": segment_id}
-        return run_query(index, query, k, group, echo, moments=moments, pad=pad)
+        return run_query(index, query, k, group, echo, page, moments=moments, pad=pad)
 
     add_image_route(router, settings, k_param, group_param, q_extra)
     return router
@@ -95,7 +98,7 @@ def add_image_route(
     @router.post(
         "/api/search/image",
         response_model=SearchBody,
-        responses=errors(400, 413, 415, 503),
+        responses=errors(400, 413, 415, 422, 503),
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -105,6 +108,7 @@ def add_image_route(
     )
     async def search_image(
         index: IndexDep,
+        page: PageDep,
         request: Request,
         k: int = k_param,
         q: str | None = q_extra,
@@ -130,7 +134,8 @@ def add_image_route(
             raise BadRequest(400, "the request body is empty: send the image as the body")
         text = optional_text(q, settings)
         query = Query(text=text, image=bytes(data), image_weight=image_weight, text_weight=text_weight)
-        return await run_in_threadpool(run_query, index, query, k, group, {"query": text, "image": True})
+        echo = {"query": text, "image": True}
+        return await run_in_threadpool(run_query, index, query, k, group, echo, page)
 
 
 def weight_param(name: str) -> Any:
@@ -153,15 +158,34 @@ def run_query(
     k: int,
     group: str | None,
     echo: dict,
+    page: Page | None = None,
     *,
     moments: bool = False,
     pad: float = 0.0,
 ) -> dict:
+    page = page or Page(None, 0)
     try:
-        hits = search_query(index, query, k, group_by=group, moments=moments, pad=pad)
+        hits = search_query(
+            index,
+            query,
+            k,
+            group_by=group,
+            moments=moments,
+            pad=pad,
+            filters=page.filters,
+            offset=page.offset,
+        )
     except QueryError as exc:
         raise BadRequest(400, public(index, str(exc))) from exc
-    body = {"generation": index.generation, **echo, "k": k, "group": group}
+    filters = None if page.filters is None else page.filters.to_dict()
+    body = {
+        "generation": index.generation,
+        **echo,
+        "k": k,
+        "offset": page.offset,
+        "filters": None if filters is None else {name: v for name, v in filters.items() if v is not None},
+        "group": group,
+    }
     if not moments:
         return {**body, "results": [hit_json(h) for h in hits]}
     durations = index.file_durations([h.file_id for h in hits])

@@ -1,5 +1,6 @@
-// The search page: a text form and an image drop target, a grid of hits (each with "more like this"), optionally
-// one per video with a timeline strip of its moments, and a player that starts at the hit's moment.
+// The search page: a text form and an image drop target, filters (folder or glob, modified dates, length), a grid
+// of hits (each with "more like this" and "copies of this") and "more results" for the next page, optionally one
+// per video with a timeline strip of its moments, and a player that starts at the hit's moment.
 // All text from the server is inserted with textContent, never as HTML.
 "use strict";
 
@@ -17,6 +18,9 @@ const loopBox = document.getElementById("loop");
 let stopAt = null; // a moment playing: { start, end }; playback stops (or loops) at its end
 const imageDrop = document.getElementById("image-drop");
 const imageInput = document.getElementById("image-input");
+const moreButton = document.getElementById("more-results");
+const filterInputs = { in: "f-in", after: "f-after", before: "f-before", min_duration: "f-min", max_duration: "f-max" };
+let lastSearch = null; // {url, init, what, offset, k}: what "More results" continues
 
 function formatTime(seconds) {
   const s = Math.max(0, seconds);
@@ -81,7 +85,16 @@ function card(hit, rank) {
     e.stopPropagation();
     moreLike(hit);
   });
-  meta.append(rankSpan, path, times, score, more);
+  const copies = document.createElement("button");
+  copies.type = "button";
+  copies.className = "copies";
+  copies.textContent = "Copies of this";
+  copies.title = "other files holding this footage (re-encoded, trimmed, scaled)";
+  copies.addEventListener("click", (e) => {
+    e.stopPropagation();
+    showCopies(hit);
+  });
+  meta.append(rankSpan, path, times, score, more, copies);
   if (hit.export_url) meta.append(cutLink(hit));
   item.append(img, meta);
   if (hit.export_url && hit.duration) item.append(momentBar(hit));
@@ -146,12 +159,15 @@ video.addEventListener("timeupdate", () => {
 });
 
 // One request, its results shown or its error reported; `what` describes the query in the status line.
-async function runSearch(url, init, what) {
+// With `offset`, the next page of the same search is appended ("More results").
+async function runSearch(url, init, what, offset = 0) {
   setStatus("Searching…");
-  results.replaceChildren();
+  if (!offset) results.replaceChildren();
+  moreButton.hidden = true;
+  const paged = offset ? `${url}${url.includes("?") ? "&" : "?"}offset=${offset}` : url;
   let response, body;
   try {
-    response = await fetch(url, init);
+    response = await fetch(paged, init);
     body = await response.json();
   } catch (err) {
     setStatus(`Search failed: ${err}`, true);
@@ -161,16 +177,60 @@ async function runSearch(url, init, what) {
     setStatus(body.error || `Search failed (HTTP ${response.status})`, true);
     return;
   }
-  results.replaceChildren(...body.results.map((hit, i) => card(hit, i + 1)));
+  results.append(...body.results.map((hit, i) => card(hit, offset + i + 1)));
   const unit = body.moments ? "moments" : body.group === "file" ? "videos" : "results";
   const note = body.moments_note ? ` (${body.moments_note})` : "";
-  setStatus(body.results.length ? `${body.results.length} ${unit} ${what}${note}` : "No results.");
+  const shown = offset + body.results.length;
+  setStatus(shown ? `${shown} ${unit} ${what}${note}` : "No results.");
+  lastSearch = { url, init, what, offset: shown, k: body.k };
+  moreButton.hidden = body.results.length < body.k;
+}
+
+moreButton.addEventListener("click", () => {
+  if (lastSearch) runSearch(lastSearch.url, lastSearch.init, lastSearch.what, lastSearch.offset);
+});
+
+// The files that hold this hit's footage, shown in place of the results.
+async function showCopies(hit) {
+  setStatus("Looking for copies…");
+  moreButton.hidden = true;
+  let response, body;
+  try {
+    response = await fetch(`/api/copies/${hit.file_id}`);
+    body = await response.json();
+  } catch (err) {
+    setStatus(`Copies failed: ${err}`, true);
+    return;
+  }
+  if (!response.ok) {
+    setStatus(body.error || `Copies failed (HTTP ${response.status})`, true);
+    return;
+  }
+  results.replaceChildren(...body.copies.map((copy, i) => {
+    const item = document.createElement("li");
+    item.className = "result copy";
+    item.tabIndex = 0;
+    const text = document.createElement("div");
+    text.className = "meta";
+    text.textContent = `#${i + 1} ${copy.path}  ${formatTime(copy.start)}–${formatTime(copy.end)} = ` +
+      `${formatTime(copy.source_start)}–${formatTime(copy.source_end)} of ${body.path} ` +
+      `(${copy.segments} segments, cosine ${copy.score.toFixed(3)})`;
+    item.append(text);
+    const target = { path: copy.path, video_url: copy.video_url, start: copy.start, end: copy.end };
+    item.addEventListener("click", () => play(target));
+    return item;
+  }));
+  setStatus(body.copies.length ? `${body.copies.length} copies of ${body.path}` : `No copies of ${body.path}.`);
 }
 
 function commonParams(k) {
   const params = new URLSearchParams({ k: String(k) });
   if (groupBox.checked) params.set("group", "file");
   if (momentsBox.checked) params.set("moments", "true");
+  for (const [name, id] of Object.entries(filterInputs)) {
+    const value = document.getElementById(id).value.trim();
+    if (value) params.set(name, value);
+  }
   return params;
 }
 
