@@ -3,7 +3,9 @@ schedulers, the text classifier vs the linear head it initialises."""
 
 from __future__ import annotations
 
+import copy
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -87,6 +89,26 @@ def test_param_groups_follow_the_no_decay_rules():
         and decay["temporal.layers.0.spatial.ln_1.bias"]
         and not decay["logit_scale"]
     )
+
+
+def test_a_run_comparison_names_the_parameter_whose_adam_moments_differ():
+    """`assert_close_runs` says which parameter's optimizer state differs: the state index alone (76) does not
+    tell a flaky comparison's noise-dominated parameter from a real mismatch."""
+    model = train_model(seed=0)
+    optimizer = torch.optim.AdamW(param_groups(model, recipe().optim))
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    one = {
+        "step": 2,
+        "model": model.state_dict(),
+        "trainer": {"head": None, "optimizer": optimizer.state_dict()},
+    }
+    other = copy.deepcopy(one)
+    other["trainer"]["optimizer"]["state"][3]["exp_avg"] += 1.0
+    names = [n for g in optimizer.param_groups for n in g["names"]]
+    with pytest.raises(AssertionError, match=rf"optimizer state 3 \({re.escape(names[3])}\) exp_avg"):
+        assert_close_runs(other, one)
 
 
 @pytest.mark.parametrize(

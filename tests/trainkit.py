@@ -87,11 +87,13 @@ def _named(what: str):
 
 
 def _parameter_names(state: dict) -> dict[int, str]:
-    """Optimizer state index -> parameter name, where the checkpoint's param groups record them in order."""
+    """Optimizer state index -> parameter name, where the checkpoint's param groups record them in order
+    (``names``, as `stanvid.training.trainer.param_groups` writes them, or torch's own ``param_names``)."""
     groups = state["trainer"]["optimizer"].get("param_groups", [])
     names: dict[int, str] = {}
     for group in groups:
-        for index, name in zip(group.get("params", []), group.get("param_names", []), strict=False):
+        recorded = group.get("names", group.get("param_names", []))
+        for index, name in zip(group.get("params", []), recorded, strict=False):
             names[index] = name
     return names
 
