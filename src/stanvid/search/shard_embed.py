@@ -90,14 +90,16 @@ def embed_shards(
     precision: str = "auto",
     progress: bool = True,
     root: str | os.PathLike = ".",
+    runtime: str | None = None,
 ) -> ShardEmbedResult:
-    """Embed every sample of the shards ``spec`` (a pattern, a list, or a shard index) into ``out``."""
+    """Embed every sample of the shards ``spec`` (a pattern, a list, or a shard index) into ``out``;
+    ``runtime`` runs a model source in torch or onnxruntime (`stanvid.load_model`)."""
     from stanvid.search.embed import _check_out  # the output formats and their checks
 
     out = Path(out).expanduser().resolve()
     suffix = _check_out(out)
     shards = load_shards(spec, root)
-    model, source, _, fingerprint = _model(model, None, model_overrides)
+    model, source, _, fingerprint = _model(model, None, model_overrides, runtime)
     dev = torch.device(device) if device is not None else default_device()
     runner = prepare_for_inference(model.to(dev), precision, dev)
     parts = out.with_name(out.name + ".parts")
