@@ -127,17 +127,19 @@ def embed_shards(
     root: str | os.PathLike = ".",
     allow_pipe: bool = False,
     max_sample_mb: int = MAX_SAMPLE_BYTES >> 20,
+    runtime: str | None = None,
 ) -> ShardEmbedResult:
     """Embed every sample of the shards ``spec`` (a pattern, a list, or a shard index) into ``out``.
 
     ``allow_pipe``: run the ``pipe:`` URLs a shard index names (`stanvid.data.shards.read_shard_index`);
-    ``max_sample_mb``: the most one sample's members may hold (a larger one stops the run, named)."""
+    ``max_sample_mb``: the most one sample's members may hold (a larger one stops the run, named);
+    ``runtime`` runs a model source in torch or onnxruntime (`stanvid.load_model`)."""
     from stanvid.search.embed import _check_out  # the output formats and their checks
 
     out = Path(out).expanduser().resolve()
     suffix = _check_out(out)
     shards = load_shards(spec, root, allow_pipe=allow_pipe)
-    model, source, _, fingerprint = _model(model, None, model_overrides)
+    model, source, _, fingerprint = _model(model, None, model_overrides, runtime)
     dev = torch.device(device) if device is not None else default_device()
     runner = prepare_for_inference(model.to(dev), precision, dev)
     parts = out.with_name(out.name + ".parts")
