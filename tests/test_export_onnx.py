@@ -357,3 +357,28 @@ def test_demo_retrieval_order_is_unchanged_in_fp32(demo_run, tmp_path):
     for kind, found in demo_retrieval_check(out / "model", out / "data", tmp_path / "export").items():
         assert found["error"] < 1e-4 and found["same_order"], (kind, found)
         assert found["torch"] == found["onnxruntime"], (kind, found)
+
+
+@pytest.mark.parametrize("family", ["siglip_hf_a", "siglip2_openclip_a", "pecore_openclip_a"])
+@pytest.mark.parametrize("temporal", ["stan", "meanP"])
+def test_every_backbone_family_exports_with_its_own_tokenizer(parity, tmp_path, family, temporal):
+    """SigLIP (Hugging Face), SigLIP 2 and PE-Core (open_clip) references, with STAN and meanP on top:
+    onnxruntime's embeddings within 1e-4 (relative) of PyTorch's, and the export's tokenizer (its own file
+    shipped beside the graphs) gives the model's ids for the reference's multilingual captions."""
+    folder = parity(family)
+    extra = {"stan_depth": 2} if temporal == "stan" else {}
+    model = stanvid.load_model(folder, temporal=temporal, num_frames=4, **extra).eval()
+    stanvid.export_onnx(model, tmp_path / "out")
+    encoder = stanvid.load_model(tmp_path / "out")
+    captions = json.loads((folder / "meta.json").read_text())["captions"]
+    ids = model.tokenize(captions)
+    assert torch.equal(encoder.tokenize(captions), ids)
+    size = model.config.clip.vision.image_size
+    video = torch.randn(2, 4, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        pairs = [
+            (encoder.encode_video(video), model.encode_video(video)),
+            (encoder.encode_text(ids), model.encode_text(ids)),
+        ]
+    for got, want in pairs:
+        assert float((got - want).abs().max() / want.abs().max()) <= 1e-4

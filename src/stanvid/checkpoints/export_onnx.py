@@ -58,7 +58,7 @@ from stanvid.errors import CheckpointError, ConfigError
 from stanvid.fileio import atomic_write_text, publish_folder
 from stanvid.models.stan import STANBranch
 from stanvid.models.temporal import SeqTransformer
-from stanvid.models.tokenizer import export_tokenizer, tokenize
+from stanvid.models.tokenizer import export_tokenizer
 from stanvid.models.video_clip import VideoCLIP
 
 __all__ = ["DEFAULT_OPSET", "EXPORT_PRECISIONS", "check_exportable", "onnx_encoder_for", "write_export"]
@@ -203,7 +203,10 @@ def _write_export(
         _export_graph(graph, examples[name].export, traced, opset, external, name)
         if precision != "fp32":
             _convert(traced, path, precision, external)
-    spec, files = export_tokenizer(model.config.clip.text.context_length)
+    clip = model.config.clip
+    spec, files = export_tokenizer(
+        clip.text.context_length, clip.tokenizer, getattr(model.tokenizer, "files", None)
+    )
     (stage / TOKENIZER_DIR).mkdir()
     for name, data in files.items():
         (stage / TOKENIZER_DIR / name).write_bytes(data)
@@ -274,7 +277,7 @@ def _graphs(model: VideoCLIP) -> tuple[dict[str, nn.Module], dict[str, _Example]
         return torch.randn(b, frames, 3, size, size, generator=gen).to(device)  # (B, T, 3, H, W)
 
     captions = ["a person is cooking", "a dog runs on the beach", "two people play tennis in the rain"]
-    ids = tokenize(captions, context_length=cfg.clip.text.context_length).to(device)  # (3, L)
+    ids = model.tokenize(captions).to(device)  # (3, L): the model's own tokenizer, whatever its family
     graphs = {
         "video": _VideoGraph(model),
         "image": _ImageGraph(model),

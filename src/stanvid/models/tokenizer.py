@@ -22,6 +22,7 @@ with :func:`is_empty_caption` rather than train on them.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import html
 import operator
@@ -38,6 +39,7 @@ import regex
 import torch
 
 from stanvid.errors import ConfigError
+from stanvid.models.config import TokenizerConfig
 
 START_OF_TEXT = "<|startoftext|>"
 END_OF_TEXT = "<|endoftext|>"
@@ -361,10 +363,25 @@ def is_empty_caption(text: str) -> bool:
 CLIP_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 
 
-def export_tokenizer(context_length: int) -> tuple[dict, dict[str, bytes]]:
+def export_tokenizer(
+    context_length: int, cfg: TokenizerConfig | None = None, files: dict[str, bytes] | None = None
+) -> tuple[dict, dict[str, bytes]]:
     """What a client in another language needs to reproduce this model's token ids, and the files to ship
     beside it (name -> bytes): the description `stanvid.export_onnx` writes into `stanvid_export.json`.
-    `exported_tokenizer` reads it back."""
+    `exported_tokenizer` reads it back. `cfg` and `files`: a model's own tokenizer (`TokenizerConfig`, the
+    bytes of its file) where it is not CLIP's BPE (SigLIP's SentencePiece, a `tokenizer.json`)."""
+    if cfg is not None and cfg.kind != "clip":
+        if not files or cfg.file not in files:
+            raise ConfigError(f"the model's {cfg.kind} tokenizer has no {cfg.file or 'file'} to export")
+        spec = {
+            "kind": cfg.kind,
+            "files": {"model": cfg.file},
+            "context_length": context_length,
+            "config": dataclasses.asdict(cfg),
+            "reader": "sentencepiece: SigLIP's SentencePiece rules; hf: a tokenizer.json through the tokenizers "
+            "library after open_clip's clean mode (stanvid.models.text_tokenizers), padded to context_length",
+        }
+        return spec, {cfg.file: files[cfg.file]}
     spec = {
         "kind": "clip_bpe",
         "files": {"merges": CLIP_BPE_FILE},
@@ -383,8 +400,18 @@ def export_tokenizer(context_length: int) -> tuple[dict, dict[str, bytes]]:
 def exported_tokenizer(spec: dict, folder: Path) -> Callable[[Sequence[str]], torch.Tensor]:
     """The tokenizer an export describes (`export_tokenizer`; its file names relative to the export ``folder``):
     texts -> (N, context_length) ids."""
+    if spec.get("kind") in ("sentencepiece", "hf"):
+        from stanvid.models.text_tokenizers import build_tokenizer  # the families' tokenizers
+
+        cfg = TokenizerConfig(**spec["config"])
+        data = (folder / spec["files"]["model"]).read_bytes()
+        family_tok = build_tokenizer(cfg, {cfg.file: data}, str(folder))
+        length = int(spec["context_length"])
+        return lambda texts: family_tok(texts, context_length=length)
     if spec.get("kind") != "clip_bpe":
-        raise ConfigError(f"tokenizer kind {spec.get('kind')!r} is not one this stanvid reads (clip_bpe)")
+        raise ConfigError(
+            f"tokenizer kind {spec.get('kind')!r} is not one this stanvid reads (clip_bpe, sentencepiece, hf)"
+        )
     tok = SimpleTokenizer(folder / spec["files"]["merges"])
     context_length = int(spec["context_length"])
     return lambda texts: tok(texts, context_length=context_length)
