@@ -117,10 +117,13 @@ LONG_LOADER = textwrap.dedent(
     if __name__ == "__main__":
         install_stop_handlers()
         loader = build_loader(forkcheck_data.Frames(sys.argv[1]), 1, num_workers=2, pin_memory=False)
-        print("started", flush=True)
         try:
+            started = False
             while True:
                 for _ in loader:
+                    if not started:  # both workers are up once a batch came back (none is mid-launch)
+                        print("started", flush=True)
+                        started = True
                     time.sleep(0.05)
         except KeyboardInterrupt:  # as stanvid.cli.main answers Ctrl-C
             sys.exit(130)
