@@ -90,6 +90,7 @@ def stop_leaves_nothing(proc: subprocess.Popen, sig: signal.Signals, children: i
         time.sleep(0.2)
         found = descendants(proc.pid)
     assert len(found) >= children, f"expected {children} worker processes, found {found} (exit {proc.poll()})"
+    time.sleep(1.0)  # the last worker seen is forked; let its parent finish starting it before the signal
     proc.send_signal(sig)
     code = proc.wait(timeout=60)
     deadline = time.monotonic() + 15
