@@ -19,9 +19,12 @@ threads. A worker then depends only on what its dataset pickles, not on what the
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import random
+import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -55,6 +58,39 @@ def worker_context() -> multiprocessing.context.BaseContext:
     if method == "forkserver":
         context.set_forkserver_preload(FORKSERVER_PRELOAD)  # takes effect when the server first starts
     return context
+
+
+def _start_worker(owner: int, init: Callable[[int], None] | None, worker_id: int) -> None:
+    """Every worker's start: a watch on the process that made the loader (`owner`), then `init`.
+
+    A worker's parent is the forkserver, not that process, so PyTorch's own check (the parent changed) never
+    fires when the owner dies; and the forkserver lives while any worker holds its pipe. A worker the owner
+    could not terminate (a signal landing while it was being started) would wait forever: the watch ends it
+    within a second of its owner's end."""
+    threading.Thread(target=_exit_with, args=(owner,), name="stanvid-owner-watch", daemon=True).start()
+    if init is not None:
+        init(worker_id)
+
+
+def _exit_with(owner: int) -> None:
+    while _alive(owner):
+        time.sleep(1.0)
+    os._exit(0)
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (an exited process that its parent has not reaped yet counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return True  # no /proc: the signal check above is all there is
 
 
 def seed_worker(worker_id: int) -> None:
@@ -205,7 +241,7 @@ def build_loader(
         worker_args = {
             "persistent_workers": persistent_workers,
             "prefetch_factor": prefetch_factor,
-            "worker_init_fn": worker_init_fn,
+            "worker_init_fn": functools.partial(_start_worker, os.getpid(), worker_init_fn),
             "multiprocessing_context": worker_context(),
         }
     return DataLoader(
