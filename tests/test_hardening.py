@@ -40,6 +40,7 @@ from stanvid.search.index import (  # noqa: E402
     open_index,
 )
 from stanvid.search.server.app import create_app  # noqa: E402
+from testkit import one_line_error  # noqa: E402
 
 VIDEOS = {"a.mp4": (20, 1), "sub/b.mkv": (15, 2), "c.mp4": (12, 3)}
 
@@ -58,17 +59,6 @@ def make_videos(root: Path, videos: dict = VIDEOS) -> Path:
 def build(root: Path, out: Path, model_dir: Path, **kw):
     kw = {"segment_seconds": 1.0, "num_workers": 0, "progress": False, **kw}
     return build_index(root, out, model_dir, **kw)
-
-
-def one_line_error(capsys, argv: list[str], *names: str) -> str:
-    """Run the CLI; it must exit 2 with exactly one line on stderr, naming each of `names`."""
-    code = cli_main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    for name in names:
-        assert name in err, err
-    return err
 
 
 def file_ids(out: Path) -> dict[str, int]:

@@ -12,16 +12,7 @@ import stanvid
 from indexkit import make_folder, save_tiny_model
 from stanvid.cli import main as cli_main
 from stanvid.errors import CheckpointError
-
-
-def _one_line(capsys, argv: list[str], *names: str) -> str:
-    code = cli_main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    for name in names:
-        assert name in err, err
-    return err
+from testkit import one_line_error
 
 
 @pytest.fixture
@@ -77,18 +68,18 @@ def small_index(tmp_path_factory):
 
 
 @pytest.mark.parametrize("port", ["99999", "-1"])
-def test_serve_refuses_a_port_out_of_range_in_one_line(capsys, small_index, port):
+def test_serve_refuses_a_port_out_of_range_inone_line_error(capsys, small_index, port):
     pytest.importorskip("uvicorn")
-    _one_line(capsys, ["serve", str(small_index[1]), "--port", port], "--port", port)
+    one_line_error(capsys, ["serve", str(small_index[1]), "--port", port], "--port", port)
 
 
-def test_serve_on_a_busy_port_says_so_in_one_line(capsys, small_index):
+def test_serve_on_a_busy_port_says_so_inone_line_error(capsys, small_index):
     pytest.importorskip("uvicorn")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
         port = busy.getsockname()[1]
-        err = _one_line(capsys, ["serve", str(small_index[1]), "--port", str(port)], str(port), "in use")
+        err = one_line_error(capsys, ["serve", str(small_index[1]), "--port", str(port)], str(port), "in use")
     assert "serving" not in capsys.readouterr().out + err
 
 
@@ -97,7 +88,9 @@ def test_index_of_a_folder_without_videos_is_an_error_and_writes_nothing(capsys,
     empty.mkdir()
     (empty / "notes.txt").write_text("not a video")
     out = tmp_path / "idx"
-    _one_line(capsys, ["index", str(empty), "--model", str(small_index[0]), "--out", str(out)], "no videos")
+    one_line_error(
+        capsys, ["index", str(empty), "--model", str(small_index[0]), "--out", str(out)], "no videos"
+    )
     assert not out.exists()
 
 

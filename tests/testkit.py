@@ -98,3 +98,16 @@ def stop_leaves_nothing(proc: subprocess.Popen, sig: signal.Signals, children: i
         time.sleep(0.1)
     assert not alive_processes(found), f"processes left behind after {sig.name}: {alive_processes(found)}"
     return code
+
+
+def one_line_error(capsys, argv: list[str], *names: str) -> str:
+    """Run the CLI; it must exit 2 with exactly one line on stderr, naming each of `names`."""
+    from stanvid.cli import main as cli_main
+
+    code = cli_main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    for name in names:
+        assert name in err, err
+    return err

@@ -41,8 +41,6 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import logging
 
-    import uvicorn
-
     from stanvid.errors import ConfigError, VideoIndexError
     from stanvid.search.server.app import create_app
 
@@ -55,13 +53,24 @@ def run(args) -> int:
     logger = logging.getLogger("stanvid")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    app = create_app(
-        args.index,
-        device=args.device,
-        precision=args.precision,
-        follow=args.follow or None,
-        runtime=args.runtime,
-    )
+    try:
+        app = create_app(
+            args.index,
+            device=args.device,
+            precision=args.precision,
+            follow=args.follow or None,
+            runtime=args.runtime,
+        )
+        _serve(app, args)
+    finally:  # the handler holds this run's stderr: a caller in the same process (a test) must not inherit it
+        logger.removeHandler(handler)
+    return 0
+
+
+def _serve(app, args) -> None:
+    """Listen, say so, and serve until stopped."""
+    import uvicorn
+
     sock = listen(args.host, args.port)
     try:
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -71,7 +80,6 @@ def run(args) -> int:
         server.run(sockets=[sock])
     finally:
         sock.close()
-    return 0
 
 
 def listen(host: str, port: int):
