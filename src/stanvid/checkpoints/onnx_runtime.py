@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from stanvid.errors import CheckpointError, ConfigError
 from stanvid.models.config import ModelConfig
-from stanvid.models.tokenizer import exported_tokenizer
+from stanvid.models.text_tokenizers import read_exported_tokenizer
 from stanvid.models.video_clip import pool_frames
 
 __all__ = [
@@ -211,7 +211,7 @@ class OnnxEncoder:
     def tokenize(self, texts: str | list[str]) -> torch.Tensor:
         """Texts -> (N, context length) token ids, with the tokenizer files shipped in the export."""
         if self._tokenizer is None:
-            self._tokenizer = exported_tokenizer(self.manifest["tokenizer"], self.folder)
+            self._tokenizer = read_exported_tokenizer(self.manifest["tokenizer"], self.folder)
         return self._tokenizer([texts] if isinstance(texts, str) else list(texts))
 
     def similarity(self, text_emb: torch.Tensor, video_emb: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,8 @@ from __future__ import annotations
 import html
 import re
 import string
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Protocol
 
 import ftfy
@@ -29,7 +30,7 @@ import torch
 
 from stanvid.errors import ConfigError
 from stanvid.models.config import TokenizerConfig
-from stanvid.models.tokenizer import default_tokenizer
+from stanvid.models.tokenizer import default_tokenizer, exported_tokenizer
 
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 _SPIECE_UNDERLINE = "\u2581"
@@ -221,3 +222,15 @@ def build_tokenizer(cfg: TokenizerConfig, files: dict[str, bytes], where: str = 
     if cfg.kind == "sentencepiece":
         return SentencePieceTokenizer(cfg, files[cfg.file], label)
     return JSONTokenizer(cfg, files[cfg.file], label)
+
+
+def read_exported_tokenizer(spec: dict, folder: Path) -> Callable[[Sequence[str]], torch.Tensor]:
+    """The tokenizer an ONNX export describes (`stanvid.models.tokenizer.export_tokenizer`), on the files shipped
+    beside its graphs: a family's own (`sentencepiece`, `hf`, rebuilt from its `TokenizerConfig`) or CLIP's BPE."""
+    if spec.get("kind") in ("sentencepiece", "hf"):
+        cfg = TokenizerConfig(**spec["config"])
+        data = (folder / spec["files"]["model"]).read_bytes()
+        tok = build_tokenizer(cfg, {cfg.file: data}, str(folder))
+        length = int(spec["context_length"])
+        return lambda texts: tok(texts, context_length=length)
+    return exported_tokenizer(spec, folder)

@@ -400,14 +400,6 @@ def export_tokenizer(
 def exported_tokenizer(spec: dict, folder: Path) -> Callable[[Sequence[str]], torch.Tensor]:
     """The tokenizer an export describes (`export_tokenizer`; its file names relative to the export ``folder``):
     texts -> (N, context_length) ids."""
-    if spec.get("kind") in ("sentencepiece", "hf"):
-        from stanvid.models.text_tokenizers import build_tokenizer  # the families' tokenizers
-
-        cfg = TokenizerConfig(**spec["config"])
-        data = (folder / spec["files"]["model"]).read_bytes()
-        family_tok = build_tokenizer(cfg, {cfg.file: data}, str(folder))
-        length = int(spec["context_length"])
-        return lambda texts: family_tok(texts, context_length=length)
     if spec.get("kind") != "clip_bpe":
         raise ConfigError(
             f"tokenizer kind {spec.get('kind')!r} is not one this stanvid reads (clip_bpe, sentencepiece, hf)"
