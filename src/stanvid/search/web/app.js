@@ -76,24 +76,10 @@ function card(hit, rank) {
   const score = document.createElement("div");
   score.className = "score";
   score.textContent = `score ${hit.score.toFixed(3)}`;
-  const more = document.createElement("button");
-  more.type = "button";
-  more.className = "more-like";
-  more.textContent = "More like this";
-  more.title = "find the moments most similar to this one";
-  more.addEventListener("click", (e) => {
-    e.stopPropagation();
-    moreLike(hit);
-  });
-  const copies = document.createElement("button");
-  copies.type = "button";
-  copies.className = "copies";
-  copies.textContent = "Copies of this";
-  copies.title = "other files holding this footage (re-encoded, trimmed, scaled)";
-  copies.addEventListener("click", (e) => {
-    e.stopPropagation();
-    showCopies(hit);
-  });
+  const more = hitButton("more-like", "More like this", "find the moments most similar to this one",
+    () => moreLike(hit));
+  const copies = hitButton("copies", "Copies of this",
+    "other files holding this footage (re-encoded, trimmed, scaled)", () => showCopies(hit));
   meta.append(rankSpan, path, times, score, more, copies);
   if (hit.export_url) meta.append(cutLink(hit));
   item.append(img, meta);
@@ -305,4 +291,18 @@ if (initial.get("like")) {
   fetch("/api/info").then((r) => r.json()).then((info) => {
     setStatus(`${info.segments} segments from ${info.files} videos indexed`);
   }).catch(() => {});
+}
+
+// A button on a hit's card: its click acts on the hit alone (not the card's own click, which plays it).
+function hitButton(className, text, title, action) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = className;
+  button.textContent = text;
+  button.title = title;
+  button.addEventListener("click", (e) => {
+    e.stopPropagation();
+    action();
+  });
+  return button;
 }
